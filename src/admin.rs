@@ -1,0 +1,303 @@
+//! The admin door: requests the CLI sends, the replies it gets, and the Unix socket
+//! (`<data-dir>/admin.sock`) through which a running server takes them.
+//!
+//! sled lets one process open the store, so while `serve` runs the CLI cannot open it; it sends
+//! its request here instead. With no server, the CLI opens the store and calls [`execute`]
+//! itself. Either way the same service functions do the work.
+//!
+//! Wire format: one JSON request line from the client, one JSON reply line from the server.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as TokioBufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::auth::AuthStats;
+use crate::error::{Result, ServiceError};
+use crate::model::{Image, Job, JobStatus, Region, Tenant, TokenInfo, User};
+use crate::service::{ImportRequest, IssuedToken, SeedOutcome, Service};
+
+/// Largest request line the server reads (a seed file of some hundred thousand jobs).
+const MAX_REQUEST: u64 = 256 << 20;
+
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("admin.sock")
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    RegionAdd {
+        id: String,
+        dir: Option<PathBuf>,
+        disk_formats: Option<Vec<String>>,
+    },
+    RegionList,
+    RegionRemove {
+        id: String,
+    },
+    TenantAdd {
+        id: String,
+        region: String,
+        name: Option<String>,
+    },
+    TenantList,
+    TenantRemove {
+        id: String,
+    },
+    UserAdd {
+        name: String,
+        tenants: Vec<String>,
+        admin: bool,
+    },
+    UserList,
+    UserRemove {
+        name: String,
+    },
+    TokenIssue {
+        user: String,
+        tenant: String,
+        expires_in_secs: Option<u64>,
+        value: Option<String>,
+    },
+    TokenList,
+    TokenRevoke {
+        id: String,
+    },
+    ImageImport(ImportRequest),
+    ImageList {
+        tenant: Option<String>,
+        region: Option<String>,
+    },
+    ImageShow {
+        id: String,
+    },
+    ImageDelete {
+        id: String,
+    },
+    JobSeed {
+        jobs: Vec<serde_json::Value>,
+        enqueue: bool,
+    },
+    JobList {
+        tenant: Option<String>,
+        status: Option<JobStatus>,
+    },
+    JobShow {
+        id: String,
+    },
+    JobCancel {
+        id: String,
+    },
+    /// The running server's own figures; only a server answers it.
+    Status,
+}
+
+/// What a running server reports about itself.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ServerStatus {
+    pub pid: u32,
+    pub listen: String,
+    pub data_dir: PathBuf,
+    pub auth: AuthStats,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+#[serde(tag = "kind", content = "value", rename_all = "snake_case")]
+pub enum Reply {
+    Region(Region),
+    Regions(Vec<Region>),
+    Tenant(Tenant),
+    Tenants(Vec<Tenant>),
+    User(User),
+    Users(Vec<User>),
+    UserRemoved { user: User, tokens_removed: usize },
+    IssuedToken(IssuedToken),
+    Token(TokenInfo),
+    Tokens(Vec<TokenInfo>),
+    Image(Image),
+    Images(Vec<Image>),
+    Seeded(SeedOutcome),
+    Job(Job),
+    Jobs(Vec<Job>),
+    Status(ServerStatus),
+}
+
+/// Runs one admin request against the service (blocking).
+pub fn execute(svc: &Service, req: Request, status: Option<&ServerStatus>) -> Result<Reply> {
+    Ok(match req {
+        Request::RegionAdd {
+            id,
+            dir,
+            disk_formats,
+        } => Reply::Region(svc.region_add(&id, dir, disk_formats)?),
+        Request::RegionList => Reply::Regions(svc.region_list()?),
+        Request::RegionRemove { id } => Reply::Region(svc.region_remove(&id)?),
+        Request::TenantAdd { id, region, name } => {
+            Reply::Tenant(svc.tenant_add(&id, &region, name)?)
+        }
+        Request::TenantList => Reply::Tenants(svc.tenant_list()?),
+        Request::TenantRemove { id } => Reply::Tenant(svc.tenant_remove(&id)?),
+        Request::UserAdd {
+            name,
+            tenants,
+            admin,
+        } => Reply::User(svc.user_add(&name, &tenants, admin)?),
+        Request::UserList => Reply::Users(svc.user_list()?),
+        Request::UserRemove { name } => {
+            let (user, tokens_removed) = svc.user_remove(&name)?;
+            Reply::UserRemoved {
+                user,
+                tokens_removed,
+            }
+        }
+        Request::TokenIssue {
+            user,
+            tenant,
+            expires_in_secs,
+            value,
+        } => Reply::IssuedToken(svc.token_issue(&user, &tenant, expires_in_secs, value)?),
+        Request::TokenList => Reply::Tokens(svc.token_list()?),
+        Request::TokenRevoke { id } => Reply::Token(svc.token_revoke(&id)?),
+        Request::ImageImport(req) => Reply::Image(svc.image_import(&req)?),
+        Request::ImageList { tenant, region } => {
+            Reply::Images(svc.image_list(tenant.as_deref(), region.as_deref())?)
+        }
+        Request::ImageShow { id } => Reply::Image(svc.image_show(&id)?),
+        Request::ImageDelete { id } => Reply::Image(svc.image_delete(&id)?),
+        Request::JobSeed { jobs, enqueue } => Reply::Seeded(svc.job_seed(&jobs, enqueue)?),
+        Request::JobList { tenant, status } => {
+            Reply::Jobs(svc.job_list(tenant.as_deref(), status)?)
+        }
+        Request::JobShow { id } => Reply::Job(svc.job_show(&id)?),
+        Request::JobCancel { id } => Reply::Job(svc.job_cancel(&id)?),
+        Request::Status => match status {
+            Some(s) => Reply::Status(ServerStatus {
+                auth: svc.auth.stats(),
+                ..s.clone()
+            }),
+            None => {
+                return Err(ServiceError::NotFound(
+                    "no server is running on this data directory".into(),
+                ))
+            }
+        },
+    })
+}
+
+// ----- server side -----
+
+fn own_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Serves admin requests on `listener` until the task is dropped.
+pub async fn serve(listener: UnixListener, svc: Arc<Service>, status: ServerStatus) {
+    let status = Arc::new(status);
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!("admin socket accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (svc, status) = (Arc::clone(&svc), Arc::clone(&status));
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, svc, status).await {
+                tracing::warn!("admin connection failed: {e}");
+            }
+        });
+    }
+}
+
+async fn handle(
+    mut stream: UnixStream,
+    svc: Arc<Service>,
+    status: Arc<ServerStatus>,
+) -> std::io::Result<()> {
+    let peer = stream.peer_cred()?.uid();
+    let reply: Result<Reply> = if peer != 0 && peer != own_uid() {
+        tracing::warn!(peer_uid = peer, "admin request refused: wrong uid");
+        Err(ServiceError::Unauthorized(format!(
+            "permission denied: the admin socket takes requests from root or uid {} only, not uid {peer}",
+            own_uid()
+        )))
+    } else {
+        let (read, _) = stream.split();
+        let mut line = String::new();
+        TokioBufReader::new(read.take(MAX_REQUEST))
+            .read_line(&mut line)
+            .await?;
+        match serde_json::from_str::<Request>(&line) {
+            Err(e) => Err(ServiceError::BadRequest(format!(
+                "malformed admin request: {e}"
+            ))),
+            Ok(req) => {
+                tracing::info!(op = op_name(&req), "admin request");
+                tokio::task::spawn_blocking(move || execute(&svc, req, Some(&status)))
+                    .await
+                    .unwrap_or_else(|e| Err(ServiceError::internal("admin request failed", e)))
+            }
+        }
+    };
+    let mut out = serde_json::to_vec(&reply).map_err(std::io::Error::other)?;
+    out.push(b'\n');
+    stream.write_all(&out).await?;
+    stream.shutdown().await
+}
+
+/// The request's name for logs (never its arguments: a token value may be among them).
+fn op_name(req: &Request) -> String {
+    serde_json::to_value(req)
+        .ok()
+        .and_then(|v| v.get("op").and_then(|o| o.as_str()).map(String::from))
+        .unwrap_or_default()
+}
+
+// ----- client side -----
+
+/// Whether a server answers on the socket; `None` when none runs there.
+pub fn connect(data_dir: &Path) -> std::result::Result<Option<StdUnixStream>, String> {
+    let path = socket_path(data_dir);
+    match StdUnixStream::connect(&path) {
+        Ok(stream) => Ok(Some(stream)),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(format!(
+            "cannot reach the server's admin socket {}: {e}",
+            path.display()
+        )),
+    }
+}
+
+/// Sends one request to a running server and waits for its reply.
+pub fn send(
+    mut stream: StdUnixStream,
+    req: &Request,
+) -> std::result::Result<Result<Reply>, String> {
+    let broken = |e: std::io::Error| format!("the server's admin socket failed: {e}");
+    let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+    line.push(b'\n');
+    stream.write_all(&line).map_err(broken)?;
+    let mut reply = String::new();
+    BufReader::new(stream)
+        .read_line(&mut reply)
+        .map_err(broken)?;
+    if reply.is_empty() {
+        return Err("the server closed the admin connection without replying".into());
+    }
+    serde_json::from_str(&reply).map_err(|e| format!("unreadable reply from the server: {e}"))
+}

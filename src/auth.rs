@@ -1,0 +1,243 @@
+//! The token registry: making tokens, hashing them for rest, and checking them per request.
+//!
+//! At rest a token is only an argon2id PHC string plus a 4-byte prefix of its SHA-256 (the
+//! "lookup"), which finds the one or two candidate records without any argon2 work: a garbage
+//! token has no candidate and is rejected at the cost of one SHA-256 and one index probe.
+//! A token that verified once is remembered in memory under its SHA-256 (never the plaintext),
+//! so later requests pay no argon2 either; every request still reads the token record, so a
+//! revoke or an expiry takes effect on the very next request.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use argon2::{Argon2, PasswordHasher, PasswordVerifier};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+use crate::error::{Result, ServiceError};
+use crate::model::{TenantKey, TokenRecord};
+use crate::store::Store;
+
+/// Bytes of the SHA-256 kept as the non-secret lookup key.
+pub const LOOKUP_LEN: usize = 4;
+/// Beyond this many remembered tokens the cache starts afresh (it is only a shortcut).
+const CACHE_CAPACITY: usize = 65_536;
+
+pub fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+pub fn lookup(digest: &[u8; 32]) -> [u8; LOOKUP_LEN] {
+    let mut out = [0u8; LOOKUP_LEN];
+    out.copy_from_slice(&digest[..LOOKUP_LEN]);
+    out
+}
+
+pub fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn lookup_from_hex(text: &str) -> Option<[u8; LOOKUP_LEN]> {
+    if text.len() != LOOKUP_LEN * 2 {
+        return None;
+    }
+    let mut out = [0u8; LOOKUP_LEN];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// A new token: 32 lowercase hex digits from the operating system's CSPRNG.
+pub fn generate() -> Result<String> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| ServiceError::internal("cannot read random bytes", e))?;
+    Ok(to_hex(&bytes))
+}
+
+/// An imported token must be 8-256 printable ASCII characters without whitespace.
+pub fn check_imported(value: &str) -> Result<()> {
+    let len_ok = (8..=256).contains(&value.len());
+    let chars_ok = value.bytes().all(|b| b.is_ascii_graphic());
+    if len_ok && chars_ok {
+        Ok(())
+    } else {
+        Err(ServiceError::BadRequest(
+            "a token must be 8 to 256 printable ASCII characters without whitespace".into(),
+        ))
+    }
+}
+
+/// Whether a header value could be a token at all (cheap, before any lookup).
+fn plausible(value: &str) -> bool {
+    check_imported(value).is_ok()
+}
+
+/// The argon2id PHC string of a token.
+pub fn hash(token: &str) -> Result<String> {
+    Argon2::default()
+        .hash_password(token.as_bytes())
+        .map(|h| h.to_string())
+        .map_err(|e| ServiceError::internal("cannot hash token", e))
+}
+
+/// Who a request acts as.
+#[derive(Clone, Debug)]
+pub struct Principal {
+    pub user: String,
+    pub tenant_key: TenantKey,
+    pub admin: bool,
+}
+
+/// Counters, shown by `image-replicator status`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct AuthStats {
+    pub argon2_verifications: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub cached_tokens: usize,
+}
+
+pub struct Authenticator {
+    /// SHA-256 of a token that verified → its record id.
+    cache: Mutex<HashMap<[u8; 32], Uuid>>,
+    /// Bounds concurrent argon2 work (each verification holds about 19 MiB).
+    permits: Semaphore,
+    verifications: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl Default for Authenticator {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Authenticator {
+            cache: Mutex::new(HashMap::new()),
+            permits: Semaphore::new(cores),
+            verifications: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Authenticator {
+    pub fn stats(&self) -> AuthStats {
+        AuthStats {
+            argon2_verifications: self.verifications.load(Ordering::Relaxed),
+            cache_hits: self.hits.load(Ordering::Relaxed),
+            cache_misses: self.misses.load(Ordering::Relaxed),
+            cached_tokens: self.cache.lock().map_or(0, |c| c.len()),
+        }
+    }
+
+    fn cached(&self, digest: &[u8; 32]) -> Option<Uuid> {
+        self.cache.lock().ok()?.get(digest).copied()
+    }
+
+    fn remember(&self, digest: [u8; 32], id: Uuid) {
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= CACHE_CAPACITY {
+                cache.clear();
+            }
+            cache.insert(digest, id);
+        }
+    }
+
+    fn forget(&self, digest: &[u8; 32]) {
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.remove(digest);
+        }
+    }
+
+    /// Drops every cache entry that points at token `id` (on revoke or user removal).
+    pub fn forget_token(&self, id: Uuid) {
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.retain(|_, cached| *cached != id);
+        }
+    }
+
+    /// One argon2 verification, counted, on the calling thread.
+    fn verify_blocking(&self, token: &str, phc: &str) -> bool {
+        self.verifications.fetch_add(1, Ordering::Relaxed);
+        Argon2::default()
+            .verify_password(token.as_bytes(), phc)
+            .is_ok()
+    }
+
+    /// One argon2 verification off the async executor, under the concurrency bound.
+    async fn verify(self: &Arc<Self>, token: &str, phc: &str) -> bool {
+        let Ok(_permit) = self.permits.acquire().await else {
+            return false;
+        };
+        let (this, token, phc) = (Arc::clone(self), token.to_owned(), phc.to_owned());
+        tokio::task::spawn_blocking(move || this.verify_blocking(&token, &phc))
+            .await
+            .unwrap_or(false)
+    }
+
+    /// The principal a token acts as, or `None` (the caller answers 401 without saying why).
+    pub async fn authenticate(
+        self: &Arc<Self>,
+        store: &Arc<Store>,
+        token: Option<&str>,
+    ) -> Result<Option<Principal>> {
+        let Some(token) = token.filter(|t| plausible(t)) else {
+            return Ok(None);
+        };
+        let digest = digest(token);
+        let now = crate::model::now();
+        if let Some(id) = self.cached(&digest) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return match store.token(id)? {
+                Some(record) if record.unusable_at(now).is_none() => principal(store, &record),
+                _ => {
+                    self.forget(&digest);
+                    Ok(None)
+                }
+            };
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        let candidates = store.token_candidates(&lookup(&digest))?;
+        for record in candidates.iter().filter(|r| r.unusable_at(now).is_none()) {
+            if self.verify(token, &record.hash).await {
+                self.remember(digest, record.id);
+                return principal(store, record);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether `token` is already registered (when importing a given value; blocking).
+    pub fn exists(&self, store: &Store, token: &str) -> Result<bool> {
+        let candidates = store.token_candidates(&lookup(&digest(token)))?;
+        Ok(candidates
+            .iter()
+            .any(|r| self.verify_blocking(token, &r.hash)))
+    }
+}
+
+fn principal(store: &Store, record: &TokenRecord) -> Result<Option<Principal>> {
+    let Some(user) = store.user(&record.user)? else {
+        return Ok(None);
+    };
+    let Some(tenant_key) = TenantKey::parse(&record.tenant) else {
+        return Ok(None);
+    };
+    let member = user
+        .tenants
+        .iter()
+        .any(|t| TenantKey::parse(t) == Some(tenant_key));
+    if !member || store.tenant(tenant_key)?.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(Principal {
+        user: user.name,
+        tenant_key,
+        admin: user.admin,
+    }))
+}

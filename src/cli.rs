@@ -1,0 +1,581 @@
+//! The command line: clap types, and how each reply is shown (tables, or JSON with `--json`).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::admin::{self, Reply, Request};
+use crate::model::{rfc3339, Image, Job, JobStatus};
+use crate::server::{self, ServeOptions};
+use crate::service::{ImportRequest, Service};
+use crate::store::OpenError;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "image-replicator",
+    version,
+    about = "Copies VM images between regions behind the OpenStack image-replicator API",
+    long_about = "Copies VM images between regions behind the OpenStack image-replicator API.\n\n\
+        `serve` runs the HTTP API and the admin socket on a data directory. The other commands \
+        administer that data directory: through the running server's admin socket when one \
+        runs, or by opening the store directly when none does."
+)]
+pub struct Cli {
+    /// Directory holding the store, the default region directories and the admin socket
+    #[arg(
+        long,
+        global = true,
+        env = "IMAGE_REPLICATOR_DATA_DIR",
+        default_value = "./image-replicator-data"
+    )]
+    pub data_dir: PathBuf,
+
+    /// Print results as JSON instead of text
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the HTTP API and the admin socket until SIGINT or SIGTERM
+    Serve(ServeArgs),
+    /// Regions: where images are stored
+    #[command(subcommand)]
+    Region(RegionCmd),
+    /// Tenants (projects): each lives in one region
+    #[command(subcommand)]
+    Tenant(TenantCmd),
+    /// Users: members of tenants, optionally admins
+    #[command(subcommand)]
+    User(UserCmd),
+    /// API tokens: issue, list, revoke
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Images: import files, list, show, delete
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Replication jobs: seed, list, show, cancel
+    #[command(subcommand)]
+    Job(JobCmd),
+    /// Whether a server runs on the data directory, and its counters
+    Status,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address of the HTTP API (port 0 picks a free port, printed at start)
+    #[arg(
+        long,
+        env = "IMAGE_REPLICATOR_LISTEN",
+        default_value = "127.0.0.1:9292"
+    )]
+    pub listen: String,
+    /// Set up a demo lab (regions, tenants, a user, the reference's sample token, two images
+    /// and the reference's three jobs) if the data directory has none yet
+    #[arg(long, env = "IMAGE_REPLICATOR_DEMO")]
+    pub demo: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RegionCmd {
+    /// Add a region and create its image directory
+    Add {
+        /// Region id, such as ot1
+        id: String,
+        /// Image directory [default: <data-dir>/regions/<ID>]
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Comma-separated disk formats the region accepts [default: all of Glance's]
+        #[arg(long, value_delimiter = ',')]
+        disk_formats: Option<Vec<String>>,
+    },
+    /// List regions
+    List,
+    /// Remove a region that no tenant or image uses (its directory is left on disk)
+    Remove { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TenantCmd {
+    /// Add a tenant
+    Add {
+        /// 32 hex digits (Keystone style) or a hyphenated UUID
+        tenant_id: String,
+        /// The region its images live in
+        #[arg(long)]
+        region: String,
+        /// A name for people
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List tenants
+    List,
+    /// Remove a tenant that no user, image or job refers to
+    Remove { tenant_id: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum UserCmd {
+    /// Add a user
+    Add {
+        name: String,
+        /// A tenant the user is a member of (repeat for several)
+        #[arg(long = "tenant", required = true)]
+        tenants: Vec<String>,
+        /// The user sees and cancels every tenant's jobs and may copy to any tenant
+        #[arg(long)]
+        admin: bool,
+    },
+    /// List users
+    List,
+    /// Remove a user and revoke all of its tokens
+    Remove { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCmd {
+    /// Issue a token and print it once on stdout (only its argon2id hash is kept)
+    Issue {
+        #[arg(long)]
+        user: String,
+        /// The tenant the token acts for; the user must be a member
+        #[arg(long)]
+        tenant: String,
+        /// Lifetime, such as 30m, 12h or 7days [default: no expiry]
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires_in: Option<Duration>,
+        /// Register this value instead of generating one (8-256 printable ASCII characters)
+        #[arg(long)]
+        token: Option<String>,
+    },
+    /// List tokens (ids and owners; never the tokens themselves)
+    List,
+    /// Revoke a token by its id (from `token list`); it fails from the next request on
+    Revoke { token_id: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCmd {
+    /// Copy a file into the tenant's region as a new active image; prints its id
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "raw")]
+        disk_format: String,
+        #[arg(long, default_value = "bare")]
+        container_format: String,
+        /// Use this image id instead of a new one
+        #[arg(long)]
+        id: Option<uuid::Uuid>,
+    },
+    /// List images
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        region: Option<String>,
+    },
+    /// Show one image
+    Show { id: String },
+    /// Delete an image's data and mark it deleted
+    Delete { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum JobCmd {
+    /// Import jobs from a JSON array in the list-response format ("-" reads stdin)
+    Seed {
+        file: PathBuf,
+        /// Let the replication worker run the seeded replicate_requested jobs
+        #[arg(long)]
+        enqueue: bool,
+    },
+    /// List jobs, oldest first
+    List {
+        /// Only jobs whose source tenant is this one
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        status: Option<JobStatus>,
+    },
+    /// Show one job, with its progress in bytes and any error
+    Show { job_id: String },
+    /// Cancel a replicate_requested or replicating job
+    Cancel { job_id: String },
+}
+
+/// Runs the parsed command; the error is the one line to print.
+pub fn run(cli: Cli) -> Result<(), String> {
+    let data_dir = cli.data_dir;
+    let command = match cli.command {
+        Command::Serve(args) => {
+            let runtime = tokio::runtime::Runtime::new()
+                .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+            return runtime.block_on(server::run(ServeOptions {
+                listen: args.listen,
+                data_dir,
+                demo: args.demo,
+            }));
+        }
+        other => other,
+    };
+    let (request, verb) = request_for(command)?;
+    let reply = call(&data_dir, request)?;
+    if cli.json {
+        let mut value = serde_json::to_value(&reply).map_err(|e| e.to_string())?;
+        let inner = value.get_mut("value").map(serde_json::Value::take);
+        let text =
+            serde_json::to_string_pretty(&inner.unwrap_or_default()).map_err(|e| e.to_string())?;
+        println!("{text}");
+    } else {
+        print!("{}", human(&reply, verb));
+    }
+    Ok(())
+}
+
+fn absolute(path: &Path) -> Result<PathBuf, String> {
+    std::path::absolute(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The admin request for a command, and the verb its text output uses.
+fn request_for(command: Command) -> Result<(Request, &'static str), String> {
+    Ok(match command {
+        Command::Serve(_) => return Err("serve is not an admin command".into()),
+        Command::Status => (Request::Status, ""),
+        Command::Region(cmd) => match cmd {
+            RegionCmd::Add {
+                id,
+                dir,
+                disk_formats,
+            } => (
+                Request::RegionAdd {
+                    id,
+                    dir: dir.as_deref().map(absolute).transpose()?,
+                    disk_formats,
+                },
+                "added",
+            ),
+            RegionCmd::List => (Request::RegionList, ""),
+            RegionCmd::Remove { id } => (Request::RegionRemove { id }, "removed"),
+        },
+        Command::Tenant(cmd) => match cmd {
+            TenantCmd::Add {
+                tenant_id,
+                region,
+                name,
+            } => (
+                Request::TenantAdd {
+                    id: tenant_id,
+                    region,
+                    name,
+                },
+                "added",
+            ),
+            TenantCmd::List => (Request::TenantList, ""),
+            TenantCmd::Remove { tenant_id } => (Request::TenantRemove { id: tenant_id }, "removed"),
+        },
+        Command::User(cmd) => match cmd {
+            UserCmd::Add {
+                name,
+                tenants,
+                admin,
+            } => (
+                Request::UserAdd {
+                    name,
+                    tenants,
+                    admin,
+                },
+                "added",
+            ),
+            UserCmd::List => (Request::UserList, ""),
+            UserCmd::Remove { name } => (Request::UserRemove { name }, "removed"),
+        },
+        Command::Token(cmd) => match cmd {
+            TokenCmd::Issue {
+                user,
+                tenant,
+                expires_in,
+                token,
+            } => (
+                Request::TokenIssue {
+                    user,
+                    tenant,
+                    expires_in_secs: expires_in.map(|d| d.as_secs().max(1)),
+                    value: token,
+                },
+                "",
+            ),
+            TokenCmd::List => (Request::TokenList, ""),
+            TokenCmd::Revoke { token_id } => (Request::TokenRevoke { id: token_id }, "revoked"),
+        },
+        Command::Image(cmd) => match cmd {
+            ImageCmd::Import {
+                file,
+                tenant,
+                name,
+                disk_format,
+                container_format,
+                id,
+            } => (
+                Request::ImageImport(ImportRequest {
+                    file: absolute(&file)?,
+                    tenant,
+                    name,
+                    disk_format,
+                    container_format,
+                    id,
+                }),
+                "imported",
+            ),
+            ImageCmd::List { tenant, region } => (Request::ImageList { tenant, region }, ""),
+            ImageCmd::Show { id } => (Request::ImageShow { id }, ""),
+            ImageCmd::Delete { id } => (Request::ImageDelete { id }, "deleted"),
+        },
+        Command::Job(cmd) => match cmd {
+            JobCmd::Seed { file, enqueue } => (
+                Request::JobSeed {
+                    jobs: read_seed(&file)?,
+                    enqueue,
+                },
+                "",
+            ),
+            JobCmd::List { tenant, status } => (Request::JobList { tenant, status }, ""),
+            JobCmd::Show { job_id } => (Request::JobShow { id: job_id }, ""),
+            JobCmd::Cancel { job_id } => (Request::JobCancel { id: job_id }, "cancel requested"),
+        },
+    })
+}
+
+fn read_seed(file: &Path) -> Result<Vec<serde_json::Value>, String> {
+    let mut text = String::new();
+    let shown = if file == Path::new("-") {
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|e| format!("cannot read standard input: {e}"))?;
+        "standard input".to_string()
+    } else {
+        text = std::fs::read_to_string(file)
+            .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+        file.display().to_string()
+    };
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{shown} is not valid JSON: {e}"))?;
+    match value {
+        serde_json::Value::Array(jobs) => Ok(jobs),
+        _ => Err(format!(
+            "{shown} must hold a JSON array of jobs, as GET /v2/extension/image_replicator/jobs returns"
+        )),
+    }
+}
+
+/// Sends the request to the running server, or runs it on the store when none runs.
+fn call(data_dir: &Path, request: Request) -> Result<Reply, String> {
+    if let Some(stream) = admin::connect(data_dir)? {
+        return admin::send(stream, &request)?.map_err(|e| e.to_string());
+    }
+    if matches!(request, Request::Status) {
+        return Err(format!("no server is running on {}", data_dir.display()));
+    }
+    if !data_dir.is_dir() {
+        if !matches!(request, Request::RegionAdd { .. }) {
+            return Err(format!(
+                "there is no data directory {}; start with `image-replicator region add`, or pass --data-dir",
+                data_dir.display()
+            ));
+        }
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
+    }
+    let store = server::open_store(data_dir, Duration::from_secs(2)).map_err(|e| match e {
+        OpenError::Locked(path) => format!(
+            "the store {path} is locked by another process, but no server answers on {}; \
+             if a server is starting or stopping, try again",
+            admin::socket_path(data_dir).display()
+        ),
+        other => other.to_string(),
+    })?;
+    let svc = Service::new(store, absolute(data_dir)?);
+    admin::execute(&svc, request, None).map_err(|e| e.to_string())
+}
+
+// ----- text output -----
+
+fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        format!("{}\n", padded.join("  ").trim_end())
+    };
+    let mut out = line(headers.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        out.push_str(&line(row));
+    }
+    out
+}
+
+fn or_dash(value: Option<String>) -> String {
+    value.unwrap_or_else(|| "-".into())
+}
+
+fn image_fields(i: &Image) -> String {
+    let fields = [
+        ("id", i.id.to_string()),
+        ("name", i.name.clone()),
+        ("owner", i.owner.clone()),
+        ("region", i.region.clone()),
+        ("status", i.status.to_string()),
+        ("disk_format", i.disk_format.clone()),
+        ("container_format", i.container_format.clone()),
+        ("size", i.size.to_string()),
+        ("checksum", or_dash(i.checksum.clone())),
+        ("os_hash_algo", or_dash(i.os_hash_algo.clone())),
+        ("os_hash_value", or_dash(i.os_hash_value.clone())),
+        ("created_at", rfc3339(i.created_at)),
+        ("updated_at", rfc3339(i.updated_at)),
+    ];
+    fields.iter().map(|(k, v)| format!("{k}: {v}\n")).collect()
+}
+
+fn job_fields(j: &Job) -> String {
+    let w = &j.wire;
+    let fields = [
+        ("job_id", w.job_id.to_string()),
+        ("status", w.status.to_string()),
+        ("copy_progress", w.copy_progress.to_string()),
+        ("source_image_id", w.source_image_id.to_string()),
+        ("source_image_name", w.source_image_name.clone()),
+        ("source_region_id", w.source_region_id.clone()),
+        ("source_tenant_id", w.source_tenant_id.clone()),
+        (
+            "destination_image_id",
+            or_dash(w.destination_image_id.map(|i| i.to_string())),
+        ),
+        ("destination_region_id", w.destination_region_id.clone()),
+        ("destination_tenant_id", w.destination_tenant_id.clone()),
+        ("bytes", format!("{} of {}", j.bytes_copied, j.bytes_total)),
+        ("error", or_dash(j.error.clone())),
+        ("seeded", j.seeded.to_string()),
+        ("created_at", rfc3339(j.created_at)),
+        ("updated_at", rfc3339(j.updated_at)),
+    ];
+    fields.iter().map(|(k, v)| format!("{k}: {v}\n")).collect()
+}
+
+fn human(reply: &Reply, verb: &str) -> String {
+    match reply {
+        Reply::Region(r) => format!("region {} {verb} (directory {})\n", r.id, r.dir.display()),
+        Reply::Regions(list) => table(
+            &["ID", "DIRECTORY", "DISK FORMATS"],
+            list.iter()
+                .map(|r| vec![r.id.clone(), r.dir.display().to_string(), r.disk_formats.join(",")])
+                .collect(),
+        ),
+        Reply::Tenant(t) => format!("tenant {} {verb}\n", t.id),
+        Reply::Tenants(list) => table(
+            &["ID", "REGION", "NAME"],
+            list.iter()
+                .map(|t| vec![t.id.clone(), t.region.clone(), or_dash(t.name.clone())])
+                .collect(),
+        ),
+        Reply::User(u) => format!("user {} {verb}\n", u.name),
+        Reply::Users(list) => table(
+            &["NAME", "ADMIN", "TENANTS"],
+            list.iter()
+                .map(|u| vec![u.name.clone(), u.admin.to_string(), u.tenants.join(",")])
+                .collect(),
+        ),
+        Reply::UserRemoved {
+            user,
+            tokens_removed,
+        } => format!(
+            "user {} removed with {tokens_removed} token(s)\n",
+            user.name
+        ),
+        Reply::IssuedToken(issued) => format!("{}\n", issued.token),
+        Reply::Token(t) => format!("token {} {verb}\n", t.id),
+        Reply::Tokens(list) => table(
+            &["ID", "USER", "TENANT", "CREATED", "EXPIRES", "REVOKED"],
+            list.iter()
+                .map(|t| {
+                    vec![
+                        t.id.to_string(),
+                        t.user.clone(),
+                        t.tenant.clone(),
+                        rfc3339(t.created_at),
+                        or_dash(t.expires_at.map(rfc3339)),
+                        or_dash(t.revoked_at.map(rfc3339)),
+                    ]
+                })
+                .collect(),
+        ),
+        Reply::Image(i) if verb == "imported" => format!("{}\n", i.id),
+        Reply::Image(i) if !verb.is_empty() => format!("image {} {verb}\n", i.id),
+        Reply::Image(i) => image_fields(i),
+        Reply::Images(list) => table(
+            &["ID", "NAME", "OWNER", "REGION", "STATUS", "DISK", "SIZE"],
+            list.iter()
+                .map(|i| {
+                    vec![
+                        i.id.to_string(),
+                        i.name.clone(),
+                        i.owner.clone(),
+                        i.region.clone(),
+                        i.status.to_string(),
+                        i.disk_format.clone(),
+                        i.size.to_string(),
+                    ]
+                })
+                .collect(),
+        ),
+        Reply::Seeded(s) => format!(
+            "{} job(s) seeded, {} already present\n",
+            s.inserted, s.unchanged
+        ),
+        Reply::Job(j) if !verb.is_empty() => format!("job {} {verb}\n", j.wire.job_id),
+        Reply::Job(j) => job_fields(j),
+        Reply::Jobs(list) => table(
+            &["JOB ID", "STATUS", "PROGRESS", "SOURCE IMAGE", "FROM", "TO", "DESTINATION TENANT"],
+            list.iter()
+                .map(|j| {
+                    let w = &j.wire;
+                    vec![
+                        w.job_id.to_string(),
+                        w.status.to_string(),
+                        format!("{}%", w.copy_progress),
+                        w.source_image_name.clone(),
+                        w.source_region_id.clone(),
+                        w.destination_region_id.clone(),
+                        w.destination_tenant_id.clone(),
+                    ]
+                })
+                .collect(),
+        ),
+        Reply::Status(s) => format!(
+            "server running, pid {}\nlisten: {}\ndata dir: {}\nargon2 verifications: {}\ntoken cache: {} hits, {} misses, {} tokens\n",
+            s.pid,
+            s.listen,
+            s.data_dir.display(),
+            s.auth.argon2_verifications,
+            s.auth.cache_hits,
+            s.auth.cache_misses,
+            s.auth.cached_tokens
+        ),
+    }
+}

@@ -1,0 +1,379 @@
+//! The HTTP door: the four image_replicator routes of `API.md`.
+//!
+//! One warp filter hands every request to [`handle`], which matches path first, then method,
+//! then the token, then the body: so a wrong path is always a 404, a wrong method a 405, and a
+//! bad token a 401 before any body is read. Every error leaves in the reference's plain-text
+//! shape, and every response carries an `X-Openstack-Request-Id`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Buf, BufMut, BytesMut};
+use futures_util::{Stream, StreamExt};
+use serde::Deserialize;
+use warp::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use warp::reply::Response;
+use warp::{Filter, Reply};
+
+use crate::auth::Principal;
+use crate::error::ServiceError;
+use crate::model::JobStatus;
+use crate::service::Service;
+
+pub const JOBS_PATH: &str = "/v2/extension/image_replicator/jobs";
+/// Largest request body accepted (413 beyond).
+pub const BODY_LIMIT: usize = 16 * 1024;
+
+const JSON: &str = "application/json; charset=UTF-8";
+const TEXT: &str = "text/plain; charset=UTF-8";
+
+/// The whole API as one filter; it answers every request itself.
+pub fn routes(
+    svc: Arc<Service>,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone + Send + Sync + 'static {
+    let query = warp::query::raw().or(warp::any().map(String::new)).unify();
+    warp::method()
+        .and(warp::path::full())
+        .and(query)
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .then(
+            move |method: Method, path: warp::path::FullPath, query: String, headers, body| {
+                let svc = Arc::clone(&svc);
+                async move {
+                    let req = Incoming {
+                        method,
+                        path: path.as_str().to_string(),
+                        query,
+                        headers,
+                    };
+                    handle(svc, req, body).await
+                }
+            },
+        )
+}
+
+struct Incoming {
+    method: Method,
+    path: String,
+    query: String,
+    headers: HeaderMap,
+}
+
+enum Route<'a> {
+    Jobs,
+    Job(&'a str),
+    Unknown,
+}
+
+impl Route<'_> {
+    fn parse(path: &str) -> Route<'_> {
+        if path == JOBS_PATH {
+            return Route::Jobs;
+        }
+        match path
+            .strip_prefix(JOBS_PATH)
+            .and_then(|r| r.strip_prefix('/'))
+        {
+            Some(id) if !id.is_empty() && !id.contains('/') => Route::Job(id),
+            _ => Route::Unknown,
+        }
+    }
+
+    fn template(&self) -> &'static str {
+        match self {
+            Route::Jobs => JOBS_PATH,
+            Route::Job(_) => "/v2/extension/image_replicator/jobs/{job_id}",
+            Route::Unknown => "(unknown)",
+        }
+    }
+}
+
+async fn handle(
+    svc: Arc<Service>,
+    req: Incoming,
+    body: impl Stream<Item = Result<impl Buf, warp::Error>> + Send + Unpin,
+) -> Response {
+    let started = Instant::now();
+    let request_id = format!("req-{}", uuid::Uuid::new_v4());
+    let route = Route::parse(&req.path);
+    let mut response = match dispatch(&svc, &req, &route, body).await {
+        Ok(response) => response,
+        Err(failure) => failure.into_response(&request_id),
+    };
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response
+            .headers_mut()
+            .insert("x-openstack-request-id", value);
+    }
+    tracing::info!(
+        method = %req.method,
+        route = route.template(),
+        status = response.status().as_u16(),
+        latency_us = started.elapsed().as_micros() as u64,
+        request_id = %request_id,
+        "request"
+    );
+    response
+}
+
+/// Why a request failed, as it will be told.
+enum Failure {
+    Status(StatusCode, String),
+    MethodNotAllowed(&'static str),
+    Service(ServiceError),
+}
+
+impl From<ServiceError> for Failure {
+    fn from(e: ServiceError) -> Self {
+        Failure::Service(e)
+    }
+}
+
+fn unauthorized() -> Failure {
+    Failure::Service(ServiceError::Unauthorized(String::new()))
+}
+
+impl Failure {
+    fn into_response(self, request_id: &str) -> Response {
+        let (status, sentence) = match self {
+            Failure::Status(status, sentence) => (status, sentence),
+            Failure::MethodNotAllowed(allow) => {
+                let mut response = error_response(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    &format!("This resource allows only {allow}."),
+                );
+                response
+                    .headers_mut()
+                    .insert("allow", HeaderValue::from_static(allow));
+                return response;
+            }
+            Failure::Service(ServiceError::Unauthorized(_)) => {
+                let mut response =
+                    error_response(StatusCode::UNAUTHORIZED, "Authentication required.");
+                response
+                    .headers_mut()
+                    .insert("vary", HeaderValue::from_static("X-Auth-Token"));
+                return response;
+            }
+            Failure::Service(ServiceError::Internal(detail)) => {
+                tracing::error!(request_id, "internal error: {detail}");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("The server failed to handle request {request_id}; its log says why."),
+                )
+            }
+            Failure::Service(e) => (
+                StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                sentence(&e.to_string()),
+            ),
+        };
+        error_response(status, &sentence)
+    }
+}
+
+/// A message as one sentence: capital first letter, final full stop.
+fn sentence(message: &str) -> String {
+    let mut chars = message.chars();
+    let mut out: String = match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    };
+    if !out.ends_with(['.', '!', '?']) {
+        out.push('.');
+    }
+    out
+}
+
+/// `<code> <reason>\n\n<sentence>\n\n` as text/plain, the reference's error shape.
+fn error_response(status: StatusCode, sentence: &str) -> Response {
+    let reason = status.canonical_reason().unwrap_or("Error");
+    let body = format!("{} {reason}\n\n{sentence}\n\n", status.as_u16());
+    with_type(body.into_response(), status, TEXT)
+}
+
+fn with_type(mut response: Response, status: StatusCode, content_type: &'static str) -> Response {
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert("content-type", HeaderValue::from_static(content_type));
+    response
+}
+
+fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Result<Response, Failure> {
+    let body = serde_json::to_vec(value)
+        .map_err(|e| ServiceError::internal("cannot encode the response", e))?;
+    Ok(with_type(body.into_response(), status, JSON))
+}
+
+/// The one `X-Auth-Token` value, if the request has exactly one readable one.
+fn token(headers: &HeaderMap) -> Option<&str> {
+    let mut values = headers.get_all("x-auth-token").iter();
+    let first = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    first.to_str().ok()
+}
+
+async fn dispatch(
+    svc: &Arc<Service>,
+    req: &Incoming,
+    route: &Route<'_>,
+    body: impl Stream<Item = Result<impl Buf, warp::Error>> + Send + Unpin,
+) -> Result<Response, Failure> {
+    let allow = match route {
+        Route::Unknown => {
+            return Err(Failure::Status(
+                StatusCode::NOT_FOUND,
+                "There is no resource at this path.".into(),
+            ))
+        }
+        Route::Jobs => "GET, POST",
+        Route::Job(_) => "GET, DELETE",
+    };
+    let known = matches!(
+        (route, &req.method),
+        (Route::Jobs, &Method::GET | &Method::POST)
+            | (Route::Job(_), &Method::GET | &Method::DELETE)
+    );
+    if !known {
+        return Err(Failure::MethodNotAllowed(allow));
+    }
+    let who = svc
+        .auth
+        .authenticate(&svc.store, token(&req.headers))
+        .await?
+        .ok_or_else(unauthorized)?;
+    match (route, &req.method) {
+        (Route::Jobs, &Method::GET) => list(svc, &who, &req.query),
+        (Route::Jobs, &Method::POST) => create(svc, who, &req.headers, body).await,
+        (Route::Job(id), &Method::GET) => {
+            let job = svc.show_job(&who, id)?;
+            json_response(StatusCode::OK, &job.wire)
+        }
+        (Route::Job(id), &Method::DELETE) => {
+            let (svc, id) = (Arc::clone(svc), id.to_string());
+            blocking(move || svc.cancel_job(&who, &id)).await?;
+            Ok(with_type(
+                Vec::new().into_response(),
+                StatusCode::NO_CONTENT,
+                TEXT,
+            ))
+        }
+        _ => Err(Failure::MethodNotAllowed(allow)),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ServiceError> + Send + 'static,
+) -> Result<T, ServiceError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|e| Err(ServiceError::internal("worker thread failed", e)))
+}
+
+fn bad_request(message: String) -> Failure {
+    Failure::Service(ServiceError::BadRequest(message))
+}
+
+fn list(svc: &Service, who: &Principal, query: &str) -> Result<Response, Failure> {
+    let (mut status, mut limit, mut marker) = (None, None, None);
+    let mut seen = std::collections::HashSet::new();
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        if !seen.insert(key.clone()) {
+            return Err(bad_request(format!("query parameter {key} is given twice")));
+        }
+        match key.as_ref() {
+            "status" => status = Some(value.parse::<JobStatus>().map_err(bad_request)?),
+            "limit" => {
+                limit = Some(value.parse::<usize>().map_err(|_| {
+                    bad_request(format!("limit '{value}' is not a non-negative integer"))
+                })?)
+            }
+            "marker" => marker = Some(value.into_owned()),
+            _ => {
+                return Err(bad_request(format!(
+                    "unknown query parameter '{key}'; this list takes status, limit and marker"
+                )))
+            }
+        }
+    }
+    let jobs = svc.list_jobs(who, status, marker.as_deref(), limit)?;
+    let wire: Vec<_> = jobs.iter().map(|j| &j.wire).collect();
+    json_response(StatusCode::OK, &wire)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CopyRequest {
+    image_id: String,
+    tenant_id_dst: String,
+}
+
+async fn create(
+    svc: &Arc<Service>,
+    who: Principal,
+    headers: &HeaderMap,
+    body: impl Stream<Item = Result<impl Buf, warp::Error>> + Send + Unpin,
+) -> Result<Response, Failure> {
+    let is_json = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        return Err(Failure::Status(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Send the body as JSON with the header Content-Type: application/json.".into(),
+        ));
+    }
+    let bytes = read_body(headers, body).await?;
+    let request: CopyRequest = serde_json::from_slice(&bytes).map_err(|e| {
+        let what = if e.is_data() {
+            "the body is not a copy request"
+        } else {
+            "the body is not valid JSON"
+        };
+        bad_request(format!(
+            "{what} ({e}); send {{\"image_id\": \"<uuid>\", \"tenant_id_dst\": \"<tenant id>\"}}"
+        ))
+    })?;
+    let svc = Arc::clone(svc);
+    let job =
+        blocking(move || svc.create_job(&who, &request.image_id, &request.tenant_id_dst)).await?;
+    json_response(
+        StatusCode::ACCEPTED,
+        &serde_json::json!({ "job_id": job.wire.job_id }),
+    )
+}
+
+/// Reads the body, refusing (413) as soon as it is known to exceed [`BODY_LIMIT`].
+async fn read_body(
+    headers: &HeaderMap,
+    mut body: impl Stream<Item = Result<impl Buf, warp::Error>> + Send + Unpin,
+) -> Result<BytesMut, Failure> {
+    let too_large = || {
+        Failure::Status(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("The request body is larger than {BODY_LIMIT} bytes."),
+        )
+    };
+    let declared = headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
+        return Err(too_large());
+    }
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let chunk =
+            chunk.map_err(|e| bad_request(format!("the request body could not be read: {e}")))?;
+        if buf.len() + chunk.remaining() > BODY_LIMIT {
+            return Err(too_large());
+        }
+        buf.put(chunk);
+    }
+    Ok(buf)
+}

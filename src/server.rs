@@ -1,0 +1,130 @@
+//! `image-replicator serve`: opens the store, binds the HTTP listener and the admin socket, and
+//! runs both until SIGINT or SIGTERM.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::admin::{self, ServerStatus};
+use crate::service::Service;
+use crate::store::{OpenError, Store};
+
+/// How long `serve` keeps trying to open a store that another process holds (an admin command
+/// that is just finishing, say).
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+/// How long open connections get to finish after a shutdown signal.
+const DRAIN: Duration = Duration::from_secs(5);
+
+pub struct ServeOptions {
+    pub listen: String,
+    pub data_dir: PathBuf,
+    pub demo: bool,
+}
+
+/// Opens the store, waiting up to `wait` while another process holds its lock.
+pub fn open_store(data_dir: &Path, wait: Duration) -> Result<Store, OpenError> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match Store::open(data_dir) {
+            Err(OpenError::Locked(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
+pub async fn run(opts: ServeOptions) -> Result<(), String> {
+    std::fs::create_dir_all(&opts.data_dir).map_err(|e| {
+        format!(
+            "cannot create the data directory {}: {e}",
+            opts.data_dir.display()
+        )
+    })?;
+    let data_dir = std::path::absolute(&opts.data_dir).map_err(|e| e.to_string())?;
+    let store = open_store(&data_dir, LOCK_WAIT).map_err(|e| match e {
+        OpenError::Locked(path) => format!(
+            "the store {path} is in use by another image-replicator process; is a server already running on {}?",
+            data_dir.display()
+        ),
+        other => other.to_string(),
+    })?;
+    let svc = Arc::new(Service::new(store, data_dir.clone()));
+    if opts.demo {
+        let demo_svc = Arc::clone(&svc);
+        tokio::task::spawn_blocking(move || crate::demo::prepare(&demo_svc))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot prepare the demo: {e}"))?;
+    }
+
+    let addr: SocketAddr = opts.listen.parse().map_err(|_| {
+        format!(
+            "--listen '{}' is not an address such as 127.0.0.1:9292",
+            opts.listen
+        )
+    })?;
+    let tcp = TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let bound = tcp.local_addr().map_err(|e| e.to_string())?;
+
+    // We hold the store's lock, so a socket file left here is a dead server's.
+    let socket = admin::socket_path(&data_dir);
+    let _ = std::fs::remove_file(&socket);
+    let unix = UnixListener::bind(&socket)
+        .map_err(|e| format!("cannot create the admin socket {}: {e}", socket.display()))?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("cannot restrict the admin socket {}: {e}", socket.display()))?;
+
+    let status = ServerStatus {
+        pid: std::process::id(),
+        listen: bound.to_string(),
+        data_dir: data_dir.clone(),
+        auth: Default::default(),
+    };
+    let admin_task = tokio::spawn(admin::serve(unix, Arc::clone(&svc), status));
+
+    tracing::info!(listen = %bound, data_dir = %data_dir.display(), "image-replicator serving");
+    println!("image-replicator listening on http://{bound}");
+    println!("admin socket {}", socket.display());
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let http = warp::serve(crate::http::routes(Arc::clone(&svc)))
+        .incoming(tcp)
+        .graceful(async {
+            let _ = stop_rx.await;
+        })
+        .run();
+    let mut http = tokio::spawn(http);
+
+    let signal_name = tokio::select! {
+        name = shutdown_signal() => name?,
+        _ = &mut http => return Err("the HTTP server stopped unexpectedly".into()),
+    };
+    tracing::info!("{signal_name} received, shutting down");
+    let _ = stop_tx.send(());
+    if tokio::time::timeout(DRAIN, &mut http).await.is_err() {
+        tracing::warn!("connections still open after {DRAIN:?}; closing them");
+        http.abort();
+    }
+    admin_task.abort();
+    let _ = std::fs::remove_file(&socket);
+    svc.store.flush().map_err(|e| e.to_string())?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() -> Result<&'static str, String> {
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}

@@ -1,0 +1,782 @@
+//! The operations of the appliance. The HTTP routes and the admin socket (or the CLI, when no
+//! server runs) are two doors into these functions, so every rule lives here once.
+//!
+//! Everything here blocks (sled, files, argon2): async callers use `spawn_blocking`.
+//! Anything reported as done is flushed to disk before the function returns.
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::auth::{self, Authenticator, Principal};
+use crate::error::{Result, ServiceError};
+use crate::model::{
+    now, Image, ImageStatus, Job, JobStatus, JobWire, Region, Tenant, TenantKey, TokenInfo,
+    TokenRecord, User, CONTAINER_FORMATS, DISK_FORMATS, JOB_KEYS,
+};
+use crate::regions;
+use crate::store::Store;
+
+/// Most jobs one list request returns when it gives no `limit`.
+pub const DEFAULT_LIST_LIMIT: usize = usize::MAX;
+
+pub struct Service {
+    pub store: Arc<Store>,
+    pub auth: Arc<Authenticator>,
+    pub data_dir: PathBuf,
+}
+
+/// What `job seed` did.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct SeedOutcome {
+    pub inserted: usize,
+    pub unchanged: usize,
+}
+
+/// A new token, shown once.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct IssuedToken {
+    pub token: String,
+    pub info: TokenInfo,
+}
+
+/// `image import`'s arguments.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ImportRequest {
+    /// Absolute path of the file to import.
+    pub file: PathBuf,
+    pub tenant: String,
+    pub name: String,
+    pub disk_format: String,
+    pub container_format: String,
+    pub id: Option<Uuid>,
+}
+
+fn check_name(kind: &str, value: &str) -> Result<()> {
+    let ok = !value.is_empty()
+        && value.len() <= 64
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b))
+        && !value.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(ServiceError::BadRequest(format!(
+            "{kind} '{value}' is not valid: use 1-64 letters, digits, '-', '_', '.' or '@', not starting with '.'"
+        )))
+    }
+}
+
+fn parse_tenant(value: &str) -> Result<TenantKey> {
+    TenantKey::parse(value).ok_or_else(|| {
+        ServiceError::BadRequest(format!(
+            "tenant id '{value}' is not valid: use 32 hex digits or a hyphenated UUID"
+        ))
+    })
+}
+
+fn check_format(kind: &str, value: &str, allowed: &[&str]) -> Result<()> {
+    if allowed.contains(&value) {
+        Ok(())
+    } else {
+        Err(ServiceError::BadRequest(format!(
+            "unknown {kind} '{value}'; expected one of {}",
+            allowed.join(", ")
+        )))
+    }
+}
+
+impl Service {
+    pub fn new(store: Store, data_dir: PathBuf) -> Service {
+        Service {
+            store: Arc::new(store),
+            auth: Arc::new(Authenticator::default()),
+            data_dir,
+        }
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.store.flush()
+    }
+
+    fn tenant(&self, id: &str) -> Result<(TenantKey, Tenant)> {
+        let key = parse_tenant(id)?;
+        let tenant = self
+            .store
+            .tenant(key)?
+            .ok_or_else(|| ServiceError::NotFound(format!("no tenant {id}")))?;
+        Ok((key, tenant))
+    }
+
+    fn region(&self, id: &str) -> Result<Region> {
+        self.store
+            .region(id)?
+            .ok_or_else(|| ServiceError::NotFound(format!("no region {id}")))
+    }
+
+    // ----- regions -----
+
+    pub fn region_add(
+        &self,
+        id: &str,
+        dir: Option<PathBuf>,
+        disk_formats: Option<Vec<String>>,
+    ) -> Result<Region> {
+        check_name("region id", id)?;
+        let dir = dir.unwrap_or_else(|| self.data_dir.join("regions").join(id));
+        if !dir.is_absolute() {
+            return Err(ServiceError::BadRequest(format!(
+                "region directory {} must be an absolute path",
+                dir.display()
+            )));
+        }
+        let mut formats: Vec<String> = Vec::new();
+        for f in disk_formats.unwrap_or_else(|| DISK_FORMATS.map(String::from).to_vec()) {
+            check_format("disk format", &f, &DISK_FORMATS)?;
+            if !formats.contains(&f) {
+                formats.push(f);
+            }
+        }
+        if formats.is_empty() {
+            return Err(ServiceError::BadRequest(
+                "a region must accept at least one disk format".into(),
+            ));
+        }
+        if self.store.region(id)?.is_some() {
+            return Err(ServiceError::Conflict(format!(
+                "region {id} already exists"
+            )));
+        }
+        fs::create_dir_all(&dir).map_err(|e| {
+            ServiceError::Conflict(format!(
+                "cannot create region directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+        let region = Region {
+            id: id.to_string(),
+            dir,
+            disk_formats: formats,
+            created_at: now(),
+        };
+        if !self.store.insert_region(&region)? {
+            return Err(ServiceError::Conflict(format!(
+                "region {id} already exists"
+            )));
+        }
+        self.flush()?;
+        Ok(region)
+    }
+
+    pub fn region_list(&self) -> Result<Vec<Region>> {
+        self.store.regions()
+    }
+
+    pub fn region_remove(&self, id: &str) -> Result<Region> {
+        let region = self.region(id)?;
+        let tenants: Vec<String> = self
+            .store
+            .tenants()?
+            .into_iter()
+            .filter(|t| t.region == id)
+            .map(|t| t.id)
+            .collect();
+        if !tenants.is_empty() {
+            return Err(ServiceError::Conflict(format!(
+                "region {id} is still the region of tenant(s) {}; remove them first",
+                tenants.join(", ")
+            )));
+        }
+        if let Some(image) = self
+            .store
+            .images(None)?
+            .into_iter()
+            .find(|i| i.region == id && i.status != ImageStatus::Deleted)
+        {
+            return Err(ServiceError::Conflict(format!(
+                "region {id} still holds image {}; delete it first",
+                image.id
+            )));
+        }
+        self.store.remove_region(id)?;
+        self.flush()?;
+        Ok(region)
+    }
+
+    // ----- tenants -----
+
+    pub fn tenant_add(&self, id: &str, region: &str, name: Option<String>) -> Result<Tenant> {
+        let key = parse_tenant(id)?;
+        self.region(region)?;
+        let tenant = Tenant {
+            id: id.to_string(),
+            region: region.to_string(),
+            name,
+            created_at: now(),
+        };
+        if !self.store.insert_tenant(key, &tenant)? {
+            return Err(ServiceError::Conflict(format!(
+                "tenant {id} already exists"
+            )));
+        }
+        self.flush()?;
+        Ok(tenant)
+    }
+
+    pub fn tenant_list(&self) -> Result<Vec<Tenant>> {
+        self.store.tenants()
+    }
+
+    pub fn tenant_remove(&self, id: &str) -> Result<Tenant> {
+        let (key, tenant) = self.tenant(id)?;
+        let members: Vec<String> = self
+            .store
+            .users()?
+            .into_iter()
+            .filter(|u| u.tenants.iter().any(|t| TenantKey::parse(t) == Some(key)))
+            .map(|u| u.name)
+            .collect();
+        if !members.is_empty() {
+            return Err(ServiceError::Conflict(format!(
+                "tenant {id} still has member(s) {}; remove them first",
+                members.join(", ")
+            )));
+        }
+        if let Some(image) = self.store.images(Some(key))?.first() {
+            return Err(ServiceError::Conflict(format!(
+                "tenant {id} still owns image {}; delete it first",
+                image.id
+            )));
+        }
+        if let Some(job) = self.store.tenant_has_jobs(key, &tenant.id)? {
+            return Err(ServiceError::Conflict(format!(
+                "tenant {id} is still named by job {job}"
+            )));
+        }
+        self.store.remove_tenant(key)?;
+        self.flush()?;
+        Ok(tenant)
+    }
+
+    // ----- users -----
+
+    pub fn user_add(&self, name: &str, tenants: &[String], admin: bool) -> Result<User> {
+        check_name("user name", name)?;
+        if tenants.is_empty() {
+            return Err(ServiceError::BadRequest(
+                "a user needs at least one --tenant".into(),
+            ));
+        }
+        let mut stored: Vec<String> = Vec::new();
+        let mut seen = HashSet::new();
+        for t in tenants {
+            let (key, tenant) = self.tenant(t)?;
+            if seen.insert(key) {
+                stored.push(tenant.id);
+            }
+        }
+        let user = User {
+            name: name.to_string(),
+            tenants: stored,
+            admin,
+            created_at: now(),
+        };
+        if !self.store.insert_user(&user)? {
+            return Err(ServiceError::Conflict(format!(
+                "user {name} already exists"
+            )));
+        }
+        self.flush()?;
+        Ok(user)
+    }
+
+    pub fn user_list(&self) -> Result<Vec<User>> {
+        self.store.users()
+    }
+
+    /// Removes a user and its tokens; returns the user and how many tokens went with it.
+    pub fn user_remove(&self, name: &str) -> Result<(User, usize)> {
+        let user = self
+            .store
+            .user(name)?
+            .ok_or_else(|| ServiceError::NotFound(format!("no user {name}")))?;
+        let ids: Vec<Uuid> = self
+            .store
+            .tokens()?
+            .into_iter()
+            .filter(|t| t.user == name)
+            .map(|t| t.id)
+            .collect();
+        let removed = self.store.remove_user(name)?;
+        self.flush()?;
+        for id in ids {
+            self.auth.forget_token(id);
+        }
+        Ok((user, removed))
+    }
+
+    // ----- tokens -----
+
+    pub fn token_issue(
+        &self,
+        user: &str,
+        tenant: &str,
+        expires_in_secs: Option<u64>,
+        value: Option<String>,
+    ) -> Result<IssuedToken> {
+        let user = self
+            .store
+            .user(user)?
+            .ok_or_else(|| ServiceError::NotFound(format!("no user {user}")))?;
+        let (key, tenant) = self.tenant(tenant)?;
+        if !user
+            .tenants
+            .iter()
+            .any(|t| TenantKey::parse(t) == Some(key))
+        {
+            return Err(ServiceError::Conflict(format!(
+                "user {} is not a member of tenant {}",
+                user.name, tenant.id
+            )));
+        }
+        if expires_in_secs == Some(0) {
+            return Err(ServiceError::BadRequest(
+                "--expires-in must be longer than zero".into(),
+            ));
+        }
+        let token = match value {
+            Some(v) => {
+                auth::check_imported(&v)?;
+                if self.auth.exists(&self.store, &v)? {
+                    return Err(ServiceError::Conflict(
+                        "that token value is already registered".into(),
+                    ));
+                }
+                v
+            }
+            None => auth::generate()?,
+        };
+        let created_at = now();
+        let lookup = auth::lookup(&auth::digest(&token));
+        let record = TokenRecord {
+            id: Uuid::new_v4(),
+            user: user.name,
+            tenant: tenant.id,
+            hash: auth::hash(&token)?,
+            lookup: auth::to_hex(&lookup),
+            created_at,
+            expires_at: expires_in_secs.map(|s| created_at.saturating_add(s)),
+            revoked_at: None,
+        };
+        self.store.insert_token(&record, &lookup)?;
+        self.flush()?;
+        Ok(IssuedToken {
+            token,
+            info: TokenInfo::from(&record),
+        })
+    }
+
+    pub fn token_list(&self) -> Result<Vec<TokenInfo>> {
+        Ok(self.store.tokens()?.iter().map(TokenInfo::from).collect())
+    }
+
+    pub fn token_revoke(&self, id: &str) -> Result<TokenInfo> {
+        let missing = || ServiceError::NotFound(format!("no token with id {id}"));
+        let uuid = Uuid::try_parse(id).map_err(|_| missing())?;
+        let mut record = self.store.token(uuid)?.ok_or_else(missing)?;
+        if record.revoked_at.is_none() {
+            record.revoked_at = Some(now());
+            self.store.update_token(&record)?;
+            self.flush()?;
+        }
+        self.auth.forget_token(uuid);
+        Ok(TokenInfo::from(&record))
+    }
+
+    // ----- images -----
+
+    pub fn image_import(&self, req: &ImportRequest) -> Result<Image> {
+        check_format("disk format", &req.disk_format, &DISK_FORMATS)?;
+        check_format(
+            "container format",
+            &req.container_format,
+            &CONTAINER_FORMATS,
+        )?;
+        if req.name.is_empty() || req.name.len() > 255 {
+            return Err(ServiceError::BadRequest(
+                "an image name must be 1 to 255 characters".into(),
+            ));
+        }
+        let (key, tenant) = self.tenant(&req.tenant)?;
+        let region = self.region(&tenant.region)?;
+        if !region.disk_formats.contains(&req.disk_format) {
+            return Err(ServiceError::Conflict(format!(
+                "region {} does not accept disk format {}",
+                region.id, req.disk_format
+            )));
+        }
+        regions::check_writable(&region).map_err(|why| {
+            ServiceError::Conflict(format!("region {} store is unusable: {why}", region.id))
+        })?;
+        let mut file = File::open(&req.file).map_err(|e| {
+            ServiceError::BadRequest(format!("cannot read {}: {e}", req.file.display()))
+        })?;
+        if !file.metadata().map(|m| m.is_file()).unwrap_or(false) {
+            return Err(ServiceError::BadRequest(format!(
+                "{} is not a regular file",
+                req.file.display()
+            )));
+        }
+        let created = now();
+        let mut image = Image {
+            id: req.id.unwrap_or_else(Uuid::new_v4),
+            name: req.name.clone(),
+            owner: tenant.id,
+            region: region.id.clone(),
+            status: ImageStatus::Saving,
+            disk_format: req.disk_format.clone(),
+            container_format: req.container_format.clone(),
+            size: 0,
+            checksum: None,
+            os_hash_algo: None,
+            os_hash_value: None,
+            created_at: created,
+            updated_at: created,
+        };
+        // The record reserves the id first; the bytes follow; then it becomes active.
+        self.store.insert_image(key, &image)?;
+        match regions::write_image(&region, image.id, &mut file) {
+            Ok(written) => {
+                image.status = ImageStatus::Active;
+                image.size = written.size;
+                image.checksum = Some(written.md5);
+                image.os_hash_algo = Some("sha512".into());
+                image.os_hash_value = Some(written.sha512);
+                image.updated_at = now();
+                self.store.update_image(&image)?;
+                self.flush()?;
+                Ok(image)
+            }
+            Err(e) => {
+                self.store.remove_image(key, image.id)?;
+                self.flush()?;
+                Err(ServiceError::Conflict(format!(
+                    "cannot import {} into region {}: {e}",
+                    req.file.display(),
+                    region.id
+                )))
+            }
+        }
+    }
+
+    pub fn image_list(&self, tenant: Option<&str>, region: Option<&str>) -> Result<Vec<Image>> {
+        let owner = tenant.map(parse_tenant).transpose()?;
+        let mut images = self.store.images(owner)?;
+        if let Some(region) = region {
+            images.retain(|i| i.region == region);
+        }
+        images.sort_by_key(|i| (i.created_at, i.id));
+        Ok(images)
+    }
+
+    pub fn image_show(&self, id: &str) -> Result<Image> {
+        let missing = || ServiceError::NotFound(format!("no image {id}"));
+        let uuid = Uuid::try_parse(id).map_err(|_| missing())?;
+        self.store.image(uuid)?.ok_or_else(missing)
+    }
+
+    /// Marks an image deleted and removes its bytes; refused while a running job uses it.
+    pub fn image_delete(&self, id: &str) -> Result<Image> {
+        let mut image = self.image_show(id)?;
+        if image.status == ImageStatus::Deleted {
+            return Err(ServiceError::Conflict(format!(
+                "image {id} is already deleted"
+            )));
+        }
+        let owner = parse_tenant(&image.owner)?;
+        let busy = self.store.jobs(
+            Some(owner),
+            None,
+            |j| {
+                !j.wire.status.is_terminal()
+                    && (j.wire.source_image_id == image.id
+                        || j.wire.destination_image_id == Some(image.id))
+            },
+            1,
+        )?;
+        if let Some(job) = busy.first() {
+            return Err(ServiceError::Conflict(format!(
+                "image {id} is in use by job {} ({}); cancel it first",
+                job.wire.job_id, job.wire.status
+            )));
+        }
+        if let Some(region) = self.store.region(&image.region)? {
+            regions::remove_image(&region, image.id).map_err(|e| {
+                ServiceError::internal(&format!("cannot remove the file of image {id}"), e)
+            })?;
+        }
+        image.status = ImageStatus::Deleted;
+        image.updated_at = now();
+        self.store.update_image(&image)?;
+        self.flush()?;
+        Ok(image)
+    }
+
+    // ----- jobs: admin -----
+
+    /// Imports jobs written in the list-response format. All are checked before any is written.
+    pub fn job_seed(&self, entries: &[serde_json::Value], enqueue: bool) -> Result<SeedOutcome> {
+        let mut jobs = Vec::with_capacity(entries.len());
+        let mut ids = HashSet::new();
+        for (i, entry) in entries.iter().enumerate() {
+            let (key, wire) = parse_seed_entry(entry).map_err(|why| {
+                ServiceError::BadRequest(format!("job #{} in the file: {why}", i + 1))
+            })?;
+            if !ids.insert(wire.job_id) {
+                return Err(ServiceError::BadRequest(format!(
+                    "job {} appears twice in the file",
+                    wire.job_id
+                )));
+            }
+            jobs.push((key, wire));
+        }
+        let created = now();
+        let mut records = Vec::with_capacity(jobs.len());
+        for (key, wire) in jobs {
+            let job = Job {
+                seq: self.store.next_seq()?,
+                created_at: created,
+                updated_at: created,
+                bytes_copied: 0,
+                bytes_total: 0,
+                error: None,
+                seeded: true,
+                enqueued: enqueue,
+                wire,
+            };
+            records.push((key, job));
+        }
+        let inserted = self.store.insert_jobs(&records)?;
+        self.flush()?;
+        Ok(SeedOutcome {
+            inserted,
+            unchanged: records.len() - inserted,
+        })
+    }
+
+    pub fn job_list(&self, tenant: Option<&str>, status: Option<JobStatus>) -> Result<Vec<Job>> {
+        let key = tenant.map(parse_tenant).transpose()?;
+        self.store.jobs(
+            key,
+            None,
+            |j| status.is_none_or(|s| j.wire.status == s),
+            usize::MAX,
+        )
+    }
+
+    pub fn job_show(&self, id: &str) -> Result<Job> {
+        self.visible_job(None, id)
+    }
+
+    pub fn job_cancel(&self, id: &str) -> Result<Job> {
+        self.cancel(None, id)
+    }
+
+    // ----- jobs: the API -----
+
+    /// A job the caller may see (`None`: the admin CLI, sees all), else 404.
+    fn visible_job(&self, who: Option<&Principal>, id: &str) -> Result<Job> {
+        let missing = || ServiceError::NotFound(format!("no job {id}"));
+        let uuid = Uuid::try_parse(id).map_err(|_| missing())?;
+        let job = self.store.job(uuid)?.ok_or_else(missing)?;
+        if may_see(who, &job) {
+            Ok(job)
+        } else {
+            Err(missing())
+        }
+    }
+
+    pub fn list_jobs(
+        &self,
+        who: &Principal,
+        status: Option<JobStatus>,
+        marker: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<Vec<Job>> {
+        let after = match marker {
+            Some(m) => {
+                let job = self.visible_job(Some(who), m).map_err(|_| {
+                    ServiceError::BadRequest(format!("marker {m} is not a job you can see"))
+                })?;
+                Some(job.seq)
+            }
+            None => None,
+        };
+        let scope = (!who.admin).then_some(who.tenant_key);
+        self.store.jobs(
+            scope,
+            after,
+            |j| status.is_none_or(|s| j.wire.status == s),
+            limit.unwrap_or(DEFAULT_LIST_LIMIT),
+        )
+    }
+
+    pub fn show_job(&self, who: &Principal, id: &str) -> Result<Job> {
+        self.visible_job(Some(who), id)
+    }
+
+    /// POST /jobs: checks the request and stores a new `replicate_requested` job.
+    pub fn create_job(&self, who: &Principal, image_id: &str, tenant_dst: &str) -> Result<Job> {
+        let image_uuid = Uuid::try_parse(image_id).map_err(|_| {
+            ServiceError::BadRequest(format!("image_id '{image_id}' is not a UUID"))
+        })?;
+        let dst_key = TenantKey::parse(tenant_dst).ok_or_else(|| {
+            ServiceError::BadRequest(format!(
+                "tenant_id_dst '{tenant_dst}' is not 32 hex digits or a hyphenated UUID"
+            ))
+        })?;
+        let no_image = || ServiceError::NotFound(format!("no image {image_id}"));
+        let image = self.store.image(image_uuid)?.ok_or_else(no_image)?;
+        let owner = TenantKey::parse(&image.owner);
+        if image.status == ImageStatus::Deleted || !(who.admin || owner == Some(who.tenant_key)) {
+            return Err(no_image());
+        }
+        let dst_tenant = self
+            .store
+            .tenant(dst_key)?
+            .ok_or_else(|| ServiceError::NotFound(format!("no tenant {tenant_dst}")))?;
+        if !who.admin {
+            let user = self.store.user(&who.user)?;
+            let member = user.is_some_and(|u| {
+                u.tenants
+                    .iter()
+                    .any(|t| TenantKey::parse(t) == Some(dst_key))
+            });
+            if !member {
+                return Err(ServiceError::Unauthorized(format!(
+                    "user {} may not use tenant {tenant_dst}",
+                    who.user
+                )));
+            }
+        }
+        if image.status != ImageStatus::Active {
+            return Err(ServiceError::Conflict(format!(
+                "image {image_id} is {}, not active",
+                image.status
+            )));
+        }
+        let src_region = self.usable_region(&image.region)?;
+        let dst_region = self.usable_region(&dst_tenant.region)?;
+        if !dst_region.disk_formats.contains(&image.disk_format) {
+            return Err(ServiceError::Conflict(format!(
+                "region {} does not accept disk format {}",
+                dst_region.id, image.disk_format
+            )));
+        }
+        let created = now();
+        let job = Job {
+            wire: JobWire {
+                copy_progress: 0,
+                destination_image_id: None,
+                destination_region_id: dst_region.id,
+                destination_tenant_id: dst_tenant.id,
+                job_id: Uuid::new_v4(),
+                source_image_id: image.id,
+                source_image_name: image.name,
+                source_region_id: src_region.id,
+                source_tenant_id: image.owner,
+                status: JobStatus::ReplicateRequested,
+            },
+            seq: self.store.next_seq()?,
+            created_at: created,
+            updated_at: created,
+            bytes_copied: 0,
+            bytes_total: image.size,
+            error: None,
+            seeded: false,
+            enqueued: true,
+        };
+        let owner = owner.ok_or_else(|| {
+            ServiceError::Internal(format!("image {image_id} has a malformed owner"))
+        })?;
+        self.store.insert_jobs(&[(owner, job.clone())])?;
+        self.flush()?;
+        Ok(job)
+    }
+
+    fn usable_region(&self, id: &str) -> Result<Region> {
+        let region = self
+            .store
+            .region(id)?
+            .ok_or_else(|| ServiceError::Conflict(format!("region {id} no longer exists")))?;
+        regions::check_writable(&region).map_err(|why| {
+            ServiceError::Conflict(format!("the image store of region {id} is unusable: {why}"))
+        })?;
+        Ok(region)
+    }
+
+    pub fn cancel_job(&self, who: &Principal, id: &str) -> Result<Job> {
+        self.cancel(Some(who), id)
+    }
+
+    fn cancel(&self, who: Option<&Principal>, id: &str) -> Result<Job> {
+        let job = self.visible_job(who, id)?;
+        let updated = self.store.modify_job(job.wire.job_id, |job| {
+            if !job.wire.status.is_cancelable() {
+                return Err(ServiceError::Conflict(format!(
+                    "job {id} is {}; only replicate_requested or replicating jobs can be canceled",
+                    job.wire.status
+                )));
+            }
+            job.wire.status = JobStatus::CancelRequested;
+            job.updated_at = now();
+            Ok(())
+        })?;
+        let updated = updated.ok_or_else(|| ServiceError::NotFound(format!("no job {id}")))?;
+        self.flush()?;
+        Ok(updated)
+    }
+}
+
+fn may_see(who: Option<&Principal>, job: &Job) -> bool {
+    match who {
+        None => true,
+        Some(p) if p.admin => true,
+        Some(p) => TenantKey::parse(&job.wire.source_tenant_id) == Some(p.tenant_key),
+    }
+}
+
+/// One element of a seed file: an object with exactly the ten keys of the job object.
+fn parse_seed_entry(
+    entry: &serde_json::Value,
+) -> std::result::Result<(TenantKey, JobWire), String> {
+    let object = entry.as_object().ok_or("not a JSON object")?;
+    if let Some(missing) = JOB_KEYS.iter().find(|k| !object.contains_key(**k)) {
+        return Err(format!("key \"{missing}\" is missing"));
+    }
+    let wire: JobWire = serde_json::from_value(entry.clone()).map_err(|e| e.to_string())?;
+    if wire.copy_progress > 100 {
+        return Err(format!(
+            "job {}: copy_progress {} is over 100",
+            wire.job_id, wire.copy_progress
+        ));
+    }
+    let source = TenantKey::parse(&wire.source_tenant_id).ok_or_else(|| {
+        format!(
+            "job {}: source_tenant_id '{}' is not 32 hex digits or a hyphenated UUID",
+            wire.job_id, wire.source_tenant_id
+        )
+    })?;
+    if TenantKey::parse(&wire.destination_tenant_id).is_none() {
+        return Err(format!(
+            "job {}: destination_tenant_id '{}' is not 32 hex digits or a hyphenated UUID",
+            wire.job_id, wire.destination_tenant_id
+        ));
+    }
+    Ok((source, wire))
+}
