@@ -36,6 +36,14 @@ pub fn now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Seconds since the Unix epoch, now, rounded up.
+pub fn now_ceil() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0))
+        .unwrap_or(0)
+}
+
 /// RFC 3339 in UTC, seconds precision, as Glance prints `created_at`.
 pub fn rfc3339(secs: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()

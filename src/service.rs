@@ -15,8 +15,8 @@ use uuid::Uuid;
 use crate::auth::{self, Authenticator, Principal};
 use crate::error::{Result, ServiceError};
 use crate::model::{
-    now, Image, ImageStatus, Job, JobStatus, JobWire, Region, Tenant, TenantKey, TokenInfo,
-    TokenRecord, User, CONTAINER_FORMATS, DISK_FORMATS, JOB_KEYS,
+    now, now_ceil, Image, ImageStatus, Job, JobStatus, JobWire, Region, Tenant, TenantKey,
+    TokenInfo, TokenRecord, User, CONTAINER_FORMATS, DISK_FORMATS, JOB_KEYS,
 };
 use crate::regions;
 use crate::store::Store;
@@ -370,7 +370,8 @@ impl Service {
             hash: auth::hash(&token)?,
             lookup: auth::to_hex(&lookup),
             created_at,
-            expires_at: expires_in_secs.map(|s| created_at.saturating_add(s)),
+            // Rounded up: a token lives at least as long as asked, never shorter.
+            expires_at: expires_in_secs.map(|s| now_ceil().saturating_add(s)),
             revoked_at: None,
         };
         self.store.insert_token(&record, &lookup)?;
@@ -426,9 +427,9 @@ impl Service {
         let mut file = File::open(&req.file).map_err(|e| {
             ServiceError::BadRequest(format!("cannot read {}: {e}", req.file.display()))
         })?;
-        if !file.metadata().map(|m| m.is_file()).unwrap_or(false) {
+        if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
             return Err(ServiceError::BadRequest(format!(
-                "{} is not a regular file",
+                "{} is a directory, not an image file",
                 req.file.display()
             )));
         }
