@@ -391,7 +391,7 @@ fn call(data_dir: &Path, request: Request) -> Result<Reply, String> {
                 data_dir.display()
             ));
         }
-        std::fs::create_dir_all(data_dir)
+        server::create_data_dir(data_dir)
             .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
     }
     let store = server::open_store(data_dir, Duration::from_secs(2)).map_err(|e| match e {

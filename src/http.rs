@@ -255,11 +255,7 @@ async fn dispatch(
         (Route::Job(id), &Method::DELETE) => {
             let (svc, id) = (Arc::clone(svc), id.to_string());
             blocking(move || svc.cancel_job(&who, &id)).await?;
-            Ok(with_type(
-                Vec::new().into_response(),
-                StatusCode::NO_CONTENT,
-                TEXT,
-            ))
+            Ok(warp::reply::with_status(warp::reply(), StatusCode::NO_CONTENT).into_response())
         }
         _ => Err(Failure::MethodNotAllowed(allow)),
     }

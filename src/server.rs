@@ -39,8 +39,17 @@ pub fn open_store(data_dir: &Path, wait: Duration) -> Result<Store, OpenError> {
     }
 }
 
+/// Creates the data directory, readable by its owner only (it holds token hashes).
+pub fn create_data_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
 pub async fn run(opts: ServeOptions) -> Result<(), String> {
-    std::fs::create_dir_all(&opts.data_dir).map_err(|e| {
+    create_data_dir(&opts.data_dir).map_err(|e| {
         format!(
             "cannot create the data directory {}: {e}",
             opts.data_dir.display()

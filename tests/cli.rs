@@ -1,0 +1,1659 @@
+//! The admin command line, run as the real binary: every command with no server (the CLI opens
+//! the store itself) and against a running server (the CLI talks to its admin socket).
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::Output;
+
+use common::*;
+use md5::{Digest, Md5};
+use serde_json::{json, Value};
+use sha2::Sha512;
+
+const PREFIX: &str = "image-replicator: ";
+
+/// Job ids of the exercise's seed files.
+const J1: &str = "11111111-1111-4111-8111-111111111111";
+const J2: &str = "22222222-2222-4222-8222-222222222222";
+const J3: &str = "33333333-3333-4333-8333-333333333333";
+const J4: &str = "44444444-4444-4444-8444-444444444444";
+/// The image id given to `image import --id`.
+const FIXED_IMAGE_ID: &str = "7d0c4a52-0c1e-4b7e-9d3c-5a2f6e8b9c01";
+/// Images that only seeded jobs name.
+const OTHER_IMAGE: &str = "9b805919-8acb-4880-8904-cd2f9a32c1ad";
+/// A well-formed tenant id that no lab has.
+const TENANT_UNKNOWN: &str = "0123456789abcdef0123456789abcdef";
+/// TENANT_A written as a hyphenated UUID: the same tenant.
+const TENANT_A_HYPHENATED: &str = "236ae314-ef69-44f4-ab98-fa7519e54325";
+
+/// The admin operations the CLI sends; a served run must show each in the server's log.
+const OPS: [&str; 20] = [
+    "region_add",
+    "region_list",
+    "region_remove",
+    "tenant_add",
+    "tenant_list",
+    "tenant_remove",
+    "user_add",
+    "user_list",
+    "user_remove",
+    "token_issue",
+    "token_list",
+    "token_revoke",
+    "image_import",
+    "image_list",
+    "image_show",
+    "image_delete",
+    "job_seed",
+    "job_list",
+    "job_show",
+    "job_cancel",
+];
+
+// ----- helpers -----
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn is_hex32(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn is_uuid(s: &str) -> bool {
+    uuid::Uuid::try_parse(s).is_ok_and(|u| u.hyphenated().to_string() == s)
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// Runs the CLI; whatever happens, it must never report sled's lock.
+fn run(lab: &Lab, args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let out = lab.cli_stdin(args, stdin);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("could not acquire lock") && !stderr.contains("is locked by"),
+        "{args:?} hit the store lock: {stderr}"
+    );
+    out
+}
+
+fn ok_stdin(lab: &Lab, args: &[&str], stdin: Option<&[u8]>) -> String {
+    let out = run(lab, args, stdin);
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 stdout")
+}
+
+/// A command that must succeed; its stdout.
+fn ok(lab: &Lab, args: &[&str]) -> String {
+    ok_stdin(lab, args, None)
+}
+
+/// A command that must succeed, run with `--json`; its parsed stdout.
+fn ok_json(lab: &Lab, args: &[&str]) -> Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let out = ok(lab, &all);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{all:?} printed no JSON ({e}): {out}"))
+}
+
+/// The message of a failure: exit status non-zero, nothing on stdout, exactly one line on
+/// stderr, starting with `image-replicator: `.
+fn failure(args: &[&str], out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "{args:?} should have failed; stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "{args:?} failed but printed on stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let line = stderr
+        .strip_suffix('\n')
+        .unwrap_or_else(|| panic!("{args:?}: stderr is not one terminated line: {stderr:?}"));
+    assert!(
+        !line.contains('\n'),
+        "{args:?}: stderr is not one line: {stderr:?}"
+    );
+    let message = line
+        .strip_prefix(PREFIX)
+        .unwrap_or_else(|| panic!("{args:?}: stderr does not start with {PREFIX:?}: {stderr:?}"));
+    assert!(
+        message.len() > 10,
+        "{args:?}: message too short: {stderr:?}"
+    );
+    message.to_string()
+}
+
+/// A command that must be refused; its one-line message, checked to name every `needle`.
+fn refused(lab: &Lab, args: &[&str], needles: &[&str]) -> String {
+    refused_stdin(lab, args, None, needles)
+}
+
+fn refused_stdin(lab: &Lab, args: &[&str], stdin: Option<&[u8]>, needles: &[&str]) -> String {
+    let out = run(lab, args, stdin);
+    let message = failure(args, &out);
+    for needle in needles {
+        assert!(
+            message.contains(needle),
+            "{args:?}: message {message:?} does not name {needle:?}"
+        );
+    }
+    message
+}
+
+/// Writes a file in the lab; returns its path as text.
+fn write(lab: &Lab, name: &str, content: &str) -> String {
+    let p = lab.dir.path().join(name);
+    fs::write(&p, content).expect("write file");
+    path(&p).to_string()
+}
+
+/// A job object in the list-response format.
+fn seed_job(id: &str, image: &str, from: (&str, &str), to: (&str, &str), status: &str) -> Value {
+    json!({
+        "copy_progress": 0,
+        "destination_image_id": null,
+        "destination_region_id": to.1,
+        "destination_tenant_id": to.0,
+        "job_id": id,
+        "source_image_id": image,
+        "source_image_name": "seeded-image",
+        "source_region_id": from.1,
+        "source_tenant_id": from.0,
+        "status": status,
+    })
+}
+
+/// The row of a text table whose first column is `key`, split on whitespace.
+fn row(table: &str, key: &str) -> Vec<String> {
+    table
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(key))
+        .unwrap_or_else(|| panic!("no row {key} in:\n{table}"))
+        .split_whitespace()
+        .map(String::from)
+        .collect()
+}
+
+/// The `key: value` line of a `show` output.
+fn field<'a>(shown: &'a str, key: &str) -> &'a str {
+    let head = format!("{key}: ");
+    shown
+        .lines()
+        .find_map(|l| l.strip_prefix(head.as_str()))
+        .unwrap_or_else(|| panic!("no field {key} in:\n{shown}"))
+}
+
+fn ids(list: &Value, key: &str) -> Vec<String> {
+    list.as_array()
+        .expect("a JSON array")
+        .iter()
+        .map(|v| v[key].as_str().expect("id").to_string())
+        .collect()
+}
+
+fn epoch(rfc3339: &Value) -> u64 {
+    let text = rfc3339.as_str().expect("a time string");
+    humantime::parse_rfc3339(text)
+        .expect("RFC 3339")
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
+}
+
+fn as_refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).expect("read dir") {
+        let p = entry.expect("dir entry").path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else if p.is_file() {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn status_of(server: &Server, token: &str, job: &str) -> String {
+    let resp = server.get(&format!("{JOBS}/{job}"), Some(token));
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().expect("job JSON");
+    body["status"].as_str().expect("status").to_string()
+}
+
+// ----- the whole command set -----
+
+/// Runs every admin command, text and `--json`, on an empty lab and checks what each did.
+fn exercise_every_command(lab: &Lab) {
+    let data = lab.data_dir();
+    let data_s = path(&data).to_string();
+
+    // --- regions ---
+    let out = ok(lab, &["region", "add", "r1"]);
+    assert_eq!(
+        out,
+        format!("region r1 added (directory {data_s}/regions/r1)\n")
+    );
+    assert!(data.join("regions/r1").is_dir());
+    let r2_dir = lab.dir.path().join("elsewhere").join("r2");
+    let r2 = ok_json(
+        lab,
+        &[
+            "region",
+            "add",
+            "r2",
+            "--dir",
+            path(&r2_dir),
+            "--disk-formats",
+            "raw,qcow2",
+        ],
+    );
+    assert_eq!(r2["id"], "r2");
+    assert_eq!(r2["dir"], path(&r2_dir));
+    assert_eq!(r2["disk_formats"], json!(["raw", "qcow2"]));
+    assert!(r2_dir.is_dir(), "region add --dir creates the directory");
+    ok(lab, &["region", "add", "r3"]);
+    ok(lab, &["region", "add", "r4"]);
+
+    let table = ok(lab, &["region", "list"]);
+    assert_eq!(
+        table
+            .lines()
+            .next()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>()),
+        Some(vec!["ID", "DIRECTORY", "DISK", "FORMATS"])
+    );
+    assert_eq!(row(&table, "r2"), ["r2", path(&r2_dir), "raw,qcow2"]);
+    assert_eq!(row(&table, "r1")[1], format!("{data_s}/regions/r1"));
+    let mut listed = ids(&ok_json(lab, &["region", "list"]), "id");
+    listed.sort();
+    assert_eq!(listed, ["r1", "r2", "r3", "r4"]);
+
+    let out = ok(lab, &["region", "remove", "r3"]);
+    assert!(out.starts_with("region r3 removed"), "{out}");
+    assert_eq!(out.lines().count(), 1, "{out}");
+    let removed = ok_json(lab, &["region", "remove", "r4"]);
+    assert_eq!(removed["id"], "r4");
+    let mut listed = ids(&ok_json(lab, &["region", "list"]), "id");
+    listed.sort();
+    assert_eq!(listed, ["r1", "r2"]);
+    assert!(!ok(lab, &["region", "list"]).contains("r3"));
+
+    // --- tenants ---
+    let out = ok(
+        lab,
+        &[
+            "tenant", "add", TENANT_A, "--region", "r1", "--name", "alpha",
+        ],
+    );
+    assert_eq!(out, format!("tenant {TENANT_A} added\n"));
+    let c = ok_json(lab, &["tenant", "add", TENANT_C, "--region", "r2"]);
+    assert_eq!(c["id"], TENANT_C);
+    assert_eq!(c["region"], "r2");
+    assert_eq!(c["name"], Value::Null);
+    ok(lab, &["tenant", "add", TENANT_B, "--region", "r1"]);
+    ok(lab, &["tenant", "add", TENANT_UNKNOWN, "--region", "r2"]);
+
+    let table = ok(lab, &["tenant", "list"]);
+    assert_eq!(row(&table, "ID"), ["ID", "REGION", "NAME"]);
+    assert_eq!(row(&table, TENANT_A), [TENANT_A, "r1", "alpha"]);
+    assert_eq!(row(&table, TENANT_C), [TENANT_C, "r2", "-"]);
+    let mut listed = ids(&ok_json(lab, &["tenant", "list"]), "id");
+    listed.sort();
+    let mut expected = vec![TENANT_A, TENANT_B, TENANT_C, TENANT_UNKNOWN];
+    expected.sort();
+    assert_eq!(listed, expected);
+
+    let out = ok(lab, &["tenant", "remove", TENANT_B]);
+    assert_eq!(out, format!("tenant {TENANT_B} removed\n"));
+    let removed = ok_json(lab, &["tenant", "remove", TENANT_UNKNOWN]);
+    assert_eq!(removed["id"], TENANT_UNKNOWN);
+    let mut listed = ids(&ok_json(lab, &["tenant", "list"]), "id");
+    listed.sort();
+    let mut expected = vec![TENANT_A, TENANT_C];
+    expected.sort();
+    assert_eq!(listed, expected);
+    assert!(!ok(lab, &["tenant", "list"]).contains(TENANT_B));
+
+    // --- users ---
+    assert_eq!(
+        ok(lab, &["user", "add", "alice", "--tenant", TENANT_A]),
+        "user alice added\n"
+    );
+    let bob = ok_json(
+        lab,
+        &[
+            "user", "add", "bob", "--tenant", TENANT_A, "--tenant", TENANT_C, "--admin",
+        ],
+    );
+    assert_eq!(bob["name"], "bob");
+    assert_eq!(bob["admin"], true);
+    assert_eq!(bob["tenants"], json!([TENANT_A, TENANT_C]));
+    ok(lab, &["user", "add", "temp", "--tenant", TENANT_C]);
+    ok(lab, &["user", "add", "carol", "--tenant", TENANT_C]);
+
+    let table = ok(lab, &["user", "list"]);
+    assert_eq!(row(&table, "NAME"), ["NAME", "ADMIN", "TENANTS"]);
+    assert_eq!(row(&table, "alice"), ["alice", "false", TENANT_A]);
+    assert_eq!(
+        row(&table, "bob"),
+        ["bob", "true", &format!("{TENANT_A},{TENANT_C}")]
+    );
+    let users = ok_json(lab, &["user", "list"]);
+    let mut names = ids(&users, "name");
+    names.sort();
+    assert_eq!(names, ["alice", "bob", "carol", "temp"]);
+
+    assert_eq!(
+        ok(lab, &["user", "remove", "temp"]),
+        "user temp removed with 0 token(s)\n"
+    );
+
+    // --- tokens ---
+    let out = ok(
+        lab,
+        &["token", "issue", "--user", "alice", "--tenant", TENANT_A],
+    );
+    assert_eq!(
+        out.lines().count(),
+        1,
+        "token issue prints one line: {out:?}"
+    );
+    let alice_token = out.strip_suffix('\n').expect("a terminated line");
+    assert!(
+        is_hex32(alice_token),
+        "not 32 lowercase hex digits: {out:?}"
+    );
+
+    let imported = "imported-value-1";
+    let issued = ok_json(
+        lab,
+        &[
+            "token",
+            "issue",
+            "--user",
+            "bob",
+            "--tenant",
+            TENANT_C,
+            "--expires-in",
+            "1h",
+            "--token",
+            imported,
+        ],
+    );
+    assert_eq!(issued["token"], imported);
+    assert_eq!(issued["info"]["user"], "bob");
+    assert_eq!(issued["info"]["tenant"], TENANT_C);
+    assert_eq!(issued["info"]["revoked_at"], Value::Null);
+    let lifetime = epoch(&issued["info"]["expires_at"]) - epoch(&issued["info"]["created_at"]);
+    assert!(
+        (3600..=3610).contains(&lifetime),
+        "a 1h token lives {lifetime}s"
+    );
+    let bob_token_id = issued["info"]["id"].as_str().expect("id").to_string();
+
+    // carol's tokens go when carol goes.
+    let carol_1 = ok(
+        lab,
+        &["token", "issue", "--user", "carol", "--tenant", TENANT_C],
+    );
+    let carol_2 = ok(
+        lab,
+        &["token", "issue", "--user", "carol", "--tenant", TENANT_C],
+    );
+    assert_ne!(carol_1, carol_2, "generated tokens differ");
+
+    let table = ok(lab, &["token", "list"]);
+    let tokens = ok_json(lab, &["token", "list"]);
+    for plaintext in [alice_token, imported, carol_1.trim(), carol_2.trim()] {
+        assert!(!table.contains(plaintext), "token list shows a token");
+        assert!(
+            !tokens.to_string().contains(plaintext),
+            "token list --json shows a token"
+        );
+    }
+    // Nor is any token kept in the clear in the data directory.
+    for file in files_under(&data) {
+        let bytes = fs::read(&file).unwrap_or_default();
+        for plaintext in [alice_token, imported] {
+            assert!(
+                !bytes
+                    .windows(plaintext.len())
+                    .any(|w| w == plaintext.as_bytes()),
+                "{} holds a token in the clear",
+                file.display()
+            );
+        }
+    }
+    let list = tokens.as_array().expect("array");
+    assert_eq!(list.len(), 4);
+    let alice_info = list
+        .iter()
+        .find(|t| t["user"] == "alice")
+        .expect("alice's token");
+    let alice_token_id = alice_info["id"].as_str().expect("id").to_string();
+    assert!(is_uuid(&alice_token_id));
+    assert_eq!(alice_info["tenant"], TENANT_A);
+    assert_eq!(alice_info["expires_at"], Value::Null);
+    assert_eq!(alice_info["revoked_at"], Value::Null);
+    assert_eq!(
+        row(&table, "ID"),
+        ["ID", "USER", "TENANT", "CREATED", "EXPIRES", "REVOKED"]
+    );
+    let alice_row = row(&table, &alice_token_id);
+    assert_eq!(alice_row[1..3], ["alice", TENANT_A]);
+    assert_eq!(alice_row[4..], ["-", "-"]);
+
+    let out = ok(lab, &["token", "revoke", &alice_token_id]);
+    assert_eq!(out, format!("token {alice_token_id} revoked\n"));
+    let revoked = ok_json(lab, &["token", "revoke", &bob_token_id]);
+    assert_eq!(revoked["id"], bob_token_id.as_str());
+    assert!(revoked["revoked_at"].is_string(), "{revoked}");
+    let table = ok(lab, &["token", "list"]);
+    let alice_row = row(&table, &alice_token_id);
+    let revoked_at = &alice_row[5];
+    assert!(
+        humantime::parse_rfc3339(revoked_at).is_ok(),
+        "a revoked token shows its revoked time, not {revoked_at:?}"
+    );
+    let tokens = ok_json(lab, &["token", "list"]);
+    for t in tokens.as_array().expect("array") {
+        let revoked = t["id"] == alice_token_id.as_str() || t["id"] == bob_token_id.as_str();
+        assert_eq!(t["revoked_at"].is_string(), revoked, "{t}");
+    }
+
+    assert_eq!(
+        ok(lab, &["user", "remove", "carol"]),
+        "user carol removed with 2 token(s)\n"
+    );
+    let tokens = ok_json(lab, &["token", "list"]);
+    assert_eq!(tokens.as_array().expect("array").len(), 2);
+    assert!(!tokens.to_string().contains("carol"));
+    let removed = ok_json(lab, &["user", "add", "dave", "--tenant", TENANT_C]);
+    assert_eq!(removed["name"], "dave");
+    ok(
+        lab,
+        &["token", "issue", "--user", "dave", "--tenant", TENANT_C],
+    );
+    let removed = ok_json(lab, &["user", "remove", "dave"]);
+    assert_eq!(removed["user"]["name"], "dave");
+    assert_eq!(removed["tokens_removed"], 1);
+    let mut names = ids(&ok_json(lab, &["user", "list"]), "name");
+    names.sort();
+    assert_eq!(names, ["alice", "bob"]);
+
+    // --- images ---
+    let size = (3 << 20) + 17; // crosses the 1 MiB copy unit
+    let file = lab.file("disk1.raw", size);
+    let bytes = fs::read(&file).expect("image file");
+    let md5 = hex(&Md5::digest(&bytes));
+    let sha512 = hex(&Sha512::digest(&bytes));
+    let out = ok(
+        lab,
+        &[
+            "image",
+            "import",
+            path(&file),
+            "--tenant",
+            TENANT_A,
+            "--name",
+            "disk1",
+        ],
+    );
+    assert_eq!(
+        out.lines().count(),
+        1,
+        "image import prints one line: {out:?}"
+    );
+    let img1 = out.trim_end().to_string();
+    assert!(is_uuid(&img1), "image import printed {out:?}");
+    let shown = ok(lab, &["image", "show", &img1]);
+    assert_eq!(field(&shown, "id"), img1);
+    assert_eq!(field(&shown, "name"), "disk1");
+    assert_eq!(field(&shown, "owner"), TENANT_A);
+    assert_eq!(field(&shown, "region"), "r1");
+    assert_eq!(field(&shown, "status"), "active");
+    assert_eq!(field(&shown, "disk_format"), "raw");
+    assert_eq!(field(&shown, "container_format"), "bare");
+    assert_eq!(field(&shown, "size"), size.to_string());
+    assert_eq!(field(&shown, "checksum"), md5);
+    assert_eq!(field(&shown, "os_hash_algo"), "sha512");
+    assert_eq!(field(&shown, "os_hash_value"), sha512);
+    let stored = data.join("regions/r1").join(&img1);
+    assert!(
+        fs::read(&stored).expect("the image's file in its region") == bytes,
+        "the region holds a different copy"
+    );
+
+    let file2 = lab.file("disk2.qcow2", 4096);
+    let bytes2 = fs::read(&file2).expect("image file");
+    let img2 = ok_json(
+        lab,
+        &[
+            "image",
+            "import",
+            path(&file2),
+            "--tenant",
+            TENANT_C,
+            "--name",
+            "disk two",
+            "--disk-format",
+            "qcow2",
+            "--container-format",
+            "ovf",
+            "--id",
+            FIXED_IMAGE_ID,
+        ],
+    );
+    assert_eq!(img2["id"], FIXED_IMAGE_ID);
+    assert_eq!(img2["status"], "active");
+    assert_eq!(img2["region"], "r2");
+    assert_eq!(img2["owner"], TENANT_C);
+    assert_eq!(img2["disk_format"], "qcow2");
+    assert_eq!(img2["container_format"], "ovf");
+    assert_eq!(img2["size"], 4096);
+    assert_eq!(img2["checksum"], hex(&Md5::digest(&bytes2)).as_str());
+    assert_eq!(img2["os_hash_algo"], "sha512");
+    assert_eq!(
+        img2["os_hash_value"],
+        hex(&Sha512::digest(&bytes2)).as_str()
+    );
+    assert!(r2_dir.join(FIXED_IMAGE_ID).is_file());
+    assert_eq!(ok_json(lab, &["image", "show", FIXED_IMAGE_ID]), img2);
+
+    let file3 = lab.file("disk3.raw", 10);
+    let img3 = ok(
+        lab,
+        &[
+            "image",
+            "import",
+            path(&file3),
+            "--tenant",
+            TENANT_A,
+            "--name",
+            "disk3",
+        ],
+    )
+    .trim()
+    .to_string();
+
+    let table = ok(lab, &["image", "list"]);
+    assert_eq!(
+        row(&table, "ID"),
+        ["ID", "NAME", "OWNER", "REGION", "STATUS", "DISK", "SIZE"]
+    );
+    assert_eq!(
+        row(&table, &img1),
+        [
+            img1.as_str(),
+            "disk1",
+            TENANT_A,
+            "r1",
+            "active",
+            "raw",
+            &size.to_string()
+        ]
+    );
+    assert!(row(&table, FIXED_IMAGE_ID).contains(&"qcow2".to_string()));
+    let mut all = ids(&ok_json(lab, &["image", "list"]), "id");
+    all.sort();
+    let mut expected = vec![img1.clone(), img3.clone(), FIXED_IMAGE_ID.to_string()];
+    expected.sort();
+    assert_eq!(all, expected);
+    let mut of_a = ids(
+        &ok_json(lab, &["image", "list", "--tenant", TENANT_A]),
+        "id",
+    );
+    of_a.sort();
+    let mut expected = vec![img1.clone(), img3.clone()];
+    expected.sort();
+    assert_eq!(of_a, expected);
+    assert_eq!(
+        ids(&ok_json(lab, &["image", "list", "--region", "r2"]), "id"),
+        [FIXED_IMAGE_ID]
+    );
+    let table = ok(lab, &["image", "list", "--tenant", TENANT_C]);
+    assert!(table.contains(FIXED_IMAGE_ID) && !table.contains(&img1));
+
+    // --- jobs ---
+    let mut j4 = seed_job(J4, &img1, (TENANT_A, "r1"), (TENANT_C, "r2"), "replicating");
+    j4["copy_progress"] = json!(40);
+    let mut j2 = seed_job(
+        J2,
+        OTHER_IMAGE,
+        (TENANT_C, "r2"),
+        (TENANT_A, "r1"),
+        "replicated",
+    );
+    j2["copy_progress"] = json!(100);
+    j2["destination_image_id"] = json!("5e0b4a3c-8f7d-4c2b-9a1e-6d5c4b3a2f10");
+    let j1 = seed_job(
+        J1,
+        &img1,
+        (TENANT_A, "r1"),
+        (TENANT_C, "r2"),
+        "replicate_requested",
+    );
+    let seed_file = write(lab, "seed.json", &json!([j1, j2, j4]).to_string());
+    assert_eq!(
+        ok(lab, &["job", "seed", &seed_file]),
+        "3 job(s) seeded, 0 already present\n"
+    );
+    let j3 = seed_job(J3, OTHER_IMAGE, (TENANT_C, "r2"), (TENANT_A, "r1"), "error");
+    let stdin = json!([j2, j3]).to_string();
+    assert_eq!(
+        ok_stdin(
+            lab,
+            &["job", "seed", "-", "--enqueue"],
+            Some(stdin.as_bytes())
+        ),
+        "1 job(s) seeded, 1 already present\n"
+    );
+    let again = json!([j1]).to_string();
+    let out = ok_stdin(lab, &["--json", "job", "seed", "-"], Some(again.as_bytes()));
+    let outcome: Value = serde_json::from_str(&out).expect("seed JSON");
+    assert_eq!(outcome, json!({"inserted": 0, "unchanged": 1}));
+    let outcome = ok_json(lab, &["job", "seed", &seed_file]);
+    assert_eq!(outcome, json!({"inserted": 0, "unchanged": 3}));
+
+    let table = ok(lab, &["job", "list"]);
+    let first = table.lines().next().expect("header");
+    assert!(
+        first.starts_with("JOB ID") && first.contains("STATUS"),
+        "{table}"
+    );
+    let at: Vec<usize> = [J1, J2, J4, J3]
+        .iter()
+        .map(|id| {
+            table
+                .find(id)
+                .unwrap_or_else(|| panic!("{id} not in:\n{table}"))
+        })
+        .collect();
+    assert!(
+        at.windows(2).all(|w| w[0] < w[1]),
+        "not oldest first:\n{table}"
+    );
+    assert_eq!(row(&table, J4)[1..3], ["replicating", "40%"]);
+    let list = ok_json(lab, &["job", "list"]);
+    assert_eq!(ids(&list, "job_id"), [J1, J2, J4, J3]);
+    assert_eq!(
+        ids(
+            &ok_json(lab, &["job", "list", "--tenant", TENANT_A]),
+            "job_id"
+        ),
+        [J1, J4]
+    );
+    let table = ok(lab, &["job", "list", "--tenant", TENANT_C]);
+    assert!(table.contains(J2) && table.contains(J3) && !table.contains(J1));
+    assert_eq!(
+        ids(
+            &ok_json(lab, &["job", "list", "--status", "replicated"]),
+            "job_id"
+        ),
+        [J2]
+    );
+    assert_eq!(
+        ids(
+            &ok_json(
+                lab,
+                &[
+                    "job",
+                    "list",
+                    "--tenant",
+                    TENANT_A,
+                    "--status",
+                    "replicating"
+                ]
+            ),
+            "job_id"
+        ),
+        [J4]
+    );
+
+    let shown = ok(lab, &["job", "show", J4]);
+    assert_eq!(field(&shown, "job_id"), J4);
+    assert_eq!(field(&shown, "status"), "replicating");
+    assert_eq!(field(&shown, "copy_progress"), "40");
+    assert_eq!(field(&shown, "source_image_id"), img1);
+    assert_eq!(field(&shown, "destination_tenant_id"), TENANT_C);
+    assert_eq!(field(&shown, "seeded"), "true");
+    let shown = ok_json(lab, &["job", "show", J3]);
+    assert_eq!(shown["status"], "error");
+    assert_eq!(shown["seeded"], true);
+    assert_eq!(shown["enqueued"], true, "seeded with --enqueue");
+    assert_eq!(ok_json(lab, &["job", "show", J1])["enqueued"], false);
+    let shown = ok_json(lab, &["job", "show", J2]);
+    for key in [
+        "copy_progress",
+        "destination_image_id",
+        "destination_region_id",
+        "destination_tenant_id",
+        "job_id",
+        "source_image_id",
+        "source_image_name",
+        "source_region_id",
+        "source_tenant_id",
+        "status",
+    ] {
+        assert_eq!(shown[key], j2[key], "{key} of the seeded job");
+    }
+
+    // --- deleting images ---
+    // img1 is the source of replicate_requested J1 (and replicating J4).
+    refused(lab, &["image", "delete", &img1], &[&img1, "job"]);
+    assert_eq!(ok_json(lab, &["image", "show", &img1])["status"], "active");
+    assert!(stored.is_file(), "a refused delete keeps the data");
+    assert_eq!(
+        ok(lab, &["image", "delete", FIXED_IMAGE_ID]),
+        format!("image {FIXED_IMAGE_ID} deleted\n")
+    );
+    let shown = ok(lab, &["image", "show", FIXED_IMAGE_ID]);
+    assert_eq!(field(&shown, "status"), "deleted");
+    assert!(!r2_dir.join(FIXED_IMAGE_ID).exists(), "its data is removed");
+    let deleted = ok_json(lab, &["image", "delete", &img3]);
+    assert_eq!(deleted["id"], img3.as_str());
+    assert_eq!(deleted["status"], "deleted");
+    refused(
+        lab,
+        &["image", "delete", &img3],
+        &[&img3, "already deleted"],
+    );
+
+    // --- canceling jobs ---
+    assert_eq!(
+        ok(lab, &["job", "cancel", J1]),
+        format!("job {J1} cancel requested\n")
+    );
+    assert_eq!(
+        field(&ok(lab, &["job", "show", J1]), "status"),
+        "cancel_requested"
+    );
+    let canceled = ok_json(lab, &["job", "cancel", J4]);
+    assert_eq!(canceled["job_id"], J4);
+    assert_eq!(canceled["status"], "cancel_requested");
+    refused(lab, &["job", "cancel", J2], &[J2, "replicated"]);
+    refused(lab, &["job", "cancel", J1], &[J1, "cancel_requested"]);
+    assert_eq!(
+        ids(
+            &ok_json(lab, &["job", "list", "--status", "cancel_requested"]),
+            "job_id"
+        ),
+        [J1, J4]
+    );
+    refused(
+        lab,
+        &["job", "show", J4.replace('4', "5").as_str()],
+        &["no job"],
+    );
+}
+
+#[test]
+fn every_command_works_without_a_server() {
+    let lab = Lab::new();
+    exercise_every_command(&lab);
+    assert!(
+        !lab.data_dir().join("admin.sock").exists(),
+        "no server, no socket"
+    );
+}
+
+#[test]
+fn every_command_works_through_a_running_server() {
+    let lab = Lab::new();
+    let server = lab.serve();
+    exercise_every_command(&lab);
+    let log = server.log_text();
+    for op in OPS {
+        assert!(
+            log.contains(&format!("\"{op}\"")),
+            "the server never took a {op} request: the CLI did not use its socket"
+        );
+    }
+}
+
+#[test]
+fn many_commands_at_once_through_a_running_server() {
+    let lab = Lab::new();
+    let _server = lab.serve();
+    std::thread::scope(|s| {
+        for i in 0..8 {
+            let lab = &lab;
+            s.spawn(move || {
+                let id = format!("par{i}");
+                ok(lab, &["region", "add", &id]);
+                ok(lab, &["region", "list"]);
+                ok(lab, &["--json", "job", "list"]);
+            });
+        }
+    });
+    let mut listed = ids(&ok_json(&lab, &["region", "list"]), "id");
+    listed.sort();
+    let expected: Vec<String> = (0..8).map(|i| format!("par{i}")).collect();
+    assert_eq!(listed, expected);
+}
+
+// ----- status -----
+
+#[test]
+fn status_without_a_server_says_none_runs() {
+    let lab = Lab::new();
+    let data = lab.data_dir();
+    for args in [&["status"][..], &["--json", "status"][..]] {
+        let message = refused(&lab, args, &["no server is running", path(&data)]);
+        assert_eq!(
+            message,
+            format!("no server is running on {}", data.display())
+        );
+    }
+    lab.standard();
+    refused(&lab, &["status"], &["no server is running", path(&data)]);
+}
+
+#[test]
+fn status_with_a_server_shows_its_pid_and_address() {
+    let lab = Lab::new();
+    lab.standard();
+    let alice = lab.token("alice", TENANT_A);
+    let server = lab.serve();
+    let pid = server.child.id();
+    let listen = server
+        .base
+        .strip_prefix("http://")
+        .expect("base URL")
+        .to_string();
+
+    let text = ok(&lab, &["status"]);
+    assert!(text.contains(&format!("pid {pid}")), "{text}");
+    assert!(text.contains(&format!("listen: {listen}")), "{text}");
+    assert!(
+        text.contains(&format!("data dir: {}", lab.data_dir().display())),
+        "{text}"
+    );
+
+    let status = ok_json(&lab, &["status"]);
+    assert_eq!(status["pid"], pid);
+    assert_eq!(status["listen"], listen.as_str());
+    assert_eq!(status["auth"]["argon2_verifications"], 0);
+
+    assert_eq!(server.get(JOBS, Some(&alice)).status(), 200);
+    let status = ok_json(&lab, &["status"]);
+    assert_eq!(status["auth"]["argon2_verifications"], 1);
+    // A token that verified once is remembered: no second argon2 run.
+    assert_eq!(server.get(JOBS, Some(&alice)).status(), 200);
+    let status = ok_json(&lab, &["status"]);
+    assert_eq!(status["auth"]["argon2_verifications"], 1);
+    assert!(status["auth"]["cache_hits"].as_u64() >= Some(1), "{status}");
+}
+
+#[test]
+fn admin_socket_is_private_while_serving_and_gone_after() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let lab = Lab::new();
+    lab.standard();
+    let socket = lab.data_dir().join("admin.sock");
+    let server = lab.serve();
+    let meta = fs::metadata(&socket).expect("the admin socket");
+    assert!(meta.file_type().is_socket());
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        0o600,
+        "admin socket mode"
+    );
+    ok(&lab, &["region", "add", "served"]);
+    drop(server);
+    assert!(!socket.exists(), "a stopped server removes its socket");
+    // With the server gone, the CLI opens the store itself and sees what the server wrote.
+    let mut listed = ids(&ok_json(&lab, &["region", "list"]), "id");
+    listed.sort();
+    assert_eq!(listed, ["ot1", "ot2", "served"]);
+    refused(&lab, &["status"], &["no server is running"]);
+}
+
+// ----- refusals -----
+
+/// Removals refused while something still uses the thing; the message names what.
+fn refusals(lab: &Lab, server: Option<&Server>) {
+    lab.standard();
+    ok(lab, &["region", "add", "ot3"]);
+
+    // A region with tenants.
+    refused(
+        lab,
+        &["region", "remove", "ot1"],
+        &["ot1", TENANT_A, TENANT_C],
+    );
+    refused(lab, &["region", "remove", "ot2"], &["ot2", TENANT_B]);
+    refused(lab, &["region", "remove", "nowhere"], &["nowhere"]);
+
+    // A tenant with members.
+    refused(
+        lab,
+        &["tenant", "remove", TENANT_A],
+        &[TENANT_A, "alice", "root"],
+    );
+    refused(
+        lab,
+        &["tenant", "remove", TENANT_A_HYPHENATED],
+        &["alice", "root"],
+    );
+    refused(lab, &["tenant", "remove", TENANT_B], &["bob", "carol"]);
+
+    // A tenant that owns an image (and no member).
+    let t_img = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa1";
+    ok(lab, &["tenant", "add", t_img, "--region", "ot3"]);
+    let image = lab.image(t_img, "owned", 100);
+    refused(lab, &["tenant", "remove", t_img], &[t_img, &image]);
+    refused(lab, &["region", "remove", "ot3"], &["ot3", t_img]);
+    ok(lab, &["region", "add", "ot4"]);
+
+    // A tenant named by a job, as source or as destination only.
+    let t_src = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb2";
+    let t_dst = "cccccccccccccccccccccccccccccccc";
+    ok(lab, &["tenant", "add", t_src, "--region", "ot3"]);
+    ok(lab, &["tenant", "add", t_dst, "--region", "ot4"]);
+    let job_src = "e1e1e1e1-0000-4000-8000-000000000001";
+    let job_dst = "e2e2e2e2-0000-4000-8000-000000000002";
+    let seed = json!([
+        seed_job(
+            job_src,
+            OTHER_IMAGE,
+            (t_src, "ot3"),
+            (TENANT_A, "ot1"),
+            "replicated"
+        ),
+        seed_job(
+            job_dst,
+            OTHER_IMAGE,
+            (TENANT_A, "ot1"),
+            (t_dst, "ot4"),
+            "canceled"
+        ),
+    ])
+    .to_string();
+    ok_stdin(lab, &["job", "seed", "-"], Some(seed.as_bytes()));
+    refused(lab, &["tenant", "remove", t_src], &[t_src, job_src]);
+    refused(lab, &["tenant", "remove", t_dst], &[t_dst, job_dst]);
+
+    // An image used by a replicate_requested job; a job that has ended does not hold it.
+    let busy = lab.image(TENANT_A, "busy", 64);
+    let done = lab.image(TENANT_A, "done", 64);
+    let job_busy = "e3e3e3e3-0000-4000-8000-000000000003";
+    let job_done = "e4e4e4e4-0000-4000-8000-000000000004";
+    let seed = json!([
+        seed_job(
+            job_busy,
+            &busy,
+            (TENANT_A, "ot1"),
+            (TENANT_B, "ot2"),
+            "replicate_requested"
+        ),
+        seed_job(
+            job_done,
+            &done,
+            (TENANT_A, "ot1"),
+            (TENANT_B, "ot2"),
+            "replicated"
+        ),
+    ])
+    .to_string();
+    ok_stdin(lab, &["job", "seed", "-"], Some(seed.as_bytes()));
+    refused(
+        lab,
+        &["image", "delete", &busy],
+        &[&busy, job_busy, "replicate_requested"],
+    );
+    assert_eq!(ok_json(lab, &["image", "show", &busy])["status"], "active");
+    ok(lab, &["image", "delete", &done]);
+
+    // user remove takes the user's tokens with it.
+    let root_token = lab.token("root", TENANT_A);
+    let alice_token = lab.token("alice", TENANT_A);
+    let alice_again = lab.token("alice", TENANT_A);
+    if let Some(server) = server {
+        assert_eq!(server.get(JOBS, Some(&alice_token)).status(), 200);
+        assert_eq!(server.get(JOBS, Some(&root_token)).status(), 200);
+    }
+    assert_eq!(
+        ok(lab, &["user", "remove", "alice"]),
+        "user alice removed with 2 token(s)\n"
+    );
+    let tokens = ok_json(lab, &["token", "list"]);
+    assert!(!tokens.to_string().contains("\"alice\""), "{tokens}");
+    assert_eq!(tokens.as_array().expect("array").len(), 1);
+    if let Some(server) = server {
+        assert_401(server.get(JOBS, Some(&alice_token)));
+        assert_401(server.get(JOBS, Some(&alice_again)));
+        assert_eq!(server.get(JOBS, Some(&root_token)).status(), 200);
+    }
+    refused(lab, &["user", "remove", "alice"], &["alice"]);
+    refused(
+        lab,
+        &["token", "issue", "--user", "alice", "--tenant", TENANT_A],
+        &["alice"],
+    );
+
+    // Once what held them is gone, removals go through.
+    ok(lab, &["user", "remove", "root"]);
+    assert_eq!(
+        ok(lab, &["tenant", "remove", TENANT_C]),
+        format!("tenant {TENANT_C} removed\n")
+    );
+    refused(lab, &["tenant", "remove", TENANT_C], &[TENANT_C]);
+    // A deleted image no longer holds its tenant.
+    ok(lab, &["image", "delete", &image]);
+    assert_eq!(
+        ok(lab, &["tenant", "remove", t_img]),
+        format!("tenant {t_img} removed\n"),
+        "a tenant whose only image is deleted can be removed"
+    );
+}
+
+#[test]
+fn refusals_name_what_is_in_the_way_without_a_server() {
+    let lab = Lab::new();
+    refusals(&lab, None);
+}
+
+#[test]
+fn refusals_name_what_is_in_the_way_through_a_running_server() {
+    let lab = Lab::new();
+    let server = lab.serve();
+    refusals(&lab, Some(&server));
+}
+
+#[test]
+fn user_removed_without_a_server_has_no_token_once_one_starts() {
+    let lab = Lab::new();
+    lab.standard();
+    let token = lab.token("bob", TENANT_B);
+    ok(&lab, &["user", "remove", "bob"]);
+    let server = lab.serve();
+    assert_401(server.get(JOBS, Some(&token)));
+}
+
+// ----- bad input -----
+
+/// Bad input: non-zero exit, one clear line, nothing changed.
+fn reject_bad_input(lab: &Lab) {
+    lab.standard();
+    let d = lab.data_dir();
+    ok(lab, &["region", "add", "rawonly", "--disk-formats", "raw"]);
+    let t_raw = "dddddddddddddddddddddddddddddddd";
+    ok(lab, &["tenant", "add", t_raw, "--region", "rawonly"]);
+    ok(lab, &["user", "add", "dora", "--tenant", t_raw]);
+
+    // Tenant ids.
+    for bad in ["not-a-tenant", "236ae314ef6944f4ab98fa7519e5432", "xyz"] {
+        refused(
+            lab,
+            &["tenant", "add", bad, "--region", "ot1"],
+            &[bad, "not valid", "32 hex digits"],
+        );
+        refused(lab, &["user", "add", "eve", "--tenant", bad], &[bad]);
+        refused(lab, &["job", "list", "--tenant", bad], &[bad]);
+        refused(lab, &["image", "list", "--tenant", bad], &[bad]);
+    }
+    // Unknown things.
+    refused(
+        lab,
+        &["tenant", "add", TENANT_UNKNOWN, "--region", "nowhere"],
+        &["region", "nowhere"],
+    );
+    refused(
+        lab,
+        &["user", "add", "eve", "--tenant", TENANT_UNKNOWN],
+        &["tenant", TENANT_UNKNOWN],
+    );
+    refused(
+        lab,
+        &["token", "issue", "--user", "nobody", "--tenant", TENANT_A],
+        &["user", "nobody"],
+    );
+    refused(lab, &["user", "remove", "nobody"], &["user", "nobody"]);
+    refused(
+        lab,
+        &["token", "issue", "--user", "bob", "--tenant", TENANT_A],
+        &["bob", "not a member", TENANT_A],
+    );
+    refused(
+        lab,
+        &["token", "revoke", "5d9a3f0e-0000-4000-8000-000000000000"],
+        &["token", "5d9a3f0e-0000-4000-8000-000000000000"],
+    );
+    refused(lab, &["token", "revoke", "junk"], &["junk"]);
+    refused(lab, &["image", "show", "junk"], &["image", "junk"]);
+    refused(
+        lab,
+        &["image", "delete", OTHER_IMAGE],
+        &["image", OTHER_IMAGE],
+    );
+    refused(lab, &["job", "cancel", J1], &["job", J1]);
+
+    // Duplicates.
+    refused(
+        lab,
+        &["region", "add", "ot1"],
+        &["region ot1", "already exists"],
+    );
+    refused(
+        lab,
+        &["tenant", "add", TENANT_A, "--region", "ot2"],
+        &[TENANT_A, "already exists"],
+    );
+    refused(
+        lab,
+        &["tenant", "add", TENANT_A_HYPHENATED, "--region", "ot1"],
+        &[TENANT_A_HYPHENATED, "already exists"],
+    );
+    refused(
+        lab,
+        &["user", "add", "alice", "--tenant", TENANT_B],
+        &["user alice", "already exists"],
+    );
+    let users = ok_json(lab, &["user", "list"]);
+    let alice = users
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|u| u["name"] == "alice")
+        .expect("alice");
+    assert_eq!(
+        alice["tenants"],
+        json!([TENANT_A]),
+        "a refused add changes nothing"
+    );
+
+    // Names and formats.
+    refused(
+        lab,
+        &["region", "add", ".hidden"],
+        &[".hidden", "not valid"],
+    );
+    refused(
+        lab,
+        &["user", "add", "has space", "--tenant", TENANT_A],
+        &["has space"],
+    );
+    refused(
+        lab,
+        &["region", "add", "r9", "--disk-formats", "raw,floppy"],
+        &["disk format", "floppy"],
+    );
+    assert!(!ok(lab, &["region", "list"]).contains("r9"));
+    let file = lab.file("input.raw", 512);
+    let file = path(&file);
+    refused(
+        lab,
+        &[
+            "image",
+            "import",
+            file,
+            "--tenant",
+            TENANT_UNKNOWN,
+            "--name",
+            "x",
+        ],
+        &["tenant", TENANT_UNKNOWN],
+    );
+    refused(
+        lab,
+        &[
+            "image",
+            "import",
+            file,
+            "--tenant",
+            TENANT_A,
+            "--name",
+            "x",
+            "--disk-format",
+            "floppy",
+        ],
+        &["disk format", "floppy"],
+    );
+    refused(
+        lab,
+        &[
+            "image",
+            "import",
+            file,
+            "--tenant",
+            TENANT_A,
+            "--name",
+            "x",
+            "--container-format",
+            "crate",
+        ],
+        &["container format", "crate"],
+    );
+    refused(
+        lab,
+        &[
+            "image",
+            "import",
+            file,
+            "--tenant",
+            t_raw,
+            "--name",
+            "x",
+            "--disk-format",
+            "qcow2",
+        ],
+        &["rawonly", "qcow2"],
+    );
+    let missing = lab.dir.path().join("no-such-file.raw");
+    refused(
+        lab,
+        &[
+            "image",
+            "import",
+            path(&missing),
+            "--tenant",
+            TENANT_A,
+            "--name",
+            "x",
+        ],
+        &["cannot read", path(&missing)],
+    );
+    refused(
+        lab,
+        &[
+            "image",
+            "import",
+            path(lab.dir.path()),
+            "--tenant",
+            TENANT_A,
+            "--name",
+            "x",
+        ],
+        &["directory"],
+    );
+    assert_eq!(
+        ok_json(lab, &["image", "list"]),
+        json!([]),
+        "no image was kept"
+    );
+
+    // Token values.
+    let issue = |value: &str| -> Vec<String> {
+        [
+            "token", "issue", "--user", "alice", "--tenant", TENANT_A, "--token", value,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    refused(lab, &as_refs(&issue("short7c")), &["8 to 256"]);
+    refused(lab, &as_refs(&issue("has white space")), &["whitespace"]);
+    refused(lab, &as_refs(&issue("tab\there-token")), &["whitespace"]);
+    ok(lab, &as_refs(&issue("the-same-value")));
+    refused(
+        lab,
+        &as_refs(&issue("the-same-value")),
+        &["already registered"],
+    );
+    // The same value for another user is as taken.
+    refused(
+        lab,
+        &[
+            "token",
+            "issue",
+            "--user",
+            "bob",
+            "--tenant",
+            TENANT_B,
+            "--token",
+            "the-same-value",
+        ],
+        &["already registered"],
+    );
+    assert_eq!(
+        ok_json(lab, &["token", "list"]).as_array().map(Vec::len),
+        Some(1),
+        "only the first import was kept"
+    );
+
+    // Seed files.
+    let not_json = write(lab, "not.json", "this is not JSON");
+    refused(
+        lab,
+        &["job", "seed", &not_json],
+        &[&not_json, "not valid JSON"],
+    );
+    refused_stdin(
+        lab,
+        &["job", "seed", "-"],
+        Some(b"[{\"job_id\": "),
+        &["standard input", "not valid JSON"],
+    );
+    let object = write(lab, "object.json", "{\"jobs\": []}");
+    refused(lab, &["job", "seed", &object], &[&object, "JSON array"]);
+    refused_stdin(lab, &["job", "seed", "-"], Some(b"42"), &["JSON array"]);
+    let good = seed_job(
+        J1,
+        OTHER_IMAGE,
+        (TENANT_A, "ot1"),
+        (TENANT_B, "ot2"),
+        "replicate_requested",
+    );
+    let mut no_status = seed_job(
+        J2,
+        OTHER_IMAGE,
+        (TENANT_A, "ot1"),
+        (TENANT_B, "ot2"),
+        "error",
+    );
+    no_status.as_object_mut().expect("object").remove("status");
+    let text = json!([good, no_status]).to_string();
+    refused_stdin(
+        lab,
+        &["job", "seed", "-"],
+        Some(text.as_bytes()),
+        &["job #2", "status", "missing"],
+    );
+    let mut bad_status = seed_job(
+        J2,
+        OTHER_IMAGE,
+        (TENANT_A, "ot1"),
+        (TENANT_B, "ot2"),
+        "bogus",
+    );
+    let text = json!([good, bad_status.clone()]).to_string();
+    refused_stdin(
+        lab,
+        &["job", "seed", "-"],
+        Some(text.as_bytes()),
+        &["job #2", "bogus"],
+    );
+    bad_status["status"] = json!("replicate_requested");
+    bad_status["source_tenant_id"] = json!("not-a-tenant");
+    let text = json!([bad_status]).to_string();
+    refused_stdin(
+        lab,
+        &["job", "seed", "-"],
+        Some(text.as_bytes()),
+        &["not-a-tenant"],
+    );
+    let text = json!([good, good]).to_string();
+    refused_stdin(
+        lab,
+        &["job", "seed", "-"],
+        Some(text.as_bytes()),
+        &[J1, "twice"],
+    );
+    assert_eq!(
+        ok_json(lab, &["job", "list"]),
+        json!([]),
+        "a refused seed file writes no job"
+    );
+    let text = json!([good]).to_string();
+    ok_stdin(lab, &["job", "seed", "-"], Some(text.as_bytes()));
+    let mut conflicting = good.clone();
+    conflicting["source_image_name"] = json!("another name");
+    let text = json!([conflicting]).to_string();
+    refused_stdin(
+        lab,
+        &["job", "seed", "-"],
+        Some(text.as_bytes()),
+        &[J1, "different content"],
+    );
+    let jobs = ok_json(lab, &["job", "list"]);
+    assert_eq!(
+        jobs[0]["source_image_name"], "seeded-image",
+        "the first stays"
+    );
+    assert_eq!(jobs.as_array().map(Vec::len), Some(1));
+
+    assert!(d.is_dir());
+}
+
+#[test]
+fn bad_input_is_one_clear_line_without_a_server() {
+    let lab = Lab::new();
+    reject_bad_input(&lab);
+}
+
+#[test]
+fn bad_input_is_one_clear_line_through_a_running_server() {
+    let lab = Lab::new();
+    let _server = lab.serve();
+    reject_bad_input(&lab);
+}
+
+/// Values that clap parses (a duration, a job status) fail like every other bad input.
+#[test]
+fn bad_option_values_are_one_clear_line() {
+    let lab = Lab::new();
+    lab.standard();
+    let out = run(
+        &lab,
+        &[
+            "token",
+            "issue",
+            "--user",
+            "alice",
+            "--tenant",
+            TENANT_A,
+            "--expires-in",
+            "garbage",
+        ],
+        None,
+    );
+    let message = failure(&["token", "issue", "--expires-in", "garbage"], &out);
+    assert!(
+        message.contains("--expires-in") && message.contains("garbage"),
+        "{message}"
+    );
+    let out = run(&lab, &["job", "list", "--status", "bogus"], None);
+    let message = failure(&["job", "list", "--status", "bogus"], &out);
+    assert!(
+        message.contains("bogus") && message.contains("replicate_requested"),
+        "{message}"
+    );
+}
+
+#[test]
+fn expires_in_zero_is_refused() {
+    let lab = Lab::new();
+    lab.standard();
+    refused(
+        &lab,
+        &[
+            "token",
+            "issue",
+            "--user",
+            "alice",
+            "--tenant",
+            TENANT_A,
+            "--expires-in",
+            "0s",
+        ],
+        &["--expires-in"],
+    );
+    assert_eq!(ok_json(&lab, &["token", "list"]), json!([]));
+}
+
+#[test]
+fn commands_need_an_existing_data_dir_except_region_add() {
+    let lab = Lab::new();
+    let data = lab.data_dir();
+    let data_s = path(&data).to_string();
+    let file = lab.file("x.raw", 10);
+    let seed = write(&lab, "seed.json", "[]");
+    let image_id = FIXED_IMAGE_ID;
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["region", "list"],
+        vec!["region", "remove", "ot1"],
+        vec!["tenant", "add", TENANT_A, "--region", "ot1"],
+        vec!["tenant", "list"],
+        vec!["tenant", "remove", TENANT_A],
+        vec!["user", "add", "alice", "--tenant", TENANT_A],
+        vec!["user", "list"],
+        vec!["user", "remove", "alice"],
+        vec!["token", "issue", "--user", "alice", "--tenant", TENANT_A],
+        vec!["token", "list"],
+        vec!["token", "revoke", J1],
+        vec![
+            "image",
+            "import",
+            path(&file),
+            "--tenant",
+            TENANT_A,
+            "--name",
+            "x",
+        ],
+        vec!["image", "list"],
+        vec!["image", "show", image_id],
+        vec!["image", "delete", image_id],
+        vec!["job", "seed", &seed],
+        vec!["job", "list"],
+        vec!["job", "show", J1],
+        vec!["job", "cancel", J1],
+        vec!["--json", "job", "list"],
+    ];
+    for args in &commands {
+        let message = refused(&lab, args, &[&data_s, "no data directory"]);
+        assert!(message.contains("region add"), "{message}");
+        assert!(!data.exists(), "{args:?} created the data directory");
+    }
+    let out = run(&lab, &["job", "seed", "-"], Some(b"[]"));
+    failure(&["job", "seed", "-"], &out);
+    assert!(!data.exists());
+    refused(&lab, &["status"], &["no server is running", &data_s]);
+
+    ok(&lab, &["region", "add", "ot1"]);
+    assert!(data.is_dir(), "region add creates the data directory");
+    assert!(data.join("regions/ot1").is_dir());
+    assert_eq!(ids(&ok_json(&lab, &["region", "list"]), "id"), ["ot1"]);
+}
+
+// ----- admin while serving -----
+
+#[test]
+fn jobs_created_over_http_are_administered_through_the_socket() {
+    let lab = Lab::new();
+    lab.standard();
+    let image = lab.image(TENANT_A, "served-image", 2048);
+    let server = lab.serve();
+
+    // A token issued through the socket works at once.
+    let alice = lab.token("alice", TENANT_A);
+    assert!(is_hex32(&alice));
+    let job = server.copy_ok(&alice, &image, TENANT_A);
+    let root = lab.token("root", TENANT_A);
+    let other = server.copy_ok(&root, &image, TENANT_B);
+
+    let table = ok(&lab, &["job", "list"]);
+    assert!(table.contains(&job) && table.contains(&other), "{table}");
+    let list = ok_json(&lab, &["job", "list"]);
+    assert_eq!(ids(&list, "job_id"), [job.as_str(), other.as_str()]);
+    assert_eq!(list[0]["status"], "replicate_requested");
+    assert_eq!(list[0]["seeded"], false);
+    assert_eq!(list[0]["source_image_id"], image.as_str());
+    assert_eq!(list[1]["destination_tenant_id"], TENANT_B);
+    let shown = ok(&lab, &["job", "show", &job]);
+    assert_eq!(field(&shown, "source_image_name"), "served-image");
+    assert_eq!(field(&shown, "bytes"), "0 of 2048");
+
+    // Its image may not go while the job wants it.
+    refused(&lab, &["image", "delete", &image], &[&image, &job]);
+
+    assert_eq!(
+        ok(&lab, &["job", "cancel", &job]),
+        format!("job {job} cancel requested\n")
+    );
+    assert_eq!(status_of(&server, &alice, &job), "cancel_requested");
+    let canceled = ok_json(&lab, &["job", "cancel", &other]);
+    assert_eq!(canceled["status"], "cancel_requested");
+    assert_eq!(status_of(&server, &root, &other), "cancel_requested");
+    assert_eq!(
+        ids(
+            &ok_json(&lab, &["job", "list", "--status", "cancel_requested"]),
+            "job_id"
+        ),
+        [job.as_str(), other.as_str()]
+    );
+
+    // A token revoked through the socket fails from the next request on.
+    let tokens = ok_json(&lab, &["token", "list"]);
+    let alice_id = tokens
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|t| t["user"] == "alice")
+        .and_then(|t| t["id"].as_str())
+        .expect("alice's token id")
+        .to_string();
+    ok(&lab, &["token", "revoke", &alice_id]);
+    assert_401(server.get(JOBS, Some(&alice)));
+    assert_eq!(server.get(JOBS, Some(&root)).status(), 200);
+}
+
+// ----- help -----
+
+#[test]
+fn help_works_for_every_subcommand() {
+    let lab = Lab::new();
+    let cases: [(&[&str], &str); 29] = [
+        (&[], "Copies VM images between regions"),
+        (&["serve"], "Run the HTTP API"),
+        (&["region"], "Regions"),
+        (&["region", "add"], "Add a region"),
+        (&["region", "list"], "List regions"),
+        (&["region", "remove"], "Remove a region"),
+        (&["tenant"], "Tenants"),
+        (&["tenant", "add"], "Add a tenant"),
+        (&["tenant", "list"], "List tenants"),
+        (&["tenant", "remove"], "Remove a tenant"),
+        (&["user"], "Users"),
+        (&["user", "add"], "Add a user"),
+        (&["user", "list"], "List users"),
+        (&["user", "remove"], "Remove a user"),
+        (&["token"], "API tokens"),
+        (&["token", "issue"], "Issue a token"),
+        (&["token", "list"], "List tokens"),
+        (&["token", "revoke"], "Revoke a token"),
+        (&["image"], "Images"),
+        (&["image", "import"], "Copy a file"),
+        (&["image", "list"], "List images"),
+        (&["image", "show"], "Show one image"),
+        (&["image", "delete"], "Delete an image"),
+        (&["job"], "Replication jobs"),
+        (&["job", "seed"], "Import jobs"),
+        (&["job", "list"], "List jobs"),
+        (&["job", "show"], "Show one job"),
+        (&["job", "cancel"], "Cancel a"),
+        (&["status"], "Whether a server runs"),
+    ];
+    for (words, purpose) in cases {
+        let mut args = words.to_vec();
+        args.push("--help");
+        let out = ok(&lab, &args);
+        assert!(
+            out.contains(purpose),
+            "{args:?} does not say {purpose:?}:\n{out}"
+        );
+        let usage = ["Usage: image-replicator"]
+            .into_iter()
+            .chain(words.iter().copied())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(out.contains(&usage), "{args:?} lacks {usage:?}:\n{out}");
+    }
+    assert!(!lab.data_dir().exists(), "--help touches no data directory");
+}

@@ -1,0 +1,117 @@
+//! Tokens: never at rest in plaintext, and argon2 paid once per token, never for garbage.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+fn verifications(lab: &Lab) -> u64 {
+    let status: Value = serde_json::from_str(&lab.ok(&["--json", "status"])).expect("status JSON");
+    status["auth"]["argon2_verifications"]
+        .as_u64()
+        .expect("argon2_verifications")
+}
+
+/// Every file under `dir`, recursively.
+fn files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read dir") {
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            out.extend(files(&path));
+        } else if path.is_file() {
+            out.push(path);
+        }
+    }
+    out
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn no_token_plaintext_anywhere_in_the_data_dir_or_the_log() {
+    let lab = Lab::new();
+    lab.standard();
+    let mut tokens = vec![lab.token("alice", TENANT_A), lab.token("bob", TENANT_B)];
+    lab.ok(&[
+        "token",
+        "issue",
+        "--user",
+        "carol",
+        "--tenant",
+        TENANT_C,
+        "--token",
+        "Imported-Lab-Token-42",
+    ]);
+    tokens.push("Imported-Lab-Token-42".into());
+    {
+        let server = lab.serve();
+        // Issued through the running server's admin socket, then used over HTTP.
+        tokens.push(lab.token("root", TENANT_A));
+        for t in &tokens {
+            assert_eq!(server.get(JOBS, Some(t)).status(), 200);
+        }
+        let log = server.log_text();
+        assert!(log.contains("request"), "the server logs requests");
+        for t in &tokens {
+            assert!(!log.contains(t.as_str()), "token {t} appears in the log");
+        }
+    }
+    let generated: Vec<&String> = tokens.iter().filter(|t| t.len() == 32).collect();
+    assert_eq!(generated.len(), 3, "three generated tokens");
+    for t in &generated {
+        assert!(t
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+    }
+    let all_files = files(&lab.data_dir());
+    assert!(!all_files.is_empty());
+    for path in all_files {
+        let bytes = std::fs::read(&path).expect("read file");
+        for t in &tokens {
+            assert!(
+                !contains(&bytes, t.as_bytes()),
+                "token {t} found in {}",
+                path.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn one_token_costs_one_argon2_verification_and_garbage_costs_none() {
+    let lab = Lab::new();
+    lab.standard();
+    let token = lab.token("alice", TENANT_A);
+    let server = lab.serve();
+    assert_eq!(verifications(&lab), 0);
+
+    for _ in 0..100 {
+        assert_eq!(server.get(JOBS, Some(&token)).status(), 200);
+    }
+    assert_eq!(verifications(&lab), 1, "100 requests with one token");
+
+    for _ in 0..100 {
+        let garbage = uuid::Uuid::new_v4().simple().to_string();
+        assert_401(server.get(JOBS, Some(&garbage)));
+    }
+    assert_eq!(
+        verifications(&lab),
+        1,
+        "100 garbage tokens cost no argon2 work"
+    );
+}
+
+#[test]
+fn removed_user_token_fails_on_the_next_request() {
+    let lab = Lab::new();
+    lab.standard();
+    let token = lab.token("carol", TENANT_C);
+    let server = lab.serve();
+    assert_eq!(server.get(JOBS, Some(&token)).status(), 200);
+    let out = lab.ok(&["user", "remove", "carol"]);
+    assert_eq!(out, "user carol removed with 1 token(s)\n");
+    assert_401(server.get(JOBS, Some(&token)));
+}
