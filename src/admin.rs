@@ -104,6 +104,8 @@ pub struct ServerStatus {
     pub listen: String,
     pub data_dir: PathBuf,
     pub auth: AuthStats,
+    /// Copies running now.
+    pub active_copies: usize,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -178,6 +180,7 @@ pub fn execute(svc: &Service, req: Request, status: Option<&ServerStatus>) -> Re
         Request::Status => match status {
             Some(s) => Reply::Status(ServerStatus {
                 auth: svc.auth.stats(),
+                active_copies: svc.board.active(),
                 ..s.clone()
             }),
             None => {

@@ -11,6 +11,7 @@ use crate::model::{rfc3339, Image, Job, JobStatus};
 use crate::server::{self, ServeOptions};
 use crate::service::{ImportRequest, Service};
 use crate::store::OpenError;
+use crate::worker::WorkerConfig;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -79,6 +80,45 @@ pub struct ServeArgs {
     /// and the reference's three jobs) if the data directory has none yet
     #[arg(long, env = "IMAGE_REPLICATOR_DEMO")]
     pub demo: bool,
+    /// Serve the API and the admin socket only; copy nothing
+    #[arg(long, env = "IMAGE_REPLICATOR_NO_WORKER")]
+    pub no_worker: bool,
+    /// Concurrent copies
+    #[arg(long, env = "IMAGE_REPLICATOR_WORKERS", default_value_t = 2,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub workers: u16,
+    /// Cap on all copies together, in bytes per second: 500K, 100M, 1G (binary multiples)
+    #[arg(long, env = "IMAGE_REPLICATOR_MAX_BANDWIDTH", value_parser = parse_rate)]
+    pub max_bandwidth: Option<u64>,
+}
+
+/// `100M` → 104857600: a count of bytes with an optional K, M, G or T (binary) suffix.
+fn parse_rate(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let trimmed = trimmed.strip_suffix("/s").unwrap_or(trimmed);
+    let trimmed = trimmed
+        .strip_suffix("iB")
+        .or_else(|| trimmed.strip_suffix('B'))
+        .unwrap_or(trimmed);
+    let split = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (digits, unit) = trimmed.split_at(split);
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("'{text}' is not a rate such as 500K, 100M or 1G")),
+    };
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{text}' is not a rate such as 500K, 100M or 1G"))?;
+    match value.checked_shl(shift) {
+        Some(rate) if rate > 0 && rate >> shift == value => Ok(rate),
+        _ => Err(format!("'{text}' must be above zero and below 16 EiB/s")),
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -223,6 +263,10 @@ pub fn run(cli: Cli) -> Result<(), String> {
                 listen: args.listen,
                 data_dir,
                 demo: args.demo,
+                worker: (!args.no_worker).then_some(WorkerConfig {
+                    threads: usize::from(args.workers),
+                    max_bandwidth: args.max_bandwidth,
+                }),
             }));
         }
         other => other,
@@ -568,10 +612,11 @@ fn human(reply: &Reply, verb: &str) -> String {
                 .collect(),
         ),
         Reply::Status(s) => format!(
-            "server running, pid {}\nlisten: {}\ndata dir: {}\nargon2 verifications: {}\ntoken cache: {} hits, {} misses, {} tokens\n",
+            "server running, pid {}\nlisten: {}\ndata dir: {}\nactive copies: {}\nargon2 verifications: {}\ntoken cache: {} hits, {} misses, {} tokens\n",
             s.pid,
             s.listen,
             s.data_dir.display(),
+            s.active_copies,
             s.auth.argon2_verifications,
             s.auth.cache_hits,
             s.auth.cache_misses,

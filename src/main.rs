@@ -4,6 +4,7 @@
 mod admin;
 mod auth;
 mod cli;
+mod copy;
 mod demo;
 mod error;
 mod http;
@@ -12,6 +13,7 @@ mod regions;
 mod server;
 mod service;
 mod store;
+mod worker;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;

@@ -4,18 +4,16 @@
 //! into place, so a file under an image's name is always complete.
 
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
 
-use md5::Md5;
-use sha2::{Digest, Sha512};
 use uuid::Uuid;
 
-use crate::model::Region;
+use crate::copy::{copy_into, Control, CopyError};
 
-/// Read and write unit of image copies.
-pub const CHUNK: usize = 1 << 20;
+use crate::model::Region;
 
 /// What streaming an image's bytes yields.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +37,14 @@ pub fn temp_path(region: &Region, id: Uuid) -> PathBuf {
 pub fn check_writable(region: &Region) -> Result<(), String> {
     let dir = &region.dir;
     match fs::metadata(dir) {
+        // No write bit for anyone: the operator froze the region; even root leaves it alone.
+        Ok(meta) if meta.is_dir() && meta.permissions().mode() & 0o222 == 0 => {
+            return Err(format!(
+                "{} is not writable (mode {:o})",
+                dir.display(),
+                meta.permissions().mode() & 0o7777
+            ))
+        }
         Ok(meta) if meta.is_dir() => {}
         Ok(_) => return Err(format!("{} is not a directory", dir.display())),
         Err(e) => return Err(format!("{}: {e}", dir.display())),
@@ -60,43 +66,32 @@ pub fn check_writable(region: &Region) -> Result<(), String> {
 
 /// Streams `source` into the image file for `id` in `region`, computing size, MD5 and SHA-512.
 /// On any failure nothing is left under either name.
-pub fn write_image(region: &Region, id: Uuid, source: &mut impl Read) -> io::Result<Written> {
+pub fn write_image(region: &Region, id: Uuid, source: &mut dyn Read) -> io::Result<Written> {
     let temp = temp_path(region, id);
-    let result = copy_hashed(source, &temp).and_then(|written| {
-        fs::rename(&temp, image_path(region, id))?;
-        File::open(&region.dir)?.sync_all()?;
-        Ok(written)
-    });
+    let mut control = Control {
+        stop: &|| None,
+        progress: &mut |_| {},
+        limiter: None,
+    };
+    let result = copy_into(source, &temp, &mut control)
+        .map_err(|e| match e {
+            CopyError::Io(e) => e,
+            CopyError::Stopped(_) => io::Error::other("the copy was stopped"),
+        })
+        .and_then(|written| {
+            fs::rename(&temp, image_path(region, id))?;
+            sync_dir(region)?;
+            Ok(written)
+        });
     if result.is_err() {
         let _ = fs::remove_file(&temp);
     }
     result
 }
 
-fn copy_hashed(source: &mut impl Read, dest: &Path) -> io::Result<Written> {
-    let mut out = File::create_new(dest)?;
-    let (mut md5, mut sha512) = (Md5::new(), Sha512::new());
-    let mut buf = vec![0u8; CHUNK];
-    let mut size = 0u64;
-    loop {
-        let n = match source.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        let chunk = &buf[..n];
-        md5.update(chunk);
-        sha512.update(chunk);
-        out.write_all(chunk)?;
-        size += n as u64;
-    }
-    out.sync_all()?;
-    Ok(Written {
-        size,
-        md5: crate::auth::to_hex(&md5.finalize()),
-        sha512: crate::auth::to_hex(&sha512.finalize()),
-    })
+/// Makes renames and removals in the region's directory durable.
+pub fn sync_dir(region: &Region) -> io::Result<()> {
+    File::open(&region.dir)?.sync_all()
 }
 
 /// Removes an image's file; a file already gone is fine.

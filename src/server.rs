@@ -13,17 +13,22 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::admin::{self, ServerStatus};
 use crate::service::Service;
 use crate::store::{OpenError, Store};
+use crate::worker::{self, WorkerConfig};
 
 /// How long `serve` keeps trying to open a store that another process holds (an admin command
 /// that is just finishing, say).
 const LOCK_WAIT: Duration = Duration::from_secs(5);
 /// How long open connections get to finish after a shutdown signal.
-const DRAIN: Duration = Duration::from_secs(5);
+const DRAIN: Duration = Duration::from_secs(3);
+/// How long copies get to reach a chunk boundary after a shutdown signal.
+const WORKER_GRACE: Duration = Duration::from_secs(5);
 
 pub struct ServeOptions {
     pub listen: String,
     pub data_dir: PathBuf,
     pub demo: bool,
+    /// `None`: the API alone (`--no-worker`).
+    pub worker: Option<WorkerConfig>,
 }
 
 /// Opens the store, waiting up to `wait` while another process holds its lock.
@@ -96,8 +101,20 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
         listen: bound.to_string(),
         data_dir: data_dir.clone(),
         auth: Default::default(),
+        active_copies: 0,
     };
     let admin_task = tokio::spawn(admin::serve(unix, Arc::clone(&svc), status));
+    let workers = match opts.worker {
+        Some(config) => {
+            let svc = Arc::clone(&svc);
+            let started = tokio::task::spawn_blocking(move || worker::start(svc, &config))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("cannot start the replication worker: {e}"))?;
+            Some(started)
+        }
+        None => None,
+    };
 
     tracing::info!(listen = %bound, data_dir = %data_dir.display(), "image-replicator serving");
     println!("image-replicator listening on http://{bound}");
@@ -118,6 +135,9 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
     };
     tracing::info!("{signal_name} received, shutting down");
     let _ = stop_tx.send(());
+    if let Some(workers) = workers {
+        let _ = tokio::task::spawn_blocking(move || workers.stop(WORKER_GRACE)).await;
+    }
     if tokio::time::timeout(DRAIN, &mut http).await.is_err() {
         tracing::warn!("connections still open after {DRAIN:?}; closing them");
         http.abort();

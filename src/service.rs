@@ -19,7 +19,8 @@ use crate::model::{
     TokenInfo, TokenRecord, User, CONTAINER_FORMATS, DISK_FORMATS, JOB_KEYS,
 };
 use crate::regions;
-use crate::store::Store;
+use crate::store::{ImageChange, Store};
+use crate::worker::Board;
 
 /// Most jobs one list request returns when it gives no `limit`.
 pub const DEFAULT_LIST_LIMIT: usize = usize::MAX;
@@ -27,6 +28,8 @@ pub const DEFAULT_LIST_LIMIT: usize = usize::MAX;
 pub struct Service {
     pub store: Arc<Store>,
     pub auth: Arc<Authenticator>,
+    /// Where the replication worker is woken and running copies are told of cancels.
+    pub board: Arc<Board>,
     pub data_dir: PathBuf,
 }
 
@@ -96,6 +99,7 @@ impl Service {
         Service {
             store: Arc::new(store),
             auth: Arc::new(Authenticator::default()),
+            board: Arc::new(Board::default()),
             data_dir,
         }
     }
@@ -564,6 +568,7 @@ impl Service {
         }
         let inserted = self.store.insert_jobs(&records)?;
         self.flush()?;
+        self.board.wake();
         Ok(SeedOutcome {
             inserted,
             unchanged: records.len() - inserted,
@@ -707,6 +712,7 @@ impl Service {
         })?;
         self.store.insert_jobs(&[(owner, job.clone())])?;
         self.flush()?;
+        self.board.wake();
         Ok(job)
     }
 
@@ -727,7 +733,7 @@ impl Service {
 
     fn cancel(&self, who: Option<&Principal>, id: &str) -> Result<Job> {
         let job = self.visible_job(who, id)?;
-        let updated = self.store.modify_job(job.wire.job_id, |job| {
+        let updated = self.store.update_job(job.wire.job_id, |job| {
             if !job.wire.status.is_cancelable() {
                 return Err(ServiceError::Conflict(format!(
                     "job {id} is {}; only replicate_requested or replicating jobs can be canceled",
@@ -735,11 +741,14 @@ impl Service {
                 )));
             }
             job.wire.status = JobStatus::CancelRequested;
+            // The worker finishes every cancel, seeded jobs' too.
+            job.enqueued = true;
             job.updated_at = now();
-            Ok(())
+            Ok(ImageChange::None)
         })?;
         let updated = updated.ok_or_else(|| ServiceError::NotFound(format!("no job {id}")))?;
         self.flush()?;
+        self.board.cancel(updated.wire.job_id);
         Ok(updated)
     }
 }

@@ -6,6 +6,8 @@
 //! - `images`: image id; `images_by_tenant`: owner key ‖ image id → ()
 //! - `jobs`: job id; `jobs_by_seq`: seq (u64 BE) → job id;
 //!   `jobs_by_tenant`: source tenant key ‖ seq (u64 BE) → job id
+//! - `queue`: seq (u64 BE) → job id, for every job the replication worker still has to act on
+//!   (enqueued and not terminal); kept in step with the job in the same transaction
 //!
 //! Values are a format version byte followed by JSON. A record and its index entries are always
 //! written in one transaction, so an index never points at nothing.
@@ -45,6 +47,18 @@ pub struct Store {
     jobs: Tree,
     jobs_by_seq: Tree,
     jobs_by_tenant: Tree,
+    queue: Tree,
+}
+
+/// What a job update does to an image in the same transaction.
+pub enum ImageChange {
+    None,
+    /// A new image (the destination of a copy), with its owner's key.
+    Insert(TenantKey, Image),
+    /// Rewrites an existing image (same owner).
+    Put(Image),
+    /// Removes an image record and its owner index entry.
+    Remove(TenantKey, Uuid),
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
@@ -121,6 +135,7 @@ impl Store {
             jobs: tree("jobs")?,
             jobs_by_seq: tree("jobs_by_seq")?,
             jobs_by_tenant: tree("jobs_by_tenant")?,
+            queue: tree("queue")?,
             db,
         })
     }
@@ -321,26 +336,62 @@ impl Store {
         Self::get(&self.jobs, id.as_bytes())
     }
 
-    /// Applies `change` to a job atomically (compare-and-swap, retried on a concurrent write).
-    /// `change` may refuse with an error; then nothing is written.
-    pub fn modify_job(
+    /// Applies `change` to a job and the image change it returns, in one transaction that also
+    /// keeps the work queue in step. `change` may refuse with an error; then nothing is written.
+    /// It may run more than once (sled retries conflicting transactions).
+    pub fn update_job(
         &self,
         id: Uuid,
-        mut change: impl FnMut(&mut Job) -> Result<()>,
+        change: impl Fn(&mut Job) -> Result<ImageChange>,
     ) -> Result<Option<Job>> {
-        loop {
-            let Some(old) = self.jobs.get(id.as_bytes())? else {
-                return Ok(None);
-            };
-            let mut job: Job = decode(&old)?;
-            change(&mut job)?;
-            let swapped =
-                self.jobs
-                    .compare_and_swap(id.as_bytes(), Some(&old), Some(encode(&job)?))?;
-            if swapped.is_ok() {
-                return Ok(Some(job));
-            }
-        }
+        tx_result(
+            (
+                &self.jobs,
+                &self.queue,
+                &self.images,
+                &self.images_by_tenant,
+            )
+                .transaction(|(jobs, queue, images, by_tenant)| {
+                    let Some(old) = jobs.get(id.as_bytes())? else {
+                        return Ok(None);
+                    };
+                    let mut job: Job = decode(&old).map_err(abort)?;
+                    match change(&mut job).map_err(abort)? {
+                        ImageChange::None => {}
+                        ImageChange::Insert(owner, image) => {
+                            images.insert(image.id.as_bytes(), tx_encode(&image)?)?;
+                            by_tenant.insert(cat(&[&owner.0, image.id.as_bytes()]), &[])?;
+                        }
+                        ImageChange::Put(image) => {
+                            images.insert(image.id.as_bytes(), tx_encode(&image)?)?;
+                        }
+                        ImageChange::Remove(owner, image_id) => {
+                            images.remove(image_id.as_bytes())?;
+                            by_tenant.remove(cat(&[&owner.0, image_id.as_bytes()]))?;
+                        }
+                    }
+                    jobs.insert(id.as_bytes(), tx_encode(&job)?)?;
+                    sync_queue(queue, &job)?;
+                    Ok(Some(job))
+                }),
+        )
+    }
+
+    /// Ids of the jobs the worker has to act on, oldest first.
+    pub fn queued(&self) -> impl Iterator<Item = Result<Uuid>> + '_ {
+        self.queue.iter().values().map(|v| {
+            let v = v?;
+            Uuid::from_slice(&v).map_err(|e| ServiceError::internal("corrupt queue entry", e))
+        })
+    }
+
+    /// Images in the `saving` state (a crash interrupted their import or copy).
+    pub fn images_saving(&self) -> Result<Vec<Image>> {
+        Ok(self
+            .images(None)?
+            .into_iter()
+            .filter(|i| i.status == crate::model::ImageStatus::Saving)
+            .collect())
     }
 
     /// Inserts jobs with their index entries in one transaction. A job whose id exists already
@@ -348,8 +399,13 @@ impl Store {
     /// Returns how many were inserted.
     pub fn insert_jobs(&self, jobs: &[(TenantKey, Job)]) -> Result<usize> {
         tx_result(
-            (&self.jobs, &self.jobs_by_seq, &self.jobs_by_tenant).transaction(
-                |(tx_jobs, by_seq, by_tenant)| {
+            (
+                &self.jobs,
+                &self.jobs_by_seq,
+                &self.jobs_by_tenant,
+                &self.queue,
+            )
+                .transaction(|(tx_jobs, by_seq, by_tenant, queue)| {
                     let mut inserted = 0;
                     for (tenant, job) in jobs {
                         let id = job.wire.job_id;
@@ -366,11 +422,11 @@ impl Store {
                         tx_jobs.insert(id.as_bytes(), tx_encode(job)?)?;
                         by_seq.insert(&seq, id.as_bytes())?;
                         by_tenant.insert(cat(&[&tenant.0, &seq]), id.as_bytes())?;
+                        sync_queue(queue, job)?;
                         inserted += 1;
                     }
                     Ok(inserted)
-                },
-            ),
+                }),
         )
     }
 
@@ -423,6 +479,20 @@ impl Store {
         }
         Ok(None)
     }
+}
+
+/// A job is queued for the worker exactly while it is enqueued and not terminal.
+fn sync_queue(
+    queue: &TransactionalTree,
+    job: &Job,
+) -> Result<(), ConflictableTransactionError<ServiceError>> {
+    let key = job.seq.to_be_bytes();
+    if job.enqueued && !job.wire.status.is_terminal() {
+        queue.insert(&key, job.wire.job_id.as_bytes())?;
+    } else {
+        queue.remove(&key)?;
+    }
+    Ok(())
 }
 
 fn remove_token_tx(

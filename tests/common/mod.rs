@@ -132,8 +132,14 @@ impl Lab {
         self.ok(&["user", "add", "root", "--tenant", TENANT_A, "--admin"]);
     }
 
-    /// Starts `serve` on 127.0.0.1:0; stopped when the returned value is dropped.
+    /// Starts `serve --no-worker` on 127.0.0.1:0 (the API alone: jobs stay in the state the
+    /// API gives them); stopped when the returned value is dropped.
     pub fn serve(&self) -> Server {
+        self.serve_with(&["--no-worker"])
+    }
+
+    /// Starts `serve` with extra arguments on 127.0.0.1:0.
+    pub fn serve_with(&self, args: &[&str]) -> Server {
         let log = self.dir.path().join("server.log");
         let stderr = std::fs::OpenOptions::new()
             .create(true)
@@ -143,6 +149,7 @@ impl Lab {
         let mut child = Command::new(BIN)
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(self.data_dir())
+            .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -1,0 +1,277 @@
+//! The copy engine: streams a file into another while computing MD5 and SHA-512.
+//!
+//! Reading and writing happen on the calling thread; each chunk is shared (not copied) with
+//! two hashing threads through bounded channels, so hashing overlaps the I/O and memory stays
+//! at a few chunks whatever the file size. Blocks of zeros are not written, so holes stay
+//! holes (like `cp --sparse=always`), and the file is extended to its full length at the end.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use md5::Md5;
+use sha2::{Digest, Sha512};
+
+use crate::regions::Written;
+
+/// Read unit of copies.
+pub const CHUNK: usize = 1 << 20;
+/// Unit of hole detection: a block of this many zero bytes is skipped, not written.
+const BLOCK: usize = 4096;
+/// Chunks in flight to each hashing thread.
+const IN_FLIGHT: usize = 4;
+/// Longest sleep between checks for a cancel while the bandwidth cap holds a copy back.
+const SLICE: Duration = Duration::from_millis(50);
+
+/// Why a copy stopped before its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    Cancel,
+    Shutdown,
+}
+
+#[derive(Debug)]
+pub enum CopyError {
+    Stopped(Stop),
+    Io(io::Error),
+}
+
+impl From<io::Error> for CopyError {
+    fn from(e: io::Error) -> Self {
+        CopyError::Io(e)
+    }
+}
+
+/// A byte budget shared by every copy: `rate` bytes per second, bursting up to one second's.
+pub struct RateLimiter {
+    rate: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl RateLimiter {
+    pub fn new(bytes_per_second: u64) -> RateLimiter {
+        RateLimiter {
+            rate: bytes_per_second.max(1) as f64,
+            state: Mutex::new((0.0, Instant::now())),
+        }
+    }
+
+    /// Takes `n` bytes from the budget; returns how long the caller must wait before using them.
+    fn take(&self, n: usize) -> Duration {
+        let Ok(mut state) = self.state.lock() else {
+            return Duration::ZERO;
+        };
+        let (tokens, last) = &mut *state;
+        let now = Instant::now();
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.rate).min(self.rate);
+        *last = now;
+        *tokens -= n as f64;
+        if *tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-*tokens / self.rate)
+        }
+    }
+}
+
+/// What a copy asks of its caller while it runs.
+pub struct Control<'a> {
+    /// Polled once per chunk (and while throttled): `Some` stops the copy.
+    pub stop: &'a dyn Fn() -> Option<Stop>,
+    /// Told the bytes copied so far after each chunk.
+    pub progress: &'a mut dyn FnMut(u64),
+    pub limiter: Option<&'a RateLimiter>,
+}
+
+fn hash_thread<D: Digest>(rx: Receiver<Arc<Vec<u8>>>) -> Vec<u8> {
+    let mut digest = D::new();
+    for chunk in rx {
+        digest.update(chunk.as_slice());
+    }
+    digest.finalize().to_vec()
+}
+
+fn is_zero(block: &[u8]) -> bool {
+    // SAFETY: u128 has no invalid bit patterns; align_to only reinterprets the aligned middle.
+    let (head, body, tail) = unsafe { block.align_to::<u128>() };
+    head.iter().all(|&b| b == 0) && body.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+/// Writes `chunk` at `offset`, skipping whole zero blocks.
+fn write_sparse(out: &File, chunk: &[u8], offset: u64) -> io::Result<()> {
+    let mut start: Option<usize> = None;
+    let mut pos = 0;
+    while pos < chunk.len() {
+        let end = (pos + BLOCK).min(chunk.len());
+        let zero = is_zero(&chunk[pos..end]);
+        match (zero, start) {
+            (false, None) => start = Some(pos),
+            (true, Some(s)) => {
+                out.write_all_at(&chunk[s..pos], offset + s as u64)?;
+                start = None;
+            }
+            _ => {}
+        }
+        pos = end;
+    }
+    if let Some(s) = start {
+        out.write_all_at(&chunk[s..], offset + s as u64)?;
+    }
+    Ok(())
+}
+
+fn read_full(src: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match src.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+fn throttle(ctl: &Control, n: usize) -> Result<(), CopyError> {
+    let Some(limiter) = ctl.limiter else {
+        return Ok(());
+    };
+    let deadline = Instant::now() + limiter.take(n);
+    loop {
+        if let Some(stop) = (ctl.stop)() {
+            return Err(CopyError::Stopped(stop));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        std::thread::sleep(left.min(SLICE));
+    }
+}
+
+/// Copies `input` into a new file `dest` (which must not exist), fsyncs it, and returns its
+/// size and hashes. On failure `dest` may remain; the caller removes it.
+pub fn copy_into(
+    input: &mut dyn Read,
+    dest: &Path,
+    ctl: &mut Control,
+) -> Result<Written, CopyError> {
+    let out = File::create_new(dest)?;
+    let (md5_tx, md5_rx) = sync_channel::<Arc<Vec<u8>>>(IN_FLIGHT);
+    let (sha_tx, sha_rx) = sync_channel::<Arc<Vec<u8>>>(IN_FLIGHT);
+    std::thread::scope(|scope| {
+        let md5 = scope.spawn(move || hash_thread::<Md5>(md5_rx));
+        let sha = scope.spawn(move || hash_thread::<Sha512>(sha_rx));
+        let mut size = 0u64;
+        let copied = (|| -> Result<(), CopyError> {
+            loop {
+                if let Some(stop) = (ctl.stop)() {
+                    return Err(CopyError::Stopped(stop));
+                }
+                let mut buf = vec![0u8; CHUNK];
+                let n = read_full(input, &mut buf)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                buf.truncate(n);
+                throttle(ctl, n)?;
+                let chunk = Arc::new(buf);
+                let hashers_gone = || io::Error::other("a hashing thread stopped");
+                md5_tx
+                    .send(Arc::clone(&chunk))
+                    .map_err(|_| hashers_gone())?;
+                sha_tx
+                    .send(Arc::clone(&chunk))
+                    .map_err(|_| hashers_gone())?;
+                write_sparse(&out, &chunk, size)?;
+                size += n as u64;
+                (ctl.progress)(size);
+            }
+        })();
+        drop(md5_tx);
+        drop(sha_tx);
+        let md5 = md5
+            .join()
+            .map_err(|_| io::Error::other("the MD5 thread panicked"))?;
+        let sha = sha
+            .join()
+            .map_err(|_| io::Error::other("the SHA-512 thread panicked"))?;
+        copied?;
+        out.set_len(size)?;
+        out.sync_all()?;
+        Ok(Written {
+            size,
+            md5: crate::auth::to_hex(&md5),
+            sha512: crate::auth::to_hex(&sha),
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub fn never() -> Option<Stop> {
+        None
+    }
+
+    #[test]
+    fn copy_keeps_bytes_and_hashes_and_leaves_holes() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let src = dir.path().join("src");
+        let mut data = vec![0u8; 3 * CHUNK + 12_345];
+        data[10] = 1;
+        data[2 * CHUNK + 7] = 9;
+        let last = data.len() - 1;
+        data[last] = 5;
+        std::fs::write(&src, &data).expect("write source");
+        let dest = dir.path().join("dest");
+        let mut seen = Vec::new();
+        let written = copy_into(
+            &mut File::open(&src).expect("open source"),
+            &dest,
+            &mut Control {
+                stop: &never,
+                progress: &mut |n| seen.push(n),
+                limiter: None,
+            },
+        )
+        .expect("copy");
+        assert_eq!(std::fs::read(&dest).expect("read dest"), data);
+        assert_eq!(written.size, data.len() as u64);
+        assert_eq!(written.md5, crate::auth::to_hex(&Md5::digest(&data)));
+        assert_eq!(written.sha512, crate::auth::to_hex(&Sha512::digest(&data)));
+        assert!(seen.windows(2).all(|w| w[0] < w[1]));
+        use std::os::unix::fs::MetadataExt;
+        let blocks = std::fs::metadata(&dest).expect("metadata").blocks();
+        assert!(
+            blocks * 512 < (CHUNK as u64),
+            "holes were written: {blocks} blocks"
+        );
+    }
+
+    #[test]
+    fn a_stop_ends_the_copy_at_a_chunk_boundary() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let src = dir.path().join("src");
+        std::fs::write(&src, vec![7u8; 4 * CHUNK]).expect("write source");
+        let chunks = std::cell::Cell::new(0);
+        let stop = || (chunks.get() >= 2).then_some(Stop::Cancel);
+        let result = copy_into(
+            &mut File::open(&src).expect("open source"),
+            &dir.path().join("dest"),
+            &mut Control {
+                stop: &stop,
+                progress: &mut |_| chunks.set(chunks.get() + 1),
+                limiter: None,
+            },
+        );
+        assert!(matches!(result, Err(CopyError::Stopped(Stop::Cancel))));
+        assert_eq!(chunks.get(), 2);
+    }
+}
