@@ -486,11 +486,9 @@ fn copy_verified(
     };
     let mut persisted = (0u8, Instant::now());
     let mut progress = |copied: u64| {
-        let percent = if size == 0 {
-            100
-        } else {
-            (copied.min(size) * 100 / size) as u8
-        };
+        let percent = (copied.min(size) * 100)
+            .checked_div(size)
+            .map_or(100, |p| p as u8);
         if percent <= persisted.0 || persisted.1.elapsed() < PROGRESS_INTERVAL {
             return;
         }
