@@ -1,0 +1,430 @@
+//! The replication worker, end to end: real server, real files, real copies.
+
+mod common;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+use sha2::{Digest, Sha512};
+
+const MIB: usize = 1 << 20;
+
+/// A lab with the standard tenants, alice's token and an image of `size` bytes in ot1.
+fn lab_with_image(size: usize) -> (Lab, String, String) {
+    let lab = Lab::new();
+    lab.standard();
+    lab.ok(&[
+        "user", "add", "alice2", "--tenant", TENANT_A, "--tenant", TENANT_B,
+    ]);
+    let token = lab.token("alice2", TENANT_A);
+    let image = lab.image(TENANT_A, "disk", size);
+    (lab, token, image)
+}
+
+fn job(server: &Server, token: &str, id: &str) -> Value {
+    let resp = server.get(&format!("{JOBS}/{id}"), Some(token));
+    assert_eq!(resp.status(), 200);
+    resp.json().expect("job JSON")
+}
+
+/// Polls a job until `done` holds; returns it and every progress value seen on the way.
+fn wait_until(
+    server: &Server,
+    token: &str,
+    id: &str,
+    timeout: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> (Value, Vec<u64>) {
+    let deadline = Instant::now() + timeout;
+    let mut progress = Vec::new();
+    loop {
+        let job = job(server, token, id);
+        progress.push(job["copy_progress"].as_u64().expect("progress"));
+        if done(&job) {
+            return (job, progress);
+        }
+        assert!(Instant::now() < deadline, "timed out waiting; job is {job}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn status_is(status: &'static str) -> impl Fn(&Value) -> bool {
+    move |job: &Value| job["status"] == status
+}
+
+fn terminal(job: &Value) -> bool {
+    matches!(
+        job["status"].as_str(),
+        Some("replicated" | "canceled" | "error")
+    )
+}
+
+fn region_dir(lab: &Lab, region: &str) -> PathBuf {
+    lab.data_dir().join("regions").join(region)
+}
+
+/// Names of the files in a region directory.
+fn files_in(lab: &Lab, region: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(region_dir(lab, region))
+        .expect("region dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn image_json(lab: &Lab, id: &str) -> Value {
+    serde_json::from_str(&lab.ok(&["--json", "image", "show", id])).expect("image JSON")
+}
+
+fn images_in(lab: &Lab, region: &str) -> Vec<Value> {
+    serde_json::from_str(&lab.ok(&["--json", "image", "list", "--region", region]))
+        .expect("image list JSON")
+}
+
+fn sha512_hex(bytes: &[u8]) -> String {
+    Sha512::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Asserts the job's destination image is a faithful, active copy of `source` in ot2.
+fn assert_faithful_copy(lab: &Lab, job: &Value, source: &str) {
+    let dst = job["destination_image_id"]
+        .as_str()
+        .expect("destination id");
+    let dst_image = image_json(lab, dst);
+    let src_image = image_json(lab, source);
+    assert_eq!(dst_image["status"], "active");
+    assert_eq!(dst_image["owner"], TENANT_B);
+    assert_eq!(dst_image["region"], "ot2");
+    for key in [
+        "size",
+        "checksum",
+        "os_hash_value",
+        "disk_format",
+        "container_format",
+        "name",
+    ] {
+        assert_eq!(dst_image[key], src_image[key], "{key} differs");
+    }
+    let src_bytes = std::fs::read(region_dir(lab, "ot1").join(source)).expect("source bytes");
+    let dst_bytes = std::fs::read(region_dir(lab, "ot2").join(dst)).expect("destination bytes");
+    assert_eq!(sha512_hex(&dst_bytes), sha512_hex(&src_bytes));
+    assert_eq!(dst_bytes, src_bytes);
+    assert_eq!(
+        files_in(lab, "ot2"),
+        vec![dst.to_string()],
+        "stray files in ot2"
+    );
+}
+
+#[test]
+fn a_copy_ends_replicated_with_identical_bytes_and_monotonic_progress() {
+    let (lab, token, image) = lab_with_image(32 * MIB);
+    let server = lab.serve_with(&["--max-bandwidth", "24M"]);
+    let id = server.copy_ok(&token, &image, TENANT_B);
+    let (job, progress) = wait_until(
+        &server,
+        &token,
+        &id,
+        Duration::from_secs(60),
+        status_is("replicated"),
+    );
+    assert!(
+        progress.windows(2).all(|w| w[0] <= w[1]),
+        "progress went back: {progress:?}"
+    );
+    assert!(
+        progress.iter().any(|p| (1..100).contains(p)),
+        "no intermediate progress seen: {progress:?}"
+    );
+    assert_eq!(job["copy_progress"], 100);
+    assert_faithful_copy(&lab, &job, &image);
+    let shown = lab.ok(&["job", "show", &id]);
+    assert!(
+        shown.contains(&format!("bytes: {0} of {0}", 32 * MIB)),
+        "{shown}"
+    );
+}
+
+#[test]
+fn an_empty_image_copies_straight_to_100() {
+    let (lab, token, image) = lab_with_image(0);
+    let server = lab.serve_with(&[]);
+    let id = server.copy_ok(&token, &image, TENANT_B);
+    let (job, _) = wait_until(&server, &token, &id, Duration::from_secs(30), terminal);
+    assert_eq!(job["status"], "replicated");
+    assert_eq!(job["copy_progress"], 100);
+    assert_faithful_copy(&lab, &job, &image);
+}
+
+#[test]
+fn cancel_mid_copy_ends_canceled_within_two_seconds_leaving_nothing() {
+    let (lab, token, image) = lab_with_image(32 * MIB);
+    let server = lab.serve_with(&["--max-bandwidth", "2M"]);
+    let id = server.copy_ok(&token, &image, TENANT_B);
+    wait_until(&server, &token, &id, Duration::from_secs(30), |j| {
+        j["status"] == "replicating" && j["copy_progress"].as_u64() > Some(0)
+    });
+    let asked = Instant::now();
+    let resp = server.delete(&format!("{JOBS}/{id}"), Some(&token));
+    assert_eq!(resp.status(), 204);
+    let (job, _) = wait_until(&server, &token, &id, Duration::from_secs(10), terminal);
+    let took = asked.elapsed();
+    assert_eq!(job["status"], "canceled");
+    assert!(took < Duration::from_secs(2), "cancel took {took:?}");
+    assert_eq!(job["destination_image_id"], Value::Null);
+    assert!(
+        files_in(&lab, "ot2").is_empty(),
+        "left in ot2: {:?}",
+        files_in(&lab, "ot2")
+    );
+    assert!(images_in(&lab, "ot2").is_empty());
+}
+
+#[test]
+fn a_cancel_before_the_copy_starts_means_it_never_starts() {
+    let (lab, token, image) = lab_with_image(MIB);
+    let id = {
+        let server = lab.serve();
+        let id = server.copy_ok(&token, &image, TENANT_B);
+        assert_eq!(
+            server
+                .delete(&format!("{JOBS}/{id}"), Some(&token))
+                .status(),
+            204
+        );
+        id
+    };
+    let server = lab.serve_with(&[]);
+    let (job, _) = wait_until(&server, &token, &id, Duration::from_secs(30), terminal);
+    assert_eq!(job["status"], "canceled");
+    assert_eq!(job["copy_progress"], 0);
+    assert!(files_in(&lab, "ot2").is_empty());
+    assert!(images_in(&lab, "ot2").is_empty());
+}
+
+#[test]
+fn kill_9_mid_copy_then_restart_ends_replicated_without_strays() {
+    let (lab, token, image) = lab_with_image(32 * MIB);
+    let id = {
+        let mut server = lab.serve_with(&["--max-bandwidth", "4M"]);
+        let id = server.copy_ok(&token, &image, TENANT_B);
+        wait_until(&server, &token, &id, Duration::from_secs(30), |j| {
+            j["copy_progress"].as_u64() > Some(5)
+        });
+        server.child.kill().expect("SIGKILL");
+        server.child.wait().expect("reap");
+        id
+    };
+    assert!(
+        files_in(&lab, "ot2").iter().any(|f| f.ends_with(".part")),
+        "the crash should have left a partial file"
+    );
+    let server = lab.serve_with(&[]);
+    let (job, _) = wait_until(&server, &token, &id, Duration::from_secs(60), terminal);
+    assert_eq!(job["status"], "replicated");
+    assert_faithful_copy(&lab, &job, &image);
+}
+
+#[test]
+fn sigterm_mid_copy_exits_quickly_and_the_copy_resumes_on_restart() {
+    let (lab, token, image) = lab_with_image(32 * MIB);
+    let id = {
+        let mut server = lab.serve_with(&["--max-bandwidth", "4M"]);
+        let id = server.copy_ok(&token, &image, TENANT_B);
+        wait_until(&server, &token, &id, Duration::from_secs(30), |j| {
+            j["copy_progress"].as_u64() > Some(5)
+        });
+        let asked = Instant::now();
+        assert!(
+            server.stop(),
+            "the server did not exit within 10 s of SIGTERM"
+        );
+        assert!(asked.elapsed() < Duration::from_secs(10));
+        id
+    };
+    let jobs: Value =
+        serde_json::from_str(&lab.ok(&["--json", "job", "show", &id])).expect("job JSON");
+    assert_eq!(
+        jobs["status"], "replicating",
+        "a paused copy stays resumable"
+    );
+    let server = lab.serve_with(&[]);
+    let (job, _) = wait_until(&server, &token, &id, Duration::from_secs(60), terminal);
+    assert_eq!(job["status"], "replicated");
+    assert_faithful_copy(&lab, &job, &image);
+}
+
+#[test]
+fn a_source_changed_after_import_ends_in_error_leaving_nothing() {
+    let (lab, token, image) = lab_with_image(4 * MIB);
+    let path = region_dir(&lab, "ot1").join(&image);
+    let mut bytes = std::fs::read(&path).expect("source");
+    bytes[12345] ^= 0xff;
+    std::fs::write(&path, bytes).expect("tamper");
+    let server = lab.serve_with(&[]);
+    let id = server.copy_ok(&token, &image, TENANT_B);
+    let (job, _) = wait_until(&server, &token, &id, Duration::from_secs(30), terminal);
+    assert_eq!(job["status"], "error");
+    assert_eq!(job["destination_image_id"], Value::Null);
+    let shown = lab.ok(&["job", "show", &id]);
+    assert!(shown.contains("changed since it was recorded"), "{shown}");
+    assert!(files_in(&lab, "ot2").is_empty());
+    assert!(images_in(&lab, "ot2").is_empty());
+}
+
+#[test]
+fn a_missing_source_file_ends_in_error_with_the_reason() {
+    let (lab, token, image) = lab_with_image(MIB);
+    std::fs::remove_file(region_dir(&lab, "ot1").join(&image)).expect("remove source");
+    let server = lab.serve_with(&[]);
+    let id = server.copy_ok(&token, &image, TENANT_B);
+    let (job, _) = wait_until(&server, &token, &id, Duration::from_secs(30), terminal);
+    assert_eq!(job["status"], "error");
+    let shown: Value =
+        serde_json::from_str(&lab.ok(&["--json", "job", "show", &id])).expect("job JSON");
+    let reason = shown["error"].as_str().expect("reason");
+    assert!(reason.contains("is missing"), "{reason}");
+    assert!(files_in(&lab, "ot2").is_empty());
+}
+
+#[test]
+fn an_unwritable_destination_ends_in_error_saying_so() {
+    let (lab, token, image) = lab_with_image(MIB);
+    let id = {
+        let server = lab.serve();
+        server.copy_ok(&token, &image, TENANT_B)
+    };
+    let ot2 = region_dir(&lab, "ot2");
+    std::fs::set_permissions(&ot2, std::fs::Permissions::from_mode(0o555)).expect("chmod");
+    let server = lab.serve_with(&[]);
+    let (job, _) = wait_until(&server, &token, &id, Duration::from_secs(30), terminal);
+    std::fs::set_permissions(&ot2, std::fs::Permissions::from_mode(0o755)).expect("chmod back");
+    assert_eq!(job["status"], "error");
+    let shown = lab.ok(&["job", "show", &id]);
+    assert!(shown.contains("not writable"), "{shown}");
+    assert!(files_in(&lab, "ot2").is_empty());
+    assert!(images_in(&lab, "ot2").is_empty());
+}
+
+#[test]
+fn cancel_racing_completion_ends_in_one_consistent_terminal_state() {
+    let (lab, token, image) = lab_with_image(2 * MIB);
+    let server = lab.serve_with(&["--workers", "3"]);
+    let mut outcomes = Vec::new();
+    for round in 0..24u64 {
+        let id = server.copy_ok(&token, &image, TENANT_B);
+        std::thread::sleep(Duration::from_millis(round % 8));
+        let cancel = server
+            .delete(&format!("{JOBS}/{id}"), Some(&token))
+            .status();
+        let (job, _) = wait_until(&server, &token, &id, Duration::from_secs(30), terminal);
+        match (cancel.as_u16(), job["status"].as_str()) {
+            (204, Some("canceled")) => assert_eq!(job["destination_image_id"], Value::Null),
+            (409, Some("replicated")) => {
+                let dst = job["destination_image_id"].as_str().expect("destination");
+                assert_eq!(image_json(&lab, dst)["status"], "active");
+                assert!(region_dir(&lab, "ot2").join(dst).is_file());
+            }
+            other => panic!("inconsistent outcome {other:?} for job {job}"),
+        }
+        outcomes.push(job["status"].as_str().unwrap_or_default().to_string());
+    }
+    // Every file left in ot2 belongs to a replicated job's active image, and vice versa.
+    let active: Vec<String> = images_in(&lab, "ot2")
+        .iter()
+        .map(|i| {
+            assert_eq!(i["status"], "active");
+            i["id"].as_str().expect("id").to_string()
+        })
+        .collect();
+    assert_eq!(files_in(&lab, "ot2").len(), active.len());
+    let replicated = outcomes.iter().filter(|s| *s == "replicated").count();
+    assert_eq!(replicated, active.len());
+}
+
+#[test]
+fn a_sparse_image_stays_sparse_with_the_same_size_and_hashes() {
+    let lab = Lab::new();
+    lab.standard();
+    lab.ok(&[
+        "user", "add", "alice2", "--tenant", TENANT_A, "--tenant", TENANT_B,
+    ]);
+    let token = lab.token("alice2", TENANT_A);
+    let raw = lab.dir.path().join("sparse.raw");
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::create(&raw).expect("create");
+        file.set_len(64 * MIB as u64).expect("set_len");
+        for i in 0..8u64 {
+            file.write_all_at(&vec![0xab; 256 * 1024], i * 8 * MIB as u64 + 4096)
+                .expect("write data");
+        }
+    }
+    let image = lab
+        .ok(&[
+            "image",
+            "import",
+            raw.to_str().expect("path"),
+            "--tenant",
+            TENANT_A,
+            "--name",
+            "sparse",
+        ])
+        .trim()
+        .to_string();
+    let server = lab.serve_with(&[]);
+    let id = server.copy_ok(&token, &image, TENANT_B);
+    let (job, _) = wait_until(&server, &token, &id, Duration::from_secs(60), terminal);
+    assert_eq!(job["status"], "replicated");
+    assert_faithful_copy(&lab, &job, &image);
+    let dst = job["destination_image_id"].as_str().expect("destination");
+    let src_meta = std::fs::metadata(region_dir(&lab, "ot1").join(&image)).expect("src");
+    let dst_meta = std::fs::metadata(region_dir(&lab, "ot2").join(dst)).expect("dst");
+    assert_eq!(dst_meta.len(), 64 * MIB as u64);
+    assert!(
+        dst_meta.blocks() <= src_meta.blocks(),
+        "destination allocates {} blocks, source {}",
+        dst_meta.blocks(),
+        src_meta.blocks()
+    );
+    assert!(
+        dst_meta.blocks() * 512 < 8 * MIB as u64,
+        "holes were filled"
+    );
+}
+
+#[test]
+fn the_bandwidth_cap_is_global_across_three_concurrent_copies() {
+    let lab = Lab::new();
+    lab.standard();
+    lab.ok(&[
+        "user", "add", "alice2", "--tenant", TENANT_A, "--tenant", TENANT_B,
+    ]);
+    let token = lab.token("alice2", TENANT_A);
+    let images: Vec<String> = (0..3)
+        .map(|i| lab.image(TENANT_A, &format!("disk{i}"), 8 * MIB))
+        .collect();
+    let server = lab.serve_with(&["--workers", "3", "--max-bandwidth", "8M"]);
+    let started = Instant::now();
+    let ids: Vec<String> = images
+        .iter()
+        .map(|image| server.copy_ok(&token, image, TENANT_B))
+        .collect();
+    for id in &ids {
+        let (job, _) = wait_until(&server, &token, id, Duration::from_secs(60), terminal);
+        assert_eq!(job["status"], "replicated");
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let rate = (24 * MIB) as f64 / elapsed / MIB as f64;
+    assert!(
+        (8.0 * 0.85..=8.0 * 1.15).contains(&rate),
+        "3 copies of 8 MiB under an 8 MiB/s cap ran at {rate:.2} MiB/s ({elapsed:.2} s)"
+    );
+}
