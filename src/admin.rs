@@ -90,6 +90,8 @@ pub enum Request {
     JobShow {
         id: String,
     },
+    /// Jobs the worker has yet to finish.
+    ActiveJobs,
     JobCancel {
         id: String,
     },
@@ -176,6 +178,7 @@ pub fn execute(svc: &Service, req: Request, status: Option<&ServerStatus>) -> Re
             Reply::Jobs(svc.job_list(tenant.as_deref(), status)?)
         }
         Request::JobShow { id } => Reply::Job(svc.job_show(&id)?),
+        Request::ActiveJobs => Reply::Jobs(svc.active_jobs()?),
         Request::JobCancel { id } => Reply::Job(svc.job_cancel(&id)?),
         Request::Status => match status {
             Some(s) => Reply::Status(ServerStatus {

@@ -250,6 +250,9 @@ pub enum JobCmd {
     Show { job_id: String },
     /// Cancel a replicate_requested or replicating job
     Cancel { job_id: String },
+    /// Follow running jobs (or one) until they end: progress bars with rate and ETA on a
+    /// terminal, plain progress lines otherwise
+    Watch { job_id: Option<String> },
 }
 
 /// Runs the parsed command; the error is the one line to print.
@@ -268,6 +271,9 @@ pub fn run(cli: Cli) -> Result<(), String> {
                     max_bandwidth: args.max_bandwidth,
                 }),
             }));
+        }
+        Command::Job(JobCmd::Watch { job_id }) => {
+            return crate::watch::run(&data_dir, job_id.as_deref())
         }
         other => other,
     };
@@ -394,6 +400,7 @@ fn request_for(command: Command) -> Result<(Request, &'static str), String> {
             JobCmd::List { tenant, status } => (Request::JobList { tenant, status }, ""),
             JobCmd::Show { job_id } => (Request::JobShow { id: job_id }, ""),
             JobCmd::Cancel { job_id } => (Request::JobCancel { id: job_id }, "cancel requested"),
+            JobCmd::Watch { .. } => return Err("job watch is not an admin request".into()),
         },
     })
 }
@@ -421,7 +428,7 @@ fn read_seed(file: &Path) -> Result<Vec<serde_json::Value>, String> {
 }
 
 /// Sends the request to the running server, or runs it on the store when none runs.
-fn call(data_dir: &Path, request: Request) -> Result<Reply, String> {
+pub fn call(data_dir: &Path, request: Request) -> Result<Reply, String> {
     if let Some(stream) = admin::connect(data_dir)? {
         return admin::send(stream, &request)?.map_err(|e| e.to_string());
     }

@@ -36,10 +36,24 @@ pub fn prepare(svc: &Service) -> Result<()> {
         build(svc)?;
         println!("demo: created regions ot1 and ot2, tenants {DEMO_TENANT} and {DEMO_TENANT_OT2}, user {DEMO_USER}, two images and the reference's three jobs");
     }
-    println!(
-        "demo: token {DEMO_TOKEN} (the reference's sample token) acts for tenant {DEMO_TENANT}"
-    );
     Ok(())
+}
+
+/// Ready-to-paste commands for the four routes against the server at `addr`.
+pub fn instructions(addr: std::net::SocketAddr, data_dir: &std::path::Path) -> String {
+    let (image, _, _) = IMAGES[0];
+    let data_dir = data_dir.display();
+    format!(
+        "demo: token {DEMO_TOKEN} (the reference's sample token) acts for tenant {DEMO_TENANT}
+demo: try these:
+  export TOKEN={DEMO_TOKEN} API=http://{addr}/v2/extension/image_replicator/jobs
+  curl -s $API -H \"X-Auth-Token: $TOKEN\"
+  curl -s -X POST $API -H \"X-Auth-Token: $TOKEN\" -H 'Content-Type: application/json' \\
+       -d '{{\"image_id\": \"{image}\", \"tenant_id_dst\": \"{DEMO_TENANT_OT2}\"}}'
+  curl -s $API/<job_id> -H \"X-Auth-Token: $TOKEN\"
+  curl -s -X DELETE $API/<job_id> -H \"X-Auth-Token: $TOKEN\" -w '%{{http_code}}\\n'
+  image-replicator --data-dir {data_dir} job watch"
+    )
 }
 
 fn build(svc: &Service) -> Result<()> {

@@ -13,6 +13,7 @@ mod regions;
 mod server;
 mod service;
 mod store;
+mod watch;
 mod worker;
 
 use std::io::IsTerminal;

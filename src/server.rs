@@ -119,6 +119,9 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
     tracing::info!(listen = %bound, data_dir = %data_dir.display(), "image-replicator serving");
     println!("image-replicator listening on http://{bound}");
     println!("admin socket {}", socket.display());
+    if opts.demo {
+        println!("{}", crate::demo::instructions(bound, &data_dir));
+    }
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let http = warp::serve(crate::http::routes(Arc::clone(&svc)))

@@ -585,6 +585,15 @@ impl Service {
         )
     }
 
+    /// Jobs the worker still has to act on, oldest first.
+    pub fn active_jobs(&self) -> Result<Vec<Job>> {
+        let mut jobs = Vec::new();
+        for id in self.store.queued() {
+            jobs.extend(self.store.job(id?)?);
+        }
+        Ok(jobs)
+    }
+
     pub fn job_show(&self, id: &str) -> Result<Job> {
         self.visible_job(None, id)
     }

@@ -428,3 +428,60 @@ fn the_bandwidth_cap_is_global_across_three_concurrent_copies() {
         "3 copies of 8 MiB under an 8 MiB/s cap ran at {rate:.2} MiB/s ({elapsed:.2} s)"
     );
 }
+
+#[test]
+fn job_watch_prints_progress_lines_until_the_job_ends() {
+    let (lab, token, image) = lab_with_image(16 * MIB);
+    let server = lab.serve_with(&["--max-bandwidth", "8M"]);
+    let id = server.copy_ok(&token, &image, TENANT_B);
+    let out = lab.ok(&["job", "watch", &id]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines.len() >= 2, "expected several progress lines: {out}");
+    assert!(lines.iter().all(|l| l.starts_with(&id)), "{out}");
+    let percents: Vec<u64> = lines
+        .iter()
+        .filter_map(|l| l.split_whitespace().nth(2)?.strip_suffix('%')?.parse().ok())
+        .collect();
+    assert!(percents.windows(2).all(|w| w[0] <= w[1]), "{out}");
+    assert!(
+        lines.iter().any(|l| l.contains("/s eta ")),
+        "no rate/ETA shown: {out}"
+    );
+    assert_eq!(
+        lines.last().copied(),
+        Some(format!("{id} replicated 100%").as_str())
+    );
+    // Watching everything with nothing running ends at once.
+    assert_eq!(lab.ok(&["job", "watch"]), "no active jobs\n");
+}
+
+#[test]
+fn job_watch_needs_a_running_server() {
+    let (lab, _, _) = lab_with_image(MIB);
+    let err = lab.fails(&["job", "watch"]);
+    assert!(err.contains("no server is running"), "{err}");
+}
+
+#[test]
+fn the_demo_works_on_first_run_and_again_on_the_same_data() {
+    let lab = Lab::new();
+    let reference: Value =
+        serde_json::from_str(include_str!("data/reference_jobs.json")).expect("reference");
+    let demo_token = "f4328bab05ff4502b397b88657baaefd";
+    let id = {
+        let server = lab.serve_with(&["--demo"]);
+        assert_eq!(
+            Value::Array(jobs(server.get(JOBS, Some(demo_token)))),
+            reference
+        );
+        let id = server.copy_ok(demo_token, "335eef3f-551d-46e1-8781-173f43209d48", TENANT_B);
+        let (job, _) = wait_until(&server, demo_token, &id, Duration::from_secs(30), terminal);
+        assert_eq!(job["status"], "replicated");
+        id
+    };
+    let server = lab.serve_with(&["--demo"]);
+    let listed = jobs(server.get(JOBS, Some(demo_token)));
+    assert_eq!(listed.len(), 4, "a second demo start adds nothing");
+    assert_eq!(listed[3]["job_id"], id.as_str());
+    assert_eq!(images_in(&lab, "ot1").len(), 2);
+}
