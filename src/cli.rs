@@ -92,6 +92,11 @@ pub struct ServeArgs {
     pub max_bandwidth: Option<u64>,
 }
 
+fn parse_lifetime(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|_| format!("'{text}' is not a duration such as 30m, 12h or 7days"))
+}
+
 /// `100M` → 104857600: a count of bytes with an optional K, M, G or T (binary) suffix.
 fn parse_rate(text: &str) -> Result<u64, String> {
     let trimmed = text.trim();
@@ -165,7 +170,7 @@ pub enum UserCmd {
     Add {
         name: String,
         /// A tenant the user is a member of (repeat for several)
-        #[arg(long = "tenant", required = true)]
+        #[arg(long = "tenant", required = true, value_name = "TENANT_ID")]
         tenants: Vec<String>,
         /// The user sees and cancels every tenant's jobs and may copy to any tenant
         #[arg(long)]
@@ -187,7 +192,7 @@ pub enum TokenCmd {
         #[arg(long)]
         tenant: String,
         /// Lifetime, such as 30m, 12h or 7days [default: no expiry]
-        #[arg(long, value_parser = humantime::parse_duration)]
+        #[arg(long, value_parser = parse_lifetime)]
         expires_in: Option<Duration>,
         /// Register this value instead of generating one (8-256 printable ASCII characters)
         #[arg(long)]
@@ -358,7 +363,8 @@ fn request_for(command: Command) -> Result<(Request, &'static str), String> {
                 Request::TokenIssue {
                     user,
                     tenant,
-                    expires_in_secs: expires_in.map(|d| d.as_secs().max(1)),
+                    expires_in_secs: expires_in
+                        .map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0)),
                     value: token,
                 },
                 "",

@@ -251,7 +251,8 @@ impl Service {
                 members.join(", ")
             )));
         }
-        if let Some(image) = self.store.images(Some(key))?.first() {
+        let images = self.store.images(Some(key))?;
+        if let Some(image) = images.iter().find(|i| i.status != ImageStatus::Deleted) {
             return Err(ServiceError::Conflict(format!(
                 "tenant {id} still owns image {}; delete it first",
                 image.id
