@@ -504,6 +504,11 @@ impl Service {
                 "image {id} is already deleted"
             )));
         }
+        if image.status == ImageStatus::Saving {
+            return Err(ServiceError::Conflict(format!(
+                "image {id} is still being written by a copy or an import"
+            )));
+        }
         let owner = parse_tenant(&image.owner)?;
         let busy = self.store.jobs(
             Some(owner),
