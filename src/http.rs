@@ -168,7 +168,14 @@ impl Failure {
                 sentence(&e.to_string()),
             ),
         };
-        error_response(status, &sentence)
+        let mut response = error_response(status, &sentence);
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The rest of the body was never read: the connection cannot carry another request.
+            response
+                .headers_mut()
+                .insert("connection", HeaderValue::from_static("close"));
+        }
+        response
     }
 }
 
@@ -325,6 +332,17 @@ async fn create(
         ));
     }
     let bytes = read_body(headers, body).await?;
+    // serde would also take an array of the two values; the contract wants an object.
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        let what = match serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
+            Ok(_) => "the body is JSON but not an object",
+            Err(_) => "the body is not valid JSON",
+        };
+        return Err(bad_request(format!(
+            "{what}; send {{\"image_id\": \"<uuid>\", \"tenant_id_dst\": \"<tenant id>\"}}"
+        )));
+    }
     let request: CopyRequest = serde_json::from_slice(&bytes).map_err(|e| {
         let what = if e.is_data() {
             "the body is not a copy request"

@@ -654,11 +654,11 @@ impl Service {
     /// POST /jobs: checks the request and stores a new `replicate_requested` job.
     pub fn create_job(&self, who: &Principal, image_id: &str, tenant_dst: &str) -> Result<Job> {
         let image_uuid = Uuid::try_parse(image_id).map_err(|_| {
-            ServiceError::BadRequest(format!("image_id '{image_id}' is not a UUID"))
+            ServiceError::BadRequest(format!("the image_id '{image_id}' is not a UUID"))
         })?;
         let dst_key = TenantKey::parse(tenant_dst).ok_or_else(|| {
             ServiceError::BadRequest(format!(
-                "tenant_id_dst '{tenant_dst}' is not 32 hex digits or a hyphenated UUID"
+                "the tenant_id_dst '{tenant_dst}' is not 32 hex digits or a hyphenated UUID"
             ))
         })?;
         let no_image = || ServiceError::NotFound(format!("no image {image_id}"));
