@@ -7,7 +7,7 @@
 //! so later requests pay no argon2 either; every request still reads the token record, so a
 //! revoke or an expiry takes effect on the very next request.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -105,8 +105,11 @@ pub struct AuthStats {
 pub struct Authenticator {
     /// SHA-256 of a token that verified → its record id.
     cache: Mutex<HashMap<[u8; 32], Uuid>>,
+    /// SHA-256 of tokens that failed argon2 verification: a string crafted to share a real
+    /// token's lookup prefix costs one verification, not one per request.
+    rejected: Mutex<HashSet<[u8; 32]>>,
     /// Bounds concurrent argon2 work (each verification holds about 19 MiB).
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
     verifications: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
@@ -117,7 +120,8 @@ impl Default for Authenticator {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Authenticator {
             cache: Mutex::new(HashMap::new()),
-            permits: Semaphore::new(cores),
+            rejected: Mutex::new(HashSet::new()),
+            permits: Arc::new(Semaphore::new(cores)),
             verifications: AtomicU64::new(0),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
@@ -169,15 +173,40 @@ impl Authenticator {
             .is_ok()
     }
 
-    /// One argon2 verification off the async executor, under the concurrency bound.
+    /// One argon2 verification off the async executor, under the concurrency bound. The permit
+    /// travels with the work, so a client that hangs up does not free it early.
     async fn verify(self: &Arc<Self>, token: &str, phc: &str) -> bool {
-        let Ok(_permit) = self.permits.acquire().await else {
+        let Ok(permit) = Arc::clone(&self.permits).acquire_owned().await else {
             return false;
         };
         let (this, token, phc) = (Arc::clone(self), token.to_owned(), phc.to_owned());
-        tokio::task::spawn_blocking(move || this.verify_blocking(&token, &phc))
-            .await
-            .unwrap_or(false)
+        tokio::task::spawn_blocking(move || {
+            let verified = this.verify_blocking(&token, &phc);
+            drop(permit);
+            verified
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    fn was_rejected(&self, digest: &[u8; 32]) -> bool {
+        self.rejected.lock().is_ok_and(|r| r.contains(digest))
+    }
+
+    fn reject(&self, digest: [u8; 32]) {
+        if let Ok(mut rejected) = self.rejected.lock() {
+            if rejected.len() >= CACHE_CAPACITY {
+                rejected.clear();
+            }
+            rejected.insert(digest);
+        }
+    }
+
+    /// A new token may have a value that failed before: forget past failures.
+    pub fn token_added(&self) {
+        if let Ok(mut rejected) = self.rejected.lock() {
+            rejected.clear();
+        }
     }
 
     /// The principal a token acts as, or `None` (the caller answers 401 without saying why).
@@ -202,12 +231,20 @@ impl Authenticator {
             };
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
+        if self.was_rejected(&digest) {
+            return Ok(None);
+        }
         let candidates = store.token_candidates(&lookup(&digest))?;
+        let mut verified_any = false;
         for record in candidates.iter().filter(|r| r.unusable_at(now).is_none()) {
+            verified_any = true;
             if self.verify(token, &record.hash).await {
                 self.remember(digest, record.id);
                 return principal(store, record);
             }
+        }
+        if verified_any {
+            self.reject(digest);
         }
         Ok(None)
     }

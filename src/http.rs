@@ -253,10 +253,16 @@ async fn dispatch(
         .await?
         .ok_or_else(unauthorized)?;
     match (route, &req.method) {
-        (Route::Jobs, &Method::GET) => list(svc, &who, &req.query),
+        (Route::Jobs, &Method::GET) => {
+            let (svc, query) = (Arc::clone(svc), req.query.clone());
+            let jobs = blocking(move || list(&svc, &who, &query)).await?;
+            let wire: Vec<_> = jobs.iter().map(|j| &j.wire).collect();
+            json_response(StatusCode::OK, &wire)
+        }
         (Route::Jobs, &Method::POST) => create(svc, who, &req.headers, body).await,
         (Route::Job(id), &Method::GET) => {
-            let job = svc.show_job(&who, id)?;
+            let (svc, id) = (Arc::clone(svc), id.to_string());
+            let job = blocking(move || svc.show_job(&who, &id)).await?;
             json_response(StatusCode::OK, &job.wire)
         }
         (Route::Job(id), &Method::DELETE) => {
@@ -280,31 +286,37 @@ fn bad_request(message: String) -> Failure {
     Failure::Service(ServiceError::BadRequest(message))
 }
 
-fn list(svc: &Service, who: &Principal, query: &str) -> Result<Response, Failure> {
+fn invalid(message: String) -> ServiceError {
+    ServiceError::BadRequest(message)
+}
+
+fn list(
+    svc: &Service,
+    who: &Principal,
+    query: &str,
+) -> Result<Vec<crate::model::Job>, ServiceError> {
     let (mut status, mut limit, mut marker) = (None, None, None);
     let mut seen = std::collections::HashSet::new();
     for (key, value) in form_urlencoded::parse(query.as_bytes()) {
         if !seen.insert(key.clone()) {
-            return Err(bad_request(format!("query parameter {key} is given twice")));
+            return Err(invalid(format!("query parameter {key} is given twice")));
         }
         match key.as_ref() {
-            "status" => status = Some(value.parse::<JobStatus>().map_err(bad_request)?),
+            "status" => status = Some(value.parse::<JobStatus>().map_err(invalid)?),
             "limit" => {
                 limit = Some(value.parse::<usize>().map_err(|_| {
-                    bad_request(format!("limit '{value}' is not a non-negative integer"))
+                    invalid(format!("limit '{value}' is not a non-negative integer"))
                 })?)
             }
             "marker" => marker = Some(value.into_owned()),
             _ => {
-                return Err(bad_request(format!(
+                return Err(invalid(format!(
                     "unknown query parameter '{key}'; this list takes status, limit and marker"
                 )))
             }
         }
     }
-    let jobs = svc.list_jobs(who, status, marker.as_deref(), limit)?;
-    let wire: Vec<_> = jobs.iter().map(|j| &j.wire).collect();
-    json_response(StatusCode::OK, &wire)
+    svc.list_jobs(who, status, marker.as_deref(), limit)
 }
 
 #[derive(Deserialize)]

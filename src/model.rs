@@ -44,8 +44,12 @@ pub fn now_ceil() -> u64 {
         .unwrap_or(0)
 }
 
+/// The last second RFC 3339 can write (9999-12-31T23:59:59Z).
+pub const MAX_TIME: u64 = 253_402_300_799;
+
 /// RFC 3339 in UTC, seconds precision, as Glance prints `created_at`.
 pub fn rfc3339(secs: u64) -> String {
+    let secs = secs.min(MAX_TIME);
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
 }
 
@@ -360,4 +364,8 @@ pub struct Job {
     pub seeded: bool,
     /// The replication worker may take it (always for API jobs; seeded ones with `--enqueue`).
     pub enqueued: bool,
+    /// The destination image this appliance's worker created for the job. Only that image is
+    /// ever reused or removed by the worker (a seeded `destination_image_id` is someone else's).
+    #[serde(default)]
+    pub created_destination: Option<Uuid>,
 }

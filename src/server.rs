@@ -103,6 +103,12 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
         auth: Default::default(),
         active_copies: 0,
     };
+    // Crash cleanup runs before any admin request or copy can touch the regions.
+    let recover_svc = Arc::clone(&svc);
+    tokio::task::spawn_blocking(move || worker::recover(&recover_svc))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot clean up after the last run: {e}"))?;
     let admin_task = tokio::spawn(admin::serve(unix, Arc::clone(&svc), status));
     let workers = match opts.worker {
         Some(config) => {

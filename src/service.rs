@@ -22,8 +22,8 @@ use crate::regions;
 use crate::store::{ImageChange, Store};
 use crate::worker::Board;
 
-/// Most jobs one list request returns when it gives no `limit`.
-pub const DEFAULT_LIST_LIMIT: usize = usize::MAX;
+/// Longest token lifetime `--expires-in` takes (100 years).
+const MAX_LIFETIME_SECS: u64 = 100 * 365 * 24 * 3600;
 
 pub struct Service {
     pub store: Arc<Store>,
@@ -354,6 +354,12 @@ impl Service {
                 "--expires-in must be longer than zero".into(),
             ));
         }
+        if expires_in_secs.is_some_and(|s| s > MAX_LIFETIME_SECS) {
+            return Err(ServiceError::BadRequest(
+                "--expires-in can be at most 100 years; leave it out for a token that never expires"
+                    .into(),
+            ));
+        }
         let token = match value {
             Some(v) => {
                 auth::check_imported(&v)?;
@@ -381,6 +387,7 @@ impl Service {
         };
         self.store.insert_token(&record, &lookup)?;
         self.flush()?;
+        self.auth.token_added();
         Ok(IssuedToken {
             token,
             info: TokenInfo::from(&record),
@@ -568,6 +575,7 @@ impl Service {
                 error: None,
                 seeded: true,
                 enqueued: enqueue,
+                created_destination: None,
                 wire,
             };
             records.push((key, job));
@@ -643,7 +651,7 @@ impl Service {
             scope,
             after,
             |j| status.is_none_or(|s| j.wire.status == s),
-            limit.unwrap_or(DEFAULT_LIST_LIMIT),
+            limit.unwrap_or(usize::MAX),
         )
     }
 
@@ -721,6 +729,7 @@ impl Service {
             error: None,
             seeded: false,
             enqueued: true,
+            created_destination: None,
         };
         let owner = owner.ok_or_else(|| {
             ServiceError::Internal(format!("image {image_id} has a malformed owner"))
@@ -737,7 +746,10 @@ impl Service {
             .region(id)?
             .ok_or_else(|| ServiceError::Conflict(format!("region {id} no longer exists")))?;
         regions::check_writable(&region).map_err(|why| {
-            ServiceError::Conflict(format!("the image store of region {id} is unusable: {why}"))
+            tracing::warn!(region = id, "region store unusable: {why}");
+            ServiceError::Conflict(format!(
+                "the image store of region {id} is down or not writable"
+            ))
         })?;
         Ok(region)
     }

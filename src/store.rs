@@ -391,6 +391,17 @@ impl Store {
         })
     }
 
+    /// Removes the queue entry of a job whose record is gone (only after corruption).
+    pub fn drop_queue_entry(&self, id: Uuid) -> Result<()> {
+        for entry in self.queue.iter() {
+            let (key, value) = entry?;
+            if value.as_ref() == id.as_bytes() {
+                self.queue.remove(key)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Images in the `saving` state (a crash interrupted their import or copy).
     pub fn images_saving(&self) -> Result<Vec<Image>> {
         Ok(self

@@ -38,6 +38,8 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 /// How long an idle worker sleeps when nothing wakes it.
 const IDLE: Duration = Duration::from_millis(500);
+/// How long a job whose processing failed is left alone before the next try.
+const PARK: Duration = Duration::from_secs(5);
 
 /// Shared between the service (which wakes the workers and signals cancels) and the workers.
 #[derive(Default)]
@@ -105,6 +107,9 @@ struct Ctx {
     svc: Arc<Service>,
     limiter: Option<RateLimiter>,
     shutdown: AtomicBool,
+    /// Jobs whose processing failed (a store error, a region that cannot be cleaned), left
+    /// alone until the given time so they neither spin nor starve the jobs behind them.
+    parked: Mutex<HashMap<Uuid, Instant>>,
 }
 
 /// The running worker threads.
@@ -113,13 +118,13 @@ pub struct Workers {
     threads: Vec<JoinHandle<()>>,
 }
 
-/// Cleans up after a crash, then starts the worker threads.
+/// Starts the worker threads (after [`recover`]).
 pub fn start(svc: Arc<Service>, config: &WorkerConfig) -> Result<Workers> {
-    recover(&svc)?;
     let ctx = Arc::new(Ctx {
         svc,
         limiter: config.max_bandwidth.map(RateLimiter::new),
         shutdown: AtomicBool::new(false),
+        parked: Mutex::new(HashMap::new()),
     });
     let mut threads = Vec::new();
     for n in 0..config.threads.max(1) {
@@ -152,9 +157,9 @@ impl Workers {
     }
 }
 
-/// Start-up cleanup: temporary files of interrupted copies and imports, and images an
-/// interrupted import left `saving`.
-fn recover(svc: &Service) -> Result<()> {
+/// Start-up cleanup, before anything else uses the store: temporary files of interrupted
+/// copies and imports, and images an interrupted import left `saving`.
+pub fn recover(svc: &Service) -> Result<()> {
     for region in svc.store.regions()? {
         let Ok(entries) = fs::read_dir(&region.dir) else {
             continue;
@@ -171,7 +176,7 @@ fn recover(svc: &Service) -> Result<()> {
     let mut destinations = std::collections::HashSet::new();
     for id in svc.store.queued() {
         if let Some(job) = svc.store.job(id?)? {
-            destinations.extend(job.wire.destination_image_id);
+            destinations.extend(job.created_destination);
         }
     }
     for mut image in svc.store.images_saving()? {
@@ -195,8 +200,10 @@ fn run(ctx: &Ctx) {
         match next(ctx) {
             Ok(Some((id, cancel))) => {
                 if let Err(e) = process(ctx, id, &cancel) {
-                    tracing::error!(job = %id, "worker failed on this job: {e}");
-                    std::thread::sleep(IDLE);
+                    tracing::error!(job = %id, "worker failed on this job, retrying in {PARK:?}: {e}");
+                    if let Ok(mut parked) = ctx.parked.lock() {
+                        parked.insert(id, Instant::now() + PARK);
+                    }
                 }
                 board.release(id);
             }
@@ -209,10 +216,17 @@ fn run(ctx: &Ctx) {
     }
 }
 
-/// The oldest queued job no other worker has.
+/// The oldest queued job that no other worker has and that is not parked.
 fn next(ctx: &Ctx) -> Result<Option<(Uuid, Arc<AtomicBool>)>> {
+    let now = Instant::now();
+    if let Ok(mut parked) = ctx.parked.lock() {
+        parked.retain(|_, until| *until > now);
+    }
     for id in ctx.svc.store.queued() {
         let id = id?;
+        if ctx.parked.lock().is_ok_and(|p| p.contains_key(&id)) {
+            continue;
+        }
         if let Some(flag) = ctx.svc.board.claim(id) {
             return Ok(Some((id, flag)));
         }
@@ -245,9 +259,11 @@ fn is_transient(e: &io::Error) -> bool {
 
 fn process(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> Result<()> {
     let Some(job) = ctx.svc.store.job(id)? else {
-        return Ok(());
+        return ctx.svc.store.drop_queue_entry(id);
     };
     match job.wire.status {
+        // A failure was being cleaned up when the process stopped: finish that.
+        JobStatus::Replicating if job.error.is_some() => conclude(ctx, id, job.error),
         JobStatus::ReplicateRequested | JobStatus::Replicating => replicate(ctx, id, cancel),
         JobStatus::CancelRequested | JobStatus::Canceling => conclude(ctx, id, None),
         // Terminal: only a stale queue entry; rewriting the job drops it.
@@ -357,13 +373,14 @@ fn copy_once(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> std::result::Result<()
         ))
     })?;
 
-    // The destination image: the one a previous attempt created, or a new one.
+    // The destination image: the one a previous attempt of this job created, or a new one.
+    // Never one named only by the wire field (a seeded job's image belongs to someone else).
     let existing = job
-        .wire
-        .destination_image_id
+        .created_destination
         .map(|d| store.image(d))
         .transpose()?
-        .flatten();
+        .flatten()
+        .filter(|i| i.status == ImageStatus::Saving && i.region == dst_region.id);
     let dst_image = existing.clone().unwrap_or_else(|| Image {
         id: Uuid::new_v4(),
         name: source.name.clone(),
@@ -388,6 +405,7 @@ fn copy_once(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> std::result::Result<()
         }
         job.wire.status = JobStatus::Replicating;
         job.wire.destination_image_id = Some(dst_image.id);
+        job.created_destination = Some(dst_image.id);
         job.bytes_total = source.size;
         job.updated_at = now();
         Ok(if existing.is_some() {
@@ -396,6 +414,8 @@ fn copy_once(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> std::result::Result<()
             ImageChange::Insert(dst_key, dst_image.clone())
         })
     })?;
+    // The new image's id must be on disk before any file carries it.
+    store.flush()?;
     match started.map(|j| j.wire.status) {
         Some(JobStatus::Replicating) => {}
         Some(JobStatus::CancelRequested | JobStatus::Canceling) => {
@@ -552,18 +572,24 @@ fn conclude(ctx: &Ctx, id: Uuid, error: Option<String>) -> Result<()> {
             job.wire.status,
             JobStatus::CancelRequested | JobStatus::Canceling
         );
-    if canceling {
-        store.update_job(id, |job| {
-            if !job.wire.status.is_terminal() {
-                job.wire.status = JobStatus::Canceling;
-                job.updated_at = now();
-            }
-            Ok(ImageChange::None)
-        })?;
-    }
+    // Say where the job is going before touching the destination, so a crash in between
+    // finishes this instead of copying again.
+    store.update_job(id, |job| {
+        if job.wire.status.is_terminal() {
+            return Ok(ImageChange::None);
+        }
+        if canceling {
+            job.wire.status = JobStatus::Canceling;
+        } else {
+            job.error = error.clone();
+        }
+        job.updated_at = now();
+        Ok(ImageChange::None)
+    })?;
+    store.flush()?;
     // Remove the destination's bytes first, then its record with the job's final state.
     let mut removal = ImageChange::None;
-    if let Some(dst_id) = job.wire.destination_image_id {
+    if let Some(dst_id) = job.created_destination {
         if let Some(image) = store.image(dst_id)? {
             if let Some(region) = store.region(&image.region)? {
                 let _ = fs::remove_file(regions::temp_path(&region, dst_id));
@@ -593,6 +619,7 @@ fn conclude(ctx: &Ctx, id: Uuid, error: Option<String>) -> Result<()> {
         };
         job.error = if canceled { None } else { error.clone() };
         job.wire.destination_image_id = None;
+        job.created_destination = None;
         job.updated_at = now();
         Ok(match &removal {
             ImageChange::Remove(owner, dst) => ImageChange::Remove(*owner, *dst),

@@ -485,3 +485,53 @@ fn the_demo_works_on_first_run_and_again_on_the_same_data() {
     assert_eq!(listed[3]["job_id"], id.as_str());
     assert_eq!(images_in(&lab, "ot1").len(), 2);
 }
+
+#[test]
+fn a_seeded_destination_image_id_is_never_reused_or_removed() {
+    let (lab, token, image) = lab_with_image(MIB);
+    let bystander = lab.image(TENANT_B, "bystander", MIB);
+    let seed = |job_id: &str, status: &str| {
+        serde_json::json!([{
+            "copy_progress": 0,
+            "destination_image_id": bystander,
+            "destination_region_id": "ot2",
+            "destination_tenant_id": TENANT_B,
+            "job_id": job_id,
+            "source_image_id": image,
+            "source_image_name": "disk",
+            "source_region_id": "ot1",
+            "source_tenant_id": TENANT_A,
+            "status": status,
+        }])
+        .to_string()
+    };
+    let canceled = "11111111-2222-4333-8444-555555555555";
+    let copied = "66666666-7777-4888-9999-aaaaaaaaaaaa";
+    for (id, status) in [(canceled, "replicate_requested"), (copied, "replicating")] {
+        let out = lab.cli_stdin(
+            &["job", "seed", "-", "--enqueue"],
+            Some(seed(id, status).as_bytes()),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let server = lab.serve_with(&[]);
+    // Whichever the worker reaches first, the cancel must not touch the bystander.
+    let _ = server.delete(&format!("{JOBS}/{canceled}"), Some(&token));
+    let (first, _) = wait_until(&server, &token, canceled, Duration::from_secs(30), terminal);
+    let (second, _) = wait_until(&server, &token, copied, Duration::from_secs(30), terminal);
+    assert!(matches!(
+        first["status"].as_str(),
+        Some("canceled" | "replicated")
+    ));
+    assert_eq!(second["status"], "replicated");
+    assert_ne!(second["destination_image_id"], bystander.as_str());
+    let kept = image_json(&lab, &bystander);
+    assert_eq!(kept["status"], "active");
+    assert_eq!(kept["name"], "bystander");
+    let bytes = std::fs::read(region_dir(&lab, "ot2").join(&bystander)).expect("bystander bytes");
+    assert_eq!(bytes.len(), MIB);
+}

@@ -115,3 +115,65 @@ fn removed_user_token_fails_on_the_next_request() {
     assert_eq!(out, "user carol removed with 1 token(s)\n");
     assert_401(server.get(JOBS, Some(&token)));
 }
+
+/// Two strings whose SHA-256 share their first four bytes (the token lookup prefix), found by
+/// a birthday search.
+fn lookup_twins() -> (String, String) {
+    use sha2::{Digest, Sha256};
+    let mut seen = std::collections::HashMap::new();
+    for n in 0u64.. {
+        let candidate = format!("twin-token-{n:08}");
+        let digest = Sha256::digest(candidate.as_bytes());
+        let prefix = [digest[0], digest[1], digest[2], digest[3]];
+        if let Some(first) = seen.insert(prefix, candidate.clone()) {
+            return (first, candidate);
+        }
+    }
+    unreachable!("the search ends long before u64 runs out")
+}
+
+#[test]
+fn a_string_sharing_a_tokens_lookup_prefix_costs_one_argon2_verification_at_most() {
+    let (real, twin) = lookup_twins();
+    let lab = Lab::new();
+    lab.standard();
+    lab.ok(&[
+        "token", "issue", "--user", "alice", "--tenant", TENANT_A, "--token", &real,
+    ]);
+    let server = lab.serve();
+    for _ in 0..20 {
+        assert_401(server.get(JOBS, Some(&twin)));
+    }
+    assert_eq!(verifications(&lab), 1, "the failed twin is remembered");
+    assert_eq!(server.get(JOBS, Some(&real)).status(), 200);
+    assert_eq!(verifications(&lab), 2);
+}
+
+#[test]
+fn a_lifetime_beyond_a_century_is_refused_in_one_line() {
+    let lab = Lab::new();
+    lab.standard();
+    let err = lab.fails(&[
+        "token",
+        "issue",
+        "--user",
+        "alice",
+        "--tenant",
+        TENANT_A,
+        "--expires-in",
+        "9000years",
+    ]);
+    assert!(err.contains("at most 100 years"), "{err}");
+    assert_eq!(err.lines().count(), 1);
+    let out = lab.ok(&[
+        "token",
+        "issue",
+        "--user",
+        "alice",
+        "--tenant",
+        TENANT_A,
+        "--expires-in",
+        "99years",
+    ]);
+    assert_eq!(out.trim().len(), 32);
+}
