@@ -290,25 +290,30 @@ fn invalid(message: String) -> ServiceError {
     ServiceError::BadRequest(message)
 }
 
-fn list(
-    svc: &Service,
-    who: &Principal,
-    query: &str,
-) -> Result<Vec<crate::model::Job>, ServiceError> {
-    let (mut status, mut limit, mut marker) = (None, None, None);
+/// The optional parameters of the list route.
+#[derive(Debug, Default, PartialEq)]
+pub struct ListQuery {
+    pub status: Option<JobStatus>,
+    pub limit: Option<usize>,
+    pub marker: Option<String>,
+}
+
+/// Parses `status`, `limit` and `marker`; anything else, repeated or malformed is a 400.
+pub fn parse_list_query(query: &str) -> Result<ListQuery, ServiceError> {
+    let mut parsed = ListQuery::default();
     let mut seen = std::collections::HashSet::new();
     for (key, value) in form_urlencoded::parse(query.as_bytes()) {
         if !seen.insert(key.clone()) {
             return Err(invalid(format!("query parameter {key} is given twice")));
         }
         match key.as_ref() {
-            "status" => status = Some(value.parse::<JobStatus>().map_err(invalid)?),
+            "status" => parsed.status = Some(value.parse::<JobStatus>().map_err(invalid)?),
             "limit" => {
-                limit = Some(value.parse::<usize>().map_err(|_| {
+                parsed.limit = Some(value.parse::<usize>().map_err(|_| {
                     invalid(format!("limit '{value}' is not a non-negative integer"))
                 })?)
             }
-            "marker" => marker = Some(value.into_owned()),
+            "marker" => parsed.marker = Some(value.into_owned()),
             _ => {
                 return Err(invalid(format!(
                     "unknown query parameter '{key}'; this list takes status, limit and marker"
@@ -316,14 +321,47 @@ fn list(
             }
         }
     }
-    svc.list_jobs(who, status, marker.as_deref(), limit)
+    Ok(parsed)
 }
 
-#[derive(Deserialize)]
+fn list(
+    svc: &Service,
+    who: &Principal,
+    query: &str,
+) -> Result<Vec<crate::model::Job>, ServiceError> {
+    let q = parse_list_query(query)?;
+    svc.list_jobs(who, q.status, q.marker.as_deref(), q.limit)
+}
+
+/// The body of a copy request: exactly these two string keys.
+#[derive(Deserialize, Debug, PartialEq)]
 #[serde(deny_unknown_fields)]
-struct CopyRequest {
-    image_id: String,
-    tenant_id_dst: String,
+pub struct CopyRequest {
+    pub image_id: String,
+    pub tenant_id_dst: String,
+}
+
+/// Parses a copy request body; anything but a JSON object with exactly the two string keys
+/// (once each) is a 400 whose sentence says what to send.
+pub fn parse_copy_request(bytes: &[u8]) -> Result<CopyRequest, ServiceError> {
+    const SHAPE: &str = r#"send {"image_id": "<uuid>", "tenant_id_dst": "<tenant id>"}"#;
+    // serde would also take an array of the two values; the contract wants an object.
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        let what = match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+            Ok(_) => "the body is JSON but not an object",
+            Err(_) => "the body is not valid JSON",
+        };
+        return Err(invalid(format!("{what}; {SHAPE}")));
+    }
+    serde_json::from_slice(bytes).map_err(|e| {
+        let what = if e.is_data() {
+            "the body is not a copy request"
+        } else {
+            "the body is not valid JSON"
+        };
+        invalid(format!("{what} ({e}); {SHAPE}"))
+    })
 }
 
 async fn create(
@@ -344,27 +382,7 @@ async fn create(
         ));
     }
     let bytes = read_body(headers, body).await?;
-    // serde would also take an array of the two values; the contract wants an object.
-    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
-    if first != Some(&b'{') {
-        let what = match serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
-            Ok(_) => "the body is JSON but not an object",
-            Err(_) => "the body is not valid JSON",
-        };
-        return Err(bad_request(format!(
-            "{what}; send {{\"image_id\": \"<uuid>\", \"tenant_id_dst\": \"<tenant id>\"}}"
-        )));
-    }
-    let request: CopyRequest = serde_json::from_slice(&bytes).map_err(|e| {
-        let what = if e.is_data() {
-            "the body is not a copy request"
-        } else {
-            "the body is not valid JSON"
-        };
-        bad_request(format!(
-            "{what} ({e}); send {{\"image_id\": \"<uuid>\", \"tenant_id_dst\": \"<tenant id>\"}}"
-        ))
-    })?;
+    let request = parse_copy_request(&bytes)?;
     let svc = Arc::clone(svc);
     let job =
         blocking(move || svc.create_job(&who, &request.image_id, &request.tenant_id_dst)).await?;

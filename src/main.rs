@@ -1,26 +1,13 @@
 //! image-replicator: one binary that serves the OpenStack image-replicator API and administers
-//! its own data directory. This file only parses the command line and dispatches.
-
-mod admin;
-mod auth;
-mod cli;
-mod copy;
-mod demo;
-mod error;
-mod http;
-mod model;
-mod regions;
-mod server;
-mod service;
-mod store;
-mod watch;
-mod worker;
+//! its own data directory. This file only parses the command line and dispatches; the code
+//! lives in the library (`src/lib.rs`), which fuzz targets and benchmarks can call too.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::error::ErrorKind;
 use clap::Parser;
+use image_replicator::cli;
 
 /// Allocations above this size get their own mapping, returned to the system when freed.
 /// glibc otherwise raises the threshold after the first large free and then keeps every

@@ -1,0 +1,17 @@
+//! The image-replicator appliance as a library: `main.rs` is a thin command-line front end.
+//! The modules are laid out one concern each; README.md has the map.
+
+pub mod admin;
+pub mod auth;
+pub mod cli;
+pub mod copy;
+pub mod demo;
+pub mod error;
+pub mod http;
+pub mod model;
+pub mod regions;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod watch;
+pub mod worker;
