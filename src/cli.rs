@@ -37,8 +37,23 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub json: bool,
 
+    /// Log level (error, warn, info, debug, trace) or a RUST_LOG-style filter
+    /// [default: RUST_LOG, else info for serve and warn for the other commands]
+    #[arg(long, global = true, env = "IMAGE_REPLICATOR_LOG_LEVEL")]
+    pub log_level: Option<String>,
+
+    /// Log line format on stderr
+    #[arg(long, global = true, env = "IMAGE_REPLICATOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -65,6 +80,10 @@ pub enum Command {
     Job(JobCmd),
     /// Whether a server runs on the data directory, and its counters
     Status,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff)
+    Man,
 }
 
 #[derive(Args, Debug)]
@@ -90,6 +109,12 @@ pub struct ServeArgs {
     /// Cap on all copies together, in bytes per second: 500K, 100M, 1G (binary multiples)
     #[arg(long, env = "IMAGE_REPLICATOR_MAX_BANDWIDTH", value_parser = parse_rate)]
     pub max_bandwidth: Option<u64>,
+    /// PEM certificate chain: serve HTTPS instead of HTTP (needs --tls-key)
+    #[arg(long, env = "IMAGE_REPLICATOR_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert
+    #[arg(long, env = "IMAGE_REPLICATOR_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 fn parse_lifetime(text: &str) -> Result<Duration, String> {
@@ -275,7 +300,21 @@ pub fn run(cli: Cli) -> Result<(), String> {
                     threads: usize::from(args.workers),
                     max_bandwidth: args.max_bandwidth,
                 }),
+                tls: args.tls_cert.zip(args.tls_key),
             }));
+        }
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command, "image-replicator", &mut script);
+            return std::io::Write::write_all(&mut std::io::stdout(), &script)
+                .map_err(|e| format!("cannot write the completion script: {e}"));
+        }
+        Command::Man => {
+            let command = <Cli as clap::CommandFactory>::command();
+            return clap_mangen::Man::new(command)
+                .render(&mut std::io::stdout())
+                .map_err(|e| format!("cannot write the man page: {e}"));
         }
         Command::Job(JobCmd::Watch { job_id }) => {
             return crate::watch::run(&data_dir, job_id.as_deref())
@@ -303,7 +342,9 @@ fn absolute(path: &Path) -> Result<PathBuf, String> {
 /// The admin request for a command, and the verb its text output uses.
 fn request_for(command: Command) -> Result<(Request, &'static str), String> {
     Ok(match command {
-        Command::Serve(_) => return Err("serve is not an admin command".into()),
+        Command::Serve(_) | Command::Completions { .. } | Command::Man => {
+            return Err("not an admin command".into())
+        }
         Command::Status => (Request::Status, ""),
         Command::Region(cmd) => match cmd {
             RegionCmd::Add {

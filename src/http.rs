@@ -63,13 +63,18 @@ struct Incoming {
 enum Route<'a> {
     Jobs,
     Job(&'a str),
+    Health,
+    Metrics,
     Unknown,
 }
 
 impl Route<'_> {
     fn parse(path: &str) -> Route<'_> {
-        if path == JOBS_PATH {
-            return Route::Jobs;
+        match path {
+            JOBS_PATH => return Route::Jobs,
+            "/healthz" => return Route::Health,
+            "/metrics" => return Route::Metrics,
+            _ => {}
         }
         match path
             .strip_prefix(JOBS_PATH)
@@ -84,6 +89,8 @@ impl Route<'_> {
         match self {
             Route::Jobs => JOBS_PATH,
             Route::Job(_) => "/v2/extension/image_replicator/jobs/{job_id}",
+            Route::Health => "/healthz",
+            Route::Metrics => "/metrics",
             Route::Unknown => "(unknown)",
         }
     }
@@ -106,11 +113,15 @@ async fn handle(
             .headers_mut()
             .insert("x-openstack-request-id", value);
     }
+    let took = started.elapsed();
+    let status = response.status().as_u16();
+    svc.metrics
+        .record_request(route.template(), req.method.as_str(), status, took);
     tracing::info!(
         method = %req.method,
         route = route.template(),
-        status = response.status().as_u16(),
-        latency_us = started.elapsed().as_micros() as u64,
+        status,
+        latency_us = took.as_micros() as u64,
         request_id = %request_id,
         "request"
     );
@@ -238,14 +249,30 @@ async fn dispatch(
         }
         Route::Jobs => "GET, POST",
         Route::Job(_) => "GET, DELETE",
+        Route::Health | Route::Metrics => "GET",
     };
     let known = matches!(
         (route, &req.method),
         (Route::Jobs, &Method::GET | &Method::POST)
             | (Route::Job(_), &Method::GET | &Method::DELETE)
+            | (Route::Health | Route::Metrics, &Method::GET)
     );
     if !known {
         return Err(Failure::MethodNotAllowed(allow));
+    }
+    // The operators' routes take no token and show no tenant data.
+    match route {
+        Route::Health => return health(svc).await,
+        Route::Metrics => {
+            let svc = Arc::clone(svc);
+            let text = blocking(move || crate::metrics::render(&svc)).await?;
+            return Ok(with_type(
+                text.into_response(),
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+            ));
+        }
+        _ => {}
     }
     let who = svc
         .auth
@@ -271,6 +298,18 @@ async fn dispatch(
             Ok(warp::reply::with_status(warp::reply(), StatusCode::NO_CONTENT).into_response())
         }
         _ => Err(Failure::MethodNotAllowed(allow)),
+    }
+}
+
+/// `GET /healthz`: 200 `ok`, or 503 naming what is down.
+async fn health(svc: &Arc<Service>) -> Result<Response, Failure> {
+    let svc = Arc::clone(svc);
+    match blocking(move || Ok(svc.health())).await? {
+        Ok(()) => Ok(with_type("ok\n".into_response(), StatusCode::OK, TEXT)),
+        Err(problems) => Err(Failure::Status(
+            StatusCode::SERVICE_UNAVAILABLE,
+            sentence(&problems.join("; ")),
+        )),
     }
 }
 

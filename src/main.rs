@@ -25,18 +25,15 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
-    let default_level = if matches!(cli.command, cli::Command::Serve(_)) {
-        "info"
-    } else {
-        "warn"
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    init_logging(&cli);
+    if !matches!(cli.command, cli::Command::Serve(_)) {
+        // A command piped into `head` ends quietly, as Unix tools do, instead of panicking
+        // in println!. (The server keeps SIGPIPE ignored: its sockets report EPIPE.)
+        // SAFETY: restoring a default signal disposition has no preconditions.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
@@ -67,4 +64,28 @@ fn usage_error(e: clap::Error) -> ExitCode {
     let message = message.strip_prefix("error: ").unwrap_or(&message);
     eprintln!("image-replicator: {message} (see --help)");
     ExitCode::from(2)
+}
+
+/// Logs go to stderr (journald collects them): `--log-level`, else `RUST_LOG`, else a default.
+fn init_logging(cli: &cli::Cli) {
+    use tracing_subscriber::EnvFilter;
+    let default_level = if matches!(cli.command, cli::Command::Serve(_)) {
+        "info"
+    } else {
+        "warn"
+    };
+    let filter = match &cli.log_level {
+        Some(level) => EnvFilter::try_new(level).unwrap_or_else(|e| {
+            eprintln!("image-replicator: --log-level '{level}' is not a level or filter ({e}); using {default_level}");
+            EnvFilter::new(default_level)
+        }),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        cli::LogFormat::Json => builder.json().init(),
+        cli::LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
 }

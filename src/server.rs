@@ -29,6 +29,8 @@ pub struct ServeOptions {
     pub demo: bool,
     /// `None`: the API alone (`--no-worker`).
     pub worker: Option<WorkerConfig>,
+    /// PEM certificate chain and private key: serve HTTPS.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// Opens the store, waiting up to `wait` while another process holds its lock.
@@ -83,6 +85,10 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
             opts.listen
         )
     })?;
+    let tls = match &opts.tls {
+        Some((cert, key)) => Some(crate::net::tls_acceptor(cert, key)?),
+        None => None,
+    };
     let tcp = TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
@@ -122,40 +128,61 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
         None => None,
     };
 
-    tracing::info!(listen = %bound, data_dir = %data_dir.display(), "image-replicator serving");
-    println!("image-replicator listening on http://{bound}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(listen = %bound, scheme, data_dir = %data_dir.display(), "image-replicator serving");
+    println!("image-replicator listening on {scheme}://{bound}");
     println!("admin socket {}", socket.display());
     if opts.demo {
         println!("{}", crate::demo::instructions(bound, &data_dir));
     }
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let http = warp::serve(crate::http::routes(Arc::clone(&svc)))
-        .incoming(tcp)
-        .graceful(async {
-            let _ = stop_rx.await;
+    let routes = crate::http::routes(Arc::clone(&svc));
+    let stop = async {
+        let _ = stop_rx.await;
+    };
+    let mut http = tokio::spawn(crate::net::serve(tcp, tls, routes, stop, DRAIN));
+
+    // systemd (Type=notify): ready now, then a heartbeat at half the watchdog period.
+    notify(sd_notify::NotifyState::Ready);
+    let watchdog = sd_notify::watchdog_enabled().map(|period| {
+        tokio::spawn(async move {
+            let mut beat = tokio::time::interval(period / 2);
+            loop {
+                beat.tick().await;
+                notify(sd_notify::NotifyState::Watchdog);
+            }
         })
-        .run();
-    let mut http = tokio::spawn(http);
+    });
 
     let signal_name = tokio::select! {
         name = shutdown_signal() => name?,
         _ = &mut http => return Err("the HTTP server stopped unexpectedly".into()),
     };
     tracing::info!("{signal_name} received, shutting down");
+    notify(sd_notify::NotifyState::Stopping);
     let _ = stop_tx.send(());
     if let Some(workers) = workers {
         let _ = tokio::task::spawn_blocking(move || workers.stop(WORKER_GRACE)).await;
     }
-    if tokio::time::timeout(DRAIN, &mut http).await.is_err() {
-        tracing::warn!("connections still open after {DRAIN:?}; closing them");
+    if tokio::time::timeout(DRAIN * 2, &mut http).await.is_err() {
         http.abort();
+    }
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
     }
     admin_task.abort();
     let _ = std::fs::remove_file(&socket);
     svc.store.flush().map_err(|e| e.to_string())?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Tells systemd our state; a no-op without `NOTIFY_SOCKET`.
+fn notify(state: sd_notify::NotifyState) {
+    if let Err(e) = sd_notify::notify(&[state]) {
+        tracing::warn!("cannot notify systemd: {e}");
+    }
 }
 
 async fn shutdown_signal() -> Result<&'static str, String> {

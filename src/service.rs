@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use crate::auth::{self, Authenticator, Principal};
 use crate::error::{Result, ServiceError};
+use crate::metrics::Metrics;
 use crate::model::{
     now, now_ceil, Image, ImageStatus, Job, JobStatus, JobWire, Region, Tenant, TenantKey,
     TokenInfo, TokenRecord, User, CONTAINER_FORMATS, DISK_FORMATS, JOB_KEYS,
@@ -30,6 +31,7 @@ pub struct Service {
     pub auth: Arc<Authenticator>,
     /// Where the replication worker is woken and running copies are told of cancels.
     pub board: Arc<Board>,
+    pub metrics: Arc<Metrics>,
     pub data_dir: PathBuf,
 }
 
@@ -100,6 +102,7 @@ impl Service {
             store: Arc::new(store),
             auth: Arc::new(Authenticator::default()),
             board: Arc::new(Board::default()),
+            metrics: Arc::new(Metrics::default()),
             data_dir,
         }
     }
@@ -121,6 +124,33 @@ impl Service {
         self.store
             .region(id)?
             .ok_or_else(|| ServiceError::NotFound(format!("no region {id}")))
+    }
+
+    /// Whether the store answers and every region's image store is usable; what is not.
+    pub fn health(&self) -> std::result::Result<(), Vec<String>> {
+        let regions = match self.store.regions() {
+            Ok(regions) => regions,
+            Err(e) => {
+                tracing::warn!("health: the store fails: {e}");
+                return Err(vec!["the store is not usable".into()]);
+            }
+        };
+        let problems: Vec<String> = regions
+            .iter()
+            .filter_map(|r| {
+                let why = regions::check_writable(r).err()?;
+                tracing::warn!(region = %r.id, "health: {why}");
+                Some(format!(
+                    "the image store of region {} is down or not writable",
+                    r.id
+                ))
+            })
+            .collect();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
     }
 
     // ----- regions -----

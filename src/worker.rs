@@ -505,7 +505,13 @@ fn copy_verified(
         }
     };
     let mut persisted = (0u8, Instant::now());
+    let mut counted = 0u64;
     let mut progress = |copied: u64| {
+        ctx.svc
+            .metrics
+            .bytes_copied
+            .fetch_add(copied.saturating_sub(counted), Ordering::Relaxed);
+        counted = copied;
         let percent = (copied.min(size) * 100)
             .checked_div(size)
             .map_or(100, |p| p as u8);

@@ -1,0 +1,157 @@
+//! Counters for `GET /metrics`, written in the Prometheus text format. No tenant data: only
+//! routes, statuses, durations and totals.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::model::JobStatus;
+use crate::service::Service;
+
+/// Upper bounds of the request latency histogram, in seconds.
+const BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
+
+#[derive(Default)]
+pub struct Metrics {
+    /// (route template, method, status) → count.
+    requests: Mutex<BTreeMap<(&'static str, String, u16), u64>>,
+    /// Cumulative counts per bucket of [`BUCKETS`], then +Inf.
+    latency: [AtomicU64; BUCKETS.len() + 1],
+    latency_sum_micros: AtomicU64,
+    /// Bytes written by the replication worker.
+    pub bytes_copied: AtomicU64,
+}
+
+impl Metrics {
+    pub fn record_request(&self, route: &'static str, method: &str, status: u16, took: Duration) {
+        if let Ok(mut requests) = self.requests.lock() {
+            *requests
+                .entry((route, method.to_string(), status))
+                .or_default() += 1;
+        }
+        let secs = took.as_secs_f64();
+        for (bucket, bound) in self
+            .latency
+            .iter()
+            .zip(BUCKETS.iter().chain([&f64::INFINITY]))
+        {
+            if secs <= *bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.latency_sum_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+/// The whole exposition (blocking: it counts jobs in the store).
+pub fn render(svc: &Service) -> crate::error::Result<String> {
+    let m = &svc.metrics;
+    let mut out = String::new();
+    let w = &mut out;
+    let _ = writeln!(w, "# HELP image_replicator_http_requests_total HTTP requests by route template, method and status.");
+    let _ = writeln!(w, "# TYPE image_replicator_http_requests_total counter");
+    if let Ok(requests) = m.requests.lock() {
+        for ((route, method, status), count) in requests.iter() {
+            let _ = writeln!(
+                w,
+                "image_replicator_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {count}"
+            );
+        }
+    }
+    let _ = writeln!(
+        w,
+        "# HELP image_replicator_http_request_duration_seconds Time to answer a request."
+    );
+    let _ = writeln!(
+        w,
+        "# TYPE image_replicator_http_request_duration_seconds histogram"
+    );
+    for (bucket, bound) in m.latency.iter().zip(BUCKETS.iter()) {
+        let _ = writeln!(
+            w,
+            "image_replicator_http_request_duration_seconds_bucket{{le=\"{bound}\"}} {}",
+            bucket.load(Ordering::Relaxed)
+        );
+    }
+    let total = m.latency[BUCKETS.len()].load(Ordering::Relaxed);
+    let _ = writeln!(
+        w,
+        "image_replicator_http_request_duration_seconds_bucket{{le=\"+Inf\"}} {total}"
+    );
+    let sum = m.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+    let _ = writeln!(
+        w,
+        "image_replicator_http_request_duration_seconds_sum {sum}"
+    );
+    let _ = writeln!(
+        w,
+        "image_replicator_http_request_duration_seconds_count {total}"
+    );
+
+    let by_status: RefCell<BTreeMap<&'static str, u64>> =
+        RefCell::new(JobStatus::ALL.iter().map(|s| (s.as_str(), 0)).collect());
+    svc.store.jobs(
+        None,
+        None,
+        |job| {
+            *by_status
+                .borrow_mut()
+                .entry(job.wire.status.as_str())
+                .or_default() += 1;
+            false
+        },
+        usize::MAX,
+    )?;
+    let by_status = by_status.into_inner();
+    let _ = writeln!(
+        w,
+        "# HELP image_replicator_jobs Jobs in the store by status."
+    );
+    let _ = writeln!(w, "# TYPE image_replicator_jobs gauge");
+    for (status, count) in by_status {
+        let _ = writeln!(w, "image_replicator_jobs{{status=\"{status}\"}} {count}");
+    }
+    let auth = svc.auth.stats();
+    let gauges: [(&str, &str, &str, u64); 5] = [
+        (
+            "image_replicator_copied_bytes_total",
+            "counter",
+            "Bytes copied by the replication worker.",
+            m.bytes_copied.load(Ordering::Relaxed),
+        ),
+        (
+            "image_replicator_active_copies",
+            "gauge",
+            "Copies running now.",
+            svc.board.active() as u64,
+        ),
+        (
+            "image_replicator_argon2_verifications_total",
+            "counter",
+            "argon2id token verifications.",
+            auth.argon2_verifications,
+        ),
+        (
+            "image_replicator_token_cache_hits_total",
+            "counter",
+            "Requests whose token was found in the cache.",
+            auth.cache_hits,
+        ),
+        (
+            "image_replicator_token_cache_misses_total",
+            "counter",
+            "Requests whose token was not in the cache.",
+            auth.cache_misses,
+        ),
+    ];
+    for (name, kind, help, value) in gauges {
+        let _ = writeln!(w, "# HELP {name} {help}");
+        let _ = writeln!(w, "# TYPE {name} {kind}");
+        let _ = writeln!(w, "{name} {value}");
+    }
+    Ok(out)
+}
