@@ -140,6 +140,11 @@ impl Lab {
 
     /// Starts `serve` with extra arguments on 127.0.0.1:0.
     pub fn serve_with(&self, args: &[&str]) -> Server {
+        self.serve_env(args, &[])
+    }
+
+    /// Starts `serve` with extra arguments and environment variables on 127.0.0.1:0.
+    pub fn serve_env(&self, args: &[&str], env: &[(&str, &str)]) -> Server {
         let log = self.dir.path().join("server.log");
         let stderr = std::fs::OpenOptions::new()
             .create(true)
@@ -151,6 +156,7 @@ impl Lab {
             .arg(self.data_dir())
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
