@@ -19,7 +19,7 @@ fn systemd_hears_ready_then_watchdog_beats_then_stopping() {
         .expect("timeout");
     let path = socket_path.to_str().expect("path");
     let mut server = lab.serve_env(&[], &[("NOTIFY_SOCKET", path), ("WATCHDOG_USEC", "200000")]);
-    let mut receive = || {
+    let receive = || {
         let mut buf = [0u8; 256];
         let n = socket.recv(&mut buf).expect("a notification");
         String::from_utf8_lossy(&buf[..n]).trim().to_string()
