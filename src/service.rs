@@ -767,6 +767,7 @@ impl Service {
         self.store.insert_jobs(&[(owner, job.clone())])?;
         self.flush()?;
         self.board.wake();
+        tracing::info!(job = %job.wire.job_id, image = %image_uuid, to = %job.wire.destination_tenant_id, "replicate_requested");
         Ok(job)
     }
 
@@ -806,6 +807,7 @@ impl Service {
         let updated = updated.ok_or_else(|| ServiceError::NotFound(format!("no job {id}")))?;
         self.flush()?;
         self.board.cancel(updated.wire.job_id);
+        tracing::info!(job = %updated.wire.job_id, "cancel_requested");
         Ok(updated)
     }
 }
