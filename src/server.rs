@@ -55,7 +55,33 @@ pub fn create_data_dir(dir: &Path) -> std::io::Result<()> {
         .create(dir)
 }
 
+/// Raises the soft limit on open files to the hard limit (at most 65,536): every connection
+/// is a descriptor, and the usual soft limit of 1,024 is far below what a server needs.
+fn raise_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        let wanted = limit.rlim_max.min(65_536);
+        if limit.rlim_cur < wanted {
+            limit.rlim_cur = wanted;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::warn!(
+                    "cannot raise the open-file limit: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
+}
+
 pub async fn run(opts: ServeOptions) -> Result<(), String> {
+    raise_file_limit();
     create_data_dir(&opts.data_dir).map_err(|e| {
         format!(
             "cannot create the data directory {}: {e}",
