@@ -50,6 +50,39 @@ pub struct Store {
     jobs_by_seq: Tree,
     jobs_by_tenant: Tree,
     queue: Tree,
+    durability: Durability,
+}
+
+/// sled 0.34 makes its log stable with `sync_file_range`, which neither writes the file's
+/// metadata nor flushes the drive's write cache: enough for a process crash, not for a power
+/// cut. So after sled's flush the log file is also `fdatasync`ed. Concurrent callers share
+/// one sync: whoever holds the lock syncs for everyone who had finished writing before it.
+struct Durability {
+    log: std::fs::File,
+    /// Callers that finished their sled flush so far.
+    written: std::sync::atomic::AtomicU64,
+    /// How many of those the last completed `fdatasync` covered.
+    synced: std::sync::Mutex<u64>,
+}
+
+impl Durability {
+    fn sync(&self) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        let mine = self.written.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut synced = self
+            .synced
+            .lock()
+            .map_err(|_| ServiceError::Internal("the sync lock is poisoned".into()))?;
+        if *synced >= mine {
+            return Ok(());
+        }
+        let covered = self.written.load(Ordering::SeqCst);
+        self.log
+            .sync_data()
+            .map_err(|e| ServiceError::internal("cannot sync the store to disk", e))?;
+        *synced = covered;
+        Ok(())
+    }
 }
 
 /// What a job update does to an image in the same transaction.
@@ -130,7 +163,16 @@ impl Store {
                 reason: e.to_string(),
             })
         };
+        let log = std::fs::File::open(path.join("db")).map_err(|e| OpenError::Other {
+            path: shown.clone(),
+            reason: format!("cannot open its log for syncing: {e}"),
+        })?;
         Ok(Store {
+            durability: Durability {
+                log,
+                written: Default::default(),
+                synced: Default::default(),
+            },
             regions: tree("regions")?,
             tenants: tree("tenants")?,
             users: tree("users")?,
@@ -146,10 +188,10 @@ impl Store {
         })
     }
 
-    /// Makes everything written so far durable.
+    /// Makes everything written so far durable, power cuts included.
     pub fn flush(&self) -> Result<()> {
         self.db.flush()?;
-        Ok(())
+        self.durability.sync()
     }
 
     /// A new, strictly increasing sequence number (creation order of jobs).
