@@ -1,7 +1,6 @@
 //! Counters for `GET /metrics`, written in the Prometheus text format. No tenant data: only
 //! routes, statuses, durations and totals.
 
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -92,27 +91,14 @@ pub fn render(svc: &Service) -> crate::error::Result<String> {
         "image_replicator_http_request_duration_seconds_count {total}"
     );
 
-    let by_status: RefCell<BTreeMap<&'static str, u64>> =
-        RefCell::new(JobStatus::ALL.iter().map(|s| (s.as_str(), 0)).collect());
-    svc.store.jobs(
-        None,
-        None,
-        |job| {
-            *by_status
-                .borrow_mut()
-                .entry(job.wire.status.as_str())
-                .or_default() += 1;
-            false
-        },
-        usize::MAX,
-    )?;
-    let by_status = by_status.into_inner();
+    let counts = svc.store.job_status_counts()?;
     let _ = writeln!(
         w,
         "# HELP image_replicator_jobs Jobs in the store by status."
     );
     let _ = writeln!(w, "# TYPE image_replicator_jobs gauge");
-    for (status, count) in by_status {
+    for status in JobStatus::ALL {
+        let count = counts.get(&status).copied().unwrap_or(0);
         let _ = writeln!(w, "image_replicator_jobs{{status=\"{status}\"}} {count}");
     }
     let auth = svc.auth.stats();

@@ -523,6 +523,22 @@ impl Store {
         Ok(out)
     }
 
+    /// How many jobs there are in each status. Decodes only the status of each record.
+    pub fn job_status_counts(
+        &self,
+    ) -> Result<std::collections::BTreeMap<crate::model::JobStatus, u64>> {
+        #[derive(serde::Deserialize)]
+        struct StatusOnly {
+            status: crate::model::JobStatus,
+        }
+        let mut counts = std::collections::BTreeMap::new();
+        for value in self.jobs.iter().values() {
+            let job: StatusOnly = decode(&value?)?;
+            *counts.entry(job.status).or_default() += 1;
+        }
+        Ok(counts)
+    }
+
     /// Whether any job names `key` as its source or destination tenant.
     pub fn tenant_has_jobs(&self, key: TenantKey, id_as_stored: &str) -> Result<Option<Uuid>> {
         if let Some(entry) = self.jobs_by_tenant.scan_prefix(key.0).next() {
