@@ -315,9 +315,9 @@ impl FromStr for JobStatus {
     }
 }
 
-/// The ten keys of the API's job object, in wire order.
+/// The ten keys of the API's job object, in wire order. Decoding a stored [`Job`] as a
+/// `JobWire` skips its other keys.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct JobWire {
     pub copy_progress: u8,
     pub destination_image_id: Option<Uuid>,

@@ -550,7 +550,7 @@ impl Service {
         let busy = self.store.jobs(
             Some(owner),
             None,
-            |j| {
+            |j: &Job| {
                 !j.wire.status.is_terminal()
                     && (j.wire.source_image_id == image.id
                         || j.wire.destination_image_id == Some(image.id))
@@ -624,7 +624,7 @@ impl Service {
         self.store.jobs(
             key,
             None,
-            |j| status.is_none_or(|s| j.wire.status == s),
+            |j: &Job| status.is_none_or(|s| j.wire.status == s),
             usize::MAX,
         )
     }
@@ -666,7 +666,7 @@ impl Service {
         status: Option<JobStatus>,
         marker: Option<&str>,
         limit: Option<usize>,
-    ) -> Result<Vec<Job>> {
+    ) -> Result<Vec<JobWire>> {
         let after = match marker {
             Some(m) => {
                 let job = self.visible_job(Some(who), m).map_err(|_| {
@@ -680,7 +680,7 @@ impl Service {
         self.store.jobs(
             scope,
             after,
-            |j| status.is_none_or(|s| j.wire.status == s),
+            |j: &JobWire| status.is_none_or(|s| j.status == s),
             limit.unwrap_or(usize::MAX),
         )
     }
@@ -827,6 +827,11 @@ fn parse_seed_entry(
     let object = entry.as_object().ok_or("not a JSON object")?;
     if let Some(missing) = JOB_KEYS.iter().find(|k| !object.contains_key(**k)) {
         return Err(format!("key \"{missing}\" is missing"));
+    }
+    if let Some(unknown) = object.keys().find(|k| !JOB_KEYS.contains(&k.as_str())) {
+        return Err(format!(
+            "unknown key \"{unknown}\"; a job has exactly the ten keys of the list response"
+        ));
     }
     let wire: JobWire = serde_json::from_value(entry.clone()).map_err(|e| e.to_string())?;
     if wire.copy_progress > 100 {

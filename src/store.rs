@@ -490,14 +490,15 @@ impl Store {
     }
 
     /// Jobs in creation order, of one source tenant or of all, after the job with sequence
-    /// number `after`, that pass `keep`, at most `limit` of them.
-    pub fn jobs(
+    /// number `after`, that pass `keep`, at most `limit` of them. `T` is [`Job`], or
+    /// [`JobWire`](crate::model::JobWire) when only the API's ten keys are needed (cheaper).
+    pub fn jobs<T: DeserializeOwned>(
         &self,
         tenant: Option<TenantKey>,
         after: Option<u64>,
-        keep: impl Fn(&Job) -> bool,
+        keep: impl Fn(&T) -> bool,
         limit: usize,
-    ) -> Result<Vec<Job>> {
+    ) -> Result<Vec<T>> {
         let start = after.map_or(0, |s| s.saturating_add(1));
         if after == Some(u64::MAX) {
             return Ok(Vec::new());
@@ -514,7 +515,7 @@ impl Store {
                 break;
             }
             let (_, id) = entry?;
-            if let Some(job) = Self::get::<Job>(&self.jobs, &id)? {
+            if let Some(job) = Self::get::<T>(&self.jobs, &id)? {
                 if keep(&job) {
                     out.push(job);
                 }
