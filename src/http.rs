@@ -190,8 +190,33 @@ impl Failure {
     }
 }
 
-/// A message as one sentence: capital first letter, final full stop.
+/// A request whose target is not a path (`CONNECT host:port`, absolute or authority form):
+/// answered before warp sees it, in the same plain-text shape.
+pub fn bad_target() -> Response {
+    let mut response = error_response(
+        StatusCode::BAD_REQUEST,
+        "The request target must be a path such as /v2/extension/image_replicator/jobs.",
+    );
+    if let Ok(id) = HeaderValue::from_str(&format!("req-{}", uuid::Uuid::new_v4())) {
+        response.headers_mut().insert("x-openstack-request-id", id);
+    }
+    response
+}
+
+/// A message as one sentence: capital first letter, final full stop, control characters
+/// escaped (they may come from the request and must not shape the response).
 fn sentence(message: &str) -> String {
+    let message: String = message
+        .chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect();
     let mut chars = message.chars();
     let mut out: String = match chars.next() {
         Some(first) => first.to_uppercase().chain(chars).collect(),

@@ -7,13 +7,14 @@
 //! - at most [`MAX_CONNECTIONS`] connections at once; beyond that new ones are closed at once;
 //! - on shutdown the listener closes and open connections finish their current request.
 
+use std::convert::Infallible;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
@@ -81,7 +82,17 @@ pub async fn serve<F>(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(warp::service(filter.clone()));
+        let warp_service = warp::service(filter.clone());
+        let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+            let mut warp_service = warp_service.clone();
+            async move {
+                // warp assumes an origin-form target (`/path?query`); anything else stops here.
+                if req.uri().path_and_query().is_none() {
+                    return Ok::<_, Infallible>(crate::http::bad_target());
+                }
+                tower_service::Service::call(&mut warp_service, req).await
+            }
+        });
         let watcher = graceful.watcher();
         let tls = tls.clone();
         tokio::spawn(async move {
