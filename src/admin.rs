@@ -297,12 +297,14 @@ pub fn send(
     let broken = |e: std::io::Error| format!("the server's admin socket failed: {e}");
     let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
     line.push(b'\n');
-    stream.write_all(&line).map_err(broken)?;
+    // A server that refuses the peer answers at once and closes, so the write may fail while
+    // its reply already waits to be read: read it before reporting the write error.
+    let written = stream.write_all(&line);
     let mut reply = String::new();
-    BufReader::new(stream)
-        .read_line(&mut reply)
-        .map_err(broken)?;
+    let read = BufReader::new(stream).read_line(&mut reply);
     if reply.is_empty() {
+        written.map_err(broken)?;
+        read.map_err(broken)?;
         return Err("the server closed the admin connection without replying".into());
     }
     serde_json::from_str(&reply).map_err(|e| format!("unreadable reply from the server: {e}"))

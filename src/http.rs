@@ -23,6 +23,8 @@ use crate::service::Service;
 pub const JOBS_PATH: &str = "/v2/extension/image_replicator/jobs";
 /// Largest request body accepted (413 beyond).
 pub const BODY_LIMIT: usize = 16 * 1024;
+/// Longest a request body may take to arrive (408 beyond).
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 const JSON: &str = "application/json; charset=UTF-8";
 const TEXT: &str = "text/plain; charset=UTF-8";
@@ -180,7 +182,10 @@ impl Failure {
             ),
         };
         let mut response = error_response(status, &sentence);
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
+        if matches!(
+            status,
+            StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT
+        ) {
             // The rest of the body was never read: the connection cannot carry another request.
             response
                 .headers_mut()
@@ -479,14 +484,27 @@ async fn read_body(
     if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
         return Err(too_large());
     }
-    let mut buf = BytesMut::new();
-    while let Some(chunk) = body.next().await {
-        let chunk =
-            chunk.map_err(|e| bad_request(format!("the request body could not be read: {e}")))?;
-        if buf.len() + chunk.remaining() > BODY_LIMIT {
-            return Err(too_large());
+    let read = async {
+        let mut buf = BytesMut::new();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk
+                .map_err(|e| bad_request(format!("the request body could not be read: {e}")))?;
+            if buf.len() + chunk.remaining() > BODY_LIMIT {
+                return Err(too_large());
+            }
+            buf.put(chunk);
         }
-        buf.put(chunk);
-    }
-    Ok(buf)
+        Ok(buf)
+    };
+    tokio::time::timeout(BODY_TIMEOUT, read)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Failure::Status(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "The request body did not arrive within {} seconds.",
+                    BODY_TIMEOUT.as_secs()
+                ),
+            ))
+        })
 }

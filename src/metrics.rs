@@ -16,7 +16,7 @@ const BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 #[derive(Default)]
 pub struct Metrics {
     /// (route template, method, status) → count.
-    requests: Mutex<BTreeMap<(&'static str, String, u16), u64>>,
+    requests: Mutex<BTreeMap<(&'static str, &'static str, u16), u64>>,
     /// Cumulative counts per bucket of [`BUCKETS`], then +Inf.
     latency: [AtomicU64; BUCKETS.len() + 1],
     latency_sum_micros: AtomicU64,
@@ -26,10 +26,16 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn record_request(&self, route: &'static str, method: &str, status: u16, took: Duration) {
+        // Methods are labels: only the standard ones, so made-up methods cannot grow the map.
+        const METHODS: [&str; 9] = [
+            "GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE",
+        ];
+        let method = METHODS
+            .into_iter()
+            .find(|m| *m == method)
+            .unwrap_or("other");
         if let Ok(mut requests) = self.requests.lock() {
-            *requests
-                .entry((route, method.to_string(), status))
-                .or_default() += 1;
+            *requests.entry((route, method, status)).or_default() += 1;
         }
         let secs = took.as_secs_f64();
         for (bucket, bound) in self
