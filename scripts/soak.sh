@@ -33,8 +33,10 @@ for suite in reliability hostile; do
     cargo test --release --locked --test "$suite" -- --nocapture --test-threads=1 >"$OUT/$suite.log" 2>&1
     status=$?
     echo "== $suite: exit $status after $(( $(date +%s) - started )) s"
-    grep -E '^test .* \.\.\. (ok|FAILED)$' "$OUT/$suite.log" | sed 's/^/   /'
-    grep '^figures:' "$OUT/$suite.log" | sed 's/^/   /'
+    grep -E '^test result' "$OUT/$suite.log" | sed 's/^/   /'
+    # The second "failures:" heading lists the failed tests' names.
+    awk '/^failures:$/ { n++ } n == 2 && /^    [a-z]/ { print "   FAILED " $1 }' "$OUT/$suite.log"
+    grep -o 'figures: .*' "$OUT/$suite.log" | sed 's/^/   /'
     [ "$status" -eq 0 ] || failed=1
 done
 

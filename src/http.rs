@@ -227,7 +227,7 @@ fn sentence(message: &str) -> String {
         Some(first) => first.to_uppercase().chain(chars).collect(),
         None => String::new(),
     };
-    if !out.ends_with(['.', '!', '?']) {
+    if !out.ends_with('.') {
         out.push('.');
     }
     out

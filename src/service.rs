@@ -651,7 +651,9 @@ impl Service {
     /// A job the caller may see (`None`: the admin CLI, sees all), else 404.
     fn visible_job(&self, who: Option<&Principal>, id: &str) -> Result<Job> {
         let missing = || ServiceError::NotFound(format!("no job {id}"));
-        let uuid = Uuid::try_parse(id).map_err(|_| missing())?;
+        // A path segment that is not even a UUID is quoted: it is the client's text.
+        let uuid = Uuid::try_parse(id)
+            .map_err(|_| ServiceError::NotFound(format!("no job with the id \"{id}\"")))?;
         let job = self.store.job(uuid)?.ok_or_else(missing)?;
         if may_see(who, &job) {
             Ok(job)

@@ -1108,8 +1108,10 @@ fn malformed_http_gets_a_4xx_or_a_close_never_a_5xx() {
     );
 }
 
+/// The client's input must not shape the answer: control characters it sends are not echoed
+/// raw, and input ending in `!` or `?` does not stand in for the sentence's full stop.
 #[test]
-fn error_sentences_never_echo_control_characters() {
+fn error_sentences_are_not_shaped_by_client_input() {
     let mut f = fixture();
     let img = f.image.clone();
     let alice = f.alice.clone();
@@ -1147,10 +1149,24 @@ fn error_sentences_never_echo_control_characters() {
             Expect::Shape(400),
         ));
     }
+    for id in ["!", "wow!", "what%3F"] {
+        for method in ["GET", "DELETE"] {
+            cases.push(case(
+                format!("{method} job {id}"),
+                request(
+                    method,
+                    &format!("{JOBS}/{id}"),
+                    &[("X-Auth-Token", alice.as_bytes())],
+                    None,
+                ),
+                Expect::Shape(404),
+            ));
+        }
+    }
     let (_, mut problems) = run(&f, &cases);
     problems.extend(final_health(&mut f));
     figures(
-        "echoed control characters",
+        "sentences shaped by input",
         &[
             ("cases", cases.len().to_string()),
             ("problems", problems.len().to_string()),
@@ -1164,29 +1180,46 @@ fn error_sentences_never_echo_control_characters() {
     );
 }
 
+/// A target that is not a path (authority form, whatever the method) never reaches warp's
+/// path filters, which panic on it: a 4xx in the plain-text shape, and no panic in the log.
 #[test]
-fn connect_with_an_authority_target_gets_a_4xx_not_a_panic() {
+fn a_request_target_without_a_path_gets_a_4xx_not_a_panic() {
     let mut f = fixture();
+    let raw = |method: &str, target: &str| {
+        format!(
+            "{method} {target} HTTP/1.1\r\nHost: {target}\r\nX-Auth-Token: {}\r\n\
+             Content-Length: 0\r\nConnection: close\r\n\r\n",
+            f.alice
+        )
+        .into_bytes()
+    };
     let cases = vec![
         case(
             "CONNECT host:port",
-            b"CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\n".to_vec(),
+            raw("CONNECT", "127.0.0.1:22"),
             Expect::AnyShape4xx,
         ),
         case(
-            "CONNECT name:443 with a token",
-            format!(
-                "CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\nX-Auth-Token: {}\r\n\r\n",
-                f.alice
-            )
-            .into_bytes(),
+            "CONNECT name:443",
+            raw("CONNECT", "evil.example:443"),
             Expect::AnyShape4xx,
         ),
+        case(
+            "GET host:port",
+            raw("GET", "127.0.0.1:22"),
+            Expect::AnyShape4xx,
+        ),
+        case(
+            "POST name:80",
+            raw("POST", "evil.example:80"),
+            Expect::AnyShape4xx,
+        ),
+        case("DELETE a:1", raw("DELETE", "a:1"), Expect::AnyShape4xx),
     ];
     let (seen, mut problems) = run(&f, &cases);
     problems.extend(final_health(&mut f));
     figures(
-        "CONNECT authority-form",
+        "targets without a path",
         &[("answers", format!("{seen:?}").replace(' ', ""))],
     );
     assert!(
