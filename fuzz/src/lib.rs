@@ -14,9 +14,9 @@
 //! - through the whole HTTP filter (`check_route`): never a 5xx, every error in the plain-text
 //!   shape with a request id, every 401 the reference's 44 bytes.
 //!
-//! With `FUZZ_STRICT_SENTENCES=1` the sentence must also hold no control character and end
-//! with a full stop, whatever the client sent (see RELIABILITY.md: client input ending in `!`
-//! still ends the sentence). With `FUZZ_KNOWN_BUGS=1` request targets without a path
+//! With `FUZZ_STRICT_SENTENCES=1` an HTTP error sentence must also hold no control character
+//! and end with a full stop of its own, whatever the client sent (RELIABILITY.md, findings 2
+//! and 7, both fixed). With `FUZZ_KNOWN_BUGS=1` request targets without a path
 //! (`CONNECT host:port`) reach the filter too: warp 0.4.3 panics on them (seanmonstar/warp#1166),
 //! which is why the server's accept loop (`src/net.rs`) answers them before warp.
 
@@ -50,16 +50,11 @@ fn known_bugs() -> bool {
     *KNOWN.get_or_init(|| std::env::var_os("FUZZ_KNOWN_BUGS").is_some())
 }
 
+/// A refusal is a 400 that says something. (Its text may quote the input, control characters
+/// included: the HTTP door escapes them when it makes the sentence, checked by `check_route`.)
 fn check_refusal(e: &ServiceError, input: &dyn std::fmt::Debug) {
     assert_eq!(e.status(), 400, "{input:?} refused with {e:?}");
-    let text = e.to_string();
-    assert!(!text.is_empty(), "{input:?}: empty message");
-    if strict() {
-        assert!(
-            !text.chars().any(char::is_control),
-            "{input:?}: the message {text:?} holds a control character"
-        );
-    }
+    assert!(!e.to_string().is_empty(), "{input:?}: empty message");
 }
 
 /// Every parser and validator on one input.
@@ -298,9 +293,7 @@ pub fn check_route(data: &[u8]) {
         1 | 2 => request = request.header("content-type", "application/json"),
         _ => request = request.header("content-type", "text/plain"),
     }
-    let response = lab
-        .runtime
-        .block_on(request.body(body.to_vec()).reply(&lab.filter));
+    let response = lab.runtime.block_on(request.body(body).reply(&lab.filter));
     check_response(&path, &response);
 }
 
