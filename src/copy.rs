@@ -1,7 +1,7 @@
-//! The copy engine: streams a file into another while computing MD5 and SHA-512.
+//! The copy engine: streams bytes into a file (or any sink) while computing SHA-512 (and MD5).
 //!
 //! Reading and writing happen on the calling thread; each chunk is shared (not copied) with
-//! two hashing threads through bounded channels, so hashing overlaps the I/O and memory stays
+//! the hashing threads through bounded channels, so hashing overlaps the I/O and memory stays
 //! at a few chunks whatever the file size. Blocks of zeros are not written, so holes stay
 //! holes (like `cp --sparse=always`), and the file is extended to its full length at the end.
 
@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use md5::Md5;
 use sha2::{Digest, Sha512};
 
-use crate::regions::Written;
+/// A chunk of an image, shared by the writer and the hashing threads.
+pub type Chunk = Arc<Vec<u8>>;
 
 /// Read unit of copies.
 pub const CHUNK: usize = 1 << 20;
@@ -87,7 +88,7 @@ pub struct Control<'a> {
     pub limiter: Option<&'a RateLimiter>,
 }
 
-fn hash_thread<D: Digest>(rx: Receiver<Arc<Vec<u8>>>) -> Vec<u8> {
+fn hash_thread<D: Digest>(rx: Receiver<Chunk>) -> Vec<u8> {
     let mut digest = D::new();
     for chunk in rx {
         digest.update(chunk.as_slice());
@@ -154,19 +155,30 @@ fn throttle(ctl: &Control, n: usize) -> Result<(), CopyError> {
     }
 }
 
-/// Copies `input` into a new file `dest` (which must not exist), fsyncs it, and returns its
-/// size and hashes. On failure `dest` may remain; the caller removes it.
-pub fn copy_into(
+/// What a stream yields besides its bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Digests {
+    pub size: u64,
+    /// MD5, hex, when asked for: only imports need it (a copy's equal SHA-512 proves the bytes
+    /// equal, so it takes the source's MD5 and saves a third of its CPU).
+    pub md5: Option<String>,
+    pub sha512: String,
+}
+
+/// Reads `input` to its end in chunks, hands each chunk and its offset to `out`, and hashes
+/// it with SHA-512 (and MD5 if `with_md5`) on separate threads meanwhile.
+pub fn stream(
     input: &mut dyn Read,
-    dest: &Path,
+    out: &mut dyn FnMut(&Chunk, u64) -> io::Result<()>,
     ctl: &mut Control,
-) -> Result<Written, CopyError> {
-    let out = File::create_new(dest)?;
-    let (md5_tx, md5_rx) = sync_channel::<Arc<Vec<u8>>>(IN_FLIGHT);
-    let (sha_tx, sha_rx) = sync_channel::<Arc<Vec<u8>>>(IN_FLIGHT);
+    with_md5: bool,
+) -> Result<Digests, CopyError> {
+    let (sha_tx, sha_rx) = sync_channel::<Chunk>(IN_FLIGHT);
+    let (md5_tx, md5_rx) = sync_channel::<Chunk>(IN_FLIGHT);
+    let md5_tx = with_md5.then_some(md5_tx);
     std::thread::scope(|scope| {
-        let md5 = scope.spawn(move || hash_thread::<Md5>(md5_rx));
         let sha = scope.spawn(move || hash_thread::<Sha512>(sha_rx));
+        let md5 = with_md5.then(|| scope.spawn(move || hash_thread::<Md5>(md5_rx)));
         let mut size = 0u64;
         let copied = (|| -> Result<(), CopyError> {
             loop {
@@ -182,34 +194,53 @@ pub fn copy_into(
                 throttle(ctl, n)?;
                 let chunk = Arc::new(buf);
                 let hashers_gone = || io::Error::other("a hashing thread stopped");
-                md5_tx
-                    .send(Arc::clone(&chunk))
-                    .map_err(|_| hashers_gone())?;
                 sha_tx
                     .send(Arc::clone(&chunk))
                     .map_err(|_| hashers_gone())?;
-                write_sparse(&out, &chunk, size)?;
+                if let Some(tx) = &md5_tx {
+                    tx.send(Arc::clone(&chunk)).map_err(|_| hashers_gone())?;
+                }
+                out(&chunk, size)?;
                 size += n as u64;
                 (ctl.progress)(size);
             }
         })();
-        drop(md5_tx);
         drop(sha_tx);
-        let md5 = md5
-            .join()
-            .map_err(|_| io::Error::other("the MD5 thread panicked"))?;
+        drop(md5_tx);
         let sha = sha
             .join()
             .map_err(|_| io::Error::other("the SHA-512 thread panicked"))?;
+        let md5 = md5
+            .map(|t| t.join())
+            .transpose()
+            .map_err(|_| io::Error::other("the MD5 thread panicked"))?;
         copied?;
-        out.set_len(size)?;
-        out.sync_all()?;
-        Ok(Written {
+        Ok(Digests {
             size,
-            md5: crate::auth::to_hex(&md5),
+            md5: md5.map(|d| crate::auth::to_hex(&d)),
             sha512: crate::auth::to_hex(&sha),
         })
     })
+}
+
+/// Copies `input` into a new file `dest` (which must not exist) with its holes, fsyncs it,
+/// and returns its size and hashes. On failure `dest` may remain; the caller removes it.
+pub fn copy_into(
+    input: &mut dyn Read,
+    dest: &Path,
+    ctl: &mut Control,
+    with_md5: bool,
+) -> Result<Digests, CopyError> {
+    let out = File::create_new(dest)?;
+    let digests = stream(
+        input,
+        &mut |chunk, offset| write_sparse(&out, chunk, offset),
+        ctl,
+        with_md5,
+    )?;
+    out.set_len(digests.size)?;
+    out.sync_all()?;
+    Ok(digests)
 }
 
 #[cfg(test)]
@@ -240,11 +271,12 @@ mod tests {
                 progress: &mut |n| seen.push(n),
                 limiter: None,
             },
+            true,
         )
         .expect("copy");
         assert_eq!(std::fs::read(&dest).expect("read dest"), data);
         assert_eq!(written.size, data.len() as u64);
-        assert_eq!(written.md5, crate::auth::to_hex(&Md5::digest(&data)));
+        assert_eq!(written.md5, Some(crate::auth::to_hex(&Md5::digest(&data))));
         assert_eq!(written.sha512, crate::auth::to_hex(&Sha512::digest(&data)));
         assert!(seen.windows(2).all(|w| w[0] < w[1]));
         use std::os::unix::fs::MetadataExt;
@@ -270,6 +302,7 @@ mod tests {
                 progress: &mut |_| chunks.set(chunks.get() + 1),
                 limiter: None,
             },
+            false,
         );
         assert!(matches!(result, Err(CopyError::Stopped(Stop::Cancel))));
         assert_eq!(chunks.get(), 2);

@@ -313,13 +313,13 @@ async fn dispatch(
         (Route::Jobs, &Method::GET) => {
             // A tenant's list reads only its own jobs through its index: quick enough to run
             // here. An admin's reads every job, so it leaves the executor.
-            let jobs = if who.admin {
+            let body = if who.admin {
                 let (svc, query) = (Arc::clone(svc), req.query.clone());
                 blocking(move || list(&svc, &who, &query)).await?
             } else {
                 list(svc, &who, &req.query)?
             };
-            json_response(StatusCode::OK, &jobs)
+            Ok(with_type(Response::new(body.into()), StatusCode::OK, JSON))
         }
         (Route::Jobs, &Method::POST) => create(svc, who, &req.headers, body).await,
         (Route::Job(id), &Method::GET) => {
@@ -398,13 +398,9 @@ pub fn parse_list_query(query: &str) -> Result<ListQuery, ServiceError> {
     Ok(parsed)
 }
 
-fn list(
-    svc: &Service,
-    who: &Principal,
-    query: &str,
-) -> Result<Vec<crate::model::JobWire>, ServiceError> {
+fn list(svc: &Service, who: &Principal, query: &str) -> Result<bytes::Bytes, ServiceError> {
     let q = parse_list_query(query)?;
-    svc.list_jobs(who, q.status, q.marker.as_deref(), q.limit)
+    svc.list_jobs_body(who, q.status, q.marker.as_deref(), q.limit)
 }
 
 /// The body of a copy request: exactly these two string keys.

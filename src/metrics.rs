@@ -97,7 +97,7 @@ pub fn render(svc: &Service) -> crate::error::Result<String> {
         "image_replicator_http_request_duration_seconds_count {total}"
     );
 
-    let counts = svc.store.job_status_counts()?;
+    let counts = svc.job_status_counts()?;
     let _ = writeln!(
         w,
         "# HELP image_replicator_jobs Jobs in the store by status."

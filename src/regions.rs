@@ -11,19 +11,9 @@ use std::path::PathBuf;
 
 use uuid::Uuid;
 
-use crate::copy::{copy_into, Control, CopyError};
+use crate::copy::{copy_into, Control, CopyError, Digests};
 
 use crate::model::Region;
-
-/// What streaming an image's bytes yields.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Written {
-    pub size: u64,
-    /// MD5, hex (Glance's `checksum`).
-    pub md5: String,
-    /// SHA-512, hex (Glance's `os_hash_value`).
-    pub sha512: String,
-}
 
 pub fn image_path(region: &Region, id: Uuid) -> PathBuf {
     region.dir.join(id.to_string())
@@ -66,14 +56,14 @@ pub fn check_writable(region: &Region) -> Result<(), String> {
 
 /// Streams `source` into the image file for `id` in `region`, computing size, MD5 and SHA-512.
 /// On any failure nothing is left under either name.
-pub fn write_image(region: &Region, id: Uuid, source: &mut dyn Read) -> io::Result<Written> {
+pub fn write_image(region: &Region, id: Uuid, source: &mut dyn Read) -> io::Result<Digests> {
     let temp = temp_path(region, id);
     let mut control = Control {
         stop: &|| None,
         progress: &mut |_| {},
         limiter: None,
     };
-    let result = copy_into(source, &temp, &mut control)
+    let result = copy_into(source, &temp, &mut control, true)
         .map_err(|e| match e {
             CopyError::Io(e) => e,
             CopyError::Stopped(_) => io::Error::other("the copy was stopped"),

@@ -4,15 +4,17 @@
 //! Everything here blocks (sled, files, argon2): async callers use `spawn_blocking`.
 //! Anything reported as done is flushed to disk before the function returns.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::auth::{self, Authenticator, Principal};
+use crate::cache::JobsCache;
 use crate::error::{Result, ServiceError};
 use crate::metrics::Metrics;
 use crate::model::{
@@ -33,7 +35,22 @@ pub struct Service {
     pub board: Arc<Board>,
     pub metrics: Arc<Metrics>,
     pub data_dir: PathBuf,
+    /// Encoded `GET /jobs` bodies and the counts by status, while no job changes.
+    list_bodies: JobsCache<ListKey, Bytes>,
+    status_counts: JobsCache<(), BTreeMap<JobStatus, u64>>,
 }
+
+/// Who asked for a job list (a tenant, or an admin: `None`) and with what query.
+#[derive(PartialEq, Eq, Hash)]
+struct ListKey {
+    scope: Option<TenantKey>,
+    status: Option<JobStatus>,
+    marker: Option<String>,
+    limit: Option<usize>,
+}
+
+/// Larger list bodies are not kept (an admin's list of everything, say).
+const MAX_KEPT_LIST_BODY: usize = 16 * 1024;
 
 /// What `job seed` did.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -104,6 +121,8 @@ impl Service {
             board: Arc::new(Board::default()),
             metrics: Arc::new(Metrics::default()),
             data_dir,
+            list_bodies: JobsCache::default(),
+            status_counts: JobsCache::default(),
         }
     }
 
@@ -497,7 +516,7 @@ impl Service {
             Ok(written) => {
                 image.status = ImageStatus::Active;
                 image.size = written.size;
-                image.checksum = Some(written.md5);
+                image.checksum = written.md5;
                 image.os_hash_algo = Some("sha512".into());
                 image.os_hash_value = Some(written.sha512);
                 image.updated_at = now();
@@ -685,6 +704,47 @@ impl Service {
             |j: &JobWire| status.is_none_or(|s| j.status == s),
             limit.unwrap_or(usize::MAX),
         )
+    }
+
+    /// [`Service::list_jobs`] encoded as the API's JSON body. Clients poll their list, so a
+    /// small body is kept until a job changes.
+    pub fn list_jobs_body(
+        &self,
+        who: &Principal,
+        status: Option<JobStatus>,
+        marker: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<Bytes> {
+        let version = self.store.jobs_version();
+        let key = ListKey {
+            scope: (!who.admin).then_some(who.tenant_key),
+            status,
+            marker: marker.map(str::to_owned),
+            limit,
+        };
+        if let Some(body) = self.list_bodies.get(&key, version) {
+            return Ok(body);
+        }
+        let jobs = self.list_jobs(who, status, marker, limit)?;
+        let body = Bytes::from(
+            serde_json::to_vec(&jobs)
+                .map_err(|e| ServiceError::internal("cannot encode the job list", e))?,
+        );
+        if body.len() <= MAX_KEPT_LIST_BODY {
+            self.list_bodies.put(key, version, body.clone());
+        }
+        Ok(body)
+    }
+
+    /// How many jobs there are in each status (a scan of every job when one has changed).
+    pub fn job_status_counts(&self) -> Result<BTreeMap<JobStatus, u64>> {
+        let version = self.store.jobs_version();
+        if let Some(counts) = self.status_counts.get(&(), version) {
+            return Ok(counts);
+        }
+        let counts = self.store.job_status_counts()?;
+        self.status_counts.put((), version, counts.clone());
+        Ok(counts)
     }
 
     pub fn show_job(&self, who: &Principal, id: &str) -> Result<Job> {

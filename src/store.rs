@@ -13,6 +13,7 @@
 //! written in one transaction, so an index never points at nothing.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -51,6 +52,9 @@ pub struct Store {
     jobs_by_tenant: Tree,
     queue: Tree,
     durability: Durability,
+    /// Bumped after every committed change to a job: readers that cache what they derive from
+    /// jobs (list bodies, status counts) compare it before and after.
+    jobs_version: AtomicU64,
 }
 
 /// sled 0.34 makes its log stable with `sync_file_range`, which neither writes the file's
@@ -60,14 +64,13 @@ pub struct Store {
 struct Durability {
     log: std::fs::File,
     /// Callers that finished their sled flush so far.
-    written: std::sync::atomic::AtomicU64,
+    written: AtomicU64,
     /// How many of those the last completed `fdatasync` covered.
     synced: std::sync::Mutex<u64>,
 }
 
 impl Durability {
     fn sync(&self) -> Result<()> {
-        use std::sync::atomic::Ordering;
         let mine = self.written.fetch_add(1, Ordering::SeqCst) + 1;
         let mut synced = self
             .synced
@@ -184,6 +187,7 @@ impl Store {
             jobs_by_seq: tree("jobs_by_seq")?,
             jobs_by_tenant: tree("jobs_by_tenant")?,
             queue: tree("queue")?,
+            jobs_version: Default::default(),
             db,
         })
     }
@@ -380,6 +384,17 @@ impl Store {
 
     // ----- jobs -----
 
+    /// Changes whenever a job changes (see the field).
+    pub fn jobs_version(&self) -> u64 {
+        self.jobs_version.load(Ordering::SeqCst)
+    }
+
+    /// Called only after a job write has committed, so a reader that saw the old version
+    /// cannot have cached what the write replaced under the new one.
+    fn jobs_changed(&self) {
+        self.jobs_version.fetch_add(1, Ordering::SeqCst);
+    }
+
     pub fn job(&self, id: Uuid) -> Result<Option<Job>> {
         Self::get(&self.jobs, id.as_bytes())
     }
@@ -392,7 +407,7 @@ impl Store {
         id: Uuid,
         change: impl Fn(&mut Job) -> Result<ImageChange>,
     ) -> Result<Option<Job>> {
-        tx_result(
+        let job = tx_result(
             (
                 &self.jobs,
                 &self.queue,
@@ -422,7 +437,11 @@ impl Store {
                     sync_queue(queue, &job)?;
                     Ok(Some(job))
                 }),
-        )
+        )?;
+        if job.is_some() {
+            self.jobs_changed();
+        }
+        Ok(job)
     }
 
     /// Ids of the jobs the worker has to act on, oldest first.
@@ -457,7 +476,7 @@ impl Store {
     /// is left alone if identical in its wire fields, and is an error otherwise.
     /// Returns how many were inserted.
     pub fn insert_jobs(&self, jobs: &[(TenantKey, Job)]) -> Result<usize> {
-        tx_result(
+        let inserted = tx_result(
             (
                 &self.jobs,
                 &self.jobs_by_seq,
@@ -486,7 +505,11 @@ impl Store {
                     }
                     Ok(inserted)
                 }),
-        )
+        )?;
+        if inserted > 0 {
+            self.jobs_changed();
+        }
+        Ok(inserted)
     }
 
     /// Jobs in creation order, of one source tenant or of all, after the job with sequence

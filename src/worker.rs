@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use crate::copy::{copy_into, Control, CopyError, RateLimiter, Stop};
+use crate::copy::{copy_into, Control, CopyError, Digests, RateLimiter, Stop};
 use crate::error::{Result, ServiceError};
 use crate::model::{now, Image, ImageStatus, Job, JobStatus, Region, TenantKey};
 use crate::regions;
@@ -446,7 +446,8 @@ fn copy_once(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> std::result::Result<()
     let mut active = dst_image.clone();
     active.status = ImageStatus::Active;
     active.size = written.size;
-    active.checksum = Some(written.md5.clone());
+    // Equal SHA-512 means equal bytes, so the source's MD5 is the copy's.
+    active.checksum = source.checksum.clone();
     active.os_hash_algo = Some("sha512".into());
     active.os_hash_value = Some(written.sha512.clone());
     active.updated_at = now();
@@ -479,7 +480,7 @@ fn copy_verified(
     source: &Image,
     src_region: &Region,
     temp: &std::path::Path,
-) -> std::result::Result<regions::Written, Failure> {
+) -> std::result::Result<Digests, Failure> {
     let store = &ctx.svc.store;
     let src_path = regions::image_path(src_region, source.id);
     let mut input = File::open(&src_path).map_err(|e| {
@@ -536,20 +537,12 @@ fn copy_verified(
         progress: &mut progress,
         limiter: ctx.limiter.as_ref(),
     };
-    let written = copy_into(&mut input, temp, &mut control).map_err(|e| match e {
+    let written = copy_into(&mut input, temp, &mut control, false).map_err(|e| match e {
         CopyError::Stopped(stop) => Failure::Stopped(stop),
         CopyError::Io(e) => io_failure("copy failed", e),
     })?;
-    let expected = (
-        source.size,
-        source.checksum.as_deref(),
-        source.os_hash_value.as_deref(),
-    );
-    let got = (
-        written.size,
-        Some(written.md5.as_str()),
-        Some(written.sha512.as_str()),
-    );
+    let expected = (source.size, source.os_hash_value.as_deref());
+    let got = (written.size, Some(written.sha512.as_str()));
     if expected != got {
         return Err(Failure::Fatal(format!(
             "source image {} changed since it was recorded: expected {} bytes with SHA-512 {}, read {} bytes with SHA-512 {}",

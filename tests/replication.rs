@@ -152,6 +152,46 @@ fn a_copy_ends_replicated_with_identical_bytes_and_monotonic_progress() {
     );
 }
 
+/// Job lists are kept encoded while no job changes: every change of a running copy must
+/// still show in the next list.
+#[test]
+fn the_job_list_follows_every_change_of_a_copy() {
+    let (lab, token, image) = lab_with_image(16 * MIB);
+    let server = lab.serve_with(&["--max-bandwidth", "12M"]);
+    let id = server.copy_ok(&token, &image, TENANT_B);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    loop {
+        let shown = job(&server, &token, &id);
+        let resp = server.get(JOBS, Some(&token));
+        assert_eq!(resp.status(), 200);
+        let list: Value = resp.json().expect("list JSON");
+        let listed = list
+            .as_array()
+            .and_then(|jobs| jobs.iter().find(|j| j["job_id"] == id.as_str()))
+            .expect("the job is listed")
+            .clone();
+        // The list was read after the show: it is at least as far along.
+        let progress = |j: &Value| j["copy_progress"].as_u64().expect("progress");
+        assert!(
+            progress(&listed) >= progress(&shown),
+            "list {listed} behind show {shown}"
+        );
+        seen.push(progress(&listed));
+        if listed["status"] == "replicated" {
+            assert_eq!(progress(&listed), 100);
+            break;
+        }
+        assert!(Instant::now() < deadline, "timed out; job is {listed}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        seen.iter().any(|p| (1..100).contains(p)),
+        "no intermediate progress in the list: {seen:?}"
+    );
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+}
+
 #[test]
 fn an_empty_image_copies_straight_to_100() {
     let (lab, token, image) = lab_with_image(0);
