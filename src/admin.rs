@@ -18,7 +18,7 @@ use tokio::net::{UnixListener, UnixStream};
 
 use crate::auth::AuthStats;
 use crate::error::{Result, ServiceError};
-use crate::model::{Image, Job, JobStatus, Region, Tenant, TokenInfo, User};
+use crate::model::{GlanceRegion, Image, Job, JobStatus, Region, Tenant, TokenInfo, User};
 use crate::service::{ImportRequest, IssuedToken, SeedOutcome, Service};
 
 /// Largest request line the server reads (a seed file of some hundred thousand jobs).
@@ -35,6 +35,8 @@ pub enum Request {
         id: String,
         dir: Option<PathBuf>,
         disk_formats: Option<Vec<String>>,
+        #[serde(default)]
+        glance: Option<GlanceRegion>,
     },
     RegionList,
     RegionRemove {
@@ -138,7 +140,8 @@ pub fn execute(svc: &Service, req: Request, status: Option<&ServerStatus>) -> Re
             id,
             dir,
             disk_formats,
-        } => Reply::Region(svc.region_add(&id, dir, disk_formats)?),
+            glance,
+        } => Reply::Region(svc.region_add(&id, dir, disk_formats, glance)?),
         Request::RegionList => Reply::Regions(svc.region_list()?),
         Request::RegionRemove { id } => Reply::Region(svc.region_remove(&id)?),
         Request::TenantAdd { id, region, name } => {

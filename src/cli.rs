@@ -7,7 +7,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::admin::{self, Reply, Request};
-use crate::model::{rfc3339, Image, Job, JobStatus};
+use crate::model::{
+    rfc3339, GlanceRegion, Image, Job, JobStatus, KeystoneCredentials, SecretSource,
+};
 use crate::server::{self, ServeOptions};
 use crate::service::{ImportRequest, Service};
 use crate::store::OpenError;
@@ -153,21 +155,123 @@ fn parse_rate(text: &str) -> Result<u64, String> {
 
 #[derive(Subcommand, Debug)]
 pub enum RegionCmd {
-    /// Add a region and create its image directory
+    /// Add a region: a local image directory (created), or an OpenStack Glance v2 service
+    #[command(after_help = "Examples:\n  \
+        image-replicator region add ot1\n  \
+        image-replicator region add cloud --glance-url http://glance:9292\n  \
+        image-replicator region add cloud --glance-url https://glance:9292 --glance-auth keystone \\\n      \
+        --auth-url https://keystone:5000/v3 --username replicator --project service \\\n      \
+        --password-file /etc/image-replicator/cloud.password\n\n\
+        The password is read from the file (first line) or the environment variable by the\n\
+        serving process at each authentication; it is never stored or logged.")]
     Add {
         /// Region id, such as ot1
         id: String,
         /// Image directory [default: <data-dir>/regions/<ID>]
-        #[arg(long)]
+        #[arg(long, conflicts_with = "glance_url")]
         dir: Option<PathBuf>,
         /// Comma-separated disk formats the region accepts [default: all of Glance's]
         #[arg(long, value_delimiter = ',')]
         disk_formats: Option<Vec<String>>,
+        #[command(flatten)]
+        glance: Box<GlanceArgs>,
     },
     /// List regions
     List,
     /// Remove a region that no tenant or image uses (its directory is left on disk)
     Remove { id: String },
+}
+
+/// How a region reaches its Glance.
+#[derive(Args, Debug, Default)]
+pub struct GlanceArgs {
+    /// The region is this Glance v2 endpoint (base URL, without /v2)
+    #[arg(long, value_name = "URL")]
+    glance_url: Option<String>,
+    /// How the appliance authenticates to Glance
+    #[arg(long, value_enum, default_value_t = GlanceAuth::None, requires = "glance_url")]
+    glance_auth: GlanceAuth,
+    /// Keystone v3 URL for --glance-auth keystone, such as https://keystone:5000/v3
+    #[arg(long, value_name = "URL")]
+    auth_url: Option<String>,
+    /// Keystone user the appliance acts as (it needs the admin role to set image owners)
+    #[arg(long)]
+    username: Option<String>,
+    /// File whose first line is that user's password
+    #[arg(long, value_name = "FILE", conflicts_with = "password_env")]
+    password_file: Option<PathBuf>,
+    /// Environment variable of the serving process that holds the password
+    #[arg(long, value_name = "VAR")]
+    password_env: Option<String>,
+    /// Project the tokens are scoped to
+    #[arg(long)]
+    project: Option<String>,
+    /// Domain of the user
+    #[arg(long, default_value = "Default")]
+    user_domain: String,
+    /// Domain of the project
+    #[arg(long, default_value = "Default")]
+    project_domain: String,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq)]
+enum GlanceAuth {
+    /// Glance runs without authentication
+    #[default]
+    None,
+    /// Tokens from Keystone v3 by password
+    Keystone,
+}
+
+impl GlanceArgs {
+    /// The Glance settings, if the region is a Glance one; what is missing if they are not
+    /// complete.
+    fn region(self) -> Result<Option<GlanceRegion>, String> {
+        let keystone_flags = self.auth_url.is_some()
+            || self.username.is_some()
+            || self.password_file.is_some()
+            || self.password_env.is_some()
+            || self.project.is_some();
+        let Some(url) = self.glance_url else {
+            if keystone_flags {
+                return Err(
+                    "the Keystone options need --glance-url and --glance-auth keystone".into(),
+                );
+            }
+            return Ok(None);
+        };
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(format!(
+                "--glance-url '{url}' must start with http:// or https://"
+            ));
+        }
+        if self.glance_auth == GlanceAuth::None {
+            if keystone_flags {
+                return Err("the Keystone options need --glance-auth keystone".into());
+            }
+            return Ok(Some(GlanceRegion {
+                url,
+                keystone: None,
+            }));
+        }
+        let missing = |what: &str| format!("--glance-auth keystone needs {what}");
+        let password = match (self.password_file, self.password_env) {
+            (Some(file), _) => SecretSource::File(absolute(&file)?),
+            (None, Some(var)) => SecretSource::Env(var),
+            (None, None) => return Err(missing("--password-file FILE or --password-env VAR")),
+        };
+        Ok(Some(GlanceRegion {
+            url,
+            keystone: Some(KeystoneCredentials {
+                auth_url: self.auth_url.ok_or_else(|| missing("--auth-url"))?,
+                username: self.username.ok_or_else(|| missing("--username"))?,
+                user_domain: self.user_domain,
+                project: self.project.ok_or_else(|| missing("--project"))?,
+                project_domain: self.project_domain,
+                password,
+            }),
+        }))
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -335,6 +439,15 @@ pub fn run(cli: Cli) -> Result<(), String> {
     Ok(())
 }
 
+/// Where a region keeps its images, in words (never its credentials).
+fn region_store(r: &crate::model::Region) -> String {
+    match &r.glance {
+        Some(g) if g.keystone.is_some() => format!("Glance {} with Keystone", g.url),
+        Some(g) => format!("Glance {}", g.url),
+        None => format!("directory {}", r.dir.display()),
+    }
+}
+
 fn absolute(path: &Path) -> Result<PathBuf, String> {
     std::path::absolute(path).map_err(|e| format!("{}: {e}", path.display()))
 }
@@ -351,11 +464,13 @@ fn request_for(command: Command) -> Result<(Request, &'static str), String> {
                 id,
                 dir,
                 disk_formats,
+                glance,
             } => (
                 Request::RegionAdd {
                     id,
                     dir: dir.as_deref().map(absolute).transpose()?,
                     disk_formats,
+                    glance: glance.region()?,
                 },
                 "added",
             ),
@@ -578,11 +693,18 @@ fn job_fields(j: &Job) -> String {
 
 fn human(reply: &Reply, verb: &str) -> String {
     match reply {
-        Reply::Region(r) => format!("region {} {verb} (directory {})\n", r.id, r.dir.display()),
+        Reply::Region(r) => format!("region {} {verb} ({})\n", r.id, region_store(r)),
         Reply::Regions(list) => table(
-            &["ID", "DIRECTORY", "DISK FORMATS"],
+            &["ID", "KIND", "WHERE", "DISK FORMATS"],
             list.iter()
-                .map(|r| vec![r.id.clone(), r.dir.display().to_string(), r.disk_formats.join(",")])
+                .map(|r| {
+                    let (kind, place) = match &r.glance {
+                        Some(g) if g.keystone.is_some() => ("glance+keystone", g.url.clone()),
+                        Some(g) => ("glance", g.url.clone()),
+                        None => ("directory", r.dir.display().to_string()),
+                    };
+                    vec![r.id.clone(), kind.into(), place, r.disk_formats.join(",")]
+                })
                 .collect(),
         ),
         Reply::Tenant(t) => format!("tenant {} {verb}\n", t.id),

@@ -24,7 +24,7 @@ pub const CHUNK: usize = 1 << 20;
 /// Unit of hole detection: a block of this many zero bytes is skipped, not written.
 const BLOCK: usize = 4096;
 /// Chunks in flight to each hashing thread.
-const IN_FLIGHT: usize = 4;
+pub const IN_FLIGHT: usize = 4;
 /// Longest sleep between checks for a cancel while the bandwidth cap holds a copy back.
 const SLICE: Duration = Duration::from_millis(50);
 
@@ -221,6 +221,40 @@ pub fn stream(
             sha512: crate::auth::to_hex(&sha),
         })
     })
+}
+
+/// The reading end of a pipe of chunks: what a sink that wants a [`Read`] (an HTTP upload)
+/// gets from [`stream`]. `None` marks the end; a sender dropped without it is an error, so an
+/// upload of a stopped copy fails instead of looking complete.
+pub struct ChunkReader {
+    rx: Receiver<Option<Chunk>>,
+    current: Option<(Chunk, usize)>,
+}
+
+impl ChunkReader {
+    pub fn new(rx: Receiver<Option<Chunk>>) -> ChunkReader {
+        ChunkReader { rx, current: None }
+    }
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if let Some((chunk, at)) = &mut self.current {
+                if *at < chunk.len() {
+                    let n = buf.len().min(chunk.len() - *at);
+                    buf[..n].copy_from_slice(&chunk[*at..*at + n]);
+                    *at += n;
+                    return Ok(n);
+                }
+            }
+            match self.rx.recv() {
+                Ok(Some(chunk)) => self.current = Some((chunk, 0)),
+                Ok(None) => return Ok(0),
+                Err(_) => return Err(io::Error::other("the copy stopped before its end")),
+            }
+        }
+    }
 }
 
 /// Copies `input` into a new file `dest` (which must not exist) with its holes, fsyncs it,

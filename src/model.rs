@@ -113,11 +113,76 @@ impl TenantKey {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Region {
     pub id: String,
-    /// The directory that holds this region's image files.
+    /// The directory that holds this region's image files (empty for a Glance region).
+    #[serde(default, skip_serializing_if = "path_is_empty")]
     pub dir: PathBuf,
     pub disk_formats: Vec<String>,
     #[serde(with = "ts")]
     pub created_at: u64,
+    /// Set when the region is an OpenStack Glance v2 image service instead of a directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub glance: Option<GlanceRegion>,
+}
+
+fn path_is_empty(path: &std::path::Path) -> bool {
+    path.as_os_str().is_empty()
+}
+
+/// Where a Glance region is and how the appliance authenticates to it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct GlanceRegion {
+    /// Base URL, such as `http://glance.example:9292` (without `/v2`).
+    pub url: String,
+    /// `None`: Glance runs without authentication.
+    pub keystone: Option<KeystoneCredentials>,
+}
+
+/// A Keystone v3 user that gets project-scoped tokens by password.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct KeystoneCredentials {
+    /// Keystone's base URL, such as `http://keystone.example:5000/v3`.
+    pub auth_url: String,
+    pub username: String,
+    pub user_domain: String,
+    pub project: String,
+    pub project_domain: String,
+    /// Where the password is read at each authentication; the password itself is never stored.
+    pub password: SecretSource,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum SecretSource {
+    /// A file whose first line is the secret.
+    File(PathBuf),
+    /// An environment variable of the `serve` process.
+    Env(String),
+}
+
+impl std::fmt::Display for SecretSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SecretSource::File(path) => write!(f, "file {}", path.display()),
+            SecretSource::Env(name) => write!(f, "environment variable {name}"),
+        }
+    }
+}
+
+impl SecretSource {
+    /// Reads the secret; the error names where it looked, never the secret.
+    pub fn read(&self) -> Result<String, String> {
+        let text = match self {
+            SecretSource::File(path) => std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read the password file {}: {e}", path.display()))?,
+            SecretSource::Env(name) => std::env::var(name)
+                .map_err(|_| format!("the environment variable {name} is not set"))?,
+        };
+        let secret = text.lines().next().unwrap_or("").to_string();
+        if secret.is_empty() {
+            return Err(format!("the password in {self} is empty"));
+        }
+        Ok(secret)
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -206,6 +271,11 @@ pub enum ImageStatus {
     Active,
     Killed,
     Deleted,
+    /// The remaining states occur only in Glance regions.
+    PendingDelete,
+    Deactivated,
+    Uploading,
+    Importing,
 }
 
 impl fmt::Display for ImageStatus {
@@ -216,12 +286,17 @@ impl fmt::Display for ImageStatus {
             ImageStatus::Active => "active",
             ImageStatus::Killed => "killed",
             ImageStatus::Deleted => "deleted",
+            ImageStatus::PendingDelete => "pending_delete",
+            ImageStatus::Deactivated => "deactivated",
+            ImageStatus::Uploading => "uploading",
+            ImageStatus::Importing => "importing",
         };
         f.write_str(text)
     }
 }
 
-/// A Glance-like image record; its bytes are the file `<region dir>/<id>`.
+/// A Glance-like image record; in a directory region its bytes are the file `<region dir>/<id>`,
+/// in a Glance region this is Glance's own record.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Image {
     pub id: Uuid,

@@ -16,10 +16,11 @@ use uuid::Uuid;
 use crate::auth::{self, Authenticator, Principal};
 use crate::cache::JobsCache;
 use crate::error::{Result, ServiceError};
+use crate::glance;
 use crate::metrics::Metrics;
 use crate::model::{
-    now, now_ceil, Image, ImageStatus, Job, JobStatus, JobWire, Region, Tenant, TenantKey,
-    TokenInfo, TokenRecord, User, CONTAINER_FORMATS, DISK_FORMATS, JOB_KEYS,
+    now, now_ceil, GlanceRegion, Image, ImageStatus, Job, JobStatus, JobWire, Region, Tenant,
+    TenantKey, TokenInfo, TokenRecord, User, CONTAINER_FORMATS, DISK_FORMATS, JOB_KEYS,
 };
 use crate::regions;
 use crate::store::{ImageChange, Store};
@@ -35,6 +36,8 @@ pub struct Service {
     pub board: Arc<Board>,
     pub metrics: Arc<Metrics>,
     pub data_dir: PathBuf,
+    /// Clients of the Glance regions.
+    pub glance: glance::Clients,
     /// Encoded `GET /jobs` bodies and the counts by status, while no job changes.
     list_bodies: JobsCache<ListKey, Bytes>,
     status_counts: JobsCache<(), BTreeMap<JobStatus, u64>>,
@@ -121,6 +124,7 @@ impl Service {
             board: Arc::new(Board::default()),
             metrics: Arc::new(Metrics::default()),
             data_dir,
+            glance: glance::Clients::default(),
             list_bodies: JobsCache::default(),
             status_counts: JobsCache::default(),
         }
@@ -157,7 +161,7 @@ impl Service {
         let problems: Vec<String> = regions
             .iter()
             .filter_map(|r| {
-                let why = regions::check_writable(r).err()?;
+                let why = self.check_region(r).err()?;
                 tracing::warn!(region = %r.id, "health: {why}");
                 Some(format!(
                     "the image store of region {} is down or not writable",
@@ -172,6 +176,17 @@ impl Service {
         }
     }
 
+    /// Whether a region can take and give images now: its directory is writable, or its
+    /// Glance answers and accepts the appliance's credentials.
+    fn check_region(&self, region: &Region) -> std::result::Result<(), String> {
+        if region.glance.is_some() {
+            let glance = self.glance.get(region).map_err(|e| e.to_string())?;
+            glance.probe().map_err(|e| e.to_string())
+        } else {
+            regions::check_writable(region)
+        }
+    }
+
     // ----- regions -----
 
     pub fn region_add(
@@ -179,10 +194,31 @@ impl Service {
         id: &str,
         dir: Option<PathBuf>,
         disk_formats: Option<Vec<String>>,
+        glance: Option<GlanceRegion>,
     ) -> Result<Region> {
         check_name("region id", id)?;
-        let dir = dir.unwrap_or_else(|| self.data_dir.join("regions").join(id));
-        if !dir.is_absolute() {
+        if let Some(g) = &glance {
+            if dir.is_some() {
+                return Err(ServiceError::BadRequest(
+                    "a region is a directory or a Glance, not both".into(),
+                ));
+            }
+            if !(g.url.starts_with("http://") || g.url.starts_with("https://")) {
+                return Err(ServiceError::BadRequest(format!(
+                    "the Glance URL '{}' must start with http:// or https://",
+                    g.url
+                )));
+            }
+            if let Some(k) = &g.keystone {
+                // Read by this process at each authentication: it must be readable here.
+                k.password.read().map_err(ServiceError::BadRequest)?;
+            }
+        }
+        let dir = match &glance {
+            Some(_) => PathBuf::new(),
+            None => dir.unwrap_or_else(|| self.data_dir.join("regions").join(id)),
+        };
+        if glance.is_none() && !dir.is_absolute() {
             return Err(ServiceError::BadRequest(format!(
                 "region directory {} must be an absolute path",
                 dir.display()
@@ -205,17 +241,20 @@ impl Service {
                 "region {id} already exists"
             )));
         }
-        fs::create_dir_all(&dir).map_err(|e| {
-            ServiceError::Conflict(format!(
-                "cannot create region directory {}: {e}",
-                dir.display()
-            ))
-        })?;
+        if glance.is_none() {
+            fs::create_dir_all(&dir).map_err(|e| {
+                ServiceError::Conflict(format!(
+                    "cannot create region directory {}: {e}",
+                    dir.display()
+                ))
+            })?;
+        }
         let region = Region {
             id: id.to_string(),
             dir,
             disk_formats: formats,
             created_at: now(),
+            glance,
         };
         if !self.store.insert_region(&region)? {
             return Err(ServiceError::Conflict(format!(
@@ -482,6 +521,12 @@ impl Service {
                 region.id, req.disk_format
             )));
         }
+        if region.glance.is_some() {
+            return Err(ServiceError::Conflict(format!(
+                "region {} is a Glance region: upload images with Glance's own API",
+                region.id
+            )));
+        }
         regions::check_writable(&region).map_err(|why| {
             ServiceError::Conflict(format!("region {} store is unusable: {why}", region.id))
         })?;
@@ -538,12 +583,73 @@ impl Service {
 
     pub fn image_list(&self, tenant: Option<&str>, region: Option<&str>) -> Result<Vec<Image>> {
         let owner = tenant.map(parse_tenant).transpose()?;
+        if let Some(region) = region.map(|r| self.region(r)).transpose()? {
+            if region.glance.is_some() {
+                return self.glance_images(&region, tenant);
+            }
+        }
         let mut images = self.store.images(owner)?;
         if let Some(region) = region {
             images.retain(|i| i.region == region);
         }
         images.sort_by_key(|i| (i.created_at, i.id));
         Ok(images)
+    }
+
+    /// The images of a Glance region (of one owner), as Glance lists them.
+    fn glance_images(&self, region: &Region, owner: Option<&str>) -> Result<Vec<Image>> {
+        let unavailable = |e: crate::remote::RemoteError| {
+            ServiceError::Conflict(format!(
+                "cannot list the images of region {}: {e}",
+                region.id
+            ))
+        };
+        let glance = self.glance.get(region).map_err(unavailable)?;
+        let mut images: Vec<Image> = glance
+            .images(owner)
+            .map_err(unavailable)?
+            .iter()
+            .map(|g| g.to_image(&region.id))
+            .collect();
+        images.sort_by_key(|i| (i.created_at, i.id));
+        Ok(images)
+    }
+
+    /// An image in the Glance region of `who`'s tenant that `who` may copy (its tenant owns
+    /// it, or `who` is an admin), or `None`. A job's source tenant is its image's owner, so
+    /// other owners' public images are not offered: their jobs would belong to that owner.
+    fn glance_source(&self, who: &Principal, id: Uuid) -> Result<Option<Image>> {
+        let Some(tenant) = self.store.tenant(who.tenant_key)? else {
+            return Ok(None);
+        };
+        let region = self.region(&tenant.region)?;
+        if region.glance.is_none() {
+            return Ok(None);
+        }
+        let unavailable = |e: crate::remote::RemoteError| {
+            tracing::warn!(region = %region.id, "Glance lookup failed: {e}");
+            ServiceError::Conflict(if e.is_transient() {
+                format!(
+                    "the image service of region {} cannot be reached",
+                    region.id
+                )
+            } else {
+                format!(
+                    "the image service of region {} refused the appliance's request",
+                    region.id
+                )
+            })
+        };
+        let glance = self.glance.get(&region).map_err(unavailable)?;
+        let Some(found) = glance.image(id).map_err(unavailable)? else {
+            return Ok(None);
+        };
+        let own = found
+            .owner
+            .as_deref()
+            .and_then(TenantKey::parse)
+            .is_some_and(|o| o == who.tenant_key);
+        Ok((who.admin || own).then(|| found.to_image(&region.id)))
     }
 
     pub fn image_show(&self, id: &str) -> Result<Image> {
@@ -762,11 +868,18 @@ impl Service {
             ))
         })?;
         let no_image = || ServiceError::NotFound(format!("no image {image_id}"));
-        let image = self.store.image(image_uuid)?.ok_or_else(no_image)?;
-        let owner = TenantKey::parse(&image.owner);
-        if image.status == ImageStatus::Deleted || !(who.admin || owner == Some(who.tenant_key)) {
-            return Err(no_image());
-        }
+        let image = match self.store.image(image_uuid)? {
+            Some(image) => {
+                let owner = TenantKey::parse(&image.owner);
+                if image.status == ImageStatus::Deleted
+                    || !(who.admin || owner == Some(who.tenant_key))
+                {
+                    return Err(no_image());
+                }
+                image
+            }
+            None => self.glance_source(who, image_uuid)?.ok_or_else(no_image)?,
+        };
         let dst_tenant = self
             .store
             .tenant(dst_key)?
@@ -823,10 +936,10 @@ impl Service {
             enqueued: true,
             created_destination: None,
         };
-        let owner = owner.ok_or_else(|| {
-            ServiceError::Internal(format!("image {image_id} has a malformed owner"))
-        })?;
-        self.store.insert_jobs(&[(owner, job.clone())])?;
+        // Listed under the image's owner; an admin's copy of a Glance image without a
+        // readable owner under the admin's tenant.
+        let lister = TenantKey::parse(&job.wire.source_tenant_id).unwrap_or(who.tenant_key);
+        self.store.insert_jobs(&[(lister, job.clone())])?;
         self.flush()?;
         self.board.wake();
         tracing::info!(job = %job.wire.job_id, image = %image_uuid, to = %job.wire.destination_tenant_id, "replicate_requested");
@@ -838,7 +951,7 @@ impl Service {
             .store
             .region(id)?
             .ok_or_else(|| ServiceError::Conflict(format!("region {id} no longer exists")))?;
-        regions::check_writable(&region).map_err(|why| {
+        self.check_region(&region).map_err(|why| {
             tracing::warn!(region = id, "region store unusable: {why}");
             ServiceError::Conflict(format!(
                 "the image store of region {id} is down or not writable"

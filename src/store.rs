@@ -51,6 +51,8 @@ pub struct Store {
     jobs_by_seq: Tree,
     jobs_by_tenant: Tree,
     queue: Tree,
+    /// Images in Glance regions that a job created and could not delete yet: id → region id.
+    orphans: Tree,
     durability: Durability,
     /// Bumped after every committed change to a job: readers that cache what they derive from
     /// jobs (list bodies, status counts) compare it before and after.
@@ -187,6 +189,7 @@ impl Store {
             jobs_by_seq: tree("jobs_by_seq")?,
             jobs_by_tenant: tree("jobs_by_tenant")?,
             queue: tree("queue")?,
+            orphans: tree("orphans")?,
             jobs_version: Default::default(),
             db,
         })
@@ -380,6 +383,30 @@ impl Store {
                 Ok(())
             }),
         )
+    }
+
+    // ----- orphans -----
+
+    /// Remembers an image in a Glance region that must still be deleted.
+    pub fn add_orphan(&self, id: Uuid, region: &str) -> Result<()> {
+        self.orphans.insert(id.as_bytes(), region.as_bytes())?;
+        Ok(())
+    }
+
+    pub fn orphans(&self) -> Result<Vec<(Uuid, String)>> {
+        let mut out = Vec::new();
+        for entry in self.orphans.iter() {
+            let (key, value) = entry?;
+            let id =
+                Uuid::from_slice(&key).map_err(|e| ServiceError::internal("corrupt orphan", e))?;
+            out.push((id, String::from_utf8_lossy(&value).into_owned()));
+        }
+        Ok(out)
+    }
+
+    pub fn remove_orphan(&self, id: Uuid) -> Result<()> {
+        self.orphans.remove(id.as_bytes())?;
+        Ok(())
     }
 
     // ----- jobs -----

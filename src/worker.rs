@@ -15,18 +15,24 @@
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io;
+use std::io::{self, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::sync_channel;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use crate::copy::{copy_into, Control, CopyError, Digests, RateLimiter, Stop};
+use crate::copy::{
+    copy_into, stream, Chunk, ChunkReader, Control, CopyError, Digests, RateLimiter, Stop,
+    IN_FLIGHT,
+};
 use crate::error::{Result, ServiceError};
+use crate::glance::Glance;
 use crate::model::{now, Image, ImageStatus, Job, JobStatus, Region, TenantKey};
 use crate::regions;
+use crate::remote::RemoteError;
 use crate::service::Service;
 use crate::store::ImageChange;
 
@@ -38,6 +44,8 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 /// How long an idle worker sleeps when nothing wakes it.
 const IDLE: Duration = Duration::from_millis(500);
+/// How often images that could not be deleted from a Glance are tried again.
+const ORPHAN_SWEEP: Duration = Duration::from_secs(2);
 /// How long a job whose processing failed is left alone before the next try.
 const PARK: Duration = Duration::from_secs(5);
 
@@ -110,6 +118,8 @@ struct Ctx {
     /// Jobs whose processing failed (a store error, a region that cannot be cleaned), left
     /// alone until the given time so they neither spin nor starve the jobs behind them.
     parked: Mutex<HashMap<Uuid, Instant>>,
+    /// When orphaned Glance images were last tried.
+    last_sweep: Mutex<Instant>,
 }
 
 /// The running worker threads.
@@ -125,6 +135,11 @@ pub fn start(svc: Arc<Service>, config: &WorkerConfig) -> Result<Workers> {
         limiter: config.max_bandwidth.map(RateLimiter::new),
         shutdown: AtomicBool::new(false),
         parked: Mutex::new(HashMap::new()),
+        last_sweep: Mutex::new(
+            Instant::now()
+                .checked_sub(ORPHAN_SWEEP)
+                .unwrap_or_else(Instant::now),
+        ),
     });
     let mut threads = Vec::new();
     for n in 0..config.threads.max(1) {
@@ -161,6 +176,9 @@ impl Workers {
 /// copies and imports, and images an interrupted import left `saving`.
 pub fn recover(svc: &Service) -> Result<()> {
     for region in svc.store.regions()? {
+        if region.glance.is_some() {
+            continue;
+        }
         let Ok(entries) = fs::read_dir(&region.dir) else {
             continue;
         };
@@ -194,9 +212,66 @@ pub fn recover(svc: &Service) -> Result<()> {
     svc.store.flush()
 }
 
+/// Deletes a job's image from a Glance region; if Glance cannot be reached it is remembered
+/// as an orphan and deleted later, so the job can end now.
+fn delete_from_glance(ctx: &Ctx, image: Uuid, region: &Region) -> Result<()> {
+    let deleted = ctx
+        .svc
+        .glance
+        .get(region)
+        .and_then(|glance| glance.delete(image));
+    if let Err(e) = deleted {
+        tracing::warn!(%image, region = %region.id, "cannot delete the destination image yet, will retry: {e}");
+        ctx.svc.store.add_orphan(image, &region.id)?;
+        ctx.svc.store.flush()?;
+    }
+    Ok(())
+}
+
+/// Retries the deletion of orphaned Glance images (at most every [`ORPHAN_SWEEP`]).
+fn sweep_orphans(ctx: &Ctx) {
+    let Ok(mut last) = ctx.last_sweep.try_lock() else {
+        return;
+    };
+    if last.elapsed() < ORPHAN_SWEEP {
+        return;
+    }
+    *last = Instant::now();
+    let orphans = match ctx.svc.store.orphans() {
+        Ok(orphans) => orphans,
+        Err(e) => {
+            tracing::error!("cannot read the orphaned images: {e}");
+            return;
+        }
+    };
+    for (image, region_id) in orphans {
+        let deleted = match ctx.svc.store.region(&region_id) {
+            Ok(Some(region)) => ctx
+                .svc
+                .glance
+                .get(&region)
+                .and_then(|glance| glance.delete(image))
+                .map_err(|e| e.to_string()),
+            // The region is gone: nothing left to delete from.
+            Ok(None) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        };
+        match deleted {
+            Ok(()) => {
+                tracing::info!(%image, region = %region_id, "deleted an orphaned destination image");
+                if let Err(e) = ctx.svc.store.remove_orphan(image) {
+                    tracing::error!(%image, "cannot forget the orphan: {e}");
+                }
+            }
+            Err(e) => tracing::debug!(%image, "orphan still there: {e}"),
+        }
+    }
+}
+
 fn run(ctx: &Ctx) {
     let board = &ctx.svc.board;
     while !ctx.shutdown.load(Ordering::SeqCst) {
+        sweep_orphans(ctx);
         match next(ctx) {
             Ok(Some((id, cancel))) => {
                 if let Err(e) = process(ctx, id, &cancel) {
@@ -253,7 +328,15 @@ fn is_transient(e: &io::Error) -> bool {
     use io::ErrorKind::*;
     matches!(
         e.kind(),
-        Interrupted | TimedOut | WouldBlock | ResourceBusy | UnexpectedEof
+        Interrupted
+            | TimedOut
+            | WouldBlock
+            | ResourceBusy
+            | UnexpectedEof
+            | ConnectionAborted
+            | ConnectionReset
+            | ConnectionRefused
+            | BrokenPipe
     ) || e.raw_os_error() == Some(libc::EIO)
 }
 
@@ -320,11 +403,36 @@ fn io_failure(what: &str, e: io::Error) -> Failure {
     }
 }
 
+impl From<RemoteError> for Failure {
+    fn from(e: RemoteError) -> Self {
+        if e.is_transient() {
+            Failure::Transient(e.to_string())
+        } else {
+            Failure::Fatal(e.to_string())
+        }
+    }
+}
+
 /// The source image, its region and the destination region, or why the copy cannot happen.
 fn endpoints(ctx: &Ctx, job: &Job) -> std::result::Result<(Image, Region, Region), Failure> {
     let store = &ctx.svc.store;
+    let region = |id: &str, which: &str| {
+        store.region(id).map_err(Failure::from).and_then(|r| {
+            r.ok_or_else(|| Failure::Fatal(format!("{which} region {id} was removed")))
+        })
+    };
     let source_id = job.wire.source_image_id;
-    let source = match store.image(source_id)? {
+    let src_region = region(&job.wire.source_region_id, "source")?;
+    let source = match &src_region.glance {
+        Some(_) => ctx
+            .svc
+            .glance
+            .get(&src_region)?
+            .image(source_id)?
+            .map(|g| g.to_image(&src_region.id)),
+        None => store.image(source_id)?,
+    };
+    let source = match source {
         Some(image) if image.status == ImageStatus::Active => image,
         Some(image) => {
             return Err(Failure::Fatal(format!(
@@ -338,12 +446,6 @@ fn endpoints(ctx: &Ctx, job: &Job) -> std::result::Result<(Image, Region, Region
             )))
         }
     };
-    let region = |id: &str, which: &str| {
-        store.region(id).map_err(Failure::from).and_then(|r| {
-            r.ok_or_else(|| Failure::Fatal(format!("{which} region {id} was removed")))
-        })
-    };
-    let src_region = region(&source.region, "source")?;
     let dst_region = region(&job.wire.destination_region_id, "destination")?;
     Ok((source, src_region, dst_region))
 }
@@ -366,21 +468,32 @@ fn copy_once(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> std::result::Result<()
             job.wire.destination_tenant_id
         ))
     })?;
-    regions::check_writable(&dst_region).map_err(|why| {
-        Failure::Fatal(format!(
-            "the image store of destination region {} is unusable: {why}",
-            dst_region.id
-        ))
-    })?;
+    let dst_glance = match &dst_region.glance {
+        Some(_) => Some(ctx.svc.glance.get(&dst_region)?),
+        None => {
+            regions::check_writable(&dst_region).map_err(|why| {
+                Failure::Fatal(format!(
+                    "the image store of destination region {} is unusable: {why}",
+                    dst_region.id
+                ))
+            })?;
+            None
+        }
+    };
 
-    // The destination image: the one a previous attempt of this job created, or a new one.
-    // Never one named only by the wire field (a seeded job's image belongs to someone else).
-    let existing = job
-        .created_destination
-        .map(|d| store.image(d))
-        .transpose()?
-        .flatten()
-        .filter(|i| i.status == ImageStatus::Saving && i.region == dst_region.id);
+    // The destination image: in a directory region the one a previous attempt of this job
+    // created, or a new one; in Glance always a new one (a previous attempt's is deleted
+    // first). Never one named only by the wire field (a seeded job's belongs to someone else).
+    let existing = match (&dst_glance, job.created_destination) {
+        (None, Some(d)) => store
+            .image(d)?
+            .filter(|i| i.status == ImageStatus::Saving && i.region == dst_region.id),
+        (Some(glance), Some(d)) => {
+            glance.delete(d)?;
+            None
+        }
+        _ => None,
+    };
     let dst_image = existing.clone().unwrap_or_else(|| Image {
         id: Uuid::new_v4(),
         name: source.name.clone(),
@@ -396,6 +509,7 @@ fn copy_once(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> std::result::Result<()
         created_at: now(),
         updated_at: now(),
     });
+    let record_here = existing.is_none() && dst_glance.is_none();
     let started = store.update_job(id, |job| {
         if !matches!(
             job.wire.status,
@@ -408,13 +522,13 @@ fn copy_once(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> std::result::Result<()
         job.created_destination = Some(dst_image.id);
         job.bytes_total = source.size;
         job.updated_at = now();
-        Ok(if existing.is_some() {
-            ImageChange::None
-        } else {
+        Ok(if record_here {
             ImageChange::Insert(dst_key, dst_image.clone())
+        } else {
+            ImageChange::None
         })
     })?;
-    // The new image's id must be on disk before any file carries it.
+    // The new image's id must be on disk before any file or Glance record carries it.
     store.flush()?;
     match started.map(|j| j.wire.status) {
         Some(JobStatus::Replicating) => {}
@@ -425,46 +539,39 @@ fn copy_once(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> std::result::Result<()
     }
     tracing::info!(job = %id, image = %dst_image.id, from = %src_region.id, to = %dst_region.id, "replicating");
 
-    let temp = regions::temp_path(&dst_region, dst_image.id);
-    let _ = fs::remove_file(&temp);
-    let result = copy_verified(ctx, id, cancel, &source, &src_region, &temp);
-    let written = match result {
-        Ok(written) => written,
-        Err(failure) => {
-            let _ = fs::remove_file(&temp);
-            return Err(failure);
+    let mut input = open_source(ctx, &source, &src_region)?;
+    let copy = Copy {
+        ctx,
+        id,
+        cancel,
+        source: &source,
+    };
+    let active = match &dst_glance {
+        None => copy.to_directory(&mut *input, &dst_region, &dst_image)?,
+        Some(glance) => {
+            glance.create(dst_image.id, &source, &job.wire.destination_tenant_id)?;
+            copy.to_glance(&mut *input, glance, dst_image.id)?;
+            dst_image.clone()
         }
     };
-    let final_path = regions::image_path(&dst_region, dst_image.id);
-    fs::rename(&temp, &final_path)
-        .and_then(|()| regions::sync_dir(&dst_region))
-        .map_err(|e| {
-            let _ = fs::remove_file(&temp);
-            io_failure("cannot move the copy into place", e)
-        })?;
-
-    let mut active = dst_image.clone();
-    active.status = ImageStatus::Active;
-    active.size = written.size;
-    // Equal SHA-512 means equal bytes, so the source's MD5 is the copy's.
-    active.checksum = source.checksum.clone();
-    active.os_hash_algo = Some("sha512".into());
-    active.os_hash_value = Some(written.sha512.clone());
-    active.updated_at = now();
     let finished = store.update_job(id, |job| {
         if job.wire.status != JobStatus::Replicating {
             return Ok(ImageChange::None);
         }
         job.wire.status = JobStatus::Replicated;
         job.wire.copy_progress = 100;
-        job.bytes_copied = written.size;
+        job.bytes_copied = source.size;
         job.updated_at = now();
-        Ok(ImageChange::Put(active.clone()))
+        Ok(if dst_glance.is_none() {
+            ImageChange::Put(active.clone())
+        } else {
+            ImageChange::None
+        })
     })?;
     store.flush()?;
     match finished.map(|j| j.wire.status) {
         Some(JobStatus::Replicated) => {
-            tracing::info!(job = %id, bytes = written.size, "replicated");
+            tracing::info!(job = %id, bytes = source.size, "replicated");
             Ok(())
         }
         // A cancel won the race against the last chunk: it is honoured.
@@ -472,88 +579,217 @@ fn copy_once(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> std::result::Result<()
     }
 }
 
-/// Copies the source file into `temp` and checks it against the source record.
-fn copy_verified(
+/// The source image's bytes: its file, or a download from its Glance.
+fn open_source(
     ctx: &Ctx,
-    id: Uuid,
-    cancel: &AtomicBool,
     source: &Image,
-    src_region: &Region,
-    temp: &std::path::Path,
-) -> std::result::Result<Digests, Failure> {
-    let store = &ctx.svc.store;
-    let src_path = regions::image_path(src_region, source.id);
-    let mut input = File::open(&src_path).map_err(|e| {
+    region: &Region,
+) -> std::result::Result<Box<dyn Read + Send>, Failure> {
+    if region.glance.is_some() {
+        let glance = ctx.svc.glance.get(region)?;
+        return Ok(Box::new(glance.download(source.id, source.size)?));
+    }
+    let path = regions::image_path(region, source.id);
+    let file = File::open(&path).map_err(|e| {
         if e.kind() == io::ErrorKind::NotFound {
             Failure::Fatal(format!(
                 "the data of source image {} is missing ({})",
                 source.id,
-                src_path.display()
+                path.display()
             ))
         } else {
             io_failure("cannot open the source image", e)
         }
     })?;
-    let size = source.size;
-    let cancel_seen = Cell::new(false);
-    let stop = || {
-        if ctx.shutdown.load(Ordering::SeqCst) {
-            Some(Stop::Shutdown)
-        } else if cancel.load(Ordering::SeqCst) || cancel_seen.get() {
-            Some(Stop::Cancel)
-        } else {
-            None
-        }
-    };
-    let mut persisted = (0u8, Instant::now());
-    let mut counted = 0u64;
-    let mut progress = |copied: u64| {
-        ctx.svc
-            .metrics
-            .bytes_copied
-            .fetch_add(copied.saturating_sub(counted), Ordering::Relaxed);
-        counted = copied;
-        let percent = (copied.min(size) * 100)
-            .checked_div(size)
-            .map_or(100, |p| p as u8);
-        if percent <= persisted.0 || persisted.1.elapsed() < PROGRESS_INTERVAL {
-            return;
-        }
-        persisted = (percent, Instant::now());
-        let update = store.update_job(id, |job| {
-            job.bytes_copied = copied;
-            job.wire.copy_progress = job.wire.copy_progress.max(percent);
-            job.updated_at = now();
-            Ok(ImageChange::None)
-        });
-        match update {
-            Ok(Some(job)) if job.wire.status == JobStatus::CancelRequested => cancel_seen.set(true),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(job = %id, "cannot record progress: {e}"),
-        }
-    };
-    let mut control = Control {
-        stop: &stop,
-        progress: &mut progress,
-        limiter: ctx.limiter.as_ref(),
-    };
-    let written = copy_into(&mut input, temp, &mut control, false).map_err(|e| match e {
-        CopyError::Stopped(stop) => Failure::Stopped(stop),
-        CopyError::Io(e) => io_failure("copy failed", e),
-    })?;
-    let expected = (source.size, source.os_hash_value.as_deref());
-    let got = (written.size, Some(written.sha512.as_str()));
-    if expected != got {
-        return Err(Failure::Fatal(format!(
-            "source image {} changed since it was recorded: expected {} bytes with SHA-512 {}, read {} bytes with SHA-512 {}",
-            source.id,
-            source.size,
-            source.os_hash_value.as_deref().unwrap_or("(none)"),
-            written.size,
-            written.sha512
-        )));
+    Ok(Box::new(file))
+}
+
+/// One copy attempt's stream of bytes, with progress, cancel and the bandwidth cap.
+struct Copy<'a> {
+    ctx: &'a Ctx,
+    id: Uuid,
+    cancel: &'a AtomicBool,
+    source: &'a Image,
+}
+
+impl Copy<'_> {
+    /// Copies into a temporary file of the destination region, verifies, renames it into
+    /// place; returns the destination image as it is now (`active`).
+    fn to_directory(
+        &self,
+        input: &mut dyn Read,
+        region: &Region,
+        image: &Image,
+    ) -> std::result::Result<Image, Failure> {
+        let temp = regions::temp_path(region, image.id);
+        let _ = fs::remove_file(&temp);
+        let written = self
+            .run(&mut |ctl, with_md5| copy_into(input, &temp, ctl, with_md5))
+            .inspect_err(|_| {
+                let _ = fs::remove_file(&temp);
+            })?;
+        fs::rename(&temp, regions::image_path(region, image.id))
+            .and_then(|()| regions::sync_dir(region))
+            .map_err(|e| {
+                let _ = fs::remove_file(&temp);
+                io_failure("cannot move the copy into place", e)
+            })?;
+        let mut active = image.clone();
+        active.status = ImageStatus::Active;
+        active.size = written.size;
+        // Equal SHA-512 means equal bytes, so the source's MD5 is the copy's.
+        active.checksum = written.md5.or_else(|| self.source.checksum.clone());
+        active.os_hash_algo = Some("sha512".into());
+        active.os_hash_value = Some(written.sha512);
+        active.updated_at = now();
+        Ok(active)
     }
-    Ok(written)
+
+    /// Uploads into the (created, empty) Glance image `id`, then checks Glance's own record
+    /// of what it stored against the source.
+    fn to_glance(
+        &self,
+        input: &mut dyn Read,
+        glance: &Arc<Glance>,
+        id: Uuid,
+    ) -> std::result::Result<(), Failure> {
+        let size = self.source.size;
+        let (tx, rx) = sync_channel::<Option<Chunk>>(IN_FLIGHT);
+        let uploader = Arc::clone(glance);
+        let (streamed, uploaded) = std::thread::scope(|scope| {
+            let upload = scope.spawn(move || uploader.upload(id, ChunkReader::new(rx), size));
+            let streamed = self.run(&mut |ctl, with_md5| {
+                stream(
+                    input,
+                    &mut |chunk, _| {
+                        tx.send(Some(Arc::clone(chunk)))
+                            .map_err(|_| io::Error::other("the upload stopped"))
+                    },
+                    ctl,
+                    with_md5,
+                )
+            });
+            if streamed.is_ok() {
+                let _ = tx.send(None);
+            }
+            drop(tx);
+            let uploaded = upload
+                .join()
+                .unwrap_or_else(|_| Err(RemoteError::Refused("the upload thread panicked".into())));
+            (streamed, uploaded)
+        });
+        match (streamed, uploaded) {
+            (Err(Failure::Stopped(stop)), _) => return Err(Failure::Stopped(stop)),
+            // The stream broke because the upload did: the upload's error says why.
+            (_, Err(e)) => return Err(e.into()),
+            (Err(e), Ok(())) => return Err(e),
+            (Ok(_), Ok(())) => {}
+        }
+        let stored = glance.image(id)?.ok_or_else(|| {
+            Failure::Transient(format!("image {id} vanished from Glance after its upload"))
+        })?;
+        let src = self.source;
+        let same_hash =
+            src.os_hash_algo != stored.os_hash_algo || src.os_hash_value == stored.os_hash_value;
+        if stored.status != ImageStatus::Active
+            || stored.size != Some(src.size)
+            || (src.checksum.is_some() && stored.checksum != src.checksum)
+            || !same_hash
+        {
+            return Err(Failure::Fatal(format!(
+                "Glance recorded image {id} as {} with {} bytes, MD5 {} and {} {}; the source has {} bytes, MD5 {} and SHA-512 {}",
+                stored.status,
+                stored.size.unwrap_or(0),
+                stored.checksum.as_deref().unwrap_or("(none)"),
+                stored.os_hash_algo.as_deref().unwrap_or("hash"),
+                stored.os_hash_value.as_deref().unwrap_or("(none)"),
+                src.size,
+                src.checksum.as_deref().unwrap_or("(none)"),
+                src.os_hash_value.as_deref().unwrap_or("(none)"),
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs `copy` with this job's progress, stop and bandwidth control, then checks what was
+    /// read against the source record: SHA-512 when the source has one, else MD5.
+    fn run(
+        &self,
+        copy: &mut dyn FnMut(&mut Control, bool) -> std::result::Result<Digests, CopyError>,
+    ) -> std::result::Result<Digests, Failure> {
+        let (ctx, id, source) = (self.ctx, self.id, self.source);
+        let store = &ctx.svc.store;
+        let size = source.size;
+        let cancel_seen = Cell::new(false);
+        let stop = || {
+            if ctx.shutdown.load(Ordering::SeqCst) {
+                Some(Stop::Shutdown)
+            } else if self.cancel.load(Ordering::SeqCst) || cancel_seen.get() {
+                Some(Stop::Cancel)
+            } else {
+                None
+            }
+        };
+        let mut persisted = (0u8, Instant::now());
+        let mut counted = 0u64;
+        let mut progress = |copied: u64| {
+            ctx.svc
+                .metrics
+                .bytes_copied
+                .fetch_add(copied.saturating_sub(counted), Ordering::Relaxed);
+            counted = copied;
+            let percent = (copied.min(size) * 100)
+                .checked_div(size)
+                .map_or(100, |p| p as u8);
+            if percent <= persisted.0 || persisted.1.elapsed() < PROGRESS_INTERVAL {
+                return;
+            }
+            persisted = (percent, Instant::now());
+            let update = store.update_job(id, |job| {
+                job.bytes_copied = copied;
+                job.wire.copy_progress = job.wire.copy_progress.max(percent);
+                job.updated_at = now();
+                Ok(ImageChange::None)
+            });
+            match update {
+                Ok(Some(job)) if job.wire.status == JobStatus::CancelRequested => {
+                    cancel_seen.set(true)
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(job = %id, "cannot record progress: {e}"),
+            }
+        };
+        let mut control = Control {
+            stop: &stop,
+            progress: &mut progress,
+            limiter: ctx.limiter.as_ref(),
+        };
+        let by_sha512 = source.os_hash_algo.as_deref() == Some("sha512");
+        let read = copy(&mut control, !by_sha512).map_err(|e| match e {
+            CopyError::Stopped(stop) => Failure::Stopped(stop),
+            CopyError::Io(e) => io_failure("copy failed", e),
+        })?;
+        let (algo, expected, got) = if by_sha512 {
+            (
+                "SHA-512",
+                source.os_hash_value.as_deref(),
+                Some(read.sha512.as_str()),
+            )
+        } else {
+            ("MD5", source.checksum.as_deref(), read.md5.as_deref())
+        };
+        if read.size != source.size || expected != got {
+            return Err(Failure::Fatal(format!(
+                "source image {} changed since it was recorded: expected {} bytes with {algo} {}, read {} bytes with {algo} {}",
+                source.id,
+                source.size,
+                expected.unwrap_or("(none)"),
+                read.size,
+                got.unwrap_or("(none)")
+            )));
+        }
+        Ok(read)
+    }
 }
 
 /// Ends a job: `canceled` (no reason) or `error` (with the reason), after removing whatever it
@@ -599,6 +835,10 @@ fn conclude(ctx: &Ctx, id: Uuid, error: Option<String>) -> Result<()> {
             }
             if let Some(owner) = TenantKey::parse(&image.owner) {
                 removal = ImageChange::Remove(owner, dst_id);
+            }
+        } else if let Some(region) = store.region(&job.wire.destination_region_id)? {
+            if region.glance.is_some() {
+                delete_from_glance(ctx, dst_id, &region)?;
             }
         }
     }

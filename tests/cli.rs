@@ -287,10 +287,13 @@ fn exercise_every_command(lab: &Lab) {
             .lines()
             .next()
             .map(|l| l.split_whitespace().collect::<Vec<_>>()),
-        Some(vec!["ID", "DIRECTORY", "DISK", "FORMATS"])
+        Some(vec!["ID", "KIND", "WHERE", "DISK", "FORMATS"])
     );
-    assert_eq!(row(&table, "r2"), ["r2", path(&r2_dir), "raw,qcow2"]);
-    assert_eq!(row(&table, "r1")[1], format!("{data_s}/regions/r1"));
+    assert_eq!(
+        row(&table, "r2"),
+        ["r2", "directory", path(&r2_dir), "raw,qcow2"]
+    );
+    assert_eq!(row(&table, "r1")[2], format!("{data_s}/regions/r1"));
     let mut listed = ids(&ok_json(lab, &["region", "list"]), "id");
     listed.sort();
     assert_eq!(listed, ["r1", "r2", "r3", "r4"]);

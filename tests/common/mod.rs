@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use reqwest::blocking::{Client, Response};
 
+pub mod openstack;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_image-replicator");
 pub const JOBS: &str = "/v2/extension/image_replicator/jobs";
 /// The reference's 401 body: 44 bytes.
@@ -256,6 +258,36 @@ impl Server {
         assert_eq!(resp.status(), 202, "copy failed: {:?}", resp.text());
         let body: serde_json::Value = resp.json().expect("202 body");
         body["job_id"].as_str().expect("job_id").to_string()
+    }
+
+    /// The job as `GET /jobs/{id}` shows it.
+    pub fn job(&self, token: &str, id: &str) -> serde_json::Value {
+        let resp = self.get(&format!("{JOBS}/{id}"), Some(token));
+        assert_eq!(resp.status(), 200);
+        resp.json().expect("job JSON")
+    }
+
+    /// Polls a job every 50 ms until `done` holds; returns it.
+    pub fn wait_job(
+        &self,
+        token: &str,
+        id: &str,
+        timeout: Duration,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let job = self.job(token, id);
+            if done(&job) {
+                return job;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting; job is {job}; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn log_text(&self) -> String {

@@ -1,0 +1,396 @@
+//! A Glance region: an OpenStack Glance v2 image service, reached over HTTP.
+//!
+//! The calls the appliance needs: show, list, create, upload, download (resumed with `Range`
+//! after a dropped connection), delete. With Keystone, every call carries a service token and
+//! is repeated once with a new token after a 401 (an upload only when its body was not sent).
+
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use reqwest::blocking::{Body, Client, RequestBuilder, Response};
+use reqwest::StatusCode;
+use serde::Deserialize;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::keystone::TokenSource;
+use crate::model::{GlanceRegion, Image, ImageStatus, Region};
+use crate::remote::RemoteError;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// For each read or write of a transfer, and for a whole metadata call.
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// An upload's response comes after its last byte: allow for a whole image.
+const UPLOAD_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Times a download is resumed after its connection drops, and the first pause before.
+const RESUMES: u32 = 5;
+const FIRST_RESUME_PAUSE: Duration = Duration::from_millis(200);
+/// Images asked for per page when listing.
+const PAGE: usize = 500;
+
+pub struct Glance {
+    region: String,
+    config: GlanceRegion,
+    base: String,
+    http: Client,
+    auth: Option<TokenSource>,
+}
+
+/// Glance's image record, as much of it as the appliance reads.
+#[derive(Deserialize, Debug, Clone)]
+pub struct GlanceImage {
+    pub id: Uuid,
+    pub name: Option<String>,
+    pub status: ImageStatus,
+    pub owner: Option<String>,
+    pub visibility: Option<String>,
+    pub size: Option<u64>,
+    pub checksum: Option<String>,
+    pub os_hash_algo: Option<String>,
+    pub os_hash_value: Option<String>,
+    pub disk_format: Option<String>,
+    pub container_format: Option<String>,
+    pub created_at: Option<String>,
+    pub updated_at: Option<String>,
+}
+
+fn seconds(text: &Option<String>) -> u64 {
+    text.as_deref()
+        .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs())
+}
+
+impl GlanceImage {
+    /// The record in the appliance's own shape.
+    pub fn to_image(&self, region: &str) -> Image {
+        Image {
+            id: self.id,
+            name: self.name.clone().unwrap_or_default(),
+            owner: self.owner.clone().unwrap_or_default(),
+            region: region.to_string(),
+            status: self.status,
+            disk_format: self.disk_format.clone().unwrap_or_default(),
+            container_format: self.container_format.clone().unwrap_or_default(),
+            size: self.size.unwrap_or(0),
+            checksum: self.checksum.clone(),
+            os_hash_algo: self.os_hash_algo.clone(),
+            os_hash_value: self.os_hash_value.clone(),
+            created_at: seconds(&self.created_at),
+            updated_at: seconds(&self.updated_at),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ImagePage {
+    images: Vec<GlanceImage>,
+    next: Option<String>,
+}
+
+impl Glance {
+    pub fn new(region: &str, config: &GlanceRegion) -> Result<Glance, RemoteError> {
+        let http = Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(IO_TIMEOUT)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .user_agent(concat!("image-replicator/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| RemoteError::Refused(format!("cannot set up an HTTP client: {e}")))?;
+        Ok(Glance {
+            region: region.to_string(),
+            config: config.clone(),
+            base: config.url.trim_end_matches('/').to_string(),
+            http,
+            auth: config.keystone.clone().map(TokenSource::new),
+        })
+    }
+
+    fn what(&self) -> String {
+        format!("Glance of region {}", self.region)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Sends a request built by `build`, with a token if the region needs one; after a 401
+    /// once more with a new token.
+    fn send(&self, build: impl Fn(&Client) -> RequestBuilder) -> Result<Response, RemoteError> {
+        for attempt in 0..2 {
+            let mut request = build(&self.http);
+            if let Some(auth) = &self.auth {
+                request = request.header("x-auth-token", auth.token(&self.http)?);
+            }
+            let resp = request
+                .send()
+                .map_err(|e| RemoteError::from_reqwest(&self.what(), e))?;
+            if resp.status() == StatusCode::UNAUTHORIZED {
+                if let (Some(auth), 0) = (&self.auth, attempt) {
+                    auth.invalidate();
+                    continue;
+                }
+                return Err(RemoteError::Refused(format!(
+                    "{} refused the appliance's credentials (401)",
+                    self.what()
+                )));
+            }
+            return Ok(resp);
+        }
+        unreachable!("the loop returns on its second pass")
+    }
+
+    /// Fails with the answer's status unless it is one of `ok`.
+    fn expect(&self, resp: Response, ok: &[StatusCode]) -> Result<Response, RemoteError> {
+        if ok.contains(&resp.status()) {
+            Ok(resp)
+        } else {
+            let status = resp.status();
+            Err(RemoteError::from_status(&self.what(), status, resp))
+        }
+    }
+
+    fn json<T: serde::de::DeserializeOwned>(&self, resp: Response) -> Result<T, RemoteError> {
+        resp.json().map_err(|e| {
+            RemoteError::Refused(format!("{} answered unreadable JSON: {e}", self.what()))
+        })
+    }
+
+    /// The image's record; `None` if Glance does not know it.
+    pub fn image(&self, id: Uuid) -> Result<Option<GlanceImage>, RemoteError> {
+        let resp = self.send(|c| c.get(self.url(&format!("/v2/images/{id}"))))?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let resp = self.expect(resp, &[StatusCode::OK])?;
+        self.json(resp).map(Some)
+    }
+
+    /// Every image, or those of one owner.
+    pub fn images(&self, owner: Option<&str>) -> Result<Vec<GlanceImage>, RemoteError> {
+        let mut next = format!("/v2/images?limit={PAGE}");
+        if let Some(owner) = owner {
+            let query: String = form_urlencoded::Serializer::new(String::new())
+                .append_pair("owner", owner)
+                .finish();
+            next.push('&');
+            next.push_str(&query);
+        }
+        let mut out = Vec::new();
+        loop {
+            let resp = self.send(|c| c.get(self.url(&next)))?;
+            let page: ImagePage = self.json(self.expect(resp, &[StatusCode::OK])?)?;
+            let done = page.images.is_empty();
+            out.extend(page.images);
+            match page.next {
+                Some(n) if !done => next = n,
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// Creates an empty (`queued`) image with the id the appliance chose.
+    pub fn create(&self, id: Uuid, like: &Image, owner: &str) -> Result<(), RemoteError> {
+        let body = json!({
+            "id": id,
+            "name": like.name,
+            "disk_format": like.disk_format,
+            "container_format": like.container_format,
+            "owner": owner,
+        });
+        let resp = self.send(|c| c.post(self.url("/v2/images")).json(&body))?;
+        self.expect(resp, &[StatusCode::CREATED]).map(drop)
+    }
+
+    /// Uploads the image's data, `size` bytes read from `data`.
+    pub fn upload(
+        &self,
+        id: Uuid,
+        data: impl Read + Send + 'static,
+        size: u64,
+    ) -> Result<(), RemoteError> {
+        let mut request = self
+            .http
+            .put(self.url(&format!("/v2/images/{id}/file")))
+            .header("content-type", "application/octet-stream")
+            .timeout(UPLOAD_TIMEOUT)
+            .body(Body::sized(data, size));
+        if let Some(auth) = &self.auth {
+            request = request.header("x-auth-token", auth.token(&self.http)?);
+        }
+        let resp = request
+            .send()
+            .map_err(|e| RemoteError::from_reqwest(&self.what(), e))?;
+        if resp.status() == StatusCode::UNAUTHORIZED {
+            if let Some(auth) = &self.auth {
+                auth.invalidate();
+            }
+            // The body is spent: the caller's retry sends it again, with a new token.
+            return Err(RemoteError::Unavailable(format!(
+                "{} refused the appliance's token during the upload (401)",
+                self.what()
+            )));
+        }
+        self.expect(
+            resp,
+            &[StatusCode::NO_CONTENT, StatusCode::OK, StatusCode::CREATED],
+        )
+        .map(drop)
+    }
+
+    /// Deletes the image; one already gone is fine.
+    pub fn delete(&self, id: Uuid) -> Result<(), RemoteError> {
+        let resp = self.send(|c| c.delete(self.url(&format!("/v2/images/{id}"))))?;
+        self.expect(
+            resp,
+            &[
+                StatusCode::NO_CONTENT,
+                StatusCode::OK,
+                StatusCode::NOT_FOUND,
+            ],
+        )
+        .map(drop)
+    }
+
+    /// Whether Glance answers (and accepts the appliance's credentials).
+    pub fn probe(&self) -> Result<(), RemoteError> {
+        let resp = self.send(|c| c.get(self.url("/v2/images?limit=1")))?;
+        self.expect(resp, &[StatusCode::OK]).map(drop)
+    }
+
+    /// The image's data from byte `offset` on.
+    fn open(&self, id: Uuid, offset: u64) -> Result<Response, RemoteError> {
+        let path = format!("/v2/images/{id}/file");
+        let resp = self.send(|c| {
+            let r = c.get(self.url(&path));
+            if offset > 0 {
+                r.header("range", format!("bytes={offset}-"))
+            } else {
+                r
+            }
+        })?;
+        if offset == 0 {
+            return self.expect(resp, &[StatusCode::OK, StatusCode::NO_CONTENT]);
+        }
+        let resp = self.expect(resp, &[StatusCode::PARTIAL_CONTENT, StatusCode::OK])?;
+        let from = resp
+            .headers()
+            .get("content-range")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("bytes "))
+            .and_then(|v| v.split('-').next())
+            .and_then(|v| v.parse::<u64>().ok());
+        if resp.status() != StatusCode::PARTIAL_CONTENT || from != Some(offset) {
+            return Err(RemoteError::Unavailable(format!(
+                "{} does not resume downloads at byte {offset} (no matching 206)",
+                self.what()
+            )));
+        }
+        Ok(resp)
+    }
+
+    /// A reader of the image's `size` bytes that resumes with `Range` when the connection drops.
+    pub fn download(self: &Arc<Self>, id: Uuid, size: u64) -> Result<Download, RemoteError> {
+        let first = self.open(id, 0)?;
+        Ok(Download {
+            glance: Arc::clone(self),
+            id,
+            size,
+            pos: 0,
+            resp: Some(first),
+            resumes_left: RESUMES,
+        })
+    }
+}
+
+/// See [`Glance::download`].
+pub struct Download {
+    glance: Arc<Glance>,
+    id: Uuid,
+    size: u64,
+    pos: u64,
+    resp: Option<Response>,
+    resumes_left: u32,
+}
+
+impl Download {
+    /// Waits, then reconnects from the current position; the error once resumes run out.
+    fn resume(&mut self, mut why: String) -> io::Result<()> {
+        self.resp = None;
+        while self.resumes_left > 0 {
+            let pause = FIRST_RESUME_PAUSE * 2u32.pow(RESUMES - self.resumes_left);
+            self.resumes_left -= 1;
+            tracing::warn!(image = %self.id, at = self.pos, "download dropped ({why}); resuming in {pause:?}");
+            std::thread::sleep(pause);
+            match self.glance.open(self.id, self.pos) {
+                Ok(resp) => {
+                    self.resp = Some(resp);
+                    return Ok(());
+                }
+                Err(RemoteError::Refused(e)) => return Err(io::Error::other(e)),
+                Err(RemoteError::Unavailable(e)) => why = e,
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            format!("the download from {} failed: {why}", self.glance.what()),
+        ))
+    }
+}
+
+impl Read for Download {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if self.pos >= self.size || buf.is_empty() {
+                return Ok(0);
+            }
+            let Some(resp) = self.resp.as_mut() else {
+                self.resume("no connection".into())?;
+                continue;
+            };
+            let want = buf.len().min((self.size - self.pos) as usize);
+            match resp.read(&mut buf[..want]) {
+                Ok(0) => self.resume(format!(
+                    "the connection ended at byte {} of {}",
+                    self.pos, self.size
+                ))?,
+                Ok(n) => {
+                    self.pos += n as u64;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => self.resume(e.to_string())?,
+            }
+        }
+    }
+}
+
+/// One client per Glance region, made on first use and kept (with its token) while the
+/// region's settings stay the same.
+#[derive(Default)]
+pub struct Clients {
+    by_region: Mutex<HashMap<String, Arc<Glance>>>,
+}
+
+impl Clients {
+    /// The client of `region`, which must be a Glance region.
+    pub fn get(&self, region: &Region) -> Result<Arc<Glance>, RemoteError> {
+        let config = region.glance.as_ref().ok_or_else(|| {
+            RemoteError::Refused(format!("region {} is not a Glance region", region.id))
+        })?;
+        let mut map = self
+            .by_region
+            .lock()
+            .map_err(|_| RemoteError::Refused("the Glance client table is poisoned".into()))?;
+        if let Some(client) = map.get(&region.id) {
+            if client.config == *config {
+                return Ok(Arc::clone(client));
+            }
+        }
+        let client = Arc::new(Glance::new(&region.id, config)?);
+        map.insert(region.id.clone(), Arc::clone(&client));
+        Ok(client)
+    }
+}

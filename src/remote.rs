@@ -1,0 +1,67 @@
+//! What can go wrong when the appliance talks to another service (Glance, Keystone).
+
+use reqwest::blocking::Response;
+use reqwest::StatusCode;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RemoteError {
+    /// It does not answer, timed out or failed inside (5xx): retrying may help.
+    #[error("{0}")]
+    Unavailable(String),
+    /// It refused (4xx), answered nonsense, or the appliance is set up wrongly for it:
+    /// retrying will not help.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl RemoteError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, RemoteError::Unavailable(_))
+    }
+
+    /// A failed exchange with `what` (such as "Glance of region ot3").
+    pub fn from_reqwest(what: &str, e: reqwest::Error) -> RemoteError {
+        // The error's own text names the URL; the cause chain says what happened.
+        let mut cause = String::new();
+        let mut source: Option<&dyn std::error::Error> = std::error::Error::source(&e);
+        while let Some(s) = source {
+            cause = s.to_string();
+            source = s.source();
+        }
+        let detail = if cause.is_empty() {
+            e.to_string()
+        } else {
+            cause
+        };
+        if e.is_builder() {
+            RemoteError::Refused(format!("{what}: bad request: {detail}"))
+        } else if e.is_timeout() {
+            RemoteError::Unavailable(format!("{what} did not answer in time: {detail}"))
+        } else {
+            RemoteError::Unavailable(format!("{what} does not answer: {detail}"))
+        }
+    }
+
+    /// An answer with an error status; the first line of its body says why.
+    pub fn from_status(what: &str, status: StatusCode, resp: Response) -> RemoteError {
+        let body = resp.text().unwrap_or_default();
+        let why: String = body
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty() && !l.starts_with('<'))
+            .unwrap_or("")
+            .chars()
+            .take(200)
+            .collect();
+        let text = if why.is_empty() {
+            format!("{what} answered {status}")
+        } else {
+            format!("{what} answered {status}: {why}")
+        };
+        if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+            RemoteError::Unavailable(text)
+        } else {
+            RemoteError::Refused(text)
+        }
+    }
+}
