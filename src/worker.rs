@@ -1,14 +1,16 @@
 //! The replication worker: threads inside `serve` that take queued jobs oldest first and move
 //! each through its lifecycle by really copying the bytes.
 //!
-//! - `replicate_requested` / `replicating`: create (or reuse) the destination image as `saving`,
-//!   copy the source file into a temporary file in the destination region, verify size, MD5 and
-//!   SHA-512 against the source record, fsync, rename into place, then mark the image `active`
-//!   and the job `replicated` in one transaction.
+//! - `replicate_requested` / `replicating`: create the destination image as `saving` (a record
+//!   here for a directory region, `POST /v2/images` for a Glance one), stream the source (its
+//!   file, or a Glance download) into a temporary file or the Glance upload while hashing it
+//!   with SHA-512, verify size and SHA-512 against the source record, then make the copy durable
+//!   (fsync + rename, or read Glance's record back and compare) and mark the job `replicated`.
 //! - `cancel_requested` / `canceling`: remove whatever was written at the destination, then
 //!   `canceled`. A running copy sees a cancel at its next chunk.
-//! - On failure: retry transient I/O errors with exponential backoff, then `error` with a reason,
-//!   leaving nothing at the destination.
+//! - On failure: retry transient errors (I/O, a Glance that does not answer) with exponential
+//!   backoff, then `error` with a reason, leaving nothing at the destination (a Glance image
+//!   that cannot be deleted yet is remembered and deleted once its Glance answers).
 //! - On shutdown a copy stops at a chunk boundary and stays `replicating`; the next start
 //!   resumes it from the beginning. At start-up, temporary files a crash left are removed.
 

@@ -215,6 +215,38 @@ fn a_destination_glance_that_stops_mid_copy_gives_a_clear_error_and_leaves_nothi
 }
 
 #[test]
+fn kill_9_mid_copy_into_glance_then_restart_ends_replicated_with_one_image() {
+    let t = no_auth_lab();
+    let data = qcow2(t.lab.dir.path(), 48, 6);
+    let source = t.os.upload(0, None, TENANT_A, "qcow2", data.clone());
+    let (job, first) = {
+        let mut server = t.lab.serve_with(&["--max-bandwidth", "8M"]);
+        let job = server.copy_ok(&t.token_a, &source, TENANT_B);
+        let running = server.wait_job(&t.token_a, &job, MINUTE, copying);
+        server.child.kill().expect("SIGKILL");
+        server.child.wait().expect("reap");
+        let first = running["destination_image_id"].as_str().map(String::from);
+        (job, first.expect("destination id"))
+    };
+    assert!(
+        t.os.image(1, None, &first).is_some(),
+        "the crash left a partial upload"
+    );
+    let server = t.lab.serve_with(&[]);
+    let done = server.wait_job(&t.token_a, &job, MINUTE, status_is("replicated"));
+    let dst = done["destination_image_id"]
+        .as_str()
+        .expect("destination id");
+    assert_ne!(dst, first, "a new upload after the restart");
+    assert_in_glance(&t.os, 1, None, dst, TENANT_B, &data);
+    assert_eq!(
+        t.os.image_ids(1, None),
+        vec![dst.to_string()],
+        "strays in Glance 1"
+    );
+}
+
+#[test]
 fn a_source_glance_that_drops_mid_copy_is_resumed_with_range() {
     let mut t = no_auth_lab();
     let data = qcow2(t.lab.dir.path(), 64, 4);
