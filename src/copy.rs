@@ -155,30 +155,44 @@ fn throttle(ctl: &Control, n: usize) -> Result<(), CopyError> {
     }
 }
 
+/// Which hashes a stream computes. Imports need both; a copy into a directory needs SHA-512
+/// only (equal SHA-512 proves equal bytes, so it takes the source's MD5); a copy into Glance
+/// needs none (Glance hashes what it receives, and its record is compared with the source's).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Hashes {
+    pub sha512: bool,
+    pub md5: bool,
+}
+
 /// What a stream yields besides its bytes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Digests {
     pub size: u64,
-    /// MD5, hex, when asked for: only imports need it (a copy's equal SHA-512 proves the bytes
-    /// equal, so it takes the source's MD5 and saves a third of its CPU).
+    /// MD5, hex, if asked for.
     pub md5: Option<String>,
-    pub sha512: String,
+    /// SHA-512, hex, if asked for.
+    pub sha512: Option<String>,
 }
 
-/// Reads `input` to its end in chunks, hands each chunk and its offset to `out`, and hashes
-/// it with SHA-512 (and MD5 if `with_md5`) on separate threads meanwhile.
+/// Reads `input` to its end in chunks, hands each chunk and its offset to `out`, and computes
+/// the `hashes` on separate threads meanwhile.
 pub fn stream(
     input: &mut dyn Read,
     out: &mut dyn FnMut(&Chunk, u64) -> io::Result<()>,
     ctl: &mut Control,
-    with_md5: bool,
+    hashes: Hashes,
 ) -> Result<Digests, CopyError> {
     let (sha_tx, sha_rx) = sync_channel::<Chunk>(IN_FLIGHT);
     let (md5_tx, md5_rx) = sync_channel::<Chunk>(IN_FLIGHT);
-    let md5_tx = with_md5.then_some(md5_tx);
+    let sha_tx = hashes.sha512.then_some(sha_tx);
+    let md5_tx = hashes.md5.then_some(md5_tx);
     std::thread::scope(|scope| {
-        let sha = scope.spawn(move || hash_thread::<Sha512>(sha_rx));
-        let md5 = with_md5.then(|| scope.spawn(move || hash_thread::<Md5>(md5_rx)));
+        let sha = hashes
+            .sha512
+            .then(|| scope.spawn(move || hash_thread::<Sha512>(sha_rx)));
+        let md5 = hashes
+            .md5
+            .then(|| scope.spawn(move || hash_thread::<Md5>(md5_rx)));
         let mut size = 0u64;
         let copied = (|| -> Result<(), CopyError> {
             loop {
@@ -194,10 +208,7 @@ pub fn stream(
                 throttle(ctl, n)?;
                 let chunk = Arc::new(buf);
                 let hashers_gone = || io::Error::other("a hashing thread stopped");
-                sha_tx
-                    .send(Arc::clone(&chunk))
-                    .map_err(|_| hashers_gone())?;
-                if let Some(tx) = &md5_tx {
+                for tx in sha_tx.iter().chain(&md5_tx) {
                     tx.send(Arc::clone(&chunk)).map_err(|_| hashers_gone())?;
                 }
                 out(&chunk, size)?;
@@ -208,7 +219,8 @@ pub fn stream(
         drop(sha_tx);
         drop(md5_tx);
         let sha = sha
-            .join()
+            .map(|t| t.join())
+            .transpose()
             .map_err(|_| io::Error::other("the SHA-512 thread panicked"))?;
         let md5 = md5
             .map(|t| t.join())
@@ -218,43 +230,9 @@ pub fn stream(
         Ok(Digests {
             size,
             md5: md5.map(|d| crate::auth::to_hex(&d)),
-            sha512: crate::auth::to_hex(&sha),
+            sha512: sha.map(|d| crate::auth::to_hex(&d)),
         })
     })
-}
-
-/// The reading end of a pipe of chunks: what a sink that wants a [`Read`] (an HTTP upload)
-/// gets from [`stream`]. `None` marks the end; a sender dropped without it is an error, so an
-/// upload of a stopped copy fails instead of looking complete.
-pub struct ChunkReader {
-    rx: Receiver<Option<Chunk>>,
-    current: Option<(Chunk, usize)>,
-}
-
-impl ChunkReader {
-    pub fn new(rx: Receiver<Option<Chunk>>) -> ChunkReader {
-        ChunkReader { rx, current: None }
-    }
-}
-
-impl Read for ChunkReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            if let Some((chunk, at)) = &mut self.current {
-                if *at < chunk.len() {
-                    let n = buf.len().min(chunk.len() - *at);
-                    buf[..n].copy_from_slice(&chunk[*at..*at + n]);
-                    *at += n;
-                    return Ok(n);
-                }
-            }
-            match self.rx.recv() {
-                Ok(Some(chunk)) => self.current = Some((chunk, 0)),
-                Ok(None) => return Ok(0),
-                Err(_) => return Err(io::Error::other("the copy stopped before its end")),
-            }
-        }
-    }
 }
 
 /// Copies `input` into a new file `dest` (which must not exist) with its holes, fsyncs it,
@@ -263,14 +241,14 @@ pub fn copy_into(
     input: &mut dyn Read,
     dest: &Path,
     ctl: &mut Control,
-    with_md5: bool,
+    hashes: Hashes,
 ) -> Result<Digests, CopyError> {
     let out = File::create_new(dest)?;
     let digests = stream(
         input,
         &mut |chunk, offset| write_sparse(&out, chunk, offset),
         ctl,
-        with_md5,
+        hashes,
     )?;
     out.set_len(digests.size)?;
     out.sync_all()?;
@@ -305,13 +283,19 @@ mod tests {
                 progress: &mut |n| seen.push(n),
                 limiter: None,
             },
-            true,
+            Hashes {
+                sha512: true,
+                md5: true,
+            },
         )
         .expect("copy");
         assert_eq!(std::fs::read(&dest).expect("read dest"), data);
         assert_eq!(written.size, data.len() as u64);
         assert_eq!(written.md5, Some(crate::auth::to_hex(&Md5::digest(&data))));
-        assert_eq!(written.sha512, crate::auth::to_hex(&Sha512::digest(&data)));
+        assert_eq!(
+            written.sha512,
+            Some(crate::auth::to_hex(&Sha512::digest(&data)))
+        );
         assert!(seen.windows(2).all(|w| w[0] < w[1]));
         use std::os::unix::fs::MetadataExt;
         let blocks = std::fs::metadata(&dest).expect("metadata").blocks();
@@ -336,7 +320,10 @@ mod tests {
                 progress: &mut |_| chunks.set(chunks.get() + 1),
                 limiter: None,
             },
-            false,
+            Hashes {
+                sha512: false,
+                md5: false,
+            },
         );
         assert!(matches!(result, Err(CopyError::Stopped(Stop::Cancel))));
         assert_eq!(chunks.get(), 2);

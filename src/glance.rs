@@ -9,12 +9,13 @@ use std::io::{self, Read};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use reqwest::blocking::{Body, Client, RequestBuilder, Response};
+use reqwest::blocking::{Client, RequestBuilder, Response};
 use reqwest::StatusCode;
 use serde::Deserialize;
 use serde_json::json;
 use uuid::Uuid;
 
+use crate::copy::Chunk;
 use crate::keystone::TokenSource;
 use crate::model::{GlanceRegion, Image, ImageStatus, Region};
 use crate::remote::RemoteError;
@@ -27,6 +28,9 @@ const UPLOAD_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Times a download is resumed after its connection drops, and the first pause before.
 const RESUMES: u32 = 5;
 const FIRST_RESUME_PAUSE: Duration = Duration::from_millis(200);
+/// HTTP chunk size of uploads. gunicorn (which serves Glance) copies what is left of a
+/// chunk at each of Glance's 64 KiB reads: 1 MiB chunks made a 256 MiB upload 0.75 s slower.
+const UPLOAD_PIECE: usize = 64 * 1024;
 /// Images asked for per page when listing.
 const PAGE: usize = 500;
 
@@ -204,26 +208,76 @@ impl Glance {
         self.expect(resp, &[StatusCode::CREATED]).map(drop)
     }
 
-    /// Uploads the image's data, `size` bytes read from `data`.
+    /// Uploads the image's data: `size` bytes that arrive as chunks on `chunks`, `None`
+    /// marking the end (a sender dropped before that aborts the upload).
+    ///
+    /// Streams the chunks without copying them, with the async client on a runtime of this
+    /// thread's own: the blocking client pumps a body through 8 KiB reads, which cost the
+    /// appliance twice the CPU. The body goes chunked, without a length: gunicorn-served
+    /// Glance takes a 256 MiB body that way in 2.6 s, with `Content-Length` in 3.5 s (curl,
+    /// same run).
     pub fn upload(
         &self,
         id: Uuid,
-        data: impl Read + Send + 'static,
-        size: u64,
+        chunks: tokio::sync::mpsc::Receiver<Option<Chunk>>,
     ) -> Result<(), RemoteError> {
-        let mut request = self
-            .http
+        let token = match &self.auth {
+            Some(auth) => Some(auth.token(&self.http)?),
+            None => None,
+        };
+        let setup = |e: &dyn std::fmt::Display| {
+            RemoteError::Refused(format!("cannot set up an upload to {}: {e}", self.what()))
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| setup(&e))?;
+        let client = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .user_agent(concat!("image-replicator/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| setup(&e))?;
+        // Sent as HTTP chunks of UPLOAD_PIECE (slices, not copies).
+        let body = futures_util::stream::unfold(
+            (Some(chunks), bytes::Bytes::new()),
+            |(mut rx, mut rest)| async move {
+                if rest.is_empty() {
+                    match rx.as_mut()?.recv().await {
+                        Some(Some(chunk)) => rest = bytes::Bytes::from_owner(Shared(chunk)),
+                        Some(None) => return None,
+                        None => {
+                            let stopped = io::Error::other("the copy stopped before its end");
+                            return Some((Err(stopped), (None, rest)));
+                        }
+                    }
+                }
+                let piece = rest.split_to(rest.len().min(UPLOAD_PIECE));
+                Some((Ok(piece), (rx, rest)))
+            },
+        );
+        let mut request = client
             .put(self.url(&format!("/v2/images/{id}/file")))
             .header("content-type", "application/octet-stream")
             .timeout(UPLOAD_TIMEOUT)
-            .body(Body::sized(data, size));
-        if let Some(auth) = &self.auth {
-            request = request.header("x-auth-token", auth.token(&self.http)?);
+            .body(reqwest::Body::wrap_stream(body));
+        if let Some(token) = token {
+            request = request.header("x-auth-token", token);
         }
-        let resp = request
-            .send()
-            .map_err(|e| RemoteError::from_reqwest(&self.what(), e))?;
-        if resp.status() == StatusCode::UNAUTHORIZED {
+        let what = self.what();
+        let (status, text) = runtime.block_on(async {
+            let resp = request
+                .send()
+                .await
+                .map_err(|e| RemoteError::from_reqwest(&what, e))?;
+            let status = resp.status();
+            let text = if status.is_success() {
+                String::new()
+            } else {
+                resp.text().await.unwrap_or_default()
+            };
+            Ok::<_, RemoteError>((status, text))
+        })?;
+        if status == StatusCode::UNAUTHORIZED {
             if let Some(auth) = &self.auth {
                 auth.invalidate();
             }
@@ -233,11 +287,11 @@ impl Glance {
                 self.what()
             )));
         }
-        self.expect(
-            resp,
-            &[StatusCode::NO_CONTENT, StatusCode::OK, StatusCode::CREATED],
-        )
-        .map(drop)
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(RemoteError::from_status_text(&self.what(), status, &text))
+        }
     }
 
     /// Deletes the image; one already gone is fine.
@@ -302,6 +356,15 @@ impl Glance {
             resp: Some(first),
             resumes_left: RESUMES,
         })
+    }
+}
+
+/// A chunk handed to the HTTP body without copying it.
+struct Shared(Chunk);
+
+impl AsRef<[u8]> for Shared {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_slice()
     }
 }
 

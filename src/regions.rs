@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use uuid::Uuid;
 
-use crate::copy::{copy_into, Control, CopyError, Digests};
+use crate::copy::{copy_into, Control, CopyError, Digests, Hashes};
 
 use crate::model::Region;
 
@@ -63,7 +63,11 @@ pub fn write_image(region: &Region, id: Uuid, source: &mut dyn Read) -> io::Resu
         progress: &mut |_| {},
         limiter: None,
     };
-    let result = copy_into(source, &temp, &mut control, true)
+    let both = Hashes {
+        sha512: true,
+        md5: true,
+    };
+    let result = copy_into(source, &temp, &mut control, both)
         .map_err(|e| match e {
             CopyError::Io(e) => e,
             CopyError::Stopped(_) => io::Error::other("the copy was stopped"),

@@ -45,6 +45,11 @@ impl RemoteError {
     /// An answer with an error status; the first line of its body says why.
     pub fn from_status(what: &str, status: StatusCode, resp: Response) -> RemoteError {
         let body = resp.text().unwrap_or_default();
+        Self::from_status_text(what, status, &body)
+    }
+
+    /// [`RemoteError::from_status`] with the body already read.
+    pub fn from_status_text(what: &str, status: StatusCode, body: &str) -> RemoteError {
         let why: String = body
             .lines()
             .map(str::trim)

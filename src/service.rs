@@ -563,7 +563,7 @@ impl Service {
                 image.size = written.size;
                 image.checksum = written.md5;
                 image.os_hash_algo = Some("sha512".into());
-                image.os_hash_value = Some(written.sha512);
+                image.os_hash_value = written.sha512;
                 image.updated_at = now();
                 self.store.update_image(&image)?;
                 self.flush()?;

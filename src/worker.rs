@@ -19,7 +19,6 @@ use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::sync_channel;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -27,8 +26,7 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use crate::copy::{
-    copy_into, stream, Chunk, ChunkReader, Control, CopyError, Digests, RateLimiter, Stop,
-    IN_FLIGHT,
+    copy_into, stream, Chunk, Control, CopyError, Digests, Hashes, RateLimiter, Stop, IN_FLIGHT,
 };
 use crate::error::{Result, ServiceError};
 use crate::glance::Glance;
@@ -625,8 +623,13 @@ impl Copy<'_> {
     ) -> std::result::Result<Image, Failure> {
         let temp = regions::temp_path(region, image.id);
         let _ = fs::remove_file(&temp);
+        // SHA-512 for the record; MD5 too when that is all the source has to compare.
+        let hashes = Hashes {
+            sha512: true,
+            md5: !self.source_has_sha512(),
+        };
         let written = self
-            .run(&mut |ctl, with_md5| copy_into(input, &temp, ctl, with_md5))
+            .run(hashes, &mut |ctl| copy_into(input, &temp, ctl, hashes))
             .inspect_err(|_| {
                 let _ = fs::remove_file(&temp);
             })?;
@@ -642,7 +645,7 @@ impl Copy<'_> {
         // Equal SHA-512 means equal bytes, so the source's MD5 is the copy's.
         active.checksum = written.md5.or_else(|| self.source.checksum.clone());
         active.os_hash_algo = Some("sha512".into());
-        active.os_hash_value = Some(written.sha512);
+        active.os_hash_value = written.sha512;
         active.updated_at = now();
         Ok(active)
     }
@@ -655,24 +658,28 @@ impl Copy<'_> {
         glance: &Arc<Glance>,
         id: Uuid,
     ) -> std::result::Result<(), Failure> {
-        let size = self.source.size;
-        let (tx, rx) = sync_channel::<Option<Chunk>>(IN_FLIGHT);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Option<Chunk>>(IN_FLIGHT);
         let uploader = Arc::clone(glance);
         let (streamed, uploaded) = std::thread::scope(|scope| {
-            let upload = scope.spawn(move || uploader.upload(id, ChunkReader::new(rx), size));
-            let streamed = self.run(&mut |ctl, with_md5| {
+            let upload = scope.spawn(move || uploader.upload(id, rx));
+            // Glance hashes what it receives; its record is compared with the source below.
+            let none = Hashes {
+                sha512: false,
+                md5: false,
+            };
+            let streamed = self.run(none, &mut |ctl| {
                 stream(
                     input,
                     &mut |chunk, _| {
-                        tx.send(Some(Arc::clone(chunk)))
+                        tx.blocking_send(Some(Arc::clone(chunk)))
                             .map_err(|_| io::Error::other("the upload stopped"))
                     },
                     ctl,
-                    with_md5,
+                    none,
                 )
             });
             if streamed.is_ok() {
-                let _ = tx.send(None);
+                let _ = tx.blocking_send(None);
             }
             drop(tx);
             let uploaded = upload
@@ -691,13 +698,16 @@ impl Copy<'_> {
             Failure::Transient(format!("image {id} vanished from Glance after its upload"))
         })?;
         let src = self.source;
-        let same_hash =
-            src.os_hash_algo != stored.os_hash_algo || src.os_hash_value == stored.os_hash_value;
-        if stored.status != ImageStatus::Active
-            || stored.size != Some(src.size)
-            || (src.checksum.is_some() && stored.checksum != src.checksum)
-            || !same_hash
-        {
+        // Each hash both records have must agree, and at least one must be there to compare.
+        let md5 = (src.checksum.is_some() && stored.checksum.is_some())
+            .then(|| src.checksum == stored.checksum);
+        let os_hash = (src.os_hash_value.is_some() && src.os_hash_algo == stored.os_hash_algo)
+            .then(|| src.os_hash_value == stored.os_hash_value);
+        let hashes_agree = match (md5, os_hash) {
+            (None, None) => false,
+            (a, b) => a.unwrap_or(true) && b.unwrap_or(true),
+        };
+        if stored.status != ImageStatus::Active || stored.size != Some(src.size) || !hashes_agree {
             return Err(Failure::Fatal(format!(
                 "Glance recorded image {id} as {} with {} bytes, MD5 {} and {} {}; the source has {} bytes, MD5 {} and SHA-512 {}",
                 stored.status,
@@ -713,11 +723,17 @@ impl Copy<'_> {
         Ok(())
     }
 
-    /// Runs `copy` with this job's progress, stop and bandwidth control, then checks what was
-    /// read against the source record: SHA-512 when the source has one, else MD5.
+    fn source_has_sha512(&self) -> bool {
+        self.source.os_hash_algo.as_deref() == Some("sha512") && self.source.os_hash_value.is_some()
+    }
+
+    /// Runs `copy` (which computes `hashes`) with this job's progress, stop and bandwidth
+    /// control, then checks what was read against the source record: its size, and SHA-512
+    /// (or else MD5) if computed.
     fn run(
         &self,
-        copy: &mut dyn FnMut(&mut Control, bool) -> std::result::Result<Digests, CopyError>,
+        hashes: Hashes,
+        copy: &mut dyn FnMut(&mut Control) -> std::result::Result<Digests, CopyError>,
     ) -> std::result::Result<Digests, Failure> {
         let (ctx, id, source) = (self.ctx, self.id, self.source);
         let store = &ctx.svc.store;
@@ -766,19 +782,20 @@ impl Copy<'_> {
             progress: &mut progress,
             limiter: ctx.limiter.as_ref(),
         };
-        let by_sha512 = source.os_hash_algo.as_deref() == Some("sha512");
-        let read = copy(&mut control, !by_sha512).map_err(|e| match e {
+        let read = copy(&mut control).map_err(|e| match e {
             CopyError::Stopped(stop) => Failure::Stopped(stop),
             CopyError::Io(e) => io_failure("copy failed", e),
         })?;
-        let (algo, expected, got) = if by_sha512 {
+        let (algo, expected, got) = if hashes.sha512 && self.source_has_sha512() {
             (
                 "SHA-512",
                 source.os_hash_value.as_deref(),
-                Some(read.sha512.as_str()),
+                read.sha512.as_deref(),
             )
-        } else {
+        } else if hashes.md5 {
             ("MD5", source.checksum.as_deref(), read.md5.as_deref())
+        } else {
+            ("no hash", None, None)
         };
         if read.size != source.size || expected != got {
             return Err(Failure::Fatal(format!(
