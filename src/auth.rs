@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use argon2::{Argon2, PasswordHasher, PasswordVerifier};
 use serde::{Deserialize, Serialize};
@@ -18,6 +18,7 @@ use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use crate::error::{Result, ServiceError};
+use crate::keystone::{Validation, Validator};
 use crate::model::{TenantKey, TokenRecord};
 use crate::store::Store;
 
@@ -72,9 +73,10 @@ pub fn check_imported(value: &str) -> Result<()> {
     }
 }
 
-/// Whether a header value could be a token at all (cheap, before any lookup).
+/// Whether a header value could be a token at all (cheap, before any lookup): printable
+/// ASCII, 8 bytes to 8 KiB (Keystone's tokens are longer than the registry's).
 fn plausible(value: &str) -> bool {
-    check_imported(value).is_ok()
+    (8..=8192).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// The argon2id PHC string of a token.
@@ -91,6 +93,9 @@ pub struct Principal {
     pub user: String,
     pub tenant_key: TenantKey,
     pub admin: bool,
+    /// For a Keystone token: the projects its user has roles on, which decide the
+    /// destination tenants it may use. `None`: a local user, whose tenants are in the store.
+    pub projects: Option<Vec<TenantKey>>,
 }
 
 /// Counters, shown by `image-replicator status`.
@@ -113,6 +118,8 @@ pub struct Authenticator {
     verifications: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
+    /// Validates tokens the registry does not know, when `serve --keystone-url` is given.
+    keystone: OnceLock<Arc<Validator>>,
 }
 
 impl Default for Authenticator {
@@ -125,11 +132,22 @@ impl Default for Authenticator {
             verifications: AtomicU64::new(0),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            keystone: OnceLock::new(),
         }
     }
 }
 
 impl Authenticator {
+    /// Accepts Keystone's tokens too, from now on.
+    pub fn use_keystone(&self, validator: Validator) {
+        let _ = self.keystone.set(Arc::new(validator));
+    }
+
+    /// Validation calls made to Keystone so far.
+    pub fn keystone_calls(&self) -> Option<u64> {
+        self.keystone.get().map(|k| k.calls.load(Ordering::Relaxed))
+    }
+
     pub fn stats(&self) -> AuthStats {
         AuthStats {
             argon2_verifications: self.verifications.load(Ordering::Relaxed),
@@ -231,22 +249,24 @@ impl Authenticator {
             };
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
-        if self.was_rejected(&digest) {
-            return Ok(None);
-        }
-        let candidates = store.token_candidates(&lookup(&digest))?;
-        let mut verified_any = false;
-        for record in candidates.iter().filter(|r| r.unusable_at(now).is_none()) {
-            verified_any = true;
-            if self.verify(token, &record.hash).await {
-                self.remember(digest, record.id);
-                return principal(store, record);
+        if !self.was_rejected(&digest) {
+            let candidates = store.token_candidates(&lookup(&digest))?;
+            let mut verified_any = false;
+            for record in candidates.iter().filter(|r| r.unusable_at(now).is_none()) {
+                verified_any = true;
+                if self.verify(token, &record.hash).await {
+                    self.remember(digest, record.id);
+                    return principal(store, record);
+                }
+            }
+            if verified_any {
+                self.reject(digest);
             }
         }
-        if verified_any {
-            self.reject(digest);
+        match self.keystone.get() {
+            Some(keystone) => keystone_principal(store, keystone, token, digest).await,
+            None => Ok(None),
         }
-        Ok(None)
     }
 
     /// Whether `token` is already registered (when importing a given value; blocking).
@@ -256,6 +276,53 @@ impl Authenticator {
             .iter()
             .any(|r| self.verify_blocking(token, &r.hash)))
     }
+}
+
+/// A token the registry does not know, as Keystone sees it: its project must be a registered
+/// tenant (else it gets what an unknown tenant gets, a 401); Keystone down is a 503.
+async fn keystone_principal(
+    store: &Store,
+    keystone: &Arc<Validator>,
+    token: &str,
+    digest: [u8; 32],
+) -> Result<Option<Principal>> {
+    let validation = match keystone.kept(&digest) {
+        Some(kept) => kept,
+        None => {
+            let (keystone, token) = (Arc::clone(keystone), token.to_owned());
+            tokio::task::spawn_blocking(move || keystone.validate(&token, digest))
+                .await
+                .unwrap_or_else(|e| Validation::Unavailable(e.to_string()))
+        }
+    };
+    let identity = match validation {
+        Validation::Valid(identity) => identity,
+        Validation::Invalid => return Ok(None),
+        Validation::Unavailable(why) => {
+            tracing::warn!("cannot validate a token with Keystone: {why}");
+            return Err(ServiceError::Unavailable(
+                "Identity is unavailable: the Keystone service that validates tokens cannot be reached".into(),
+            ));
+        }
+    };
+    let Some(tenant_key) = TenantKey::parse(&identity.project_id) else {
+        return Ok(None);
+    };
+    if store.tenant(tenant_key)?.is_none() {
+        return Ok(None);
+    }
+    let mut projects: Vec<TenantKey> = identity
+        .projects
+        .iter()
+        .filter_map(|p| TenantKey::parse(p))
+        .collect();
+    projects.push(tenant_key);
+    Ok(Some(Principal {
+        user: format!("keystone:{}", identity.user_name),
+        tenant_key,
+        admin: identity.roles.iter().any(|r| r == "admin"),
+        projects: Some(projects),
+    }))
 }
 
 fn principal(store: &Store, record: &TokenRecord) -> Result<Option<Principal>> {
@@ -276,5 +343,6 @@ fn principal(store: &Store, record: &TokenRecord) -> Result<Option<Principal>> {
         user: user.name,
         tenant_key,
         admin: user.admin,
+        projects: None,
     }))
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::admin::{self, Reply, Request};
+use crate::keystone::{CacheTimes, ValidatorConfig};
 use crate::model::{
     rfc3339, GlanceRegion, Image, Job, JobStatus, KeystoneCredentials, SecretSource,
 };
@@ -117,6 +118,109 @@ pub struct ServeArgs {
     /// PEM private key of --tls-cert
     #[arg(long, env = "IMAGE_REPLICATOR_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub keystone: KeystoneArgs,
+}
+
+/// Accepting the tokens of an OpenStack cloud's Keystone besides the registry's own.
+#[derive(Args, Debug)]
+pub struct KeystoneArgs {
+    /// Also accept tokens this Keystone v3 issues (such as https://keystone:5000/v3): a token
+    /// the registry does not know is validated there; its project is the tenant
+    #[arg(long, env = "IMAGE_REPLICATOR_KEYSTONE_URL", value_name = "URL")]
+    pub keystone_url: Option<String>,
+    /// The appliance's service user in that Keystone (it needs a role that may validate
+    /// tokens and list role assignments, such as admin)
+    #[arg(
+        long,
+        env = "IMAGE_REPLICATOR_KEYSTONE_USERNAME",
+        requires = "keystone_url"
+    )]
+    pub keystone_username: Option<String>,
+    /// File whose first line is the service user's password [default: the environment
+    /// variable IMAGE_REPLICATOR_KEYSTONE_PASSWORD]
+    #[arg(
+        long,
+        env = "IMAGE_REPLICATOR_KEYSTONE_PASSWORD_FILE",
+        value_name = "FILE"
+    )]
+    pub keystone_password_file: Option<PathBuf>,
+    /// Project the service user's tokens are scoped to
+    #[arg(
+        long,
+        env = "IMAGE_REPLICATOR_KEYSTONE_PROJECT",
+        default_value = "service"
+    )]
+    pub keystone_project: String,
+    /// Domain of the service user
+    #[arg(
+        long,
+        env = "IMAGE_REPLICATOR_KEYSTONE_USER_DOMAIN",
+        default_value = "Default"
+    )]
+    pub keystone_user_domain: String,
+    /// Domain of the service project
+    #[arg(
+        long,
+        env = "IMAGE_REPLICATOR_KEYSTONE_PROJECT_DOMAIN",
+        default_value = "Default"
+    )]
+    pub keystone_project_domain: String,
+    /// How long a validated token is believed without asking again (capped by its expiry;
+    /// 0s: ask at every request)
+    #[arg(long, env = "IMAGE_REPLICATOR_KEYSTONE_CACHE_TTL", default_value = "300s",
+          value_parser = parse_ttl)]
+    pub keystone_cache_ttl: Duration,
+    /// How long a token Keystone refused is refused without asking again
+    #[arg(long, env = "IMAGE_REPLICATOR_KEYSTONE_NEGATIVE_TTL", default_value = "10s",
+          value_parser = parse_ttl)]
+    pub keystone_negative_ttl: Duration,
+}
+
+impl KeystoneArgs {
+    /// The service credentials and cache times, if Keystone tokens are to be accepted.
+    fn validator_config(self) -> Result<Option<ValidatorConfig>, String> {
+        let Some(auth_url) = self.keystone_url else {
+            return Ok(None);
+        };
+        if !(auth_url.starts_with("http://") || auth_url.starts_with("https://")) {
+            return Err(format!(
+                "--keystone-url '{auth_url}' must start with http:// or https://"
+            ));
+        }
+        let username = self
+            .keystone_username
+            .ok_or("--keystone-url needs --keystone-username")?;
+        let password = match self.keystone_password_file {
+            Some(file) => SecretSource::File(absolute(&file)?),
+            None => SecretSource::Env(KEYSTONE_PASSWORD_ENV.into()),
+        };
+        Ok(Some(ValidatorConfig {
+            credentials: KeystoneCredentials {
+                auth_url,
+                username,
+                user_domain: self.keystone_user_domain,
+                project: self.keystone_project,
+                project_domain: self.keystone_project_domain,
+                password,
+            },
+            times: CacheTimes {
+                positive: self.keystone_cache_ttl,
+                negative: self.keystone_negative_ttl,
+            },
+        }))
+    }
+}
+
+/// Where `serve` reads the Keystone service password when no file is given.
+const KEYSTONE_PASSWORD_ENV: &str = "IMAGE_REPLICATOR_KEYSTONE_PASSWORD";
+
+fn parse_ttl(text: &str) -> Result<Duration, String> {
+    if text.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(text)
+        .map_err(|_| format!("'{text}' is not a duration such as 0s, 30s or 5m"))
 }
 
 fn parse_lifetime(text: &str) -> Result<Duration, String> {
@@ -405,6 +509,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
                     max_bandwidth: args.max_bandwidth,
                 }),
                 tls: args.tls_cert.zip(args.tls_key),
+                keystone: args.keystone.validator_config()?,
             }));
         }
         Command::Completions { shell } => {

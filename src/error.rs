@@ -19,6 +19,9 @@ pub enum ServiceError {
     /// Something broke inside the appliance (500).
     #[error("{0}")]
     Internal(String),
+    /// A service the appliance depends on cannot be reached (503).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl ServiceError {
@@ -29,6 +32,7 @@ impl ServiceError {
             ServiceError::NotFound(_) => 404,
             ServiceError::Conflict(_) => 409,
             ServiceError::Internal(_) => 500,
+            ServiceError::Unavailable(_) => 503,
         }
     }
 

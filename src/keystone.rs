@@ -101,3 +101,270 @@ pub fn password_token(
         .unwrap_or(Duration::from_secs(300));
     Ok((token, lifetime))
 }
+
+/// What Keystone says about a user's token.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Identity {
+    pub user_id: String,
+    pub user_name: String,
+    /// The project the token is scoped to.
+    pub project_id: String,
+    /// Role names on that project.
+    pub roles: Vec<String>,
+    /// Every project the user has a role on (effective assignments).
+    pub projects: Vec<String>,
+}
+
+/// The outcome of checking a token with Keystone.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Validation {
+    Valid(Identity),
+    /// Keystone does not know the token, or it expired or was revoked.
+    Invalid,
+    /// Keystone could not be asked (why, for the log).
+    Unavailable(String),
+}
+
+/// How long validations are kept.
+#[derive(Clone, Copy, Debug)]
+pub struct CacheTimes {
+    /// A valid token is believed this long, or until it expires if sooner; 0: not kept.
+    pub positive: Duration,
+    /// An invalid token is refused this long without asking again.
+    pub negative: Duration,
+}
+
+/// What `serve --keystone-url …` sets up.
+#[derive(Clone, Debug)]
+pub struct ValidatorConfig {
+    pub credentials: KeystoneCredentials,
+    pub times: CacheTimes,
+}
+
+enum Kept {
+    Valid(Identity, Instant),
+    Invalid(Instant),
+}
+
+/// Beyond this many kept validations the cache starts afresh.
+const KEPT_CAPACITY: usize = 65_536;
+/// Validations in flight at once: a flood of unknown tokens queues here, not at Keystone.
+const CONCURRENT_VALIDATIONS: usize = 8;
+
+/// Validates users' tokens with Keystone v3 (`GET /v3/auth/tokens`), authenticated by the
+/// appliance's own service token, and keeps the results like keystonemiddleware does: by the
+/// token's SHA-256 (never the token), valid ones until expiry or the positive TTL, invalid
+/// ones for the negative TTL.
+pub struct Validator {
+    url: String,
+    service: TokenSource,
+    http: Client,
+    times: CacheTimes,
+    kept: Mutex<std::collections::HashMap<[u8; 32], Kept>>,
+    slots: (Mutex<usize>, std::sync::Condvar),
+    /// Validation calls made to Keystone.
+    pub calls: std::sync::atomic::AtomicU64,
+}
+
+impl Validator {
+    /// Makes the validator and checks the service password is readable (blocking: it makes
+    /// a blocking HTTP client, which must not happen on an async thread).
+    pub fn new(config: ValidatorConfig) -> Result<Validator, String> {
+        let ValidatorConfig {
+            credentials: service,
+            times,
+        } = config;
+        service.password.read()?;
+        let http = Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| format!("cannot set up an HTTP client: {e}"))?;
+        Ok(Validator {
+            url: service.auth_url.trim_end_matches('/').to_string(),
+            service: TokenSource::new(service),
+            http,
+            times,
+            kept: Mutex::new(std::collections::HashMap::new()),
+            slots: (Mutex::new(0), std::sync::Condvar::new()),
+            calls: Default::default(),
+        })
+    }
+
+    /// The kept result for a token, if one is still good (no I/O).
+    pub fn kept(&self, digest: &[u8; 32]) -> Option<Validation> {
+        let mut kept = self.kept.lock().ok()?;
+        let now = Instant::now();
+        let result = match kept.get(digest)? {
+            Kept::Valid(identity, until) if now < *until => Validation::Valid(identity.clone()),
+            Kept::Invalid(until) if now < *until => Validation::Invalid,
+            _ => {
+                kept.remove(digest);
+                return None;
+            }
+        };
+        Some(result)
+    }
+
+    fn keep(&self, digest: [u8; 32], entry: Kept) {
+        if let Ok(mut kept) = self.kept.lock() {
+            if kept.len() >= KEPT_CAPACITY {
+                kept.clear();
+            }
+            kept.insert(digest, entry);
+        }
+    }
+
+    /// Asks Keystone about `token` (blocking) and keeps the answer.
+    pub fn validate(&self, token: &str, digest: [u8; 32]) -> Validation {
+        let _slot = self.slot();
+        // Another request may have asked about the same token while this one waited.
+        if let Some(done) = self.kept(&digest) {
+            return done;
+        }
+        let (result, expires) = match self.ask(token) {
+            Ok(Some((identity, expires))) => (Validation::Valid(identity), expires),
+            Ok(None) => (Validation::Invalid, Instant::now()),
+            Err(e) => (Validation::Unavailable(e.to_string()), Instant::now()),
+        };
+        match &result {
+            Validation::Valid(_) if self.times.positive.is_zero() => {}
+            Validation::Valid(identity) => {
+                let until = (Instant::now() + self.times.positive).min(expires);
+                self.keep(digest, Kept::Valid(identity.clone(), until));
+            }
+            Validation::Invalid => {
+                self.keep(digest, Kept::Invalid(Instant::now() + self.times.negative));
+            }
+            Validation::Unavailable(_) => {}
+        }
+        result
+    }
+
+    /// Waits for one of the validation slots; freed when the guard drops.
+    fn slot(&self) -> SlotGuard<'_> {
+        let (lock, _) = &self.slots;
+        let mut busy = lock.lock().unwrap_or_else(|e| e.into_inner());
+        while *busy >= CONCURRENT_VALIDATIONS {
+            busy = self.slots.1.wait(busy).unwrap_or_else(|e| e.into_inner());
+        }
+        *busy += 1;
+        SlotGuard(self)
+    }
+
+    /// Sends `request` with the service token; after a 401 once more with a new one.
+    fn with_service_token(
+        &self,
+        request: impl Fn(&str) -> reqwest::blocking::RequestBuilder,
+    ) -> Result<reqwest::blocking::Response, RemoteError> {
+        let what = format!("Keystone at {}", self.url);
+        for attempt in 0..2 {
+            let token = self.service.token(&self.http)?;
+            let resp = request(&token)
+                .send()
+                .map_err(|e| RemoteError::from_reqwest(&what, e))?;
+            if resp.status().as_u16() == 401 && attempt == 0 {
+                self.service.invalidate();
+                continue;
+            }
+            return Ok(resp);
+        }
+        unreachable!("the loop returns on its second pass")
+    }
+
+    /// The token's identity and when it expires; `None` if Keystone says it is not valid.
+    fn ask(&self, token: &str) -> Result<Option<(Identity, Instant)>, RemoteError> {
+        self.calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let what = format!("Keystone at {}", self.url);
+        let resp = self.with_service_token(|service| {
+            self.http
+                .get(format!("{}/auth/tokens", self.url))
+                .header("x-auth-token", service)
+                .header("x-subject-token", token)
+        })?;
+        let status = resp.status();
+        if status.as_u16() == 404 {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            // 401 twice means the appliance's own credentials are refused: identity is not
+            // available, the user's token is not known to be bad.
+            return Err(match RemoteError::from_status(&what, status, resp) {
+                RemoteError::Refused(e) => RemoteError::Unavailable(e),
+                e => e,
+            });
+        }
+        let body: serde_json::Value = resp.json().map_err(|e| {
+            RemoteError::Unavailable(format!("{what} answered unreadable JSON: {e}"))
+        })?;
+        let t = &body["token"];
+        let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+        let Some(project_id) = t["project"]["id"].as_str().map(str::to_owned) else {
+            // Unscoped or domain-scoped: no tenant to act as.
+            return Ok(None);
+        };
+        let expires = t["expires_at"]
+            .as_str()
+            .and_then(|e| humantime::parse_rfc3339_weak(e).ok())
+            .and_then(|e| e.duration_since(SystemTime::now()).ok())
+            .map_or_else(Instant::now, |left| Instant::now() + left);
+        let user_id = text(&t["user"]["id"]);
+        let roles = t["roles"]
+            .as_array()
+            .map(|r| r.iter().map(|r| text(&r["name"])).collect())
+            .unwrap_or_default();
+        let projects = self.projects_of(&user_id)?;
+        Ok(Some((
+            Identity {
+                user_name: text(&t["user"]["name"]),
+                user_id,
+                project_id,
+                roles,
+                projects,
+            },
+            expires,
+        )))
+    }
+
+    /// Ids of the projects the user has any role on, directly or through groups.
+    fn projects_of(&self, user_id: &str) -> Result<Vec<String>, RemoteError> {
+        let what = format!("Keystone at {}", self.url);
+        let resp = self.with_service_token(|service| {
+            self.http
+                .get(format!("{}/role_assignments", self.url))
+                .query(&[("user.id", user_id), ("effective", "")])
+                .header("x-auth-token", service)
+        })?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(match RemoteError::from_status(&what, status, resp) {
+                RemoteError::Refused(e) => RemoteError::Unavailable(e),
+                e => e,
+            });
+        }
+        let body: serde_json::Value = resp.json().map_err(|e| {
+            RemoteError::Unavailable(format!("{what} answered unreadable JSON: {e}"))
+        })?;
+        let mut projects: Vec<String> = body["role_assignments"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a["scope"]["project"]["id"].as_str().map(str::to_owned))
+            .collect();
+        projects.sort();
+        projects.dedup();
+        Ok(projects)
+    }
+}
+
+struct SlotGuard<'a>(&'a Validator);
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        let (lock, freed) = &self.0.slots;
+        let mut busy = lock.lock().unwrap_or_else(|e| e.into_inner());
+        *busy = busy.saturating_sub(1);
+        freed.notify_one();
+    }
+}

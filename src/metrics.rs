@@ -140,7 +140,15 @@ pub fn render(svc: &Service) -> crate::error::Result<String> {
             auth.cache_misses,
         ),
     ];
-    for (name, kind, help, value) in gauges {
+    let keystone = svc.auth.keystone_calls().map(|calls| {
+        (
+            "image_replicator_keystone_validations_total",
+            "counter",
+            "Token validations asked of Keystone.",
+            calls,
+        )
+    });
+    for (name, kind, help, value) in gauges.into_iter().chain(keystone) {
         let _ = writeln!(w, "# HELP {name} {help}");
         let _ = writeln!(w, "# TYPE {name} {kind}");
         let _ = writeln!(w, "{name} {value}");

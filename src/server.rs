@@ -31,6 +31,8 @@ pub struct ServeOptions {
     pub worker: Option<WorkerConfig>,
     /// PEM certificate chain and private key: serve HTTPS.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Accept Keystone's tokens too.
+    pub keystone: Option<crate::keystone::ValidatorConfig>,
 }
 
 /// Opens the store, waiting up to `wait` while another process holds its lock.
@@ -97,6 +99,16 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
         other => other.to_string(),
     })?;
     let svc = Arc::new(Service::new(store, data_dir.clone()));
+    if let Some(config) = opts.keystone.clone() {
+        let url = config.credentials.auth_url.clone();
+        let validator =
+            tokio::task::spawn_blocking(move || crate::keystone::Validator::new(config))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("cannot use Keystone at {url}: {e}"))?;
+        svc.auth.use_keystone(validator);
+        tracing::info!(keystone = %url, "accepting Keystone tokens too");
+    }
     if opts.demo {
         let demo_svc = Arc::clone(&svc);
         tokio::task::spawn_blocking(move || crate::demo::prepare(&demo_svc))

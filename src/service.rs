@@ -885,12 +885,14 @@ impl Service {
             .tenant(dst_key)?
             .ok_or_else(|| ServiceError::NotFound(format!("no tenant {tenant_dst}")))?;
         if !who.admin {
-            let user = self.store.user(&who.user)?;
-            let member = user.is_some_and(|u| {
-                u.tenants
-                    .iter()
-                    .any(|t| TenantKey::parse(t) == Some(dst_key))
-            });
+            let member = match &who.projects {
+                Some(projects) => projects.contains(&dst_key),
+                None => self.store.user(&who.user)?.is_some_and(|u| {
+                    u.tenants
+                        .iter()
+                        .any(|t| TenantKey::parse(t) == Some(dst_key))
+                }),
+            };
             if !member {
                 return Err(ServiceError::Unauthorized(format!(
                     "user {} may not use tenant {tenant_dst}",

@@ -113,23 +113,27 @@ impl OpenStack {
     /// scoped to that user's project.
     pub fn user_token(&self, who: &str) -> String {
         let ks = &self.info["keystone"];
-        let (user, password, project) = match who {
-            "admin" | "service" => (
-                ks[who]["username"].as_str(),
-                ks[who]["password"].as_str(),
-                ks[who]["project"].as_str(),
+        let text = |v: &Value| v.as_str().expect("lab credentials").to_string();
+        match who {
+            "admin" | "service" => self.token(
+                &text(&ks[who]["username"]),
+                &text(&ks[who]["password"]),
+                &text(&ks[who]["project"]),
             ),
-            project => (
-                ks["projects"][project]["user"].as_str(),
-                ks["projects"][project]["password"].as_str(),
-                Some(project),
+            project => self.token(
+                &text(&ks["projects"][project]["user"]),
+                &text(&ks["projects"][project]["password"]),
+                project,
             ),
-        };
+        }
+    }
+
+    /// A project-scoped Keystone token by password (Default domain).
+    pub fn token(&self, user: &str, password: &str, project: &str) -> String {
         let body = serde_json::json!({"auth": {
             "identity": {"methods": ["password"], "password": {"user": {
-                "name": user.expect("user"), "domain": {"name": "Default"},
-                "password": password.expect("password")}}},
-            "scope": {"project": {"name": project.expect("project"), "domain": {"name": "Default"}}}
+                "name": user, "domain": {"name": "Default"}, "password": password}}},
+            "scope": {"project": {"name": project, "domain": {"name": "Default"}}}
         }});
         let resp = self
             .http
@@ -140,13 +144,23 @@ impl OpenStack {
         assert_eq!(
             resp.status(),
             201,
-            "Keystone auth as {who}: {:?}",
+            "Keystone auth as {user}: {:?}",
             resp.text()
         );
         resp.headers()["x-subject-token"]
             .to_str()
             .expect("token")
             .to_string()
+    }
+
+    /// Requests Keystone's log shows for `GET /v3/auth/tokens` (token validations).
+    pub fn keystone_validations(&self) -> usize {
+        let log = self.info["keystone"]["log"].as_str().expect("keystone log");
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"GET /v3/auth/tokens "))
+            .count()
     }
 
     /// Keystone's v3 URL, such as `http://127.0.0.1:PORT/v3`.
