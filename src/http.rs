@@ -104,7 +104,7 @@ async fn handle(
     body: impl Stream<Item = Result<impl Buf, warp::Error>> + Send + Unpin,
 ) -> Response {
     let started = Instant::now();
-    let request_id = format!("req-{}", uuid::Uuid::new_v4());
+    let request_id = new_request_id();
     let route = Route::parse(&req.path);
     let mut response = match dispatch(&svc, &req, &route, body).await {
         Ok(response) => response,
@@ -202,10 +202,15 @@ pub fn bad_target() -> Response {
         StatusCode::BAD_REQUEST,
         "The request target must be a path such as /v2/extension/image_replicator/jobs.",
     );
-    if let Ok(id) = HeaderValue::from_str(&format!("req-{}", uuid::Uuid::new_v4())) {
+    if let Ok(id) = HeaderValue::from_str(&new_request_id()) {
         response.headers_mut().insert("x-openstack-request-id", id);
     }
     response
+}
+
+/// The id a response carries in `X-Openstack-Request-Id` and the log line names.
+fn new_request_id() -> String {
+    format!("req-{}", uuid::Uuid::new_v4())
 }
 
 /// A message as one sentence: capital first letter, final full stop, control characters

@@ -272,32 +272,43 @@ impl Validator {
         unreachable!("the loop returns on its second pass")
     }
 
-    /// The token's identity and when it expires; `None` if Keystone says it is not valid.
-    fn ask(&self, token: &str) -> Result<Option<(Identity, Instant)>, RemoteError> {
-        self.calls
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    /// A JSON answer to a request sent with the service token; `None` for a 404. Any other
+    /// failure (a 401 twice included: the appliance's own credentials are refused) means
+    /// identity cannot be asked, not that the user's token is bad.
+    fn get_json(
+        &self,
+        request: impl Fn(&str) -> reqwest::blocking::RequestBuilder,
+    ) -> Result<Option<serde_json::Value>, RemoteError> {
         let what = format!("Keystone at {}", self.url);
-        let resp = self.with_service_token(|service| {
-            self.http
-                .get(format!("{}/auth/tokens", self.url))
-                .header("x-auth-token", service)
-                .header("x-subject-token", token)
-        })?;
+        let resp = self.with_service_token(request)?;
         let status = resp.status();
         if status.as_u16() == 404 {
             return Ok(None);
         }
         if !status.is_success() {
-            // 401 twice means the appliance's own credentials are refused: identity is not
-            // available, the user's token is not known to be bad.
             return Err(match RemoteError::from_status(&what, status, resp) {
                 RemoteError::Refused(e) => RemoteError::Unavailable(e),
                 e => e,
             });
         }
-        let body: serde_json::Value = resp.json().map_err(|e| {
-            RemoteError::Unavailable(format!("{what} answered unreadable JSON: {e}"))
-        })?;
+        resp.json()
+            .map(Some)
+            .map_err(|e| RemoteError::Unavailable(format!("{what} answered unreadable JSON: {e}")))
+    }
+
+    /// The token's identity and when it expires; `None` if Keystone says it is not valid.
+    fn ask(&self, token: &str) -> Result<Option<(Identity, Instant)>, RemoteError> {
+        self.calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Some(body) = self.get_json(|service| {
+            self.http
+                .get(format!("{}/auth/tokens", self.url))
+                .header("x-auth-token", service)
+                .header("x-subject-token", token)
+        })?
+        else {
+            return Ok(None);
+        };
         let t = &body["token"];
         let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
         let Some(project_id) = t["project"]["id"].as_str().map(str::to_owned) else {
@@ -329,23 +340,14 @@ impl Validator {
 
     /// Ids of the projects the user has any role on, directly or through groups.
     fn projects_of(&self, user_id: &str) -> Result<Vec<String>, RemoteError> {
-        let what = format!("Keystone at {}", self.url);
-        let resp = self.with_service_token(|service| {
-            self.http
-                .get(format!("{}/role_assignments", self.url))
-                .query(&[("user.id", user_id), ("effective", "")])
-                .header("x-auth-token", service)
-        })?;
-        let status = resp.status();
-        if !status.is_success() {
-            return Err(match RemoteError::from_status(&what, status, resp) {
-                RemoteError::Refused(e) => RemoteError::Unavailable(e),
-                e => e,
-            });
-        }
-        let body: serde_json::Value = resp.json().map_err(|e| {
-            RemoteError::Unavailable(format!("{what} answered unreadable JSON: {e}"))
-        })?;
+        let body = self
+            .get_json(|service| {
+                self.http
+                    .get(format!("{}/role_assignments", self.url))
+                    .query(&[("user.id", user_id), ("effective", "")])
+                    .header("x-auth-token", service)
+            })?
+            .unwrap_or_default();
         let mut projects: Vec<String> = body["role_assignments"]
             .as_array()
             .into_iter()

@@ -203,7 +203,11 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
     if let Some(workers) = workers {
         let _ = tokio::task::spawn_blocking(move || workers.stop(WORKER_GRACE)).await;
     }
-    if tokio::time::timeout(DRAIN * 2, &mut http).await.is_err() {
+    // net::serve gives connections DRAIN itself; this only guards against it hanging.
+    if tokio::time::timeout(DRAIN + Duration::from_secs(1), &mut http)
+        .await
+        .is_err()
+    {
         http.abort();
     }
     if let Some(watchdog) = watchdog {

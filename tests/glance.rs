@@ -149,10 +149,10 @@ fn a_glance_image_of_another_owner_is_not_visible() {
     assert!(!listed.contains(&theirs), "{listed}");
 }
 
-#[test]
-fn cancel_mid_copy_deletes_the_destination_glance_image() {
-    let t = no_auth_lab();
-    let data = qcow2(t.lab.dir.path(), 64, 2);
+/// A 64 MiB Glance → Glance copy at 8 MiB/s, caught while running: the server, the job id
+/// and the destination image's id.
+fn slow_copy_into_glance_1(t: &NoAuth, seed: u64) -> (Server, String, String) {
+    let data = qcow2(t.lab.dir.path(), 64, seed);
     let source = t.os.upload(0, None, TENANT_A, "qcow2", data);
     let server = t.lab.serve_with(&["--max-bandwidth", "8M"]);
     let job = server.copy_ok(&t.token_a, &source, TENANT_B);
@@ -161,6 +161,13 @@ fn cancel_mid_copy_deletes_the_destination_glance_image() {
         .as_str()
         .expect("destination id")
         .to_string();
+    (server, job, dst)
+}
+
+#[test]
+fn cancel_mid_copy_deletes_the_destination_glance_image() {
+    let t = no_auth_lab();
+    let (server, job, dst) = slow_copy_into_glance_1(&t, 2);
     assert!(
         t.os.image(1, None, &dst).is_some(),
         "the upload target exists while copying"
@@ -184,15 +191,7 @@ fn cancel_mid_copy_deletes_the_destination_glance_image() {
 #[test]
 fn a_destination_glance_that_stops_mid_copy_gives_a_clear_error_and_leaves_nothing() {
     let mut t = no_auth_lab();
-    let data = qcow2(t.lab.dir.path(), 64, 3);
-    let source = t.os.upload(0, None, TENANT_A, "qcow2", data);
-    let server = t.lab.serve_with(&["--max-bandwidth", "8M"]);
-    let job = server.copy_ok(&t.token_a, &source, TENANT_B);
-    let running = server.wait_job(&t.token_a, &job, MINUTE, copying);
-    let dst = running["destination_image_id"]
-        .as_str()
-        .expect("destination id")
-        .to_string();
+    let (server, job, dst) = slow_copy_into_glance_1(&t, 3);
     t.os.command("kill glance 1");
     server.wait_job(&t.token_a, &job, MINUTE, status_is("error"));
     let shown = t.lab.ok(&["job", "show", &job]);
