@@ -14,7 +14,9 @@
 # pairs are repeated (3 times in full mode), and the report gives the median ratio.
 #
 # Options: --quick, --out FILE, --reps N, --duration SECONDS (of each wrk run),
-#          --tmpdir DIR (where the data goes; default $TMPDIR or /tmp), --keep, --no-build.
+#          --tmpdir DIR (where the data goes; default $TMPDIR or /tmp), --keep, --no-build,
+#          --no-glance (skip G1, which starts two real Glances from the venv that
+#          scripts/openstack-venv.sh makes: about 80 s and 300 MB the first time).
 # Environment: BENCH_WRK_THREADS (default 2), BENCH_CONNECTIONS (default 32) for P1, P2, P4.
 
 set -euo pipefail
@@ -30,6 +32,7 @@ DURATION=
 TMP_PARENT=${TMPDIR:-/tmp}
 KEEP=0
 BUILD=1
+GLANCE=1
 
 usage() {
   sed -n '2,/^$/p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
@@ -45,6 +48,7 @@ while (($#)); do
     --tmpdir) TMP_PARENT=${2:?--tmpdir needs a directory}; shift ;;
     --keep) KEEP=1 ;;
     --no-build) BUILD=0 ;;
+    --no-glance) GLANCE=0 ;;
     -h | --help) usage; exit 0 ;;
     *) echo "bench.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
@@ -60,6 +64,7 @@ if [[ $MODE == quick ]]; then
   SPARSE_BYTES=$((64 * MIB))
   SPARSE_PIECES=4
   PIECE_MIB=1
+  GLANCE_MIB=16
 else
   : "${REPS:=3}" "${DURATION:=10}"
   WARMUP=2
@@ -68,6 +73,7 @@ else
   SPARSE_BYTES=$((4096 * MIB))
   SPARSE_PIECES=16
   PIECE_MIB=16
+  GLANCE_MIB=256
 fi
 SPARSE_DATA_BYTES=$((SPARSE_PIECES * PIECE_MIB * MIB))
 THREADS=${BENCH_WRK_THREADS:-2}
@@ -580,6 +586,20 @@ run_copies P6 "$SPARSE_SRC" api "cp --sparse=always" sha512sum md5sum
 py record "$RESULTS" kind=rss name=hwm_after_all_copies "kib=$(rss_kib "$CPID" VmHWM)" "how=VmHWM after every P5 and P6 copy"
 drain_log C "P5/P6"
 stop_server C
+
+# ----- G1: Glance → Glance through the API vs a curl pipe (real Glances from PyPI) ------------
+
+if ((GLANCE)); then
+  log "G1: $GLANCE_MIB MiB Glance → Glance copy vs curl GET | curl PUT (starts two Glances)"
+  python3 "$ROOT/scripts/bench/glance.py" --mib "$GLANCE_MIB" --reps "$REPS" --binary "$BIN" \
+    >"$TMP/glance.json" || die "the Glance benchmark failed"
+  python3 - "$RESULTS" "$TMP/glance.json" <<'PY'
+import json, sys
+r = json.loads(open(sys.argv[2]).read().strip().splitlines()[-1])
+r["kind"] = "glance"
+open(sys.argv[1], "a").write(json.dumps(r, sort_keys=True) + "\n")
+PY
+fi
 
 # ----- the report ---------------------------------------------------------------------------------
 

@@ -113,6 +113,9 @@ pub struct Authenticator {
     /// SHA-256 of tokens that failed argon2 verification: a string crafted to share a real
     /// token's lookup prefix costs one verification, not one per request.
     rejected: Mutex<HashSet<[u8; 32]>>,
+    /// SHA-256 of registry tokens that verified but are expired or revoked (checked only
+    /// when Keystone is in use): refused without asking Keystone.
+    dead: Mutex<HashSet<[u8; 32]>>,
     /// Bounds concurrent argon2 work (each verification holds about 19 MiB).
     permits: Arc<Semaphore>,
     verifications: AtomicU64,
@@ -128,6 +131,7 @@ impl Default for Authenticator {
         Authenticator {
             cache: Mutex::new(HashMap::new()),
             rejected: Mutex::new(HashSet::new()),
+            dead: Mutex::new(HashSet::new()),
             permits: Arc::new(Semaphore::new(cores)),
             verifications: AtomicU64::new(0),
             hits: AtomicU64::new(0),
@@ -220,10 +224,26 @@ impl Authenticator {
         }
     }
 
+    fn is_dead(&self, digest: &[u8; 32]) -> bool {
+        self.dead.lock().is_ok_and(|d| d.contains(digest))
+    }
+
+    fn mark_dead(&self, digest: [u8; 32]) {
+        if let Ok(mut dead) = self.dead.lock() {
+            if dead.len() >= CACHE_CAPACITY {
+                dead.clear();
+            }
+            dead.insert(digest);
+        }
+    }
+
     /// A new token may have a value that failed before: forget past failures.
     pub fn token_added(&self) {
         if let Ok(mut rejected) = self.rejected.lock() {
             rejected.clear();
+        }
+        if let Ok(mut dead) = self.dead.lock() {
+            dead.clear();
         }
     }
 
@@ -249,14 +269,29 @@ impl Authenticator {
             };
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
+        if self.is_dead(&digest) {
+            return Ok(None);
+        }
         if !self.was_rejected(&digest) {
+            let keystone = self.keystone.get().is_some();
             let candidates = store.token_candidates(&lookup(&digest))?;
             let mut verified_any = false;
-            for record in candidates.iter().filter(|r| r.unusable_at(now).is_none()) {
+            for record in &candidates {
+                let usable = record.unusable_at(now).is_none();
+                // Without Keystone an unusable record needs no argon2: the answer is 401
+                // either way. With it, a registry token that expired or was revoked must be
+                // told from a Keystone token, or Keystone being down would make it a 503.
+                if !usable && !keystone {
+                    continue;
+                }
                 verified_any = true;
                 if self.verify(token, &record.hash).await {
-                    self.remember(digest, record.id);
-                    return principal(store, record);
+                    if usable {
+                        self.remember(digest, record.id);
+                        return principal(store, record);
+                    }
+                    self.mark_dead(digest);
+                    return Ok(None);
                 }
             }
             if verified_any {
@@ -289,10 +324,18 @@ async fn keystone_principal(
     let validation = match keystone.kept(&digest) {
         Some(kept) => kept,
         None => {
+            // The permit is taken before a thread is: a flood of unknown tokens waits here.
+            let Ok(permit) = Arc::clone(&keystone.permits).acquire_owned().await else {
+                return Err(ServiceError::Unavailable("Identity is unavailable".into()));
+            };
             let (keystone, token) = (Arc::clone(keystone), token.to_owned());
-            tokio::task::spawn_blocking(move || keystone.validate(&token, digest))
-                .await
-                .unwrap_or_else(|e| Validation::Unavailable(e.to_string()))
+            tokio::task::spawn_blocking(move || {
+                let validation = keystone.validate(&token, digest);
+                drop(permit);
+                validation
+            })
+            .await
+            .unwrap_or_else(|e| Validation::Unavailable(e.to_string()))
         }
     };
     let identity = match validation {

@@ -215,12 +215,18 @@ impl KeystoneArgs {
 /// Where `serve` reads the Keystone service password when no file is given.
 const KEYSTONE_PASSWORD_ENV: &str = "IMAGE_REPLICATOR_KEYSTONE_PASSWORD";
 
+/// A cache lifetime: 0 to one day.
 fn parse_ttl(text: &str) -> Result<Duration, String> {
-    if text.trim() == "0" {
-        return Ok(Duration::ZERO);
+    let ttl = if text.trim() == "0" {
+        Duration::ZERO
+    } else {
+        humantime::parse_duration(text)
+            .map_err(|_| format!("'{text}' is not a duration such as 0s, 30s or 5m"))?
+    };
+    if ttl > Duration::from_secs(24 * 3600) {
+        return Err(format!("'{text}' is longer than a day"));
     }
-    humantime::parse_duration(text)
-        .map_err(|_| format!("'{text}' is not a duration such as 0s, 30s or 5m"))
+    Ok(ttl)
 }
 
 fn parse_lifetime(text: &str) -> Result<Duration, String> {

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::io::{self, Read};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reqwest::blocking::{Client, RequestBuilder, Response};
 use reqwest::StatusCode;
@@ -23,6 +23,11 @@ use crate::remote::RemoteError;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// For each read or write of a transfer, and for a whole metadata call.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// For the quick "does it answer" check, and how long its answer is kept.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+const PROBE_KEPT: Duration = Duration::from_secs(5);
+/// Pages of a listing at most (a Glance that keeps sending `next` cannot loop us forever).
+const MAX_PAGES: usize = 1000;
 /// An upload's response comes after its last byte: allow for a whole image.
 const UPLOAD_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Times a download is resumed after its connection drops, and the first pause before.
@@ -40,6 +45,7 @@ pub struct Glance {
     base: String,
     http: Client,
     auth: Option<TokenSource>,
+    last_probe: Mutex<Option<(Instant, Result<(), RemoteError>)>>,
 }
 
 /// Glance's image record, as much of it as the appliance reads.
@@ -109,6 +115,7 @@ impl Glance {
             base: config.url.trim_end_matches('/').to_string(),
             http,
             auth: config.keystone.clone().map(TokenSource::new),
+            last_probe: Mutex::new(None),
         })
     }
 
@@ -183,16 +190,20 @@ impl Glance {
             next.push_str(&query);
         }
         let mut out = Vec::new();
-        loop {
+        for _ in 0..MAX_PAGES {
             let resp = self.send(|c| c.get(self.url(&next)))?;
             let page: ImagePage = self.json(self.expect(resp, &[StatusCode::OK])?)?;
             let done = page.images.is_empty();
             out.extend(page.images);
             match page.next {
-                Some(n) if !done => next = n,
+                Some(n) if !done && n != next => next = n,
                 _ => return Ok(out),
             }
         }
+        Err(RemoteError::Refused(format!(
+            "{} listed more than {MAX_PAGES} pages of images",
+            self.what()
+        )))
     }
 
     /// Creates an empty (`queued`) image with the id the appliance chose.
@@ -216,10 +227,13 @@ impl Glance {
     /// appliance twice the CPU. The body goes chunked, without a length: gunicorn-served
     /// Glance takes a 256 MiB body that way in 2.6 s, with `Content-Length` in 3.5 s (curl,
     /// same run).
+    ///
+    /// `abort` ends the upload at once, even one stalled on a Glance that stopped reading.
     pub fn upload(
         &self,
         id: Uuid,
         chunks: tokio::sync::mpsc::Receiver<Option<Chunk>>,
+        abort: &tokio::sync::Notify,
     ) -> Result<(), RemoteError> {
         let token = match &self.auth {
             Some(auth) => Some(auth.token(&self.http)?),
@@ -264,7 +278,7 @@ impl Glance {
             request = request.header("x-auth-token", token);
         }
         let what = self.what();
-        let (status, text) = runtime.block_on(async {
+        let exchange = async {
             let resp = request
                 .send()
                 .await
@@ -276,6 +290,14 @@ impl Glance {
                 resp.text().await.unwrap_or_default()
             };
             Ok::<_, RemoteError>((status, text))
+        };
+        let (status, text) = runtime.block_on(async {
+            tokio::select! {
+                answer = exchange => answer,
+                () = abort.notified() => Err(RemoteError::Unavailable(format!(
+                    "the upload to {what} was abandoned"
+                ))),
+            }
         })?;
         if status == StatusCode::UNAUTHORIZED {
             if let Some(auth) = &self.auth {
@@ -308,10 +330,24 @@ impl Glance {
         .map(drop)
     }
 
-    /// Whether Glance answers (and accepts the appliance's credentials).
+    /// Whether Glance answers (and accepts the appliance's credentials), within
+    /// [`PROBE_TIMEOUT`]. The answer is kept for [`PROBE_KEPT`]: anyone may call `/healthz`,
+    /// and it must not become load on Glance.
     pub fn probe(&self) -> Result<(), RemoteError> {
-        let resp = self.send(|c| c.get(self.url("/v2/images?limit=1")))?;
-        self.expect(resp, &[StatusCode::OK]).map(drop)
+        if let Ok(last) = self.last_probe.lock() {
+            if let Some((at, result)) = &*last {
+                if at.elapsed() < PROBE_KEPT {
+                    return result.clone();
+                }
+            }
+        }
+        let result = self
+            .send(|c| c.get(self.url("/v2/images?limit=1")).timeout(PROBE_TIMEOUT))
+            .and_then(|resp| self.expect(resp, &[StatusCode::OK]).map(drop));
+        if let Ok(mut last) = self.last_probe.lock() {
+            *last = Some((Instant::now(), result.clone()));
+        }
+        result
     }
 
     /// The image's data from byte `offset` on.

@@ -2,7 +2,7 @@
 //! in Glance regions. A token is kept until shortly before it expires and renewed then; a
 //! caller that gets a 401 with it calls [`TokenSource::invalidate`] and asks again.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use reqwest::blocking::Client;
@@ -148,7 +148,9 @@ enum Kept {
 
 /// Beyond this many kept validations the cache starts afresh.
 const KEPT_CAPACITY: usize = 65_536;
-/// Validations in flight at once: a flood of unknown tokens queues here, not at Keystone.
+/// Validations in flight at once: a flood of unknown tokens waits for a permit (without a
+/// thread) before [`Validator::validate`] runs, so it queues here, not at Keystone or in the
+/// blocking thread pool.
 const CONCURRENT_VALIDATIONS: usize = 8;
 
 /// Validates users' tokens with Keystone v3 (`GET /v3/auth/tokens`), authenticated by the
@@ -161,7 +163,8 @@ pub struct Validator {
     http: Client,
     times: CacheTimes,
     kept: Mutex<std::collections::HashMap<[u8; 32], Kept>>,
-    slots: (Mutex<usize>, std::sync::Condvar),
+    /// Permits to run [`Validator::validate`]; see [`CONCURRENT_VALIDATIONS`].
+    pub permits: Arc<tokio::sync::Semaphore>,
     /// Validation calls made to Keystone.
     pub calls: std::sync::atomic::AtomicU64,
 }
@@ -186,7 +189,7 @@ impl Validator {
             http,
             times,
             kept: Mutex::new(std::collections::HashMap::new()),
-            slots: (Mutex::new(0), std::sync::Condvar::new()),
+            permits: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_VALIDATIONS)),
             calls: Default::default(),
         })
     }
@@ -215,9 +218,9 @@ impl Validator {
         }
     }
 
-    /// Asks Keystone about `token` (blocking) and keeps the answer.
+    /// Asks Keystone about `token` (blocking; the caller holds one of `permits`) and keeps
+    /// the answer.
     pub fn validate(&self, token: &str, digest: [u8; 32]) -> Validation {
-        let _slot = self.slot();
         // Another request may have asked about the same token while this one waited.
         if let Some(done) = self.kept(&digest) {
             return done;
@@ -230,26 +233,19 @@ impl Validator {
         match &result {
             Validation::Valid(_) if self.times.positive.is_zero() => {}
             Validation::Valid(identity) => {
-                let until = (Instant::now() + self.times.positive).min(expires);
+                let until = Instant::now()
+                    .checked_add(self.times.positive)
+                    .map_or(expires, |until| until.min(expires));
                 self.keep(digest, Kept::Valid(identity.clone(), until));
             }
             Validation::Invalid => {
-                self.keep(digest, Kept::Invalid(Instant::now() + self.times.negative));
+                if let Some(until) = Instant::now().checked_add(self.times.negative) {
+                    self.keep(digest, Kept::Invalid(until));
+                }
             }
             Validation::Unavailable(_) => {}
         }
         result
-    }
-
-    /// Waits for one of the validation slots; freed when the guard drops.
-    fn slot(&self) -> SlotGuard<'_> {
-        let (lock, _) = &self.slots;
-        let mut busy = lock.lock().unwrap_or_else(|e| e.into_inner());
-        while *busy >= CONCURRENT_VALIDATIONS {
-            busy = self.slots.1.wait(busy).unwrap_or_else(|e| e.into_inner());
-        }
-        *busy += 1;
-        SlotGuard(self)
     }
 
     /// Sends `request` with the service token; after a 401 once more with a new one.
@@ -272,18 +268,20 @@ impl Validator {
         unreachable!("the loop returns on its second pass")
     }
 
-    /// A JSON answer to a request sent with the service token; `None` for a 404. Any other
-    /// failure (a 401 twice included: the appliance's own credentials are refused) means
-    /// identity cannot be asked, not that the user's token is bad.
+    /// A JSON answer to a request sent with the service token, or `Err(status)` for one of
+    /// the `expected` error statuses. Any other failure (a 401 twice included: the
+    /// appliance's own credentials are refused) means identity cannot be asked, not that the
+    /// user's token is bad.
     fn get_json(
         &self,
         request: impl Fn(&str) -> reqwest::blocking::RequestBuilder,
-    ) -> Result<Option<serde_json::Value>, RemoteError> {
+        expected: &[u16],
+    ) -> Result<Result<serde_json::Value, u16>, RemoteError> {
         let what = format!("Keystone at {}", self.url);
         let resp = self.with_service_token(request)?;
         let status = resp.status();
-        if status.as_u16() == 404 {
-            return Ok(None);
+        if expected.contains(&status.as_u16()) {
+            return Ok(Err(status.as_u16()));
         }
         if !status.is_success() {
             return Err(match RemoteError::from_status(&what, status, resp) {
@@ -292,7 +290,7 @@ impl Validator {
             });
         }
         resp.json()
-            .map(Some)
+            .map(Ok)
             .map_err(|e| RemoteError::Unavailable(format!("{what} answered unreadable JSON: {e}")))
     }
 
@@ -300,13 +298,14 @@ impl Validator {
     fn ask(&self, token: &str) -> Result<Option<(Identity, Instant)>, RemoteError> {
         self.calls
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let Some(body) = self.get_json(|service| {
+        let request = |service: &str| {
             self.http
                 .get(format!("{}/auth/tokens", self.url))
                 .header("x-auth-token", service)
                 .header("x-subject-token", token)
-        })?
-        else {
+        };
+        // 404: not a valid token (unknown, expired or revoked).
+        let Ok(body) = self.get_json(request, &[404])? else {
             return Ok(None);
         };
         let t = &body["token"];
@@ -319,7 +318,8 @@ impl Validator {
             .as_str()
             .and_then(|e| humantime::parse_rfc3339_weak(e).ok())
             .and_then(|e| e.duration_since(SystemTime::now()).ok())
-            .map_or_else(Instant::now, |left| Instant::now() + left);
+            .and_then(|left| Instant::now().checked_add(left))
+            .unwrap_or_else(Instant::now);
         let user_id = text(&t["user"]["id"]);
         let roles = t["roles"]
             .as_array()
@@ -340,14 +340,21 @@ impl Validator {
 
     /// Ids of the projects the user has any role on, directly or through groups.
     fn projects_of(&self, user_id: &str) -> Result<Vec<String>, RemoteError> {
-        let body = self
-            .get_json(|service| {
-                self.http
-                    .get(format!("{}/role_assignments", self.url))
-                    .query(&[("user.id", user_id), ("effective", "")])
-                    .header("x-auth-token", service)
-            })?
-            .unwrap_or_default();
+        let request = |service: &str| {
+            self.http
+                .get(format!("{}/role_assignments", self.url))
+                .query(&[("user.id", user_id), ("effective", "")])
+                .header("x-auth-token", service)
+        };
+        let body = match self.get_json(request, &[403, 404])? {
+            Ok(body) => body,
+            // Keystone's policy may not let the service user list role assignments: tokens
+            // still work, for their own project only.
+            Err(status) => {
+                tracing::warn!(status, "Keystone does not list role assignments to the appliance's service user: Keystone tokens may use their own project only");
+                serde_json::Value::Null
+            }
+        };
         let mut projects: Vec<String> = body["role_assignments"]
             .as_array()
             .into_iter()
@@ -357,16 +364,5 @@ impl Validator {
         projects.sort();
         projects.dedup();
         Ok(projects)
-    }
-}
-
-struct SlotGuard<'a>(&'a Validator);
-
-impl Drop for SlotGuard<'_> {
-    fn drop(&mut self) {
-        let (lock, freed) = &self.0.slots;
-        let mut busy = lock.lock().unwrap_or_else(|e| e.into_inner());
-        *busy = busy.saturating_sub(1);
-        freed.notify_one();
     }
 }

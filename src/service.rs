@@ -644,12 +644,11 @@ impl Service {
         let Some(found) = glance.image(id).map_err(unavailable)? else {
             return Ok(None);
         };
-        let own = found
-            .owner
-            .as_deref()
-            .and_then(TenantKey::parse)
-            .is_some_and(|o| o == who.tenant_key);
-        Ok((who.admin || own).then(|| found.to_image(&region.id)))
+        // A job's source tenant is the image's owner: one that is not a tenant id is no source.
+        let Some(owner) = found.owner.as_deref().and_then(TenantKey::parse) else {
+            return Ok(None);
+        };
+        Ok((who.admin || owner == who.tenant_key).then(|| found.to_image(&region.id)))
     }
 
     pub fn image_show(&self, id: &str) -> Result<Image> {
@@ -938,10 +937,10 @@ impl Service {
             enqueued: true,
             created_destination: None,
         };
-        // Listed under the image's owner; an admin's copy of a Glance image without a
-        // readable owner under the admin's tenant.
-        let lister = TenantKey::parse(&job.wire.source_tenant_id).unwrap_or(who.tenant_key);
-        self.store.insert_jobs(&[(lister, job.clone())])?;
+        let owner = TenantKey::parse(&job.wire.source_tenant_id).ok_or_else(|| {
+            ServiceError::Internal(format!("image {image_id} has a malformed owner"))
+        })?;
+        self.store.insert_jobs(&[(owner, job.clone())])?;
         self.flush()?;
         self.board.wake();
         tracing::info!(job = %job.wire.job_id, image = %image_uuid, to = %job.wire.destination_tenant_id, "replicate_requested");

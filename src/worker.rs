@@ -244,17 +244,22 @@ fn sweep_orphans(ctx: &Ctx) {
             return;
         }
     };
+    // A region that failed once is left alone until the next sweep: a Glance that does not
+    // answer costs one timeout per sweep, not one per orphan.
+    let mut failed = std::collections::HashSet::new();
     for (image, region_id) in orphans {
+        if failed.contains(&region_id) {
+            continue;
+        }
         let deleted = match ctx.svc.store.region(&region_id) {
             Ok(Some(region)) => ctx
                 .svc
                 .glance
                 .get(&region)
-                .and_then(|glance| glance.delete(image))
-                .map_err(|e| e.to_string()),
+                .and_then(|glance| glance.delete(image)),
             // The region is gone: nothing left to delete from.
             Ok(None) => Ok(()),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(RemoteError::Unavailable(e.to_string())),
         };
         match deleted {
             Ok(()) => {
@@ -263,7 +268,14 @@ fn sweep_orphans(ctx: &Ctx) {
                     tracing::error!(%image, "cannot forget the orphan: {e}");
                 }
             }
-            Err(e) => tracing::debug!(%image, "orphan still there: {e}"),
+            Err(e) => {
+                if e.is_transient() {
+                    tracing::debug!(%image, "orphan still there: {e}");
+                } else {
+                    tracing::warn!(%image, region = %region_id, "Glance refuses to delete an orphaned image: {e}");
+                }
+                failed.insert(region_id);
+            }
         }
     }
 }
@@ -660,8 +672,9 @@ impl Copy<'_> {
     ) -> std::result::Result<(), Failure> {
         let (tx, rx) = tokio::sync::mpsc::channel::<Option<Chunk>>(IN_FLIGHT);
         let uploader = Arc::clone(glance);
+        let abort = tokio::sync::Notify::new();
         let (streamed, uploaded) = std::thread::scope(|scope| {
-            let upload = scope.spawn(move || uploader.upload(id, rx));
+            let upload = scope.spawn(|| uploader.upload(id, rx, &abort));
             // Glance hashes what it receives; its record is compared with the source below.
             let none = Hashes {
                 sha512: false,
@@ -670,22 +683,30 @@ impl Copy<'_> {
             let streamed = self.run(none, &mut |ctl| {
                 stream(
                     input,
-                    &mut |chunk, _| {
-                        tx.blocking_send(Some(Arc::clone(chunk)))
-                            .map_err(|_| io::Error::other("the upload stopped"))
-                    },
+                    &mut |chunk, _| self.hand_over(&tx, Some(Arc::clone(chunk))),
                     ctl,
                     none,
                 )
             });
-            if streamed.is_ok() {
-                let _ = tx.blocking_send(None);
+            let streamed = streamed.and_then(|digests| {
+                self.hand_over(&tx, None)
+                    .map_err(|e| io_failure("copy failed", e))?;
+                Ok(digests)
+            });
+            if streamed.is_err() {
+                // Stopped, or reading failed: the upload must not wait for more.
+                abort.notify_one();
             }
             drop(tx);
             let uploaded = upload
                 .join()
                 .unwrap_or_else(|_| Err(RemoteError::Refused("the upload thread panicked".into())));
             (streamed, uploaded)
+        });
+        let streamed = streamed.map_err(|e| match self.stopping() {
+            // The stop came while a stalled upload held the chunk back.
+            Some(stop) => Failure::Stopped(stop),
+            None => e,
         });
         match (streamed, uploaded) {
             (Err(Failure::Stopped(stop)), _) => return Err(Failure::Stopped(stop)),
@@ -721,6 +742,40 @@ impl Copy<'_> {
             )));
         }
         Ok(())
+    }
+
+    /// Whether the copy must stop now (a cancel or shutdown), and which.
+    fn stopping(&self) -> Option<Stop> {
+        if self.ctx.shutdown.load(Ordering::SeqCst) {
+            Some(Stop::Shutdown)
+        } else if self.cancel.load(Ordering::SeqCst) {
+            Some(Stop::Cancel)
+        } else {
+            None
+        }
+    }
+
+    /// Gives a chunk (or the end, `None`) to the upload, waiting while its queue is full but
+    /// not past a cancel or shutdown: a Glance that stops reading must not hold a job.
+    fn hand_over(
+        &self,
+        tx: &tokio::sync::mpsc::Sender<Option<Chunk>>,
+        mut item: Option<Chunk>,
+    ) -> io::Result<()> {
+        use tokio::sync::mpsc::error::TrySendError;
+        loop {
+            match tx.try_send(item) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Closed(_)) => return Err(io::Error::other("the upload stopped")),
+                Err(TrySendError::Full(back)) => {
+                    if self.stopping().is_some() {
+                        return Err(io::Error::other("stopped while the upload was stalled"));
+                    }
+                    item = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
     }
 
     fn source_has_sha512(&self) -> bool {

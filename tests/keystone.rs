@@ -209,10 +209,32 @@ fn with_keystone_stopped_a_kept_token_works_and_a_new_one_gets_503() {
     let resp = server.get(JOBS, Some(&unseen));
     let sentence = assert_error(resp, 503);
     assert!(sentence.contains("Identity is unavailable"), "{sentence}");
-    // The registry's tokens do not need Keystone.
+    // The registry's tokens do not need Keystone: a good one works, a revoked one is a 401
+    // (not a 503), after a restart too (no cache remembers it).
     c.lab.ok(&["user", "add", "local", "--tenant", &c.alpha]);
     let local = c.lab.token("local", &c.alpha);
+    let revoked = c.lab.token("local", &c.alpha);
     assert_eq!(jobs_status(&server, &local), 200);
+    let listed: Value =
+        serde_json::from_str(&c.lab.ok(&["--json", "token", "list"])).expect("token list");
+    let newest = listed
+        .as_array()
+        .and_then(|t| {
+            t.iter()
+                .max_by_key(|t| t["created_at"].as_str().map(String::from))
+        })
+        .expect("a token");
+    let newest_id = newest["id"].as_str().expect("token id");
+    c.lab.ok(&["token", "revoke", newest_id]);
+    let unusable: Vec<&str> = [local.as_str(), revoked.as_str()]
+        .into_iter()
+        .filter(|t| jobs_status(&server, t) != 200)
+        .collect();
+    assert_eq!(unusable.len(), 1, "exactly the revoked token fails");
+    assert_401(server.get(JOBS, Some(unusable[0])));
+    drop(server);
+    let server = c.serve(&[]);
+    assert_401(server.get(JOBS, Some(unusable[0])));
     c.os.command("start keystone");
     assert_eq!(jobs_status(&server, &unseen), 200);
 }

@@ -530,6 +530,30 @@ class Report:
         self.details.append(f"### P5: copy with verification\n\n" + self.copy_table(
             "P5", "page cache warm; a `sync` (untimed) before each timed step; order rotates per rep"))
 
+    def g1(self):
+        runs = self.find(kind="glance")
+        if not runs:
+            return
+        r = runs[-1]
+        mib = r["bytes"] / MIB
+        what = f"Glance → Glance copy ({mib:,.0f} MiB qcow2, two Glances)"
+        ratio = r["median_ratio"]
+        figure = (f"{ratio:.3f}{span(r['ratios'], 3)}; ours {med(r['ours_s']):.2f} s, "
+                  f"`curl GET \\| curl -T - PUT` {med(r['curl_s']):.2f} s")
+        self.row("G1", what, figure, "≤ 1.1", ratio <= 1.1,
+                 "see the G1 details for where the time goes")
+        lines = ["### G1: Glance → Glance", "",
+                 "Two no-auth Glance 33.0.0 services (gunicorn, one worker, one thread each) from "
+                 "`tests/openstack/lab.py`; ours is `POST /jobs` until `GET` shows `replicated` "
+                 "(polled every 20 ms), the other side a `curl` download piped into a `curl` "
+                 "chunked upload into an image record made beforehand; order alternates per rep.",
+                 "", "| rep | ours s | curl pipe s | ratio | server CPU s |", "|---|---|---|---|---|"]
+        cpu = r.get("server_cpu_s", [])
+        for i, (o, c) in enumerate(zip(r["ours_s"], r["curl_s"])):
+            lines.append(f"| {i + 1} | {o:.2f} | {c:.2f} | {o / c:.3f} | "
+                         f"{cpu[i] if i < len(cpu) else float('nan'):.2f} |")
+        self.details.append("\n".join(lines) + "\n")
+
     def p6(self):
         s = self.meta["sizes"]
         api = self.tool_by_rep("P6", "api")
@@ -608,6 +632,7 @@ class Report:
         self.p5()
         self.p6()
         self.p7()
+        self.g1()
         out = ["# Benchmarks", ""]
         if m["mode"] == "quick":
             out += ["> **Quick mode**: tiny sizes and short runs, to check that the benchmark "
