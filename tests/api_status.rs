@@ -5,9 +5,10 @@ mod common;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
+use image_replicator::model::JOB_KEYS;
 use reqwest::blocking::Response;
 use serde_json::{json, Value};
 
@@ -55,27 +56,6 @@ fn fixture() -> Fixture {
 const UNKNOWN_UUID: &str = "7d444840-9dc0-11d1-b245-5ffdce74fad2";
 const OTHER_UNKNOWN_UUID: &str = "0c6f1a9e-3b1d-4f5e-8a2b-9d7c6e5f4a3b";
 
-fn job_path(id: &str) -> String {
-    format!("{JOBS}/{id}")
-}
-
-/// GETs a job that must exist for `token`.
-fn show(server: &Server, token: &str, id: &str) -> Value {
-    let resp = server.get(&job_path(id), Some(token));
-    assert_eq!(resp.status(), 200, "GET {id}: {:?}", resp.text());
-    assert_eq!(
-        resp.headers()["content-type"],
-        "application/json; charset=UTF-8"
-    );
-    resp.json().expect("job JSON")
-}
-
-fn ids(list: &[Value]) -> Vec<String> {
-    list.iter()
-        .map(|j| j["job_id"].as_str().expect("job_id").to_string())
-        .collect()
-}
-
 /// A job in the list format with all ten keys, for `job seed`.
 fn seeded_job(id: &str, status: &str, tenant: &str) -> Value {
     json!({
@@ -94,16 +74,6 @@ fn seeded_job(id: &str, status: &str, tenant: &str) -> Value {
         "source_tenant_id": tenant,
         "status": status,
     })
-}
-
-fn seed(lab: &Lab, jobs: &[Value]) {
-    let path = lab.dir.path().join("seed.json");
-    std::fs::write(&path, Value::Array(jobs.to_vec()).to_string()).expect("seed file");
-    let out = lab.ok(&["job", "seed", path.to_str().expect("path")]);
-    assert_eq!(
-        out,
-        format!("{} job(s) seeded, 0 already present\n", jobs.len())
-    );
 }
 
 /// The sentence of a 400 for a POST of `body`.
@@ -141,18 +111,6 @@ fn request_id(resp: &Response) -> String {
     value
 }
 
-/// Repeats `probe` until it returns `Some`, for at most ten seconds.
-fn poll<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(value) = probe() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 // ===== POST /jobs: 202 =====
 
 #[test]
@@ -170,7 +128,7 @@ fn copy_is_202_with_job_id_and_the_job_starts_replicate_requested() {
     let job_id = body["job_id"].as_str().expect("job_id string");
     uuid::Uuid::try_parse(job_id).expect("job_id is a UUID");
 
-    let job = show(&f.server, &f.carol, job_id);
+    let job = f.server.job(&f.carol, job_id);
     assert_eq!(
         job,
         json!({
@@ -192,7 +150,7 @@ fn copy_is_202_with_job_id_and_the_job_starts_replicate_requested() {
 fn copy_within_the_own_tenant_is_202_with_the_same_region() {
     let f = fixture();
     let job_id = f.server.copy_ok(&f.bob, &f.img_b, TENANT_B);
-    let job = show(&f.server, &f.bob, &job_id);
+    let job = f.server.job(&f.bob, &job_id);
     assert_eq!(job["status"], "replicate_requested");
     assert_eq!(job["source_region_id"], "ot2");
     assert_eq!(job["destination_region_id"], "ot2");
@@ -204,23 +162,20 @@ fn copy_within_the_own_tenant_is_202_with_the_same_region() {
 #[test]
 fn copy_job_survives_a_kill_9_right_after_the_202() {
     let Fixture {
-        server,
+        mut server,
         lab,
         alice,
         img_a,
         ..
     } = fixture();
-    let mut server = server;
     let job_id = server.copy_ok(&alice, &img_a, TENANT_A);
-    server.child.kill().expect("SIGKILL");
-    server.child.wait().expect("reap");
-    // Its process is gone and reaped: no Drop, which would signal a pid that may be reused.
-    std::mem::forget(server);
+    server.kill_9();
+    drop(server);
     let server = lab.serve();
-    let job = show(&server, &alice, &job_id);
+    let job = server.job(&alice, &job_id);
     assert_eq!(job["status"], "replicate_requested");
     assert_eq!(job["source_image_id"], img_a.as_str());
-    assert_eq!(ids(&jobs(server.get(JOBS, Some(&alice)))), [job_id]);
+    assert_eq!(job_ids(&jobs(server.get(JOBS, Some(&alice)))), [job_id]);
 }
 
 #[test]
@@ -240,7 +195,7 @@ fn copy_to_hyphenated_spelling_of_a_32_hex_tenant_is_the_same_tenant() {
         .to_string();
     assert_ne!(hyphenated, TENANT_A);
     let job_id = f.server.copy_ok(&f.alice, &f.img_a, &hyphenated);
-    let job = show(&f.server, &f.alice, &job_id);
+    let job = f.server.job(&f.alice, &job_id);
     // Printed as the tenant record stores it, not as the request spelled it.
     assert_eq!(job["destination_tenant_id"], TENANT_A);
     assert_eq!(job["destination_region_id"], "ot1");
@@ -248,7 +203,7 @@ fn copy_to_hyphenated_spelling_of_a_32_hex_tenant_is_the_same_tenant() {
     // Upper-case hex digits are the same value too.
     let upper = TENANT_A.to_uppercase();
     let job_id = f.server.copy_ok(&f.alice, &f.img_a, &upper);
-    let job = show(&f.server, &f.alice, &job_id);
+    let job = f.server.job(&f.alice, &job_id);
     assert_eq!(job["destination_tenant_id"], TENANT_A);
 }
 
@@ -258,7 +213,7 @@ fn copy_to_32_hex_spelling_of_a_hyphenated_tenant_is_the_same_tenant() {
     let simple = TENANT_C.replace('-', "");
     assert_eq!(simple.len(), 32);
     let job_id = f.server.copy_ok(&f.carol, &f.img_c, &simple);
-    let job = show(&f.server, &f.carol, &job_id);
+    let job = f.server.job(&f.carol, &job_id);
     // Printed as the tenant record stores it: hyphenated.
     assert_eq!(job["destination_tenant_id"], TENANT_C);
     assert_eq!(job["source_tenant_id"], TENANT_C);
@@ -514,6 +469,7 @@ fn open_fifo_writer(fifo: &Path, child: &mut std::process::Child) -> std::fs::Fi
     use std::os::unix::fs::OpenOptionsExt;
     poll(
         "the server to open the FIFO",
+        Duration::from_secs(10),
         || match std::fs::OpenOptions::new()
             .write(true)
             .custom_flags(libc::O_NONBLOCK)
@@ -559,7 +515,7 @@ fn copy_of_image_not_active_is_409() {
     let mut writer = open_fifo_writer(&fifo, &mut import);
 
     // The record appears as `saving` once the server has the FIFO open.
-    poll("the image to be saving", || {
+    poll("the image to be saving", Duration::from_secs(10), || {
         let out = f.lab.cli(&["--json", "image", "show", image_id]);
         if !out.status.success() {
             return None;
@@ -586,7 +542,7 @@ fn copy_of_image_not_active_is_409() {
     assert_eq!(image["size"], 4096);
 
     let job_id = f.server.copy_ok(&f.alice, image_id, TENANT_A);
-    let job = show(&f.server, &f.alice, &job_id);
+    let job = f.server.job(&f.alice, &job_id);
     assert_eq!(job["source_image_name"], "slow-image");
     assert_eq!(job["status"], "replicate_requested");
 }
@@ -691,8 +647,8 @@ impl RawResponse {
 /// the answer is read; Linux hands out data received before a reset before the reset itself.
 fn raw_post(f: &Fixture, body: &[u8], chunked: bool) -> RawResponse {
     use std::io::Read;
-    let addr = f.server.base.trim_start_matches("http://");
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    let addr = f.server.addr();
+    let mut stream = std::net::TcpStream::connect(&addr).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
@@ -704,12 +660,7 @@ fn raw_post(f: &Fixture, body: &[u8], chunked: bool) -> RawResponse {
     .into_bytes();
     if chunked {
         request.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n");
-        for chunk in body.chunks(4096) {
-            request.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
-            request.extend_from_slice(chunk);
-            request.extend_from_slice(b"\r\n");
-        }
-        request.extend_from_slice(b"0\r\n\r\n");
+        request.extend_from_slice(&chunk_encode(body));
     } else {
         request.extend_from_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
         request.extend_from_slice(body);
@@ -767,18 +718,7 @@ fn assert_raw_error(resp: &RawResponse, code: u16) -> String {
         resp.header("content-type"),
         Some("text/plain; charset=UTF-8")
     );
-    let body = String::from_utf8(resp.body.clone()).expect("UTF-8 body");
-    let reason = reqwest::StatusCode::from_u16(code)
-        .expect("code")
-        .canonical_reason()
-        .expect("reason");
-    let head = format!("{code} {reason}\n\n");
-    assert!(
-        body.starts_with(&head),
-        "body {body:?} does not start with {head:?}"
-    );
-    assert!(body.ends_with(".\n\n"), "body {body:?} is not one sentence");
-    body[head.len()..body.len() - 2].to_string()
+    error_sentence(std::str::from_utf8(&resp.body).expect("UTF-8 body"), code)
 }
 
 #[test]
@@ -852,28 +792,8 @@ fn copy_with_text_plain_is_415() {
 fn show_job_is_200_with_the_ten_keys() {
     let f = fixture();
     let job_id = f.server.copy_ok(&f.alice, &f.img_a, TENANT_A);
-    let job = show(&f.server, &f.alice, &job_id);
-    let keys: Vec<&str> = job
-        .as_object()
-        .expect("object")
-        .keys()
-        .map(String::as_str)
-        .collect();
-    assert_eq!(
-        keys,
-        [
-            "copy_progress",
-            "destination_image_id",
-            "destination_region_id",
-            "destination_tenant_id",
-            "job_id",
-            "source_image_id",
-            "source_image_name",
-            "source_region_id",
-            "source_tenant_id",
-            "status",
-        ]
-    );
+    let job = f.server.job(&f.alice, &job_id);
+    assert_eq!(keys_of(&job), JOB_KEYS);
     assert_eq!(job["job_id"], job_id.as_str());
     let listed = jobs(f.server.get(JOBS, Some(&f.alice)));
     assert_eq!(listed, vec![job]);
@@ -933,7 +853,7 @@ fn show_path_traversal_job_id_is_404() {
         assert_error(resp, 404);
     }
     assert_eq!(
-        show(&f.server, &f.alice, &job_id)["status"],
+        f.server.job(&f.alice, &job_id)["status"],
         "replicate_requested"
     );
 }
@@ -952,7 +872,7 @@ fn show_another_tenants_job_is_404_like_an_unknown_job() {
     let foreign = assert_error(foreign, 404);
     assert_eq!(shape(&foreign, &job_id), shape(&unknown, UNKNOWN_UUID));
     // The owner still sees it.
-    assert_eq!(show(&f.server, &f.bob, &job_id)["job_id"], job_id.as_str());
+    assert_eq!(f.server.job(&f.bob, &job_id)["job_id"], job_id.as_str());
 }
 
 // ===== DELETE /jobs/{id} =====
@@ -967,7 +887,7 @@ fn cancel_is_204_with_empty_body_and_job_becomes_cancel_requested() {
         assert_eq!(length, "0");
     }
     assert_eq!(resp.bytes().expect("body").len(), 0);
-    let job = show(&f.server, &f.alice, &job_id);
+    let job = f.server.job(&f.alice, &job_id);
     assert_eq!(job["status"], "cancel_requested");
     assert_eq!(job["copy_progress"], 0);
     assert_eq!(job["destination_image_id"], Value::Null);
@@ -977,11 +897,11 @@ fn cancel_is_204_with_empty_body_and_job_becomes_cancel_requested() {
 fn cancel_of_replicating_job_is_204() {
     let f = fixture();
     let id = "5b1c0f6a-7d2e-4a3b-9c8d-1e2f3a4b5c6d";
-    seed(&f.lab, &[seeded_job(id, "replicating", TENANT_A)]);
+    f.lab.seed_jobs(&[seeded_job(id, "replicating", TENANT_A)]);
     let resp = f.server.delete(&job_path(id), Some(&f.alice));
     assert_eq!(resp.status(), 204);
     assert_eq!(resp.bytes().expect("body").len(), 0);
-    let job = show(&f.server, &f.alice, id);
+    let job = f.server.job(&f.alice, id);
     assert_eq!(job["status"], "cancel_requested");
 }
 
@@ -995,7 +915,7 @@ fn cancel_with_bad_token_is_401() {
             .delete(&job_path(&job_id), Some("wrong-token-value")),
     );
     assert_eq!(
-        show(&f.server, &f.alice, &job_id)["status"],
+        f.server.job(&f.alice, &job_id)["status"],
         "replicate_requested"
     );
 }
@@ -1025,7 +945,7 @@ fn cancel_of_another_tenants_job_is_404_like_an_unknown_job() {
     let foreign = assert_error(f.server.delete(&job_path(&job_id), Some(&f.alice)), 404);
     assert_eq!(shape(&foreign, &job_id), shape(&unknown, UNKNOWN_UUID));
     assert_eq!(
-        show(&f.server, &f.bob, &job_id)["status"],
+        f.server.job(&f.bob, &job_id)["status"],
         "replicate_requested"
     );
 }
@@ -1041,7 +961,7 @@ fn cancel_of_cancel_requested_job_is_409() {
     let sentence = assert_error(f.server.delete(&job_path(&job_id), Some(&f.alice)), 409);
     assert!(sentence.contains("cancel_requested"), "{sentence:?}");
     assert_eq!(
-        show(&f.server, &f.alice, &job_id)["status"],
+        f.server.job(&f.alice, &job_id)["status"],
         "cancel_requested"
     );
 }
@@ -1051,10 +971,10 @@ fn assert_cancel_is_409(status: &str) {
     let f = fixture();
     let id = "6c2d1e0f-8a9b-4c3d-8e7f-2a3b4c5d6e7f";
     let job = seeded_job(id, status, TENANT_A);
-    seed(&f.lab, std::slice::from_ref(&job));
+    f.lab.seed_jobs(std::slice::from_ref(&job));
     let sentence = assert_error(f.server.delete(&job_path(id), Some(&f.alice)), 409);
     assert!(sentence.contains(status), "{sentence:?}");
-    assert_eq!(show(&f.server, &f.alice, id), job);
+    assert_eq!(f.server.job(&f.alice, id), job);
 }
 
 #[test]
@@ -1094,16 +1014,16 @@ fn list_shows_only_the_tenants_jobs_oldest_first() {
     let a3 = f.server.copy_ok(&f.alice, &f.img_a, TENANT_A);
 
     let listed = jobs(f.server.get(JOBS, Some(&f.alice)));
-    assert_eq!(ids(&listed), [a1.clone(), a2, a3]);
+    assert_eq!(job_ids(&listed), [a1.clone(), a2, a3]);
     for job in &listed {
         assert_eq!(job["source_tenant_id"], TENANT_A);
         let id = job["job_id"].as_str().expect("id");
-        assert_eq!(job, &show(&f.server, &f.alice, id));
+        assert_eq!(job, &f.server.job(&f.alice, id));
     }
-    assert_eq!(ids(&jobs(f.server.get(JOBS, Some(&f.bob)))), [b1]);
+    assert_eq!(job_ids(&jobs(f.server.get(JOBS, Some(&f.bob)))), [b1]);
     // carol's copy goes to B but is C's job.
-    assert_eq!(ids(&jobs(f.server.get(JOBS, Some(&f.carol)))), [c1]);
-    assert!(ids(&jobs(f.server.get(JOBS, Some(&f.alice)))).contains(&a1));
+    assert_eq!(job_ids(&jobs(f.server.get(JOBS, Some(&f.carol)))), [c1]);
+    assert!(job_ids(&jobs(f.server.get(JOBS, Some(&f.alice)))).contains(&a1));
 }
 
 #[test]
@@ -1131,12 +1051,13 @@ fn list_status_filter_keeps_only_that_status() {
         assert_eq!(f.server.delete(&job_path(id), Some(token)).status(), 204);
     }
     let seeded = "7e3f2a1b-9c8d-4e5f-a6b7-c8d9e0f1a2b3";
-    seed(&f.lab, &[seeded_job(seeded, "replicated", TENANT_A)]);
+    f.lab
+        .seed_jobs(&[seeded_job(seeded, "replicated", TENANT_A)]);
 
     let get = |query: &str| jobs(f.server.get(&format!("{JOBS}?{query}"), Some(&f.alice)));
-    assert_eq!(ids(&get("status=replicate_requested")), [a1, a3]);
-    assert_eq!(ids(&get("status=cancel_requested")), [a2]);
-    assert_eq!(ids(&get("status=replicated")), [seeded]);
+    assert_eq!(job_ids(&get("status=replicate_requested")), [a1, a3]);
+    assert_eq!(job_ids(&get("status=cancel_requested")), [a2]);
+    assert_eq!(job_ids(&get("status=replicated")), [seeded]);
     for status in ["replicating", "canceling", "canceled", "error"] {
         assert!(get(&format!("status={status}")).is_empty(), "{status}");
     }
@@ -1153,7 +1074,7 @@ fn list_limit_caps_the_count() {
         .map(|_| f.server.copy_ok(&f.alice, &f.img_a, TENANT_A))
         .collect();
     let get = |query: &str| {
-        ids(&jobs(
+        job_ids(&jobs(
             f.server.get(&format!("{JOBS}?{query}"), Some(&f.alice)),
         ))
     };
@@ -1172,7 +1093,7 @@ fn list_marker_returns_the_jobs_after_it() {
         .collect();
     f.server.copy_ok(&f.bob, &f.img_b, TENANT_B);
     let get = |query: &str| {
-        ids(&jobs(
+        job_ids(&jobs(
             f.server.get(&format!("{JOBS}?{query}"), Some(&f.alice)),
         ))
     };
@@ -1198,7 +1119,7 @@ fn list_marker_and_limit_page_through_every_job_once() {
             Some(m) => format!("limit=2&marker={m}"),
             None => "limit=2".to_string(),
         };
-        let page = ids(&jobs(
+        let page = job_ids(&jobs(
             f.server.get(&format!("{JOBS}?{query}"), Some(&f.alice)),
         ));
         assert!(page.len() <= 2);
@@ -1287,7 +1208,7 @@ fn admin_lists_every_tenants_jobs() {
     let b1 = f.server.copy_ok(&f.bob, &f.img_b, TENANT_B);
     let c1 = f.server.copy_ok(&f.carol, &f.img_c, TENANT_C);
     let c2 = f.server.copy_ok(&f.carol, &f.img_c, TENANT_B);
-    let mut all = ids(&jobs(f.server.get(JOBS, Some(&f.root))));
+    let mut all = job_ids(&jobs(f.server.get(JOBS, Some(&f.root))));
     all.sort();
     let mut expected = vec![a1, b1, c1, c2];
     expected.sort();
@@ -1347,7 +1268,7 @@ fn post_on_a_job_is_405_with_allow() {
         assert_405(send(&f, method, &job_path(&job_id)), &["GET", "DELETE"]);
     }
     assert_eq!(
-        show(&f.server, &f.alice, &job_id)["status"],
+        f.server.job(&f.alice, &job_id)["status"],
         "replicate_requested"
     );
 }

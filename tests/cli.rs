@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::Output;
 
 use common::*;
+use image_replicator::model::JOB_KEYS;
 use md5::{Digest, Md5};
 use serde_json::{json, Value};
 use sha2::Sha512;
@@ -98,10 +99,8 @@ fn ok(lab: &Lab, args: &[&str]) -> String {
 
 /// A command that must succeed, run with `--json`; its parsed stdout.
 fn ok_json(lab: &Lab, args: &[&str]) -> Value {
-    let mut all = vec!["--json"];
-    all.extend_from_slice(args);
-    let out = ok(lab, &all);
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{all:?} printed no JSON ({e}): {out}"))
+    let all = json_args(args);
+    parse_json(&all, &ok(lab, &all))
 }
 
 /// The message of a failure: exit status non-zero, nothing on stdout, exactly one line on
@@ -150,6 +149,22 @@ fn refused_stdin(lab: &Lab, args: &[&str], stdin: Option<&[u8]>, needles: &[&str
         );
     }
     message
+}
+
+/// Seeds `jobs` from standard input; all of them must be new.
+fn seed_stdin(lab: &Lab, jobs: &[Value]) {
+    let text = Value::from(jobs).to_string();
+    assert_eq!(
+        ok_stdin(lab, &["job", "seed", "-"], Some(text.as_bytes())),
+        format!("{} job(s) seeded, 0 already present\n", jobs.len())
+    );
+}
+
+/// A seed file on standard input that must be refused; its message, checked to name every
+/// `needle`.
+fn refused_seed(lab: &Lab, jobs: &[Value], needles: &[&str]) -> String {
+    let text = Value::from(jobs).to_string();
+    refused_stdin(lab, &["job", "seed", "-"], Some(text.as_bytes()), needles)
 }
 
 /// Writes a file in the lab; returns its path as text.
@@ -203,33 +218,6 @@ fn ids(list: &Value, key: &str) -> Vec<String> {
         .collect()
 }
 
-fn epoch(rfc3339: &Value) -> u64 {
-    let text = rfc3339.as_str().expect("a time string");
-    humantime::parse_rfc3339(text)
-        .expect("RFC 3339")
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("after 1970")
-        .as_secs()
-}
-
-fn as_refs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
-
-/// Every file under `dir`, recursively.
-fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for entry in fs::read_dir(dir).expect("read dir") {
-        let p = entry.expect("dir entry").path();
-        if p.is_dir() {
-            out.extend(files_under(&p));
-        } else if p.is_file() {
-            out.push(p);
-        }
-    }
-    out
-}
-
 /// Statuses of a canceled job: the replication worker may carry a cancel on at any time.
 const CANCEL_PATH: [&str; 3] = ["cancel_requested", "canceling", "canceled"];
 
@@ -241,10 +229,10 @@ fn assert_cancel_path(status: &str) {
 }
 
 fn status_of(server: &Server, token: &str, job: &str) -> String {
-    let resp = server.get(&format!("{JOBS}/{job}"), Some(token));
-    assert_eq!(resp.status(), 200);
-    let body: Value = resp.json().expect("job JSON");
-    body["status"].as_str().expect("status").to_string()
+    server.job(token, job)["status"]
+        .as_str()
+        .expect("status")
+        .to_string()
 }
 
 // ----- the whole command set -----
@@ -379,10 +367,7 @@ fn exercise_every_command(lab: &Lab) {
     );
 
     // --- tokens ---
-    let out = ok(
-        lab,
-        &["token", "issue", "--user", "alice", "--tenant", TENANT_A],
-    );
+    let out = ok(lab, &issue_args("alice", TENANT_A, &[]));
     assert_eq!(
         out.lines().count(),
         1,
@@ -397,18 +382,11 @@ fn exercise_every_command(lab: &Lab) {
     let imported = "imported-value-1";
     let issued = ok_json(
         lab,
-        &[
-            "token",
-            "issue",
-            "--user",
+        &issue_args(
             "bob",
-            "--tenant",
             TENANT_C,
-            "--expires-in",
-            "1h",
-            "--token",
-            imported,
-        ],
+            &["--expires-in", "1h", "--token", imported],
+        ),
     );
     assert_eq!(issued["token"], imported);
     assert_eq!(issued["info"]["user"], "bob");
@@ -422,14 +400,8 @@ fn exercise_every_command(lab: &Lab) {
     let bob_token_id = issued["info"]["id"].as_str().expect("id").to_string();
 
     // carol's tokens go when carol goes.
-    let carol_1 = ok(
-        lab,
-        &["token", "issue", "--user", "carol", "--tenant", TENANT_C],
-    );
-    let carol_2 = ok(
-        lab,
-        &["token", "issue", "--user", "carol", "--tenant", TENANT_C],
-    );
+    let carol_1 = ok(lab, &issue_args("carol", TENANT_C, &[]));
+    let carol_2 = ok(lab, &issue_args("carol", TENANT_C, &[]));
     assert_ne!(carol_1, carol_2, "generated tokens differ");
 
     let table = ok(lab, &["token", "list"]);
@@ -446,9 +418,7 @@ fn exercise_every_command(lab: &Lab) {
         let bytes = fs::read(&file).unwrap_or_default();
         for plaintext in [alice_token, imported] {
             assert!(
-                !bytes
-                    .windows(plaintext.len())
-                    .any(|w| w == plaintext.as_bytes()),
+                !contains(&bytes, plaintext.as_bytes()),
                 "{} holds a token in the clear",
                 file.display()
             );
@@ -500,10 +470,7 @@ fn exercise_every_command(lab: &Lab) {
     assert!(!tokens.to_string().contains("carol"));
     let removed = ok_json(lab, &["user", "add", "dave", "--tenant", TENANT_C]);
     assert_eq!(removed["name"], "dave");
-    ok(
-        lab,
-        &["token", "issue", "--user", "dave", "--tenant", TENANT_C],
-    );
+    ok(lab, &issue_args("dave", TENANT_C, &[]));
     let removed = ok_json(lab, &["user", "remove", "dave"]);
     assert_eq!(removed["user"]["name"], "dave");
     assert_eq!(removed["tokens_removed"], 1);
@@ -517,18 +484,7 @@ fn exercise_every_command(lab: &Lab) {
     let bytes = fs::read(&file).expect("image file");
     let md5 = hex(&Md5::digest(&bytes));
     let sha512 = hex(&Sha512::digest(&bytes));
-    let out = ok(
-        lab,
-        &[
-            "image",
-            "import",
-            path(&file),
-            "--tenant",
-            TENANT_A,
-            "--name",
-            "disk1",
-        ],
-    );
+    let out = ok(lab, &import_args(path(&file), TENANT_A, "disk1", &[]));
     assert_eq!(
         out.lines().count(),
         1,
@@ -558,21 +514,19 @@ fn exercise_every_command(lab: &Lab) {
     let bytes2 = fs::read(&file2).expect("image file");
     let img2 = ok_json(
         lab,
-        &[
-            "image",
-            "import",
+        &import_args(
             path(&file2),
-            "--tenant",
             TENANT_C,
-            "--name",
             "disk two",
-            "--disk-format",
-            "qcow2",
-            "--container-format",
-            "ovf",
-            "--id",
-            FIXED_IMAGE_ID,
-        ],
+            &[
+                "--disk-format",
+                "qcow2",
+                "--container-format",
+                "ovf",
+                "--id",
+                FIXED_IMAGE_ID,
+            ],
+        ),
     );
     assert_eq!(img2["id"], FIXED_IMAGE_ID);
     assert_eq!(img2["status"], "active");
@@ -591,20 +545,9 @@ fn exercise_every_command(lab: &Lab) {
     assert_eq!(ok_json(lab, &["image", "show", FIXED_IMAGE_ID]), img2);
 
     let file3 = lab.file("disk3.raw", 10);
-    let img3 = ok(
-        lab,
-        &[
-            "image",
-            "import",
-            path(&file3),
-            "--tenant",
-            TENANT_A,
-            "--name",
-            "disk3",
-        ],
-    )
-    .trim()
-    .to_string();
+    let img3 = ok(lab, &import_args(path(&file3), TENANT_A, "disk3", &[]))
+        .trim()
+        .to_string();
 
     let table = ok(lab, &["image", "list"]);
     assert_eq!(
@@ -753,18 +696,7 @@ fn exercise_every_command(lab: &Lab) {
     assert_eq!(shown["enqueued"], true, "seeded with --enqueue");
     assert_eq!(ok_json(lab, &["job", "show", J1])["enqueued"], false);
     let shown = ok_json(lab, &["job", "show", J2]);
-    for key in [
-        "copy_progress",
-        "destination_image_id",
-        "destination_region_id",
-        "destination_tenant_id",
-        "job_id",
-        "source_image_id",
-        "source_image_name",
-        "source_region_id",
-        "source_tenant_id",
-        "status",
-    ] {
+    for key in JOB_KEYS {
         assert_eq!(shown[key], j2[key], "{key} of the seeded job");
     }
 
@@ -995,24 +927,25 @@ fn refusals(lab: &Lab, server: Option<&Server>) {
     ok(lab, &["tenant", "add", t_dst, "--region", "ot4"]);
     let job_src = "e1e1e1e1-0000-4000-8000-000000000001";
     let job_dst = "e2e2e2e2-0000-4000-8000-000000000002";
-    let seed = json!([
-        seed_job(
-            job_src,
-            OTHER_IMAGE,
-            (t_src, "ot3"),
-            (TENANT_A, "ot1"),
-            "replicated"
-        ),
-        seed_job(
-            job_dst,
-            OTHER_IMAGE,
-            (TENANT_A, "ot1"),
-            (t_dst, "ot4"),
-            "canceled"
-        ),
-    ])
-    .to_string();
-    ok_stdin(lab, &["job", "seed", "-"], Some(seed.as_bytes()));
+    seed_stdin(
+        lab,
+        &[
+            seed_job(
+                job_src,
+                OTHER_IMAGE,
+                (t_src, "ot3"),
+                (TENANT_A, "ot1"),
+                "replicated",
+            ),
+            seed_job(
+                job_dst,
+                OTHER_IMAGE,
+                (TENANT_A, "ot1"),
+                (t_dst, "ot4"),
+                "canceled",
+            ),
+        ],
+    );
     refused(lab, &["tenant", "remove", t_src], &[t_src, job_src]);
     refused(lab, &["tenant", "remove", t_dst], &[t_dst, job_dst]);
 
@@ -1021,24 +954,25 @@ fn refusals(lab: &Lab, server: Option<&Server>) {
     let done = lab.image(TENANT_A, "done", 64);
     let job_busy = "e3e3e3e3-0000-4000-8000-000000000003";
     let job_done = "e4e4e4e4-0000-4000-8000-000000000004";
-    let seed = json!([
-        seed_job(
-            job_busy,
-            &busy,
-            (TENANT_A, "ot1"),
-            (TENANT_B, "ot2"),
-            "replicate_requested"
-        ),
-        seed_job(
-            job_done,
-            &done,
-            (TENANT_A, "ot1"),
-            (TENANT_B, "ot2"),
-            "replicated"
-        ),
-    ])
-    .to_string();
-    ok_stdin(lab, &["job", "seed", "-"], Some(seed.as_bytes()));
+    seed_stdin(
+        lab,
+        &[
+            seed_job(
+                job_busy,
+                &busy,
+                (TENANT_A, "ot1"),
+                (TENANT_B, "ot2"),
+                "replicate_requested",
+            ),
+            seed_job(
+                job_done,
+                &done,
+                (TENANT_A, "ot1"),
+                (TENANT_B, "ot2"),
+                "replicated",
+            ),
+        ],
+    );
     refused(
         lab,
         &["image", "delete", &busy],
@@ -1068,11 +1002,7 @@ fn refusals(lab: &Lab, server: Option<&Server>) {
         assert_eq!(server.get(JOBS, Some(&root_token)).status(), 200);
     }
     refused(lab, &["user", "remove", "alice"], &["alice"]);
-    refused(
-        lab,
-        &["token", "issue", "--user", "alice", "--tenant", TENANT_A],
-        &["alice"],
-    );
+    refused(lab, &issue_args("alice", TENANT_A, &[]), &["alice"]);
 
     // Once what held them is gone, removals go through.
     ok(lab, &["user", "remove", "root"]);
@@ -1161,13 +1091,13 @@ fn reject_bad_input(lab: &Lab) {
     );
     refused(
         lab,
-        &["token", "issue", "--user", "nobody", "--tenant", TENANT_A],
+        &issue_args("nobody", TENANT_A, &[]),
         &["user", "nobody"],
     );
     refused(lab, &["user", "remove", "nobody"], &["user", "nobody"]);
     refused(
         lab,
-        &["token", "issue", "--user", "bob", "--tenant", TENANT_A],
+        &issue_args("bob", TENANT_A, &[]),
         &["bob", "not a member", TENANT_A],
     );
     refused(
@@ -1239,87 +1169,33 @@ fn reject_bad_input(lab: &Lab) {
     let file = path(&file);
     refused(
         lab,
-        &[
-            "image",
-            "import",
-            file,
-            "--tenant",
-            TENANT_UNKNOWN,
-            "--name",
-            "x",
-        ],
+        &import_args(file, TENANT_UNKNOWN, "x", &[]),
         &["tenant", TENANT_UNKNOWN],
     );
     refused(
         lab,
-        &[
-            "image",
-            "import",
-            file,
-            "--tenant",
-            TENANT_A,
-            "--name",
-            "x",
-            "--disk-format",
-            "floppy",
-        ],
+        &import_args(file, TENANT_A, "x", &["--disk-format", "floppy"]),
         &["disk format", "floppy"],
     );
     refused(
         lab,
-        &[
-            "image",
-            "import",
-            file,
-            "--tenant",
-            TENANT_A,
-            "--name",
-            "x",
-            "--container-format",
-            "crate",
-        ],
+        &import_args(file, TENANT_A, "x", &["--container-format", "crate"]),
         &["container format", "crate"],
     );
     refused(
         lab,
-        &[
-            "image",
-            "import",
-            file,
-            "--tenant",
-            t_raw,
-            "--name",
-            "x",
-            "--disk-format",
-            "qcow2",
-        ],
+        &import_args(file, t_raw, "x", &["--disk-format", "qcow2"]),
         &["rawonly", "qcow2"],
     );
     let missing = lab.dir.path().join("no-such-file.raw");
     refused(
         lab,
-        &[
-            "image",
-            "import",
-            path(&missing),
-            "--tenant",
-            TENANT_A,
-            "--name",
-            "x",
-        ],
+        &import_args(path(&missing), TENANT_A, "x", &[]),
         &["cannot read", path(&missing)],
     );
     refused(
         lab,
-        &[
-            "image",
-            "import",
-            path(lab.dir.path()),
-            "--tenant",
-            TENANT_A,
-            "--name",
-            "x",
-        ],
+        &import_args(path(lab.dir.path()), TENANT_A, "x", &[]),
         &["directory"],
     );
     assert_eq!(
@@ -1329,35 +1205,16 @@ fn reject_bad_input(lab: &Lab) {
     );
 
     // Token values.
-    let issue = |value: &str| -> Vec<String> {
-        [
-            "token", "issue", "--user", "alice", "--tenant", TENANT_A, "--token", value,
-        ]
-        .map(String::from)
-        .to_vec()
-    };
-    refused(lab, &as_refs(&issue("short7c")), &["8 to 256"]);
-    refused(lab, &as_refs(&issue("has white space")), &["whitespace"]);
-    refused(lab, &as_refs(&issue("tab\there-token")), &["whitespace"]);
-    ok(lab, &as_refs(&issue("the-same-value")));
-    refused(
-        lab,
-        &as_refs(&issue("the-same-value")),
-        &["already registered"],
-    );
+    let issue = |value| issue_args("alice", TENANT_A, &["--token", value]);
+    refused(lab, &issue("short7c"), &["8 to 256"]);
+    refused(lab, &issue("has white space"), &["whitespace"]);
+    refused(lab, &issue("tab\there-token"), &["whitespace"]);
+    ok(lab, &issue("the-same-value"));
+    refused(lab, &issue("the-same-value"), &["already registered"]);
     // The same value for another user is as taken.
     refused(
         lab,
-        &[
-            "token",
-            "issue",
-            "--user",
-            "bob",
-            "--tenant",
-            TENANT_B,
-            "--token",
-            "the-same-value",
-        ],
+        &issue_args("bob", TENANT_B, &["--token", "the-same-value"]),
         &["already registered"],
     );
     assert_eq!(
@@ -1382,74 +1239,42 @@ fn reject_bad_input(lab: &Lab) {
     let object = write(lab, "object.json", "{\"jobs\": []}");
     refused(lab, &["job", "seed", &object], &[&object, "JSON array"]);
     refused_stdin(lab, &["job", "seed", "-"], Some(b"42"), &["JSON array"]);
-    let good = seed_job(
-        J1,
-        OTHER_IMAGE,
-        (TENANT_A, "ot1"),
-        (TENANT_B, "ot2"),
-        "replicate_requested",
-    );
-    let mut no_status = seed_job(
-        J2,
-        OTHER_IMAGE,
-        (TENANT_A, "ot1"),
-        (TENANT_B, "ot2"),
-        "error",
-    );
+    let a_to_b = |id, status| {
+        seed_job(
+            id,
+            OTHER_IMAGE,
+            (TENANT_A, "ot1"),
+            (TENANT_B, "ot2"),
+            status,
+        )
+    };
+    let good = a_to_b(J1, "replicate_requested");
+    let mut no_status = a_to_b(J2, "error");
     no_status.as_object_mut().expect("object").remove("status");
-    let text = json!([good, no_status]).to_string();
-    refused_stdin(
+    refused_seed(
         lab,
-        &["job", "seed", "-"],
-        Some(text.as_bytes()),
+        &[good.clone(), no_status],
         &["job #2", "status", "missing"],
     );
-    let mut bad_status = seed_job(
-        J2,
-        OTHER_IMAGE,
-        (TENANT_A, "ot1"),
-        (TENANT_B, "ot2"),
-        "bogus",
-    );
-    let text = json!([good, bad_status.clone()]).to_string();
-    refused_stdin(
+    let mut bad_status = a_to_b(J2, "bogus");
+    refused_seed(
         lab,
-        &["job", "seed", "-"],
-        Some(text.as_bytes()),
+        &[good.clone(), bad_status.clone()],
         &["job #2", "bogus"],
     );
     bad_status["status"] = json!("replicate_requested");
     bad_status["source_tenant_id"] = json!("not-a-tenant");
-    let text = json!([bad_status]).to_string();
-    refused_stdin(
-        lab,
-        &["job", "seed", "-"],
-        Some(text.as_bytes()),
-        &["not-a-tenant"],
-    );
-    let text = json!([good, good]).to_string();
-    refused_stdin(
-        lab,
-        &["job", "seed", "-"],
-        Some(text.as_bytes()),
-        &[J1, "twice"],
-    );
+    refused_seed(lab, &[bad_status], &["not-a-tenant"]);
+    refused_seed(lab, &[good.clone(), good.clone()], &[J1, "twice"]);
     assert_eq!(
         ok_json(lab, &["job", "list"]),
         json!([]),
         "a refused seed file writes no job"
     );
-    let text = json!([good]).to_string();
-    ok_stdin(lab, &["job", "seed", "-"], Some(text.as_bytes()));
-    let mut conflicting = good.clone();
+    seed_stdin(lab, std::slice::from_ref(&good));
+    let mut conflicting = good;
     conflicting["source_image_name"] = json!("another name");
-    let text = json!([conflicting]).to_string();
-    refused_stdin(
-        lab,
-        &["job", "seed", "-"],
-        Some(text.as_bytes()),
-        &[J1, "different content"],
-    );
+    refused_seed(lab, &[conflicting], &[J1, "different content"]);
     let jobs = ok_json(lab, &["job", "list"]);
     assert_eq!(
         jobs[0]["source_image_name"], "seeded-image",
@@ -1476,16 +1301,7 @@ fn bad_input_is_one_clear_line_through_a_running_server() {
 fn expires_in_garbage_is_one_clear_line() {
     let lab = Lab::new();
     lab.standard();
-    let args = [
-        "token",
-        "issue",
-        "--user",
-        "alice",
-        "--tenant",
-        TENANT_A,
-        "--expires-in",
-        "garbage",
-    ];
+    let args = issue_args("alice", TENANT_A, &["--expires-in", "garbage"]);
     let message = failure(&args, &run(&lab, &args, None));
     assert!(
         message.contains("--expires-in") && message.contains("garbage"),
@@ -1514,16 +1330,7 @@ fn expires_in_zero_is_refused() {
     lab.standard();
     refused(
         &lab,
-        &[
-            "token",
-            "issue",
-            "--user",
-            "alice",
-            "--tenant",
-            TENANT_A,
-            "--expires-in",
-            "0s",
-        ],
+        &issue_args("alice", TENANT_A, &["--expires-in", "0s"]),
         &["--expires-in"],
     );
     assert_eq!(ok_json(&lab, &["token", "list"]), json!([]));
@@ -1546,18 +1353,10 @@ fn commands_need_an_existing_data_dir_except_region_add() {
         vec!["user", "add", "alice", "--tenant", TENANT_A],
         vec!["user", "list"],
         vec!["user", "remove", "alice"],
-        vec!["token", "issue", "--user", "alice", "--tenant", TENANT_A],
+        issue_args("alice", TENANT_A, &[]),
         vec!["token", "list"],
         vec!["token", "revoke", J1],
-        vec![
-            "image",
-            "import",
-            path(&file),
-            "--tenant",
-            TENANT_A,
-            "--name",
-            "x",
-        ],
+        import_args(path(&file), TENANT_A, "x", &[]),
         vec!["image", "list"],
         vec!["image", "show", image_id],
         vec!["image", "delete", image_id],
@@ -1592,15 +1391,16 @@ fn jobs_created_over_http_are_administered_through_the_socket() {
     let image = lab.image(TENANT_A, "served-image", 2048);
     // Seeded without --enqueue: no replication worker touches it before it is canceled.
     let waiting = "f0f0f0f0-0000-4000-8000-00000000000f";
-    let seed = json!([seed_job(
-        waiting,
-        &image,
-        (TENANT_A, "ot1"),
-        (TENANT_B, "ot2"),
-        "replicate_requested"
-    )])
-    .to_string();
-    ok_stdin(&lab, &["job", "seed", "-"], Some(seed.as_bytes()));
+    seed_stdin(
+        &lab,
+        &[seed_job(
+            waiting,
+            &image,
+            (TENANT_A, "ot1"),
+            (TENANT_B, "ot2"),
+            "replicate_requested",
+        )],
+    );
     let server = lab.serve();
 
     // A token issued through the socket works at once.
@@ -1663,15 +1463,7 @@ fn jobs_created_over_http_are_administered_through_the_socket() {
     }
 
     // A token revoked through the socket fails from the next request on.
-    let tokens = ok_json(&lab, &["token", "list"]);
-    let alice_id = tokens
-        .as_array()
-        .expect("array")
-        .iter()
-        .find(|t| t["user"] == "alice")
-        .and_then(|t| t["id"].as_str())
-        .expect("alice's token id")
-        .to_string();
+    let alice_id = token_id_of(&ok_json(&lab, &["token", "list"]), "alice");
     ok(&lab, &["token", "revoke", &alice_id]);
     assert_401(server.get(JOBS, Some(&alice)));
     assert_eq!(server.get(JOBS, Some(&root)).status(), 200);

@@ -2,7 +2,10 @@
 
 mod common;
 
+use std::collections::BTreeSet;
+
 use common::*;
+use image_replicator::model::JOB_KEYS;
 use serde_json::Value;
 
 const REFERENCE_TOKEN: &str = "f4328bab05ff4502b397b88657baaefd";
@@ -14,16 +17,7 @@ fn reference_lab() -> Lab {
     lab.ok(&["region", "add", "ot1"]);
     lab.ok(&["tenant", "add", TENANT_A, "--region", "ot1"]);
     lab.ok(&["user", "add", "demo", "--tenant", TENANT_A]);
-    lab.ok(&[
-        "token",
-        "issue",
-        "--user",
-        "demo",
-        "--tenant",
-        TENANT_A,
-        "--token",
-        REFERENCE_TOKEN,
-    ]);
+    lab.ok(&issue_args("demo", TENANT_A, &["--token", REFERENCE_TOKEN]));
     let seed = lab.dir.path().join("jobs.json");
     std::fs::write(&seed, REFERENCE_LIST).expect("seed file");
     let out = lab.ok(&["job", "seed", seed.to_str().expect("path")]);
@@ -42,13 +36,26 @@ fn list_is_the_reference_execution_example() {
 
 /// Issues a token with a given value through the CLI; returns its id.
 fn issue(lab: &Lab, value: &str, extra: &[&str]) -> String {
-    let mut args = vec![
-        "--json", "token", "issue", "--user", "demo", "--tenant", TENANT_A, "--token", value,
-    ];
+    let mut args = issue_args("demo", TENANT_A, &["--token", value]);
     args.extend_from_slice(extra);
-    let issued: Value = serde_json::from_str(&lab.ok(&args)).expect("issued token JSON");
+    let issued = lab.ok_json(&args);
     assert_eq!(issued["token"], value);
     issued["info"]["id"].as_str().expect("token id").to_string()
+}
+
+/// Where each of [`JOB_KEYS`] first stands, quoted, in a JSON text.
+fn key_positions(text: &str) -> Vec<usize> {
+    JOB_KEYS
+        .iter()
+        .map(|k| {
+            text.find(&format!("\"{k}\""))
+                .unwrap_or_else(|| panic!("no key {k} in {text}"))
+        })
+        .collect()
+}
+
+fn ascending(positions: &[usize]) -> bool {
+    positions.windows(2).all(|w| w[0] < w[1])
 }
 
 #[test]
@@ -56,21 +63,18 @@ fn every_reference_job_shows_alone_with_its_ten_keys_in_order() {
     let lab = reference_lab();
     let server = lab.serve();
     let expected: Vec<Value> = serde_json::from_str(REFERENCE_LIST).expect("reference JSON");
-    let order = [
-        "copy_progress",
-        "destination_image_id",
-        "destination_region_id",
-        "destination_tenant_id",
-        "job_id",
-        "source_image_id",
-        "source_image_name",
-        "source_region_id",
-        "source_tenant_id",
-        "status",
-    ];
+    // The appliance's ten keys are the reference's, in the reference's order.
+    for job in &expected {
+        let keys: BTreeSet<&str> = keys_of(job).into_iter().collect();
+        assert_eq!(keys, BTreeSet::from(JOB_KEYS));
+    }
+    assert!(
+        ascending(&key_positions(REFERENCE_LIST)),
+        "JOB_KEYS is not in the reference's order"
+    );
     for job in expected {
         let id = job["job_id"].as_str().expect("id");
-        let resp = server.get(&format!("{JOBS}/{id}"), Some(REFERENCE_TOKEN));
+        let resp = server.get(&job_path(id), Some(REFERENCE_TOKEN));
         assert_eq!(resp.status(), 200);
         assert_eq!(
             resp.headers()["content-type"],
@@ -79,12 +83,8 @@ fn every_reference_job_shows_alone_with_its_ten_keys_in_order() {
         let text = resp.text().expect("body");
         let shown: Value = serde_json::from_str(&text).expect("JSON");
         assert_eq!(shown, job);
-        let positions: Vec<usize> = order
-            .iter()
-            .map(|k| text.find(&format!("\"{k}\"")).expect("key present"))
-            .collect();
         assert!(
-            positions.windows(2).all(|w| w[0] < w[1]),
+            ascending(&key_positions(&text)),
             "keys out of order: {text}"
         );
     }
@@ -96,9 +96,8 @@ fn seeding_the_reference_twice_changes_nothing() {
     let seed = lab.dir.path().join("jobs.json");
     let out = lab.ok(&["job", "seed", seed.to_str().expect("path")]);
     assert_eq!(out, "0 job(s) seeded, 3 already present\n");
-    let list: Vec<Value> =
-        serde_json::from_str(&lab.ok(&["--json", "job", "list"])).expect("json list");
-    assert_eq!(list.len(), 3);
+    let list = lab.ok_json(&["job", "list"]);
+    assert_eq!(list.as_array().map(Vec::len), Some(3));
 }
 
 #[test]

@@ -15,7 +15,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::json;
@@ -57,10 +57,6 @@ fn fixture() -> Fixture {
 }
 
 impl Fixture {
-    fn addr(&self) -> String {
-        self.server.base.trim_start_matches("http://").to_string()
-    }
-
     fn valid_body(&self) -> String {
         json!({"image_id": self.image, "tenant_id_dst": TENANT_A}).to_string()
     }
@@ -111,12 +107,7 @@ fn chunked_post(headers: &[(&str, &[u8])], body: &[u8]) -> Vec<u8> {
     let mut all: Vec<(&str, &[u8])> = headers.to_vec();
     all.push(("Transfer-Encoding", b"chunked"));
     let mut out = request("POST", JOBS, &all, None);
-    for chunk in body.chunks(4 * KIB) {
-        out.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
-        out.extend_from_slice(chunk);
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"0\r\n\r\n");
+    out.extend_from_slice(&chunk_encode(body));
     out
 }
 
@@ -350,7 +341,7 @@ fn run(f: &Fixture, cases: &[Case]) -> (BTreeMap<String, usize>, Vec<String>) {
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     let mut problems = Vec::new();
     for (i, c) in cases.iter().enumerate() {
-        let outcome = exchange(&f.addr(), &c.raw, Duration::from_secs(10));
+        let outcome = exchange(&f.server.addr(), &c.raw, Duration::from_secs(10));
         let key = match &outcome {
             Outcome::Answer { status, .. } => status.to_string(),
             Outcome::Closed => "closed".into(),
@@ -365,6 +356,25 @@ fn run(f: &Fixture, cases: &[Case]) -> (BTreeMap<String, usize>, Vec<String>) {
         }
     }
     (seen, problems)
+}
+
+/// [`run`], then [`final_health`]: the answers seen and every problem.
+fn run_then_check_health(
+    f: &mut Fixture,
+    cases: &[Case],
+) -> (BTreeMap<String, usize>, Vec<String>) {
+    let (seen, mut problems) = run(f, cases);
+    problems.extend(final_health(f));
+    (seen, problems)
+}
+
+fn assert_no_problems(problems: &[String]) {
+    assert!(
+        problems.is_empty(),
+        "{} problems:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
 }
 
 fn final_health(f: &mut Fixture) -> Vec<String> {
@@ -912,61 +922,41 @@ fn corpus(f: &Fixture) -> Vec<Case> {
     }
 
     // --- chunked oddities ---
-    let mut bad_size = request(
-        "POST",
-        JOBS,
-        &[
-            ("X-Auth-Token", alice),
-            json_ct,
-            ("Transfer-Encoding", b"chunked"),
-        ],
-        None,
-    );
-    bad_size.extend_from_slice(b"zz\r\n{}\r\n0\r\n\r\n");
-    cases.push(case("chunk size zz", bad_size, Shape(400)));
-    let mut overflow = request(
-        "POST",
-        JOBS,
-        &[
-            ("X-Auth-Token", alice),
-            json_ct,
-            ("Transfer-Encoding", b"chunked"),
-        ],
-        None,
-    );
-    overflow.extend_from_slice(b"ffffffffffffffffff\r\n{}\r\n0\r\n\r\n");
-    cases.push(case("chunk size overflow", overflow, Shape(400)));
+    // A chunked POST as alice with `extra` headers before Transfer-Encoding; `raw` is the body.
+    let chunked_raw = |extra: &[(&str, &[u8])], raw: &[u8]| {
+        let mut headers: Headers = vec![("X-Auth-Token", alice), json_ct];
+        headers.extend_from_slice(extra);
+        headers.push(("Transfer-Encoding", b"chunked"));
+        let mut out = request("POST", JOBS, &headers, None);
+        out.extend_from_slice(raw);
+        out
+    };
+    cases.push(case(
+        "chunk size zz",
+        chunked_raw(&[], b"zz\r\n{}\r\n0\r\n\r\n"),
+        Shape(400),
+    ));
+    cases.push(case(
+        "chunk size overflow",
+        chunked_raw(&[], b"ffffffffffffffffff\r\n{}\r\n0\r\n\r\n"),
+        Shape(400),
+    ));
     let typed = format!(r#"{{"image_id": 1, "tenant_id_dst": "{TENANT_A}"}}"#);
     cases.push(case(
         "chunked wrong type",
         chunked_post(&auth, typed.as_bytes()),
         Shape(400),
     ));
-    let mut both = request(
-        "POST",
-        JOBS,
-        &[
-            ("X-Auth-Token", alice),
-            json_ct,
-            ("Content-Length", b"5"),
-            ("Transfer-Encoding", b"chunked"),
-        ],
-        None,
-    );
-    both.extend_from_slice(b"2\r\n{}\r\n0\r\n\r\n");
-    cases.push(case("chunked and Content-Length", both, Shape(400)));
-    let mut extension = request(
-        "POST",
-        JOBS,
-        &[
-            ("X-Auth-Token", alice),
-            json_ct,
-            ("Transfer-Encoding", b"chunked"),
-        ],
-        None,
-    );
-    extension.extend_from_slice(b"2;name=value\r\n{}\r\n0\r\n\r\n");
-    cases.push(case("chunk extension", extension, Shape(400)));
+    cases.push(case(
+        "chunked and Content-Length",
+        chunked_raw(&[("Content-Length", b"5")], b"2\r\n{}\r\n0\r\n\r\n"),
+        Shape(400),
+    ));
+    cases.push(case(
+        "chunk extension",
+        chunked_raw(&[], b"2;name=value\r\n{}\r\n0\r\n\r\n"),
+        Shape(400),
+    ));
 
     cases
 }
@@ -1054,8 +1044,7 @@ fn hostile_requests_get_their_documented_4xx_in_the_plain_text_shape() {
     let mut f = fixture();
     let cases = corpus(&f);
     assert!(cases.len() >= 100, "only {} cases", cases.len());
-    let (seen, mut problems) = run(&f, &cases);
-    problems.extend(final_health(&mut f));
+    let (seen, mut problems) = run_then_check_health(&mut f, &cases);
     // The only jobs are the fixture's and the final health check's: nothing hostile got in.
     let listed = jobs(f.server.get(JOBS, Some(&f.alice)));
     if listed.len() != 2 {
@@ -1069,25 +1058,19 @@ fn hostile_requests_get_their_documented_4xx_in_the_plain_text_shape() {
             ("problems", problems.len().to_string()),
         ],
     );
-    assert!(
-        problems.is_empty(),
-        "{} problems:\n{}",
-        problems.len(),
-        problems.join("\n")
-    );
+    assert_no_problems(&problems);
 }
 
 #[test]
 fn malformed_http_gets_a_4xx_or_a_close_never_a_5xx() {
     let mut f = fixture();
     let cases = framing_corpus(&f);
-    let (seen, mut problems) = run(&f, &cases);
-    problems.extend(final_health(&mut f));
+    let (seen, problems) = run_then_check_health(&mut f, &cases);
     // What hyper answers itself is not in the plain-text shape: counted, for the record.
     let bare = cases
         .iter()
         .filter(|c| {
-            let outcome = exchange(&f.addr(), &c.raw, Duration::from_secs(10));
+            let outcome = exchange(&f.server.addr(), &c.raw, Duration::from_secs(10));
             matches!(outcome, Outcome::Answer { .. }) && !shape_problems(&outcome, None).is_empty()
         })
         .count();
@@ -1100,12 +1083,7 @@ fn malformed_http_gets_a_4xx_or_a_close_never_a_5xx() {
             ("problems", problems.len().to_string()),
         ],
     );
-    assert!(
-        problems.is_empty(),
-        "{} problems:\n{}",
-        problems.len(),
-        problems.join("\n")
-    );
+    assert_no_problems(&problems);
 }
 
 /// The client's input must not shape the answer: control characters it sends are not echoed
@@ -1163,8 +1141,7 @@ fn error_sentences_are_not_shaped_by_client_input() {
             ));
         }
     }
-    let (_, mut problems) = run(&f, &cases);
-    problems.extend(final_health(&mut f));
+    let (_, problems) = run_then_check_health(&mut f, &cases);
     figures(
         "sentences shaped by input",
         &[
@@ -1172,12 +1149,7 @@ fn error_sentences_are_not_shaped_by_client_input() {
             ("problems", problems.len().to_string()),
         ],
     );
-    assert!(
-        problems.is_empty(),
-        "{} problems:\n{}",
-        problems.len(),
-        problems.join("\n")
-    );
+    assert_no_problems(&problems);
 }
 
 /// A target that is not a path (authority form, whatever the method) never reaches warp's
@@ -1216,37 +1188,15 @@ fn a_request_target_without_a_path_gets_a_4xx_not_a_panic() {
         ),
         case("DELETE a:1", raw("DELETE", "a:1"), Expect::AnyShape4xx),
     ];
-    let (seen, mut problems) = run(&f, &cases);
-    problems.extend(final_health(&mut f));
+    let (seen, problems) = run_then_check_health(&mut f, &cases);
     figures(
         "targets without a path",
         &[("answers", format!("{seen:?}").replace(' ', ""))],
     );
-    assert!(
-        problems.is_empty(),
-        "{} problems:\n{}",
-        problems.len(),
-        problems.join("\n")
-    );
+    assert_no_problems(&problems);
 }
 
 // ===== mutations =====
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
 
 const INTERESTING: [u8; 16] = [
     0x00, b'\r', b'\n', b':', b' ', b'{', b'}', b'"', b'\\', 0xff, b'0', b'%', b'/', 0x7f, b'\t',
@@ -1257,29 +1207,29 @@ const INTERESTING: [u8; 16] = [
 /// duplications, truncations, splices from `other`.
 fn mutate(rng: &mut Rng, seed: &[u8], other: &[u8]) -> Vec<u8> {
     let mut out = seed.to_vec();
-    for _ in 0..1 + rng.below(4) {
+    for _ in 0..1 + rng.index(4) {
         let len = out.len().max(1);
-        let at = rng.below(len).min(out.len());
-        match rng.below(7) {
-            0 if at < out.len() => out[at] ^= 1 << rng.below(8),
-            1 if at < out.len() => out[at] = INTERESTING[rng.below(INTERESTING.len())],
+        let at = rng.index(len).min(out.len());
+        match rng.index(7) {
+            0 if at < out.len() => out[at] ^= 1 << rng.index(8),
+            1 if at < out.len() => out[at] = INTERESTING[rng.index(INTERESTING.len())],
             2 => {
-                let bytes: Vec<u8> = (0..1 + rng.below(16)).map(|_| rng.next() as u8).collect();
+                let bytes: Vec<u8> = (0..1 + rng.index(16)).map(|_| rng.next() as u8).collect();
                 out.splice(at..at, bytes);
             }
             3 => {
-                let end = (at + 1 + rng.below(32)).min(out.len());
+                let end = (at + 1 + rng.index(32)).min(out.len());
                 out.drain(at..end);
             }
             4 => {
-                let end = (at + 1 + rng.below(64)).min(out.len());
+                let end = (at + 1 + rng.index(64)).min(out.len());
                 let copy = out[at..end].to_vec();
                 out.splice(at..at, copy);
             }
             5 => out.truncate(at),
             _ => {
-                let from = rng.below(other.len().max(1)).min(other.len());
-                let end = (from + 1 + rng.below(64)).min(other.len());
+                let from = rng.index(other.len().max(1)).min(other.len());
+                let end = (from + 1 + rng.index(64)).min(other.len());
                 out.splice(at..at, other[from..end].iter().copied());
             }
         }
@@ -1289,19 +1239,8 @@ fn mutate(rng: &mut Rng, seed: &[u8], other: &[u8]) -> Vec<u8> {
 
 #[test]
 fn mutated_requests_never_get_a_5xx_and_the_server_stays_healthy() {
-    let count: usize = std::env::var("HOSTILE_MUTATIONS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(600);
-    let seed: u64 = std::env::var("RELIABILITY_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        });
-    println!("mutations: RELIABILITY_SEED={seed}");
+    let count = env_count("HOSTILE_MUTATIONS", 600);
+    let seed = Rng::for_test("mutations").0;
     let mut f = fixture();
     let alice = f.alice.as_bytes();
     let json_ct: (&str, &[u8]) = ("Content-Type", b"application/json");
@@ -1322,14 +1261,14 @@ fn mutated_requests_never_get_a_5xx_and_the_server_stays_healthy() {
     let threads = 16;
     let workers: Vec<_> = (0..threads)
         .map(|t| {
-            let (addr, seeds) = (f.addr(), seeds.clone());
+            let (addr, seeds) = (f.server.addr(), seeds.clone());
             std::thread::spawn(move || {
                 let mut rng = Rng(seed ^ (t as u64).wrapping_mul(0x5851_f42d_4c95_7f2d));
                 let mut seen: BTreeMap<String, usize> = BTreeMap::new();
                 let mut five_xx = Vec::new();
                 for _ in 0..count.div_ceil(threads) {
-                    let base = &seeds[rng.below(seeds.len())];
-                    let other = &seeds[rng.below(seeds.len())];
+                    let base = &seeds[rng.index(seeds.len())];
+                    let other = &seeds[rng.index(seeds.len())];
                     let raw = mutate(&mut rng, base, other);
                     let mut stream = TcpStream::connect(&addr).expect("connect");
                     stream
@@ -1384,10 +1323,4 @@ fn mutated_requests_never_get_a_5xx_and_the_server_stays_healthy() {
         None,
         "requests neither answered nor closed"
     );
-}
-
-/// Prints the figures of a run as one line (`cargo test -- --nocapture` shows it).
-fn figures(test: &str, pairs: &[(&str, String)]) {
-    let text: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    println!("figures: {test}: {}", text.join(" "));
 }

@@ -47,27 +47,11 @@ impl World {
         self.all_jobs()
             .into_iter()
             .map(|(owner, id)| {
-                let job = show(&self.server, &self.tenants[owner].token, &id);
+                let job = self.server.job(&self.tenants[owner].token, &id);
                 (id, job)
             })
             .collect()
     }
-}
-
-fn job_path(id: &str) -> String {
-    format!("{JOBS}/{id}")
-}
-
-fn show(server: &Server, token: &str, id: &str) -> Value {
-    let resp = server.get(&job_path(id), Some(token));
-    assert_eq!(resp.status(), 200, "GET {id}: {:?}", resp.text());
-    resp.json().expect("job JSON")
-}
-
-fn ids(list: &[Value]) -> Vec<String> {
-    list.iter()
-        .map(|j| j["job_id"].as_str().expect("job_id").to_string())
-        .collect()
 }
 
 fn seeded_job(id: &str, status: &str, tenant: &str, region: &str) -> Value {
@@ -188,13 +172,7 @@ fn world() -> World {
         .iter()
         .map(|(t, id, status, region)| seeded_job(id, status, tenants[*t].id, region))
         .collect();
-    let file = lab.dir.path().join("seed.json");
-    std::fs::write(&file, Value::Array(entries).to_string()).expect("seed file");
-    let out = lab.ok(&["job", "seed", file.to_str().expect("path")]);
-    assert_eq!(
-        out,
-        format!("{} job(s) seeded, 0 already present\n", seeds.len())
-    );
+    lab.seed_jobs(&entries);
     for (t, id, _, _) in seeds {
         tenants[t].jobs.push(id.to_string());
     }
@@ -211,7 +189,7 @@ fn each_tenant_lists_exactly_its_own_jobs_oldest_first() {
     let w = world();
     for tenant in &w.tenants {
         let listed = jobs(w.server.get(JOBS, Some(&tenant.token)));
-        assert_eq!(ids(&listed), tenant.jobs, "{}'s list", tenant.name);
+        assert_eq!(job_ids(&listed), tenant.jobs, "{}'s list", tenant.name);
         for job in &listed {
             assert_eq!(
                 job["source_tenant_id"], tenant.id,
@@ -226,7 +204,7 @@ fn each_tenant_lists_exactly_its_own_jobs_oldest_first() {
 fn the_admin_lists_and_shows_every_tenants_jobs() {
     let w = world();
     let listed = jobs(w.server.get(JOBS, Some(&w.admin)));
-    let mut got = ids(&listed);
+    let mut got = job_ids(&listed);
     got.sort();
     let mut expected: Vec<String> = w.all_jobs().into_iter().map(|(_, id)| id).collect();
     expected.sort();
@@ -235,7 +213,7 @@ fn the_admin_lists_and_shows_every_tenants_jobs() {
     for job in &listed {
         let id = job["job_id"].as_str().expect("id");
         assert_eq!(job, &owners_view[id], "the admin's list differs for {id}");
-        assert_eq!(show(&w.server, &w.admin, id), owners_view[id]);
+        assert_eq!(w.server.job(&w.admin, id), owners_view[id]);
     }
 }
 
@@ -380,7 +358,7 @@ fn marker_of_another_tenants_job_is_400_like_an_unknown_marker() {
                 .server
                 .get(&format!("{JOBS}?marker={id}"), Some(&tenant.token));
             if w.tenants[owner].id == tenant.id {
-                let after = ids(&jobs(resp));
+                let after = job_ids(&jobs(resp));
                 let at = tenant.jobs.iter().position(|j| j == &id).expect("own job");
                 assert_eq!(after, tenant.jobs[at + 1..], "{} marker {id}", tenant.name);
             } else {
@@ -422,13 +400,23 @@ fn status_filter_shows_only_the_tenants_jobs() {
                 .filter(|id| all[*id]["status"] == status)
                 .cloned()
                 .collect();
-            assert_eq!(ids(&listed), expected, "{} status={status}", tenant.name);
+            assert_eq!(
+                job_ids(&listed),
+                expected,
+                "{} status={status}",
+                tenant.name
+            );
         }
         let limited = jobs(
             w.server
                 .get(&format!("{JOBS}?limit=2"), Some(&tenant.token)),
         );
-        assert_eq!(ids(&limited), tenant.jobs[..2], "{} limit=2", tenant.name);
+        assert_eq!(
+            job_ids(&limited),
+            tenant.jobs[..2],
+            "{} limit=2",
+            tenant.name
+        );
     }
 }
 
@@ -439,7 +427,7 @@ fn a_token_sees_the_jobs_of_the_tenant_it_was_issued_for() {
     let carol_b = w.lab.token("carol", TENANT_B);
     let bob = &w.tenants[1];
     let carol = &w.tenants[2];
-    assert_eq!(ids(&jobs(w.server.get(JOBS, Some(&carol_b)))), bob.jobs);
+    assert_eq!(job_ids(&jobs(w.server.get(JOBS, Some(&carol_b)))), bob.jobs);
     let unknown = fingerprint(
         w.server.get(&job_path(UNKNOWN_JOB), Some(&carol_b)),
         UNKNOWN_JOB,
@@ -449,10 +437,7 @@ fn a_token_sees_the_jobs_of_the_tenant_it_was_issued_for() {
         assert_eq!(fingerprint(resp, id), unknown, "carol's B token GET {id}");
     }
     for id in &bob.jobs {
-        assert_eq!(
-            show(&w.server, &carol_b, id),
-            show(&w.server, &bob.token, id)
-        );
+        assert_eq!(w.server.job(&carol_b, id), w.server.job(&bob.token, id));
     }
     // And carol's C token does not see B's jobs, though carol is a member of B.
     for id in &bob.jobs {

@@ -65,12 +65,7 @@ fn certificate(lab: &Lab) -> (String, std::path::PathBuf, std::path::PathBuf) {
 
 #[test]
 fn https_serves_all_four_routes_and_plain_http_to_it_fails_cleanly() {
-    let lab = Lab::new();
-    lab.standard();
-    lab.ok(&[
-        "user", "add", "alice2", "--tenant", TENANT_A, "--tenant", TENANT_B,
-    ]);
-    let token = lab.token("alice2", TENANT_A);
+    let (lab, token) = Lab::standard_with_copier();
     let image = lab.image(TENANT_A, "disk", 1 << 20);
     let (pem, cert, key) = certificate(&lab);
     let mut server = lab.serve_with(&[
@@ -90,14 +85,8 @@ fn https_serves_all_four_routes_and_plain_http_to_it_fails_cleanly() {
     let id = server.copy_ok(&token, &image, TENANT_B);
     let listed = jobs(server.get(JOBS, Some(&token)));
     assert_eq!(listed.len(), 1);
-    let shown = server.get(&format!("{JOBS}/{id}"), Some(&token));
-    assert_eq!(shown.status(), 200);
-    assert_eq!(
-        server
-            .delete(&format!("{JOBS}/{id}"), Some(&token))
-            .status(),
-        204
-    );
+    assert_eq!(server.job(&token, &id)["job_id"], id.as_str());
+    assert_eq!(server.delete(&job_path(&id), Some(&token)).status(), 204);
     assert_401(server.get(JOBS, None));
 
     // Plain HTTP to the TLS port: the client gets an error, not an answer, and the server
@@ -187,12 +176,7 @@ fn sample(all: &[(String, f64)], name: &str) -> f64 {
 
 #[test]
 fn metrics_parse_and_move_with_traffic_and_copies() {
-    let lab = Lab::new();
-    lab.standard();
-    lab.ok(&[
-        "user", "add", "alice2", "--tenant", TENANT_A, "--tenant", TENANT_B,
-    ]);
-    let token = lab.token("alice2", TENANT_A);
+    let (lab, token) = Lab::standard_with_copier();
     let image = lab.image(TENANT_A, "disk", 3 << 20);
     let server = lab.serve_with(&[]);
 
@@ -213,16 +197,12 @@ fn metrics_parse_and_move_with_traffic_and_copies() {
         assert_eq!(server.get(JOBS, Some(&token)).status(), 200);
     }
     assert_401(server.get(JOBS, Some("garbage-garbage")));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while server
-        .get(&format!("{JOBS}/{id}"), Some(&token))
-        .json::<serde_json::Value>()
-        .expect("job")["status"]
-        != "replicated"
-    {
-        assert!(Instant::now() < deadline, "the copy did not finish");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    server.wait_job(
+        &token,
+        &id,
+        Duration::from_secs(30),
+        status_is("replicated"),
+    );
 
     let after = scrape();
     let jobs_route = "route=\"/v2/extension/image_replicator/jobs\"";

@@ -39,123 +39,12 @@ const MIB: usize = 1 << 20;
 
 // ===== tools =====
 
-/// splitmix64: small, seedable, good enough to pick moments and mutations.
-struct Rng(u64);
-
-impl Rng {
-    /// Seeded from `RELIABILITY_SEED` or the clock; the seed is printed to replay a run.
-    fn for_test(test: &str) -> Rng {
-        let seed = std::env::var("RELIABILITY_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(1, |d| d.as_nanos() as u64)
-            });
-        println!("{test}: RELIABILITY_SEED={seed}");
-        Rng(seed)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    /// A generator for another thread, derived from this one.
-    fn fork(&mut self) -> Rng {
-        Rng(self.next())
-    }
-}
-
-fn env_count(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// Prints the figures of a run as one line (`cargo test -- --nocapture` shows it).
-fn figures(test: &str, pairs: &[(&str, String)]) {
-    let text: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    println!("figures: {test}: {}", text.join(" "));
-}
-
-/// Repeats `probe` until it returns `Some`, for at most `timeout`.
-fn poll<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = probe() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// SIGKILLs the server and reaps it. The reaped child is swapped for an exited stand-in, so
-/// that `Server`'s drop never signals a pid the kernel may have handed to another process.
-fn crash(server: &mut Server) {
-    server.child.kill().expect("SIGKILL");
-    server.child.wait().expect("reap the killed server");
-    let stand_in = Command::new("true").spawn().expect("spawn a stand-in");
-    drop(std::mem::replace(&mut server.child, stand_in));
-}
-
-fn region_dir(lab: &Lab, region: &str) -> PathBuf {
-    lab.data_dir().join("regions").join(region)
-}
-
-/// Names of the files in a directory, sorted.
-fn names_in(dir: &Path) -> BTreeSet<String> {
-    std::fs::read_dir(dir)
-        .expect("read dir")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect()
-}
-
-/// Every file under `dir`, recursively.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).expect("read dir") {
-        let path = entry.expect("entry").path();
-        if path.is_dir() {
-            out.extend(files_under(&path));
-        } else if path.is_file() {
-            out.push(path);
-        }
-    }
-    out
-}
-
 fn bytes_under(dir: &Path) -> u64 {
     files_under(dir)
         .iter()
         .filter_map(|p| std::fs::metadata(p).ok())
         .map(|m| m.len())
         .sum()
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-/// A CLI command with `--json`, parsed (through the admin socket or on the store).
-fn cli_json(lab: &Lab, args: &[&str]) -> Value {
-    let mut all = vec!["--json"];
-    all.extend_from_slice(args);
-    serde_json::from_str(&lab.ok(&all)).expect("CLI JSON")
-}
-
-fn terminal(status: &str) -> bool {
-    matches!(status, "replicated" | "canceled" | "error")
 }
 
 fn status_of(job: &Value) -> &str {
@@ -165,22 +54,17 @@ fn status_of(job: &Value) -> &str {
 /// Waits until the job is terminal (as the CLI sees it); returns it.
 fn wait_terminal(lab: &Lab, id: &str, timeout: Duration) -> Value {
     poll(&format!("job {id} to end"), timeout, || {
-        let job = cli_json(lab, &["job", "show", id]);
-        terminal(status_of(&job)).then_some(job)
+        let job = lab.ok_json(&["job", "show", id]);
+        terminal(&job).then_some(job)
     })
 }
 
 /// A lab with the standard tenants, a user in tenants A and B with a token, and an image of
 /// `size` bytes in ot1. Returns (lab, token, image id, the image's bytes).
 fn copy_lab(size: usize) -> (Lab, String, String, Vec<u8>) {
-    let lab = Lab::new();
-    lab.standard();
-    lab.ok(&[
-        "user", "add", "alice2", "--tenant", TENANT_A, "--tenant", TENANT_B,
-    ]);
-    let token = lab.token("alice2", TENANT_A);
+    let (lab, token) = Lab::standard_with_copier();
     let image = lab.image(TENANT_A, "disk", size);
-    let source = std::fs::read(region_dir(&lab, "ot1").join(&image)).expect("source bytes");
+    let source = std::fs::read(lab.region_dir("ot1").join(&image)).expect("source bytes");
     (lab, token, image, source)
 }
 
@@ -189,8 +73,8 @@ fn copy_lab(size: usize) -> (Lab, String, String, Vec<u8>) {
 /// temporary file, no other image record, no replicated job without its image.
 fn destination_violations(lab: &Lab, source: &[u8]) -> Vec<String> {
     let mut wrong = Vec::new();
-    let jobs = cli_json(lab, &["job", "list"]);
-    let images = cli_json(lab, &["image", "list", "--region", "ot2"]);
+    let jobs = lab.ok_json(&["job", "list"]);
+    let images = lab.ok_json(&["image", "list", "--region", "ot2"]);
     let replicated: BTreeSet<String> = jobs
         .as_array()
         .expect("jobs")
@@ -213,7 +97,7 @@ fn destination_violations(lab: &Lab, source: &[u8]) -> Vec<String> {
             other => wrong.push(format!("image {id} in ot2 is left {other:?}")),
         }
     }
-    let files = names_in(&region_dir(lab, "ot2"));
+    let files = names_in(&lab.region_dir("ot2"));
     for name in files.iter().filter(|n| n.starts_with('.')) {
         wrong.push(format!("temporary file {name} left in ot2"));
     }
@@ -229,7 +113,7 @@ fn destination_violations(lab: &Lab, source: &[u8]) -> Vec<String> {
         ));
     }
     for id in &active {
-        match std::fs::read(region_dir(lab, "ot2").join(id)) {
+        match std::fs::read(lab.region_dir("ot2").join(id)) {
             Ok(bytes) if bytes == source => {}
             Ok(bytes) => wrong.push(format!(
                 "active image {id} has {} bytes that differ from the source's {}",
@@ -256,17 +140,8 @@ fn now_secs_f64() -> f64 {
         .as_secs_f64()
 }
 
-fn epoch(rfc3339: &Value) -> u64 {
-    let text = rfc3339.as_str().expect("a time");
-    humantime::parse_rfc3339(text)
-        .expect("RFC 3339")
-        .duration_since(UNIX_EPOCH)
-        .expect("after 1970")
-        .as_secs()
-}
-
 fn auth_stats(lab: &Lab) -> Value {
-    cli_json(lab, &["status"])["auth"].clone()
+    lab.ok_json(&["status"])["auth"].clone()
 }
 
 /// Resident memory of a process, in KiB.
@@ -277,10 +152,6 @@ fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS")
-}
-
-fn addr(server: &Server) -> String {
-    server.base.trim_start_matches("http://").to_string()
 }
 
 /// A normal client's request, timed: the list with a valid token.
@@ -416,8 +287,8 @@ fn acknowledged_jobs_survive_repeated_sigkill_under_16_concurrent_clients() {
             }
         }
         for _ in 0..acked.len().min(16) {
-            let id = &acked[rng.below(acked.len() as u64) as usize];
-            let status = server.get(&format!("{JOBS}/{id}"), Some(&token)).status();
+            let id = &acked[rng.index(acked.len())];
+            let status = server.get(&job_path(id), Some(&token)).status();
             if status != 200 {
                 violations.push(format!(
                     "cycle {cycle}: GET of acknowledged job {id} is {status}"
@@ -444,7 +315,7 @@ fn acknowledged_jobs_survive_repeated_sigkill_under_16_concurrent_clients() {
         let moment = 100 + rng.below(1400);
         kill_after_ms.push(moment);
         std::thread::sleep(Duration::from_millis(moment));
-        crash(&mut server);
+        server.kill_9();
         stop.store(true, Ordering::SeqCst);
         for handle in clients {
             let tally = handle.join().expect("client thread");
@@ -462,7 +333,7 @@ fn acknowledged_jobs_survive_repeated_sigkill_under_16_concurrent_clients() {
     let draining = Instant::now();
     let budget = Duration::from_secs(60) + Duration::from_millis(40) * acked.len() as u32;
     let mut listed = jobs(server.get(JOBS, Some(&root)));
-    while listed.iter().any(|j| !terminal(status_of(j))) && draining.elapsed() < budget {
+    while listed.iter().any(|j| !terminal(j)) && draining.elapsed() < budget {
         std::thread::sleep(Duration::from_millis(200));
         listed = jobs(server.get(JOBS, Some(&root)));
     }
@@ -471,7 +342,7 @@ fn acknowledged_jobs_survive_repeated_sigkill_under_16_concurrent_clients() {
     for job in &listed {
         *by_status.entry(status_of(job)).or_default() += 1;
     }
-    let stuck: Vec<&Value> = listed.iter().filter(|j| !terminal(status_of(j))).collect();
+    let stuck: Vec<&Value> = listed.iter().filter(|j| !terminal(j)).collect();
     let by_id: HashMap<&str, &Value> = listed
         .iter()
         .map(|j| (j["job_id"].as_str().expect("id"), j))
@@ -488,13 +359,13 @@ fn acknowledged_jobs_survive_repeated_sigkill_under_16_concurrent_clients() {
     }
     for job in listed.iter().filter(|j| status_of(j) == "error") {
         let id = job["job_id"].as_str().expect("id");
-        let shown = cli_json(&lab, &["job", "show", id]);
+        let shown = lab.ok_json(&["job", "show", id]);
         violations.push(format!("job {id} ended in error: {}", shown["error"]));
     }
     violations.extend(destination_violations(&lab, &source));
     // Creation order comes from sled's id generator, which jumps ahead after a crash: a reused
     // number would overwrite an index entry and hide a job from every list.
-    let stored = cli_json(&lab, &["job", "list"]);
+    let stored = lab.ok_json(&["job", "list"]);
     let seqs: BTreeSet<u64> = stored
         .as_array()
         .expect("jobs")
@@ -620,15 +491,16 @@ fn new_final_file(dir: &Path, known: &BTreeSet<String>) -> bool {
 /// The job's state as a crash left it, read from the store with no server running; also
 /// checks that no active image in ot2 has other bytes than the source.
 fn crash_state(lab: &Lab, id: &str, source: &[u8], wrong: &mut Vec<String>) -> String {
-    let job = cli_json(lab, &["job", "show", id]);
-    let ot2 = region_dir(lab, "ot2");
+    let job = lab.ok_json(&["job", "show", id]);
+    let ot2 = lab.region_dir("ot2");
     let image = job["destination_image_id"]
         .as_str()
-        .map(|dst| cli_json(lab, &["image", "show", dst])["status"].clone());
+        .map(|dst| lab.ok_json(&["image", "show", dst])["status"].clone());
     let dst = job["destination_image_id"].as_str().unwrap_or("-");
     let file = ot2.join(dst).is_file();
     let part = part_len(&ot2).is_some();
-    for img in cli_json(lab, &["image", "list", "--region", "ot2"])
+    for img in lab
+        .ok_json(&["image", "list", "--region", "ot2"])
         .as_array()
         .expect("images")
     {
@@ -655,7 +527,7 @@ fn sigkill_at_any_stage_of_a_copy_ends_consistent_with_no_orphans() {
     let rounds = env_count("MIDCOPY_ROUNDS", 2);
     let mut rng = Rng::for_test("crash mid-copy");
     let (lab, token, image, source) = copy_lab(4 * MIB);
-    let ot2 = region_dir(&lab, "ot2");
+    let ot2 = lab.region_dir("ot2");
     let mut states: BTreeMap<String, usize> = BTreeMap::new();
     let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
     let mut wrong: Vec<String> = Vec::new();
@@ -677,14 +549,12 @@ fn sigkill_at_any_stage_of_a_copy_ends_consistent_with_no_orphans() {
                 Stage::AfterRename => spin_until(|| new_final_file(&ot2, &known)),
                 Stage::CancelMidCopy => {
                     let reached = spin_until(|| part_len(&ot2) >= Some(MIB as u64));
-                    let status = server
-                        .delete(&format!("{JOBS}/{id}"), Some(&token))
-                        .status();
+                    let status = server.delete(&job_path(&id), Some(&token)).status();
                     cancel_acked = status == 204;
                     reached
                 }
             };
-            crash(&mut server);
+            server.kill_9();
             drop(server);
             kills += 1;
             let state = crash_state(&lab, &id, &source, &mut wrong);
@@ -736,19 +606,7 @@ fn an_expired_token_fails_on_the_very_next_request_even_when_cached() {
     let lab = Lab::new();
     lab.standard();
     let server = lab.serve();
-    let issued = cli_json(
-        &lab,
-        &[
-            "token",
-            "issue",
-            "--user",
-            "alice",
-            "--tenant",
-            TENANT_A,
-            "--expires-in",
-            "3s",
-        ],
-    );
+    let issued = lab.ok_json(&issue_args("alice", TENANT_A, &["--expires-in", "3s"]));
     let token = issued["token"].as_str().expect("token").to_string();
     let expires = epoch(&issued["info"]["expires_at"]) as f64;
     for _ in 0..3 {
@@ -804,7 +662,7 @@ fn a_revoked_token_fails_on_the_very_next_request_even_when_cached_and_in_use() 
         assert_eq!(server.get(JOBS, Some(&token)).status(), 200);
     }
     assert_eq!(auth_stats(&lab)["argon2_verifications"], 1);
-    let listed = cli_json(&lab, &["token", "list"]);
+    let listed = lab.ok_json(&["token", "list"]);
     let id = listed[0]["id"].as_str().expect("token id").to_string();
 
     // Four clients use the token without pause while it is revoked.
@@ -914,9 +772,7 @@ fn no_token_plaintext_in_the_data_dir_or_logs_after_kill_9_revoke_and_trace_logg
     let alice = lab.token("alice", TENANT_A);
     let bob = lab.token("bob", TENANT_B);
     let imported = "Imported-Reliability-Token-7f3a";
-    lab.ok(&[
-        "token", "issue", "--user", "carol", "--tenant", TENANT_C, "--token", imported,
-    ]);
+    lab.ok(&issue_args("carol", TENANT_C, &["--token", imported]));
     // Values clients present that are not tokens are secrets of someone's too.
     let presented = [
         "Presented-Unknown-Secret-5c1e".to_string(),
@@ -938,19 +794,11 @@ fn no_token_plaintext_in_the_data_dir_or_logs_after_kill_9_revoke_and_trace_logg
     for p in &presented {
         assert_401(server.get(JOBS, Some(p)));
     }
-    let bob_id = cli_json(&lab, &["token", "list"])
-        .as_array()
-        .expect("tokens")
-        .iter()
-        .find(|t| t["user"] == "bob")
-        .expect("bob's token")["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let bob_id = token_id_of(&lab.ok_json(&["token", "list"]), "bob");
     lab.ok(&["token", "revoke", &bob_id]);
     assert_401(server.get(JOBS, Some(&bob)));
     // No clean shutdown: whatever sled holds in its log stays as written.
-    crash(&mut server);
+    server.kill_9();
     drop(server);
     let server = lab.serve_env(&["--no-worker"], &trace);
     assert_eq!(server.get(JOBS, Some(&alice)).status(), 200);
@@ -964,16 +812,7 @@ fn no_token_plaintext_in_the_data_dir_or_logs_after_kill_9_revoke_and_trace_logg
     tokens.extend(presented.iter().cloned());
     let mut places = files_under(&lab.data_dir());
     places.push(lab.dir.path().join("server.log"));
-    for path in places {
-        let bytes = std::fs::read(&path).expect("read");
-        for t in &tokens {
-            assert!(
-                !contains(&bytes, t.as_bytes()),
-                "token {t} found in {}",
-                path.display()
-            );
-        }
-    }
+    assert_secrets_absent(&places, &tokens);
 }
 
 /// Runs the CLI as `nobody` (uid 65534) against the lab.
@@ -1003,7 +842,7 @@ fn the_admin_socket_refuses_a_peer_with_another_uid() {
     lab.standard();
     let server = lab.serve();
     let socket = lab.data_dir().join("admin.sock");
-    let tokens_before = cli_json(&lab, &["token", "list"]);
+    let tokens_before = lab.ok_json(&["token", "list"]);
 
     // With the data directory's own modes, nobody cannot even reach the socket.
     let out = cli_as_nobody(&lab, &["region", "add", "evil1"]);
@@ -1059,11 +898,11 @@ fn the_admin_socket_refuses_a_peer_with_another_uid() {
     chmod(&lab.data_dir(), 0o700);
     chmod(lab.dir.path(), 0o700);
 
-    let regions = cli_json(&lab, &["region", "list"]).to_string();
+    let regions = lab.ok_json(&["region", "list"]).to_string();
     assert!(!regions.contains("evil"), "{regions}");
-    let users = cli_json(&lab, &["user", "list"]).to_string();
+    let users = lab.ok_json(&["user", "list"]).to_string();
     assert!(!users.contains("mallory"), "{users}");
-    assert_eq!(cli_json(&lab, &["token", "list"]), tokens_before);
+    assert_eq!(lab.ok_json(&["token", "list"]), tokens_before);
     let log = server.log_text();
     assert!(
         log.matches("admin request refused").count() >= refusals.len() * 10,
@@ -1090,7 +929,7 @@ fn the_admin_socket_refuses_a_peer_with_another_uid() {
 /// Opens `n` connections that send nothing (or, every other one, half a request line); each
 /// with the moment its connect returned.
 fn idle_connections(server: &Server, n: usize) -> Vec<(TcpStream, Instant)> {
-    let addr = addr(server);
+    let addr = server.addr();
     (0..n)
         .map(|i| {
             let mut stream = TcpStream::connect(&addr).expect("connect");
@@ -1221,7 +1060,7 @@ fn dribble(
     head: &[u8],
     dribble: &[u8],
 ) -> (Option<(Duration, String)>, Duration) {
-    let mut slow = TcpStream::connect(addr(server)).expect("connect");
+    let mut slow = TcpStream::connect(server.addr()).expect("connect");
     let mut reader = slow.try_clone().expect("clone");
     slow.write_all(head).expect("head");
     let started = Instant::now();
@@ -1352,7 +1191,7 @@ fn a_body_over_the_limit_is_refused_before_it_is_read_whole() {
     };
     let mut results = Vec::new();
     for chunked in [false, true] {
-        let mut stream = TcpStream::connect(addr(&server)).expect("connect");
+        let mut stream = TcpStream::connect(server.addr()).expect("connect");
         let framing = if chunked {
             "Transfer-Encoding: chunked\r\n".to_string()
         } else {
@@ -1497,7 +1336,7 @@ fn a_flood_of_garbage_tokens_does_not_raise_memory() {
 fn made_up_method_flood(server: &Server, count: usize, salt: usize) -> BTreeMap<u16, usize> {
     let workers: Vec<_> = (0..4)
         .map(|w| {
-            let addr = addr(server);
+            let addr = server.addr();
             std::thread::spawn(move || {
                 let mut seen: BTreeMap<u16, usize> = BTreeMap::new();
                 let mut stream = TcpStream::connect(&addr).expect("connect");
@@ -1657,8 +1496,7 @@ fn a_destination_that_fills_up_fails_its_jobs_cleanly_while_others_go_on() {
         .map(|i| lab.image(TENANT_A, &format!("mid{i}"), 3 * MIB / 2))
         .collect();
     let small = lab.image(TENANT_A, "small", 256 * KIB);
-    let bytes_of =
-        |id: &str| std::fs::read(region_dir(&lab, "ot1").join(id)).expect("source bytes");
+    let bytes_of = |id: &str| std::fs::read(lab.region_dir("ot1").join(id)).expect("source bytes");
     let server = lab.serve_with(&["--workers", "2"]);
     let mut ends: Vec<(String, String, String)> = Vec::new();
 
@@ -1669,7 +1507,7 @@ fn a_destination_that_fills_up_fails_its_jobs_cleanly_while_others_go_on() {
             files.iter().all(|f| !f.starts_with('.')),
             "temporary files left: {files:?}"
         );
-        let images = cli_json(&lab, &["image", "list", "--region", "ot2"]);
+        let images = lab.ok_json(&["image", "list", "--region", "ot2"]);
         let active: BTreeSet<String> = images
             .as_array()
             .expect("images")
@@ -1682,7 +1520,7 @@ fn a_destination_that_fills_up_fails_its_jobs_cleanly_while_others_go_on() {
         assert_eq!(files, active, "files and image records differ");
         let mut replicated = BTreeSet::new();
         for (id, source, end) in ends {
-            let job = cli_json(&lab, &["job", "show", id]);
+            let job = lab.ok_json(&["job", "show", id]);
             match end.as_str() {
                 "replicated" => {
                     let dst = job["destination_image_id"]

@@ -3,7 +3,6 @@
 mod common;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -12,76 +11,19 @@ use sha2::{Digest, Sha512};
 
 const MIB: usize = 1 << 20;
 
-/// A lab with the standard tenants, alice's token and an image of `size` bytes in ot1.
+/// A lab with the standard tenants, alice2's token and an image of `size` bytes in ot1.
 fn lab_with_image(size: usize) -> (Lab, String, String) {
-    let lab = Lab::new();
-    lab.standard();
-    lab.ok(&[
-        "user", "add", "alice2", "--tenant", TENANT_A, "--tenant", TENANT_B,
-    ]);
-    let token = lab.token("alice2", TENANT_A);
+    let (lab, token) = Lab::standard_with_copier();
     let image = lab.image(TENANT_A, "disk", size);
     (lab, token, image)
 }
 
-fn job(server: &Server, token: &str, id: &str) -> Value {
-    let resp = server.get(&format!("{JOBS}/{id}"), Some(token));
-    assert_eq!(resp.status(), 200);
-    resp.json().expect("job JSON")
-}
-
-/// Polls a job until `done` holds; returns it and every progress value seen on the way.
-fn wait_until(
-    server: &Server,
-    token: &str,
-    id: &str,
-    timeout: Duration,
-    done: impl Fn(&Value) -> bool,
-) -> (Value, Vec<u64>) {
-    let deadline = Instant::now() + timeout;
-    let mut progress = Vec::new();
-    loop {
-        let job = job(server, token, id);
-        progress.push(job["copy_progress"].as_u64().expect("progress"));
-        if done(&job) {
-            return (job, progress);
-        }
-        assert!(Instant::now() < deadline, "timed out waiting; job is {job}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn status_is(status: &'static str) -> impl Fn(&Value) -> bool {
-    move |job: &Value| job["status"] == status
-}
-
-fn terminal(job: &Value) -> bool {
-    matches!(
-        job["status"].as_str(),
-        Some("replicated" | "canceled" | "error")
-    )
-}
-
-fn region_dir(lab: &Lab, region: &str) -> PathBuf {
-    lab.data_dir().join("regions").join(region)
-}
-
-/// Names of the files in a region directory.
-fn files_in(lab: &Lab, region: &str) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(region_dir(lab, region))
-        .expect("region dir")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
-}
-
 fn image_json(lab: &Lab, id: &str) -> Value {
-    serde_json::from_str(&lab.ok(&["--json", "image", "show", id])).expect("image JSON")
+    lab.ok_json(&["image", "show", id])
 }
 
 fn images_in(lab: &Lab, region: &str) -> Vec<Value> {
-    serde_json::from_str(&lab.ok(&["--json", "image", "list", "--region", region]))
+    serde_json::from_value(lab.ok_json(&["image", "list", "--region", region]))
         .expect("image list JSON")
 }
 
@@ -112,12 +54,12 @@ fn assert_faithful_copy(lab: &Lab, job: &Value, source: &str) {
     ] {
         assert_eq!(dst_image[key], src_image[key], "{key} differs");
     }
-    let src_bytes = std::fs::read(region_dir(lab, "ot1").join(source)).expect("source bytes");
-    let dst_bytes = std::fs::read(region_dir(lab, "ot2").join(dst)).expect("destination bytes");
+    let src_bytes = std::fs::read(lab.region_dir("ot1").join(source)).expect("source bytes");
+    let dst_bytes = std::fs::read(lab.region_dir("ot2").join(dst)).expect("destination bytes");
     assert_eq!(sha512_hex(&dst_bytes), sha512_hex(&src_bytes));
     assert_eq!(dst_bytes, src_bytes);
     assert_eq!(
-        files_in(lab, "ot2"),
+        lab.files_in("ot2"),
         vec![dst.to_string()],
         "stray files in ot2"
     );
@@ -128,8 +70,7 @@ fn a_copy_ends_replicated_with_identical_bytes_and_monotonic_progress() {
     let (lab, token, image) = lab_with_image(32 * MIB);
     let server = lab.serve_with(&["--max-bandwidth", "24M"]);
     let id = server.copy_ok(&token, &image, TENANT_B);
-    let (job, progress) = wait_until(
-        &server,
+    let (job, progress) = server.wait_job_progress(
         &token,
         &id,
         Duration::from_secs(60),
@@ -159,32 +100,36 @@ fn the_job_list_follows_every_change_of_a_copy() {
     let (lab, token, image) = lab_with_image(16 * MIB);
     let server = lab.serve_with(&["--max-bandwidth", "12M"]);
     let id = server.copy_ok(&token, &image, TENANT_B);
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let progress = |j: &Value| j["copy_progress"].as_u64().expect("progress");
     let mut seen = Vec::new();
-    loop {
-        let shown = job(&server, &token, &id);
-        let resp = server.get(JOBS, Some(&token));
-        assert_eq!(resp.status(), 200);
-        let list: Value = resp.json().expect("list JSON");
-        let listed = list
-            .as_array()
-            .and_then(|jobs| jobs.iter().find(|j| j["job_id"] == id.as_str()))
-            .expect("the job is listed")
-            .clone();
-        // The list was read after the show: it is at least as far along.
-        let progress = |j: &Value| j["copy_progress"].as_u64().expect("progress");
-        assert!(
-            progress(&listed) >= progress(&shown),
-            "list {listed} behind show {shown}"
-        );
-        seen.push(progress(&listed));
-        if listed["status"] == "replicated" {
-            assert_eq!(progress(&listed), 100);
-            break;
-        }
-        assert!(Instant::now() < deadline, "timed out; job is {listed}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    poll_every(
+        Duration::from_millis(20),
+        Duration::from_secs(60),
+        || {
+            let shown = server.job(&token, &id);
+            let resp = server.get(JOBS, Some(&token));
+            assert_eq!(resp.status(), 200);
+            let list: Value = resp.json().expect("list JSON");
+            let listed = list
+                .as_array()
+                .and_then(|jobs| jobs.iter().find(|j| j["job_id"] == id.as_str()))
+                .expect("the job is listed")
+                .clone();
+            // The list was read after the show: it is at least as far along.
+            assert!(
+                progress(&listed) >= progress(&shown),
+                "list {listed} behind show {shown}"
+            );
+            seen.push(progress(&listed));
+            (listed["status"] == "replicated").then(|| assert_eq!(progress(&listed), 100))
+        },
+        || {
+            format!(
+                "job {id} to be replicated; it is {}",
+                server.job(&token, &id)
+            )
+        },
+    );
     assert!(
         seen.iter().any(|p| (1..100).contains(p)),
         "no intermediate progress in the list: {seen:?}"
@@ -197,7 +142,7 @@ fn an_empty_image_copies_straight_to_100() {
     let (lab, token, image) = lab_with_image(0);
     let server = lab.serve_with(&[]);
     let id = server.copy_ok(&token, &image, TENANT_B);
-    let (job, _) = wait_until(&server, &token, &id, Duration::from_secs(30), terminal);
+    let job = server.wait_job(&token, &id, Duration::from_secs(30), terminal);
     assert_eq!(job["status"], "replicated");
     assert_eq!(job["copy_progress"], 100);
     assert_faithful_copy(&lab, &job, &image);
@@ -208,21 +153,21 @@ fn cancel_mid_copy_ends_canceled_within_two_seconds_leaving_nothing() {
     let (lab, token, image) = lab_with_image(32 * MIB);
     let server = lab.serve_with(&["--max-bandwidth", "2M"]);
     let id = server.copy_ok(&token, &image, TENANT_B);
-    wait_until(&server, &token, &id, Duration::from_secs(30), |j| {
+    server.wait_job(&token, &id, Duration::from_secs(30), |j| {
         j["status"] == "replicating" && j["copy_progress"].as_u64() > Some(0)
     });
     let asked = Instant::now();
-    let resp = server.delete(&format!("{JOBS}/{id}"), Some(&token));
+    let resp = server.delete(&job_path(&id), Some(&token));
     assert_eq!(resp.status(), 204);
-    let (job, _) = wait_until(&server, &token, &id, Duration::from_secs(10), terminal);
+    let job = server.wait_job(&token, &id, Duration::from_secs(10), terminal);
     let took = asked.elapsed();
     assert_eq!(job["status"], "canceled");
     assert!(took < Duration::from_secs(2), "cancel took {took:?}");
     assert_eq!(job["destination_image_id"], Value::Null);
     assert!(
-        files_in(&lab, "ot2").is_empty(),
+        lab.files_in("ot2").is_empty(),
         "left in ot2: {:?}",
-        files_in(&lab, "ot2")
+        lab.files_in("ot2")
     );
     assert!(images_in(&lab, "ot2").is_empty());
 }
@@ -233,105 +178,115 @@ fn a_cancel_before_the_copy_starts_means_it_never_starts() {
     let id = {
         let server = lab.serve();
         let id = server.copy_ok(&token, &image, TENANT_B);
-        assert_eq!(
-            server
-                .delete(&format!("{JOBS}/{id}"), Some(&token))
-                .status(),
-            204
-        );
+        assert_eq!(server.delete(&job_path(&id), Some(&token)).status(), 204);
         id
     };
     let server = lab.serve_with(&[]);
-    let (job, _) = wait_until(&server, &token, &id, Duration::from_secs(30), terminal);
+    let job = server.wait_job(&token, &id, Duration::from_secs(30), terminal);
     assert_eq!(job["status"], "canceled");
     assert_eq!(job["copy_progress"], 0);
-    assert!(files_in(&lab, "ot2").is_empty());
+    assert!(lab.files_in("ot2").is_empty());
     assert!(images_in(&lab, "ot2").is_empty());
+}
+
+/// A copy of a 32 MiB image at 4 MiB/s that is past 5 %, with the server running it.
+/// `server` is declared first so it stops before the lab's directory goes away.
+struct MidCopy {
+    server: Server,
+    lab: Lab,
+    token: String,
+    image: String,
+    id: String,
+}
+
+fn mid_copy() -> MidCopy {
+    let (lab, token, image) = lab_with_image(32 * MIB);
+    let server = lab.serve_with(&["--max-bandwidth", "4M"]);
+    let id = server.copy_ok(&token, &image, TENANT_B);
+    server.wait_job(&token, &id, Duration::from_secs(30), |j| {
+        j["copy_progress"].as_u64() > Some(5)
+    });
+    MidCopy {
+        server,
+        lab,
+        token,
+        image,
+        id,
+    }
+}
+
+impl MidCopy {
+    /// With the first server gone, a new one ends the interrupted copy replicated: a faithful
+    /// copy and nothing else in ot2.
+    fn assert_resumes_on_restart(&self) {
+        let server = self.lab.serve_with(&[]);
+        let job = server.wait_job(&self.token, &self.id, Duration::from_secs(60), terminal);
+        assert_eq!(job["status"], "replicated");
+        assert_faithful_copy(&self.lab, &job, &self.image);
+    }
 }
 
 #[test]
 fn kill_9_mid_copy_then_restart_ends_replicated_without_strays() {
-    let (lab, token, image) = lab_with_image(32 * MIB);
-    let id = {
-        let mut server = lab.serve_with(&["--max-bandwidth", "4M"]);
-        let id = server.copy_ok(&token, &image, TENANT_B);
-        wait_until(&server, &token, &id, Duration::from_secs(30), |j| {
-            j["copy_progress"].as_u64() > Some(5)
-        });
-        server.child.kill().expect("SIGKILL");
-        server.child.wait().expect("reap");
-        id
-    };
+    let mut copy = mid_copy();
+    copy.server.kill_9();
     assert!(
-        files_in(&lab, "ot2").iter().any(|f| f.ends_with(".part")),
+        copy.lab
+            .files_in("ot2")
+            .iter()
+            .any(|f| f.ends_with(".part")),
         "the crash should have left a partial file"
     );
-    let server = lab.serve_with(&[]);
-    let (job, _) = wait_until(&server, &token, &id, Duration::from_secs(60), terminal);
-    assert_eq!(job["status"], "replicated");
-    assert_faithful_copy(&lab, &job, &image);
+    copy.assert_resumes_on_restart();
 }
 
 #[test]
 fn sigterm_mid_copy_exits_quickly_and_the_copy_resumes_on_restart() {
-    let (lab, token, image) = lab_with_image(32 * MIB);
-    let id = {
-        let mut server = lab.serve_with(&["--max-bandwidth", "4M"]);
-        let id = server.copy_ok(&token, &image, TENANT_B);
-        wait_until(&server, &token, &id, Duration::from_secs(30), |j| {
-            j["copy_progress"].as_u64() > Some(5)
-        });
-        let asked = Instant::now();
-        assert!(
-            server.stop(),
-            "the server did not exit within 10 s of SIGTERM"
-        );
-        assert!(asked.elapsed() < Duration::from_secs(10));
-        id
-    };
-    let jobs: Value =
-        serde_json::from_str(&lab.ok(&["--json", "job", "show", &id])).expect("job JSON");
+    let mut copy = mid_copy();
+    let asked = Instant::now();
+    assert!(
+        copy.server.stop(),
+        "the server did not exit within 10 s of SIGTERM"
+    );
+    assert!(asked.elapsed() < Duration::from_secs(10));
     assert_eq!(
-        jobs["status"], "replicating",
+        copy.lab.ok_json(&["job", "show", &copy.id])["status"],
+        "replicating",
         "a paused copy stays resumable"
     );
-    let server = lab.serve_with(&[]);
-    let (job, _) = wait_until(&server, &token, &id, Duration::from_secs(60), terminal);
-    assert_eq!(job["status"], "replicated");
-    assert_faithful_copy(&lab, &job, &image);
+    copy.assert_resumes_on_restart();
 }
 
 #[test]
 fn a_source_changed_after_import_ends_in_error_leaving_nothing() {
     let (lab, token, image) = lab_with_image(4 * MIB);
-    let path = region_dir(&lab, "ot1").join(&image);
+    let path = lab.region_dir("ot1").join(&image);
     let mut bytes = std::fs::read(&path).expect("source");
     bytes[12345] ^= 0xff;
     std::fs::write(&path, bytes).expect("tamper");
     let server = lab.serve_with(&[]);
     let id = server.copy_ok(&token, &image, TENANT_B);
-    let (job, _) = wait_until(&server, &token, &id, Duration::from_secs(30), terminal);
+    let job = server.wait_job(&token, &id, Duration::from_secs(30), terminal);
     assert_eq!(job["status"], "error");
     assert_eq!(job["destination_image_id"], Value::Null);
     let shown = lab.ok(&["job", "show", &id]);
     assert!(shown.contains("changed since it was recorded"), "{shown}");
-    assert!(files_in(&lab, "ot2").is_empty());
+    assert!(lab.files_in("ot2").is_empty());
     assert!(images_in(&lab, "ot2").is_empty());
 }
 
 #[test]
 fn a_missing_source_file_ends_in_error_with_the_reason() {
     let (lab, token, image) = lab_with_image(MIB);
-    std::fs::remove_file(region_dir(&lab, "ot1").join(&image)).expect("remove source");
+    std::fs::remove_file(lab.region_dir("ot1").join(&image)).expect("remove source");
     let server = lab.serve_with(&[]);
     let id = server.copy_ok(&token, &image, TENANT_B);
-    let (job, _) = wait_until(&server, &token, &id, Duration::from_secs(30), terminal);
+    let job = server.wait_job(&token, &id, Duration::from_secs(30), terminal);
     assert_eq!(job["status"], "error");
-    let shown: Value =
-        serde_json::from_str(&lab.ok(&["--json", "job", "show", &id])).expect("job JSON");
+    let shown = lab.ok_json(&["job", "show", &id]);
     let reason = shown["error"].as_str().expect("reason");
     assert!(reason.contains("is missing"), "{reason}");
-    assert!(files_in(&lab, "ot2").is_empty());
+    assert!(lab.files_in("ot2").is_empty());
 }
 
 #[test]
@@ -341,15 +296,15 @@ fn an_unwritable_destination_ends_in_error_saying_so() {
         let server = lab.serve();
         server.copy_ok(&token, &image, TENANT_B)
     };
-    let ot2 = region_dir(&lab, "ot2");
+    let ot2 = lab.region_dir("ot2");
     std::fs::set_permissions(&ot2, std::fs::Permissions::from_mode(0o555)).expect("chmod");
     let server = lab.serve_with(&[]);
-    let (job, _) = wait_until(&server, &token, &id, Duration::from_secs(30), terminal);
+    let job = server.wait_job(&token, &id, Duration::from_secs(30), terminal);
     std::fs::set_permissions(&ot2, std::fs::Permissions::from_mode(0o755)).expect("chmod back");
     assert_eq!(job["status"], "error");
     let shown = lab.ok(&["job", "show", &id]);
     assert!(shown.contains("not writable"), "{shown}");
-    assert!(files_in(&lab, "ot2").is_empty());
+    assert!(lab.files_in("ot2").is_empty());
     assert!(images_in(&lab, "ot2").is_empty());
 }
 
@@ -361,16 +316,14 @@ fn cancel_racing_completion_ends_in_one_consistent_terminal_state() {
     for round in 0..24u64 {
         let id = server.copy_ok(&token, &image, TENANT_B);
         std::thread::sleep(Duration::from_millis(round % 8));
-        let cancel = server
-            .delete(&format!("{JOBS}/{id}"), Some(&token))
-            .status();
-        let (job, _) = wait_until(&server, &token, &id, Duration::from_secs(30), terminal);
+        let cancel = server.delete(&job_path(&id), Some(&token)).status();
+        let job = server.wait_job(&token, &id, Duration::from_secs(30), terminal);
         match (cancel.as_u16(), job["status"].as_str()) {
             (204, Some("canceled")) => assert_eq!(job["destination_image_id"], Value::Null),
             (409, Some("replicated")) => {
                 let dst = job["destination_image_id"].as_str().expect("destination");
                 assert_eq!(image_json(&lab, dst)["status"], "active");
-                assert!(region_dir(&lab, "ot2").join(dst).is_file());
+                assert!(lab.region_dir("ot2").join(dst).is_file());
             }
             other => panic!("inconsistent outcome {other:?} for job {job}"),
         }
@@ -384,19 +337,14 @@ fn cancel_racing_completion_ends_in_one_consistent_terminal_state() {
             i["id"].as_str().expect("id").to_string()
         })
         .collect();
-    assert_eq!(files_in(&lab, "ot2").len(), active.len());
+    assert_eq!(lab.files_in("ot2").len(), active.len());
     let replicated = outcomes.iter().filter(|s| *s == "replicated").count();
     assert_eq!(replicated, active.len());
 }
 
 #[test]
 fn a_sparse_image_stays_sparse_with_the_same_size_and_hashes() {
-    let lab = Lab::new();
-    lab.standard();
-    lab.ok(&[
-        "user", "add", "alice2", "--tenant", TENANT_A, "--tenant", TENANT_B,
-    ]);
-    let token = lab.token("alice2", TENANT_A);
+    let (lab, token) = Lab::standard_with_copier();
     let raw = lab.dir.path().join("sparse.raw");
     {
         use std::os::unix::fs::FileExt;
@@ -421,12 +369,12 @@ fn a_sparse_image_stays_sparse_with_the_same_size_and_hashes() {
         .to_string();
     let server = lab.serve_with(&[]);
     let id = server.copy_ok(&token, &image, TENANT_B);
-    let (job, _) = wait_until(&server, &token, &id, Duration::from_secs(60), terminal);
+    let job = server.wait_job(&token, &id, Duration::from_secs(60), terminal);
     assert_eq!(job["status"], "replicated");
     assert_faithful_copy(&lab, &job, &image);
     let dst = job["destination_image_id"].as_str().expect("destination");
-    let src_meta = std::fs::metadata(region_dir(&lab, "ot1").join(&image)).expect("src");
-    let dst_meta = std::fs::metadata(region_dir(&lab, "ot2").join(dst)).expect("dst");
+    let src_meta = std::fs::metadata(lab.region_dir("ot1").join(&image)).expect("src");
+    let dst_meta = std::fs::metadata(lab.region_dir("ot2").join(dst)).expect("dst");
     assert_eq!(dst_meta.len(), 64 * MIB as u64);
     assert!(
         dst_meta.blocks() <= src_meta.blocks(),
@@ -442,12 +390,7 @@ fn a_sparse_image_stays_sparse_with_the_same_size_and_hashes() {
 
 #[test]
 fn the_bandwidth_cap_is_global_across_three_concurrent_copies() {
-    let lab = Lab::new();
-    lab.standard();
-    lab.ok(&[
-        "user", "add", "alice2", "--tenant", TENANT_A, "--tenant", TENANT_B,
-    ]);
-    let token = lab.token("alice2", TENANT_A);
+    let (lab, token) = Lab::standard_with_copier();
     let images: Vec<String> = (0..3)
         .map(|i| lab.image(TENANT_A, &format!("disk{i}"), 8 * MIB))
         .collect();
@@ -458,7 +401,7 @@ fn the_bandwidth_cap_is_global_across_three_concurrent_copies() {
         .map(|image| server.copy_ok(&token, image, TENANT_B))
         .collect();
     for id in &ids {
-        let (job, _) = wait_until(&server, &token, id, Duration::from_secs(60), terminal);
+        let job = server.wait_job(&token, id, Duration::from_secs(60), terminal);
         assert_eq!(job["status"], "replicated");
     }
     let elapsed = started.elapsed().as_secs_f64();
@@ -515,7 +458,7 @@ fn the_demo_works_on_first_run_and_again_on_the_same_data() {
             reference
         );
         let id = server.copy_ok(demo_token, "335eef3f-551d-46e1-8781-173f43209d48", TENANT_B);
-        let (job, _) = wait_until(&server, demo_token, &id, Duration::from_secs(30), terminal);
+        let job = server.wait_job(demo_token, &id, Duration::from_secs(30), terminal);
         assert_eq!(job["status"], "replicated");
         id
     };
@@ -560,9 +503,9 @@ fn a_seeded_destination_image_id_is_never_reused_or_removed() {
     }
     let server = lab.serve_with(&[]);
     // Whichever the worker reaches first, the cancel must not touch the bystander.
-    let _ = server.delete(&format!("{JOBS}/{canceled}"), Some(&token));
-    let (first, _) = wait_until(&server, &token, canceled, Duration::from_secs(30), terminal);
-    let (second, _) = wait_until(&server, &token, copied, Duration::from_secs(30), terminal);
+    let _ = server.delete(&job_path(canceled), Some(&token));
+    let first = server.wait_job(&token, canceled, Duration::from_secs(30), terminal);
+    let second = server.wait_job(&token, copied, Duration::from_secs(30), terminal);
     assert!(matches!(
         first["status"].as_str(),
         Some("canceled" | "replicated")
@@ -572,6 +515,6 @@ fn a_seeded_destination_image_id_is_never_reused_or_removed() {
     let kept = image_json(&lab, &bystander);
     assert_eq!(kept["status"], "active");
     assert_eq!(kept["name"], "bystander");
-    let bytes = std::fs::read(region_dir(&lab, "ot2").join(&bystander)).expect("bystander bytes");
+    let bytes = std::fs::read(lab.region_dir("ot2").join(&bystander)).expect("bystander bytes");
     assert_eq!(bytes.len(), MIB);
 }

@@ -3,31 +3,11 @@
 mod common;
 
 use common::*;
-use serde_json::Value;
 
 fn verifications(lab: &Lab) -> u64 {
-    let status: Value = serde_json::from_str(&lab.ok(&["--json", "status"])).expect("status JSON");
-    status["auth"]["argon2_verifications"]
+    lab.ok_json(&["status"])["auth"]["argon2_verifications"]
         .as_u64()
         .expect("argon2_verifications")
-}
-
-/// Every file under `dir`, recursively.
-fn files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).expect("read dir") {
-        let path = entry.expect("entry").path();
-        if path.is_dir() {
-            out.extend(files(&path));
-        } else if path.is_file() {
-            out.push(path);
-        }
-    }
-    out
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 #[test]
@@ -35,16 +15,11 @@ fn no_token_plaintext_anywhere_in_the_data_dir_or_the_log() {
     let lab = Lab::new();
     lab.standard();
     let mut tokens = vec![lab.token("alice", TENANT_A), lab.token("bob", TENANT_B)];
-    lab.ok(&[
-        "token",
-        "issue",
-        "--user",
+    lab.ok(&issue_args(
         "carol",
-        "--tenant",
         TENANT_C,
-        "--token",
-        "Imported-Lab-Token-42",
-    ]);
+        &["--token", "Imported-Lab-Token-42"],
+    ));
     tokens.push("Imported-Lab-Token-42".into());
     {
         let server = lab.serve();
@@ -66,18 +41,9 @@ fn no_token_plaintext_anywhere_in_the_data_dir_or_the_log() {
             .bytes()
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
     }
-    let all_files = files(&lab.data_dir());
+    let all_files = files_under(&lab.data_dir());
     assert!(!all_files.is_empty());
-    for path in all_files {
-        let bytes = std::fs::read(&path).expect("read file");
-        for t in &tokens {
-            assert!(
-                !contains(&bytes, t.as_bytes()),
-                "token {t} found in {}",
-                path.display()
-            );
-        }
-    }
+    assert_secrets_absent(&all_files, &tokens);
 }
 
 #[test]
@@ -137,9 +103,7 @@ fn a_string_sharing_a_tokens_lookup_prefix_costs_one_argon2_verification_at_most
     let (real, twin) = lookup_twins();
     let lab = Lab::new();
     lab.standard();
-    lab.ok(&[
-        "token", "issue", "--user", "alice", "--tenant", TENANT_A, "--token", &real,
-    ]);
+    lab.ok(&issue_args("alice", TENANT_A, &["--token", &real]));
     let server = lab.serve();
     for _ in 0..20 {
         assert_401(server.get(JOBS, Some(&twin)));
@@ -153,27 +117,13 @@ fn a_string_sharing_a_tokens_lookup_prefix_costs_one_argon2_verification_at_most
 fn a_lifetime_beyond_a_century_is_refused_in_one_line() {
     let lab = Lab::new();
     lab.standard();
-    let err = lab.fails(&[
-        "token",
-        "issue",
-        "--user",
+    let err = lab.fails(&issue_args(
         "alice",
-        "--tenant",
         TENANT_A,
-        "--expires-in",
-        "9000years",
-    ]);
+        &["--expires-in", "9000years"],
+    ));
     assert!(err.contains("at most 100 years"), "{err}");
     assert_eq!(err.lines().count(), 1);
-    let out = lab.ok(&[
-        "token",
-        "issue",
-        "--user",
-        "alice",
-        "--tenant",
-        TENANT_A,
-        "--expires-in",
-        "99years",
-    ]);
+    let out = lab.ok(&issue_args("alice", TENANT_A, &["--expires-in", "99years"]));
     assert_eq!(out.trim().len(), 32);
 }

@@ -2,12 +2,14 @@
 //! 127.0.0.1:0 talked to over HTTP.
 #![allow(dead_code)] // each test crate uses its own part of this module
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use reqwest::blocking::{Client, Response};
+use serde_json::Value;
 
 pub mod openstack;
 
@@ -84,6 +86,33 @@ impl Lab {
         String::from_utf8(out.stderr).expect("utf-8 stderr")
     }
 
+    /// Runs a command that must succeed with `--json`; returns its parsed stdout.
+    pub fn ok_json(&self, args: &[&str]) -> Value {
+        let all = json_args(args);
+        parse_json(&all, &self.ok(&all))
+    }
+
+    /// The directory of a region's images.
+    pub fn region_dir(&self, region: &str) -> PathBuf {
+        self.data_dir().join("regions").join(region)
+    }
+
+    /// Names of the files in a region's directory, sorted.
+    pub fn files_in(&self, region: &str) -> Vec<String> {
+        names_in(&self.region_dir(region)).into_iter().collect()
+    }
+
+    /// Seeds `jobs` (list-format objects) from a file; all of them must be new.
+    pub fn seed_jobs(&self, jobs: &[Value]) {
+        let path = self.dir.path().join("seed.json");
+        std::fs::write(&path, Value::Array(jobs.to_vec()).to_string()).expect("seed file");
+        let out = self.ok(&["job", "seed", path.to_str().expect("path")]);
+        assert_eq!(
+            out,
+            format!("{} job(s) seeded, 0 already present\n", jobs.len())
+        );
+    }
+
     /// Writes a file of `size` bytes in the lab and returns its path.
     pub fn file(&self, name: &str, size: usize) -> PathBuf {
         let path = self.dir.path().join(name);
@@ -95,15 +124,12 @@ impl Lab {
     /// Imports a file as an image of `tenant`; returns the image id.
     pub fn image(&self, tenant: &str, name: &str, size: usize) -> String {
         let file = self.file(&format!("{name}.raw"), size);
-        self.ok(&[
-            "image",
-            "import",
+        self.ok(&import_args(
             file.to_str().expect("path"),
-            "--tenant",
             tenant,
-            "--name",
             name,
-        ])
+            &[],
+        ))
         .trim()
         .to_string()
     }
@@ -132,6 +158,18 @@ impl Lab {
             "user", "add", "carol", "--tenant", TENANT_C, "--tenant", TENANT_B,
         ]);
         self.ok(&["user", "add", "root", "--tenant", TENANT_A, "--admin"]);
+    }
+
+    /// A standard lab plus alice2, a member of tenants A and B (so that she may copy A's images
+    /// into B); returns it with alice2's token for A.
+    pub fn standard_with_copier() -> (Lab, String) {
+        let lab = Lab::new();
+        lab.standard();
+        lab.ok(&[
+            "user", "add", "alice2", "--tenant", TENANT_A, "--tenant", TENANT_B,
+        ]);
+        let token = lab.token("alice2", TENANT_A);
+        (lab, token)
     }
 
     /// Starts `serve --no-worker` on 127.0.0.1:0 (the API alone: jobs stay in the state the
@@ -217,6 +255,11 @@ impl Server {
         format!("{}{path}", self.base)
     }
 
+    /// `127.0.0.1:PORT`, for raw sockets.
+    pub fn addr(&self) -> String {
+        self.base.trim_start_matches("http://").to_string()
+    }
+
     pub fn get(&self, path: &str, token: Option<&str>) -> Response {
         let mut req = self.client.get(self.url(path));
         if let Some(t) = token {
@@ -256,14 +299,18 @@ impl Server {
     pub fn copy_ok(&self, token: &str, image_id: &str, tenant_dst: &str) -> String {
         let resp = self.copy(token, image_id, tenant_dst);
         assert_eq!(resp.status(), 202, "copy failed: {:?}", resp.text());
-        let body: serde_json::Value = resp.json().expect("202 body");
+        let body: Value = resp.json().expect("202 body");
         body["job_id"].as_str().expect("job_id").to_string()
     }
 
-    /// The job as `GET /jobs/{id}` shows it.
-    pub fn job(&self, token: &str, id: &str) -> serde_json::Value {
-        let resp = self.get(&format!("{JOBS}/{id}"), Some(token));
-        assert_eq!(resp.status(), 200);
+    /// The job as `GET /jobs/{id}` shows it: a 200 with a JSON body.
+    pub fn job(&self, token: &str, id: &str) -> Value {
+        let resp = self.get(&job_path(id), Some(token));
+        assert_eq!(resp.status(), 200, "GET {id}: {:?}", resp.text());
+        assert_eq!(
+            resp.headers()["content-type"],
+            "application/json; charset=UTF-8"
+        );
         resp.json().expect("job JSON")
     }
 
@@ -273,21 +320,37 @@ impl Server {
         token: &str,
         id: &str,
         timeout: Duration,
-        done: impl Fn(&serde_json::Value) -> bool,
-    ) -> serde_json::Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let job = self.job(token, id);
-            if done(&job) {
-                return job;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting; job is {job}; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        self.wait_job_progress(token, id, timeout, done).0
+    }
+
+    /// [`Server::wait_job`], also returning the `copy_progress` of every poll, in order.
+    pub fn wait_job_progress(
+        &self,
+        token: &str,
+        id: &str,
+        timeout: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> (Value, Vec<u64>) {
+        let mut progress = Vec::new();
+        let job = poll_every(
+            Duration::from_millis(50),
+            timeout,
+            || {
+                let job = self.job(token, id);
+                progress.push(job["copy_progress"].as_u64().expect("progress"));
+                done(&job).then_some(job)
+            },
+            || {
+                format!(
+                    "job {id}, which is now {}; log:\n{}",
+                    self.job(token, id),
+                    self.log_text()
+                )
+            },
+        );
+        (job, progress)
     }
 
     pub fn log_text(&self) -> String {
@@ -295,7 +358,11 @@ impl Server {
     }
 
     /// Sends SIGTERM and waits for the process to exit; returns whether it exited in time.
+    /// A process already reaped is not signalled again: its pid may belong to another.
     pub fn stop(&mut self) -> bool {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return true;
+        }
         // SAFETY: kill has no memory-safety preconditions.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -306,6 +373,12 @@ impl Server {
             std::thread::sleep(Duration::from_millis(20));
         }
         false
+    }
+
+    /// SIGKILLs the server and reaps it (a later [`Server::stop`] or drop signals nothing).
+    pub fn kill_9(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reap the killed server");
     }
 }
 
@@ -334,7 +407,11 @@ pub fn assert_401(resp: Response) {
 pub fn assert_error(resp: Response, code: u16) -> String {
     assert_eq!(resp.status(), code, "unexpected status");
     assert_eq!(resp.headers()["content-type"], "text/plain; charset=UTF-8");
-    let body = resp.text().expect("error body");
+    error_sentence(&resp.text().expect("error body"), code)
+}
+
+/// The sentence of an error body, asserted to be `<code> <reason>\n\n<sentence>\n\n`.
+pub fn error_sentence(body: &str, code: u16) -> String {
     let reason = reqwest::StatusCode::from_u16(code)
         .expect("code")
         .canonical_reason()
@@ -349,11 +426,245 @@ pub fn assert_error(resp: Response, code: u16) -> String {
 }
 
 /// The job objects of a list response.
-pub fn jobs(resp: Response) -> Vec<serde_json::Value> {
+pub fn jobs(resp: Response) -> Vec<Value> {
     assert_eq!(resp.status(), 200);
     assert_eq!(
         resp.headers()["content-type"],
         "application/json; charset=UTF-8"
     );
     resp.json().expect("a JSON array")
+}
+
+pub fn job_path(id: &str) -> String {
+    format!("{JOBS}/{id}")
+}
+
+/// The keys of a JSON object, in its map's order.
+pub fn keys_of(object: &Value) -> Vec<&str> {
+    object
+        .as_object()
+        .expect("a JSON object")
+        .keys()
+        .map(String::as_str)
+        .collect()
+}
+
+/// The `job_id`s of a list of jobs, in order.
+pub fn job_ids(list: &[Value]) -> Vec<String> {
+    list.iter()
+        .map(|j| j["job_id"].as_str().expect("job_id").to_string())
+        .collect()
+}
+
+/// A `wait_job` condition: the job has this status.
+pub fn status_is(status: &'static str) -> impl Fn(&Value) -> bool {
+    move |job: &Value| job["status"] == status
+}
+
+/// A `wait_job` condition: the job has ended (replicated, canceled or error).
+pub fn terminal(job: &Value) -> bool {
+    matches!(
+        job["status"].as_str(),
+        Some("replicated" | "canceled" | "error")
+    )
+}
+
+// ----- the CLI's JSON -----
+
+/// `args` with `--json` in front.
+pub fn json_args<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    all
+}
+
+/// What a command run with `args` printed, parsed as JSON.
+pub fn parse_json(args: &[&str], stdout: &str) -> Value {
+    serde_json::from_str::<Value>(stdout)
+        .unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {stdout}"))
+}
+
+/// `token issue --user <user> --tenant <tenant>` followed by `extra`.
+pub fn issue_args<'a>(user: &'a str, tenant: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["token", "issue", "--user", user, "--tenant", tenant];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// The id of `user`'s first token in a `token list`.
+pub fn token_id_of(list: &Value, user: &str) -> String {
+    list.as_array()
+        .expect("a token list")
+        .iter()
+        .find(|t| t["user"] == user)
+        .and_then(|t| t["id"].as_str())
+        .unwrap_or_else(|| panic!("no token id of {user} in {list}"))
+        .to_string()
+}
+
+/// `image import <file> --tenant <tenant> --name <name>` followed by `extra`.
+pub fn import_args<'a>(
+    file: &'a str,
+    tenant: &'a str,
+    name: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec!["image", "import", file, "--tenant", tenant, "--name", name];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// An RFC 3339 time of the CLI's JSON, in seconds since 1970.
+pub fn epoch(rfc3339: &Value) -> u64 {
+    let text = rfc3339.as_str().expect("a time string");
+    humantime::parse_rfc3339(text)
+        .expect("RFC 3339")
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
+}
+
+// ----- files -----
+
+/// Names of the files in a directory, sorted.
+pub fn names_in(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .expect("read dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Every file under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read dir") {
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else if path.is_file() {
+            out.push(path);
+        }
+    }
+    out
+}
+
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Asserts that no file of `files` holds any of `secrets`.
+pub fn assert_secrets_absent(files: &[PathBuf], secrets: &[String]) {
+    for path in files {
+        let bytes = std::fs::read(path).expect("read file");
+        for secret in secrets {
+            assert!(
+                !contains(&bytes, secret.as_bytes()),
+                "token {secret} found in {}",
+                path.display()
+            );
+        }
+    }
+}
+
+// ----- waiting -----
+
+/// Calls `probe` every `every` until it returns `Some`; after `timeout`, fails saying it timed
+/// out waiting for `what()`.
+pub fn poll_every<T>(
+    every: Duration,
+    timeout: Duration,
+    mut probe: impl FnMut() -> Option<T>,
+    what: impl FnOnce() -> String,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {}",
+            what()
+        );
+        std::thread::sleep(every);
+    }
+}
+
+/// Repeats `probe` every 20 ms until it returns `Some`, for at most `timeout`.
+pub fn poll<T>(what: &str, timeout: Duration, probe: impl FnMut() -> Option<T>) -> T {
+    poll_every(Duration::from_millis(20), timeout, probe, || {
+        what.to_string()
+    })
+}
+
+// ----- soak and fuzz runs -----
+
+/// A count from the environment variable `name`, or `default`.
+pub fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Prints the figures of a run as one line (`cargo test -- --nocapture` shows it).
+pub fn figures(test: &str, pairs: &[(&str, String)]) {
+    let text: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!("figures: {test}: {}", text.join(" "));
+}
+
+/// splitmix64: small, seedable, good enough to pick moments and mutations.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// Seeded from `RELIABILITY_SEED` or the clock; the seed is printed to replay a run.
+    pub fn for_test(test: &str) -> Rng {
+        let seed = std::env::var("RELIABILITY_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+            });
+        println!("{test}: RELIABILITY_SEED={seed}");
+        Rng(seed)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number below `n` (0 for `n` = 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    /// An index below `len` (0 for `len` = 0).
+    pub fn index(&mut self, len: usize) -> usize {
+        self.below(len as u64) as usize
+    }
+
+    /// A generator for another thread, derived from this one.
+    pub fn fork(&mut self) -> Rng {
+        Rng(self.next())
+    }
+}
+
+// ----- raw HTTP -----
+
+/// `body` in chunked transfer encoding, in chunks of 4 KiB, with the final empty chunk.
+pub fn chunk_encode(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for chunk in body.chunks(4096) {
+        out.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        out.extend_from_slice(chunk);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    out
 }
