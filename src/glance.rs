@@ -2,7 +2,8 @@
 //!
 //! The calls the appliance needs: show, list, create, upload, download (resumed with `Range`
 //! after a dropped connection), delete. With Keystone, every call carries a service token and
-//! is repeated once with a new token after a 401 (an upload only when its body was not sent).
+//! is repeated once with a new token after a 401; an upload, whose body cannot be sent twice,
+//! fails as transient instead and the worker's next attempt starts it over.
 
 use std::collections::HashMap;
 use std::io::{self, Read};

@@ -3,9 +3,10 @@
 //!
 //! - `replicate_requested` / `replicating`: create the destination image as `saving` (a record
 //!   here for a directory region, `POST /v2/images` for a Glance one), stream the source (its
-//!   file, or a Glance download) into a temporary file or the Glance upload while hashing it
-//!   with SHA-512, verify size and SHA-512 against the source record, then make the copy durable
-//!   (fsync + rename, or read Glance's record back and compare) and mark the job `replicated`.
+//!   file, or a Glance download) into a temporary file while hashing it with SHA-512 and verify
+//!   size and SHA-512 against the source record, then fsync and rename; or stream it into the
+//!   Glance upload and compare Glance's own record of what it stored with the source's. Then
+//!   mark the job `replicated`.
 //! - `cancel_requested` / `canceling`: remove whatever was written at the destination, then
 //!   `canceled`. A running copy sees a cancel at its next chunk.
 //! - On failure: retry transient errors (I/O, a Glance that does not answer) with exponential
