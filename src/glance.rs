@@ -27,6 +27,9 @@ const IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// For the quick "does it answer" check, and how long its answer is kept.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 const PROBE_KEPT: Duration = Duration::from_secs(5);
+/// A cancel or error waits for the delete of the destination: a Glance that does not answer
+/// in this time gets its image deleted later (an orphan).
+const DELETE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pages of a listing at most (a Glance that keeps sending `next` cannot loop us forever).
 const MAX_PAGES: usize = 1000;
 /// An upload's response comes after its last byte: allow for a whole image.
@@ -319,7 +322,10 @@ impl Glance {
 
     /// Deletes the image; one already gone is fine.
     pub fn delete(&self, id: Uuid) -> Result<(), RemoteError> {
-        let resp = self.send(|c| c.delete(self.url(&format!("/v2/images/{id}"))))?;
+        let resp = self.send(|c| {
+            c.delete(self.url(&format!("/v2/images/{id}")))
+                .timeout(DELETE_TIMEOUT)
+        })?;
         self.expect(
             resp,
             &[

@@ -189,6 +189,40 @@ fn cancel_mid_copy_deletes_the_destination_glance_image() {
 }
 
 #[test]
+fn a_cancel_ends_a_copy_stalled_on_a_frozen_destination_glance() {
+    let mut t = no_auth_lab();
+    let (server, job, dst) = slow_copy_into_glance_1(&t, 7);
+    t.os.signal_glance(1, "STOP");
+    // Let the upload stall: Glance's socket buffer fills and the chunk queue with it.
+    std::thread::sleep(Duration::from_secs(3));
+    let resp = server.delete(&format!("{JOBS}/{job}"), Some(&t.token_a));
+    assert_eq!(resp.status(), 204);
+    let asked = std::time::Instant::now();
+    // The upload is abandoned at once; deleting the image waits for Glance up to 10 s.
+    server.wait_job(
+        &t.token_a,
+        &job,
+        Duration::from_secs(20),
+        status_is("canceled"),
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        asked.elapsed()
+    );
+    // Once Glance thaws, the half-made image is deleted.
+    t.os.signal_glance(1, "CONT");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while t.os.image(1, None, &dst).is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "image {dst} is still in Glance 1"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
 fn a_destination_glance_that_stops_mid_copy_gives_a_clear_error_and_leaves_nothing() {
     let mut t = no_auth_lab();
     let (server, job, dst) = slow_copy_into_glance_1(&t, 3);

@@ -109,6 +109,27 @@ impl OpenStack {
         assert_eq!(answer.trim(), "ok", "lab command {command:?} failed");
     }
 
+    /// Sends `signal` ("STOP", "CONT") to every process of Glance `i`: a frozen Glance keeps
+    /// its connections open and never answers.
+    pub fn signal_glance(&mut self, i: usize, signal: &str) {
+        let stdin = self.stdin.as_mut().expect("lab stdin");
+        writeln!(stdin, "status").expect("write a lab command");
+        stdin.flush().expect("flush");
+        let mut answer = String::new();
+        self.stdout.read_line(&mut answer).expect("lab answer");
+        let status: Value = serde_json::from_str(&answer).expect("lab status JSON");
+        let pgid = status["pgids"]["glance"][i]
+            .as_i64()
+            .expect("a running Glance");
+        let ok = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg("--")
+            .arg(format!("-{pgid}"))
+            .status()
+            .expect("run kill");
+        assert!(ok.success(), "kill -{signal} of Glance {i} failed");
+    }
+
     /// A Keystone token for the lab's user `who` ("admin", "service" or a project name),
     /// scoped to that user's project.
     pub fn user_token(&self, who: &str) -> String {
