@@ -16,7 +16,9 @@
 # Options: --quick, --out FILE, --reps N, --duration SECONDS (of each wrk run),
 #          --tmpdir DIR (where the data goes; default $TMPDIR or /tmp), --keep, --no-build,
 #          --no-glance (skip G1, which starts two real Glances from the venv that
-#          scripts/openstack-venv.sh makes: about 80 s and 300 MB the first time).
+#          scripts/openstack-venv.sh makes: about 80 s and 300 MB the first time),
+#          --bin PATH (measure this binary, build nothing; CI passes its debug build to
+#          --quick, whose figures only show that the benchmark still runs).
 # Environment: BENCH_WRK_THREADS (default 2), BENCH_CONNECTIONS (default 32) for P1, P2, P4.
 
 set -euo pipefail
@@ -33,6 +35,7 @@ TMP_PARENT=${TMPDIR:-/tmp}
 KEEP=0
 BUILD=1
 GLANCE=1
+BIN=
 
 usage() {
   sed -n '2,/^$/p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
@@ -49,6 +52,7 @@ while (($#)); do
     --keep) KEEP=1 ;;
     --no-build) BUILD=0 ;;
     --no-glance) GLANCE=0 ;;
+    --bin) BIN=$(realpath -- "${2:?--bin needs a path}"); shift ;;
     -h | --help) usage; exit 0 ;;
     *) echo "bench.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
@@ -147,11 +151,13 @@ if ! command -v wrk >/dev/null; then
 fi
 
 cd "$ROOT"
-if ((BUILD)); then
-  log "building: cargo build --release --locked"
-  cargo build --release --locked >&2
+if [[ -z $BIN ]]; then
+  BIN=$ROOT/target/release/image-replicator
+  if ((BUILD)); then
+    log "building: cargo build --release --locked"
+    cargo build --release --locked >&2
+  fi
 fi
-BIN=$ROOT/target/release/image-replicator
 [[ -x $BIN ]] || die "$BIN is missing (build with cargo build --release --locked)"
 
 mkdir -p "$TMP_PARENT"

@@ -107,15 +107,40 @@ pub struct AuthStats {
     pub cached_tokens: usize,
 }
 
+/// A bounded set of token digests (beyond [`CACHE_CAPACITY`] it starts afresh).
+#[derive(Default)]
+struct DigestSet(Mutex<HashSet<[u8; 32]>>);
+
+impl DigestSet {
+    fn contains(&self, digest: &[u8; 32]) -> bool {
+        self.0.lock().is_ok_and(|set| set.contains(digest))
+    }
+
+    fn insert(&self, digest: [u8; 32]) {
+        if let Ok(mut set) = self.0.lock() {
+            if set.len() >= CACHE_CAPACITY {
+                set.clear();
+            }
+            set.insert(digest);
+        }
+    }
+
+    fn clear(&self) {
+        if let Ok(mut set) = self.0.lock() {
+            set.clear();
+        }
+    }
+}
+
 pub struct Authenticator {
     /// SHA-256 of a token that verified → its record id.
     cache: Mutex<HashMap<[u8; 32], Uuid>>,
     /// SHA-256 of tokens that failed argon2 verification: a string crafted to share a real
     /// token's lookup prefix costs one verification, not one per request.
-    rejected: Mutex<HashSet<[u8; 32]>>,
+    rejected: DigestSet,
     /// SHA-256 of registry tokens that verified but are expired or revoked (checked only
     /// when Keystone is in use): refused without asking Keystone.
-    dead: Mutex<HashSet<[u8; 32]>>,
+    dead: DigestSet,
     /// Bounds concurrent argon2 work (each verification holds about 19 MiB).
     permits: Arc<Semaphore>,
     verifications: AtomicU64,
@@ -130,8 +155,8 @@ impl Default for Authenticator {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Authenticator {
             cache: Mutex::new(HashMap::new()),
-            rejected: Mutex::new(HashSet::new()),
-            dead: Mutex::new(HashSet::new()),
+            rejected: DigestSet::default(),
+            dead: DigestSet::default(),
             permits: Arc::new(Semaphore::new(cores)),
             verifications: AtomicU64::new(0),
             hits: AtomicU64::new(0),
@@ -211,40 +236,10 @@ impl Authenticator {
         .unwrap_or(false)
     }
 
-    fn was_rejected(&self, digest: &[u8; 32]) -> bool {
-        self.rejected.lock().is_ok_and(|r| r.contains(digest))
-    }
-
-    fn reject(&self, digest: [u8; 32]) {
-        if let Ok(mut rejected) = self.rejected.lock() {
-            if rejected.len() >= CACHE_CAPACITY {
-                rejected.clear();
-            }
-            rejected.insert(digest);
-        }
-    }
-
-    fn is_dead(&self, digest: &[u8; 32]) -> bool {
-        self.dead.lock().is_ok_and(|d| d.contains(digest))
-    }
-
-    fn mark_dead(&self, digest: [u8; 32]) {
-        if let Ok(mut dead) = self.dead.lock() {
-            if dead.len() >= CACHE_CAPACITY {
-                dead.clear();
-            }
-            dead.insert(digest);
-        }
-    }
-
     /// A new token may have a value that failed before: forget past failures.
     pub fn token_added(&self) {
-        if let Ok(mut rejected) = self.rejected.lock() {
-            rejected.clear();
-        }
-        if let Ok(mut dead) = self.dead.lock() {
-            dead.clear();
-        }
+        self.rejected.clear();
+        self.dead.clear();
     }
 
     /// The principal a token acts as, or `None` (the caller answers 401 without saying why).
@@ -269,10 +264,10 @@ impl Authenticator {
             };
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
-        if self.is_dead(&digest) {
+        if self.dead.contains(&digest) {
             return Ok(None);
         }
-        if !self.was_rejected(&digest) {
+        if !self.rejected.contains(&digest) {
             let keystone = self.keystone.get().is_some();
             let candidates = store.token_candidates(&lookup(&digest))?;
             let mut verified_any = false;
@@ -290,12 +285,13 @@ impl Authenticator {
                         self.remember(digest, record.id);
                         return principal(store, record);
                     }
-                    self.mark_dead(digest);
+                    self.dead.insert(digest);
                     return Ok(None);
                 }
             }
-            if verified_any {
-                self.reject(digest);
+            // Not the registry's: with Keystone, later requests go straight to its cache.
+            if verified_any || keystone {
+                self.rejected.insert(digest);
             }
         }
         match self.keystone.get() {

@@ -183,7 +183,7 @@ impl KeystoneArgs {
         let Some(auth_url) = self.keystone_url else {
             return Ok(None);
         };
-        if !(auth_url.starts_with("http://") || auth_url.starts_with("https://")) {
+        if !crate::model::is_http_url(&auth_url) {
             return Err(format!(
                 "--keystone-url '{auth_url}' must start with http:// or https://"
             ));
@@ -350,7 +350,7 @@ impl GlanceArgs {
             }
             return Ok(None);
         };
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
+        if !crate::model::is_http_url(&url) {
             return Err(format!(
                 "--glance-url '{url}' must start with http:// or https://"
             ));
@@ -552,10 +552,19 @@ pub fn run(cli: Cli) -> Result<(), String> {
 
 /// Where a region keeps its images, in words (never its credentials).
 fn region_store(r: &crate::model::Region) -> String {
+    match region_kind(r) {
+        ("directory", place) => format!("directory {place}"),
+        ("glance", place) => format!("Glance {place}"),
+        (_, place) => format!("Glance {place} with Keystone"),
+    }
+}
+
+/// What a region is (`directory`, `glance`, `glance+keystone`) and where.
+fn region_kind(r: &crate::model::Region) -> (&'static str, String) {
     match &r.glance {
-        Some(g) if g.keystone.is_some() => format!("Glance {} with Keystone", g.url),
-        Some(g) => format!("Glance {}", g.url),
-        None => format!("directory {}", r.dir.display()),
+        Some(g) if g.keystone.is_some() => ("glance+keystone", g.url.clone()),
+        Some(g) => ("glance", g.url.clone()),
+        None => ("directory", r.dir.display().to_string()),
     }
 }
 
@@ -809,11 +818,7 @@ fn human(reply: &Reply, verb: &str) -> String {
             &["ID", "KIND", "WHERE", "DISK FORMATS"],
             list.iter()
                 .map(|r| {
-                    let (kind, place) = match &r.glance {
-                        Some(g) if g.keystone.is_some() => ("glance+keystone", g.url.clone()),
-                        Some(g) => ("glance", g.url.clone()),
-                        None => ("directory", r.dir.display().to_string()),
-                    };
+                    let (kind, place) = region_kind(r);
                     vec![r.id.clone(), kind.into(), place, r.disk_formats.join(",")]
                 })
                 .collect(),

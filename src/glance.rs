@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use crate::copy::Chunk;
 use crate::keystone::TokenSource;
-use crate::model::{GlanceRegion, Image, ImageStatus, Region};
+use crate::model::{parse_rfc3339, GlanceRegion, Image, ImageStatus, Region};
 use crate::remote::RemoteError;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -59,7 +59,6 @@ pub struct GlanceImage {
     pub name: Option<String>,
     pub status: ImageStatus,
     pub owner: Option<String>,
-    pub visibility: Option<String>,
     pub size: Option<u64>,
     pub checksum: Option<String>,
     pub os_hash_algo: Option<String>,
@@ -71,10 +70,7 @@ pub struct GlanceImage {
 }
 
 fn seconds(text: &Option<String>) -> u64 {
-    text.as_deref()
-        .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_secs())
+    text.as_deref().and_then(parse_rfc3339).unwrap_or(0)
 }
 
 impl GlanceImage {
@@ -134,27 +130,21 @@ impl Glance {
     /// Sends a request built by `build`, with a token if the region needs one; after a 401
     /// once more with a new token.
     fn send(&self, build: impl Fn(&Client) -> RequestBuilder) -> Result<Response, RemoteError> {
-        for attempt in 0..2 {
-            let mut request = build(&self.http);
-            if let Some(auth) = &self.auth {
-                request = request.header("x-auth-token", auth.token(&self.http)?);
-            }
-            let resp = request
+        let what = self.what();
+        let resp = match &self.auth {
+            Some(auth) => auth.send(&self.http, &what, |token| {
+                build(&self.http).header("x-auth-token", token)
+            })?,
+            None => build(&self.http)
                 .send()
-                .map_err(|e| RemoteError::from_reqwest(&self.what(), e))?;
-            if resp.status() == StatusCode::UNAUTHORIZED {
-                if let (Some(auth), 0) = (&self.auth, attempt) {
-                    auth.invalidate();
-                    continue;
-                }
-                return Err(RemoteError::Refused(format!(
-                    "{} refused the appliance's credentials (401)",
-                    self.what()
-                )));
-            }
-            return Ok(resp);
+                .map_err(|e| RemoteError::from_reqwest(&what, e))?,
+        };
+        if resp.status() == StatusCode::UNAUTHORIZED {
+            return Err(RemoteError::Refused(format!(
+                "{what} refused the appliance's credentials (401)"
+            )));
         }
-        unreachable!("the loop returns on its second pass")
+        Ok(resp)
     }
 
     /// Fails with the answer's status unless it is one of `ok`.

@@ -3,7 +3,7 @@
 //! caller that gets a 401 with it calls [`TokenSource::invalidate`] and asks again.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use reqwest::blocking::Client;
 use serde_json::json;
@@ -48,6 +48,27 @@ impl TokenSource {
         Ok(token)
     }
 
+    /// Sends the request `build` makes with a token; after a 401 once more with a new token.
+    /// Returns the last answer, a second 401 included (the caller says what it means).
+    pub fn send(
+        &self,
+        http: &Client,
+        what: &str,
+        build: impl Fn(&str) -> reqwest::blocking::RequestBuilder,
+    ) -> Result<reqwest::blocking::Response, RemoteError> {
+        let mut retried = false;
+        loop {
+            let resp = build(&self.token(http)?)
+                .send()
+                .map_err(|e| RemoteError::from_reqwest(what, e))?;
+            if resp.status().as_u16() != 401 || retried {
+                return Ok(resp);
+            }
+            self.invalidate();
+            retried = true;
+        }
+    }
+
     /// Forgets the kept token (the service refused it).
     pub fn invalidate(&self) {
         if let Ok(mut cached) = self.cached.lock() {
@@ -56,8 +77,15 @@ impl TokenSource {
     }
 }
 
+/// How long a Keystone token (the `token` object of an answer) has left, if it says.
+fn time_left(token: &serde_json::Value) -> Option<Duration> {
+    let expires = crate::model::parse_rfc3339(token["expires_at"].as_str()?)?;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
+    expires.checked_sub(now).map(Duration::from_secs)
+}
+
 /// Authenticates by password; returns the token and how long it is valid.
-pub fn password_token(
+fn password_token(
     http: &Client,
     c: &KeystoneCredentials,
 ) -> Result<(String, Duration), RemoteError> {
@@ -94,11 +122,7 @@ pub fn password_token(
     let body: serde_json::Value = resp
         .json()
         .map_err(|e| RemoteError::Refused(format!("{what} answered unreadable JSON: {e}")))?;
-    let lifetime = body["token"]["expires_at"]
-        .as_str()
-        .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
-        .and_then(|t| t.duration_since(SystemTime::now()).ok())
-        .unwrap_or(Duration::from_secs(300));
+    let lifetime = time_left(&body["token"]).unwrap_or(Duration::from_secs(300));
     Ok((token, lifetime))
 }
 
@@ -248,26 +272,6 @@ impl Validator {
         result
     }
 
-    /// Sends `request` with the service token; after a 401 once more with a new one.
-    fn with_service_token(
-        &self,
-        request: impl Fn(&str) -> reqwest::blocking::RequestBuilder,
-    ) -> Result<reqwest::blocking::Response, RemoteError> {
-        let what = format!("Keystone at {}", self.url);
-        for attempt in 0..2 {
-            let token = self.service.token(&self.http)?;
-            let resp = request(&token)
-                .send()
-                .map_err(|e| RemoteError::from_reqwest(&what, e))?;
-            if resp.status().as_u16() == 401 && attempt == 0 {
-                self.service.invalidate();
-                continue;
-            }
-            return Ok(resp);
-        }
-        unreachable!("the loop returns on its second pass")
-    }
-
     /// A JSON answer to a request sent with the service token, or `Err(status)` for one of
     /// the `expected` error statuses. Any other failure (a 401 twice included: the
     /// appliance's own credentials are refused) means identity cannot be asked, not that the
@@ -278,7 +282,7 @@ impl Validator {
         expected: &[u16],
     ) -> Result<Result<serde_json::Value, u16>, RemoteError> {
         let what = format!("Keystone at {}", self.url);
-        let resp = self.with_service_token(request)?;
+        let resp = self.service.send(&self.http, &what, request)?;
         let status = resp.status();
         if expected.contains(&status.as_u16()) {
             return Ok(Err(status.as_u16()));
@@ -314,10 +318,7 @@ impl Validator {
             // Unscoped or domain-scoped: no tenant to act as.
             return Ok(None);
         };
-        let expires = t["expires_at"]
-            .as_str()
-            .and_then(|e| humantime::parse_rfc3339_weak(e).ok())
-            .and_then(|e| e.duration_since(SystemTime::now()).ok())
+        let expires = time_left(t)
             .and_then(|left| Instant::now().checked_add(left))
             .unwrap_or_else(Instant::now);
         let user_id = text(&t["user"]["id"]);

@@ -53,10 +53,20 @@ pub fn rfc3339(secs: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
 }
 
+/// Epoch seconds of an RFC 3339 time (fractions and offsets allowed), if it is one.
+pub fn parse_rfc3339(text: &str) -> Option<u64> {
+    let time = humantime::parse_rfc3339_weak(text).ok()?;
+    time.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs())
+}
+
+/// Whether `url` is an http:// or https:// URL (what the appliance can talk to).
+pub fn is_http_url(url: &str) -> bool {
+    url.starts_with("http://") || url.starts_with("https://")
+}
+
 /// Serde for a `u64` of epoch seconds written as RFC 3339.
 mod ts {
     use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::UNIX_EPOCH;
 
     pub fn serialize<S: Serializer>(secs: &u64, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&super::rfc3339(*secs))
@@ -64,10 +74,8 @@ mod ts {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
         let text = String::deserialize(d)?;
-        let time = humantime::parse_rfc3339_weak(&text).map_err(serde::de::Error::custom)?;
-        time.duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .map_err(serde::de::Error::custom)
+        super::parse_rfc3339(&text)
+            .ok_or_else(|| serde::de::Error::custom(format!("'{text}' is not an RFC 3339 time")))
     }
 
     pub mod option {

@@ -203,7 +203,7 @@ impl Service {
                     "a region is a directory or a Glance, not both".into(),
                 ));
             }
-            if !(g.url.starts_with("http://") || g.url.starts_with("https://")) {
+            if !crate::model::is_http_url(&g.url) {
                 return Err(ServiceError::BadRequest(format!(
                     "the Glance URL '{}' must start with http:// or https://",
                     g.url
@@ -618,7 +618,7 @@ impl Service {
     /// An image in the Glance region of `who`'s tenant that `who` may copy (its tenant owns
     /// it, or `who` is an admin), or `None`. A job's source tenant is its image's owner, so
     /// other owners' public images are not offered: their jobs would belong to that owner.
-    fn glance_source(&self, who: &Principal, id: Uuid) -> Result<Option<Image>> {
+    fn glance_source(&self, who: &Principal, id: Uuid) -> Result<Option<(Image, Region)>> {
         let Some(tenant) = self.store.tenant(who.tenant_key)? else {
             return Ok(None);
         };
@@ -648,7 +648,8 @@ impl Service {
         let Some(owner) = found.owner.as_deref().and_then(TenantKey::parse) else {
             return Ok(None);
         };
-        Ok((who.admin || owner == who.tenant_key).then(|| found.to_image(&region.id)))
+        let image = found.to_image(&region.id);
+        Ok((who.admin || owner == who.tenant_key).then_some((image, region)))
     }
 
     pub fn image_show(&self, id: &str) -> Result<Image> {
@@ -867,7 +868,8 @@ impl Service {
             ))
         })?;
         let no_image = || ServiceError::NotFound(format!("no image {image_id}"));
-        let image = match self.store.image(image_uuid)? {
+        // A Glance source's region has just answered: it needs no probe of its own below.
+        let (image, answered) = match self.store.image(image_uuid)? {
             Some(image) => {
                 let owner = TenantKey::parse(&image.owner);
                 if image.status == ImageStatus::Deleted
@@ -875,9 +877,12 @@ impl Service {
                 {
                     return Err(no_image());
                 }
-                image
+                (image, None)
             }
-            None => self.glance_source(who, image_uuid)?.ok_or_else(no_image)?,
+            None => {
+                let (image, region) = self.glance_source(who, image_uuid)?.ok_or_else(no_image)?;
+                (image, Some(region))
+            }
         };
         let dst_tenant = self
             .store
@@ -905,7 +910,10 @@ impl Service {
                 image.status
             )));
         }
-        let src_region = self.usable_region(&image.region)?;
+        let src_region = match answered {
+            Some(region) => region,
+            None => self.usable_region(&image.region)?,
+        };
         let dst_region = self.usable_region(&dst_tenant.region)?;
         if !dst_region.disk_formats.contains(&image.disk_format) {
             return Err(ServiceError::Conflict(format!(

@@ -796,13 +796,8 @@ impl Copy<'_> {
         let size = source.size;
         let cancel_seen = Cell::new(false);
         let stop = || {
-            if ctx.shutdown.load(Ordering::SeqCst) {
-                Some(Stop::Shutdown)
-            } else if self.cancel.load(Ordering::SeqCst) || cancel_seen.get() {
-                Some(Stop::Cancel)
-            } else {
-                None
-            }
+            self.stopping()
+                .or_else(|| cancel_seen.get().then_some(Stop::Cancel))
         };
         let mut persisted = (0u8, Instant::now());
         let mut counted = 0u64;

@@ -9,22 +9,10 @@ use std::time::Duration;
 use common::openstack::{qcow2, OpenStack};
 use common::*;
 use serde_json::Value;
-use sha2::{Digest, Sha512};
 
 const MINUTE: Duration = Duration::from_secs(60);
 /// Tenant of the directory region in the no-auth labs.
 const TENANT_DIR: &str = "3c4d5e6f708192a3b4c5d6e7f8091a2b";
-
-fn hex_sha512(bytes: &[u8]) -> String {
-    Sha512::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-fn status_is(status: &'static str) -> impl Fn(&Value) -> bool {
-    move |job: &Value| job["status"] == status
-}
 
 fn copying(job: &Value) -> bool {
     job["status"] == "replicating" && job["copy_progress"].as_u64().unwrap_or(0) >= 5
@@ -77,7 +65,7 @@ fn assert_in_glance(
     assert_eq!(record["status"], "active", "{record}");
     assert_eq!(record["owner"], owner, "{record}");
     assert_eq!(record["size"], data.len() as u64);
-    assert_eq!(record["os_hash_value"], hex_sha512(data));
+    assert_eq!(record["os_hash_value"], sha512_hex(data));
     assert_eq!(record["disk_format"], "qcow2");
     let stored = os.data(i, token, id);
     assert!(stored == data, "the bytes in Glance {i} differ");
@@ -123,7 +111,7 @@ fn every_mix_of_glance_and_directory_regions_copies_faithfully() {
     assert_eq!(record["status"], "active");
     assert_eq!(record["owner"], TENANT_DIR);
     assert_eq!(record["checksum"], source_md5);
-    assert_eq!(record["os_hash_value"], hex_sha512(&data));
+    assert_eq!(record["os_hash_value"], sha512_hex(&data));
     let file = t.lab.data_dir().join("regions/d").join(in_dir);
     assert!(std::fs::read(file).expect("the copy's file") == data);
 
@@ -172,7 +160,7 @@ fn cancel_mid_copy_deletes_the_destination_glance_image() {
         t.os.image(1, None, &dst).is_some(),
         "the upload target exists while copying"
     );
-    let resp = server.delete(&format!("{JOBS}/{job}"), Some(&t.token_a));
+    let resp = server.delete(&job_path(&job), Some(&t.token_a));
     assert_eq!(resp.status(), 204);
     server.wait_job(
         &t.token_a,
@@ -195,7 +183,7 @@ fn a_cancel_ends_a_copy_stalled_on_a_frozen_destination_glance() {
     t.os.signal_glance(1, "STOP");
     // Let the upload stall: Glance's socket buffer fills and the chunk queue with it.
     std::thread::sleep(Duration::from_secs(3));
-    let resp = server.delete(&format!("{JOBS}/{job}"), Some(&t.token_a));
+    let resp = server.delete(&job_path(&job), Some(&t.token_a));
     assert_eq!(resp.status(), 204);
     let asked = std::time::Instant::now();
     // The upload is abandoned at once; deleting the image waits for Glance up to 10 s.
@@ -212,14 +200,7 @@ fn a_cancel_ends_a_copy_stalled_on_a_frozen_destination_glance() {
     );
     // Once Glance thaws, the half-made image is deleted.
     t.os.signal_glance(1, "CONT");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while t.os.image(1, None, &dst).is_some() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "image {dst} is still in Glance 1"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    t.os.wait_image_gone(1, None, &dst);
 }
 
 #[test]
@@ -236,14 +217,7 @@ fn a_destination_glance_that_stops_mid_copy_gives_a_clear_error_and_leaves_nothi
 
     // Once Glance is back, the half-uploaded image is deleted.
     t.os.command("start glance 1");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while t.os.image(1, None, &dst).is_some() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "image {dst} is still in Glance 1"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    t.os.wait_image_gone(1, None, &dst);
     assert_eq!(t.os.image_ids(1, None), Vec::<String>::new());
 }
 
@@ -256,8 +230,7 @@ fn kill_9_mid_copy_into_glance_then_restart_ends_replicated_with_one_image() {
         let mut server = t.lab.serve_with(&["--max-bandwidth", "8M"]);
         let job = server.copy_ok(&t.token_a, &source, TENANT_B);
         let running = server.wait_job(&t.token_a, &job, MINUTE, copying);
-        server.child.kill().expect("SIGKILL");
-        server.child.wait().expect("reap");
+        server.kill_9();
         let first = running["destination_image_id"].as_str().map(String::from);
         (job, first.expect("destination id"))
     };

@@ -20,7 +20,7 @@ struct Cloud {
 }
 
 fn cloud(extra_lab_args: &[&str]) -> Cloud {
-    let os = OpenStack::start_with(1, true, extra_lab_args);
+    let os = OpenStack::start_with(0, true, extra_lab_args);
     let ks = &os.info["keystone"];
     let id = |p: &str| {
         ks["projects"][p]["id"]
@@ -111,7 +111,7 @@ fn a_keystone_token_lists_creates_shows_and_cancels_the_jobs_of_its_project() {
     let listed = jobs(server.get(JOBS, Some(&token)));
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0]["job_id"], job.as_str());
-    let resp = server.delete(&format!("{JOBS}/{job}"), Some(&token));
+    let resp = server.delete(&job_path(&job), Some(&token));
     assert_eq!(resp.status(), 204);
     assert_eq!(server.job(&token, &job)["status"], "cancel_requested");
 
@@ -121,7 +121,7 @@ fn a_keystone_token_lists_creates_shows_and_cancels_the_jobs_of_its_project() {
     // beta's token sees none of alpha's jobs.
     let beta = c.os.user_token("beta");
     assert_eq!(jobs(server.get(JOBS, Some(&beta))), Vec::<Value>::new());
-    let resp = server.get(&format!("{JOBS}/{job}"), Some(&beta));
+    let resp = server.get(&job_path(&job), Some(&beta));
     assert_eq!(resp.status(), 404);
     // The registry's own tokens still work beside Keystone's.
     c.lab.ok(&["user", "add", "local", "--tenant", &c.alpha]);

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
-use sha2::{Digest, Sha512};
 
 const MIB: usize = 1 << 20;
 
@@ -25,13 +24,6 @@ fn image_json(lab: &Lab, id: &str) -> Value {
 fn images_in(lab: &Lab, region: &str) -> Vec<Value> {
     serde_json::from_value(lab.ok_json(&["image", "list", "--region", region]))
         .expect("image list JSON")
-}
-
-fn sha512_hex(bytes: &[u8]) -> String {
-    Sha512::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// Asserts the job's destination image is a faithful, active copy of `source` in ot2.

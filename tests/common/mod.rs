@@ -457,6 +457,12 @@ pub fn job_ids(list: &[Value]) -> Vec<String> {
 }
 
 /// A `wait_job` condition: the job has this status.
+/// SHA-512 of `bytes`, hex, as records carry it in `os_hash_value`.
+pub fn sha512_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    image_replicator::auth::to_hex(&sha2::Sha512::digest(bytes))
+}
+
 pub fn status_is(status: &'static str) -> impl Fn(&Value) -> bool {
     move |job: &Value| job["status"] == status
 }

@@ -276,6 +276,16 @@ impl OpenStack {
         resp.bytes().expect("bytes").to_vec()
     }
 
+    /// Waits up to 30 s until Glance `i` no longer has image `id` (an orphan's deletion).
+    pub fn wait_image_gone(&self, i: usize, token: Option<&str>, id: &str) {
+        super::poll_every(
+            Duration::from_millis(200),
+            Duration::from_secs(30),
+            || self.image(i, token, id).is_none().then_some(()),
+            || format!("image {id} to leave Glance {i}"),
+        );
+    }
+
     /// Ids of every image in Glance `i`, whatever its state.
     pub fn image_ids(&self, i: usize, token: Option<&str>) -> Vec<String> {
         let resp = self

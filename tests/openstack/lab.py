@@ -313,7 +313,8 @@ def main():
     global _log_file
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", required=True, help="directory for everything of the lab")
-    ap.add_argument("--glance", type=int, default=1, help="number of Glance instances")
+    ap.add_argument("--glance", type=int, default=1,
+                    help="number of Glance instances (0: Keystone alone, with --auth keystone)")
     ap.add_argument("--auth", choices=["none", "keystone"], default="none")
     ap.add_argument("--token-expiration", type=int, default=3600,
                     help="Keystone token lifetime in seconds (keystone mode)")
@@ -324,8 +325,8 @@ def main():
                     help="gunicorn threads per Glance (more than 1 gives sqlite lock errors)")
     ap.add_argument("--debug", action="store_true", help="debug logging in the services")
     args = ap.parse_args()
-    if args.glance < 1:
-        ap.error("--glance must be at least 1")
+    if args.glance < 0 or (args.glance == 0 and args.auth == "none"):
+        ap.error("--glance must be at least 1 (0 only with --auth keystone)")
 
     base = os.path.abspath(args.dir)
     os.makedirs(base, exist_ok=True)
@@ -429,10 +430,12 @@ class Lab:
         # (_template) after the first lab made them; without them, one Glance db_sync (copied to
         # every instance) runs next to Keystone's db_sync + bootstrap, and each service starts as
         # soon as its DB is there.
-        g0 = gdirs[0]
+        g0 = gdirs[0] if gdirs else None
         gtemplate = self._template("glance")
         gjob = kjob = None
-        if os.path.exists(gtemplate):
+        if g0 is None:
+            pass  # Keystone alone
+        elif os.path.exists(gtemplate):
             log(f"glance DB from {gtemplate}")
             shutil.copyfile(gtemplate, os.path.join(g0, "glance.sqlite"))
         else:
