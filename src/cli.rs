@@ -561,11 +561,7 @@ fn region_store(r: &crate::model::Region) -> String {
 
 /// What a region is (`directory`, `glance`, `glance+keystone`) and where.
 fn region_kind(r: &crate::model::Region) -> (&'static str, String) {
-    match &r.glance {
-        Some(g) if g.keystone.is_some() => ("glance+keystone", g.url.clone()),
-        Some(g) => ("glance", g.url.clone()),
-        None => ("directory", r.dir.display().to_string()),
-    }
+    r.kind.describe()
 }
 
 fn absolute(path: &Path) -> Result<PathBuf, String> {

@@ -1,4 +1,4 @@
-//! The copy engine: streams bytes into a file (or any sink) while computing SHA-512 (and MD5).
+//! The copy engine: streams bytes to a sink while computing SHA-512 (and MD5) beside it.
 //!
 //! Reading and writing happen on the calling thread; each chunk is shared (not copied) with
 //! the hashing threads through bounded channels, so hashing overlaps the I/O and memory stays
@@ -8,7 +8,6 @@
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -103,7 +102,7 @@ fn is_zero(block: &[u8]) -> bool {
 }
 
 /// Writes `chunk` at `offset`, skipping whole zero blocks.
-fn write_sparse(out: &File, chunk: &[u8], offset: u64) -> io::Result<()> {
+pub fn write_sparse(out: &File, chunk: &[u8], offset: u64) -> io::Result<()> {
     let mut start: Option<usize> = None;
     let mut pos = 0;
     while pos < chunk.len() {
@@ -233,99 +232,4 @@ pub fn stream(
             sha512: sha.map(|d| crate::auth::to_hex(&d)),
         })
     })
-}
-
-/// Copies `input` into a new file `dest` (which must not exist) with its holes, fsyncs it,
-/// and returns its size and hashes. On failure `dest` may remain; the caller removes it.
-pub fn copy_into(
-    input: &mut dyn Read,
-    dest: &Path,
-    ctl: &mut Control,
-    hashes: Hashes,
-) -> Result<Digests, CopyError> {
-    let out = File::create_new(dest)?;
-    let digests = stream(
-        input,
-        &mut |chunk, offset| write_sparse(&out, chunk, offset),
-        ctl,
-        hashes,
-    )?;
-    out.set_len(digests.size)?;
-    out.sync_all()?;
-    Ok(digests)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    pub fn never() -> Option<Stop> {
-        None
-    }
-
-    #[test]
-    fn copy_keeps_bytes_and_hashes_and_leaves_holes() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let src = dir.path().join("src");
-        let mut data = vec![0u8; 3 * CHUNK + 12_345];
-        data[10] = 1;
-        data[2 * CHUNK + 7] = 9;
-        let last = data.len() - 1;
-        data[last] = 5;
-        std::fs::write(&src, &data).expect("write source");
-        let dest = dir.path().join("dest");
-        let mut seen = Vec::new();
-        let written = copy_into(
-            &mut File::open(&src).expect("open source"),
-            &dest,
-            &mut Control {
-                stop: &never,
-                progress: &mut |n| seen.push(n),
-                limiter: None,
-            },
-            Hashes {
-                sha512: true,
-                md5: true,
-            },
-        )
-        .expect("copy");
-        assert_eq!(std::fs::read(&dest).expect("read dest"), data);
-        assert_eq!(written.size, data.len() as u64);
-        assert_eq!(written.md5, Some(crate::auth::to_hex(&Md5::digest(&data))));
-        assert_eq!(
-            written.sha512,
-            Some(crate::auth::to_hex(&Sha512::digest(&data)))
-        );
-        assert!(seen.windows(2).all(|w| w[0] < w[1]));
-        use std::os::unix::fs::MetadataExt;
-        let blocks = std::fs::metadata(&dest).expect("metadata").blocks();
-        assert!(
-            blocks * 512 < (CHUNK as u64),
-            "holes were written: {blocks} blocks"
-        );
-    }
-
-    #[test]
-    fn a_stop_ends_the_copy_at_a_chunk_boundary() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let src = dir.path().join("src");
-        std::fs::write(&src, vec![7u8; 4 * CHUNK]).expect("write source");
-        let chunks = std::cell::Cell::new(0);
-        let stop = || (chunks.get() >= 2).then_some(Stop::Cancel);
-        let result = copy_into(
-            &mut File::open(&src).expect("open source"),
-            &dir.path().join("dest"),
-            &mut Control {
-                stop: &stop,
-                progress: &mut |_| chunks.set(chunks.get() + 1),
-                limiter: None,
-            },
-            Hashes {
-                sha512: false,
-                md5: false,
-            },
-        );
-        assert!(matches!(result, Err(CopyError::Stopped(Stop::Cancel))));
-        assert_eq!(chunks.get(), 2);
-    }
 }

@@ -5,7 +5,6 @@
 //! is repeated once with a new token after a 401; an upload, whose body cannot be sent twice,
 //! fails as transient instead and the worker's next attempt starts it over.
 
-use std::collections::HashMap;
 use std::io::{self, Read};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,7 +17,7 @@ use uuid::Uuid;
 
 use crate::copy::Chunk;
 use crate::keystone::TokenSource;
-use crate::model::{parse_rfc3339, GlanceRegion, Image, ImageStatus, Region};
+use crate::model::{parse_rfc3339, GlanceRegion, Image, ImageStatus};
 use crate::remote::RemoteError;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -45,7 +44,6 @@ const PAGE: usize = 500;
 
 pub struct Glance {
     region: String,
-    config: GlanceRegion,
     base: String,
     http: Client,
     auth: Option<TokenSource>,
@@ -111,7 +109,6 @@ impl Glance {
             .map_err(|e| RemoteError::Refused(format!("cannot set up an HTTP client: {e}")))?;
         Ok(Glance {
             region: region.to_string(),
-            config: config.clone(),
             base: config.url.trim_end_matches('/').to_string(),
             http,
             auth: config.keystone.clone().map(TokenSource::new),
@@ -460,33 +457,5 @@ impl Read for Download {
                 Err(e) => self.resume(e.to_string())?,
             }
         }
-    }
-}
-
-/// One client per Glance region, made on first use and kept (with its token) while the
-/// region's settings stay the same.
-#[derive(Default)]
-pub struct Clients {
-    by_region: Mutex<HashMap<String, Arc<Glance>>>,
-}
-
-impl Clients {
-    /// The client of `region`, which must be a Glance region.
-    pub fn get(&self, region: &Region) -> Result<Arc<Glance>, RemoteError> {
-        let config = region.glance.as_ref().ok_or_else(|| {
-            RemoteError::Refused(format!("region {} is not a Glance region", region.id))
-        })?;
-        let mut map = self
-            .by_region
-            .lock()
-            .map_err(|_| RemoteError::Refused("the Glance client table is poisoned".into()))?;
-        if let Some(client) = map.get(&region.id) {
-            if client.config == *config {
-                return Ok(Arc::clone(client));
-            }
-        }
-        let client = Arc::new(Glance::new(&region.id, config)?);
-        map.insert(region.id.clone(), Arc::clone(&client));
-        Ok(client)
     }
 }

@@ -118,22 +118,41 @@ impl TenantKey {
     }
 }
 
+/// A region: a place that holds images, of one [`RegionKind`].
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Region {
     pub id: String,
-    /// The directory that holds this region's image files (empty for a Glance region).
-    #[serde(default, skip_serializing_if = "path_is_empty")]
-    pub dir: PathBuf,
+    /// Stored and shown as the kind's own key: `dir` for a directory, `glance` for a Glance
+    /// (the same JSON as before kinds had a type of their own).
+    #[serde(flatten)]
+    pub kind: RegionKind,
     pub disk_formats: Vec<String>,
     #[serde(with = "ts")]
     pub created_at: u64,
-    /// Set when the region is an OpenStack Glance v2 image service instead of a directory.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub glance: Option<GlanceRegion>,
 }
 
-fn path_is_empty(path: &std::path::Path) -> bool {
-    path.as_os_str().is_empty()
+/// What a region is. `regions::open` matches on it once to build the region's image store.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(untagged)]
+pub enum RegionKind {
+    /// An OpenStack Glance v2 image service, which keeps its own image records.
+    Glance { glance: GlanceRegion },
+    /// A local directory holding one file per image; the appliance keeps the image records.
+    Directory { dir: PathBuf },
+}
+
+impl RegionKind {
+    /// The kind's name in listings (`directory`, `glance`, `glance+keystone`) and where it is;
+    /// never its credentials.
+    pub fn describe(&self) -> (&'static str, String) {
+        match self {
+            RegionKind::Directory { dir } => ("directory", dir.display().to_string()),
+            RegionKind::Glance { glance } if glance.keystone.is_some() => {
+                ("glance+keystone", glance.url.clone())
+            }
+            RegionKind::Glance { glance } => ("glance", glance.url.clone()),
+        }
+    }
 }
 
 /// Where a Glance region is and how the appliance authenticates to it.
@@ -451,4 +470,253 @@ pub struct Job {
     /// ever reused or removed by the worker (a seeded `destination_image_id` is someone else's).
     #[serde(default)]
     pub created_destination: Option<Uuid>,
+}
+
+/// What the replication worker does with a queued job next (see [`Job::next_step`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// Copy it (again, after an interruption).
+    Copy,
+    /// A cancel was asked for: remove what the copy wrote, then `canceled`.
+    Cancel,
+    /// It failed and its destination is being removed: finish that, then `error`.
+    Fail(String),
+    /// It ended already: only its queue entry is left.
+    Forget,
+}
+
+/// The job's life cycle, each rule once. Every function is pure: it changes the record (and
+/// says whether it may) and nothing else; the store writes the result in one transaction.
+impl Job {
+    /// What the worker must do with the job. A job that is `replicate_requested` or
+    /// `replicating` with an `error` is failing (the API has no status for it): the worker was
+    /// removing its destination.
+    pub fn next_step(&self) -> Step {
+        match (self.wire.status, &self.error) {
+            (JobStatus::ReplicateRequested | JobStatus::Replicating, Some(reason)) => {
+                Step::Fail(reason.clone())
+            }
+            (JobStatus::ReplicateRequested | JobStatus::Replicating, None) => Step::Copy,
+            (JobStatus::CancelRequested | JobStatus::Canceling, _) => Step::Cancel,
+            (JobStatus::Replicated | JobStatus::Canceled | JobStatus::Error, _) => Step::Forget,
+        }
+    }
+
+    /// Whether a cancel was asked for (it wins over an error that happens meanwhile).
+    pub fn cancel_asked(&self) -> bool {
+        matches!(
+            self.wire.status,
+            JobStatus::CancelRequested | JobStatus::Canceling
+        )
+    }
+
+    /// `DELETE`: only a job that has not finished copying can be canceled; false if not.
+    pub fn request_cancel(&mut self, at: u64) -> bool {
+        if !self.wire.status.is_cancelable() {
+            return false;
+        }
+        self.wire.status = JobStatus::CancelRequested;
+        // The worker finishes every cancel, seeded jobs' too.
+        self.enqueued = true;
+        self.updated_at = at;
+        true
+    }
+
+    /// The copy starts (or starts over) into `destination`; false if the job is past that.
+    pub fn start(&mut self, destination: Uuid, bytes_total: u64, at: u64) -> bool {
+        if self.next_step() != Step::Copy {
+            return false;
+        }
+        self.wire.status = JobStatus::Replicating;
+        self.wire.destination_image_id = Some(destination);
+        self.created_destination = Some(destination);
+        self.bytes_total = bytes_total;
+        self.updated_at = at;
+        true
+    }
+
+    /// `copied` bytes are at the destination; the percentage never goes back.
+    pub fn progress(&mut self, copied: u64, at: u64) {
+        let percent = (copied.min(self.bytes_total) * 100)
+            .checked_div(self.bytes_total)
+            .map_or(100, |p| p as u8);
+        self.bytes_copied = copied;
+        self.wire.copy_progress = self.wire.copy_progress.max(percent);
+        self.updated_at = at;
+    }
+
+    /// The copy is complete and verified; false if a cancel came first (it is honoured).
+    pub fn complete(&mut self, at: u64) -> bool {
+        if self.next_step() != Step::Copy {
+            return false;
+        }
+        self.wire.status = JobStatus::Replicated;
+        self.wire.copy_progress = 100;
+        self.bytes_copied = self.bytes_total;
+        self.updated_at = at;
+        true
+    }
+
+    /// The job is going to end, canceled (`error` is `None`) or failed: said before its
+    /// destination is removed, so that a crash in between finishes the ending instead of
+    /// copying again. A cancel asked for meanwhile wins over the error.
+    pub fn begin_ending(&mut self, error: Option<String>, at: u64) {
+        if self.wire.status.is_terminal() {
+            return;
+        }
+        match error {
+            Some(reason) if !self.cancel_asked() => self.error = Some(reason),
+            _ => {
+                self.wire.status = JobStatus::Canceling;
+                self.error = None;
+            }
+        }
+        self.updated_at = at;
+    }
+
+    /// The destination is gone: `canceled`, or `error` with the reason kept. A cancel asked
+    /// for meanwhile wins over the error.
+    pub fn end(&mut self, at: u64) {
+        if self.wire.status.is_terminal() {
+            return;
+        }
+        if self.cancel_asked() || self.error.is_none() {
+            self.wire.status = JobStatus::Canceled;
+            self.error = None;
+        } else {
+            self.wire.status = JobStatus::Error;
+        }
+        self.wire.destination_image_id = None;
+        self.created_destination = None;
+        self.updated_at = at;
+    }
+}
+
+#[cfg(test)]
+mod job_transitions {
+    use super::*;
+
+    fn job(status: JobStatus) -> Job {
+        Job {
+            wire: JobWire {
+                copy_progress: 0,
+                destination_image_id: None,
+                destination_region_id: "ot2".into(),
+                destination_tenant_id: "91b5c7c09cbd45caa3c146fd67ae471e".into(),
+                job_id: Uuid::new_v4(),
+                source_image_id: Uuid::new_v4(),
+                source_image_name: "cirros".into(),
+                source_region_id: "ot1".into(),
+                source_tenant_id: "236ae314ef6944f4ab98fa7519e54325".into(),
+                status,
+            },
+            seq: 1,
+            created_at: 0,
+            updated_at: 0,
+            bytes_copied: 0,
+            bytes_total: 0,
+            error: None,
+            seeded: false,
+            enqueued: true,
+            created_destination: None,
+        }
+    }
+
+    #[test]
+    fn a_copy_runs_from_requested_to_replicated() {
+        let mut j = job(JobStatus::ReplicateRequested);
+        let dst = Uuid::new_v4();
+        assert!(j.start(dst, 200, 5));
+        assert_eq!(j.wire.status, JobStatus::Replicating);
+        assert_eq!(j.wire.destination_image_id, Some(dst));
+        assert_eq!(j.created_destination, Some(dst));
+        j.progress(100, 6);
+        assert_eq!(j.wire.copy_progress, 50);
+        j.progress(50, 7);
+        assert_eq!(j.wire.copy_progress, 50, "progress never goes back");
+        assert!(j.complete(8));
+        assert_eq!(j.wire.status, JobStatus::Replicated);
+        assert_eq!((j.wire.copy_progress, j.bytes_copied), (100, 200));
+        assert_eq!(j.next_step(), Step::Forget);
+    }
+
+    #[test]
+    fn progress_of_an_empty_image_is_complete() {
+        let mut j = job(JobStatus::Replicating);
+        j.progress(0, 1);
+        assert_eq!(j.wire.copy_progress, 100);
+    }
+
+    #[test]
+    fn only_requested_or_replicating_jobs_can_be_canceled() {
+        for status in JobStatus::ALL {
+            let mut j = job(status);
+            j.enqueued = false;
+            let allowed = j.request_cancel(1);
+            assert_eq!(allowed, status.is_cancelable(), "{status}");
+            if allowed {
+                assert_eq!(j.wire.status, JobStatus::CancelRequested);
+                assert!(j.enqueued, "the worker finishes every cancel");
+            } else {
+                assert_eq!(j.wire.status, status);
+            }
+        }
+    }
+
+    #[test]
+    fn a_canceled_job_neither_starts_nor_completes() {
+        let mut j = job(JobStatus::Replicating);
+        assert!(j.request_cancel(1));
+        assert!(!j.start(Uuid::new_v4(), 1, 2));
+        assert!(!j.complete(2));
+        assert_eq!(j.next_step(), Step::Cancel);
+    }
+
+    #[test]
+    fn a_failure_is_a_visible_step_until_it_ends_in_error() {
+        let mut j = job(JobStatus::Replicating);
+        j.begin_ending(Some("disk on fire".into()), 3);
+        assert_eq!(j.wire.status, JobStatus::Replicating);
+        assert_eq!(j.next_step(), Step::Fail("disk on fire".into()));
+        assert!(!j.complete(4), "a failing job does not complete");
+        j.end(4);
+        assert_eq!(j.wire.status, JobStatus::Error);
+        assert_eq!(j.error.as_deref(), Some("disk on fire"));
+        assert_eq!(j.wire.destination_image_id, None);
+        assert_eq!(j.next_step(), Step::Forget);
+    }
+
+    #[test]
+    fn a_cancel_wins_over_an_error_before_and_during_the_ending() {
+        // Cancel first, then the copy fails.
+        let mut j = job(JobStatus::Replicating);
+        assert!(j.request_cancel(1));
+        j.begin_ending(Some("broken pipe".into()), 2);
+        assert_eq!(j.wire.status, JobStatus::Canceling);
+        j.end(3);
+        assert_eq!(
+            (j.wire.status, j.error.clone()),
+            (JobStatus::Canceled, None)
+        );
+        // The copy fails, then a cancel arrives while its destination is removed.
+        let mut j = job(JobStatus::Replicating);
+        j.begin_ending(Some("broken pipe".into()), 2);
+        assert!(j.request_cancel(3), "still replicating on the wire");
+        j.end(4);
+        assert_eq!(
+            (j.wire.status, j.error.clone()),
+            (JobStatus::Canceled, None)
+        );
+    }
+
+    #[test]
+    fn an_ended_job_stays_ended() {
+        for status in [JobStatus::Replicated, JobStatus::Canceled, JobStatus::Error] {
+            let mut j = job(status);
+            j.begin_ending(Some("late".into()), 9);
+            j.end(9);
+            assert_eq!(j.wire.status, status);
+            assert_eq!(j.updated_at, 0);
+        }
+    }
 }

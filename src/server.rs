@@ -148,16 +148,16 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
         active_copies: 0,
     };
     // Crash cleanup runs before any admin request or copy can touch the regions.
-    let recover_svc = Arc::clone(&svc);
-    tokio::task::spawn_blocking(move || worker::recover(&recover_svc))
+    let parts = svc.worker_parts();
+    let recover_parts = parts.clone();
+    tokio::task::spawn_blocking(move || worker::recover(&recover_parts))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("cannot clean up after the last run: {e}"))?;
     let admin_task = tokio::spawn(admin::serve(unix, Arc::clone(&svc), status));
     let workers = match opts.worker {
         Some(config) => {
-            let svc = Arc::clone(&svc);
-            let started = tokio::task::spawn_blocking(move || worker::start(svc, &config))
+            let started = tokio::task::spawn_blocking(move || worker::start(parts, &config))
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| format!("cannot start the replication worker: {e}"))?;

@@ -5,7 +5,7 @@
 //! Anything reported as done is flushed to disk before the function returns.
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs::{self, File};
+use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -15,16 +15,16 @@ use uuid::Uuid;
 
 use crate::auth::{self, Authenticator, Principal};
 use crate::cache::JobsCache;
+use crate::copy::Control;
 use crate::error::{Result, ServiceError};
-use crate::glance;
 use crate::metrics::Metrics;
 use crate::model::{
-    now, now_ceil, GlanceRegion, Image, ImageStatus, Job, JobStatus, JobWire, Region, Tenant,
-    TenantKey, TokenInfo, TokenRecord, User, CONTAINER_FORMATS, DISK_FORMATS, JOB_KEYS,
+    now, now_ceil, GlanceRegion, Image, ImageStatus, Job, JobStatus, JobWire, Region, RegionKind,
+    Tenant, TenantKey, TokenInfo, TokenRecord, User, CONTAINER_FORMATS, DISK_FORMATS, JOB_KEYS,
 };
-use crate::regions;
+use crate::regions::{self, ImageStore, Stores};
 use crate::store::{ImageChange, Store};
-use crate::worker::Board;
+use crate::worker::{self, Board};
 
 /// Longest token lifetime `--expires-in` takes (100 years).
 const MAX_LIFETIME_SECS: u64 = 100 * 365 * 24 * 3600;
@@ -36,8 +36,8 @@ pub struct Service {
     pub board: Arc<Board>,
     pub metrics: Arc<Metrics>,
     pub data_dir: PathBuf,
-    /// Clients of the Glance regions.
-    pub glance: glance::Clients,
+    /// The regions' image stores.
+    pub stores: Arc<Stores>,
     /// Encoded `GET /jobs` bodies and the counts by status, while no job changes.
     list_bodies: JobsCache<ListKey, Bytes>,
     status_counts: JobsCache<(), BTreeMap<JobStatus, u64>>,
@@ -124,7 +124,7 @@ impl Service {
             board: Arc::new(Board::default()),
             metrics: Arc::new(Metrics::default()),
             data_dir,
-            glance: glance::Clients::default(),
+            stores: Arc::new(Stores::default()),
             list_bodies: JobsCache::default(),
             status_counts: JobsCache::default(),
         }
@@ -132,6 +132,26 @@ impl Service {
 
     fn flush(&self) -> Result<()> {
         self.store.flush()
+    }
+
+    /// What the replication worker works with.
+    pub fn worker_parts(&self) -> worker::Parts {
+        worker::Parts {
+            store: Arc::clone(&self.store),
+            stores: Arc::clone(&self.stores),
+            board: Arc::clone(&self.board),
+            metrics: Arc::clone(&self.metrics),
+        }
+    }
+
+    /// The image store of `region`.
+    fn images_of(&self, region: &Region) -> Result<Arc<dyn ImageStore>> {
+        self.stores.get(region).map_err(|e| {
+            ServiceError::Conflict(format!(
+                "the image store of region {} is unusable: {e}",
+                region.id
+            ))
+        })
     }
 
     fn tenant(&self, id: &str) -> Result<(TenantKey, Tenant)> {
@@ -179,16 +199,12 @@ impl Service {
     /// Whether a region can take and give images now: its directory is writable, or its
     /// Glance answers and accepts the appliance's credentials.
     fn check_region(&self, region: &Region) -> std::result::Result<(), String> {
-        if region.glance.is_some() {
-            let glance = self.glance.get(region).map_err(|e| e.to_string())?;
-            glance.probe().map_err(|e| e.to_string())
-        } else {
-            regions::check_writable(region)
-        }
+        self.stores.get(region).map_err(|e| e.to_string())?.probe()
     }
 
     // ----- regions -----
 
+    /// Adds a region: a directory (`dir`, by default under the data directory) or a Glance.
     pub fn region_add(
         &self,
         id: &str,
@@ -197,33 +213,17 @@ impl Service {
         glance: Option<GlanceRegion>,
     ) -> Result<Region> {
         check_name("region id", id)?;
-        if let Some(g) = &glance {
-            if dir.is_some() {
+        let kind = match (dir, glance) {
+            (Some(_), Some(_)) => {
                 return Err(ServiceError::BadRequest(
                     "a region is a directory or a Glance, not both".into(),
-                ));
+                ))
             }
-            if !crate::model::is_http_url(&g.url) {
-                return Err(ServiceError::BadRequest(format!(
-                    "the Glance URL '{}' must start with http:// or https://",
-                    g.url
-                )));
-            }
-            if let Some(k) = &g.keystone {
-                // Read by this process at each authentication: it must be readable here.
-                k.password.read().map_err(ServiceError::BadRequest)?;
-            }
-        }
-        let dir = match &glance {
-            Some(_) => PathBuf::new(),
-            None => dir.unwrap_or_else(|| self.data_dir.join("regions").join(id)),
+            (_, Some(glance)) => RegionKind::Glance { glance },
+            (dir, None) => RegionKind::Directory {
+                dir: dir.unwrap_or_else(|| self.data_dir.join("regions").join(id)),
+            },
         };
-        if glance.is_none() && !dir.is_absolute() {
-            return Err(ServiceError::BadRequest(format!(
-                "region directory {} must be an absolute path",
-                dir.display()
-            )));
-        }
         let mut formats: Vec<String> = Vec::new();
         for f in disk_formats.unwrap_or_else(|| DISK_FORMATS.map(String::from).to_vec()) {
             check_format("disk format", &f, &DISK_FORMATS)?;
@@ -236,26 +236,22 @@ impl Service {
                 "a region must accept at least one disk format".into(),
             ));
         }
+        let region = Region {
+            id: id.to_string(),
+            kind,
+            disk_formats: formats,
+            created_at: now(),
+        };
+        let images = self
+            .stores
+            .get(&region)
+            .map_err(|e| ServiceError::BadRequest(e.to_string()))?;
         if self.store.region(id)?.is_some() {
             return Err(ServiceError::Conflict(format!(
                 "region {id} already exists"
             )));
         }
-        if glance.is_none() {
-            fs::create_dir_all(&dir).map_err(|e| {
-                ServiceError::Conflict(format!(
-                    "cannot create region directory {}: {e}",
-                    dir.display()
-                ))
-            })?;
-        }
-        let region = Region {
-            id: id.to_string(),
-            dir,
-            disk_formats: formats,
-            created_at: now(),
-            glance,
-        };
+        images.prepare()?;
         if !self.store.insert_region(&region)? {
             return Err(ServiceError::Conflict(format!(
                 "region {id} already exists"
@@ -521,24 +517,17 @@ impl Service {
                 region.id, req.disk_format
             )));
         }
-        if region.glance.is_some() {
+        let images = self.images_of(&region)?;
+        if images.records().is_some() {
             return Err(ServiceError::Conflict(format!(
-                "region {} is a Glance region: upload images with Glance's own API",
+                "region {} keeps its own image records: upload images with its own API",
                 region.id
             )));
         }
-        regions::check_writable(&region).map_err(|why| {
+        images.probe().map_err(|why| {
             ServiceError::Conflict(format!("region {} store is unusable: {why}", region.id))
         })?;
-        let mut file = File::open(&req.file).map_err(|e| {
-            ServiceError::BadRequest(format!("cannot read {}: {e}", req.file.display()))
-        })?;
-        if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
-            return Err(ServiceError::BadRequest(format!(
-                "{} is a directory, not an image file",
-                req.file.display()
-            )));
-        }
+        let mut file = open_regular(&req.file)?;
         let created = now();
         let mut image = Image {
             id: req.id.unwrap_or_else(Uuid::new_v4),
@@ -555,15 +544,25 @@ impl Service {
             created_at: created,
             updated_at: created,
         };
-        // The record reserves the id first; the bytes follow; then it becomes active.
+        // The record reserves the id first; the bytes follow; then it becomes active. An
+        // import is a copy with nothing to verify against (the image is its own source).
         self.store.insert_image(key, &image)?;
-        match regions::write_image(&region, image.id, &mut file) {
+        let mut control = Control {
+            stop: &|| None,
+            progress: &mut |_| {},
+            limiter: None,
+        };
+        let written = images
+            .create(&image, &image, &|| false)
+            .map_err(regions::TransferError::Failed)
+            .and_then(|sink| regions::transfer(&mut file, sink, &mut control, &|_| Ok(())));
+        match written {
             Ok(written) => {
                 image.status = ImageStatus::Active;
                 image.size = written.size;
-                image.checksum = written.md5;
-                image.os_hash_algo = Some("sha512".into());
-                image.os_hash_value = written.sha512;
+                image.checksum = written.checksum;
+                image.os_hash_algo = written.os_hash_algo;
+                image.os_hash_value = written.os_hash_value;
                 image.updated_at = now();
                 self.store.update_image(&image)?;
                 self.flush()?;
@@ -572,8 +571,12 @@ impl Service {
             Err(e) => {
                 self.store.remove_image(key, image.id)?;
                 self.flush()?;
+                let why = match e {
+                    regions::TransferError::Failed(e) => e.to_string(),
+                    regions::TransferError::Stopped(_) => "the import was stopped".into(),
+                };
                 Err(ServiceError::Conflict(format!(
-                    "cannot import {} into region {}: {e}",
+                    "cannot import {} into region {}: {why}",
                     req.file.display(),
                     region.id
                 )))
@@ -584,8 +587,16 @@ impl Service {
     pub fn image_list(&self, tenant: Option<&str>, region: Option<&str>) -> Result<Vec<Image>> {
         let owner = tenant.map(parse_tenant).transpose()?;
         if let Some(region) = region.map(|r| self.region(r)).transpose()? {
-            if region.glance.is_some() {
-                return self.glance_images(&region, tenant);
+            let images = self.images_of(&region)?;
+            if let Some(records) = images.records() {
+                let mut listed = records.images(tenant).map_err(|e| {
+                    ServiceError::Conflict(format!(
+                        "cannot list the images of region {}: {e}",
+                        region.id
+                    ))
+                })?;
+                listed.sort_by_key(|i| (i.created_at, i.id));
+                return Ok(listed);
             }
         }
         let mut images = self.store.images(owner)?;
@@ -596,38 +607,21 @@ impl Service {
         Ok(images)
     }
 
-    /// The images of a Glance region (of one owner), as Glance lists them.
-    fn glance_images(&self, region: &Region, owner: Option<&str>) -> Result<Vec<Image>> {
-        let unavailable = |e: crate::remote::RemoteError| {
-            ServiceError::Conflict(format!(
-                "cannot list the images of region {}: {e}",
-                region.id
-            ))
-        };
-        let glance = self.glance.get(region).map_err(unavailable)?;
-        let mut images: Vec<Image> = glance
-            .images(owner)
-            .map_err(unavailable)?
-            .iter()
-            .map(|g| g.to_image(&region.id))
-            .collect();
-        images.sort_by_key(|i| (i.created_at, i.id));
-        Ok(images)
-    }
-
-    /// An image in the Glance region of `who`'s tenant that `who` may copy (its tenant owns
-    /// it, or `who` is an admin), or `None`. A job's source tenant is its image's owner, so
-    /// other owners' public images are not offered: their jobs would belong to that owner.
-    fn glance_source(&self, who: &Principal, id: Uuid) -> Result<Option<(Image, Region)>> {
+    /// An image in the region of `who`'s tenant, where that region keeps its own records
+    /// (Glance), that `who` may copy (its tenant owns it, or `who` is an admin), or `None`. A
+    /// job's source tenant is its image's owner, so other owners' public images are not
+    /// offered: their jobs would belong to that owner.
+    fn remote_source(&self, who: &Principal, id: Uuid) -> Result<Option<(Image, Region)>> {
         let Some(tenant) = self.store.tenant(who.tenant_key)? else {
             return Ok(None);
         };
         let region = self.region(&tenant.region)?;
-        if region.glance.is_none() {
+        let images = self.images_of(&region)?;
+        let Some(records) = images.records() else {
             return Ok(None);
-        }
-        let unavailable = |e: crate::remote::RemoteError| {
-            tracing::warn!(region = %region.id, "Glance lookup failed: {e}");
+        };
+        let Some(found) = records.image(id).map_err(|e| {
+            tracing::warn!(region = %region.id, "image lookup failed: {e}");
             ServiceError::Conflict(if e.is_transient() {
                 format!(
                     "the image service of region {} cannot be reached",
@@ -639,17 +633,15 @@ impl Service {
                     region.id
                 )
             })
-        };
-        let glance = self.glance.get(&region).map_err(unavailable)?;
-        let Some(found) = glance.image(id).map_err(unavailable)? else {
+        })?
+        else {
             return Ok(None);
         };
         // A job's source tenant is the image's owner: one that is not a tenant id is no source.
-        let Some(owner) = found.owner.as_deref().and_then(TenantKey::parse) else {
+        let Some(owner) = TenantKey::parse(&found.owner) else {
             return Ok(None);
         };
-        let image = found.to_image(&region.id);
-        Ok((who.admin || owner == who.tenant_key).then_some((image, region)))
+        Ok((who.admin || owner == who.tenant_key).then_some((found, region)))
     }
 
     pub fn image_show(&self, id: &str) -> Result<Image> {
@@ -689,9 +681,9 @@ impl Service {
             )));
         }
         if let Some(region) = self.store.region(&image.region)? {
-            regions::remove_image(&region, image.id).map_err(|e| {
-                ServiceError::internal(&format!("cannot remove the file of image {id}"), e)
-            })?;
+            self.images_of(&region)?
+                .remove(image.id)
+                .map_err(|e| ServiceError::internal("cannot remove the image's bytes", e))?;
         }
         image.status = ImageStatus::Deleted;
         image.updated_at = now();
@@ -880,7 +872,7 @@ impl Service {
                 (image, None)
             }
             None => {
-                let (image, region) = self.glance_source(who, image_uuid)?.ok_or_else(no_image)?;
+                let (image, region) = self.remote_source(who, image_uuid)?.ok_or_else(no_image)?;
                 (image, Some(region))
             }
         };
@@ -976,16 +968,12 @@ impl Service {
     fn cancel(&self, who: Option<&Principal>, id: &str) -> Result<Job> {
         let job = self.visible_job(who, id)?;
         let updated = self.store.update_job(job.wire.job_id, |job| {
-            if !job.wire.status.is_cancelable() {
+            if !job.request_cancel(now()) {
                 return Err(ServiceError::Conflict(format!(
                     "job {id} is {}; only replicate_requested or replicating jobs can be canceled",
                     job.wire.status
                 )));
             }
-            job.wire.status = JobStatus::CancelRequested;
-            // The worker finishes every cancel, seeded jobs' too.
-            job.enqueued = true;
-            job.updated_at = now();
             Ok(ImageChange::None)
         })?;
         let updated = updated.ok_or_else(|| ServiceError::NotFound(format!("no job {id}")))?;
@@ -1037,4 +1025,31 @@ fn parse_seed_entry(
         ));
     }
     Ok((source, wire))
+}
+
+/// Opens a file to import: a regular file only (a FIFO or a device would block or never end;
+/// it is opened without blocking to find out).
+fn open_regular(path: &std::path::Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| ServiceError::BadRequest(format!("cannot read {}: {e}", path.display())))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| ServiceError::BadRequest(format!("cannot read {}: {e}", path.display())))?;
+    if meta.is_dir() {
+        return Err(ServiceError::BadRequest(format!(
+            "{} is a directory, not an image file",
+            path.display()
+        )));
+    }
+    if !meta.is_file() {
+        return Err(ServiceError::BadRequest(format!(
+            "{} is not a regular file (a FIFO, socket or device cannot be imported)",
+            path.display()
+        )));
+    }
+    Ok(file)
 }

@@ -1,0 +1,280 @@
+//! Regions' image stores: one [`ImageStore`] trait over every kind of region, built by
+//! [`Stores::get`] with the one match on [`RegionKind`]; nothing else asks what kind a region is.
+//!
+//! - [`directory`]: a local directory, one file per image; the appliance keeps the records.
+//! - [`glance`]: an OpenStack Glance v2 service, which keeps its own records.
+//!
+//! A copy reads the source store's [`ImageStore::open`] and streams it into the destination's
+//! [`Sink`] with [`transfer`]; the sink's `finish` says what the destination recorded, and the
+//! one [`verify`] rule compares that with the source record before the image is published.
+//! Everything here blocks: the worker copies on threads.
+
+pub mod directory;
+pub mod glance;
+
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::sync::{Arc, Mutex};
+
+use uuid::Uuid;
+
+use crate::copy::{stream, Chunk, Control, CopyError, Digests, Hashes, Stop};
+use crate::model::{Image, Region, RegionKind};
+use crate::remote::RemoteError;
+
+/// Why an image store could not do what was asked.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum StoreError {
+    /// It may pass: an I/O error that can be retried, a service that does not answer.
+    #[error("{0}")]
+    Transient(String),
+    /// It will not pass by retrying.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+impl StoreError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Transient(_))
+    }
+
+    /// An I/O error while doing `what`, transient if it may pass.
+    pub fn io(what: &str, e: io::Error) -> StoreError {
+        use io::ErrorKind::*;
+        let transient = matches!(
+            e.kind(),
+            Interrupted
+                | TimedOut
+                | WouldBlock
+                | ResourceBusy
+                | UnexpectedEof
+                | ConnectionAborted
+                | ConnectionReset
+                | ConnectionRefused
+                | BrokenPipe
+        ) || e.raw_os_error() == Some(libc::EIO);
+        let text = format!("{what}: {e}");
+        if transient {
+            StoreError::Transient(text)
+        } else {
+            StoreError::Fatal(text)
+        }
+    }
+}
+
+impl From<RemoteError> for StoreError {
+    fn from(e: RemoteError) -> Self {
+        match e {
+            RemoteError::Unavailable(text) => StoreError::Transient(text),
+            RemoteError::Refused(text) => StoreError::Fatal(text),
+        }
+    }
+}
+
+/// What a destination holds after a copy, as it recorded it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recorded {
+    pub size: u64,
+    /// MD5, hex.
+    pub checksum: Option<String>,
+    pub os_hash_algo: Option<String>,
+    pub os_hash_value: Option<String>,
+}
+
+/// The image store of one region.
+pub trait ImageStore: Send + Sync {
+    /// Whether the store can take and give images now; why not.
+    fn probe(&self) -> Result<(), String>;
+    /// Makes a new region's store ready (creates its directory, checks its settings).
+    fn prepare(&self) -> crate::error::Result<()>;
+    /// The store's own image records, for a store that keeps them (Glance); `None` where the
+    /// appliance's store keeps them.
+    fn records(&self) -> Option<&dyn ImageRecords> {
+        None
+    }
+    /// The bytes of `image`.
+    fn open(&self, image: &Image) -> Result<Box<dyn Read + Send>, StoreError>;
+    /// A sink for the bytes of the new image `image`, a copy of `source`. A copy must stop
+    /// waiting on the destination as soon as `stopping` says so.
+    fn create<'a>(
+        &'a self,
+        image: &Image,
+        source: &Image,
+        stopping: &'a dyn Fn() -> bool,
+    ) -> Result<Box<dyn Sink + 'a>, StoreError>;
+    /// Removes an image and whatever a copy left of it; one already gone is fine.
+    fn remove(&self, id: Uuid) -> Result<(), StoreError>;
+    /// Start-up: removes what interrupted copies left behind.
+    fn sweep(&self) {}
+}
+
+/// Image records kept by the store itself.
+pub trait ImageRecords {
+    fn image(&self, id: Uuid) -> Result<Option<Image>, StoreError>;
+    /// Every image, or those of one owner (a tenant id as stored).
+    fn images(&self, owner: Option<&str>) -> Result<Vec<Image>, StoreError>;
+}
+
+/// Where a copy's bytes go, chunk by chunk, in order.
+pub trait Sink {
+    /// The hashes the stream must compute for [`Sink::finish`].
+    fn hashes(&self) -> Hashes;
+    fn write(&mut self, chunk: &Chunk, offset: u64) -> io::Result<()>;
+    /// After the last chunk: makes the image durable and returns what the destination
+    /// recorded, publishing it only if `verify` accepts that.
+    fn finish(
+        self: Box<Self>,
+        streamed: &Digests,
+        verify: &dyn Fn(&Recorded) -> Result<(), StoreError>,
+    ) -> Result<Recorded, StoreError>;
+    /// Abandons the image after a failure or a stop; the destination's own failure, if it
+    /// had one (it explains the stream's).
+    fn abort(self: Box<Self>) -> Option<StoreError>;
+}
+
+/// How a transfer ended, when not with success.
+#[derive(Debug)]
+pub enum TransferError {
+    Stopped(Stop),
+    Failed(StoreError),
+}
+
+/// Streams `input` into `sink` under `ctl`, then finishes the sink with `verify`.
+pub fn transfer(
+    input: &mut dyn Read,
+    mut sink: Box<dyn Sink + '_>,
+    ctl: &mut Control,
+    verify: &dyn Fn(&Recorded) -> Result<(), StoreError>,
+) -> Result<Recorded, TransferError> {
+    let hashes = sink.hashes();
+    let streamed = stream(
+        input,
+        &mut |chunk, offset| sink.write(chunk, offset),
+        ctl,
+        hashes,
+    );
+    match streamed {
+        Ok(digests) => sink.finish(&digests, verify).map_err(TransferError::Failed),
+        Err(e) => {
+            let own = sink.abort();
+            if let Some(stop) = (ctl.stop)() {
+                return Err(TransferError::Stopped(stop));
+            }
+            Err(match (e, own) {
+                (CopyError::Stopped(stop), _) => TransferError::Stopped(stop),
+                (_, Some(own)) => TransferError::Failed(own),
+                (CopyError::Io(e), None) => TransferError::Failed(StoreError::io("copy failed", e)),
+            })
+        }
+    }
+}
+
+/// The one verification rule: the destination holds as many bytes as the source record says,
+/// and every hash both records have agrees (at least one is compared where the source has any).
+pub fn verify(source: &Image, got: &Recorded) -> Result<(), StoreError> {
+    let md5 = (source.checksum.is_some() && got.checksum.is_some())
+        .then(|| source.checksum == got.checksum);
+    let os_hash = (source.os_hash_value.is_some()
+        && got.os_hash_value.is_some()
+        && source.os_hash_algo == got.os_hash_algo)
+        .then(|| source.os_hash_value == got.os_hash_value);
+    let source_has_hash = source.checksum.is_some() || source.os_hash_value.is_some();
+    let compared = md5.is_some() || os_hash.is_some();
+    let agree = md5.unwrap_or(true) && os_hash.unwrap_or(true) && (compared || !source_has_hash);
+    if got.size == source.size && agree {
+        return Ok(());
+    }
+    let none = |v: &Option<String>| v.clone().unwrap_or_else(|| "(none)".into());
+    Err(StoreError::Fatal(format!(
+        "source image {} changed since it was recorded, or its copy differs: the source has {} bytes with MD5 {} and {} {}; the destination recorded {} bytes with MD5 {} and {} {}",
+        source.id,
+        source.size,
+        none(&source.checksum),
+        source.os_hash_algo.as_deref().unwrap_or("hash"),
+        none(&source.os_hash_value),
+        got.size,
+        none(&got.checksum),
+        got.os_hash_algo.as_deref().unwrap_or("hash"),
+        none(&got.os_hash_value),
+    )))
+}
+
+/// The image stores of the regions, built on first use and kept while a region's settings
+/// stay the same (a Glance store keeps its client and token).
+#[derive(Default)]
+pub struct Stores {
+    by_region: Mutex<HashMap<String, Built>>,
+}
+
+/// A store and the settings it was built from.
+type Built = (RegionKind, Arc<dyn ImageStore>);
+
+impl Stores {
+    pub fn get(&self, region: &Region) -> Result<Arc<dyn ImageStore>, StoreError> {
+        let mut map = self
+            .by_region
+            .lock()
+            .map_err(|_| StoreError::Fatal("the image store table is poisoned".into()))?;
+        if let Some((kind, store)) = map.get(&region.id) {
+            if *kind == region.kind {
+                return Ok(Arc::clone(store));
+            }
+        }
+        let store: Arc<dyn ImageStore> = match &region.kind {
+            RegionKind::Directory { dir } => Arc::new(directory::Directory::new(dir)),
+            RegionKind::Glance { glance } => {
+                Arc::new(glance::GlanceStore::new(&region.id, glance)?)
+            }
+        };
+        map.insert(region.id.clone(), (region.kind.clone(), Arc::clone(&store)));
+        Ok(store)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ImageStatus;
+
+    fn source(checksum: Option<&str>, sha512: Option<&str>) -> Image {
+        Image {
+            id: Uuid::nil(),
+            name: "s".into(),
+            owner: "o".into(),
+            region: "r".into(),
+            status: ImageStatus::Active,
+            disk_format: "raw".into(),
+            container_format: "bare".into(),
+            size: 10,
+            checksum: checksum.map(String::from),
+            os_hash_algo: sha512.map(|_| "sha512".into()),
+            os_hash_value: sha512.map(String::from),
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    fn recorded(size: u64, checksum: Option<&str>, sha512: Option<&str>) -> Recorded {
+        Recorded {
+            size,
+            checksum: checksum.map(String::from),
+            os_hash_algo: sha512.map(|_| "sha512".into()),
+            os_hash_value: sha512.map(String::from),
+        }
+    }
+
+    #[test]
+    fn verify_compares_size_and_every_shared_hash() {
+        let src = source(Some("m"), Some("s"));
+        assert!(verify(&src, &recorded(10, Some("m"), Some("s"))).is_ok());
+        assert!(verify(&src, &recorded(10, None, Some("s"))).is_ok());
+        assert!(verify(&src, &recorded(10, Some("m"), None)).is_ok());
+        assert!(verify(&src, &recorded(9, Some("m"), Some("s"))).is_err());
+        assert!(verify(&src, &recorded(10, Some("x"), Some("s"))).is_err());
+        assert!(verify(&src, &recorded(10, Some("m"), Some("x"))).is_err());
+        // Nothing to compare although the source has hashes: not verified.
+        assert!(verify(&src, &recorded(10, None, None)).is_err());
+        // A source without hashes is compared by size alone.
+        assert!(verify(&source(None, None), &recorded(10, None, None)).is_ok());
+    }
+}

@@ -1,0 +1,176 @@
+//! The replication worker: threads inside `serve` that take queued jobs oldest first and move
+//! each through its life cycle (the rules are [`Job`]'s methods) by really copying the bytes.
+//!
+//! - [`copy`]: `replicate_requested` / `replicating`: create the destination image (`saving`),
+//!   stream the source region's bytes into the destination region's sink, verify what the
+//!   destination recorded against the source record, then `replicated`. Transient failures
+//!   are retried with exponential backoff.
+//! - [`recovery`]: the ending of a job (`canceled`, or `error` with a reason) after removing
+//!   whatever it wrote at the destination; the start-up cleanup; the sweep of destination
+//!   images a region could not delete yet (orphans), on a thread of its own.
+//! - [`board`]: which jobs this process runs, their cancel flags, the wake-up.
+//!
+//! On shutdown a copy stops at a chunk boundary and stays `replicating`; the next start
+//! resumes it from the beginning.
+//!
+//! The worker is handed its [`Parts`]; it never goes through the service.
+
+pub mod board;
+mod copy;
+mod recovery;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use crate::copy::RateLimiter;
+use crate::error::{Result, ServiceError};
+use crate::metrics::Metrics;
+use crate::model::Step;
+use crate::regions::Stores;
+use crate::store::{ImageChange, Store};
+pub use board::Board;
+pub use recovery::recover;
+
+/// How long an idle worker sleeps when nothing wakes it.
+const IDLE: Duration = Duration::from_millis(500);
+/// How long a job whose processing failed is left alone before the next try.
+const PARK: Duration = Duration::from_secs(5);
+
+/// What the worker works with.
+#[derive(Clone)]
+pub struct Parts {
+    pub store: Arc<Store>,
+    pub stores: Arc<Stores>,
+    pub board: Arc<Board>,
+    pub metrics: Arc<Metrics>,
+}
+
+pub struct WorkerConfig {
+    pub threads: usize,
+    /// Bytes per second for all copies together.
+    pub max_bandwidth: Option<u64>,
+}
+
+struct Ctx {
+    parts: Parts,
+    limiter: Option<RateLimiter>,
+    shutdown: AtomicBool,
+    /// Jobs whose processing failed (a store error, a region that cannot be cleaned), left
+    /// alone until the given time so they neither spin nor starve the jobs behind them.
+    parked: Mutex<HashMap<Uuid, Instant>>,
+}
+
+/// The running worker threads.
+pub struct Workers {
+    ctx: Arc<Ctx>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Starts the worker threads and the orphan sweep (after [`recover`]).
+pub fn start(parts: Parts, config: &WorkerConfig) -> Result<Workers> {
+    let ctx = Arc::new(Ctx {
+        parts,
+        limiter: config.max_bandwidth.map(RateLimiter::new),
+        shutdown: AtomicBool::new(false),
+        parked: Mutex::new(HashMap::new()),
+    });
+    let mut threads = Vec::new();
+    let mut spawn = |name: String, body: fn(&Ctx)| {
+        let ctx = Arc::clone(&ctx);
+        std::thread::Builder::new()
+            .name(name)
+            .spawn(move || body(&ctx))
+            .map(|thread| threads.push(thread))
+            .map_err(|e| ServiceError::internal("cannot start a worker thread", e))
+    };
+    for n in 0..config.threads.max(1) {
+        spawn(format!("worker-{n}"), run)?;
+    }
+    spawn("orphan-sweep".into(), recovery::sweep_orphans)?;
+    Ok(Workers { ctx, threads })
+}
+
+impl Workers {
+    /// Stops taking jobs, stops copies at a chunk boundary, and waits up to `grace` for them.
+    pub fn stop(self, grace: Duration) {
+        self.ctx.shutdown.store(true, Ordering::SeqCst);
+        self.ctx.parts.board.wake();
+        let deadline = Instant::now() + grace;
+        while self.threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for thread in self.threads {
+            if thread.is_finished() {
+                let _ = thread.join();
+            } else {
+                tracing::warn!("a worker did not stop within {grace:?}");
+            }
+        }
+    }
+}
+
+impl Ctx {
+    fn stopping(&self) -> bool {
+        self.shutdown.load(Ordering::SeqCst)
+    }
+}
+
+fn run(ctx: &Ctx) {
+    let board = &ctx.parts.board;
+    while !ctx.stopping() {
+        match next(ctx) {
+            Ok(Some((id, cancel))) => {
+                if let Err(e) = process(ctx, id, &cancel) {
+                    tracing::error!(job = %id, "worker failed on this job, retrying in {PARK:?}: {e}");
+                    if let Ok(mut parked) = ctx.parked.lock() {
+                        parked.insert(id, Instant::now() + PARK);
+                    }
+                }
+                board.release(id);
+            }
+            Ok(None) => board.wait(IDLE),
+            Err(e) => {
+                tracing::error!("worker cannot read the queue: {e}");
+                board.wait(IDLE);
+            }
+        }
+    }
+}
+
+/// The oldest queued job that no other worker has and that is not parked.
+fn next(ctx: &Ctx) -> Result<Option<(Uuid, Arc<AtomicBool>)>> {
+    let now = Instant::now();
+    if let Ok(mut parked) = ctx.parked.lock() {
+        parked.retain(|_, until| *until > now);
+    }
+    for id in ctx.parts.store.queued() {
+        let id = id?;
+        if ctx.parked.lock().is_ok_and(|p| p.contains_key(&id)) {
+            continue;
+        }
+        if let Some(flag) = ctx.parts.board.claim(id) {
+            return Ok(Some((id, flag)));
+        }
+    }
+    Ok(None)
+}
+
+fn process(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> Result<()> {
+    let store = &ctx.parts.store;
+    let Some(job) = store.job(id)? else {
+        return store.drop_queue_entry(id);
+    };
+    match job.next_step() {
+        Step::Copy => copy::replicate(ctx, id, cancel),
+        Step::Cancel => recovery::conclude(ctx, id, None),
+        // A failure was being cleaned up when the process stopped: finish that.
+        Step::Fail(reason) => recovery::conclude(ctx, id, Some(reason)),
+        // Only a stale queue entry; rewriting the job drops it.
+        Step::Forget => store.update_job(id, |_| Ok(ImageChange::None)).map(drop),
+    }
+}

@@ -1,0 +1,179 @@
+//! Endings and repairs: a job's ending after removing what it wrote, the start-up cleanup,
+//! and the sweep of destination images that a region could not delete when their job ended.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use super::{Ctx, Parts};
+use crate::error::{Result, ServiceError};
+use crate::model::{now, ImageStatus, TenantKey};
+use crate::store::ImageChange;
+
+/// How often images that could not be deleted from a region are tried again.
+const ORPHAN_SWEEP: Duration = Duration::from_secs(2);
+
+/// Start-up cleanup, before anything else uses the store: what interrupted copies and imports
+/// left in the regions, and images an interrupted import left `saving`.
+pub fn recover(parts: &Parts) -> Result<()> {
+    let store = &parts.store;
+    for region in store.regions()? {
+        match parts.stores.get(&region) {
+            Ok(images) => images.sweep(),
+            Err(e) => tracing::warn!(region = %region.id, "cannot clean up the region: {e}"),
+        }
+    }
+    let mut destinations = HashSet::new();
+    for id in store.queued() {
+        if let Some(job) = store.job(id?)? {
+            destinations.extend(job.created_destination);
+        }
+    }
+    for mut image in store.images_saving()? {
+        if destinations.contains(&image.id) {
+            continue;
+        }
+        tracing::warn!(image = %image.id, "an interrupted import left this image saving; marking it killed");
+        if let Some(region) = store.region(&image.region)? {
+            if let Ok(images) = parts.stores.get(&region) {
+                let _ = images.remove(image.id);
+            }
+        }
+        image.status = ImageStatus::Killed;
+        image.updated_at = now();
+        store.update_image(&image)?;
+    }
+    store.flush()
+}
+
+/// Ends a job: `canceled` (no reason) or `error` (with the reason), after removing whatever it
+/// wrote at the destination. A cancel requested meanwhile wins over an error ([`Job::end`]).
+///
+/// [`Job::end`]: crate::model::Job::end
+pub(super) fn conclude(ctx: &Ctx, id: Uuid, error: Option<String>) -> Result<()> {
+    let store = &ctx.parts.store;
+    let Some(job) = store.job(id)? else {
+        return Ok(());
+    };
+    if job.wire.status.is_terminal() {
+        return Ok(());
+    }
+    // Say where the job is going before touching the destination, so a crash in between
+    // finishes this instead of copying again.
+    store.update_job(id, |job| {
+        job.begin_ending(error.clone(), now());
+        Ok(ImageChange::None)
+    })?;
+    store.flush()?;
+    let removal = match job.created_destination {
+        Some(dst) => remove_destination(&ctx.parts, dst, &job.wire.destination_region_id)?,
+        None => ImageChange::None,
+    };
+    let ended = store.update_job(id, |job| {
+        if job.wire.status.is_terminal() {
+            return Ok(ImageChange::None);
+        }
+        job.end(now());
+        Ok(match &removal {
+            ImageChange::Remove(owner, dst) => ImageChange::Remove(*owner, *dst),
+            _ => ImageChange::None,
+        })
+    })?;
+    store.flush()?;
+    if let Some(job) = ended {
+        match &job.error {
+            Some(reason) => tracing::warn!(job = %id, reason = %reason, "job failed"),
+            None => tracing::info!(job = %id, status = %job.wire.status, "job ended"),
+        }
+    }
+    Ok(())
+}
+
+/// Removes a job's destination image from its region; the record change that goes with the
+/// job's ending. Where the appliance keeps the record, the bytes must go first (a failure is
+/// retried later); a region that keeps its own records and cannot delete now gets the image
+/// remembered as an orphan, so the job can end now.
+fn remove_destination(parts: &Parts, dst: Uuid, region_id: &str) -> Result<ImageChange> {
+    let store = &parts.store;
+    if let Some(image) = store.image(dst)? {
+        if let Some(region) = store.region(&image.region)? {
+            let images = parts
+                .stores
+                .get(&region)
+                .map_err(|e| ServiceError::internal("cannot reach the destination region", e))?;
+            images.remove(dst).map_err(|e| {
+                ServiceError::internal("cannot remove the partial destination image", e)
+            })?;
+        }
+        return Ok(match TenantKey::parse(&image.owner) {
+            Some(owner) => ImageChange::Remove(owner, dst),
+            None => ImageChange::None,
+        });
+    }
+    if let Some(region) = store.region(region_id)? {
+        let removed = parts
+            .stores
+            .get(&region)
+            .and_then(|images| images.remove(dst));
+        if let Err(e) = removed {
+            tracing::warn!(image = %dst, region = %region.id, "cannot delete the destination image yet, will retry: {e}");
+            store.add_orphan(dst, &region.id)?;
+            store.flush()?;
+        }
+    }
+    Ok(ImageChange::None)
+}
+
+/// The orphan sweep's thread: every [`ORPHAN_SWEEP`] until shutdown.
+pub(super) fn sweep_orphans(ctx: &Ctx) {
+    let mut last: Option<Instant> = None;
+    while !ctx.stopping() {
+        if last.is_none_or(|at| at.elapsed() >= ORPHAN_SWEEP) {
+            last = Some(Instant::now());
+            sweep_once(&ctx.parts);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn sweep_once(parts: &Parts) {
+    let store = &parts.store;
+    let orphans = match store.orphans() {
+        Ok(orphans) => orphans,
+        Err(e) => {
+            tracing::error!("cannot read the orphaned images: {e}");
+            return;
+        }
+    };
+    // A region that failed once is left alone until the next sweep: a service that does not
+    // answer costs one timeout per sweep, not one per orphan.
+    let mut failed = HashSet::new();
+    for (image, region_id) in orphans {
+        if failed.contains(&region_id) {
+            continue;
+        }
+        let deleted = match store.region(&region_id) {
+            Ok(Some(region)) => parts.stores.get(&region).and_then(|s| s.remove(image)),
+            // The region is gone: nothing left to delete from.
+            Ok(None) => Ok(()),
+            Err(e) => Err(crate::regions::StoreError::Transient(e.to_string())),
+        };
+        match deleted {
+            Ok(()) => {
+                tracing::info!(%image, region = %region_id, "deleted an orphaned destination image");
+                if let Err(e) = store.remove_orphan(image) {
+                    tracing::error!(%image, "cannot forget the orphan: {e}");
+                }
+            }
+            Err(e) => {
+                if e.is_transient() {
+                    tracing::debug!(%image, "orphan still there: {e}");
+                } else {
+                    tracing::warn!(%image, region = %region_id, "the region refuses to delete an orphaned image: {e}");
+                }
+                failed.insert(region_id);
+            }
+        }
+    }
+}
