@@ -3,8 +3,6 @@
 mod common;
 
 use std::io::Write;
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -463,88 +461,37 @@ fn copy_to_unknown_destination_tenant_is_404() {
 
 // ===== POST /jobs: 409 =====
 
-/// Opens a FIFO for writing without blocking forever: retries while no reader has it open,
-/// and fails if `child` exits first.
-fn open_fifo_writer(fifo: &Path, child: &mut std::process::Child) -> std::fs::File {
-    use std::os::unix::fs::OpenOptionsExt;
-    poll(
-        "the server to open the FIFO",
-        Duration::from_secs(10),
-        || match std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(fifo)
-        {
-            Ok(file) => Some(file),
-            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
-                if let Some(status) = child.try_wait().expect("try_wait") {
-                    panic!("the import ended before opening the FIFO: {status}");
-                }
-                None
-            }
-            Err(e) => panic!("cannot open the FIFO: {e}"),
-        },
-    )
-}
-
+/// An image that is `saving` (the destination of a copy still running) cannot be copied; once
+/// its copy is done it can.
 #[test]
 fn copy_of_image_not_active_is_409() {
-    let f = fixture();
-    let fifo = f.lab.dir.path().join("incoming.fifo");
-    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
-    assert!(made.success(), "mkfifo failed");
-    let image_id = "a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d";
-    let mut import = Command::new(BIN)
-        .arg("--data-dir")
-        .arg(f.lab.data_dir())
-        .args(["image", "import"])
-        .arg(&fifo)
-        .args([
-            "--tenant",
-            TENANT_A,
-            "--name",
-            "slow-image",
-            "--id",
-            image_id,
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn the import");
-    let mut writer = open_fifo_writer(&fifo, &mut import);
-
-    // The record appears as `saving` once the server has the FIFO open.
-    poll("the image to be saving", Duration::from_secs(10), || {
-        let out = f.lab.cli(&["--json", "image", "show", image_id]);
-        if !out.status.success() {
-            return None;
-        }
-        let image: Value = serde_json::from_slice(&out.stdout).expect("image JSON");
-        (image["status"] == "saving").then_some(())
+    let (lab, alice2) = Lab::standard_with_copier();
+    let bob = lab.token("bob", TENANT_B);
+    let source = lab.image(TENANT_A, "slow-image", 2 << 20);
+    let server = lab.serve_with(&["--max-bandwidth", "1M"]);
+    let copy = server.copy_ok(&alice2, &source, TENANT_B);
+    let saving = poll("the copy's destination image", Duration::from_secs(10), || {
+        let job = server.job(&alice2, &copy);
+        job["destination_image_id"].as_str().map(String::from)
     });
-    let sentence = assert_error(f.server.copy(&f.alice, image_id, TENANT_A), 409);
-    assert!(sentence.contains("active"), "{sentence:?}");
-    assert!(jobs(f.server.get(JOBS, Some(&f.alice))).is_empty());
-
-    writer.write_all(&[7u8; 4096]).expect("write the FIFO");
-    drop(writer);
-    let out = import.wait_with_output().expect("the import");
-    assert!(
-        out.status.success(),
-        "import failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), image_id);
     let image: Value =
-        serde_json::from_str(&f.lab.ok(&["--json", "image", "show", image_id])).expect("JSON");
-    assert_eq!(image["status"], "active");
-    assert_eq!(image["size"], 4096);
+        serde_json::from_str(&lab.ok(&["--json", "image", "show", &saving])).expect("JSON");
+    assert_eq!(image["status"], "saving");
+    let sentence = assert_error(server.copy(&bob, &saving, TENANT_B), 409);
+    assert!(sentence.contains("active"), "{sentence:?}");
+    assert!(jobs(server.get(JOBS, Some(&bob))).is_empty());
 
-    let job_id = f.server.copy_ok(&f.alice, image_id, TENANT_A);
-    let job = f.server.job(&f.alice, &job_id);
+    server.wait_job(&alice2, &copy, Duration::from_secs(30), status_is("replicated"));
+    let image: Value =
+        serde_json::from_str(&lab.ok(&["--json", "image", "show", &saving])).expect("JSON");
+    assert_eq!(image["status"], "active");
+    assert_eq!(image["size"], 2 << 20);
+
+    let job_id = server.copy_ok(&bob, &saving, TENANT_B);
+    let job = server.job(&bob, &job_id);
     assert_eq!(job["source_image_name"], "slow-image");
-    assert_eq!(job["status"], "replicate_requested");
+    assert!(["replicate_requested", "replicating", "replicated"]
+        .contains(&job["status"].as_str().unwrap_or("")));
 }
 
 #[test]
