@@ -90,6 +90,59 @@ impl Durability {
     }
 }
 
+/// Opens sled at `path` after clearing what a power cut or a full disk left half-written
+/// there ([`store_repair`](crate::store_repair)). If sled still finds its snapshot corrupt, the
+/// snapshots are moved aside and sled reads its whole log instead (once).
+fn open_db(path: &Path) -> std::result::Result<sled::Db, OpenError> {
+    let shown = path.display().to_string();
+    let repair_failed = |e: std::io::Error| OpenError::Other {
+        path: shown.clone(),
+        reason: format!("cannot clear the partial files a power cut or a full disk left: {e}"),
+    };
+    crate::store_repair::repair(path).map_err(repair_failed)?;
+    let open = || {
+        sled::Config::new()
+            .path(path)
+            .cache_capacity(CACHE_BYTES)
+            .open()
+    };
+    let db = match open() {
+        Err(sled::Error::Corruption { .. }) => {
+            crate::store_repair::quarantine_snapshots(path).map_err(repair_failed)?;
+            open()
+        }
+        other => other,
+    };
+    db.map_err(|e| open_error(&shown, e))
+}
+
+fn open_error(shown: &str, e: sled::Error) -> OpenError {
+    let text = e.to_string();
+    let locked = matches!(&e, sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock)
+        || text.contains("could not acquire lock");
+    if locked {
+        OpenError::Locked(shown.to_string())
+    } else if matches!(&e, sled::Error::Io(io) if is_disk_full(io)) {
+        OpenError::Other {
+            path: shown.to_string(),
+            reason: "the disk is full (sled must write to open it); free some space and try again"
+                .into(),
+        }
+    } else {
+        OpenError::Other {
+            path: shown.to_string(),
+            reason: text,
+        }
+    }
+}
+
+/// ENOSPC, or EDQUOT (a quota is a full disk for this process).
+pub(crate) fn is_disk_full(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull
+        || e.kind() == std::io::ErrorKind::QuotaExceeded
+        || matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
 /// What a job update does to an image in the same transaction.
 pub enum ImageChange {
     None,
@@ -145,23 +198,7 @@ impl Store {
     pub fn open(dir: &Path) -> std::result::Result<Store, OpenError> {
         let path = dir.join("db");
         let shown = path.display().to_string();
-        let db = sled::Config::new()
-            .path(&path)
-            .cache_capacity(CACHE_BYTES)
-            .open()
-            .map_err(|e| {
-            let text = e.to_string();
-            let locked = matches!(&e, sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock)
-                || text.contains("could not acquire lock");
-            if locked {
-                OpenError::Locked(shown.clone())
-            } else {
-                OpenError::Other {
-                    path: shown.clone(),
-                    reason: text,
-                }
-            }
-        })?;
+        let db = open_db(&path)?;
         let tree = |name: &str| {
             db.open_tree(name).map_err(|e| OpenError::Other {
                 path: shown.clone(),

@@ -1,0 +1,226 @@
+//! The store against what power cuts and full disks leave behind: every partial file sled can
+//! write while it opens, a disk that fills up under a running server, and file modes.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+/// How many copies are acknowledged (202) before the damage.
+const JOBS_BEFORE: usize = 12;
+
+/// A lab with [`JOBS_BEFORE`] acknowledged jobs, its server stopped; the copier's token and
+/// the job ids.
+fn acknowledged() -> (Lab, String, Vec<String>) {
+    let (lab, token) = Lab::standard_with_copier();
+    let image = lab.image(TENANT_A, "base", 4096);
+    let mut server = lab.serve();
+    let ids = (0..JOBS_BEFORE)
+        .map(|_| server.copy_ok(&token, &image, TENANT_B))
+        .collect();
+    assert!(server.stop());
+    (lab, token, ids)
+}
+
+fn db_dir(lab: &Lab) -> PathBuf {
+    lab.data_dir().join("db")
+}
+
+/// The snapshot sled wrote at its last open (there is exactly one).
+fn snapshot(db: &Path) -> PathBuf {
+    let snaps: Vec<PathBuf> = std::fs::read_dir(db)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("snap.")
+        })
+        .collect();
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    snaps[0].clone()
+}
+
+/// A snapshot name that sorts after every real one, as the next open would write it.
+const NEWER: &str = "snap.7FFFFFFFFFFFFFFF";
+
+/// Every acknowledged job is listed by `job list` (the CLI opening the store itself).
+fn all_listed_by_cli(lab: &Lab, ids: &[String]) {
+    let list = lab.ok_json(&["job", "list"]);
+    let listed = job_ids(list.as_array().expect("job list array"));
+    for id in ids {
+        assert!(listed.contains(id), "job {id} is missing from {listed:?}");
+    }
+}
+
+/// Every acknowledged job is listed by the API of a server started on the store.
+fn all_listed_by_server(lab: &Lab, token: &str, ids: &[String], repaired: bool) {
+    let server = lab.serve();
+    let listed = job_ids(&jobs(server.get(JOBS, Some(token))));
+    for id in ids {
+        assert!(listed.contains(id), "job {id} is missing from {listed:?}");
+    }
+    assert_eq!(
+        server.log_text().contains("store repair:"),
+        repaired,
+        "a repair is logged exactly when one was needed: {}",
+        server.log_text()
+    );
+}
+
+/// Damages a store the way a cut at one step of sled's start-up would, then checks that the
+/// CLI and, on a copy of the same damage, the server both open it with every job.
+fn opens_after(damage: impl Fn(&Path)) {
+    opens_after_with(true, damage)
+}
+
+fn opens_after_with(repaired: bool, damage: impl Fn(&Path)) {
+    let (lab, token, ids) = acknowledged();
+    damage(&db_dir(&lab));
+    let twin = Lab::new();
+    copy_tree(&lab.data_dir(), &twin.data_dir());
+    all_listed_by_cli(&lab, &ids);
+    all_listed_by_server(&twin, &token, &ids, repaired);
+    // And the repaired store keeps opening.
+    all_listed_by_cli(&twin, &ids);
+}
+
+// Step 1: `conf`, written in place without a sync.
+
+#[test]
+fn store_opens_after_a_conf_cut_before_its_checksum() {
+    opens_after(|db| {
+        let conf = std::fs::read(db.join("conf")).unwrap();
+        std::fs::write(db.join("conf"), &conf[..conf.len() - 4]).unwrap();
+    });
+}
+
+#[test]
+fn store_opens_after_a_conf_cut_mid_text() {
+    opens_after(|db| {
+        let conf = std::fs::read(db.join("conf")).unwrap();
+        std::fs::write(db.join("conf"), &conf[..20]).unwrap();
+    });
+}
+
+#[test]
+fn store_opens_after_a_zero_filled_conf() {
+    // A file system that persisted the size but not the data.
+    opens_after(|db| {
+        let len = std::fs::metadata(db.join("conf")).unwrap().len() as usize;
+        std::fs::write(db.join("conf"), vec![0u8; len]).unwrap();
+    });
+}
+
+#[test]
+fn store_opens_after_an_empty_conf() {
+    opens_after(|db| std::fs::write(db.join("conf"), b"").unwrap());
+}
+
+// Step 3: `snap.<lsn>.generating`, written, fsynced, renamed.
+
+#[test]
+fn store_opens_after_an_empty_snapshot_generating() {
+    // What ENOSPC at the snapshot's first write leaves (spacejam/sled#1527).
+    opens_after(|db| std::fs::write(db.join(format!("{NEWER}.generating")), b"").unwrap());
+}
+
+#[test]
+fn store_opens_after_a_truncated_snapshot_generating() {
+    opens_after(|db| {
+        let snap = std::fs::read(snapshot(db)).unwrap();
+        std::fs::write(
+            db.join(format!("{NEWER}.generating")),
+            &snap[..snap.len() / 2],
+        )
+        .unwrap();
+    });
+}
+
+#[test]
+fn store_opens_after_a_snapshot_generating_cut_before_its_checksum() {
+    opens_after(|db| {
+        let snap = std::fs::read(snapshot(db)).unwrap();
+        std::fs::write(
+            db.join(format!("{NEWER}.generating")),
+            &snap[..snap.len() - 4],
+        )
+        .unwrap();
+    });
+}
+
+#[test]
+fn store_opens_after_a_complete_snapshot_generating_not_yet_renamed() {
+    opens_after(|db| {
+        std::fs::copy(snapshot(db), db.join(format!("{NEWER}.generating"))).unwrap();
+    });
+}
+
+#[test]
+fn store_opens_after_a_cut_between_rename_and_removing_the_old_snapshot() {
+    // sled reads the newest, whole, snapshot: nothing to repair.
+    opens_after_with(false, |db| {
+        std::fs::copy(snapshot(db), db.join("snap.0000000000000000")).unwrap();
+    });
+}
+
+#[test]
+fn store_opens_after_a_renamed_snapshot_lost_its_data() {
+    // Renamed but its blocks never reached the disk: a file system that ignored the fsync.
+    opens_after(|db| {
+        let snap = snapshot(db);
+        let len = std::fs::metadata(&snap).unwrap().len() as usize;
+        std::fs::write(&snap, vec![0u8; len]).unwrap();
+    });
+}
+
+#[test]
+fn store_opens_after_a_renamed_snapshot_is_truncated() {
+    opens_after(|db| {
+        let snap = std::fs::read(snapshot(db)).unwrap();
+        std::fs::write(db.join(NEWER), &snap[..snap.len() / 3]).unwrap();
+    });
+}
+
+/// A real full disk: sled's snapshot write at open fails with ENOSPC, and once space is back
+/// the store opens with every job (it stayed broken for good before).
+#[test]
+fn store_opens_once_space_is_back_after_a_full_disk_at_start_up() {
+    let lab = Lab::new();
+    let Some(fs) = Tmpfs::mount(&lab.data_dir(), "24m") else {
+        return;
+    };
+    lab.standard();
+    lab.ok(&[
+        "user", "add", "alice2", "--tenant", TENANT_A, "--tenant", TENANT_B,
+    ]);
+    let token = lab.token("alice2", TENANT_A);
+    let image = lab.image(TENANT_A, "base", 4096);
+    let mut server = lab.serve();
+    let ids: Vec<String> = (0..JOBS_BEFORE)
+        .map(|_| server.copy_ok(&token, &image, TENANT_B))
+        .collect();
+    assert!(server.stop());
+
+    let filler = lab.data_dir().join("filler");
+    assert!(fs.fill(&filler) > 0);
+    let err = lab.fails(&["job", "list"]);
+    assert!(err.contains("disk is full"), "{err}");
+    let left: Vec<String> = std::fs::read_dir(db_dir(&lab))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    eprintln!("left in db/ by the failed open: {left:?}");
+    std::fs::remove_file(&filler).unwrap();
+
+    all_listed_by_cli(&lab, &ids);
+    let server = lab.serve();
+    let listed = job_ids(&jobs(server.get(JOBS, Some(&token))));
+    for id in &ids {
+        assert!(listed.contains(id), "job {id} is missing from {listed:?}");
+    }
+    drop(server);
+    drop(fs);
+}
