@@ -224,3 +224,123 @@ fn store_opens_once_space_is_back_after_a_full_disk_at_start_up() {
     drop(server);
     drop(fs);
 }
+
+/// A lab on a tmpfs of `size` with the copier's token and an image of tenant A.
+fn lab_on_tmpfs(size: &str) -> Option<(Lab, Tmpfs, String, String)> {
+    let lab = Lab::new();
+    let fs = Tmpfs::mount(&lab.data_dir(), size)?;
+    lab.standard();
+    lab.ok(&[
+        "user", "add", "alice2", "--tenant", TENANT_A, "--tenant", TENANT_B,
+    ]);
+    let token = lab.token("alice2", TENANT_A);
+    let image = lab.image(TENANT_A, "base", 4096);
+    Some((lab, fs, token, image))
+}
+
+fn metric(server: &Server, name: &str) -> String {
+    let text = server.get("/metrics", None).text().unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")).map(str::to_string))
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+}
+
+/// The disk fills under a running server: writes answer 507 naming the full disk, /healthz
+/// answers 503 naming the store, the gauge drops to 0, admin commands say the same; once space
+/// is freed the server takes writes again within seconds, with no restart, and no acknowledged
+/// job is lost (also across a restart afterwards).
+#[test]
+fn a_full_disk_answers_507_and_the_server_recovers_by_itself_once_space_is_back() {
+    let Some((lab, fs, token, image)) = lab_on_tmpfs("24m") else {
+        return;
+    };
+    let mut server = lab.serve();
+    let mut acked: Vec<String> = (0..JOBS_BEFORE)
+        .map(|_| server.copy_ok(&token, &image, TENANT_B))
+        .collect();
+    assert_eq!(metric(&server, "image_replicator_store_writable"), "1");
+
+    let filler = lab.data_dir().join("filler");
+    fs.fill(&filler);
+    let mut refused = None;
+    for _ in 0..5000 {
+        let resp = server.copy(&token, &image, TENANT_B);
+        match resp.status().as_u16() {
+            202 => acked.push(
+                resp.json::<serde_json::Value>().unwrap()["job_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            ),
+            _ => {
+                refused = Some(resp);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("a write fails once the disk is full");
+    let body = assert_error(refused, 507);
+    assert!(body.contains("disk is full"), "{body}");
+    // Still full: every write keeps being refused the same way, reads keep working or say so.
+    let body = assert_error(server.copy(&token, &image, TENANT_B), 507);
+    assert!(body.contains("disk is full"), "{body}");
+    let health = server.get("/healthz", None);
+    assert_eq!(health.status(), 503);
+    let health = health.text().unwrap();
+    assert!(
+        health.contains("store") && health.contains("disk is full"),
+        "{health}"
+    );
+    assert_eq!(metric(&server, "image_replicator_store_writable"), "0");
+    let err = lab.fails(&[
+        "tenant",
+        "add",
+        "0123456789abcdef0123456789abcdef",
+        "--region",
+        "ot1",
+    ]);
+    assert!(err.contains("disk is full"), "{err}");
+
+    std::fs::remove_file(&filler).unwrap();
+    let freed = std::time::Instant::now();
+    poll(
+        "the server to take writes again",
+        std::time::Duration::from_secs(15),
+        || (server.get("/healthz", None).status() == 200).then_some(()),
+    );
+    let recovery = freed.elapsed();
+    let id = server.copy_ok(&token, &image, TENANT_B);
+    acked.push(id);
+    assert_eq!(metric(&server, "image_replicator_store_writable"), "1");
+    lab.ok(&[
+        "tenant",
+        "add",
+        "0123456789abcdef0123456789abcdef",
+        "--region",
+        "ot1",
+    ]);
+
+    let listed = job_ids(&jobs(server.get(JOBS, Some(&token))));
+    for id in &acked {
+        assert!(listed.contains(id), "acknowledged job {id} is missing");
+    }
+    assert!(server.stop());
+    let server = lab.serve();
+    let listed = job_ids(&jobs(server.get(JOBS, Some(&token))));
+    for id in &acked {
+        assert!(
+            listed.contains(id),
+            "acknowledged job {id} is missing after a restart"
+        );
+    }
+    figures(
+        "full_disk",
+        &[
+            ("acknowledged", acked.len().to_string()),
+            ("lost", "0".into()),
+            ("recovery_ms", recovery.as_millis().to_string()),
+        ],
+    );
+    drop(server);
+    drop(fs);
+}
