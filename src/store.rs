@@ -151,6 +151,77 @@ fn open_error(shown: &str, e: sled::Error) -> OpenError {
     }
 }
 
+/// The data directory holds token hashes: it must be its owner's alone (0700), whatever the
+/// umask of whoever created it. A looser one of ours is tightened, with a warning; one that
+/// belongs to another user is refused (it could be read or swapped under us).
+fn secure_data_dir(dir: &Path) -> std::result::Result<(), OpenError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let refuse = |reason: String| OpenError::Other {
+        path: dir.display().to_string(),
+        reason,
+    };
+    let meta = match std::fs::symlink_metadata(dir) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| refuse(format!("cannot create the data directory: {e}")))?;
+            std::fs::symlink_metadata(dir)
+                .map_err(|e| refuse(format!("cannot read the data directory: {e}")))?
+        }
+        Err(e) => return Err(refuse(format!("cannot read the data directory: {e}"))),
+    };
+    if !meta.is_dir() {
+        return Err(refuse(
+            "the data directory is not a directory (a symbolic link is refused too)".into(),
+        ));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(refuse(format!(
+            "the data directory belongs to uid {}, not to this user (uid {me}), so another \
+             user could read or replace the store; chown it or use another --data-dir",
+            meta.uid()
+        )));
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| refuse(format!("cannot make the data directory private: {e}")))?;
+        tracing::warn!(
+            data_dir = %dir.display(),
+            "the data directory was mode {mode:04o}; made it 0700 (it holds token hashes)"
+        );
+    }
+    Ok(())
+}
+
+/// sled's directory and everything in it: directories 0700, files 0600 (sled creates them
+/// with the caller's umask; stores made before this check are tightened too).
+fn restrict_tree(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::symlink_metadata(dir)?;
+    let wanted = if meta.is_dir() {
+        0o700
+    } else if meta.is_file() {
+        0o600
+    } else {
+        return Ok(());
+    };
+    if meta.permissions().mode() & 0o7777 != wanted {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(wanted))?;
+    }
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(dir)? {
+            restrict_tree(&entry?.path())?;
+        }
+    }
+    Ok(())
+}
+
 /// The key in sled's default tree that a reopen writes to learn whether writes work again.
 const PROBE_KEY: &[u8] = b"image-replicator/write-probe";
 /// How often a failed store tries to reopen (on a request or a health check).
@@ -263,6 +334,10 @@ impl Inner {
     fn open(path: &Path) -> std::result::Result<Inner, OpenError> {
         let shown = path.display().to_string();
         let db = open_db(path)?;
+        restrict_tree(path).map_err(|e| OpenError::Other {
+            path: shown.clone(),
+            reason: format!("cannot make its files private: {e}"),
+        })?;
         let tree = |name: &str| db.open_tree(name).map_err(|e| open_error(&shown, e));
         let log = std::fs::File::open(path.join("db")).map_err(|e| OpenError::Other {
             path: shown.clone(),
@@ -304,6 +379,7 @@ impl Inner {
 
 impl Store {
     pub fn open(dir: &Path) -> std::result::Result<Store, OpenError> {
+        secure_data_dir(dir)?;
         let path = dir.join("db");
         let inner = Inner::open(&path)?;
         Ok(Store {

@@ -167,8 +167,12 @@ fn crc_matches(body: &[u8], crc: &[u8]) -> bool {
 }
 
 fn quarantine(db_dir: &Path, path: &Path) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
     let dir = db_dir.with_file_name(QUARANTINE);
-    std::fs::create_dir_all(&dir)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)?;
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())

@@ -344,3 +344,101 @@ fn a_full_disk_answers_507_and_the_server_recovers_by_itself_once_space_is_back(
     drop(server);
     drop(fs);
 }
+
+/// Modes that are not `0700` for directories or `0600` for files, under `dir` (and `dir`).
+fn loose_modes(dir: &Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(path) = todo.pop() {
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        let mode = meta.permissions().mode() & 0o7777;
+        let wanted = if meta.is_dir() { 0o700 } else { 0o600 };
+        if mode != wanted {
+            out.push(format!("{} {mode:04o}", path.display()));
+        }
+        if meta.is_dir() {
+            todo.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Under umask 000 every directory the appliance makes is 0700 and every file 0600: the store
+/// (sled's files), regions, imported and replicated images, the admin socket.
+#[test]
+fn everything_the_appliance_creates_is_private_under_umask_000() {
+    let lab = Lab::new();
+    let run = |args: &[&str]| lab.ok_under_umask("000", args).0;
+    run(&["region", "add", "ot1"]);
+    run(&["region", "add", "ot2"]);
+    run(&["tenant", "add", TENANT_A, "--region", "ot1"]);
+    run(&["tenant", "add", TENANT_B, "--region", "ot2"]);
+    run(&[
+        "user", "add", "alice2", "--tenant", TENANT_A, "--tenant", TENANT_B,
+    ]);
+    let token = run(&["token", "issue", "--user", "alice2", "--tenant", TENANT_A])
+        .trim()
+        .to_string();
+    let file = lab.file("base.raw", 64 * 1024);
+    let image = run(&import_args(file.to_str().unwrap(), TENANT_A, "base", &[]))
+        .trim()
+        .to_string();
+    assert_eq!(loose_modes(&lab.data_dir()), Vec::<String>::new());
+
+    let mut server = lab.serve_under_umask("000");
+    let id = server.copy_ok(&token, &image, TENANT_B);
+    server.wait_job(
+        &token,
+        &id,
+        std::time::Duration::from_secs(30),
+        status_is("replicated"),
+    );
+    assert_eq!(
+        loose_modes(&lab.data_dir()),
+        Vec::<String>::new(),
+        "while serving (admin socket included)"
+    );
+    assert!(server.stop());
+    assert_eq!(lab.files_in("ot2").len(), 1, "the replicated image");
+    assert_eq!(loose_modes(&lab.data_dir()), Vec::<String>::new());
+}
+
+/// A data directory left 0755 (and a store whose files are 0644) is tightened at the next
+/// open, with a warning naming the old mode.
+#[test]
+fn a_looser_existing_data_dir_is_tightened_and_logged() {
+    use std::os::unix::fs::PermissionsExt;
+    let lab = Lab::new();
+    lab.ok(&["region", "add", "ot1"]);
+    let loose = std::fs::Permissions::from_mode(0o755);
+    std::fs::set_permissions(lab.data_dir(), loose.clone()).unwrap();
+    std::fs::set_permissions(db_dir(&lab), loose).unwrap();
+    std::fs::set_permissions(
+        db_dir(&lab).join("db"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let (_, stderr) = lab.ok_under_umask("000", &["region", "list"]);
+    assert!(stderr.contains("was mode 0755; made it 0700"), "{stderr}");
+    assert_eq!(loose_modes(&lab.data_dir()), Vec::<String>::new());
+}
+
+/// A data directory that belongs to another user is refused with a sentence.
+#[test]
+fn a_data_dir_of_another_user_is_refused() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: chown to another user needs root");
+        return;
+    }
+    let lab = Lab::new();
+    lab.ok(&["region", "add", "ot1"]);
+    std::os::unix::fs::chown(lab.data_dir(), Some(65534), None).unwrap();
+    let err = lab.fails(&["region", "list"]);
+    assert!(
+        err.contains("belongs to uid 65534, not to this user (uid 0)"),
+        "{err}"
+    );
+}

@@ -752,3 +752,88 @@ pub fn copy_tree(from: &Path, to: &Path) {
         }
     }
 }
+
+// ----- umask -----
+
+/// `sh -c 'umask MASK; exec "$0" "$@"' BIN ARGS…`: the binary started under another umask.
+pub fn command_under_umask(umask: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!("umask {umask}; exec \"$0\" \"$@\""))
+        .arg(BIN)
+        .args(args);
+    cmd
+}
+
+impl Lab {
+    /// Runs the CLI under `umask`; it must succeed. Returns stdout and stderr.
+    pub fn ok_under_umask(&self, umask: &str, args: &[&str]) -> (String, String) {
+        let dir = self.data_dir();
+        let mut all = vec!["--data-dir", dir.to_str().expect("path")];
+        all.extend_from_slice(args);
+        let out = command_under_umask(umask, &all)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run the CLI");
+        assert!(
+            out.status.success(),
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Starts `serve` (with the worker) on 127.0.0.1:0 under `umask`.
+    pub fn serve_under_umask(&self, umask: &str) -> Server {
+        let log = self.dir.path().join("server.log");
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let dir = self.data_dir();
+        let mut child = command_under_umask(
+            umask,
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                dir.to_str().expect("path"),
+            ],
+        )
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn the server");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let base = lines.by_ref().find_map(|line| {
+            line.ok()?
+                .strip_prefix("image-replicator listening on ")
+                .map(|a| a.trim().to_string())
+        });
+        std::thread::spawn(move || for _ in lines {});
+        let Some(base) = base else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the server did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        };
+        let mut server = Server {
+            child,
+            base,
+            log,
+            client: Client::new(),
+        };
+        server.wait_for_socket(&dir);
+        server
+    }
+}
