@@ -22,7 +22,14 @@ pub enum ServiceError {
     /// A service the appliance depends on cannot be reached (503).
     #[error("{0}")]
     Unavailable(String),
+    /// The store's disk is full, so nothing could be written (507, as WebDAV's Insufficient
+    /// Storage); the store takes writes again by itself once space is freed.
+    #[error("{0}")]
+    DiskFull(String),
 }
+
+/// How every storage failure of the store that is not a full disk begins (500).
+pub const STORE_ERROR: &str = "store error";
 
 impl ServiceError {
     pub fn status(&self) -> u16 {
@@ -33,7 +40,17 @@ impl ServiceError {
             ServiceError::Conflict(_) => 409,
             ServiceError::Internal(_) => 500,
             ServiceError::Unavailable(_) => 503,
+            ServiceError::DiskFull(_) => 507,
         }
+    }
+
+    /// The store could not write because its disk is full.
+    pub fn disk_full() -> ServiceError {
+        ServiceError::DiskFull(
+            "The store cannot write because its disk is full; nothing was changed, and the \
+             store takes writes again by itself once space is freed."
+                .into(),
+        )
     }
 
     pub fn internal(context: &str, err: impl std::fmt::Display) -> ServiceError {
@@ -43,7 +60,10 @@ impl ServiceError {
 
 impl From<sled::Error> for ServiceError {
     fn from(err: sled::Error) -> Self {
-        ServiceError::internal("store error", err)
+        match &err {
+            sled::Error::Io(io) if crate::store::is_disk_full(io) => ServiceError::disk_full(),
+            _ => ServiceError::internal(STORE_ERROR, err),
+        }
     }
 }
 

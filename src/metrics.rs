@@ -97,15 +97,27 @@ pub fn render(svc: &Service) -> crate::error::Result<String> {
         "image_replicator_http_request_duration_seconds_count {total}"
     );
 
-    let counts = svc.job_status_counts()?;
+    let writable = svc.store.writable().is_ok();
     let _ = writeln!(
         w,
-        "# HELP image_replicator_jobs Jobs in the store by status."
+        "# HELP image_replicator_store_writable Whether the store takes writes (0 while its disk is full or a write failed)."
     );
-    let _ = writeln!(w, "# TYPE image_replicator_jobs gauge");
-    for status in JobStatus::ALL {
-        let count = counts.get(&status).copied().unwrap_or(0);
-        let _ = writeln!(w, "image_replicator_jobs{{status=\"{status}\"}} {count}");
+    let _ = writeln!(w, "# TYPE image_replicator_store_writable gauge");
+    let _ = writeln!(w, "image_replicator_store_writable {}", u8::from(writable));
+    // A store that cannot be read leaves the job gauges out, not the whole exposition.
+    match svc.job_status_counts() {
+        Ok(counts) => {
+            let _ = writeln!(
+                w,
+                "# HELP image_replicator_jobs Jobs in the store by status."
+            );
+            let _ = writeln!(w, "# TYPE image_replicator_jobs gauge");
+            for status in JobStatus::ALL {
+                let count = counts.get(&status).copied().unwrap_or(0);
+                let _ = writeln!(w, "image_replicator_jobs{{status=\"{status}\"}} {count}");
+            }
+        }
+        Err(e) => tracing::warn!("metrics: cannot count jobs: {e}"),
     }
     let auth = svc.auth.stats();
     let gauges: [(&str, &str, &str, u64); 5] = [

@@ -37,8 +37,18 @@ pub struct ServeOptions {
     pub keystone: Option<crate::keystone::ValidatorConfig>,
 }
 
+/// Files and directories this process creates are its user's alone (0600 and 0700), whatever
+/// umask it was started with: the store holds token hashes, regions hold tenants' images.
+pub fn private_umask() {
+    // SAFETY: umask only sets the process's file mode creation mask.
+    unsafe {
+        libc::umask(0o077);
+    }
+}
+
 /// Opens the store, waiting up to `wait` while another process holds its lock.
 pub fn open_store(data_dir: &Path, wait: Duration) -> Result<Store, OpenError> {
+    private_umask();
     let deadline = std::time::Instant::now() + wait;
     loop {
         match Store::open(data_dir) {
@@ -85,6 +95,7 @@ fn raise_file_limit() {
 }
 
 pub async fn run(opts: ServeOptions) -> Result<(), String> {
+    private_umask();
     raise_file_limit();
     create_data_dir(&opts.data_dir).map_err(|e| {
         format!(

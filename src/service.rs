@@ -171,23 +171,36 @@ impl Service {
 
     /// Whether the store answers and every region's image store is usable; what is not.
     pub fn health(&self) -> std::result::Result<(), Vec<String>> {
+        // First: a store that failed a write reopens itself here once the disk has room.
+        let store = match self.store.writable() {
+            Ok(()) => None,
+            Err(ServiceError::DiskFull(_)) => {
+                Some("the store cannot write because its disk is full".to_string())
+            }
+            Err(e) => {
+                tracing::warn!("health: the store cannot write: {e}");
+                Some("the store cannot write (the log says why)".to_string())
+            }
+        };
         let regions = match self.store.regions() {
             Ok(regions) => regions,
             Err(e) => {
                 tracing::warn!("health: the store fails: {e}");
-                return Err(vec!["the store is not usable".into()]);
+                return Err(vec![
+                    store.unwrap_or_else(|| "the store is not usable".into())
+                ]);
             }
         };
-        let problems: Vec<String> = regions
-            .iter()
-            .filter_map(|r| {
+        let problems: Vec<String> = store
+            .into_iter()
+            .chain(regions.iter().filter_map(|r| {
                 let why = self.check_region(r).err()?;
                 tracing::warn!(region = %r.id, "health: {why}");
                 Some(format!(
                     "the image store of region {} is down or not writable",
                     r.id
                 ))
-            })
+            }))
             .collect();
         if problems.is_empty() {
             Ok(())

@@ -12,8 +12,10 @@
 //! Values are a format version byte followed by JSON. A record and its index entries are always
 //! written in one transaction, so an index never points at nothing.
 
-use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -21,7 +23,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use sled::{Transactional, Tree};
 use uuid::Uuid;
 
-use crate::error::{Result, ServiceError};
+use crate::error::{Result, ServiceError, STORE_ERROR};
 use crate::model::{Image, Job, Region, Tenant, TenantKey, TokenRecord, User};
 
 const FORMAT_VERSION: u8 = 1;
@@ -39,6 +41,24 @@ pub enum OpenError {
 }
 
 pub struct Store {
+    /// sled's directory (`<data-dir>/db`).
+    path: PathBuf,
+    /// The open database; `None` while a reopen after a failed write has not succeeded yet.
+    open: RwLock<Option<Arc<Inner>>>,
+    /// A write failed for a reason of storage (a full disk, an I/O error): sled keeps that
+    /// error and fails every later operation, so the database must be reopened.
+    failed: AtomicBool,
+    /// What the last storage failure was, for the callers while there is no database.
+    failure: Mutex<Option<ServiceError>>,
+    /// When the last reopen was tried; held while one runs.
+    reopening: Mutex<Option<Instant>>,
+    /// Bumped after every committed change to a job: readers that cache what they derive from
+    /// jobs (list bodies, status counts) compare it before and after.
+    jobs_version: AtomicU64,
+}
+
+/// One opening of the sled database and its trees.
+struct Inner {
     db: sled::Db,
     regions: Tree,
     tenants: Tree,
@@ -54,9 +74,6 @@ pub struct Store {
     /// Images in Glance regions that a job created and could not delete yet: id → region id.
     orphans: Tree,
     durability: Durability,
-    /// Bumped after every committed change to a job: readers that cache what they derive from
-    /// jobs (list bodies, status counts) compare it before and after.
-    jobs_version: AtomicU64,
 }
 
 /// sled 0.34 makes its log stable with `sync_file_range`, which neither writes the file's
@@ -82,12 +99,184 @@ impl Durability {
             return Ok(());
         }
         let covered = self.written.load(Ordering::SeqCst);
-        self.log
-            .sync_data()
-            .map_err(|e| ServiceError::internal("cannot sync the store to disk", e))?;
+        self.log.sync_data().map_err(|e| store_io_error(&e))?;
         *synced = covered;
         Ok(())
     }
+}
+
+/// Opens sled at `path` after clearing what a power cut or a full disk left half-written
+/// there ([`store_repair`](crate::store_repair)). If sled still finds its snapshot corrupt, the
+/// snapshots are moved aside and sled reads its whole log instead (once).
+fn open_db(path: &Path) -> std::result::Result<sled::Db, OpenError> {
+    let shown = path.display().to_string();
+    let repair_failed = |e: std::io::Error| OpenError::Other {
+        path: shown.clone(),
+        reason: format!("cannot clear the partial files a power cut or a full disk left: {e}"),
+    };
+    crate::store_repair::repair(path).map_err(repair_failed)?;
+    let open = || {
+        sled::Config::new()
+            .path(path)
+            .cache_capacity(CACHE_BYTES)
+            .open()
+    };
+    let db = match open() {
+        Err(sled::Error::Corruption { .. }) => {
+            crate::store_repair::quarantine_snapshots(path).map_err(repair_failed)?;
+            open()
+        }
+        other => other,
+    };
+    db.map_err(|e| open_error(&shown, e))
+}
+
+fn open_error(shown: &str, e: sled::Error) -> OpenError {
+    let text = e.to_string();
+    let locked = matches!(&e, sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock)
+        || text.contains("could not acquire lock");
+    if locked {
+        OpenError::Locked(shown.to_string())
+    } else if matches!(&e, sled::Error::Io(io) if is_disk_full(io)) {
+        OpenError::Other {
+            path: shown.to_string(),
+            reason: "the disk is full (sled must write to open it); free some space and try again"
+                .into(),
+        }
+    } else {
+        OpenError::Other {
+            path: shown.to_string(),
+            reason: text,
+        }
+    }
+}
+
+/// The data directory holds token hashes: it must be its owner's alone (0700), whatever the
+/// umask of whoever created it. A looser one of ours is tightened, with a warning; one that
+/// belongs to another user is refused (it could be read or swapped under us).
+fn secure_data_dir(dir: &Path) -> std::result::Result<(), OpenError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let refuse = |reason: String| OpenError::Other {
+        path: dir.display().to_string(),
+        reason,
+    };
+    let meta = match std::fs::symlink_metadata(dir) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| refuse(format!("cannot create the data directory: {e}")))?;
+            std::fs::symlink_metadata(dir)
+                .map_err(|e| refuse(format!("cannot read the data directory: {e}")))?
+        }
+        Err(e) => return Err(refuse(format!("cannot read the data directory: {e}"))),
+    };
+    if !meta.is_dir() {
+        return Err(refuse(
+            "the data directory is not a directory (a symbolic link is refused too)".into(),
+        ));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(refuse(format!(
+            "the data directory belongs to uid {}, not to this user (uid {me}), so another \
+             user could read or replace the store; chown it or use another --data-dir",
+            meta.uid()
+        )));
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| refuse(format!("cannot make the data directory private: {e}")))?;
+        tracing::warn!(
+            data_dir = %dir.display(),
+            "the data directory was mode {mode:04o}; made it 0700 (it holds token hashes)"
+        );
+    }
+    Ok(())
+}
+
+/// sled's directory and everything in it: directories 0700, files 0600 (sled creates them
+/// with the caller's umask; stores made before this check are tightened too).
+fn restrict_tree(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::symlink_metadata(dir)?;
+    let wanted = if meta.is_dir() {
+        0o700
+    } else if meta.is_file() {
+        0o600
+    } else {
+        return Ok(());
+    };
+    if meta.permissions().mode() & 0o7777 != wanted {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(wanted))?;
+    }
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(dir)? {
+            restrict_tree(&entry?.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// The key in sled's default tree that a reopen writes to learn whether writes work again.
+const PROBE_KEY: &[u8] = b"image-replicator/write-probe";
+/// How often a failed store tries to reopen (on a request or a health check).
+const REOPEN_EVERY: Duration = Duration::from_secs(1);
+/// How long a reopen waits for callers still in the old database, and for sled's lock.
+const REOPEN_DRAIN: Duration = Duration::from_secs(3);
+/// Below this much free space a reopen is not tried: sled writes a snapshot as it opens.
+const REOPEN_MIN_FREE: u64 = 1 << 20;
+
+/// Bytes an unprivileged process may still write on the file system holding `path`.
+fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: statvfs only writes the struct passed; `c` is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+/// A storage failure as callers see it: a full disk is a 507, anything else a 500.
+fn store_io_error(e: &std::io::Error) -> ServiceError {
+    if is_disk_full(e) {
+        ServiceError::disk_full()
+    } else {
+        ServiceError::Internal(format!("{STORE_ERROR}: {e}"))
+    }
+}
+
+/// What the callers are told while a failed store cannot be opened again.
+fn open_failure(e: &OpenError) -> ServiceError {
+    match e {
+        OpenError::Other { reason, .. } if reason.contains("disk is full") => {
+            ServiceError::disk_full()
+        }
+        other => ServiceError::Internal(format!("{STORE_ERROR}: {other}")),
+    }
+}
+
+/// Errors after which sled must be reopened.
+fn is_storage_failure(e: &ServiceError) -> bool {
+    match e {
+        ServiceError::DiskFull(_) => true,
+        ServiceError::Internal(m) => m.starts_with(STORE_ERROR),
+        _ => false,
+    }
+}
+
+/// ENOSPC, or EDQUOT (a quota is a full disk for this process).
+pub(crate) fn is_disk_full(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull
+        || e.kind() == std::io::ErrorKind::QuotaExceeded
+        || matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
 
 /// What a job update does to an image in the same transaction.
@@ -141,38 +330,20 @@ fn tx_encode<T: Serialize>(
     encode(value).map_err(abort)
 }
 
-impl Store {
-    pub fn open(dir: &Path) -> std::result::Result<Store, OpenError> {
-        let path = dir.join("db");
+impl Inner {
+    fn open(path: &Path) -> std::result::Result<Inner, OpenError> {
         let shown = path.display().to_string();
-        let db = sled::Config::new()
-            .path(&path)
-            .cache_capacity(CACHE_BYTES)
-            .open()
-            .map_err(|e| {
-            let text = e.to_string();
-            let locked = matches!(&e, sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock)
-                || text.contains("could not acquire lock");
-            if locked {
-                OpenError::Locked(shown.clone())
-            } else {
-                OpenError::Other {
-                    path: shown.clone(),
-                    reason: text,
-                }
-            }
+        let db = open_db(path)?;
+        restrict_tree(path).map_err(|e| OpenError::Other {
+            path: shown.clone(),
+            reason: format!("cannot make its files private: {e}"),
         })?;
-        let tree = |name: &str| {
-            db.open_tree(name).map_err(|e| OpenError::Other {
-                path: shown.clone(),
-                reason: e.to_string(),
-            })
-        };
+        let tree = |name: &str| db.open_tree(name).map_err(|e| open_error(&shown, e));
         let log = std::fs::File::open(path.join("db")).map_err(|e| OpenError::Other {
             path: shown.clone(),
             reason: format!("cannot open its log for syncing: {e}"),
         })?;
-        Ok(Store {
+        Ok(Inner {
             durability: Durability {
                 log,
                 written: Default::default(),
@@ -190,20 +361,185 @@ impl Store {
             jobs_by_tenant: tree("jobs_by_tenant")?,
             queue: tree("queue")?,
             orphans: tree("orphans")?,
-            jobs_version: Default::default(),
             db,
         })
     }
 
-    /// Makes everything written so far durable, power cuts included.
-    pub fn flush(&self) -> Result<()> {
+    /// Writes and syncs a few bytes: whether the store can take writes again.
+    fn probe(&self) -> Result<()> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        self.db.insert(PROBE_KEY, &now.to_be_bytes())?;
         self.db.flush()?;
         self.durability.sync()
+    }
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> std::result::Result<Store, OpenError> {
+        secure_data_dir(dir)?;
+        let path = dir.join("db");
+        let inner = Inner::open(&path)?;
+        Ok(Store {
+            path,
+            open: RwLock::new(Some(Arc::new(inner))),
+            failed: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            reopening: Mutex::new(None),
+            jobs_version: Default::default(),
+        })
+    }
+
+    /// Whether the store takes writes now. After a failed write it reopens itself here (at
+    /// most every [`REOPEN_EVERY`]), so a health check is enough to bring it back.
+    pub fn writable(&self) -> std::result::Result<(), ServiceError> {
+        if self.failed.load(Ordering::SeqCst) {
+            self.reopen();
+        }
+        if !self.failed.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        Err(self.failure())
+    }
+
+    /// Runs `f` on the open database; a storage failure marks the store for reopening.
+    fn with<T>(&self, f: impl FnOnce(&Inner) -> Result<T>) -> Result<T> {
+        if self.failed.load(Ordering::SeqCst) {
+            self.reopen();
+        }
+        let inner = self.current()?;
+        let result = f(&inner);
+        if let Err(e) = &result {
+            self.note(e);
+        }
+        result
+    }
+
+    fn current(&self) -> Result<Arc<Inner>> {
+        let open = self
+            .open
+            .read()
+            .map_err(|_| ServiceError::Internal("the store lock is poisoned".into()))?;
+        match open.as_ref() {
+            Some(inner) => Ok(Arc::clone(inner)),
+            None => Err(self.failure()),
+        }
+    }
+
+    fn failure(&self) -> ServiceError {
+        self.failure
+            .lock()
+            .ok()
+            .and_then(|f| f.clone())
+            .unwrap_or_else(|| ServiceError::Unavailable("the store is reopening".into()))
+    }
+
+    /// Remembers a storage failure (other errors pass).
+    fn note(&self, e: &ServiceError) {
+        if !is_storage_failure(e) {
+            return;
+        }
+        if let Ok(mut failure) = self.failure.lock() {
+            *failure = Some(e.clone());
+        }
+        if !self.failed.swap(true, Ordering::SeqCst) {
+            tracing::error!(store = %self.path.display(), "the store cannot write: {e}");
+        }
+    }
+
+    /// Closes the failed database and opens it again, once the disk has room. Whoever comes
+    /// while a reopen runs, or within [`REOPEN_EVERY`] of the last try, goes on without one.
+    fn reopen(&self) {
+        let Ok(mut last) = self.reopening.try_lock() else {
+            return;
+        };
+        if last.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
+            return;
+        }
+        *last = Some(Instant::now());
+        if !self.failed.load(Ordering::SeqCst) {
+            return;
+        }
+        match free_bytes(&self.path) {
+            Ok(free) if free < REOPEN_MIN_FREE => return,
+            _ => {}
+        }
+        // Take the database out of use and wait for the callers still in it to leave: sled
+        // holds a lock on its files until the last reference is gone.
+        let old = match self.open.write() {
+            Ok(mut open) => open.take(),
+            Err(_) => return,
+        };
+        if let Some(old) = old {
+            let weak = Arc::downgrade(&old);
+            drop(old);
+            let deadline = Instant::now() + REOPEN_DRAIN;
+            while weak.strong_count() > 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if let Some(still) = weak.upgrade() {
+                tracing::warn!("the store is still in use; its reopen waits for the next try");
+                if let Ok(mut open) = self.open.write() {
+                    *open = Some(still);
+                }
+                return;
+            }
+        }
+        let deadline = Instant::now() + REOPEN_DRAIN;
+        let inner = loop {
+            match Inner::open(&self.path) {
+                Err(OpenError::Locked(_)) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => break other,
+            }
+        };
+        let inner = match inner {
+            Ok(inner) => inner,
+            Err(e) => {
+                tracing::warn!("the store does not reopen yet: {e}");
+                if let Ok(mut failure) = self.failure.lock() {
+                    *failure = Some(open_failure(&e));
+                }
+                return;
+            }
+        };
+        if let Err(e) = inner.probe() {
+            tracing::warn!("the reopened store cannot write yet: {e}");
+            if let Ok(mut failure) = self.failure.lock() {
+                *failure = Some(e);
+            }
+            // Leave it open: the next try closes it again.
+            if let Ok(mut open) = self.open.write() {
+                *open = Some(Arc::new(inner));
+            }
+            return;
+        }
+        if let Ok(mut open) = self.open.write() {
+            *open = Some(Arc::new(inner));
+        }
+        if let Ok(mut failure) = self.failure.lock() {
+            *failure = None;
+        }
+        self.failed.store(false, Ordering::SeqCst);
+        // Everything cached from jobs may predate the failure.
+        self.jobs_changed();
+        tracing::info!(store = %self.path.display(), "the store writes again (reopened)");
+    }
+
+    /// Makes everything written so far durable, power cuts included.
+    pub fn flush(&self) -> Result<()> {
+        self.with(|s| {
+            s.db.flush()?;
+            s.durability.sync()
+        })
     }
 
     /// A new, strictly increasing sequence number (creation order of jobs).
     pub fn next_seq(&self) -> Result<u64> {
-        Ok(self.db.generate_id()?)
+        self.with(|s| Ok(s.db.generate_id()?))
     }
 
     fn get<T: DeserializeOwned>(tree: &Tree, key: &[u8]) -> Result<Option<T>> {
@@ -225,55 +561,65 @@ impl Store {
     // ----- regions, tenants, users: one tree each, no index -----
 
     pub fn region(&self, id: &str) -> Result<Option<Region>> {
-        Self::get(&self.regions, id.as_bytes())
+        self.with(|s| Self::get(&s.regions, id.as_bytes()))
     }
     pub fn regions(&self) -> Result<Vec<Region>> {
-        Self::all(&self.regions)
+        self.with(|s| Self::all(&s.regions))
     }
     /// Inserts a region unless one with that id exists; returns whether it was inserted.
     pub fn insert_region(&self, region: &Region) -> Result<bool> {
-        let swapped = self.regions.compare_and_swap(
-            region.id.as_bytes(),
-            None as Option<&[u8]>,
-            Some(encode(region)?),
-        )?;
-        Ok(swapped.is_ok())
+        self.with(|s| {
+            let swapped = s.regions.compare_and_swap(
+                region.id.as_bytes(),
+                None as Option<&[u8]>,
+                Some(encode(region)?),
+            )?;
+            Ok(swapped.is_ok())
+        })
     }
     pub fn remove_region(&self, id: &str) -> Result<()> {
-        self.regions.remove(id.as_bytes())?;
-        Ok(())
+        self.with(|s| {
+            s.regions.remove(id.as_bytes())?;
+            Ok(())
+        })
     }
 
     pub fn tenant(&self, key: TenantKey) -> Result<Option<Tenant>> {
-        Self::get(&self.tenants, &key.0)
+        self.with(|s| Self::get(&s.tenants, &key.0))
     }
     pub fn tenants(&self) -> Result<Vec<Tenant>> {
-        Self::all(&self.tenants)
+        self.with(|s| Self::all(&s.tenants))
     }
     pub fn insert_tenant(&self, key: TenantKey, tenant: &Tenant) -> Result<bool> {
-        let swapped =
-            self.tenants
-                .compare_and_swap(key.0, None as Option<&[u8]>, Some(encode(tenant)?))?;
-        Ok(swapped.is_ok())
+        self.with(|s| {
+            let swapped =
+                s.tenants
+                    .compare_and_swap(key.0, None as Option<&[u8]>, Some(encode(tenant)?))?;
+            Ok(swapped.is_ok())
+        })
     }
     pub fn remove_tenant(&self, key: TenantKey) -> Result<()> {
-        self.tenants.remove(key.0)?;
-        Ok(())
+        self.with(|s| {
+            s.tenants.remove(key.0)?;
+            Ok(())
+        })
     }
 
     pub fn user(&self, name: &str) -> Result<Option<User>> {
-        Self::get(&self.users, name.as_bytes())
+        self.with(|s| Self::get(&s.users, name.as_bytes()))
     }
     pub fn users(&self) -> Result<Vec<User>> {
-        Self::all(&self.users)
+        self.with(|s| Self::all(&s.users))
     }
     pub fn insert_user(&self, user: &User) -> Result<bool> {
-        let swapped = self.users.compare_and_swap(
-            user.name.as_bytes(),
-            None as Option<&[u8]>,
-            Some(encode(user)?),
-        )?;
-        Ok(swapped.is_ok())
+        self.with(|s| {
+            let swapped = s.users.compare_and_swap(
+                user.name.as_bytes(),
+                None as Option<&[u8]>,
+                Some(encode(user)?),
+            )?;
+            Ok(swapped.is_ok())
+        })
     }
 
     /// Removes a user and every token of that user in one transaction.
@@ -283,130 +629,146 @@ impl Store {
             .into_iter()
             .filter(|t| t.user == name)
             .collect();
-        tx_result((&self.users, &self.tokens, &self.token_lookup).transaction(
-            |(users, tok, look)| {
-                users.remove(name.as_bytes())?;
-                for t in &tokens {
-                    remove_token_tx(tok, look, t)?;
-                }
-                Ok(())
-            },
-        ))?;
+        self.with(|s| {
+            tx_result(
+                (&s.users, &s.tokens, &s.token_lookup).transaction(|(users, tok, look)| {
+                    users.remove(name.as_bytes())?;
+                    for t in &tokens {
+                        remove_token_tx(tok, look, t)?;
+                    }
+                    Ok(())
+                }),
+            )
+        })?;
         Ok(tokens.len())
     }
 
     // ----- tokens -----
 
     pub fn token(&self, id: Uuid) -> Result<Option<TokenRecord>> {
-        Self::get(&self.tokens, id.as_bytes())
+        self.with(|s| Self::get(&s.tokens, id.as_bytes()))
     }
     pub fn tokens(&self) -> Result<Vec<TokenRecord>> {
-        Self::all(&self.tokens)
+        self.with(|s| Self::all(&s.tokens))
     }
 
     /// Tokens whose lookup prefix is `lookup` (usually none or one).
     pub fn token_candidates(&self, lookup: &[u8]) -> Result<Vec<TokenRecord>> {
-        let mut out = Vec::new();
-        for entry in self.token_lookup.scan_prefix(lookup) {
-            let (key, _) = entry?;
-            let id = key.get(lookup.len()..).unwrap_or_default();
-            if let Some(token) = Self::get(&self.tokens, id)? {
-                out.push(token);
+        self.with(|s| {
+            let mut out = Vec::new();
+            for entry in s.token_lookup.scan_prefix(lookup) {
+                let (key, _) = entry?;
+                let id = key.get(lookup.len()..).unwrap_or_default();
+                if let Some(token) = Self::get(&s.tokens, id)? {
+                    out.push(token);
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     pub fn insert_token(&self, token: &TokenRecord, lookup: &[u8]) -> Result<()> {
-        tx_result(
-            (&self.tokens, &self.token_lookup).transaction(|(tok, look)| {
+        self.with(|s| {
+            tx_result((&s.tokens, &s.token_lookup).transaction(|(tok, look)| {
                 tok.insert(token.id.as_bytes(), tx_encode(token)?)?;
                 look.insert(cat(&[lookup, token.id.as_bytes()]), &[])?;
                 Ok(())
-            }),
-        )
+            }))
+        })
     }
 
     /// Rewrites a token record whose lookup did not change (a revoke).
     pub fn update_token(&self, token: &TokenRecord) -> Result<()> {
-        Self::put(&self.tokens, token.id.as_bytes(), token)
+        self.with(|s| Self::put(&s.tokens, token.id.as_bytes(), token))
     }
 
     // ----- images -----
 
     pub fn image(&self, id: Uuid) -> Result<Option<Image>> {
-        Self::get(&self.images, id.as_bytes())
+        self.with(|s| Self::get(&s.images, id.as_bytes()))
     }
 
     pub fn images(&self, owner: Option<TenantKey>) -> Result<Vec<Image>> {
-        let Some(owner) = owner else {
-            return Self::all(&self.images);
-        };
-        let mut out = Vec::new();
-        for entry in self.images_by_tenant.scan_prefix(owner.0) {
-            let (key, _) = entry?;
-            if let Some(image) = Self::get(&self.images, key.get(16..).unwrap_or_default())? {
-                out.push(image);
+        self.with(|s| {
+            let Some(owner) = owner else {
+                return Self::all(&s.images);
+            };
+            let mut out = Vec::new();
+            for entry in s.images_by_tenant.scan_prefix(owner.0) {
+                let (key, _) = entry?;
+                if let Some(image) = Self::get(&s.images, key.get(16..).unwrap_or_default())? {
+                    out.push(image);
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// Inserts a new image with its owner index entry; fails if the id is taken.
     pub fn insert_image(&self, owner: TenantKey, image: &Image) -> Result<()> {
-        tx_result(
-            (&self.images, &self.images_by_tenant).transaction(|(images, by_tenant)| {
-                if images.get(image.id.as_bytes())?.is_some() {
-                    return Err(abort(ServiceError::Conflict(format!(
-                        "an image with id {} already exists",
-                        image.id
-                    ))));
-                }
-                images.insert(image.id.as_bytes(), tx_encode(image)?)?;
-                by_tenant.insert(cat(&[&owner.0, image.id.as_bytes()]), &[])?;
-                Ok(())
-            }),
-        )
+        self.with(|s| {
+            tx_result(
+                (&s.images, &s.images_by_tenant).transaction(|(images, by_tenant)| {
+                    if images.get(image.id.as_bytes())?.is_some() {
+                        return Err(abort(ServiceError::Conflict(format!(
+                            "an image with id {} already exists",
+                            image.id
+                        ))));
+                    }
+                    images.insert(image.id.as_bytes(), tx_encode(image)?)?;
+                    by_tenant.insert(cat(&[&owner.0, image.id.as_bytes()]), &[])?;
+                    Ok(())
+                }),
+            )
+        })
     }
 
     /// Rewrites an image whose owner did not change.
     pub fn update_image(&self, image: &Image) -> Result<()> {
-        Self::put(&self.images, image.id.as_bytes(), image)
+        self.with(|s| Self::put(&s.images, image.id.as_bytes(), image))
     }
 
     /// Removes an image record and its owner index entry (an import that failed).
     pub fn remove_image(&self, owner: TenantKey, id: Uuid) -> Result<()> {
-        tx_result(
-            (&self.images, &self.images_by_tenant).transaction(|(images, by_tenant)| {
-                images.remove(id.as_bytes())?;
-                by_tenant.remove(cat(&[&owner.0, id.as_bytes()]))?;
-                Ok(())
-            }),
-        )
+        self.with(|s| {
+            tx_result(
+                (&s.images, &s.images_by_tenant).transaction(|(images, by_tenant)| {
+                    images.remove(id.as_bytes())?;
+                    by_tenant.remove(cat(&[&owner.0, id.as_bytes()]))?;
+                    Ok(())
+                }),
+            )
+        })
     }
 
     // ----- orphans -----
 
     /// Remembers an image in a Glance region that must still be deleted.
     pub fn add_orphan(&self, id: Uuid, region: &str) -> Result<()> {
-        self.orphans.insert(id.as_bytes(), region.as_bytes())?;
-        Ok(())
+        self.with(|s| {
+            s.orphans.insert(id.as_bytes(), region.as_bytes())?;
+            Ok(())
+        })
     }
 
     pub fn orphans(&self) -> Result<Vec<(Uuid, String)>> {
-        let mut out = Vec::new();
-        for entry in self.orphans.iter() {
-            let (key, value) = entry?;
-            let id =
-                Uuid::from_slice(&key).map_err(|e| ServiceError::internal("corrupt orphan", e))?;
-            out.push((id, String::from_utf8_lossy(&value).into_owned()));
-        }
-        Ok(out)
+        self.with(|s| {
+            let mut out = Vec::new();
+            for entry in s.orphans.iter() {
+                let (key, value) = entry?;
+                let id = Uuid::from_slice(&key)
+                    .map_err(|e| ServiceError::internal("corrupt orphan", e))?;
+                out.push((id, String::from_utf8_lossy(&value).into_owned()));
+            }
+            Ok(out)
+        })
     }
 
     pub fn remove_orphan(&self, id: Uuid) -> Result<()> {
-        self.orphans.remove(id.as_bytes())?;
-        Ok(())
+        self.with(|s| {
+            s.orphans.remove(id.as_bytes())?;
+            Ok(())
+        })
     }
 
     // ----- jobs -----
@@ -423,7 +785,7 @@ impl Store {
     }
 
     pub fn job(&self, id: Uuid) -> Result<Option<Job>> {
-        Self::get(&self.jobs, id.as_bytes())
+        self.with(|s| Self::get(&s.jobs, id.as_bytes()))
     }
 
     /// Applies `change` to a job and the image change it returns, in one transaction that also
@@ -434,60 +796,74 @@ impl Store {
         id: Uuid,
         change: impl Fn(&mut Job) -> Result<ImageChange>,
     ) -> Result<Option<Job>> {
-        let job = tx_result(
-            (
-                &self.jobs,
-                &self.queue,
-                &self.images,
-                &self.images_by_tenant,
-            )
-                .transaction(|(jobs, queue, images, by_tenant)| {
-                    let Some(old) = jobs.get(id.as_bytes())? else {
-                        return Ok(None);
-                    };
-                    let mut job: Job = decode(&old).map_err(abort)?;
-                    match change(&mut job).map_err(abort)? {
-                        ImageChange::None => {}
-                        ImageChange::Insert(owner, image) => {
-                            images.insert(image.id.as_bytes(), tx_encode(&image)?)?;
-                            by_tenant.insert(cat(&[&owner.0, image.id.as_bytes()]), &[])?;
+        self.with(|s| {
+            let job = tx_result(
+                (&s.jobs, &s.queue, &s.images, &s.images_by_tenant).transaction(
+                    |(jobs, queue, images, by_tenant)| {
+                        let Some(old) = jobs.get(id.as_bytes())? else {
+                            return Ok(None);
+                        };
+                        let mut job: Job = decode(&old).map_err(abort)?;
+                        match change(&mut job).map_err(abort)? {
+                            ImageChange::None => {}
+                            ImageChange::Insert(owner, image) => {
+                                images.insert(image.id.as_bytes(), tx_encode(&image)?)?;
+                                by_tenant.insert(cat(&[&owner.0, image.id.as_bytes()]), &[])?;
+                            }
+                            ImageChange::Put(image) => {
+                                images.insert(image.id.as_bytes(), tx_encode(&image)?)?;
+                            }
+                            ImageChange::Remove(owner, image_id) => {
+                                images.remove(image_id.as_bytes())?;
+                                by_tenant.remove(cat(&[&owner.0, image_id.as_bytes()]))?;
+                            }
                         }
-                        ImageChange::Put(image) => {
-                            images.insert(image.id.as_bytes(), tx_encode(&image)?)?;
-                        }
-                        ImageChange::Remove(owner, image_id) => {
-                            images.remove(image_id.as_bytes())?;
-                            by_tenant.remove(cat(&[&owner.0, image_id.as_bytes()]))?;
-                        }
-                    }
-                    jobs.insert(id.as_bytes(), tx_encode(&job)?)?;
-                    sync_queue(queue, &job)?;
-                    Ok(Some(job))
-                }),
-        )?;
-        if job.is_some() {
-            self.jobs_changed();
-        }
-        Ok(job)
+                        jobs.insert(id.as_bytes(), tx_encode(&job)?)?;
+                        sync_queue(queue, &job)?;
+                        Ok(Some(job))
+                    },
+                ),
+            )?;
+            if job.is_some() {
+                self.jobs_changed();
+            }
+            Ok(job)
+        })
     }
 
     /// Ids of the jobs the worker has to act on, oldest first.
+    /// Read whole first, so that no caller holds the database while it works through them
+    /// (a reopen waits for every holder).
     pub fn queued(&self) -> impl Iterator<Item = Result<Uuid>> + '_ {
-        self.queue.iter().values().map(|v| {
-            let v = v?;
-            Uuid::from_slice(&v).map_err(|e| ServiceError::internal("corrupt queue entry", e))
-        })
+        let ids = self.with(|s| {
+            Ok(s.queue
+                .iter()
+                .values()
+                .map(|v| {
+                    let v = v?;
+                    Uuid::from_slice(&v)
+                        .map_err(|e| ServiceError::internal("corrupt queue entry", e))
+                })
+                .collect::<Vec<Result<Uuid>>>())
+        });
+        let ids = ids.unwrap_or_else(|e| vec![Err(e)]);
+        if let Some(Err(e)) = ids.iter().find(|id| id.is_err()) {
+            self.note(e);
+        }
+        ids.into_iter()
     }
 
     /// Removes the queue entry of a job whose record is gone (only after corruption).
     pub fn drop_queue_entry(&self, id: Uuid) -> Result<()> {
-        for entry in self.queue.iter() {
-            let (key, value) = entry?;
-            if value.as_ref() == id.as_bytes() {
-                self.queue.remove(key)?;
+        self.with(|s| {
+            for entry in s.queue.iter() {
+                let (key, value) = entry?;
+                if value.as_ref() == id.as_bytes() {
+                    s.queue.remove(key)?;
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Images in the `saving` state (a crash interrupted their import or copy).
@@ -503,40 +879,38 @@ impl Store {
     /// is left alone if identical in its wire fields, and is an error otherwise.
     /// Returns how many were inserted.
     pub fn insert_jobs(&self, jobs: &[(TenantKey, Job)]) -> Result<usize> {
-        let inserted = tx_result(
-            (
-                &self.jobs,
-                &self.jobs_by_seq,
-                &self.jobs_by_tenant,
-                &self.queue,
-            )
-                .transaction(|(tx_jobs, by_seq, by_tenant, queue)| {
-                    let mut inserted = 0;
-                    for (tenant, job) in jobs {
-                        let id = job.wire.job_id;
-                        if let Some(old) = tx_jobs.get(id.as_bytes())? {
-                            let old: Job = decode(&old).map_err(abort)?;
-                            if old.wire == job.wire {
-                                continue;
+        self.with(|s| {
+            let inserted = tx_result(
+                (&s.jobs, &s.jobs_by_seq, &s.jobs_by_tenant, &s.queue).transaction(
+                    |(tx_jobs, by_seq, by_tenant, queue)| {
+                        let mut inserted = 0;
+                        for (tenant, job) in jobs {
+                            let id = job.wire.job_id;
+                            if let Some(old) = tx_jobs.get(id.as_bytes())? {
+                                let old: Job = decode(&old).map_err(abort)?;
+                                if old.wire == job.wire {
+                                    continue;
+                                }
+                                return Err(abort(ServiceError::Conflict(format!(
+                                    "job {id} already exists with different content"
+                                ))));
                             }
-                            return Err(abort(ServiceError::Conflict(format!(
-                                "job {id} already exists with different content"
-                            ))));
+                            let seq = job.seq.to_be_bytes();
+                            tx_jobs.insert(id.as_bytes(), tx_encode(job)?)?;
+                            by_seq.insert(&seq, id.as_bytes())?;
+                            by_tenant.insert(cat(&[&tenant.0, &seq]), id.as_bytes())?;
+                            sync_queue(queue, job)?;
+                            inserted += 1;
                         }
-                        let seq = job.seq.to_be_bytes();
-                        tx_jobs.insert(id.as_bytes(), tx_encode(job)?)?;
-                        by_seq.insert(&seq, id.as_bytes())?;
-                        by_tenant.insert(cat(&[&tenant.0, &seq]), id.as_bytes())?;
-                        sync_queue(queue, job)?;
-                        inserted += 1;
-                    }
-                    Ok(inserted)
-                }),
-        )?;
-        if inserted > 0 {
-            self.jobs_changed();
-        }
-        Ok(inserted)
+                        Ok(inserted)
+                    },
+                ),
+            )?;
+            if inserted > 0 {
+                self.jobs_changed();
+            }
+            Ok(inserted)
+        })
     }
 
     /// Jobs in creation order, of one source tenant or of all, after the job with sequence
@@ -549,61 +923,67 @@ impl Store {
         keep: impl Fn(&T) -> bool,
         limit: usize,
     ) -> Result<Vec<T>> {
-        let start = after.map_or(0, |s| s.saturating_add(1));
-        if after == Some(u64::MAX) {
-            return Ok(Vec::new());
-        }
-        let ids = match tenant {
-            Some(t) => self
-                .jobs_by_tenant
-                .range(cat(&[&t.0, &start.to_be_bytes()])..=cat(&[&t.0, &u64::MAX.to_be_bytes()])),
-            None => self.jobs_by_seq.range(start.to_be_bytes()..),
-        };
-        let mut out = Vec::new();
-        for entry in ids {
-            if out.len() >= limit {
-                break;
+        self.with(|s| {
+            let start = after.map_or(0, |s| s.saturating_add(1));
+            if after == Some(u64::MAX) {
+                return Ok(Vec::new());
             }
-            let (_, id) = entry?;
-            if let Some(job) = Self::get::<T>(&self.jobs, &id)? {
-                if keep(&job) {
-                    out.push(job);
+            let ids = match tenant {
+                Some(t) => s.jobs_by_tenant.range(
+                    cat(&[&t.0, &start.to_be_bytes()])..=cat(&[&t.0, &u64::MAX.to_be_bytes()]),
+                ),
+                None => s.jobs_by_seq.range(start.to_be_bytes()..),
+            };
+            let mut out = Vec::new();
+            for entry in ids {
+                if out.len() >= limit {
+                    break;
+                }
+                let (_, id) = entry?;
+                if let Some(job) = Self::get::<T>(&s.jobs, &id)? {
+                    if keep(&job) {
+                        out.push(job);
+                    }
                 }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// How many jobs there are in each status. Decodes only the status of each record.
     pub fn job_status_counts(
         &self,
     ) -> Result<std::collections::BTreeMap<crate::model::JobStatus, u64>> {
-        #[derive(serde::Deserialize)]
-        struct StatusOnly {
-            status: crate::model::JobStatus,
-        }
-        let mut counts = std::collections::BTreeMap::new();
-        for value in self.jobs.iter().values() {
-            let job: StatusOnly = decode(&value?)?;
-            *counts.entry(job.status).or_default() += 1;
-        }
-        Ok(counts)
+        self.with(|s| {
+            #[derive(serde::Deserialize)]
+            struct StatusOnly {
+                status: crate::model::JobStatus,
+            }
+            let mut counts = std::collections::BTreeMap::new();
+            for value in s.jobs.iter().values() {
+                let job: StatusOnly = decode(&value?)?;
+                *counts.entry(job.status).or_default() += 1;
+            }
+            Ok(counts)
+        })
     }
 
     /// Whether any job names `key` as its source or destination tenant.
     pub fn tenant_has_jobs(&self, key: TenantKey, id_as_stored: &str) -> Result<Option<Uuid>> {
-        if let Some(entry) = self.jobs_by_tenant.scan_prefix(key.0).next() {
-            let (_, id) = entry?;
-            return Ok(Uuid::from_slice(&id).ok());
-        }
-        for value in self.jobs.iter().values() {
-            let job: Job = decode(&value?)?;
-            let dst = &job.wire.destination_tenant_id;
-            if dst == id_as_stored || TenantKey::parse(dst) == Some(key) {
-                return Ok(Some(job.wire.job_id));
+        self.with(|s| {
+            if let Some(entry) = s.jobs_by_tenant.scan_prefix(key.0).next() {
+                let (_, id) = entry?;
+                return Ok(Uuid::from_slice(&id).ok());
             }
-        }
-        Ok(None)
+            for value in s.jobs.iter().values() {
+                let job: Job = decode(&value?)?;
+                let dst = &job.wire.destination_tenant_id;
+                if dst == id_as_stored || TenantKey::parse(dst) == Some(key) {
+                    return Ok(Some(job.wire.job_id));
+                }
+            }
+            Ok(None)
+        })
     }
 }
 

@@ -674,3 +674,166 @@ pub fn chunk_encode(body: &[u8]) -> Vec<u8> {
     out.extend_from_slice(b"0\r\n\r\n");
     out
 }
+
+// ----- small file systems -----
+
+/// A tmpfs the test mounted itself (root only), unmounted when dropped: a real file system
+/// that fills up. Declare it after the [`Lab`] whose directory it sits in, so that it is
+/// unmounted before the lab's directory is removed.
+pub struct Tmpfs {
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (as `mount -o size=` takes it, e.g. `16m`) on `path`, which is
+    /// created; `None`, with a line on stderr saying why, when mounting is impossible here.
+    pub fn mount(path: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(path).expect("mount point");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700")])
+            .arg("tmpfs")
+            .arg(path)
+            .output();
+        match out {
+            Ok(out) if out.status.success() => Some(Tmpfs {
+                path: path.to_path_buf(),
+            }),
+            Ok(out) => {
+                eprintln!(
+                    "SKIPPED: cannot mount a tmpfs on {} (root is needed): {}",
+                    path.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("SKIPPED: cannot run mount: {e}");
+                None
+            }
+        }
+    }
+
+    /// Writes `filler` until the file system is full; returns the bytes written.
+    pub fn fill(&self, filler: &Path) -> u64 {
+        use std::io::Write;
+        let mut file = std::fs::File::create(filler).expect("filler");
+        let mut written = 0u64;
+        for size in [1 << 16, 4096, 1] {
+            let chunk = vec![0xa5u8; size];
+            while let Ok(n) = file.write(&chunk) {
+                if n == 0 {
+                    break;
+                }
+                written += n as u64;
+            }
+        }
+        let _ = file.sync_all();
+        written
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+/// Copies a directory tree (files and directories only).
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create copy");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let kind = entry.file_type().expect("file type");
+        let target = to.join(entry.file_name());
+        if kind.is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else if kind.is_file() {
+            std::fs::copy(entry.path(), &target).expect("copy file");
+        }
+    }
+}
+
+// ----- umask -----
+
+/// `sh -c 'umask MASK; exec "$0" "$@"' BIN ARGS…`: the binary started under another umask.
+pub fn command_under_umask(umask: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!("umask {umask}; exec \"$0\" \"$@\""))
+        .arg(BIN)
+        .args(args);
+    cmd
+}
+
+impl Lab {
+    /// Runs the CLI under `umask`; it must succeed. Returns stdout and stderr.
+    pub fn ok_under_umask(&self, umask: &str, args: &[&str]) -> (String, String) {
+        let dir = self.data_dir();
+        let mut all = vec!["--data-dir", dir.to_str().expect("path")];
+        all.extend_from_slice(args);
+        let out = command_under_umask(umask, &all)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run the CLI");
+        assert!(
+            out.status.success(),
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Starts `serve` (with the worker) on 127.0.0.1:0 under `umask`.
+    pub fn serve_under_umask(&self, umask: &str) -> Server {
+        let log = self.dir.path().join("server.log");
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let dir = self.data_dir();
+        let mut child = command_under_umask(
+            umask,
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                dir.to_str().expect("path"),
+            ],
+        )
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn the server");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let base = lines.by_ref().find_map(|line| {
+            line.ok()?
+                .strip_prefix("image-replicator listening on ")
+                .map(|a| a.trim().to_string())
+        });
+        std::thread::spawn(move || for _ in lines {});
+        let Some(base) = base else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the server did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        };
+        let mut server = Server {
+            child,
+            base,
+            log,
+            client: Client::new(),
+        };
+        server.wait_for_socket(&dir);
+        server
+    }
+}

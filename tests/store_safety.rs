@@ -1,0 +1,444 @@
+//! The store against what power cuts and full disks leave behind: every partial file sled can
+//! write while it opens, a disk that fills up under a running server, and file modes.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+/// How many copies are acknowledged (202) before the damage.
+const JOBS_BEFORE: usize = 12;
+
+/// A lab with [`JOBS_BEFORE`] acknowledged jobs, its server stopped; the copier's token and
+/// the job ids.
+fn acknowledged() -> (Lab, String, Vec<String>) {
+    let (lab, token) = Lab::standard_with_copier();
+    let image = lab.image(TENANT_A, "base", 4096);
+    let mut server = lab.serve();
+    let ids = (0..JOBS_BEFORE)
+        .map(|_| server.copy_ok(&token, &image, TENANT_B))
+        .collect();
+    assert!(server.stop());
+    (lab, token, ids)
+}
+
+fn db_dir(lab: &Lab) -> PathBuf {
+    lab.data_dir().join("db")
+}
+
+/// The snapshot sled wrote at its last open (there is exactly one).
+fn snapshot(db: &Path) -> PathBuf {
+    let snaps: Vec<PathBuf> = std::fs::read_dir(db)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("snap.")
+        })
+        .collect();
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    snaps[0].clone()
+}
+
+/// A snapshot name that sorts after every real one, as the next open would write it.
+const NEWER: &str = "snap.7FFFFFFFFFFFFFFF";
+
+/// Every acknowledged job is listed by `job list` (the CLI opening the store itself).
+fn all_listed_by_cli(lab: &Lab, ids: &[String]) {
+    let list = lab.ok_json(&["job", "list"]);
+    let listed = job_ids(list.as_array().expect("job list array"));
+    for id in ids {
+        assert!(listed.contains(id), "job {id} is missing from {listed:?}");
+    }
+}
+
+/// Every acknowledged job is listed by the API of a server started on the store.
+fn all_listed_by_server(lab: &Lab, token: &str, ids: &[String], repaired: bool) {
+    let server = lab.serve();
+    let listed = job_ids(&jobs(server.get(JOBS, Some(token))));
+    for id in ids {
+        assert!(listed.contains(id), "job {id} is missing from {listed:?}");
+    }
+    assert_eq!(
+        server.log_text().contains("store repair:"),
+        repaired,
+        "a repair is logged exactly when one was needed: {}",
+        server.log_text()
+    );
+}
+
+/// Damages a store the way a cut at one step of sled's start-up would, then checks that the
+/// CLI and, on a copy of the same damage, the server both open it with every job.
+fn opens_after(damage: impl Fn(&Path)) {
+    opens_after_with(true, damage)
+}
+
+fn opens_after_with(repaired: bool, damage: impl Fn(&Path)) {
+    let (lab, token, ids) = acknowledged();
+    damage(&db_dir(&lab));
+    let twin = Lab::new();
+    copy_tree(&lab.data_dir(), &twin.data_dir());
+    all_listed_by_cli(&lab, &ids);
+    all_listed_by_server(&twin, &token, &ids, repaired);
+    // And the repaired store keeps opening.
+    all_listed_by_cli(&twin, &ids);
+}
+
+// Step 1: `conf`, written in place without a sync.
+
+#[test]
+fn store_opens_after_a_conf_cut_before_its_checksum() {
+    opens_after(|db| {
+        let conf = std::fs::read(db.join("conf")).unwrap();
+        std::fs::write(db.join("conf"), &conf[..conf.len() - 4]).unwrap();
+    });
+}
+
+#[test]
+fn store_opens_after_a_conf_cut_mid_text() {
+    opens_after(|db| {
+        let conf = std::fs::read(db.join("conf")).unwrap();
+        std::fs::write(db.join("conf"), &conf[..20]).unwrap();
+    });
+}
+
+#[test]
+fn store_opens_after_a_zero_filled_conf() {
+    // A file system that persisted the size but not the data.
+    opens_after(|db| {
+        let len = std::fs::metadata(db.join("conf")).unwrap().len() as usize;
+        std::fs::write(db.join("conf"), vec![0u8; len]).unwrap();
+    });
+}
+
+#[test]
+fn store_opens_after_an_empty_conf() {
+    opens_after(|db| std::fs::write(db.join("conf"), b"").unwrap());
+}
+
+// Step 3: `snap.<lsn>.generating`, written, fsynced, renamed.
+
+#[test]
+fn store_opens_after_an_empty_snapshot_generating() {
+    // What ENOSPC at the snapshot's first write leaves (spacejam/sled#1527).
+    opens_after(|db| std::fs::write(db.join(format!("{NEWER}.generating")), b"").unwrap());
+}
+
+#[test]
+fn store_opens_after_a_truncated_snapshot_generating() {
+    opens_after(|db| {
+        let snap = std::fs::read(snapshot(db)).unwrap();
+        std::fs::write(
+            db.join(format!("{NEWER}.generating")),
+            &snap[..snap.len() / 2],
+        )
+        .unwrap();
+    });
+}
+
+#[test]
+fn store_opens_after_a_snapshot_generating_cut_before_its_checksum() {
+    opens_after(|db| {
+        let snap = std::fs::read(snapshot(db)).unwrap();
+        std::fs::write(
+            db.join(format!("{NEWER}.generating")),
+            &snap[..snap.len() - 4],
+        )
+        .unwrap();
+    });
+}
+
+#[test]
+fn store_opens_after_a_complete_snapshot_generating_not_yet_renamed() {
+    opens_after(|db| {
+        std::fs::copy(snapshot(db), db.join(format!("{NEWER}.generating"))).unwrap();
+    });
+}
+
+#[test]
+fn store_opens_after_a_cut_between_rename_and_removing_the_old_snapshot() {
+    // sled reads the newest, whole, snapshot: nothing to repair.
+    opens_after_with(false, |db| {
+        std::fs::copy(snapshot(db), db.join("snap.0000000000000000")).unwrap();
+    });
+}
+
+#[test]
+fn store_opens_after_a_renamed_snapshot_lost_its_data() {
+    // Renamed but its blocks never reached the disk: a file system that ignored the fsync.
+    opens_after(|db| {
+        let snap = snapshot(db);
+        let len = std::fs::metadata(&snap).unwrap().len() as usize;
+        std::fs::write(&snap, vec![0u8; len]).unwrap();
+    });
+}
+
+#[test]
+fn store_opens_after_a_renamed_snapshot_is_truncated() {
+    opens_after(|db| {
+        let snap = std::fs::read(snapshot(db)).unwrap();
+        std::fs::write(db.join(NEWER), &snap[..snap.len() / 3]).unwrap();
+    });
+}
+
+/// A real full disk: sled's snapshot write at open fails with ENOSPC, and once space is back
+/// the store opens with every job (it stayed broken for good before).
+#[test]
+fn store_opens_once_space_is_back_after_a_full_disk_at_start_up() {
+    let lab = Lab::new();
+    let Some(fs) = Tmpfs::mount(&lab.data_dir(), "24m") else {
+        return;
+    };
+    lab.standard();
+    lab.ok(&[
+        "user", "add", "alice2", "--tenant", TENANT_A, "--tenant", TENANT_B,
+    ]);
+    let token = lab.token("alice2", TENANT_A);
+    let image = lab.image(TENANT_A, "base", 4096);
+    let mut server = lab.serve();
+    let ids: Vec<String> = (0..JOBS_BEFORE)
+        .map(|_| server.copy_ok(&token, &image, TENANT_B))
+        .collect();
+    assert!(server.stop());
+
+    let filler = lab.data_dir().join("filler");
+    assert!(fs.fill(&filler) > 0);
+    let err = lab.fails(&["job", "list"]);
+    assert!(err.contains("disk is full"), "{err}");
+    let left: Vec<String> = std::fs::read_dir(db_dir(&lab))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    eprintln!("left in db/ by the failed open: {left:?}");
+    std::fs::remove_file(&filler).unwrap();
+
+    all_listed_by_cli(&lab, &ids);
+    let server = lab.serve();
+    let listed = job_ids(&jobs(server.get(JOBS, Some(&token))));
+    for id in &ids {
+        assert!(listed.contains(id), "job {id} is missing from {listed:?}");
+    }
+    drop(server);
+    drop(fs);
+}
+
+/// A lab on a tmpfs of `size` with the copier's token and an image of tenant A.
+fn lab_on_tmpfs(size: &str) -> Option<(Lab, Tmpfs, String, String)> {
+    let lab = Lab::new();
+    let fs = Tmpfs::mount(&lab.data_dir(), size)?;
+    lab.standard();
+    lab.ok(&[
+        "user", "add", "alice2", "--tenant", TENANT_A, "--tenant", TENANT_B,
+    ]);
+    let token = lab.token("alice2", TENANT_A);
+    let image = lab.image(TENANT_A, "base", 4096);
+    Some((lab, fs, token, image))
+}
+
+fn metric(server: &Server, name: &str) -> String {
+    let text = server.get("/metrics", None).text().unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")).map(str::to_string))
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+}
+
+/// The disk fills under a running server: writes answer 507 naming the full disk, /healthz
+/// answers 503 naming the store, the gauge drops to 0, admin commands say the same; once space
+/// is freed the server takes writes again within seconds, with no restart, and no acknowledged
+/// job is lost (also across a restart afterwards).
+#[test]
+fn a_full_disk_answers_507_and_the_server_recovers_by_itself_once_space_is_back() {
+    let Some((lab, fs, token, image)) = lab_on_tmpfs("24m") else {
+        return;
+    };
+    let mut server = lab.serve();
+    let mut acked: Vec<String> = (0..JOBS_BEFORE)
+        .map(|_| server.copy_ok(&token, &image, TENANT_B))
+        .collect();
+    assert_eq!(metric(&server, "image_replicator_store_writable"), "1");
+
+    let filler = lab.data_dir().join("filler");
+    fs.fill(&filler);
+    let mut refused = None;
+    for _ in 0..5000 {
+        let resp = server.copy(&token, &image, TENANT_B);
+        match resp.status().as_u16() {
+            202 => acked.push(
+                resp.json::<serde_json::Value>().unwrap()["job_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            ),
+            _ => {
+                refused = Some(resp);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("a write fails once the disk is full");
+    let body = assert_error(refused, 507);
+    assert!(body.contains("disk is full"), "{body}");
+    // Still full: every write keeps being refused the same way, reads keep working or say so.
+    let body = assert_error(server.copy(&token, &image, TENANT_B), 507);
+    assert!(body.contains("disk is full"), "{body}");
+    let health = server.get("/healthz", None);
+    assert_eq!(health.status(), 503);
+    let health = health.text().unwrap();
+    assert!(
+        health.contains("store") && health.contains("disk is full"),
+        "{health}"
+    );
+    assert_eq!(metric(&server, "image_replicator_store_writable"), "0");
+    let err = lab.fails(&[
+        "tenant",
+        "add",
+        "0123456789abcdef0123456789abcdef",
+        "--region",
+        "ot1",
+    ]);
+    assert!(err.contains("disk is full"), "{err}");
+
+    std::fs::remove_file(&filler).unwrap();
+    let freed = std::time::Instant::now();
+    poll(
+        "the server to take writes again",
+        std::time::Duration::from_secs(15),
+        || (server.get("/healthz", None).status() == 200).then_some(()),
+    );
+    let recovery = freed.elapsed();
+    let id = server.copy_ok(&token, &image, TENANT_B);
+    acked.push(id);
+    assert_eq!(metric(&server, "image_replicator_store_writable"), "1");
+    lab.ok(&[
+        "tenant",
+        "add",
+        "0123456789abcdef0123456789abcdef",
+        "--region",
+        "ot1",
+    ]);
+
+    let listed = job_ids(&jobs(server.get(JOBS, Some(&token))));
+    for id in &acked {
+        assert!(listed.contains(id), "acknowledged job {id} is missing");
+    }
+    assert!(server.stop());
+    let server = lab.serve();
+    let listed = job_ids(&jobs(server.get(JOBS, Some(&token))));
+    for id in &acked {
+        assert!(
+            listed.contains(id),
+            "acknowledged job {id} is missing after a restart"
+        );
+    }
+    figures(
+        "full_disk",
+        &[
+            ("acknowledged", acked.len().to_string()),
+            ("lost", "0".into()),
+            ("recovery_ms", recovery.as_millis().to_string()),
+        ],
+    );
+    drop(server);
+    drop(fs);
+}
+
+/// Modes that are not `0700` for directories or `0600` for files, under `dir` (and `dir`).
+fn loose_modes(dir: &Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(path) = todo.pop() {
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        let mode = meta.permissions().mode() & 0o7777;
+        let wanted = if meta.is_dir() { 0o700 } else { 0o600 };
+        if mode != wanted {
+            out.push(format!("{} {mode:04o}", path.display()));
+        }
+        if meta.is_dir() {
+            todo.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Under umask 000 every directory the appliance makes is 0700 and every file 0600: the store
+/// (sled's files), regions, imported and replicated images, the admin socket.
+#[test]
+fn everything_the_appliance_creates_is_private_under_umask_000() {
+    let lab = Lab::new();
+    let run = |args: &[&str]| lab.ok_under_umask("000", args).0;
+    run(&["region", "add", "ot1"]);
+    run(&["region", "add", "ot2"]);
+    run(&["tenant", "add", TENANT_A, "--region", "ot1"]);
+    run(&["tenant", "add", TENANT_B, "--region", "ot2"]);
+    run(&[
+        "user", "add", "alice2", "--tenant", TENANT_A, "--tenant", TENANT_B,
+    ]);
+    let token = run(&["token", "issue", "--user", "alice2", "--tenant", TENANT_A])
+        .trim()
+        .to_string();
+    let file = lab.file("base.raw", 64 * 1024);
+    let image = run(&import_args(file.to_str().unwrap(), TENANT_A, "base", &[]))
+        .trim()
+        .to_string();
+    assert_eq!(loose_modes(&lab.data_dir()), Vec::<String>::new());
+
+    let mut server = lab.serve_under_umask("000");
+    let id = server.copy_ok(&token, &image, TENANT_B);
+    server.wait_job(
+        &token,
+        &id,
+        std::time::Duration::from_secs(30),
+        status_is("replicated"),
+    );
+    assert_eq!(
+        loose_modes(&lab.data_dir()),
+        Vec::<String>::new(),
+        "while serving (admin socket included)"
+    );
+    assert!(server.stop());
+    assert_eq!(lab.files_in("ot2").len(), 1, "the replicated image");
+    assert_eq!(loose_modes(&lab.data_dir()), Vec::<String>::new());
+}
+
+/// A data directory left 0755 (and a store whose files are 0644) is tightened at the next
+/// open, with a warning naming the old mode.
+#[test]
+fn a_looser_existing_data_dir_is_tightened_and_logged() {
+    use std::os::unix::fs::PermissionsExt;
+    let lab = Lab::new();
+    lab.ok(&["region", "add", "ot1"]);
+    let loose = std::fs::Permissions::from_mode(0o755);
+    std::fs::set_permissions(lab.data_dir(), loose.clone()).unwrap();
+    std::fs::set_permissions(db_dir(&lab), loose).unwrap();
+    std::fs::set_permissions(
+        db_dir(&lab).join("db"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let (_, stderr) = lab.ok_under_umask("000", &["region", "list"]);
+    assert!(stderr.contains("was mode 0755; made it 0700"), "{stderr}");
+    assert_eq!(loose_modes(&lab.data_dir()), Vec::<String>::new());
+}
+
+/// A data directory that belongs to another user is refused with a sentence.
+#[test]
+fn a_data_dir_of_another_user_is_refused() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: chown to another user needs root");
+        return;
+    }
+    let lab = Lab::new();
+    lab.ok(&["region", "add", "ot1"]);
+    std::os::unix::fs::chown(lab.data_dir(), Some(65534), None).unwrap();
+    let err = lab.fails(&["region", "list"]);
+    assert!(
+        err.contains("belongs to uid 65534, not to this user (uid 0)"),
+        "{err}"
+    );
+}
