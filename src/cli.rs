@@ -14,6 +14,7 @@ use crate::model::{
 use crate::server::{self, ServeOptions};
 use crate::service::{ImportRequest, Service};
 use crate::store::OpenError;
+use crate::text::escape;
 use crate::worker::WorkerConfig;
 
 #[derive(Parser, Debug)]
@@ -740,8 +741,16 @@ pub fn call(data_dir: &Path, request: Request) -> Result<Reply, String> {
 }
 
 // ----- text output -----
+//
+// Every value shown as text goes through `escape` (names, ids and errors may come from a
+// tenant or a remote service and hold control characters); `--json` prints values as they are.
 
+/// Columns; each cell escaped.
 fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|row| row.iter().map(|cell| escape(cell).into_owned()).collect())
+        .collect();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -767,8 +776,16 @@ fn or_dash(value: Option<String>) -> String {
     value.unwrap_or_else(|| "-".into())
 }
 
+/// `key: value` lines; each value escaped.
+fn fields(pairs: &[(&str, String)]) -> String {
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k}: {}\n", escape(v)))
+        .collect()
+}
+
 fn image_fields(i: &Image) -> String {
-    let fields = [
+    let pairs = [
         ("id", i.id.to_string()),
         ("name", i.name.clone()),
         ("owner", i.owner.clone()),
@@ -783,12 +800,12 @@ fn image_fields(i: &Image) -> String {
         ("created_at", rfc3339(i.created_at)),
         ("updated_at", rfc3339(i.updated_at)),
     ];
-    fields.iter().map(|(k, v)| format!("{k}: {v}\n")).collect()
+    fields(&pairs)
 }
 
 fn job_fields(j: &Job) -> String {
     let w = &j.wire;
-    let fields = [
+    let pairs = [
         ("job_id", w.job_id.to_string()),
         ("status", w.status.to_string()),
         ("copy_progress", w.copy_progress.to_string()),
@@ -808,12 +825,16 @@ fn job_fields(j: &Job) -> String {
         ("created_at", rfc3339(j.created_at)),
         ("updated_at", rfc3339(j.updated_at)),
     ];
-    fields.iter().map(|(k, v)| format!("{k}: {v}\n")).collect()
+    fields(&pairs)
 }
 
 fn human(reply: &Reply, verb: &str) -> String {
     match reply {
-        Reply::Region(r) => format!("region {} {verb} ({})\n", r.id, region_store(r)),
+        Reply::Region(r) => format!(
+            "region {} {verb} ({})\n",
+            escape(&r.id),
+            escape(&region_store(r))
+        ),
         Reply::Regions(list) => table(
             &["ID", "KIND", "WHERE", "DISK FORMATS"],
             list.iter()
@@ -823,14 +844,14 @@ fn human(reply: &Reply, verb: &str) -> String {
                 })
                 .collect(),
         ),
-        Reply::Tenant(t) => format!("tenant {} {verb}\n", t.id),
+        Reply::Tenant(t) => format!("tenant {} {verb}\n", escape(&t.id)),
         Reply::Tenants(list) => table(
             &["ID", "REGION", "NAME"],
             list.iter()
                 .map(|t| vec![t.id.clone(), t.region.clone(), or_dash(t.name.clone())])
                 .collect(),
         ),
-        Reply::User(u) => format!("user {} {verb}\n", u.name),
+        Reply::User(u) => format!("user {} {verb}\n", escape(&u.name)),
         Reply::Users(list) => table(
             &["NAME", "ADMIN", "TENANTS"],
             list.iter()
@@ -842,9 +863,9 @@ fn human(reply: &Reply, verb: &str) -> String {
             tokens_removed,
         } => format!(
             "user {} removed with {tokens_removed} token(s)\n",
-            user.name
+            escape(&user.name)
         ),
-        Reply::IssuedToken(issued) => format!("{}\n", issued.token),
+        Reply::IssuedToken(issued) => format!("{}\n", escape(&issued.token)),
         Reply::Token(t) => format!("token {} {verb}\n", t.id),
         Reply::Tokens(list) => table(
             &["ID", "USER", "TENANT", "CREATED", "EXPIRES", "REVOKED"],
@@ -906,8 +927,8 @@ fn human(reply: &Reply, verb: &str) -> String {
         Reply::Status(s) => format!(
             "server running, pid {}\nlisten: {}\ndata dir: {}\nactive copies: {}\nargon2 verifications: {}\ntoken cache: {} hits, {} misses, {} tokens\n",
             s.pid,
-            s.listen,
-            s.data_dir.display(),
+            escape(&s.listen),
+            escape(&s.data_dir.display().to_string()),
             s.active_copies,
             s.auth.argon2_verifications,
             s.auth.cache_hits,
