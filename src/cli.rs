@@ -434,9 +434,14 @@ pub enum TokenCmd {
         /// Lifetime, such as 30m, 12h or 7days [default: no expiry]
         #[arg(long, value_parser = parse_lifetime)]
         expires_in: Option<Duration>,
-        /// Register this value instead of generating one (8-256 printable ASCII characters)
-        #[arg(long)]
+        /// Register this value instead of generating one (8-256 printable ASCII characters).
+        /// Other users of the machine can read it in `ps`: prefer --token-file
+        #[arg(long, value_name = "VALUE")]
         token: Option<String>,
+        /// Register the value on this file's first line (`-`: standard input) instead of
+        /// generating one
+        #[arg(long, value_name = "FILE", conflicts_with = "token")]
+        token_file: Option<PathBuf>,
     },
     /// List tokens (ids and owners; never the tokens themselves)
     List,
@@ -636,13 +641,17 @@ fn request_for(command: Command) -> Result<(Request, &'static str), String> {
                 tenant,
                 expires_in,
                 token,
+                token_file,
             } => (
                 Request::TokenIssue {
                     user,
                     tenant,
                     expires_in_secs: expires_in
                         .map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0)),
-                    value: token,
+                    value: match token_file {
+                        Some(file) => Some(read_token_file(&file)?),
+                        None => token,
+                    },
                 },
                 "",
             ),
@@ -686,6 +695,32 @@ fn request_for(command: Command) -> Result<(Request, &'static str), String> {
             JobCmd::Watch { .. } => return Err("job watch is not an admin request".into()),
         },
     })
+}
+
+/// Bytes of a token file read at most: a token is 256 characters at most.
+const MAX_TOKEN_LINE: u64 = 4096;
+
+/// The first line of `file` (`-`: standard input), without its line end: a token value kept
+/// out of the process list. Errors never quote it.
+fn read_token_file(file: &Path) -> Result<String, String> {
+    use std::io::BufRead;
+    let (shown, source): (String, Box<dyn Read>) = if file == Path::new("-") {
+        ("standard input".into(), Box::new(std::io::stdin()))
+    } else {
+        let opened = std::fs::File::open(file)
+            .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+        (file.display().to_string(), Box::new(opened))
+    };
+    let mut line = String::new();
+    std::io::BufReader::new(source.take(MAX_TOKEN_LINE))
+        .read_line(&mut line)
+        .map_err(|e| format!("cannot read {shown}: {e}"))?;
+    let value = line.strip_suffix('\n').unwrap_or(&line);
+    let value = value.strip_suffix('\r').unwrap_or(value);
+    if value.is_empty() {
+        return Err(format!("{shown} holds no token on its first line"));
+    }
+    Ok(value.to_string())
 }
 
 fn read_seed(file: &Path) -> Result<Vec<serde_json::Value>, String> {
