@@ -273,23 +273,136 @@ fn op_name(req: &Request) -> String {
 // ----- client side -----
 
 /// Whether a server answers on the socket; `None` when none runs there.
+///
+/// Before a request goes out, the socket must be one the CLI can trust: a socket (not a link)
+/// owned by the CLI's own uid or root, writable by its owner only, in a directory of that
+/// owner that no one else may write to (or a sticky one); and the process that answers must
+/// run as that uid or root. Anything else is refused with a sentence saying what is wrong: a
+/// request may carry a token value, and the reply is believed.
 pub fn connect(data_dir: &Path) -> std::result::Result<Option<StdUnixStream>, String> {
     let path = socket_path(data_dir);
-    match StdUnixStream::connect(&path) {
-        Ok(stream) => Ok(Some(stream)),
+    let meta = match std::fs::symlink_metadata(&path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(format!(
+                "cannot examine the admin socket {}: {e}",
+                path.display()
+            ))
+        }
+    };
+    trust_socket(&path, &meta)?;
+    let stream = match StdUnixStream::connect(&path) {
+        Ok(stream) => stream,
         Err(e)
             if matches!(
                 e.kind(),
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
             ) =>
         {
-            Ok(None)
+            return Ok(None)
         }
-        Err(e) => Err(format!(
-            "cannot reach the server's admin socket {}: {e}",
+        Err(e) => {
+            return Err(format!(
+                "cannot reach the server's admin socket {}: {e}",
+                path.display()
+            ))
+        }
+    };
+    // The path may have changed hands between the checks and the connect: the answering
+    // process's own uid settles it.
+    let peer = peer_uid(&stream).map_err(|e| {
+        format!(
+            "cannot tell who answers on the admin socket {}: {e}",
             path.display()
-        )),
+        )
+    })?;
+    if !trusted_uid(peer) {
+        return Err(format!(
+            "refusing the admin socket {}: the process answering on it runs as uid {peer}, not as uid {} or root",
+            path.display(),
+            own_uid()
+        ));
     }
+    Ok(Some(stream))
+}
+
+fn trusted_uid(uid: u32) -> bool {
+    uid == 0 || uid == own_uid()
+}
+
+/// Whether the file at `path` (with `meta`, not following links) and its directory are fit to
+/// talk to; a sentence saying why not.
+fn trust_socket(path: &Path, meta: &std::fs::Metadata) -> std::result::Result<(), String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let refuse = |why: String| {
+        Err(format!(
+            "refusing the admin socket {}: {why}",
+            path.display()
+        ))
+    };
+    if !meta.file_type().is_socket() {
+        return refuse("it is not a socket".into());
+    }
+    if !trusted_uid(meta.uid()) {
+        return refuse(format!(
+            "it belongs to uid {}, not to uid {} or root",
+            meta.uid(),
+            own_uid()
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return refuse(format!(
+            "its mode {:o} lets group or others write to it (the server makes it 0600)",
+            meta.mode() & 0o7777
+        ));
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir_meta = std::fs::metadata(dir)
+        .map_err(|e| format!("cannot examine the directory {}: {e}", dir.display()))?;
+    if !trusted_uid(dir_meta.uid()) {
+        return refuse(format!(
+            "its directory belongs to uid {}, not to uid {} or root",
+            dir_meta.uid(),
+            own_uid()
+        ));
+    }
+    let sticky = dir_meta.mode() & 0o1000 != 0;
+    if dir_meta.mode() & 0o022 != 0 && !sticky {
+        return refuse(format!(
+            "its directory {} (mode {:o}) lets group or others replace it; chmod go-w {} if that is not meant",
+            dir.display(),
+            dir_meta.mode() & 0o7777,
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
+/// The effective uid of the process at the other end of a connected Unix socket.
+fn peer_uid(stream: &StdUnixStream) -> std::io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: the fd is a live socket owned by `stream`; `cred` and `len` are valid for writes
+    // of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred.uid)
 }
 
 /// Sends one request to a running server and waits for its reply.

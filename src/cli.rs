@@ -14,6 +14,7 @@ use crate::model::{
 use crate::server::{self, ServeOptions};
 use crate::service::{ImportRequest, Service};
 use crate::store::OpenError;
+use crate::text::escape;
 use crate::worker::WorkerConfig;
 
 #[derive(Parser, Debug)]
@@ -433,9 +434,14 @@ pub enum TokenCmd {
         /// Lifetime, such as 30m, 12h or 7days [default: no expiry]
         #[arg(long, value_parser = parse_lifetime)]
         expires_in: Option<Duration>,
-        /// Register this value instead of generating one (8-256 printable ASCII characters)
-        #[arg(long)]
+        /// Register this value instead of generating one (8-256 printable ASCII characters).
+        /// Other users of the machine can read it in `ps`: prefer --token-file
+        #[arg(long, value_name = "VALUE")]
         token: Option<String>,
+        /// Register the value on this file's first line (`-`: standard input) instead of
+        /// generating one
+        #[arg(long, value_name = "FILE", conflicts_with = "token")]
+        token_file: Option<PathBuf>,
     },
     /// List tokens (ids and owners; never the tokens themselves)
     List,
@@ -631,13 +637,17 @@ fn request_for(command: Command) -> Result<(Request, &'static str), String> {
                 tenant,
                 expires_in,
                 token,
+                token_file,
             } => (
                 Request::TokenIssue {
                     user,
                     tenant,
                     expires_in_secs: expires_in
                         .map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0)),
-                    value: token,
+                    value: match token_file {
+                        Some(file) => Some(read_token_file(&file)?),
+                        None => token,
+                    },
                 },
                 "",
             ),
@@ -681,6 +691,32 @@ fn request_for(command: Command) -> Result<(Request, &'static str), String> {
             JobCmd::Watch { .. } => return Err("job watch is not an admin request".into()),
         },
     })
+}
+
+/// Bytes of a token file read at most: a token is 256 characters at most.
+const MAX_TOKEN_LINE: u64 = 4096;
+
+/// The first line of `file` (`-`: standard input), without its line end: a token value kept
+/// out of the process list. Errors never quote it.
+fn read_token_file(file: &Path) -> Result<String, String> {
+    use std::io::BufRead;
+    let (shown, source): (String, Box<dyn Read>) = if file == Path::new("-") {
+        ("standard input".into(), Box::new(std::io::stdin()))
+    } else {
+        let opened = std::fs::File::open(file)
+            .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+        (file.display().to_string(), Box::new(opened))
+    };
+    let mut line = String::new();
+    std::io::BufReader::new(source.take(MAX_TOKEN_LINE))
+        .read_line(&mut line)
+        .map_err(|e| format!("cannot read {shown}: {e}"))?;
+    let value = line.strip_suffix('\n').unwrap_or(&line);
+    let value = value.strip_suffix('\r').unwrap_or(value);
+    if value.is_empty() {
+        return Err(format!("{shown} holds no token on its first line"));
+    }
+    Ok(value.to_string())
 }
 
 fn read_seed(file: &Path) -> Result<Vec<serde_json::Value>, String> {
@@ -736,8 +772,16 @@ pub fn call(data_dir: &Path, request: Request) -> Result<Reply, String> {
 }
 
 // ----- text output -----
+//
+// Every value shown as text goes through `escape` (names, ids and errors may come from a
+// tenant or a remote service and hold control characters); `--json` prints values as they are.
 
+/// Columns; each cell escaped.
 fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|row| row.iter().map(|cell| escape(cell).into_owned()).collect())
+        .collect();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -763,8 +807,16 @@ fn or_dash(value: Option<String>) -> String {
     value.unwrap_or_else(|| "-".into())
 }
 
+/// `key: value` lines; each value escaped.
+fn fields(pairs: &[(&str, String)]) -> String {
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k}: {}\n", escape(v)))
+        .collect()
+}
+
 fn image_fields(i: &Image) -> String {
-    let fields = [
+    let pairs = [
         ("id", i.id.to_string()),
         ("name", i.name.clone()),
         ("owner", i.owner.clone()),
@@ -779,12 +831,12 @@ fn image_fields(i: &Image) -> String {
         ("created_at", rfc3339(i.created_at)),
         ("updated_at", rfc3339(i.updated_at)),
     ];
-    fields.iter().map(|(k, v)| format!("{k}: {v}\n")).collect()
+    fields(&pairs)
 }
 
 fn job_fields(j: &Job) -> String {
     let w = &j.wire;
-    let fields = [
+    let pairs = [
         ("job_id", w.job_id.to_string()),
         ("status", w.status.to_string()),
         ("copy_progress", w.copy_progress.to_string()),
@@ -804,12 +856,16 @@ fn job_fields(j: &Job) -> String {
         ("created_at", rfc3339(j.created_at)),
         ("updated_at", rfc3339(j.updated_at)),
     ];
-    fields.iter().map(|(k, v)| format!("{k}: {v}\n")).collect()
+    fields(&pairs)
 }
 
 fn human(reply: &Reply, verb: &str) -> String {
     match reply {
-        Reply::Region(r) => format!("region {} {verb} ({})\n", r.id, region_store(r)),
+        Reply::Region(r) => format!(
+            "region {} {verb} ({})\n",
+            escape(&r.id),
+            escape(&region_store(r))
+        ),
         Reply::Regions(list) => table(
             &["ID", "KIND", "WHERE", "DISK FORMATS"],
             list.iter()
@@ -819,14 +875,14 @@ fn human(reply: &Reply, verb: &str) -> String {
                 })
                 .collect(),
         ),
-        Reply::Tenant(t) => format!("tenant {} {verb}\n", t.id),
+        Reply::Tenant(t) => format!("tenant {} {verb}\n", escape(&t.id)),
         Reply::Tenants(list) => table(
             &["ID", "REGION", "NAME"],
             list.iter()
                 .map(|t| vec![t.id.clone(), t.region.clone(), or_dash(t.name.clone())])
                 .collect(),
         ),
-        Reply::User(u) => format!("user {} {verb}\n", u.name),
+        Reply::User(u) => format!("user {} {verb}\n", escape(&u.name)),
         Reply::Users(list) => table(
             &["NAME", "ADMIN", "TENANTS"],
             list.iter()
@@ -838,9 +894,9 @@ fn human(reply: &Reply, verb: &str) -> String {
             tokens_removed,
         } => format!(
             "user {} removed with {tokens_removed} token(s)\n",
-            user.name
+            escape(&user.name)
         ),
-        Reply::IssuedToken(issued) => format!("{}\n", issued.token),
+        Reply::IssuedToken(issued) => format!("{}\n", escape(&issued.token)),
         Reply::Token(t) => format!("token {} {verb}\n", t.id),
         Reply::Tokens(list) => table(
             &["ID", "USER", "TENANT", "CREATED", "EXPIRES", "REVOKED"],
@@ -902,8 +958,8 @@ fn human(reply: &Reply, verb: &str) -> String {
         Reply::Status(s) => format!(
             "server running, pid {}\nlisten: {}\ndata dir: {}\nactive copies: {}\nargon2 verifications: {}\ntoken cache: {} hits, {} misses, {} tokens\n",
             s.pid,
-            s.listen,
-            s.data_dir.display(),
+            escape(&s.listen),
+            escape(&s.data_dir.display().to_string()),
             s.active_copies,
             s.auth.argon2_verifications,
             s.auth.cache_hits,

@@ -155,9 +155,8 @@ impl Glance {
     }
 
     fn json<T: serde::de::DeserializeOwned>(&self, resp: Response) -> Result<T, RemoteError> {
-        resp.json().map_err(|e| {
-            RemoteError::Refused(format!("{} answered unreadable JSON: {e}", self.what()))
-        })
+        resp.json()
+            .map_err(|e| RemoteError::Refused(crate::remote::unreadable(&self.what(), &e)))
     }
 
     /// The image's record; `None` if Glance does not know it.

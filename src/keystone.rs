@@ -121,7 +121,7 @@ fn password_token(
         .ok_or_else(|| RemoteError::Refused(format!("{what} answered without X-Subject-Token")))?;
     let body: serde_json::Value = resp
         .json()
-        .map_err(|e| RemoteError::Refused(format!("{what} answered unreadable JSON: {e}")))?;
+        .map_err(|e| RemoteError::Refused(crate::remote::unreadable(&what, &e)))?;
     let lifetime = time_left(&body["token"]).unwrap_or(Duration::from_secs(300));
     Ok((token, lifetime))
 }
@@ -295,7 +295,7 @@ impl Validator {
         }
         resp.json()
             .map(Ok)
-            .map_err(|e| RemoteError::Unavailable(format!("{what} answered unreadable JSON: {e}")))
+            .map_err(|e| RemoteError::Unavailable(crate::remote::unreadable(&what, &e)))
     }
 
     /// The token's identity and when it expires; `None` if Keystone says it is not valid.

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::error::ErrorKind;
 use clap::Parser;
 use image_replicator::cli;
+use image_replicator::text::escape;
 
 /// Allocations above this size get their own mapping, returned to the system when freed.
 /// glibc otherwise raises the threshold after the first large free and then keeps every
@@ -37,7 +38,8 @@ fn main() -> ExitCode {
     match cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
-            eprintln!("image-replicator: {message}");
+            // The message may quote a name or a remote service's words.
+            eprintln!("image-replicator: {}", escape(&message));
             ExitCode::FAILURE
         }
     }
@@ -62,7 +64,7 @@ fn usage_error(e: clap::Error) -> ExitCode {
         .collect();
     let message = message.join(" ");
     let message = message.strip_prefix("error: ").unwrap_or(&message);
-    eprintln!("image-replicator: {message} (see --help)");
+    eprintln!("image-replicator: {} (see --help)", escape(message));
     ExitCode::from(2)
 }
 
@@ -76,7 +78,11 @@ fn init_logging(cli: &cli::Cli) {
     };
     let filter = match &cli.log_level {
         Some(level) => EnvFilter::try_new(level).unwrap_or_else(|e| {
-            eprintln!("image-replicator: --log-level '{level}' is not a level or filter ({e}); using {default_level}");
+            let why = escape(&format!(
+                "--log-level '{level}' is not a level or filter ({e})"
+            ))
+            .into_owned();
+            eprintln!("image-replicator: {why}; using {default_level}");
             EnvFilter::new(default_level)
         }),
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),

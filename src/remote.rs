@@ -1,7 +1,23 @@
 //! What can go wrong when the appliance talks to another service (Glance, Keystone).
+//!
+//! The texts are made here from what the service answered, which it controls: each is
+//! escaped ([`crate::text::escape`]) and capped as it is made, so that a job's error, a log
+//! line or the CLI can show it as it is.
 
 use reqwest::blocking::Response;
 use reqwest::StatusCode;
+
+use crate::text;
+
+/// Characters of a service's own words kept in an error (after escaping).
+const MAX_DETAIL: usize = 200;
+
+/// The text for an answer `what` sent that does not parse: `e` says why, and may quote the
+/// answer (serde does).
+pub fn unreadable(what: &str, e: &dyn std::fmt::Display) -> String {
+    let detail = text::excerpt(&e.to_string(), MAX_DETAIL);
+    format!("{what} answered unreadable JSON: {detail}")
+}
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum RemoteError {
@@ -33,6 +49,7 @@ impl RemoteError {
         } else {
             cause
         };
+        let detail = text::excerpt(&detail, MAX_DETAIL);
         if e.is_builder() {
             RemoteError::Refused(format!("{what}: bad request: {detail}"))
         } else if e.is_timeout() {
@@ -50,14 +67,12 @@ impl RemoteError {
 
     /// [`RemoteError::from_status`] with the body already read.
     pub fn from_status_text(what: &str, status: StatusCode, body: &str) -> RemoteError {
-        let why: String = body
+        let why = body
             .lines()
             .map(str::trim)
             .find(|l| !l.is_empty() && !l.starts_with('<'))
-            .unwrap_or("")
-            .chars()
-            .take(200)
-            .collect();
+            .unwrap_or("");
+        let why = text::excerpt(why, MAX_DETAIL);
         let text = if why.is_empty() {
             format!("{what} answered {status}")
         } else {

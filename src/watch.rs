@@ -12,6 +12,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use crate::admin::{self, Reply, Request};
 use crate::cli::call;
 use crate::model::Job;
+use crate::text::escape;
 
 const POLL: Duration = Duration::from_millis(500);
 
@@ -103,7 +104,7 @@ fn show_progress(job: &Job, view: &mut View) {
             bar.set_position(job.bytes_copied);
             if w.status.is_terminal() {
                 let end = match &job.error {
-                    Some(reason) => format!("{label}: {reason}"),
+                    Some(reason) => format!("{label}: {}", escape(reason)),
                     None => label,
                 };
                 bar.abandon_with_message(end);
@@ -130,7 +131,7 @@ fn show_progress(job: &Job, view: &mut View) {
                 ));
             }
             if let Some(reason) = &job.error {
-                line.push_str(&format!(": {reason}"));
+                line.push_str(&format!(": {}", escape(reason)));
             }
             println!("{line}");
         }

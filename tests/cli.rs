@@ -1521,3 +1521,204 @@ fn help_works_for_every_subcommand() {
     }
     assert!(!lab.data_dir().exists(), "--help touches no data directory");
 }
+
+// ----- token values kept out of `ps`, and the admin socket's owner -----
+
+#[test]
+fn token_issue_reads_its_value_from_a_file_or_standard_input_unseen_by_ps() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let lab = Lab::new();
+    lab.standard();
+    // From a file, without a server; a CRLF line end is not part of the value.
+    let file = write(&lab, "token.txt", "file-token-value-1\r\nsecond line\n");
+    let issued = ok_json(
+        &lab,
+        &issue_args("alice", TENANT_A, &["--token-file", &file]),
+    );
+    assert_eq!(issued["token"], "file-token-value-1");
+
+    // From standard input, through a running server; while the CLI waits for its input, the
+    // value is nowhere in its command line.
+    let server = lab.serve();
+    let value = "stdin-token-value-2";
+    let mut child = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(lab.data_dir())
+        .args(issue_args("bob", TENANT_B, &["--token-file", "-"]))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let cmdline = poll(
+        "the CLI's command line",
+        std::time::Duration::from_secs(10),
+        || {
+            let cmdline = fs::read(format!("/proc/{}/cmdline", child.id())).ok()?;
+            contains(&cmdline, b"--token-file").then_some(cmdline)
+        },
+    );
+    assert!(!contains(&cmdline, value.as_bytes()));
+    writeln!(child.stdin.take().unwrap(), "{value}").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{value}\n"));
+
+    for token in ["file-token-value-1", value] {
+        assert_eq!(server.get(JOBS, Some(token)).status(), 200, "{token}");
+    }
+    // --token still works (README: other users can read it in `ps`).
+    ok(
+        &lab,
+        &issue_args("carol", TENANT_C, &["--token", "argv-token-value-3"]),
+    );
+    assert_eq!(server.get(JOBS, Some("argv-token-value-3")).status(), 200);
+
+    let empty = write(&lab, "empty.txt", "\nfile-token-value-4\n");
+    let message = refused(
+        &lab,
+        &issue_args("alice", TENANT_A, &["--token-file", &empty]),
+        &["empty.txt", "no token on its first line"],
+    );
+    assert!(!message.contains("file-token-value-4"), "{message}");
+    refused(
+        &lab,
+        &issue_args("alice", TENANT_A, &["--token-file", "/nonexistent/token"]),
+        &["cannot read /nonexistent/token"],
+    );
+    refused(
+        &lab,
+        &issue_args(
+            "alice",
+            TENANT_A,
+            &["--token", "x-value-5", "--token-file", &file],
+        ),
+        &["--token"],
+    );
+    assert_eq!(
+        ok_json(&lab, &["token", "list"]).as_array().map(Vec::len),
+        Some(3)
+    );
+}
+
+/// A Unix socket at `path` that records every connection and closes it unanswered.
+fn impostor_socket(path: &Path) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+    let connections = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = std::sync::Arc::clone(&connections);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            seen.fetch_add(1, Ordering::SeqCst);
+            drop(stream);
+        }
+    });
+    connections
+}
+
+fn chmod(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[test]
+fn the_cli_refuses_an_admin_socket_it_cannot_trust() {
+    use std::sync::atomic::Ordering;
+    let lab = Lab::new();
+    lab.standard();
+    let data = lab.data_dir();
+    let socket = data.join("admin.sock");
+    let shown = path(&socket).to_string();
+    let list = ["region", "list"];
+
+    // Not a socket: without the check the CLI took it for no server and went on.
+    fs::write(&socket, "").unwrap();
+    refused(
+        &lab,
+        &list,
+        &["refusing the admin socket", &shown, "not a socket"],
+    );
+    fs::remove_file(&socket).unwrap();
+
+    // A socket that group or others may write to.
+    let connections = impostor_socket(&socket);
+    chmod(&socket, 0o666);
+    refused(&lab, &list, &["refusing", "mode 666", "group or others"]);
+    // In a directory others may write to (and so replace the socket in).
+    chmod(&socket, 0o600);
+    chmod(&data, 0o777);
+    refused(
+        &lab,
+        &list,
+        &["refusing", "its directory", "777", "chmod go-w"],
+    );
+    chmod(&data, 0o700);
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        // Another user's socket.
+        std::os::unix::fs::lchown(&socket, Some(65534), Some(65534)).unwrap();
+        refused(&lab, &list, &["refusing", "belongs to uid 65534"]);
+    } else {
+        println!("not root: a socket of another uid is not checked");
+    }
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        0,
+        "the CLI talked to it"
+    );
+    fs::remove_file(&socket).unwrap();
+
+    // A socket whose file looks right but whose listener runs as another user (a path that
+    // changed hands between the checks and the connect): refused by the peer's uid.
+    let python = Path::new("/usr/bin/python3");
+    if root && python.exists() {
+        let spot = lab.dir.path().join("spot");
+        fs::create_dir(&spot).unwrap();
+        chmod(lab.dir.path(), 0o711);
+        chmod(&spot, 0o777);
+        let planted = spot.join("s");
+        let script = "import socket, sys\n\
+            s = socket.socket(socket.AF_UNIX)\n\
+            s.bind(sys.argv[1]); s.listen(8)\n\
+            print('ready', flush=True)\n\
+            sys.stdin.read()\n";
+        let mut nobody = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(python)
+            .args(["-c", script])
+            .arg(&planted)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut ready = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(nobody.stdout.take().unwrap()),
+            &mut ready,
+        )
+        .unwrap();
+        assert_eq!(ready.trim(), "ready");
+        fs::rename(&planted, &socket).unwrap();
+        std::os::unix::fs::lchown(&socket, Some(0), Some(0)).unwrap();
+        chmod(&socket, 0o600);
+        refused(&lab, &list, &["refusing", "runs as uid 65534"]);
+        drop(nobody.stdin.take());
+        let _ = nobody.kill();
+        let _ = nobody.wait();
+        fs::remove_file(&socket).unwrap();
+        chmod(lab.dir.path(), 0o700);
+    } else {
+        println!("not root or no /usr/bin/python3: a listener of another uid is not checked");
+    }
+
+    // With the impostors gone, the real server's socket is trusted.
+    let _server = lab.serve();
+    let regions = ok_json(&lab, &list);
+    assert_eq!(regions.as_array().map(Vec::len), Some(2), "{regions}");
+}
