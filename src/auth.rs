@@ -20,7 +20,7 @@ use uuid::Uuid;
 use crate::error::{Result, ServiceError};
 use crate::keystone::{Validation, Validator};
 use crate::model::{TenantKey, TokenRecord};
-use crate::store::Store;
+use crate::store::Repo;
 
 /// Bytes of the SHA-256 kept as the non-secret lookup key.
 pub const LOOKUP_LEN: usize = 4;
@@ -245,7 +245,7 @@ impl Authenticator {
     /// The principal a token acts as, or `None` (the caller answers 401 without saying why).
     pub async fn authenticate(
         self: &Arc<Self>,
-        store: &Arc<Store>,
+        store: &Arc<dyn Repo>,
         token: Option<&str>,
     ) -> Result<Option<Principal>> {
         let Some(token) = token.filter(|t| plausible(t)) else {
@@ -256,7 +256,7 @@ impl Authenticator {
         if let Some(id) = self.cached(&digest) {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return match store.token(id)? {
-                Some(record) if record.unusable_at(now).is_none() => principal(store, &record),
+                Some(record) if record.unusable_at(now).is_none() => principal(&**store, &record),
                 _ => {
                     self.forget(&digest);
                     Ok(None)
@@ -283,7 +283,7 @@ impl Authenticator {
                 if self.verify(token, &record.hash).await {
                     if usable {
                         self.remember(digest, record.id);
-                        return principal(store, record);
+                        return principal(&**store, record);
                     }
                     self.dead.insert(digest);
                     return Ok(None);
@@ -295,13 +295,13 @@ impl Authenticator {
             }
         }
         match self.keystone.get() {
-            Some(keystone) => keystone_principal(store, keystone, token, digest).await,
+            Some(keystone) => keystone_principal(&**store, keystone, token, digest).await,
             None => Ok(None),
         }
     }
 
     /// Whether `token` is already registered (when importing a given value; blocking).
-    pub fn exists(&self, store: &Store, token: &str) -> Result<bool> {
+    pub fn exists(&self, store: &dyn Repo, token: &str) -> Result<bool> {
         let candidates = store.token_candidates(&lookup(&digest(token)))?;
         Ok(candidates
             .iter()
@@ -312,7 +312,7 @@ impl Authenticator {
 /// A token the registry does not know, as Keystone sees it: its project must be a registered
 /// tenant (else it gets what an unknown tenant gets, a 401); Keystone down is a 503.
 async fn keystone_principal(
-    store: &Store,
+    store: &dyn Repo,
     keystone: &Arc<Validator>,
     token: &str,
     digest: [u8; 32],
@@ -364,7 +364,7 @@ async fn keystone_principal(
     }))
 }
 
-fn principal(store: &Store, record: &TokenRecord) -> Result<Option<Principal>> {
+fn principal(store: &dyn Repo, record: &TokenRecord) -> Result<Option<Principal>> {
     let Some(user) = store.user(&record.user)? else {
         return Ok(None);
     };

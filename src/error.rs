@@ -61,7 +61,9 @@ impl ServiceError {
 impl From<sled::Error> for ServiceError {
     fn from(err: sled::Error) -> Self {
         match &err {
-            sled::Error::Io(io) if crate::store::is_disk_full(io) => ServiceError::disk_full(),
+            sled::Error::Io(io) if crate::store::sled::is_disk_full(io) => {
+                ServiceError::disk_full()
+            }
             _ => ServiceError::internal(STORE_ERROR, err),
         }
     }

@@ -19,7 +19,6 @@ pub mod remote;
 pub mod server;
 pub mod service;
 pub mod store;
-pub mod store_repair;
 pub mod text;
 pub mod watch;
 pub mod worker;

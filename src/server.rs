@@ -12,7 +12,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::admin::{self, ServerStatus};
 use crate::service::Service;
-use crate::store::{OpenError, Store};
+use crate::store::{self, OpenError, Repo};
 use crate::worker::{self, WorkerConfig};
 
 /// How long `serve` keeps trying to open a store that another process holds (an admin command
@@ -47,11 +47,11 @@ pub fn private_umask() {
 }
 
 /// Opens the store, waiting up to `wait` while another process holds its lock.
-pub fn open_store(data_dir: &Path, wait: Duration) -> Result<Store, OpenError> {
+pub fn open_store(data_dir: &Path, wait: Duration) -> Result<Arc<dyn Repo>, OpenError> {
     private_umask();
     let deadline = std::time::Instant::now() + wait;
     loop {
-        match Store::open(data_dir) {
+        match store::open(data_dir) {
             Err(OpenError::Locked(_)) if std::time::Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(50));
             }

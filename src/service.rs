@@ -23,14 +23,14 @@ use crate::model::{
     Tenant, TenantKey, TokenInfo, TokenRecord, User, CONTAINER_FORMATS, DISK_FORMATS, JOB_KEYS,
 };
 use crate::regions::{self, ImageStore, Stores};
-use crate::store::{ImageChange, Store};
+use crate::store::{ImageChange, JobQuery, Repo};
 use crate::worker::{self, Board};
 
 /// Longest token lifetime `--expires-in` takes (100 years).
 const MAX_LIFETIME_SECS: u64 = 100 * 365 * 24 * 3600;
 
 pub struct Service {
-    pub store: Arc<Store>,
+    pub store: Arc<dyn Repo>,
     pub auth: Arc<Authenticator>,
     /// Where the replication worker is woken and running copies are told of cancels.
     pub board: Arc<Board>,
@@ -117,9 +117,9 @@ fn check_format(kind: &str, value: &str, allowed: &[&str]) -> Result<()> {
 }
 
 impl Service {
-    pub fn new(store: Store, data_dir: PathBuf) -> Service {
+    pub fn new(store: Arc<dyn Repo>, data_dir: PathBuf) -> Service {
         Service {
-            store: Arc::new(store),
+            store,
             auth: Arc::new(Authenticator::default()),
             board: Arc::new(Board::default()),
             metrics: Arc::new(Metrics::default()),
@@ -460,7 +460,7 @@ impl Service {
         let token = match value {
             Some(v) => {
                 auth::check_imported(&v)?;
-                if self.auth.exists(&self.store, &v)? {
+                if self.auth.exists(&*self.store, &v)? {
                     return Err(ServiceError::Conflict(
                         "that token value is already registered".into(),
                     ));
@@ -678,14 +678,15 @@ impl Service {
         }
         let owner = parse_tenant(&image.owner)?;
         let busy = self.store.jobs(
-            Some(owner),
-            None,
-            |j: &Job| {
+            &JobQuery {
+                limit: 1,
+                ..JobQuery::all(Some(owner))
+            },
+            &|j| {
                 !j.wire.status.is_terminal()
                     && (j.wire.source_image_id == image.id
                         || j.wire.destination_image_id == Some(image.id))
             },
-            1,
         )?;
         if let Some(job) = busy.first() {
             return Err(ServiceError::Conflict(format!(
@@ -751,19 +752,16 @@ impl Service {
 
     pub fn job_list(&self, tenant: Option<&str>, status: Option<JobStatus>) -> Result<Vec<Job>> {
         let key = tenant.map(parse_tenant).transpose()?;
-        self.store.jobs(
-            key,
-            None,
-            |j: &Job| status.is_none_or(|s| j.wire.status == s),
-            usize::MAX,
-        )
+        self.store.jobs(&JobQuery::all(key), &|j| {
+            status.is_none_or(|s| j.wire.status == s)
+        })
     }
 
     /// Jobs the worker still has to act on, oldest first.
     pub fn active_jobs(&self) -> Result<Vec<Job>> {
         let mut jobs = Vec::new();
-        for id in self.store.queued() {
-            jobs.extend(self.store.job(id?)?);
+        for id in self.store.queued()? {
+            jobs.extend(self.store.job(id)?);
         }
         Ok(jobs)
     }
@@ -809,12 +807,13 @@ impl Service {
             None => None,
         };
         let scope = (!who.admin).then_some(who.tenant_key);
-        self.store.jobs(
-            scope,
+        let query = JobQuery {
+            tenant: scope,
             after,
-            |j: &JobWire| status.is_none_or(|s| j.status == s),
-            limit.unwrap_or(usize::MAX),
-        )
+            limit: limit.unwrap_or(usize::MAX),
+        };
+        self.store
+            .job_wires(&query, &|j| status.is_none_or(|s| j.status == s))
     }
 
     /// [`Service::list_jobs`] encoded as the API's JSON body. Clients poll their list, so a
@@ -980,7 +979,7 @@ impl Service {
 
     fn cancel(&self, who: Option<&Principal>, id: &str) -> Result<Job> {
         let job = self.visible_job(who, id)?;
-        let updated = self.store.update_job(job.wire.job_id, |job| {
+        let updated = self.store.update_job(job.wire.job_id, &|job| {
             if !job.request_cancel(now()) {
                 return Err(ServiceError::Conflict(format!(
                     "job {id} is {}; only replicate_requested or replicating jobs can be canceled",

@@ -470,10 +470,14 @@ fn copy_of_image_not_active_is_409() {
     let source = lab.image(TENANT_A, "slow-image", 2 << 20);
     let server = lab.serve_with(&["--max-bandwidth", "1M"]);
     let copy = server.copy_ok(&alice2, &source, TENANT_B);
-    let saving = poll("the copy's destination image", Duration::from_secs(10), || {
-        let job = server.job(&alice2, &copy);
-        job["destination_image_id"].as_str().map(String::from)
-    });
+    let saving = poll(
+        "the copy's destination image",
+        Duration::from_secs(10),
+        || {
+            let job = server.job(&alice2, &copy);
+            job["destination_image_id"].as_str().map(String::from)
+        },
+    );
     let image: Value =
         serde_json::from_str(&lab.ok(&["--json", "image", "show", &saving])).expect("JSON");
     assert_eq!(image["status"], "saving");
@@ -481,7 +485,12 @@ fn copy_of_image_not_active_is_409() {
     assert!(sentence.contains("active"), "{sentence:?}");
     assert!(jobs(server.get(JOBS, Some(&bob))).is_empty());
 
-    server.wait_job(&alice2, &copy, Duration::from_secs(30), status_is("replicated"));
+    server.wait_job(
+        &alice2,
+        &copy,
+        Duration::from_secs(30),
+        status_is("replicated"),
+    );
     let image: Value =
         serde_json::from_str(&lab.ok(&["--json", "image", "show", &saving])).expect("JSON");
     assert_eq!(image["status"], "active");

@@ -79,7 +79,12 @@ fn importing_a_fifo_is_refused_at_once() {
     let mut child = std::process::Command::new(BIN)
         .arg("--data-dir")
         .arg(lab.data_dir())
-        .args(import_args(fifo.to_str().expect("path"), TENANT_A, "pipe", &[]))
+        .args(import_args(
+            fifo.to_str().expect("path"),
+            TENANT_A,
+            "pipe",
+            &[],
+        ))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())

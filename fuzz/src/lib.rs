@@ -29,7 +29,6 @@ use image_replicator::error::ServiceError;
 use image_replicator::http::{parse_copy_request, parse_list_query};
 use image_replicator::model::{JobStatus, TenantKey};
 use image_replicator::service::{ImportRequest, Service};
-use image_replicator::store::Store;
 use uuid::Uuid;
 use warp::filters::BoxedFilter;
 use warp::http::Method;
@@ -198,7 +197,7 @@ fn route_lab() -> &'static RouteLab {
         let dir = tempfile::tempdir().expect("temp dir");
         let data = dir.path().join("data");
         std::fs::create_dir_all(&data).expect("data dir");
-        let store = Store::open(&data).expect("store");
+        let store = image_replicator::store::open(&data).expect("store");
         let svc = Arc::new(Service::new(store, data.clone()));
         svc.region_add("ot1", None, None).expect("region");
         svc.tenant_add(TENANT, "ot1", None).expect("tenant");

@@ -21,6 +21,7 @@ use uuid::Uuid;
 use crate::copy::{stream, Chunk, Control, CopyError, Digests, Hashes, Stop};
 use crate::model::{Image, Region, RegionKind};
 use crate::remote::RemoteError;
+use crate::text::excerpt;
 
 /// Why an image store could not do what was asked.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -184,17 +185,25 @@ pub fn verify(source: &Image, got: &Recorded) -> Result<(), StoreError> {
     if got.size == source.size && agree {
         return Ok(());
     }
-    let none = |v: &Option<String>| v.clone().unwrap_or_else(|| "(none)".into());
+    // Hashes and algorithm names may come from a remote service: escaped for logs.
+    let none = |v: &Option<String>| match v {
+        Some(v) => excerpt(v, 200),
+        None => "(none)".into(),
+    };
+    let algo = |v: &Option<String>| match v {
+        Some(v) => excerpt(v, 40),
+        None => "hash".into(),
+    };
     Err(StoreError::Fatal(format!(
         "source image {} changed since it was recorded, or its copy differs: the source has {} bytes with MD5 {} and {} {}; the destination recorded {} bytes with MD5 {} and {} {}",
         source.id,
         source.size,
         none(&source.checksum),
-        source.os_hash_algo.as_deref().unwrap_or("hash"),
+        algo(&source.os_hash_algo),
         none(&source.os_hash_value),
         got.size,
         none(&got.checksum),
-        got.os_hash_algo.as_deref().unwrap_or("hash"),
+        algo(&got.os_hash_algo),
         none(&got.os_hash_value),
     )))
 }

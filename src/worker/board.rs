@@ -1,5 +1,6 @@
-//! Where the service and the workers meet: which jobs this process is copying (each with its
-//! cancel flag), and the wake-up for idle workers.
+//! Where the service and the workers of this process meet: the jobs its workers run (each
+//! with its cancel flag; the claim itself is the job repository's), and the wake-up for idle
+//! workers.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,18 +44,16 @@ impl Board {
         self.wake();
     }
 
-    /// Takes job `id` for this worker, unless another has it; its cancel flag.
-    pub fn claim(&self, id: Uuid) -> Option<Arc<AtomicBool>> {
-        let mut running = self.running.lock().ok()?;
-        if running.contains_key(&id) {
-            return None;
-        }
+    /// A worker of this process runs job `id` (which it claimed); its cancel flag.
+    pub fn track(&self, id: Uuid) -> Arc<AtomicBool> {
         let flag = Arc::new(AtomicBool::new(false));
-        running.insert(id, Arc::clone(&flag));
-        Some(flag)
+        if let Ok(mut running) = self.running.lock() {
+            running.insert(id, Arc::clone(&flag));
+        }
+        flag
     }
 
-    pub fn release(&self, id: Uuid) {
+    pub fn untrack(&self, id: Uuid) {
         if let Ok(mut running) = self.running.lock() {
             running.remove(&id);
         }
@@ -71,16 +70,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_job_is_claimed_once_and_its_cancel_reaches_the_claimant() {
+    fn a_cancel_reaches_the_running_copy_and_no_other() {
         let board = Board::default();
-        let id = Uuid::new_v4();
-        let flag = board.claim(id).expect("first claim");
-        assert!(board.claim(id).is_none(), "second claim");
-        assert_eq!(board.active(), 1);
+        let (id, other) = (Uuid::new_v4(), Uuid::new_v4());
+        let flag = board.track(id);
+        let other_flag = board.track(other);
+        assert_eq!(board.active(), 2);
         board.cancel(id);
         assert!(flag.load(Ordering::SeqCst));
-        board.release(id);
+        assert!(!other_flag.load(Ordering::SeqCst));
+        board.untrack(id);
+        board.untrack(other);
         assert_eq!(board.active(), 0);
-        assert!(board.claim(id).is_some(), "claimable again after release");
+        board.cancel(id);
     }
 }

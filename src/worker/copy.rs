@@ -13,6 +13,7 @@ use crate::error::{Result, ServiceError};
 use crate::model::{now, Image, ImageStatus, Job, JobStatus, Region, TenantKey};
 use crate::regions::{transfer, verify, ImageStore, Recorded, StoreError, TransferError};
 use crate::store::ImageChange;
+use crate::text::escape;
 
 /// Attempts of a copy that meets transient errors, the first included.
 const ATTEMPTS: u32 = 4;
@@ -74,7 +75,7 @@ pub(super) fn replicate(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> Result<()> 
                 Some(format!("{reason} (gave up after {ATTEMPTS} attempts)")),
             );
         }
-        tracing::warn!(job = %id, attempt, "copy failed, retrying in {backoff:?}: {reason}");
+        tracing::warn!(job = %id, attempt, "copy failed, retrying in {backoff:?}: {}", escape(&reason));
         let until = Instant::now() + backoff;
         while Instant::now() < until {
             if ctx.stopping() {
@@ -170,7 +171,7 @@ fn copy_once(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> std::result::Result<()
         updated_at: now(),
     });
     let insert_record = keeps_record && existing.is_none();
-    let started = store.update_job(id, |job| {
+    let started = store.update_job(id, &|job| {
         if !job.start(dst_image.id, source.size, now()) {
             return Ok(ImageChange::None);
         }
@@ -210,7 +211,7 @@ fn copy_once(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> std::result::Result<()
         active.updated_at = now();
         active
     });
-    let finished = store.update_job(id, |job| {
+    let finished = store.update_job(id, &|job| {
         if !job.complete(now()) {
             return Ok(ImageChange::None);
         }
@@ -279,7 +280,7 @@ impl Copy<'_> {
                 return;
             }
             persisted = (percent, Instant::now());
-            let update = store.update_job(id, |job| {
+            let update = store.update_job(id, &|job| {
                 job.progress(copied, now());
                 Ok(ImageChange::None)
             });

@@ -32,7 +32,7 @@ use crate::error::{Result, ServiceError};
 use crate::metrics::Metrics;
 use crate::model::Step;
 use crate::regions::Stores;
-use crate::store::{ImageChange, Store};
+use crate::store::{ImageChange, Repo};
 pub use board::Board;
 pub use recovery::recover;
 
@@ -44,7 +44,7 @@ const PARK: Duration = Duration::from_secs(5);
 /// What the worker works with.
 #[derive(Clone)]
 pub struct Parts {
-    pub store: Arc<Store>,
+    pub store: Arc<dyn Repo>,
     pub stores: Arc<Stores>,
     pub board: Arc<Board>,
     pub metrics: Arc<Metrics>,
@@ -131,7 +131,8 @@ fn run(ctx: &Ctx) {
                         parked.insert(id, Instant::now() + PARK);
                     }
                 }
-                board.release(id);
+                board.untrack(id);
+                ctx.parts.store.release(id);
             }
             Ok(None) => board.wait(IDLE),
             Err(e) => {
@@ -142,19 +143,19 @@ fn run(ctx: &Ctx) {
     }
 }
 
-/// The oldest queued job that no other worker has and that is not parked.
+/// The oldest queued job that no other worker has and that is not parked, claimed; its
+/// cancel flag.
 fn next(ctx: &Ctx) -> Result<Option<(Uuid, Arc<AtomicBool>)>> {
     let now = Instant::now();
     if let Ok(mut parked) = ctx.parked.lock() {
         parked.retain(|_, until| *until > now);
     }
-    for id in ctx.parts.store.queued() {
-        let id = id?;
+    for id in ctx.parts.store.queued()? {
         if ctx.parked.lock().is_ok_and(|p| p.contains_key(&id)) {
             continue;
         }
-        if let Some(flag) = ctx.parts.board.claim(id) {
-            return Ok(Some((id, flag)));
+        if ctx.parts.store.claim(id)? {
+            return Ok(Some((id, ctx.parts.board.track(id))));
         }
     }
     Ok(None)
@@ -171,6 +172,6 @@ fn process(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> Result<()> {
         // A failure was being cleaned up when the process stopped: finish that.
         Step::Fail(reason) => recovery::conclude(ctx, id, Some(reason)),
         // Only a stale queue entry; rewriting the job drops it.
-        Step::Forget => store.update_job(id, |_| Ok(ImageChange::None)).map(drop),
+        Step::Forget => store.update_job(id, &|_| Ok(ImageChange::None)).map(drop),
     }
 }

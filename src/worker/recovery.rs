@@ -10,6 +10,7 @@ use super::{Ctx, Parts};
 use crate::error::{Result, ServiceError};
 use crate::model::{now, ImageStatus, TenantKey};
 use crate::store::ImageChange;
+use crate::text::escape;
 
 /// How often images that could not be deleted from a region are tried again.
 const ORPHAN_SWEEP: Duration = Duration::from_secs(2);
@@ -25,8 +26,8 @@ pub fn recover(parts: &Parts) -> Result<()> {
         }
     }
     let mut destinations = HashSet::new();
-    for id in store.queued() {
-        if let Some(job) = store.job(id?)? {
+    for id in store.queued()? {
+        if let Some(job) = store.job(id)? {
             destinations.extend(job.created_destination);
         }
     }
@@ -61,7 +62,7 @@ pub(super) fn conclude(ctx: &Ctx, id: Uuid, error: Option<String>) -> Result<()>
     }
     // Say where the job is going before touching the destination, so a crash in between
     // finishes this instead of copying again.
-    store.update_job(id, |job| {
+    store.update_job(id, &|job| {
         job.begin_ending(error.clone(), now());
         Ok(ImageChange::None)
     })?;
@@ -70,7 +71,7 @@ pub(super) fn conclude(ctx: &Ctx, id: Uuid, error: Option<String>) -> Result<()>
         Some(dst) => remove_destination(&ctx.parts, dst, &job.wire.destination_region_id)?,
         None => ImageChange::None,
     };
-    let ended = store.update_job(id, |job| {
+    let ended = store.update_job(id, &|job| {
         if job.wire.status.is_terminal() {
             return Ok(ImageChange::None);
         }
@@ -83,7 +84,7 @@ pub(super) fn conclude(ctx: &Ctx, id: Uuid, error: Option<String>) -> Result<()>
     store.flush()?;
     if let Some(job) = ended {
         match &job.error {
-            Some(reason) => tracing::warn!(job = %id, reason = %reason, "job failed"),
+            Some(reason) => tracing::warn!(job = %id, reason = %escape(reason), "job failed"),
             None => tracing::info!(job = %id, status = %job.wire.status, "job ended"),
         }
     }

@@ -1,4 +1,4 @@
-//! The sled store: one tree per record kind plus index trees.
+//! The sled store, the embedded default: one tree per record kind plus index trees.
 //!
 //! Keys:
 //! - `regions`: region id; `users`: user name; `tenants`: [`TenantKey`] bytes
@@ -12,6 +12,7 @@
 //! Values are a format version byte followed by JSON. A record and its index entries are always
 //! written in one transaction, so an index never points at nothing.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -23,24 +24,15 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use sled::{Transactional, Tree};
 use uuid::Uuid;
 
+use super::{ImageChange, JobQuery, Jobs, OpenError, Registry, Repo};
 use crate::error::{Result, ServiceError, STORE_ERROR};
-use crate::model::{Image, Job, Region, Tenant, TenantKey, TokenRecord, User};
+use crate::model::{Image, Job, JobStatus, JobWire, Region, Tenant, TenantKey, TokenRecord, User};
 
 const FORMAT_VERSION: u8 = 1;
 /// sled's page cache (its default is 1 GiB, far beyond what an appliance at the edge spares).
 const CACHE_BYTES: u64 = 16 << 20;
 
-/// Why the store could not be opened.
-#[derive(thiserror::Error, Debug)]
-pub enum OpenError {
-    /// Another process (a running server, or another admin command) has the database open.
-    #[error("the store at {0} is in use by another image-replicator process")]
-    Locked(String),
-    #[error("cannot open the store at {path}: {reason}")]
-    Other { path: String, reason: String },
-}
-
-pub struct Store {
+pub struct SledStore {
     /// sled's directory (`<data-dir>/db`).
     path: PathBuf,
     /// The open database; `None` while a reopen after a failed write has not succeeded yet.
@@ -55,6 +47,8 @@ pub struct Store {
     /// Bumped after every committed change to a job: readers that cache what they derive from
     /// jobs (list bodies, status counts) compare it before and after.
     jobs_version: AtomicU64,
+    /// Queued jobs a worker of this process has taken.
+    claims: Mutex<HashSet<Uuid>>,
 }
 
 /// One opening of the sled database and its trees.
@@ -106,7 +100,7 @@ impl Durability {
 }
 
 /// Opens sled at `path` after clearing what a power cut or a full disk left half-written
-/// there ([`store_repair`](crate::store_repair)). If sled still finds its snapshot corrupt, the
+/// there ([`store_repair`](super::repair)). If sled still finds its snapshot corrupt, the
 /// snapshots are moved aside and sled reads its whole log instead (once).
 fn open_db(path: &Path) -> std::result::Result<sled::Db, OpenError> {
     let shown = path.display().to_string();
@@ -114,7 +108,7 @@ fn open_db(path: &Path) -> std::result::Result<sled::Db, OpenError> {
         path: shown.clone(),
         reason: format!("cannot clear the partial files a power cut or a full disk left: {e}"),
     };
-    crate::store_repair::repair(path).map_err(repair_failed)?;
+    super::repair::repair(path).map_err(repair_failed)?;
     let open = || {
         sled::Config::new()
             .path(path)
@@ -123,7 +117,7 @@ fn open_db(path: &Path) -> std::result::Result<sled::Db, OpenError> {
     };
     let db = match open() {
         Err(sled::Error::Corruption { .. }) => {
-            crate::store_repair::quarantine_snapshots(path).map_err(repair_failed)?;
+            super::repair::quarantine_snapshots(path).map_err(repair_failed)?;
             open()
         }
         other => other,
@@ -279,17 +273,6 @@ pub(crate) fn is_disk_full(e: &std::io::Error) -> bool {
         || matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
 
-/// What a job update does to an image in the same transaction.
-pub enum ImageChange {
-    None,
-    /// A new image (the destination of a copy), with its owner's key.
-    Insert(TenantKey, Image),
-    /// Rewrites an existing image (same owner).
-    Put(Image),
-    /// Removes an image record and its owner index entry.
-    Remove(TenantKey, Uuid),
-}
-
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
     let mut out = vec![FORMAT_VERSION];
     serde_json::to_writer(&mut out, value).map_err(|e| ServiceError::internal("encode", e))?;
@@ -377,31 +360,20 @@ impl Inner {
     }
 }
 
-impl Store {
-    pub fn open(dir: &Path) -> std::result::Result<Store, OpenError> {
+impl SledStore {
+    pub fn open(dir: &Path) -> std::result::Result<SledStore, OpenError> {
         secure_data_dir(dir)?;
         let path = dir.join("db");
         let inner = Inner::open(&path)?;
-        Ok(Store {
+        Ok(SledStore {
             path,
             open: RwLock::new(Some(Arc::new(inner))),
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
             reopening: Mutex::new(None),
             jobs_version: Default::default(),
+            claims: Default::default(),
         })
-    }
-
-    /// Whether the store takes writes now. After a failed write it reopens itself here (at
-    /// most every [`REOPEN_EVERY`]), so a health check is enough to bring it back.
-    pub fn writable(&self) -> std::result::Result<(), ServiceError> {
-        if self.failed.load(Ordering::SeqCst) {
-            self.reopen();
-        }
-        if !self.failed.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-        Err(self.failure())
     }
 
     /// Runs `f` on the open database; a storage failure marks the store for reopening.
@@ -529,19 +501,6 @@ impl Store {
         tracing::info!(store = %self.path.display(), "the store writes again (reopened)");
     }
 
-    /// Makes everything written so far durable, power cuts included.
-    pub fn flush(&self) -> Result<()> {
-        self.with(|s| {
-            s.db.flush()?;
-            s.durability.sync()
-        })
-    }
-
-    /// A new, strictly increasing sequence number (creation order of jobs).
-    pub fn next_seq(&self) -> Result<u64> {
-        self.with(|s| Ok(s.db.generate_id()?))
-    }
-
     fn get<T: DeserializeOwned>(tree: &Tree, key: &[u8]) -> Result<Option<T>> {
         tree.get(key)?.map(|v| decode(&v)).transpose()
     }
@@ -558,16 +517,81 @@ impl Store {
         Ok(())
     }
 
-    // ----- regions, tenants, users: one tree each, no index -----
+    /// Called only after a job write has committed, so a reader that saw the old version
+    /// cannot have cached what the write replaced under the new one.
+    fn jobs_changed(&self) {
+        self.jobs_version.fetch_add(1, Ordering::SeqCst);
+    }
 
-    pub fn region(&self, id: &str) -> Result<Option<Region>> {
+    /// [`Jobs::jobs`] and [`Jobs::job_wires`]: `T` is [`Job`], or [`JobWire`] when only the
+    /// API's ten keys are needed (decoding skips the rest).
+    fn select<T: DeserializeOwned>(
+        &self,
+        query: &JobQuery,
+        keep: &dyn Fn(&T) -> bool,
+    ) -> Result<Vec<T>> {
+        let JobQuery {
+            tenant,
+            after,
+            limit,
+        } = *query;
+        self.with(|s| {
+            let start = after.map_or(0, |s| s.saturating_add(1));
+            if after == Some(u64::MAX) {
+                return Ok(Vec::new());
+            }
+            let ids = match tenant {
+                Some(t) => s.jobs_by_tenant.range(
+                    cat(&[&t.0, &start.to_be_bytes()])..=cat(&[&t.0, &u64::MAX.to_be_bytes()]),
+                ),
+                None => s.jobs_by_seq.range(start.to_be_bytes()..),
+            };
+            let mut out = Vec::new();
+            for entry in ids {
+                if out.len() >= limit {
+                    break;
+                }
+                let (_, id) = entry?;
+                if let Some(job) = Self::get::<T>(&s.jobs, &id)? {
+                    if keep(&job) {
+                        out.push(job);
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+}
+
+impl Repo for SledStore {
+    fn writable(&self) -> std::result::Result<(), ServiceError> {
+        if self.failed.load(Ordering::SeqCst) {
+            self.reopen();
+        }
+        if !self.failed.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        Err(self.failure())
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.with(|s| {
+            s.db.flush()?;
+            s.durability.sync()
+        })
+    }
+}
+
+impl Registry for SledStore {
+    fn region(&self, id: &str) -> Result<Option<Region>> {
         self.with(|s| Self::get(&s.regions, id.as_bytes()))
     }
-    pub fn regions(&self) -> Result<Vec<Region>> {
+
+    fn regions(&self) -> Result<Vec<Region>> {
         self.with(|s| Self::all(&s.regions))
     }
-    /// Inserts a region unless one with that id exists; returns whether it was inserted.
-    pub fn insert_region(&self, region: &Region) -> Result<bool> {
+
+    fn insert_region(&self, region: &Region) -> Result<bool> {
         self.with(|s| {
             let swapped = s.regions.compare_and_swap(
                 region.id.as_bytes(),
@@ -577,20 +601,23 @@ impl Store {
             Ok(swapped.is_ok())
         })
     }
-    pub fn remove_region(&self, id: &str) -> Result<()> {
+
+    fn remove_region(&self, id: &str) -> Result<()> {
         self.with(|s| {
             s.regions.remove(id.as_bytes())?;
             Ok(())
         })
     }
 
-    pub fn tenant(&self, key: TenantKey) -> Result<Option<Tenant>> {
+    fn tenant(&self, key: TenantKey) -> Result<Option<Tenant>> {
         self.with(|s| Self::get(&s.tenants, &key.0))
     }
-    pub fn tenants(&self) -> Result<Vec<Tenant>> {
+
+    fn tenants(&self) -> Result<Vec<Tenant>> {
         self.with(|s| Self::all(&s.tenants))
     }
-    pub fn insert_tenant(&self, key: TenantKey, tenant: &Tenant) -> Result<bool> {
+
+    fn insert_tenant(&self, key: TenantKey, tenant: &Tenant) -> Result<bool> {
         self.with(|s| {
             let swapped =
                 s.tenants
@@ -598,20 +625,23 @@ impl Store {
             Ok(swapped.is_ok())
         })
     }
-    pub fn remove_tenant(&self, key: TenantKey) -> Result<()> {
+
+    fn remove_tenant(&self, key: TenantKey) -> Result<()> {
         self.with(|s| {
             s.tenants.remove(key.0)?;
             Ok(())
         })
     }
 
-    pub fn user(&self, name: &str) -> Result<Option<User>> {
+    fn user(&self, name: &str) -> Result<Option<User>> {
         self.with(|s| Self::get(&s.users, name.as_bytes()))
     }
-    pub fn users(&self) -> Result<Vec<User>> {
+
+    fn users(&self) -> Result<Vec<User>> {
         self.with(|s| Self::all(&s.users))
     }
-    pub fn insert_user(&self, user: &User) -> Result<bool> {
+
+    fn insert_user(&self, user: &User) -> Result<bool> {
         self.with(|s| {
             let swapped = s.users.compare_and_swap(
                 user.name.as_bytes(),
@@ -622,8 +652,7 @@ impl Store {
         })
     }
 
-    /// Removes a user and every token of that user in one transaction.
-    pub fn remove_user(&self, name: &str) -> Result<usize> {
+    fn remove_user(&self, name: &str) -> Result<usize> {
         let tokens: Vec<TokenRecord> = self
             .tokens()?
             .into_iter()
@@ -643,17 +672,15 @@ impl Store {
         Ok(tokens.len())
     }
 
-    // ----- tokens -----
-
-    pub fn token(&self, id: Uuid) -> Result<Option<TokenRecord>> {
+    fn token(&self, id: Uuid) -> Result<Option<TokenRecord>> {
         self.with(|s| Self::get(&s.tokens, id.as_bytes()))
     }
-    pub fn tokens(&self) -> Result<Vec<TokenRecord>> {
+
+    fn tokens(&self) -> Result<Vec<TokenRecord>> {
         self.with(|s| Self::all(&s.tokens))
     }
 
-    /// Tokens whose lookup prefix is `lookup` (usually none or one).
-    pub fn token_candidates(&self, lookup: &[u8]) -> Result<Vec<TokenRecord>> {
+    fn token_candidates(&self, lookup: &[u8]) -> Result<Vec<TokenRecord>> {
         self.with(|s| {
             let mut out = Vec::new();
             for entry in s.token_lookup.scan_prefix(lookup) {
@@ -667,7 +694,7 @@ impl Store {
         })
     }
 
-    pub fn insert_token(&self, token: &TokenRecord, lookup: &[u8]) -> Result<()> {
+    fn insert_token(&self, token: &TokenRecord, lookup: &[u8]) -> Result<()> {
         self.with(|s| {
             tx_result((&s.tokens, &s.token_lookup).transaction(|(tok, look)| {
                 tok.insert(token.id.as_bytes(), tx_encode(token)?)?;
@@ -677,18 +704,15 @@ impl Store {
         })
     }
 
-    /// Rewrites a token record whose lookup did not change (a revoke).
-    pub fn update_token(&self, token: &TokenRecord) -> Result<()> {
+    fn update_token(&self, token: &TokenRecord) -> Result<()> {
         self.with(|s| Self::put(&s.tokens, token.id.as_bytes(), token))
     }
 
-    // ----- images -----
-
-    pub fn image(&self, id: Uuid) -> Result<Option<Image>> {
+    fn image(&self, id: Uuid) -> Result<Option<Image>> {
         self.with(|s| Self::get(&s.images, id.as_bytes()))
     }
 
-    pub fn images(&self, owner: Option<TenantKey>) -> Result<Vec<Image>> {
+    fn images(&self, owner: Option<TenantKey>) -> Result<Vec<Image>> {
         self.with(|s| {
             let Some(owner) = owner else {
                 return Self::all(&s.images);
@@ -704,8 +728,7 @@ impl Store {
         })
     }
 
-    /// Inserts a new image with its owner index entry; fails if the id is taken.
-    pub fn insert_image(&self, owner: TenantKey, image: &Image) -> Result<()> {
+    fn insert_image(&self, owner: TenantKey, image: &Image) -> Result<()> {
         self.with(|s| {
             tx_result(
                 (&s.images, &s.images_by_tenant).transaction(|(images, by_tenant)| {
@@ -723,13 +746,11 @@ impl Store {
         })
     }
 
-    /// Rewrites an image whose owner did not change.
-    pub fn update_image(&self, image: &Image) -> Result<()> {
+    fn update_image(&self, image: &Image) -> Result<()> {
         self.with(|s| Self::put(&s.images, image.id.as_bytes(), image))
     }
 
-    /// Removes an image record and its owner index entry (an import that failed).
-    pub fn remove_image(&self, owner: TenantKey, id: Uuid) -> Result<()> {
+    fn remove_image(&self, owner: TenantKey, id: Uuid) -> Result<()> {
         self.with(|s| {
             tx_result(
                 (&s.images, &s.images_by_tenant).transaction(|(images, by_tenant)| {
@@ -741,17 +762,28 @@ impl Store {
         })
     }
 
-    // ----- orphans -----
+    fn images_saving(&self) -> Result<Vec<Image>> {
+        Ok(self
+            .images(None)?
+            .into_iter()
+            .filter(|i| i.status == crate::model::ImageStatus::Saving)
+            .collect())
+    }
+}
 
-    /// Remembers an image in a Glance region that must still be deleted.
-    pub fn add_orphan(&self, id: Uuid, region: &str) -> Result<()> {
+impl Jobs for SledStore {
+    fn next_seq(&self) -> Result<u64> {
+        self.with(|s| Ok(s.db.generate_id()?))
+    }
+
+    fn add_orphan(&self, id: Uuid, region: &str) -> Result<()> {
         self.with(|s| {
             s.orphans.insert(id.as_bytes(), region.as_bytes())?;
             Ok(())
         })
     }
 
-    pub fn orphans(&self) -> Result<Vec<(Uuid, String)>> {
+    fn orphans(&self) -> Result<Vec<(Uuid, String)>> {
         self.with(|s| {
             let mut out = Vec::new();
             for entry in s.orphans.iter() {
@@ -764,37 +796,25 @@ impl Store {
         })
     }
 
-    pub fn remove_orphan(&self, id: Uuid) -> Result<()> {
+    fn remove_orphan(&self, id: Uuid) -> Result<()> {
         self.with(|s| {
             s.orphans.remove(id.as_bytes())?;
             Ok(())
         })
     }
 
-    // ----- jobs -----
-
-    /// Changes whenever a job changes (see the field).
-    pub fn jobs_version(&self) -> u64 {
+    fn jobs_version(&self) -> u64 {
         self.jobs_version.load(Ordering::SeqCst)
     }
 
-    /// Called only after a job write has committed, so a reader that saw the old version
-    /// cannot have cached what the write replaced under the new one.
-    fn jobs_changed(&self) {
-        self.jobs_version.fetch_add(1, Ordering::SeqCst);
-    }
-
-    pub fn job(&self, id: Uuid) -> Result<Option<Job>> {
+    fn job(&self, id: Uuid) -> Result<Option<Job>> {
         self.with(|s| Self::get(&s.jobs, id.as_bytes()))
     }
 
-    /// Applies `change` to a job and the image change it returns, in one transaction that also
-    /// keeps the work queue in step. `change` may refuse with an error; then nothing is written.
-    /// It may run more than once (sled retries conflicting transactions).
-    pub fn update_job(
+    fn update_job(
         &self,
         id: Uuid,
-        change: impl Fn(&mut Job) -> Result<ImageChange>,
+        change: &dyn Fn(&mut Job) -> Result<ImageChange>,
     ) -> Result<Option<Job>> {
         self.with(|s| {
             let job = tx_result(
@@ -831,12 +851,11 @@ impl Store {
         })
     }
 
-    /// Ids of the jobs the worker has to act on, oldest first.
-    /// Read whole first, so that no caller holds the database while it works through them
-    /// (a reopen waits for every holder).
-    pub fn queued(&self) -> impl Iterator<Item = Result<Uuid>> + '_ {
-        let ids = self.with(|s| {
-            Ok(s.queue
+    fn queued(&self) -> Result<Vec<Uuid>> {
+        // Read whole, so that no caller holds the database while it works through them (a
+        // reopen waits for every holder).
+        self.with(|s| {
+            s.queue
                 .iter()
                 .values()
                 .map(|v| {
@@ -844,17 +863,26 @@ impl Store {
                     Uuid::from_slice(&v)
                         .map_err(|e| ServiceError::internal("corrupt queue entry", e))
                 })
-                .collect::<Vec<Result<Uuid>>>())
-        });
-        let ids = ids.unwrap_or_else(|e| vec![Err(e)]);
-        if let Some(Err(e)) = ids.iter().find(|id| id.is_err()) {
-            self.note(e);
-        }
-        ids.into_iter()
+                .collect()
+        })
     }
 
-    /// Removes the queue entry of a job whose record is gone (only after corruption).
-    pub fn drop_queue_entry(&self, id: Uuid) -> Result<()> {
+    fn claim(&self, id: Uuid) -> Result<bool> {
+        // One process has the database open (sled's lock): its memory is the truth.
+        let mut claims = self
+            .claims
+            .lock()
+            .map_err(|_| ServiceError::Internal("the claims lock is poisoned".into()))?;
+        Ok(claims.insert(id))
+    }
+
+    fn release(&self, id: Uuid) {
+        if let Ok(mut claims) = self.claims.lock() {
+            claims.remove(&id);
+        }
+    }
+
+    fn drop_queue_entry(&self, id: Uuid) -> Result<()> {
         self.with(|s| {
             for entry in s.queue.iter() {
                 let (key, value) = entry?;
@@ -866,19 +894,7 @@ impl Store {
         })
     }
 
-    /// Images in the `saving` state (a crash interrupted their import or copy).
-    pub fn images_saving(&self) -> Result<Vec<Image>> {
-        Ok(self
-            .images(None)?
-            .into_iter()
-            .filter(|i| i.status == crate::model::ImageStatus::Saving)
-            .collect())
-    }
-
-    /// Inserts jobs with their index entries in one transaction. A job whose id exists already
-    /// is left alone if identical in its wire fields, and is an error otherwise.
-    /// Returns how many were inserted.
-    pub fn insert_jobs(&self, jobs: &[(TenantKey, Job)]) -> Result<usize> {
+    fn insert_jobs(&self, jobs: &[(TenantKey, Job)]) -> Result<usize> {
         self.with(|s| {
             let inserted = tx_result(
                 (&s.jobs, &s.jobs_by_seq, &s.jobs_by_tenant, &s.queue).transaction(
@@ -913,51 +929,19 @@ impl Store {
         })
     }
 
-    /// Jobs in creation order, of one source tenant or of all, after the job with sequence
-    /// number `after`, that pass `keep`, at most `limit` of them. `T` is [`Job`], or
-    /// [`JobWire`](crate::model::JobWire) when only the API's ten keys are needed (cheaper).
-    pub fn jobs<T: DeserializeOwned>(
-        &self,
-        tenant: Option<TenantKey>,
-        after: Option<u64>,
-        keep: impl Fn(&T) -> bool,
-        limit: usize,
-    ) -> Result<Vec<T>> {
-        self.with(|s| {
-            let start = after.map_or(0, |s| s.saturating_add(1));
-            if after == Some(u64::MAX) {
-                return Ok(Vec::new());
-            }
-            let ids = match tenant {
-                Some(t) => s.jobs_by_tenant.range(
-                    cat(&[&t.0, &start.to_be_bytes()])..=cat(&[&t.0, &u64::MAX.to_be_bytes()]),
-                ),
-                None => s.jobs_by_seq.range(start.to_be_bytes()..),
-            };
-            let mut out = Vec::new();
-            for entry in ids {
-                if out.len() >= limit {
-                    break;
-                }
-                let (_, id) = entry?;
-                if let Some(job) = Self::get::<T>(&s.jobs, &id)? {
-                    if keep(&job) {
-                        out.push(job);
-                    }
-                }
-            }
-            Ok(out)
-        })
+    fn jobs(&self, query: &JobQuery, keep: &dyn Fn(&Job) -> bool) -> Result<Vec<Job>> {
+        self.select(query, keep)
     }
 
-    /// How many jobs there are in each status. Decodes only the status of each record.
-    pub fn job_status_counts(
-        &self,
-    ) -> Result<std::collections::BTreeMap<crate::model::JobStatus, u64>> {
+    fn job_wires(&self, query: &JobQuery, keep: &dyn Fn(&JobWire) -> bool) -> Result<Vec<JobWire>> {
+        self.select(query, keep)
+    }
+
+    fn job_status_counts(&self) -> Result<std::collections::BTreeMap<JobStatus, u64>> {
         self.with(|s| {
             #[derive(serde::Deserialize)]
             struct StatusOnly {
-                status: crate::model::JobStatus,
+                status: JobStatus,
             }
             let mut counts = std::collections::BTreeMap::new();
             for value in s.jobs.iter().values() {
@@ -968,8 +952,7 @@ impl Store {
         })
     }
 
-    /// Whether any job names `key` as its source or destination tenant.
-    pub fn tenant_has_jobs(&self, key: TenantKey, id_as_stored: &str) -> Result<Option<Uuid>> {
+    fn tenant_has_jobs(&self, key: TenantKey, id_as_stored: &str) -> Result<Option<Uuid>> {
         self.with(|s| {
             if let Some(entry) = s.jobs_by_tenant.scan_prefix(key.0).next() {
                 let (_, id) = entry?;

@@ -1,0 +1,445 @@
+//! The store contract: what every backend must do, as one suite of functions over `&dyn Repo`
+//! that [`contract_suite!`] runs against each backend (`cargo test contract`). A new backend
+//! adds one line at the bottom and passes the same suite.
+
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use super::{ImageChange, JobQuery, Repo};
+use crate::error::ServiceError;
+use crate::model::{
+    Image, ImageStatus, Job, JobStatus, JobWire, Region, RegionKind, Tenant, TenantKey,
+    TokenRecord, User,
+};
+
+/// A backend under test: a fresh, empty store in `dir`, and the same store opened again there
+/// (what was flushed must be there).
+pub trait Backend {
+    fn open(dir: &std::path::Path) -> Arc<dyn Repo>;
+}
+
+const A: &str = "236ae314ef6944f4ab98fa7519e54325";
+const B: &str = "91b5c7c09cbd45caa3c146fd67ae471e";
+
+fn key(id: &str) -> TenantKey {
+    TenantKey::parse(id).expect("tenant id")
+}
+
+fn region(id: &str) -> Region {
+    Region {
+        id: id.into(),
+        kind: RegionKind::Directory {
+            dir: format!("/srv/{id}").into(),
+        },
+        disk_formats: vec!["raw".into()],
+        created_at: 1,
+    }
+}
+
+fn tenant(id: &str) -> Tenant {
+    Tenant {
+        id: id.into(),
+        region: "ot1".into(),
+        name: None,
+        created_at: 1,
+    }
+}
+
+fn image(owner: &str, status: ImageStatus) -> Image {
+    Image {
+        id: Uuid::new_v4(),
+        name: "cirros".into(),
+        owner: owner.into(),
+        region: "ot1".into(),
+        status,
+        disk_format: "raw".into(),
+        container_format: "bare".into(),
+        size: 10,
+        checksum: None,
+        os_hash_algo: None,
+        os_hash_value: None,
+        created_at: 1,
+        updated_at: 1,
+    }
+}
+
+/// A token record whose lookup key is `lookup` (as `auth` makes them: hex in the record).
+fn token(user: &str, lookup: &[u8]) -> TokenRecord {
+    TokenRecord {
+        id: Uuid::new_v4(),
+        user: user.into(),
+        tenant: A.into(),
+        hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into(),
+        lookup: crate::auth::to_hex(lookup),
+        created_at: 1,
+        expires_at: None,
+        revoked_at: None,
+    }
+}
+
+fn job(store: &dyn Repo, source: &str, status: JobStatus) -> (TenantKey, Job) {
+    let job = Job {
+        wire: JobWire {
+            copy_progress: 0,
+            destination_image_id: None,
+            destination_region_id: "ot2".into(),
+            destination_tenant_id: B.into(),
+            job_id: Uuid::new_v4(),
+            source_image_id: Uuid::new_v4(),
+            source_image_name: "cirros".into(),
+            source_region_id: "ot1".into(),
+            source_tenant_id: source.into(),
+            status,
+        },
+        seq: store.next_seq().expect("seq"),
+        created_at: 1,
+        updated_at: 1,
+        bytes_copied: 0,
+        bytes_total: 10,
+        error: None,
+        seeded: false,
+        enqueued: true,
+        created_destination: None,
+    };
+    (key(source), job)
+}
+
+fn ids(jobs: &[Job]) -> Vec<Uuid> {
+    jobs.iter().map(|j| j.wire.job_id).collect()
+}
+
+pub fn regions_tenants_and_users_insert_once(s: &dyn Repo) {
+    assert!(s.insert_region(&region("ot1")).expect("insert"));
+    assert!(!s.insert_region(&region("ot1")).expect("again"));
+    assert_eq!(s.region("ot1").expect("get"), Some(region("ot1")));
+    assert_eq!(s.regions().expect("list").len(), 1);
+    s.remove_region("ot1").expect("remove");
+    assert_eq!(s.region("ot1").expect("get"), None);
+
+    assert!(s.insert_tenant(key(A), &tenant(A)).expect("insert"));
+    // Another spelling of the same 128 bits is the same tenant.
+    let hyphenated = "236ae314-ef69-44f4-ab98-fa7519e54325";
+    assert!(!s
+        .insert_tenant(key(hyphenated), &tenant(hyphenated))
+        .expect("again"));
+    assert_eq!(s.tenant(key(hyphenated)).expect("get"), Some(tenant(A)));
+    s.remove_tenant(key(A)).expect("remove");
+    assert!(s.tenants().expect("list").is_empty());
+
+    let user = User {
+        name: "alice".into(),
+        tenants: vec![A.into()],
+        admin: false,
+        created_at: 1,
+    };
+    assert!(s.insert_user(&user).expect("insert"));
+    assert!(!s.insert_user(&user).expect("again"));
+    assert_eq!(s.user("alice").expect("get"), Some(user));
+    assert_eq!(s.users().expect("list").len(), 1);
+}
+
+pub fn tokens_are_found_by_lookup_and_go_with_their_user(s: &dyn Repo) {
+    let (look_a, look_b) = ([1u8, 2, 3, 4], [5u8, 6, 7, 8]);
+    let (mine, other) = (token("alice", &look_a), token("bob", &look_b));
+    s.insert_token(&mine, &look_a).expect("insert");
+    s.insert_token(&other, &look_b).expect("insert");
+    let found = s.token_candidates(&look_a).expect("candidates");
+    assert_eq!(found, vec![mine.clone()]);
+    assert!(s.token_candidates(&[9, 9, 9, 9]).expect("none").is_empty());
+    let mut revoked = mine.clone();
+    revoked.revoked_at = Some(5);
+    s.update_token(&revoked).expect("update");
+    assert_eq!(s.token(mine.id).expect("get"), Some(revoked));
+    assert_eq!(s.remove_user("alice").expect("remove"), 1);
+    assert_eq!(s.token(mine.id).expect("get"), None);
+    assert!(s.token_candidates(&look_a).expect("candidates").is_empty());
+    assert_eq!(s.tokens().expect("list"), vec![other]);
+}
+
+pub fn images_are_scoped_by_owner_and_ids_are_unique(s: &dyn Repo) {
+    let (a, b) = (image(A, ImageStatus::Active), image(B, ImageStatus::Saving));
+    s.insert_image(key(A), &a).expect("insert a");
+    s.insert_image(key(B), &b).expect("insert b");
+    assert!(matches!(
+        s.insert_image(key(A), &a),
+        Err(ServiceError::Conflict(_))
+    ));
+    assert_eq!(s.images(Some(key(A))).expect("of A"), vec![a.clone()]);
+    assert_eq!(s.images(None).expect("all").len(), 2);
+    assert_eq!(s.images_saving().expect("saving"), vec![b.clone()]);
+    let mut renamed = a.clone();
+    renamed.name = "ubuntu".into();
+    s.update_image(&renamed).expect("update");
+    assert_eq!(s.image(a.id).expect("get"), Some(renamed));
+    s.remove_image(key(A), a.id).expect("remove");
+    assert_eq!(s.image(a.id).expect("get"), None);
+    assert!(s.images(Some(key(A))).expect("of A").is_empty());
+}
+
+pub fn sequence_numbers_strictly_increase(s: &dyn Repo) {
+    let mut last = s.next_seq().expect("seq");
+    for _ in 0..100 {
+        let next = s.next_seq().expect("seq");
+        assert!(next > last, "{next} after {last}");
+        last = next;
+    }
+}
+
+pub fn inserting_jobs_is_all_or_nothing_and_idempotent(s: &dyn Repo) {
+    let first = job(s, A, JobStatus::ReplicateRequested);
+    assert_eq!(
+        s.insert_jobs(std::slice::from_ref(&first)).expect("insert"),
+        1
+    );
+    // The same job again changes nothing.
+    assert_eq!(
+        s.insert_jobs(std::slice::from_ref(&first)).expect("again"),
+        0
+    );
+    // A batch with a conflicting job writes none of its jobs.
+    let new = job(s, A, JobStatus::ReplicateRequested);
+    let mut changed = first.clone();
+    changed.1.wire.source_image_name = "other".into();
+    let batch = [new.clone(), changed];
+    assert!(matches!(
+        s.insert_jobs(&batch),
+        Err(ServiceError::Conflict(_))
+    ));
+    assert_eq!(s.job(new.1.wire.job_id).expect("get"), None);
+    assert_eq!(s.job(first.1.wire.job_id).expect("get"), Some(first.1));
+}
+
+pub fn listings_are_in_creation_order_per_tenant_with_paging(s: &dyn Repo) {
+    let jobs: Vec<(TenantKey, Job)> = (0..6)
+        .map(|i| {
+            job(
+                s,
+                if i % 2 == 0 { A } else { B },
+                JobStatus::ReplicateRequested,
+            )
+        })
+        .collect();
+    s.insert_jobs(&jobs).expect("insert");
+    let all = s.jobs(&JobQuery::all(None), &|_| true).expect("all");
+    assert_eq!(
+        ids(&all),
+        ids(&jobs.iter().map(|j| j.1.clone()).collect::<Vec<_>>())
+    );
+    let of_a = s
+        .jobs(&JobQuery::all(Some(key(A))), &|_| true)
+        .expect("of A");
+    assert_eq!(of_a.len(), 3);
+    assert!(of_a.iter().all(|j| j.wire.source_tenant_id == A));
+    let page = JobQuery {
+        tenant: None,
+        after: Some(all[1].seq),
+        limit: 2,
+    };
+    assert_eq!(
+        ids(&s.jobs(&page, &|_| true).expect("page")),
+        ids(&all[2..4])
+    );
+    let wires = s.job_wires(&page, &|_| true).expect("wires");
+    assert_eq!(wires, vec![all[2].wire.clone(), all[3].wire.clone()]);
+    let kept = s
+        .jobs(&JobQuery::all(None), &|j| j.wire.source_tenant_id == B)
+        .expect("kept");
+    assert_eq!(kept.len(), 3);
+    let past_the_end = JobQuery {
+        after: Some(u64::MAX),
+        ..JobQuery::all(None)
+    };
+    assert!(s.jobs(&past_the_end, &|_| true).expect("none").is_empty());
+}
+
+pub fn an_update_writes_the_job_and_its_image_together_or_nothing(s: &dyn Repo) {
+    let (owner, j) = job(s, A, JobStatus::ReplicateRequested);
+    let id = j.wire.job_id;
+    s.insert_jobs(&[(owner, j)]).expect("insert");
+    let dst = image(B, ImageStatus::Saving);
+    let updated = s
+        .update_job(id, &|job| {
+            assert!(job.start(dst.id, 10, 2));
+            Ok(ImageChange::Insert(key(B), dst.clone()))
+        })
+        .expect("update")
+        .expect("job");
+    assert_eq!(updated.wire.status, JobStatus::Replicating);
+    assert_eq!(s.image(dst.id).expect("image"), Some(dst.clone()));
+    // A refusal writes nothing.
+    let refused = s.update_job(id, &|job| {
+        job.wire.copy_progress = 99;
+        Err(ServiceError::Conflict("no".into()))
+    });
+    assert!(matches!(refused, Err(ServiceError::Conflict(_))));
+    assert_eq!(
+        s.job(id).expect("get").map(|j| j.wire.copy_progress),
+        Some(0)
+    );
+    // The image goes with the job's ending.
+    s.update_job(id, &|job| {
+        job.begin_ending(None, 3);
+        job.end(3);
+        Ok(ImageChange::Remove(key(B), dst.id))
+    })
+    .expect("end");
+    assert_eq!(s.image(dst.id).expect("image"), None);
+    assert!(s
+        .update_job(Uuid::new_v4(), &|_| Ok(ImageChange::None))
+        .expect("unknown")
+        .is_none());
+}
+
+pub fn the_queue_holds_exactly_the_enqueued_unfinished_jobs(s: &dyn Repo) {
+    let queued = job(s, A, JobStatus::ReplicateRequested);
+    let done = job(s, A, JobStatus::Replicated);
+    let mut seeded = job(s, A, JobStatus::Replicating);
+    seeded.1.enqueued = false;
+    s.insert_jobs(&[queued.clone(), done, seeded.clone()])
+        .expect("insert");
+    assert_eq!(s.queued().expect("queue"), vec![queued.1.wire.job_id]);
+    // A cancel enqueues a seeded job; its ending takes it off the queue.
+    let id = seeded.1.wire.job_id;
+    s.update_job(id, &|job| {
+        assert!(job.request_cancel(2));
+        Ok(ImageChange::None)
+    })
+    .expect("cancel");
+    assert_eq!(s.queued().expect("queue"), vec![queued.1.wire.job_id, id]);
+    s.update_job(id, &|job| {
+        job.begin_ending(None, 3);
+        job.end(3);
+        Ok(ImageChange::None)
+    })
+    .expect("end");
+    assert_eq!(s.queued().expect("queue"), vec![queued.1.wire.job_id]);
+}
+
+pub fn a_queued_job_is_claimed_by_one_worker_at_a_time(s: &dyn Repo) {
+    let (owner, j) = job(s, A, JobStatus::ReplicateRequested);
+    let id = j.wire.job_id;
+    s.insert_jobs(&[(owner, j)]).expect("insert");
+    assert!(s.claim(id).expect("claim"));
+    assert!(!s.claim(id).expect("second claim"));
+    s.release(id);
+    assert!(s.claim(id).expect("claim after release"));
+}
+
+pub fn the_version_changes_with_every_committed_job_write_only(s: &dyn Repo) {
+    let before = s.jobs_version();
+    let (owner, j) = job(s, A, JobStatus::ReplicateRequested);
+    let id = j.wire.job_id;
+    s.insert_jobs(&[(owner, j.clone())]).expect("insert");
+    let inserted = s.jobs_version();
+    assert_ne!(inserted, before);
+    s.insert_jobs(&[(owner, j)]).expect("unchanged");
+    assert_eq!(s.jobs_version(), inserted, "nothing was written");
+    let _ = s.update_job(id, &|_| Err(ServiceError::Conflict("no".into())));
+    assert_eq!(
+        s.jobs_version(),
+        inserted,
+        "a refused update writes nothing"
+    );
+    s.update_job(id, &|job| {
+        job.progress(5, 2);
+        Ok(ImageChange::None)
+    })
+    .expect("update");
+    assert_ne!(s.jobs_version(), inserted);
+}
+
+pub fn counts_and_tenant_references_follow_the_jobs(s: &dyn Repo) {
+    let jobs = [
+        job(s, A, JobStatus::ReplicateRequested),
+        job(s, A, JobStatus::Error),
+        job(s, A, JobStatus::Error),
+    ];
+    s.insert_jobs(&jobs).expect("insert");
+    let counts = s.job_status_counts().expect("counts");
+    assert_eq!(counts.get(&JobStatus::Error), Some(&2));
+    assert_eq!(counts.get(&JobStatus::ReplicateRequested), Some(&1));
+    assert_eq!(counts.values().sum::<u64>(), 3);
+    // A is a source, B a destination (named by its id as stored), C neither.
+    assert!(s.tenant_has_jobs(key(A), A).expect("A").is_some());
+    assert!(s.tenant_has_jobs(key(B), B).expect("B").is_some());
+    let c = "5d9a3f0e-2b7c-4c1e-9f3a-7e6b1d2c4a5f";
+    assert!(s.tenant_has_jobs(key(c), c).expect("C").is_none());
+}
+
+pub fn orphans_are_remembered_until_removed(s: &dyn Repo) {
+    let (one, two) = (Uuid::new_v4(), Uuid::new_v4());
+    s.add_orphan(one, "g1").expect("add");
+    s.add_orphan(two, "g2").expect("add");
+    let mut orphans = s.orphans().expect("list");
+    orphans.sort();
+    let mut expected = vec![(one, "g1".to_string()), (two, "g2".to_string())];
+    expected.sort();
+    assert_eq!(orphans, expected);
+    s.remove_orphan(one).expect("remove");
+    assert_eq!(s.orphans().expect("list"), vec![(two, "g2".to_string())]);
+}
+
+/// Runs every contract function against one backend, each on a fresh store, plus the check
+/// that what was flushed is there after the store is opened again.
+macro_rules! contract_suite {
+    ($name:ident, $backend:ty) => {
+        mod $name {
+            use super::*;
+
+            fn fresh() -> (tempfile::TempDir, Arc<dyn Repo>) {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let store = <$backend as Backend>::open(dir.path());
+                (dir, store)
+            }
+
+            contract_suite!(@each
+                regions_tenants_and_users_insert_once,
+                tokens_are_found_by_lookup_and_go_with_their_user,
+                images_are_scoped_by_owner_and_ids_are_unique,
+                sequence_numbers_strictly_increase,
+                inserting_jobs_is_all_or_nothing_and_idempotent,
+                listings_are_in_creation_order_per_tenant_with_paging,
+                an_update_writes_the_job_and_its_image_together_or_nothing,
+                the_queue_holds_exactly_the_enqueued_unfinished_jobs,
+                a_queued_job_is_claimed_by_one_worker_at_a_time,
+                the_version_changes_with_every_committed_job_write_only,
+                counts_and_tenant_references_follow_the_jobs,
+                orphans_are_remembered_until_removed
+            );
+
+            #[test]
+            fn what_was_flushed_is_there_after_a_reopen() {
+                let (dir, store) = fresh();
+                let (owner, j) = job(&*store, A, JobStatus::ReplicateRequested);
+                store.insert_jobs(&[(owner, j.clone())]).expect("insert");
+                assert!(store.insert_region(&region("ot1")).expect("region"));
+                store.flush().expect("flush");
+                drop(store);
+                let again = <$backend as Backend>::open(dir.path());
+                assert_eq!(again.job(j.wire.job_id).expect("job"), Some(j));
+                assert_eq!(again.region("ot1").expect("region"), Some(region("ot1")));
+                assert!(again.next_seq().expect("seq") > 0);
+            }
+        }
+    };
+    (@each $($test:ident),*) => {
+        $(
+            #[test]
+            fn $test() {
+                let (_dir, store) = fresh();
+                super::$test(&*store);
+            }
+        )*
+    };
+}
+
+struct Sled;
+
+impl Backend for Sled {
+    fn open(dir: &std::path::Path) -> Arc<dyn Repo> {
+        Arc::new(super::sled::SledStore::open(dir).expect("open sled"))
+    }
+}
+
+contract_suite!(sled, Sled);
