@@ -209,7 +209,7 @@ pub fn bad_target() -> Response {
 }
 
 /// The id a response carries in `X-Openstack-Request-Id` and the log line names.
-fn new_request_id() -> String {
+pub(crate) fn new_request_id() -> String {
     format!("req-{}", uuid::Uuid::new_v4())
 }
 
@@ -238,11 +238,15 @@ fn sentence(message: &str) -> String {
     out
 }
 
-/// `<code> <reason>\n\n<sentence>\n\n` as text/plain, the reference's error shape.
-fn error_response(status: StatusCode, sentence: &str) -> Response {
+/// `<code> <reason>\n\n<sentence>\n\n`, the body of the reference's error shape.
+pub(crate) fn error_text(status: StatusCode, sentence: &str) -> String {
     let reason = status.canonical_reason().unwrap_or("Error");
-    let body = format!("{} {reason}\n\n{sentence}\n\n", status.as_u16());
-    with_type(body.into_response(), status, TEXT)
+    format!("{} {reason}\n\n{sentence}\n\n", status.as_u16())
+}
+
+/// [`error_text`] as a text/plain response.
+fn error_response(status: StatusCode, sentence: &str) -> Response {
+    with_type(error_text(status, sentence).into_response(), status, TEXT)
 }
 
 fn with_type(mut response: Response, status: StatusCode, content_type: &'static str) -> Response {
