@@ -208,6 +208,50 @@ pub fn bad_target() -> Response {
     response
 }
 
+/// A request whose `Transfer-Encoding` is anything but exactly `chunked`, answered before warp
+/// (hyper only checks that `chunked` comes last, and would hand a gzip-coded body on as if it
+/// were plain). RFC 9112 §6.1: a coding the server does not implement is a 501; `chunked`
+/// applied twice is a malformed message, a 400. The body is never read, so the connection
+/// closes. `None` when the request has no such problem.
+pub fn refuse_transfer_coding(headers: &HeaderMap) -> Option<Response> {
+    let mut values = headers.get_all("transfer-encoding").iter().peekable();
+    values.peek()?;
+    let mut codings = Vec::new();
+    for value in values {
+        let Ok(text) = value.to_str() else {
+            codings.push(String::from("(not ASCII)"));
+            continue;
+        };
+        codings.extend(
+            text.split(',')
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .map(str::to_owned),
+        );
+    }
+    let is_chunked = |c: &String| c.eq_ignore_ascii_case("chunked");
+    if codings.len() == 1 && is_chunked(&codings[0]) {
+        return None;
+    }
+    let (status, message) = match codings.iter().find(|c| !is_chunked(c)) {
+        Some(other) => (
+            StatusCode::NOT_IMPLEMENTED,
+            format!("this server implements only the chunked transfer coding, not '{other}'"),
+        ),
+        None => (
+            StatusCode::BAD_REQUEST,
+            "the chunked transfer coding may be applied only once".to_string(),
+        ),
+    };
+    let mut response = error_response(status, &sentence(&message));
+    let headers = response.headers_mut();
+    headers.insert("connection", HeaderValue::from_static("close"));
+    if let Ok(id) = HeaderValue::from_str(&new_request_id()) {
+        headers.insert("x-openstack-request-id", id);
+    }
+    Some(response)
+}
+
 /// The id a response carries in `X-Openstack-Request-Id` and the log line names.
 pub(crate) fn new_request_id() -> String {
     format!("req-{}", uuid::Uuid::new_v4())

@@ -6,6 +6,8 @@
 //! - the request line and headers may take [`MAX_HEADER_BYTES`]; beyond that the answer is a
 //!   431 in the reference's plain-text shape and the connection closes;
 //! - a TLS handshake must finish within [`HANDSHAKE_TIMEOUT`];
+//! - a `Transfer-Encoding` other than exactly `chunked` is refused (501, or 400 for `chunked`
+//!   twice) before the request reaches warp;
 //! - at most [`MAX_CONNECTIONS`] connections at once; beyond that new ones are closed at once;
 //! - on shutdown the listener closes and open connections finish their current request.
 
@@ -97,6 +99,9 @@ pub async fn serve<F>(
                 // warp assumes an origin-form target (`/path?query`); anything else stops here.
                 if req.uri().path_and_query().is_none() {
                     return Ok::<_, Infallible>(crate::http::bad_target());
+                }
+                if let Some(refusal) = crate::http::refuse_transfer_coding(req.headers()) {
+                    return Ok(refusal);
                 }
                 tower_service::Service::call(&mut warp_service, req).await
             }

@@ -173,3 +173,74 @@ fn five_hundred_half_sent_400_kb_headers_are_cut_off_without_holding_memory() {
     );
     assert_eq!(server.get("/healthz", None).status(), 200);
 }
+
+// ----- item 14: only exactly `chunked` is a transfer coding -----
+
+fn chunked_post(token: &str, codings: &[&str], body: &str) -> Vec<u8> {
+    let mut raw = format!(
+        "POST {JOBS} HTTP/1.1\r\nHost: x\r\nX-Auth-Token: {token}\r\n\
+         Content-Type: application/json\r\n"
+    );
+    for coding in codings {
+        raw.push_str(&format!("Transfer-Encoding: {coding}\r\n"));
+    }
+    raw.push_str("\r\n");
+    let mut raw = raw.into_bytes();
+    raw.extend_from_slice(&chunk_encode(body.as_bytes()));
+    raw
+}
+
+#[test]
+fn transfer_codings_other_than_one_chunked_are_refused_and_the_connection_closes() {
+    let lab = Lab::new();
+    lab.standard();
+    let image = lab.image(TENANT_A, "cirros", 1024);
+    let token = lab.token("alice", TENANT_A);
+    let server = lab.serve();
+    let body = serde_json::json!({"image_id": image, "tenant_id_dst": TENANT_A}).to_string();
+
+    let mut ok = connect_and_send(&server.addr(), &chunked_post(&token, &["chunked"], &body));
+    let answer = read_until_close(&mut ok, Duration::from_secs(2));
+    assert_eq!(answer.status(), 202, "{}", answer.head());
+
+    for (codings, status, sentence) in [
+        (
+            &["gzip, chunked"][..],
+            501,
+            "This server implements only the chunked transfer coding, not 'gzip'.",
+        ),
+        (
+            &["identity, chunked"][..],
+            501,
+            "This server implements only the chunked transfer coding, not 'identity'.",
+        ),
+        (
+            &["gzip", "chunked"][..],
+            501,
+            "This server implements only the chunked transfer coding, not 'gzip'.",
+        ),
+        (
+            &["chunked, chunked"][..],
+            400,
+            "The chunked transfer coding may be applied only once.",
+        ),
+        (
+            &["chunked", "chunked"][..],
+            400,
+            "The chunked transfer coding may be applied only once.",
+        ),
+    ] {
+        let mut stream = connect_and_send(&server.addr(), &chunked_post(&token, codings, &body));
+        let answer = read_until_close(&mut stream, Duration::from_secs(5));
+        assert_eq!(answer.status(), status, "{codings:?}: {}", answer.head());
+        assert_eq!(
+            error_sentence(&answer.body(), status),
+            sentence,
+            "{codings:?}"
+        );
+        assert_eq!(answer.header("connection").as_deref(), Some("close"));
+        assert!(answer.closed, "{codings:?}: the connection is closed");
+    }
+    // Only the one plain chunked POST made a job.
+    assert_eq!(jobs(server.get(JOBS, Some(&token))).len(), 1);
+}
