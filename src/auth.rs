@@ -1,17 +1,22 @@
 //! The token registry: making tokens, hashing them for rest, and checking them per request.
 //!
-//! At rest a token is only an argon2id PHC string plus a 4-byte prefix of its SHA-256 (the
-//! "lookup"), which finds the one or two candidate records without any argon2 work: a garbage
-//! token has no candidate and is rejected at the cost of one SHA-256 and one index probe.
+//! At rest a token is only an argon2id PHC string plus its SHA-256 (the "lookup"), which finds
+//! its record without any argon2 work: a token that is not registered has no candidate and is
+//! rejected at the cost of one SHA-256 and one index probe, however it was crafted (with the
+//! 4-byte lookup of earlier versions a string sharing a real token's prefix cost an argon2 run,
+//! and answered 200 times slower than an unknown one). Records from those versions still have
+//! the short lookup; each gets the full one on its first successful verification.
 //! A token that verified once is remembered in memory under its SHA-256 (never the plaintext),
-//! so later requests pay no argon2 either; every request still reads the token record, so a
-//! revoke or an expiry takes effect on the very next request.
+//! so later requests pay no argon2 either; concurrent first requests with one token share one
+//! verification. Every request still reads the token record, so a revoke or an expiry takes
+//! effect on the very next request.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use argon2::{Argon2, PasswordHasher, PasswordVerifier};
+use futures_util::future::{BoxFuture, FutureExt, Shared};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
@@ -22,8 +27,11 @@ use crate::keystone::{Validation, Validator};
 use crate::model::{TenantKey, TokenRecord};
 use crate::store::Repo;
 
-/// Bytes of the SHA-256 kept as the non-secret lookup key.
-pub const LOOKUP_LEN: usize = 4;
+/// Bytes of the SHA-256 kept as the lookup key: all of it, so that no other string finds a
+/// token's record.
+pub const LOOKUP_LEN: usize = 32;
+/// The lookup of records written before the full one (a prefix of the SHA-256).
+pub const LEGACY_LOOKUP_LEN: usize = 4;
 /// Beyond this many remembered tokens the cache starts afresh (it is only a shortcut).
 const CACHE_CAPACITY: usize = 65_536;
 
@@ -41,15 +49,19 @@ pub fn to_hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-pub fn lookup_from_hex(text: &str) -> Option<[u8; LOOKUP_LEN]> {
-    if text.len() != LOOKUP_LEN * 2 {
+/// The lookup bytes of a record (full or legacy length), from their hex.
+pub fn lookup_from_hex(text: &str) -> Option<Vec<u8>> {
+    if text.len() != LOOKUP_LEN * 2 && text.len() != LEGACY_LOOKUP_LEN * 2 {
         return None;
     }
-    let mut out = [0u8; LOOKUP_LEN];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
+    (0..text.len() / 2)
+        .map(|i| u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Whether a record still has the short lookup of earlier versions.
+pub fn is_legacy(record: &TokenRecord) -> bool {
+    record.lookup.len() == LEGACY_LOOKUP_LEN * 2
 }
 
 /// A new token: 32 lowercase hex digits from the operating system's CSPRNG.
@@ -132,6 +144,20 @@ impl DigestSet {
     }
 }
 
+/// What the registry says about a presented token.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Found {
+    /// It verified against this record.
+    Token(Uuid),
+    /// It verified against a record that is expired or revoked.
+    Dead,
+    /// No record of the registry is this token.
+    NotRegistry,
+}
+
+/// One registry check in flight, shared by every request that presents the same token.
+type Flight = Shared<BoxFuture<'static, Result<Found>>>;
+
 pub struct Authenticator {
     /// SHA-256 of a token that verified → its record id.
     cache: Mutex<HashMap<[u8; 32], Uuid>>,
@@ -141,6 +167,9 @@ pub struct Authenticator {
     /// SHA-256 of registry tokens that verified but are expired or revoked (checked only
     /// when Keystone is in use): refused without asking Keystone.
     dead: DigestSet,
+    /// Registry checks running now, by SHA-256 of the token: concurrent requests with one token
+    /// wait for the same check instead of each paying argon2.
+    flights: Mutex<HashMap<[u8; 32], Flight>>,
     /// Bounds concurrent argon2 work (each verification holds about 19 MiB).
     permits: Arc<Semaphore>,
     verifications: AtomicU64,
@@ -157,6 +186,7 @@ impl Default for Authenticator {
             cache: Mutex::new(HashMap::new()),
             rejected: DigestSet::default(),
             dead: DigestSet::default(),
+            flights: Mutex::new(HashMap::new()),
             permits: Arc::new(Semaphore::new(cores)),
             verifications: AtomicU64::new(0),
             hits: AtomicU64::new(0),
@@ -268,36 +298,121 @@ impl Authenticator {
             return Ok(None);
         }
         if !self.rejected.contains(&digest) {
-            let keystone = self.keystone.get().is_some();
-            let candidates = store.token_candidates(&lookup(&digest))?;
-            let mut verified_any = false;
-            for record in &candidates {
-                let usable = record.unusable_at(now).is_none();
-                // Without Keystone an unusable record needs no argon2: the answer is 401
-                // either way. With it, a registry token that expired or was revoked must be
-                // told from a Keystone token, or Keystone being down would make it a 503.
-                if !usable && !keystone {
-                    continue;
-                }
-                verified_any = true;
-                if self.verify(token, &record.hash).await {
-                    if usable {
-                        self.remember(digest, record.id);
-                        return principal(&**store, record);
+            match self.registry(store, token, digest, now).await? {
+                Found::Token(id) => {
+                    return match store.token(id)? {
+                        Some(record) if record.unusable_at(now).is_none() => {
+                            principal(&**store, &record)
+                        }
+                        _ => Ok(None),
                     }
-                    self.dead.insert(digest);
-                    return Ok(None);
                 }
-            }
-            // Not the registry's: with Keystone, later requests go straight to its cache.
-            if verified_any || keystone {
-                self.rejected.insert(digest);
+                Found::Dead => return Ok(None),
+                Found::NotRegistry => {}
             }
         }
         match self.keystone.get() {
             Some(keystone) => keystone_principal(&**store, keystone, token, digest).await,
             None => Ok(None),
         }
+    }
+
+    /// The registry's answer for a token, from the one check in flight for it (started here if
+    /// none is). The check runs as a task of its own: a client that hangs up does not cancel a
+    /// verification others wait for, and its result lands in the cache whoever is still there.
+    async fn registry(
+        self: &Arc<Self>,
+        store: &Arc<dyn Repo>,
+        token: &str,
+        digest: [u8; 32],
+        now: u64,
+    ) -> Result<Found> {
+        let flight = {
+            let Ok(mut flights) = self.flights.lock() else {
+                return self.check_registry(&**store, token, digest, now).await;
+            };
+            match flights.get(&digest) {
+                Some(flight) => flight.clone(),
+                None => {
+                    let (this, store, token) =
+                        (Arc::clone(self), Arc::clone(store), token.to_owned());
+                    let task = tokio::spawn(async move {
+                        let found = this.check_registry(&*store, &token, digest, now).await;
+                        // Removed only once the result is in the cache or the sets (the map is
+                        // locked until the flight is in it, so this comes after the insert).
+                        if let Ok(mut flights) = this.flights.lock() {
+                            flights.remove(&digest);
+                        }
+                        found
+                    });
+                    let flight: Flight = task
+                        .map(|joined| {
+                            joined.unwrap_or_else(|e| {
+                                Err(ServiceError::internal("the token check failed", e))
+                            })
+                        })
+                        .boxed()
+                        .shared();
+                    flights.insert(digest, flight.clone());
+                    flight
+                }
+            }
+        };
+        flight.await
+    }
+
+    /// Looks the token up and verifies it against its candidates (at most one argon2 run for a
+    /// new-format store: only the token itself has its full SHA-256).
+    async fn check_registry(
+        self: &Arc<Self>,
+        store: &dyn Repo,
+        token: &str,
+        digest: [u8; 32],
+        now: u64,
+    ) -> Result<Found> {
+        // A check that ended just before this one began has left its answer.
+        if let Some(id) = self.cached(&digest) {
+            return Ok(Found::Token(id));
+        }
+        if self.dead.contains(&digest) {
+            return Ok(Found::Dead);
+        }
+        if self.rejected.contains(&digest) {
+            return Ok(Found::NotRegistry);
+        }
+        let keystone = self.keystone.get().is_some();
+        let full = lookup(&digest);
+        let candidates = store.token_candidates(&full)?;
+        let mut verified_any = false;
+        for record in &candidates {
+            let usable = record.unusable_at(now).is_none();
+            // Without Keystone an unusable record needs no argon2: the answer is 401
+            // either way. With it, a registry token that expired or was revoked must be
+            // told from a Keystone token, or Keystone being down would make it a 503.
+            if !usable && !keystone {
+                continue;
+            }
+            verified_any = true;
+            if self.verify(token, &record.hash).await {
+                if is_legacy(record) {
+                    // From now on only this token finds the record.
+                    if let Err(e) = store.set_token_lookup(record.id, &full) {
+                        tracing::warn!(token_id = %record.id, "cannot give a token its full lookup: {e}");
+                    }
+                }
+                if usable {
+                    self.remember(digest, record.id);
+                    return Ok(Found::Token(record.id));
+                }
+                self.dead.insert(digest);
+                return Ok(Found::Dead);
+            }
+        }
+        // Not the registry's: with Keystone, later requests go straight to its cache.
+        if verified_any || keystone {
+            self.rejected.insert(digest);
+        }
+        Ok(Found::NotRegistry)
     }
 
     /// Whether `token` is already registered (when importing a given value; blocking).

@@ -208,8 +208,52 @@ pub fn bad_target() -> Response {
     response
 }
 
+/// A request whose `Transfer-Encoding` is anything but exactly `chunked`, answered before warp
+/// (hyper only checks that `chunked` comes last, and would hand a gzip-coded body on as if it
+/// were plain). RFC 9112 §6.1: a coding the server does not implement is a 501; `chunked`
+/// applied twice is a malformed message, a 400. The body is never read, so the connection
+/// closes. `None` when the request has no such problem.
+pub fn refuse_transfer_coding(headers: &HeaderMap) -> Option<Response> {
+    let mut values = headers.get_all("transfer-encoding").iter().peekable();
+    values.peek()?;
+    let mut codings = Vec::new();
+    for value in values {
+        let Ok(text) = value.to_str() else {
+            codings.push(String::from("(not ASCII)"));
+            continue;
+        };
+        codings.extend(
+            text.split(',')
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .map(str::to_owned),
+        );
+    }
+    let is_chunked = |c: &String| c.eq_ignore_ascii_case("chunked");
+    if codings.len() == 1 && is_chunked(&codings[0]) {
+        return None;
+    }
+    let (status, message) = match codings.iter().find(|c| !is_chunked(c)) {
+        Some(other) => (
+            StatusCode::NOT_IMPLEMENTED,
+            format!("this server implements only the chunked transfer coding, not '{other}'"),
+        ),
+        None => (
+            StatusCode::BAD_REQUEST,
+            "the chunked transfer coding may be applied only once".to_string(),
+        ),
+    };
+    let mut response = error_response(status, &sentence(&message));
+    let headers = response.headers_mut();
+    headers.insert("connection", HeaderValue::from_static("close"));
+    if let Ok(id) = HeaderValue::from_str(&new_request_id()) {
+        headers.insert("x-openstack-request-id", id);
+    }
+    Some(response)
+}
+
 /// The id a response carries in `X-Openstack-Request-Id` and the log line names.
-fn new_request_id() -> String {
+pub(crate) fn new_request_id() -> String {
     format!("req-{}", uuid::Uuid::new_v4())
 }
 
@@ -238,11 +282,15 @@ fn sentence(message: &str) -> String {
     out
 }
 
-/// `<code> <reason>\n\n<sentence>\n\n` as text/plain, the reference's error shape.
-fn error_response(status: StatusCode, sentence: &str) -> Response {
+/// `<code> <reason>\n\n<sentence>\n\n`, the body of the reference's error shape.
+pub(crate) fn error_text(status: StatusCode, sentence: &str) -> String {
     let reason = status.canonical_reason().unwrap_or("Error");
-    let body = format!("{} {reason}\n\n{sentence}\n\n", status.as_u16());
-    with_type(body.into_response(), status, TEXT)
+    format!("{} {reason}\n\n{sentence}\n\n", status.as_u16())
+}
+
+/// [`error_text`] as a text/plain response.
+fn error_response(status: StatusCode, sentence: &str) -> Response {
+    with_type(error_text(status, sentence).into_response(), status, TEXT)
 }
 
 fn with_type(mut response: Response, status: StatusCode, content_type: &'static str) -> Response {

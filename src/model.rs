@@ -240,7 +240,8 @@ pub struct TokenRecord {
     pub tenant: String,
     /// argon2id PHC string of the token.
     pub hash: String,
-    /// First bytes of the token's SHA-256, hex: finds candidates without argon2 work.
+    /// The token's SHA-256, hex: finds its record without argon2 work. Records written by
+    /// earlier versions have its first 4 bytes (8 digits) until the token is next used.
     pub lookup: String,
     #[serde(with = "ts")]
     pub created_at: u64,

@@ -3,13 +3,20 @@
 //! warp's own server has no TLS in 0.4 and no header timeout, so connections are accepted here
 //! and each is served by hyper with warp's filter as the service (`warp::service`):
 //! - headers must arrive within [`HEADER_TIMEOUT`] (a client dribbling bytes is cut off);
+//! - the request line and headers may take [`MAX_HEADER_BYTES`]; beyond that the answer is a
+//!   431 in the reference's plain-text shape and the connection closes;
 //! - a TLS handshake must finish within [`HANDSHAKE_TIMEOUT`];
+//! - a `Transfer-Encoding` other than exactly `chunked` is refused (501, or 400 for `chunked`
+//!   twice) before the request reaches warp;
 //! - at most [`MAX_CONNECTIONS`] connections at once; beyond that new ones are closed at once;
 //! - on shutdown the listener closes and open connections finish their current request.
 
 use std::convert::Infallible;
+use std::io;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -17,6 +24,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -25,6 +33,8 @@ use warp::Filter;
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_CONNECTIONS: usize = 4096;
+/// Largest request line plus header section (hyper's own cap is about 400 KB).
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
 /// Loads a PEM certificate chain and private key into a TLS acceptor.
 pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
@@ -90,6 +100,9 @@ pub async fn serve<F>(
                 if req.uri().path_and_query().is_none() {
                     return Ok::<_, Infallible>(crate::http::bad_target());
                 }
+                if let Some(refusal) = crate::http::refuse_transfer_coding(req.headers()) {
+                    return Ok(refusal);
+                }
                 tower_service::Service::call(&mut warp_service, req).await
             }
         });
@@ -99,32 +112,34 @@ pub async fn serve<F>(
             let _slot = slot;
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT);
-            let served =
-                match tls {
-                    None => {
-                        let conn = http.serve_connection(TokioIo::new(stream), service);
-                        watcher.watch(conn).await
-                    }
-                    Some(acceptor) => {
-                        let stream =
-                            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
-                                .await
-                            {
-                                Ok(Ok(stream)) => stream,
-                                Ok(Err(e)) => {
-                                    tracing::debug!(%peer, "TLS handshake failed: {e}");
-                                    return;
-                                }
-                                Err(_) => {
-                                    tracing::debug!(%peer, "TLS handshake timed out");
-                                    return;
-                                }
-                            };
-                        let conn = http.serve_connection(TokioIo::new(stream), service);
-                        watcher.watch(conn).await
-                    }
-                };
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_header_size(MAX_HEADER_BYTES);
+            let served = match tls {
+                None => {
+                    let conn = http.serve_connection(TokioIo::new(Guarded::new(stream)), service);
+                    watcher.watch(conn).await
+                }
+                Some(acceptor) => {
+                    let stream = match tokio::time::timeout(
+                        HANDSHAKE_TIMEOUT,
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, "TLS handshake failed: {e}");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let conn = http.serve_connection(TokioIo::new(Guarded::new(stream)), service);
+                    watcher.watch(conn).await
+                }
+            };
             if let Err(e) = served {
                 tracing::debug!(%peer, "connection ended: {e}");
             }
@@ -136,5 +151,165 @@ pub async fn serve<F>(
         .is_err()
     {
         tracing::warn!("connections still open after {drain:?}; closing them");
+    }
+}
+
+/// A connection as hyper sees it. hyper answers a header section over
+/// [`MAX_HEADER_BYTES`] itself, with a bodiless `431` head, and then closes; that head is sent
+/// here in the reference's plain-text shape instead (hyper never hands it to the service).
+struct Guarded<S> {
+    inner: S,
+    /// Bytes to send in place of what hyper wrote, and how many of them went out.
+    replacement: Option<(Vec<u8>, usize)>,
+}
+
+impl<S> Guarded<S> {
+    fn new(inner: S) -> Self {
+        Guarded {
+            inner,
+            replacement: None,
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> Guarded<S> {
+    /// Sends what is left of the replacement.
+    fn drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some((bytes, sent)) = &mut self.replacement {
+            let Some(rest) = bytes.get(*sent..).filter(|r| !r.is_empty()) else {
+                self.replacement = None;
+                break;
+            };
+            match Pin::new(&mut self.inner).poll_write(cx, rest) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => *sent += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// If `head` is hyper's own 431, takes it over; the caller reports it as written.
+    fn take_over(&mut self, head: &[u8]) -> bool {
+        match rewrite_431(head) {
+            Some(bytes) => {
+                tracing::info!(
+                    "a request's header section is over {MAX_HEADER_BYTES} bytes; answered 431"
+                );
+                self.replacement = Some((bytes, 0));
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// hyper's automatic 431 head (`HTTP/1.1 431 …`, nothing after the blank line) with the
+/// plain-text body, its type and length, `Connection: close` and a request id; `None` for
+/// anything else.
+fn rewrite_431(head: &[u8]) -> Option<Vec<u8>> {
+    if !head.starts_with(b"HTTP/1.1 431 ") || !head.ends_with(b"\r\n\r\n") {
+        return None;
+    }
+    let text = std::str::from_utf8(head).ok()?;
+    let mut lines = text.trim_end().split("\r\n");
+    let status_line = lines.next()?;
+    // hyper's `date` line is kept; its `content-length: 0` is replaced.
+    let kept: Vec<&str> = lines
+        .filter(|l| {
+            let name = l.split(':').next().unwrap_or_default().trim();
+            !["content-length", "connection", "content-type"]
+                .iter()
+                .any(|n| name.eq_ignore_ascii_case(n))
+        })
+        .collect();
+    let body = crate::http::error_text(
+        warp::http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        &format!("The request line and headers are larger than {MAX_HEADER_BYTES} bytes."),
+    );
+    let mut out = format!("{status_line}\r\n");
+    for line in kept {
+        out.push_str(line);
+        out.push_str("\r\n");
+    }
+    out.push_str(&format!(
+        "content-type: text/plain; charset=UTF-8\r\ncontent-length: {}\r\nconnection: close\r\nx-openstack-request-id: {}\r\n\r\n{body}",
+        body.len(),
+        crate::http::new_request_id()
+    ));
+    Some(out.into_bytes())
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if let Err(e) = std::task::ready!(this.drain(cx)) {
+            return Poll::Ready(Err(e));
+        }
+        if this.take_over(buf) {
+            // Sent by the next drain if the socket is full now; hyper flushes before closing.
+            if let Poll::Ready(Err(e)) = this.drain(cx) {
+                return Poll::Ready(Err(e));
+            }
+            return Poll::Ready(Ok(buf.len()));
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if let Err(e) = std::task::ready!(this.drain(cx)) {
+            return Poll::Ready(Err(e));
+        }
+        let first = bufs.iter().find(|b| !b.is_empty());
+        if first.is_some_and(|b| b.starts_with(b"HTTP/1.1 431 ")) {
+            let whole: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            if this.take_over(&whole) {
+                if let Poll::Ready(Err(e)) = this.drain(cx) {
+                    return Poll::Ready(Err(e));
+                }
+                return Poll::Ready(Ok(whole.len()));
+            }
+        }
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Err(e) = std::task::ready!(this.drain(cx)) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Err(e) = std::task::ready!(this.drain(cx)) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }

@@ -816,11 +816,17 @@ fn corpus(f: &Fixture) -> Vec<Case> {
     ];
     for id in &ids {
         let target = format!("{JOBS}/{id}");
+        // A request line and headers over 16 KiB are a 431 (issue 13), in the same shape.
+        let expect = if target.len() > 16 * 1024 {
+            Shape(431)
+        } else {
+            Shape(404)
+        };
         for method in ["GET", "DELETE"] {
             cases.push(case(
                 format!("{method} job {}", clip(id)),
                 request(method, &target, &[("X-Auth-Token", alice)], None),
-                Shape(404),
+                expect,
             ));
         }
     }

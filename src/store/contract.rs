@@ -140,13 +140,13 @@ pub fn regions_tenants_and_users_insert_once(s: &dyn Repo) {
 }
 
 pub fn tokens_are_found_by_lookup_and_go_with_their_user(s: &dyn Repo) {
-    let (look_a, look_b) = ([1u8, 2, 3, 4], [5u8, 6, 7, 8]);
+    let (look_a, look_b) = ([1u8; 32], [2u8; 32]);
     let (mine, other) = (token("alice", &look_a), token("bob", &look_b));
     s.insert_token(&mine, &look_a).expect("insert");
     s.insert_token(&other, &look_b).expect("insert");
     let found = s.token_candidates(&look_a).expect("candidates");
     assert_eq!(found, vec![mine.clone()]);
-    assert!(s.token_candidates(&[9, 9, 9, 9]).expect("none").is_empty());
+    assert!(s.token_candidates(&[9; 32]).expect("none").is_empty());
     let mut revoked = mine.clone();
     revoked.revoked_at = Some(5);
     s.update_token(&revoked).expect("update");
@@ -155,6 +155,30 @@ pub fn tokens_are_found_by_lookup_and_go_with_their_user(s: &dyn Repo) {
     assert_eq!(s.token(mine.id).expect("get"), None);
     assert!(s.token_candidates(&look_a).expect("candidates").is_empty());
     assert_eq!(s.tokens().expect("list"), vec![other]);
+}
+
+pub fn a_legacy_lookup_finds_its_token_by_prefix_until_it_is_migrated(s: &dyn Repo) {
+    let full = [7u8; 32];
+    let legacy = &full[..crate::auth::LEGACY_LOOKUP_LEN];
+    let old = token("alice", legacy);
+    s.insert_token(&old, legacy).expect("insert");
+    let mut twin = full;
+    twin[20] = 0;
+    // Before the migration any string with the same first bytes finds it (argon2 decides).
+    assert_eq!(
+        s.token_candidates(&full).expect("by full"),
+        vec![old.clone()]
+    );
+    assert_eq!(s.token_candidates(&twin).expect("by twin").len(), 1);
+    s.set_token_lookup(old.id, &full).expect("migrate");
+    let migrated = s.token(old.id).expect("get").expect("token");
+    assert_eq!(migrated.lookup, crate::auth::to_hex(&full));
+    assert_eq!(s.token_candidates(&full).expect("by full"), vec![migrated]);
+    assert!(s.token_candidates(&twin).expect("by twin").is_empty());
+    // A token that is gone is left alone.
+    s.set_token_lookup(Uuid::new_v4(), &full).expect("gone");
+    assert_eq!(s.remove_user("alice").expect("remove"), 1);
+    assert!(s.token_candidates(&full).expect("after removal").is_empty());
 }
 
 pub fn images_are_scoped_by_owner_and_ids_are_unique(s: &dyn Repo) {
@@ -396,6 +420,7 @@ macro_rules! contract_suite {
             contract_suite!(@each
                 regions_tenants_and_users_insert_once,
                 tokens_are_found_by_lookup_and_go_with_their_user,
+                a_legacy_lookup_finds_its_token_by_prefix_until_it_is_migrated,
                 images_are_scoped_by_owner_and_ids_are_unique,
                 sequence_numbers_strictly_increase,
                 inserting_jobs_is_all_or_nothing_and_idempotent,

@@ -69,11 +69,15 @@ pub trait Registry: Send + Sync {
 
     fn token(&self, id: Uuid) -> Result<Option<TokenRecord>>;
     fn tokens(&self) -> Result<Vec<TokenRecord>>;
-    /// The tokens whose lookup key is `lookup` (usually none or one).
+    /// The tokens that `lookup` (a token's SHA-256) finds (usually none or one): the record
+    /// with that lookup, and records whose lookup is the 4-byte prefix of earlier versions.
     fn token_candidates(&self, lookup: &[u8]) -> Result<Vec<TokenRecord>>;
     fn insert_token(&self, token: &TokenRecord, lookup: &[u8]) -> Result<()>;
     /// Rewrites a token record whose lookup did not change (a revoke).
     fn update_token(&self, token: &TokenRecord) -> Result<()>;
+    /// Gives token `id` a new lookup, record and index together (a legacy prefix becomes the
+    /// full SHA-256); nothing if the token is gone.
+    fn set_token_lookup(&self, id: Uuid, lookup: &[u8]) -> Result<()>;
 
     fn image(&self, id: Uuid) -> Result<Option<Image>>;
     /// Every image, or those of one owner.

@@ -2,7 +2,8 @@
 //!
 //! Keys:
 //! - `regions`: region id; `users`: user name; `tenants`: [`TenantKey`] bytes
-//! - `tokens`: token id (16 bytes); `token_lookup`: lookup bytes ‖ token id → ()
+//! - `tokens`: token id (16 bytes); `token_lookup`: lookup bytes ‖ token id → (), the lookup
+//!   being the token's SHA-256 (32 bytes; 4 in records written before, until first use)
 //! - `images`: image id; `images_by_tenant`: owner key ‖ image id → ()
 //! - `jobs`: job id; `jobs_by_seq`: seq (u64 BE) → job id;
 //!   `jobs_by_tenant`: source tenant key ‖ seq (u64 BE) → job id
@@ -681,11 +682,26 @@ impl Registry for SledStore {
     }
 
     fn token_candidates(&self, lookup: &[u8]) -> Result<Vec<TokenRecord>> {
+        // The record with that lookup, and records with the 4-byte lookup of earlier versions
+        // that is its prefix (usually none).
+        const ID_LEN: usize = 16;
+        let prefix = lookup
+            .get(..crate::auth::LEGACY_LOOKUP_LEN)
+            .unwrap_or(lookup);
         self.with(|s| {
             let mut out = Vec::new();
-            for entry in s.token_lookup.scan_prefix(lookup) {
+            for entry in s.token_lookup.scan_prefix(prefix) {
                 let (key, _) = entry?;
-                let id = key.get(lookup.len()..).unwrap_or_default();
+                let Some(split) = key.len().checked_sub(ID_LEN) else {
+                    continue;
+                };
+                let (entry_lookup, id) = key.split_at(split);
+                let found = entry_lookup == lookup
+                    || (entry_lookup.len() == crate::auth::LEGACY_LOOKUP_LEN
+                        && lookup.starts_with(entry_lookup));
+                if !found {
+                    continue;
+                }
                 if let Some(token) = Self::get(&s.tokens, id)? {
                     out.push(token);
                 }
@@ -706,6 +722,24 @@ impl Registry for SledStore {
 
     fn update_token(&self, token: &TokenRecord) -> Result<()> {
         self.with(|s| Self::put(&s.tokens, token.id.as_bytes(), token))
+    }
+
+    fn set_token_lookup(&self, id: Uuid, lookup: &[u8]) -> Result<()> {
+        self.with(|s| {
+            tx_result((&s.tokens, &s.token_lookup).transaction(|(tok, look)| {
+                let Some(value) = tok.get(id.as_bytes())? else {
+                    return Ok(());
+                };
+                let mut token: TokenRecord = decode(&value).map_err(abort)?;
+                if let Some(old) = crate::auth::lookup_from_hex(&token.lookup) {
+                    look.remove(cat(&[&old, id.as_bytes()]))?;
+                }
+                token.lookup = crate::auth::to_hex(lookup);
+                tok.insert(id.as_bytes(), tx_encode(&token)?)?;
+                look.insert(cat(&[lookup, id.as_bytes()]), &[])?;
+                Ok(())
+            }))
+        })
     }
 
     fn image(&self, id: Uuid) -> Result<Option<Image>> {
