@@ -24,14 +24,9 @@ use uuid::Uuid;
 
 use crate::error::{Result, ServiceError};
 use crate::keystone::{Validation, Validator};
-use crate::model::{TenantKey, TokenRecord};
+use crate::model::{to_hex, TenantKey, TokenRecord, LOOKUP_LEN};
 use crate::store::Repo;
 
-/// Bytes of the SHA-256 kept as the lookup key: all of it, so that no other string finds a
-/// token's record.
-pub const LOOKUP_LEN: usize = 32;
-/// The lookup of records written before the full one (a prefix of the SHA-256).
-pub const LEGACY_LOOKUP_LEN: usize = 4;
 /// Beyond this many remembered tokens the cache starts afresh (it is only a shortcut).
 const CACHE_CAPACITY: usize = 65_536;
 
@@ -43,25 +38,6 @@ pub fn lookup(digest: &[u8; 32]) -> [u8; LOOKUP_LEN] {
     let mut out = [0u8; LOOKUP_LEN];
     out.copy_from_slice(&digest[..LOOKUP_LEN]);
     out
-}
-
-pub fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The lookup bytes of a record (full or legacy length), from their hex.
-pub fn lookup_from_hex(text: &str) -> Option<Vec<u8>> {
-    if text.len() != LOOKUP_LEN * 2 && text.len() != LEGACY_LOOKUP_LEN * 2 {
-        return None;
-    }
-    (0..text.len() / 2)
-        .map(|i| u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok())
-        .collect()
-}
-
-/// Whether a record still has the short lookup of earlier versions.
-pub fn is_legacy(record: &TokenRecord) -> bool {
-    record.lookup.len() == LEGACY_LOOKUP_LEN * 2
 }
 
 /// A new token: 32 lowercase hex digits from the operating system's CSPRNG.
@@ -394,15 +370,15 @@ impl Authenticator {
             }
             verified_any = true;
             if self.verify(token, &record.hash).await {
-                if is_legacy(record) {
+                if record.has_legacy_lookup() {
                     // From now on only this token finds the record.
-                    if let Err(e) = store.set_token_lookup(record.id, &full) {
-                        tracing::warn!(token_id = %record.id, "cannot give a token its full lookup: {e}");
+                    if let Err(e) = store.set_token_lookup(record.info.id, &full) {
+                        tracing::warn!(token_id = %record.info.id, "cannot give a token its full lookup: {e}");
                     }
                 }
                 if usable {
-                    self.remember(digest, record.id);
-                    return Ok(Found::Token(record.id));
+                    self.remember(digest, record.info.id);
+                    return Ok(Found::Token(record.info.id));
                 }
                 self.dead.insert(digest);
                 return Ok(Found::Dead);
@@ -480,10 +456,10 @@ async fn keystone_principal(
 }
 
 fn principal(store: &dyn Repo, record: &TokenRecord) -> Result<Option<Principal>> {
-    let Some(user) = store.user(&record.user)? else {
+    let Some(user) = store.user(&record.info.user)? else {
         return Ok(None);
     };
-    let Some(tenant_key) = TenantKey::parse(&record.tenant) else {
+    let Some(tenant_key) = TenantKey::parse(&record.info.tenant) else {
         return Ok(None);
     };
     let member = user

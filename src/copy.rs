@@ -228,8 +228,8 @@ pub fn stream(
         copied?;
         Ok(Digests {
             size,
-            md5: md5.map(|d| crate::auth::to_hex(&d)),
-            sha512: sha.map(|d| crate::auth::to_hex(&d)),
+            md5: md5.map(|d| crate::model::to_hex(&d)),
+            sha512: sha.map(|d| crate::model::to_hex(&d)),
         })
     })
 }

@@ -232,40 +232,61 @@ pub struct User {
     pub created_at: u64,
 }
 
-/// A token as kept at rest: never the token itself, only its argon2id PHC string.
+/// Bytes of a token's SHA-256 kept as its lookup key: all of it, so that no other string finds
+/// the token's record.
+pub const LOOKUP_LEN: usize = 32;
+/// The lookup of records written before the full one (a prefix of the SHA-256).
+pub const LEGACY_LOOKUP_LEN: usize = 4;
+
+/// Lowercase hex of `bytes`.
+pub fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A token as kept at rest: what `token list` shows, and never the token itself, only its
+/// argon2id PHC string and its SHA-256.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct TokenRecord {
-    pub id: Uuid,
-    pub user: String,
-    pub tenant: String,
+    #[serde(flatten)]
+    pub info: TokenInfo,
     /// argon2id PHC string of the token.
     pub hash: String,
     /// The token's SHA-256, hex: finds its record without argon2 work. Records written by
     /// earlier versions have its first 4 bytes (8 digits) until the token is next used.
     pub lookup: String,
-    #[serde(with = "ts")]
-    pub created_at: u64,
-    #[serde(with = "ts::option")]
-    pub expires_at: Option<u64>,
-    #[serde(with = "ts::option")]
-    pub revoked_at: Option<u64>,
 }
 
 impl TokenRecord {
     /// Why this token cannot be used at `now`, if it cannot.
     pub fn unusable_at(&self, now: u64) -> Option<&'static str> {
-        if self.revoked_at.is_some() {
+        if self.info.revoked_at.is_some() {
             Some("revoked")
-        } else if self.expires_at.is_some_and(|at| at <= now) {
+        } else if self.info.expires_at.is_some_and(|at| at <= now) {
             Some("expired")
         } else {
             None
         }
     }
+
+    /// The bytes of its lookup key (full, or of an earlier version's length), from their hex.
+    pub fn lookup_key(&self) -> Option<Vec<u8>> {
+        let text = &self.lookup;
+        if text.len() != LOOKUP_LEN * 2 && text.len() != LEGACY_LOOKUP_LEN * 2 {
+            return None;
+        }
+        (0..text.len() / 2)
+            .map(|i| u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok())
+            .collect()
+    }
+
+    /// Whether the record still has the short lookup of earlier versions.
+    pub fn has_legacy_lookup(&self) -> bool {
+        self.lookup.len() == LEGACY_LOOKUP_LEN * 2
+    }
 }
 
-/// What `token list` shows: the record without its hash.
-#[derive(Serialize, Deserialize, Clone, Debug)]
+/// A token's owner and times: what `token list` shows.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct TokenInfo {
     pub id: Uuid,
     pub user: String,
@@ -276,19 +297,6 @@ pub struct TokenInfo {
     pub expires_at: Option<u64>,
     #[serde(with = "ts::option")]
     pub revoked_at: Option<u64>,
-}
-
-impl From<&TokenRecord> for TokenInfo {
-    fn from(t: &TokenRecord) -> Self {
-        TokenInfo {
-            id: t.id,
-            user: t.user.clone(),
-            tenant: t.tenant.clone(),
-            created_at: t.created_at,
-            expires_at: t.expires_at,
-            revoked_at: t.revoked_at,
-        }
-    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]

@@ -411,8 +411,8 @@ impl Service {
             .store
             .tokens()?
             .into_iter()
-            .filter(|t| t.user == name)
-            .map(|t| t.id)
+            .filter(|t| t.info.user == name)
+            .map(|t| t.info.id)
             .collect();
         let removed = self.store.remove_user(name)?;
         self.flush()?;
@@ -472,40 +472,42 @@ impl Service {
         let created_at = now();
         let lookup = auth::lookup(&auth::digest(&token));
         let record = TokenRecord {
-            id: Uuid::new_v4(),
-            user: user.name,
-            tenant: tenant.id,
+            info: TokenInfo {
+                id: Uuid::new_v4(),
+                user: user.name,
+                tenant: tenant.id,
+                created_at,
+                // Rounded up: a token lives at least as long as asked, never shorter.
+                expires_at: expires_in_secs.map(|s| now_ceil().saturating_add(s)),
+                revoked_at: None,
+            },
             hash: auth::hash(&token)?,
-            lookup: auth::to_hex(&lookup),
-            created_at,
-            // Rounded up: a token lives at least as long as asked, never shorter.
-            expires_at: expires_in_secs.map(|s| now_ceil().saturating_add(s)),
-            revoked_at: None,
+            lookup: crate::model::to_hex(&lookup),
         };
         self.store.insert_token(&record, &lookup)?;
         self.flush()?;
         self.auth.token_added();
         Ok(IssuedToken {
             token,
-            info: TokenInfo::from(&record),
+            info: record.info,
         })
     }
 
     pub fn token_list(&self) -> Result<Vec<TokenInfo>> {
-        Ok(self.store.tokens()?.iter().map(TokenInfo::from).collect())
+        Ok(self.store.tokens()?.into_iter().map(|t| t.info).collect())
     }
 
     pub fn token_revoke(&self, id: &str) -> Result<TokenInfo> {
         let missing = || ServiceError::NotFound(format!("no token with id {id}"));
         let uuid = Uuid::try_parse(id).map_err(|_| missing())?;
         let mut record = self.store.token(uuid)?.ok_or_else(missing)?;
-        if record.revoked_at.is_none() {
-            record.revoked_at = Some(now());
+        if record.info.revoked_at.is_none() {
+            record.info.revoked_at = Some(now());
             self.store.update_token(&record)?;
             self.flush()?;
         }
         self.auth.forget_token(uuid);
-        Ok(TokenInfo::from(&record))
+        Ok(record.info)
     }
 
     // ----- images -----

@@ -478,8 +478,8 @@ fn exercise_every_command(lab: &Lab) {
     let size = (3 << 20) + 17; // crosses the 1 MiB copy unit
     let file = lab.file("disk1.raw", size);
     let bytes = fs::read(&file).expect("image file");
-    let md5 = image_replicator::auth::to_hex(&Md5::digest(&bytes));
-    let sha512 = image_replicator::auth::to_hex(&Sha512::digest(&bytes));
+    let md5 = image_replicator::model::to_hex(&Md5::digest(&bytes));
+    let sha512 = image_replicator::model::to_hex(&Sha512::digest(&bytes));
     let out = ok(lab, &import_args(path(&file), TENANT_A, "disk1", &[]));
     assert_eq!(
         out.lines().count(),
@@ -533,12 +533,12 @@ fn exercise_every_command(lab: &Lab) {
     assert_eq!(img2["size"], 4096);
     assert_eq!(
         img2["checksum"],
-        image_replicator::auth::to_hex(&Md5::digest(&bytes2)).as_str()
+        image_replicator::model::to_hex(&Md5::digest(&bytes2)).as_str()
     );
     assert_eq!(img2["os_hash_algo"], "sha512");
     assert_eq!(
         img2["os_hash_value"],
-        image_replicator::auth::to_hex(&Sha512::digest(&bytes2)).as_str()
+        image_replicator::model::to_hex(&Sha512::digest(&bytes2)).as_str()
     );
     assert!(r2_dir.join(FIXED_IMAGE_ID).is_file());
     assert_eq!(ok_json(lab, &["image", "show", FIXED_IMAGE_ID]), img2);

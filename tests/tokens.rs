@@ -222,14 +222,16 @@ fn write_legacy_token(lab: &Lab, user: &str, tenant: &str, token: &str) {
     let digest = Sha256::digest(token.as_bytes());
     let lookup = &digest[..4];
     let record = image_replicator::model::TokenRecord {
-        id: uuid::Uuid::new_v4(),
-        user: user.into(),
-        tenant: tenant.into(),
+        info: image_replicator::model::TokenInfo {
+            id: uuid::Uuid::new_v4(),
+            user: user.into(),
+            tenant: tenant.into(),
+            created_at: 1_700_000_000,
+            expires_at: None,
+            revoked_at: None,
+        },
         hash: image_replicator::auth::hash(token).expect("hash"),
-        lookup: image_replicator::auth::to_hex(lookup),
-        created_at: 1_700_000_000,
-        expires_at: None,
-        revoked_at: None,
+        lookup: image_replicator::model::to_hex(lookup),
     };
     store.insert_token(&record, lookup).expect("insert");
     store.flush().expect("flush");

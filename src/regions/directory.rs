@@ -312,11 +312,11 @@ mod tests {
         assert_eq!(recorded.size, data.len() as u64);
         assert_eq!(
             recorded.checksum,
-            Some(crate::auth::to_hex(&Md5::digest(&data)))
+            Some(crate::model::to_hex(&Md5::digest(&data)))
         );
         assert_eq!(
             recorded.os_hash_value,
-            Some(crate::auth::to_hex(&Sha512::digest(&data)))
+            Some(crate::model::to_hex(&Sha512::digest(&data)))
         );
         assert!(seen.windows(2).all(|w| w[0] < w[1]));
         let meta = fs::metadata(&path).expect("metadata");

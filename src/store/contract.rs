@@ -9,7 +9,7 @@ use uuid::Uuid;
 use super::{ImageChange, JobQuery, Repo};
 use crate::error::ServiceError;
 use crate::model::{
-    Image, ImageStatus, Job, JobStatus, JobWire, Region, RegionKind, Tenant, TenantKey,
+    Image, ImageStatus, Job, JobStatus, JobWire, Region, RegionKind, Tenant, TenantKey, TokenInfo,
     TokenRecord, User,
 };
 
@@ -67,14 +67,16 @@ fn image(owner: &str, status: ImageStatus) -> Image {
 /// A token record whose lookup key is `lookup` (as `auth` makes them: hex in the record).
 fn token(user: &str, lookup: &[u8]) -> TokenRecord {
     TokenRecord {
-        id: Uuid::new_v4(),
-        user: user.into(),
-        tenant: A.into(),
+        info: TokenInfo {
+            id: Uuid::new_v4(),
+            user: user.into(),
+            tenant: A.into(),
+            created_at: 1,
+            expires_at: None,
+            revoked_at: None,
+        },
         hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into(),
-        lookup: crate::auth::to_hex(lookup),
-        created_at: 1,
-        expires_at: None,
-        revoked_at: None,
+        lookup: crate::model::to_hex(lookup),
     }
 }
 
@@ -148,18 +150,18 @@ pub fn tokens_are_found_by_lookup_and_go_with_their_user(s: &dyn Repo) {
     assert_eq!(found, vec![mine.clone()]);
     assert!(s.token_candidates(&[9; 32]).expect("none").is_empty());
     let mut revoked = mine.clone();
-    revoked.revoked_at = Some(5);
+    revoked.info.revoked_at = Some(5);
     s.update_token(&revoked).expect("update");
-    assert_eq!(s.token(mine.id).expect("get"), Some(revoked));
+    assert_eq!(s.token(mine.info.id).expect("get"), Some(revoked));
     assert_eq!(s.remove_user("alice").expect("remove"), 1);
-    assert_eq!(s.token(mine.id).expect("get"), None);
+    assert_eq!(s.token(mine.info.id).expect("get"), None);
     assert!(s.token_candidates(&look_a).expect("candidates").is_empty());
     assert_eq!(s.tokens().expect("list"), vec![other]);
 }
 
 pub fn a_legacy_lookup_finds_its_token_by_prefix_until_it_is_migrated(s: &dyn Repo) {
     let full = [7u8; 32];
-    let legacy = &full[..crate::auth::LEGACY_LOOKUP_LEN];
+    let legacy = &full[..crate::model::LEGACY_LOOKUP_LEN];
     let old = token("alice", legacy);
     s.insert_token(&old, legacy).expect("insert");
     let mut twin = full;
@@ -170,9 +172,9 @@ pub fn a_legacy_lookup_finds_its_token_by_prefix_until_it_is_migrated(s: &dyn Re
         vec![old.clone()]
     );
     assert_eq!(s.token_candidates(&twin).expect("by twin").len(), 1);
-    s.set_token_lookup(old.id, &full).expect("migrate");
-    let migrated = s.token(old.id).expect("get").expect("token");
-    assert_eq!(migrated.lookup, crate::auth::to_hex(&full));
+    s.set_token_lookup(old.info.id, &full).expect("migrate");
+    let migrated = s.token(old.info.id).expect("get").expect("token");
+    assert_eq!(migrated.lookup, crate::model::to_hex(&full));
     assert_eq!(s.token_candidates(&full).expect("by full"), vec![migrated]);
     assert!(s.token_candidates(&twin).expect("by twin").is_empty());
     // A token that is gone is left alone.

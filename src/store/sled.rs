@@ -657,7 +657,7 @@ impl Registry for SledStore {
         let tokens: Vec<TokenRecord> = self
             .tokens()?
             .into_iter()
-            .filter(|t| t.user == name)
+            .filter(|t| t.info.user == name)
             .collect();
         self.with(|s| {
             tx_result(
@@ -686,7 +686,7 @@ impl Registry for SledStore {
         // that is its prefix (usually none).
         const ID_LEN: usize = 16;
         let prefix = lookup
-            .get(..crate::auth::LEGACY_LOOKUP_LEN)
+            .get(..crate::model::LEGACY_LOOKUP_LEN)
             .unwrap_or(lookup);
         self.with(|s| {
             let mut out = Vec::new();
@@ -697,7 +697,7 @@ impl Registry for SledStore {
                 };
                 let (entry_lookup, id) = key.split_at(split);
                 let found = entry_lookup == lookup
-                    || (entry_lookup.len() == crate::auth::LEGACY_LOOKUP_LEN
+                    || (entry_lookup.len() == crate::model::LEGACY_LOOKUP_LEN
                         && lookup.starts_with(entry_lookup));
                 if !found {
                     continue;
@@ -713,15 +713,15 @@ impl Registry for SledStore {
     fn insert_token(&self, token: &TokenRecord, lookup: &[u8]) -> Result<()> {
         self.with(|s| {
             tx_result((&s.tokens, &s.token_lookup).transaction(|(tok, look)| {
-                tok.insert(token.id.as_bytes(), tx_encode(token)?)?;
-                look.insert(cat(&[lookup, token.id.as_bytes()]), &[])?;
+                tok.insert(token.info.id.as_bytes(), tx_encode(token)?)?;
+                look.insert(cat(&[lookup, token.info.id.as_bytes()]), &[])?;
                 Ok(())
             }))
         })
     }
 
     fn update_token(&self, token: &TokenRecord) -> Result<()> {
-        self.with(|s| Self::put(&s.tokens, token.id.as_bytes(), token))
+        self.with(|s| Self::put(&s.tokens, token.info.id.as_bytes(), token))
     }
 
     fn set_token_lookup(&self, id: Uuid, lookup: &[u8]) -> Result<()> {
@@ -731,10 +731,10 @@ impl Registry for SledStore {
                     return Ok(());
                 };
                 let mut token: TokenRecord = decode(&value).map_err(abort)?;
-                if let Some(old) = crate::auth::lookup_from_hex(&token.lookup) {
+                if let Some(old) = token.lookup_key() {
                     look.remove(cat(&[&old, id.as_bytes()]))?;
                 }
-                token.lookup = crate::auth::to_hex(lookup);
+                token.lookup = crate::model::to_hex(lookup);
                 tok.insert(id.as_bytes(), tx_encode(&token)?)?;
                 look.insert(cat(&[lookup, id.as_bytes()]), &[])?;
                 Ok(())
@@ -1023,9 +1023,9 @@ fn remove_token_tx(
     lookup: &TransactionalTree,
     token: &TokenRecord,
 ) -> Result<(), ConflictableTransactionError<ServiceError>> {
-    tokens.remove(token.id.as_bytes())?;
-    if let Some(prefix) = crate::auth::lookup_from_hex(&token.lookup) {
-        lookup.remove(cat(&[&prefix, token.id.as_bytes()]))?;
+    tokens.remove(token.info.id.as_bytes())?;
+    if let Some(prefix) = token.lookup_key() {
+        lookup.remove(cat(&[&prefix, token.info.id.as_bytes()]))?;
     }
     Ok(())
 }

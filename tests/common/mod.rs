@@ -460,7 +460,7 @@ pub fn job_ids(list: &[Value]) -> Vec<String> {
 /// SHA-512 of `bytes`, hex, as records carry it in `os_hash_value`.
 pub fn sha512_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
-    image_replicator::auth::to_hex(&sha2::Sha512::digest(bytes))
+    image_replicator::model::to_hex(&sha2::Sha512::digest(bytes))
 }
 
 pub fn status_is(status: &'static str) -> impl Fn(&Value) -> bool {
