@@ -348,7 +348,7 @@ async fn dispatch(
         Route::Health => return health(svc).await,
         Route::Metrics => {
             let svc = Arc::clone(svc);
-            let text = blocking(move || crate::metrics::render(&svc)).await?;
+            let text = blocking(move || Ok(svc.metrics_text())).await?;
             return Ok(with_type(
                 text.into_response(),
                 StatusCode::OK,

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::auth::AuthStats;
 use crate::model::JobStatus;
-use crate::service::Service;
 
 /// Upper bounds of the request latency histogram, in seconds.
 const BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
@@ -52,9 +52,19 @@ impl Metrics {
     }
 }
 
-/// The whole exposition (blocking: it counts jobs in the store).
-pub fn render(svc: &Service) -> crate::error::Result<String> {
-    let m = &svc.metrics;
+/// What the exposition shows besides the counters kept here, read by the service.
+pub struct Readings {
+    pub store_writable: bool,
+    /// `None` when the store cannot be read: the job gauges are left out.
+    pub job_counts: Option<BTreeMap<JobStatus, u64>>,
+    pub active_copies: usize,
+    pub auth: AuthStats,
+    /// `None` without Keystone.
+    pub keystone_calls: Option<u64>,
+}
+
+/// The whole exposition.
+pub fn render(m: &Metrics, readings: &Readings) -> String {
     let mut out = String::new();
     let w = &mut out;
     let _ = writeln!(w, "# HELP image_replicator_http_requests_total HTTP requests by route template, method and status.");
@@ -97,7 +107,7 @@ pub fn render(svc: &Service) -> crate::error::Result<String> {
         "image_replicator_http_request_duration_seconds_count {total}"
     );
 
-    let writable = svc.store.writable().is_ok();
+    let writable = readings.store_writable;
     let _ = writeln!(
         w,
         "# HELP image_replicator_store_writable Whether the store takes writes (0 while its disk is full or a write failed)."
@@ -105,21 +115,18 @@ pub fn render(svc: &Service) -> crate::error::Result<String> {
     let _ = writeln!(w, "# TYPE image_replicator_store_writable gauge");
     let _ = writeln!(w, "image_replicator_store_writable {}", u8::from(writable));
     // A store that cannot be read leaves the job gauges out, not the whole exposition.
-    match svc.job_status_counts() {
-        Ok(counts) => {
-            let _ = writeln!(
-                w,
-                "# HELP image_replicator_jobs Jobs in the store by status."
-            );
-            let _ = writeln!(w, "# TYPE image_replicator_jobs gauge");
-            for status in JobStatus::ALL {
-                let count = counts.get(&status).copied().unwrap_or(0);
-                let _ = writeln!(w, "image_replicator_jobs{{status=\"{status}\"}} {count}");
-            }
+    if let Some(counts) = &readings.job_counts {
+        let _ = writeln!(
+            w,
+            "# HELP image_replicator_jobs Jobs in the store by status."
+        );
+        let _ = writeln!(w, "# TYPE image_replicator_jobs gauge");
+        for status in JobStatus::ALL {
+            let count = counts.get(&status).copied().unwrap_or(0);
+            let _ = writeln!(w, "image_replicator_jobs{{status=\"{status}\"}} {count}");
         }
-        Err(e) => tracing::warn!("metrics: cannot count jobs: {e}"),
     }
-    let auth = svc.auth.stats();
+    let auth = &readings.auth;
     let gauges: [(&str, &str, &str, u64); 5] = [
         (
             "image_replicator_copied_bytes_total",
@@ -131,7 +138,7 @@ pub fn render(svc: &Service) -> crate::error::Result<String> {
             "image_replicator_active_copies",
             "gauge",
             "Copies running now.",
-            svc.board.active() as u64,
+            readings.active_copies as u64,
         ),
         (
             "image_replicator_argon2_verifications_total",
@@ -152,7 +159,7 @@ pub fn render(svc: &Service) -> crate::error::Result<String> {
             auth.cache_misses,
         ),
     ];
-    let keystone = svc.auth.keystone_calls().map(|calls| {
+    let keystone = readings.keystone_calls.map(|calls| {
         (
             "image_replicator_keystone_validations_total",
             "counter",
@@ -165,5 +172,5 @@ pub fn render(svc: &Service) -> crate::error::Result<String> {
         let _ = writeln!(w, "# TYPE {name} {kind}");
         let _ = writeln!(w, "{name} {value}");
     }
-    Ok(out)
+    out
 }

@@ -848,6 +848,22 @@ impl Service {
         Ok(body)
     }
 
+    /// The `/metrics` exposition (a scan of every job when one has changed).
+    pub fn metrics_text(&self) -> String {
+        let job_counts = self
+            .job_status_counts()
+            .inspect_err(|e| tracing::warn!("metrics: cannot count jobs: {e}"))
+            .ok();
+        let readings = crate::metrics::Readings {
+            store_writable: self.store.writable().is_ok(),
+            job_counts,
+            active_copies: self.board.active(),
+            auth: self.auth.stats(),
+            keystone_calls: self.auth.keystone_calls(),
+        };
+        crate::metrics::render(&self.metrics, &readings)
+    }
+
     /// How many jobs there are in each status (a scan of every job when one has changed).
     pub fn job_status_counts(&self) -> Result<BTreeMap<JobStatus, u64>> {
         let version = self.store.jobs_version();
