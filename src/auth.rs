@@ -11,7 +11,7 @@
 //! verification. Every request still reads the token record, so a revoke or an expiry takes
 //! effect on the very next request.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
+use crate::cache::Bounded;
 use crate::error::{Result, ServiceError};
 use crate::keystone::{Validation, Validator};
 use crate::model::{to_hex, TenantKey, TokenRecord, LOOKUP_LEN};
@@ -95,30 +96,8 @@ pub struct AuthStats {
     pub cached_tokens: usize,
 }
 
-/// A bounded set of token digests (beyond [`CACHE_CAPACITY`] it starts afresh).
-#[derive(Default)]
-struct DigestSet(Mutex<HashSet<[u8; 32]>>);
-
-impl DigestSet {
-    fn contains(&self, digest: &[u8; 32]) -> bool {
-        self.0.lock().is_ok_and(|set| set.contains(digest))
-    }
-
-    fn insert(&self, digest: [u8; 32]) {
-        if let Ok(mut set) = self.0.lock() {
-            if set.len() >= CACHE_CAPACITY {
-                set.clear();
-            }
-            set.insert(digest);
-        }
-    }
-
-    fn clear(&self) {
-        if let Ok(mut set) = self.0.lock() {
-            set.clear();
-        }
-    }
-}
+/// Token digests known not to be (or no longer to be) the registry's; bounded.
+type DigestSet = Bounded<[u8; 32], ()>;
 
 /// What the registry says about a presented token.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -136,7 +115,7 @@ type Flight = Shared<BoxFuture<'static, Result<Found>>>;
 
 pub struct Authenticator {
     /// SHA-256 of a token that verified → its record id.
-    cache: Mutex<HashMap<[u8; 32], Uuid>>,
+    cache: Bounded<[u8; 32], Uuid>,
     /// SHA-256 of tokens that failed argon2 verification: a string crafted to share a real
     /// token's lookup prefix costs one verification, not one per request.
     rejected: DigestSet,
@@ -159,9 +138,9 @@ impl Default for Authenticator {
     fn default() -> Self {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Authenticator {
-            cache: Mutex::new(HashMap::new()),
-            rejected: DigestSet::default(),
-            dead: DigestSet::default(),
+            cache: Bounded::new(CACHE_CAPACITY),
+            rejected: Bounded::new(CACHE_CAPACITY),
+            dead: Bounded::new(CACHE_CAPACITY),
             flights: Mutex::new(HashMap::new()),
             permits: Arc::new(Semaphore::new(cores)),
             verifications: AtomicU64::new(0),
@@ -188,34 +167,25 @@ impl Authenticator {
             argon2_verifications: self.verifications.load(Ordering::Relaxed),
             cache_hits: self.hits.load(Ordering::Relaxed),
             cache_misses: self.misses.load(Ordering::Relaxed),
-            cached_tokens: self.cache.lock().map_or(0, |c| c.len()),
+            cached_tokens: self.cache.len(),
         }
     }
 
     fn cached(&self, digest: &[u8; 32]) -> Option<Uuid> {
-        self.cache.lock().ok()?.get(digest).copied()
+        self.cache.get(digest)
     }
 
     fn remember(&self, digest: [u8; 32], id: Uuid) {
-        if let Ok(mut cache) = self.cache.lock() {
-            if cache.len() >= CACHE_CAPACITY {
-                cache.clear();
-            }
-            cache.insert(digest, id);
-        }
+        self.cache.insert(digest, id);
     }
 
     fn forget(&self, digest: &[u8; 32]) {
-        if let Ok(mut cache) = self.cache.lock() {
-            cache.remove(digest);
-        }
+        self.cache.remove(digest);
     }
 
     /// Drops every cache entry that points at token `id` (on revoke or user removal).
     pub fn forget_token(&self, id: Uuid) {
-        if let Ok(mut cache) = self.cache.lock() {
-            cache.retain(|_, cached| *cached != id);
-        }
+        self.cache.retain(|_, cached| *cached != id);
     }
 
     /// One argon2 verification, counted, on the calling thread.
@@ -380,13 +350,13 @@ impl Authenticator {
                     self.remember(digest, record.info.id);
                     return Ok(Found::Token(record.info.id));
                 }
-                self.dead.insert(digest);
+                self.dead.insert(digest, ());
                 return Ok(Found::Dead);
             }
         }
         // Not the registry's: with Keystone, later requests go straight to its cache.
         if verified_any || keystone {
-            self.rejected.insert(digest);
+            self.rejected.insert(digest, ());
         }
         Ok(Found::NotRegistry)
     }

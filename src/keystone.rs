@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use reqwest::blocking::Client;
 use serde_json::json;
 
+use crate::cache::Bounded;
 use crate::model::KeystoneCredentials;
 use crate::remote::RemoteError;
 
@@ -165,6 +166,7 @@ pub struct ValidatorConfig {
     pub times: CacheTimes,
 }
 
+#[derive(Clone)]
 enum Kept {
     Valid(Identity, Instant),
     Invalid(Instant),
@@ -186,7 +188,7 @@ pub struct Validator {
     service: TokenSource,
     http: Client,
     times: CacheTimes,
-    kept: Mutex<std::collections::HashMap<[u8; 32], Kept>>,
+    kept: Bounded<[u8; 32], Kept>,
     /// Permits to run [`Validator::validate`]; see [`CONCURRENT_VALIDATIONS`].
     pub permits: Arc<tokio::sync::Semaphore>,
     /// Validation calls made to Keystone.
@@ -212,7 +214,7 @@ impl Validator {
             service: TokenSource::new(service),
             http,
             times,
-            kept: Mutex::new(std::collections::HashMap::new()),
+            kept: Bounded::new(KEPT_CAPACITY),
             permits: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_VALIDATIONS)),
             calls: Default::default(),
         })
@@ -220,26 +222,19 @@ impl Validator {
 
     /// The kept result for a token, if one is still good (no I/O).
     pub fn kept(&self, digest: &[u8; 32]) -> Option<Validation> {
-        let mut kept = self.kept.lock().ok()?;
         let now = Instant::now();
-        let result = match kept.get(digest)? {
-            Kept::Valid(identity, until) if now < *until => Validation::Valid(identity.clone()),
-            Kept::Invalid(until) if now < *until => Validation::Invalid,
+        match self.kept.get(digest)? {
+            Kept::Valid(identity, until) if now < until => Some(Validation::Valid(identity)),
+            Kept::Invalid(until) if now < until => Some(Validation::Invalid),
             _ => {
-                kept.remove(digest);
-                return None;
+                self.kept.remove(digest);
+                None
             }
-        };
-        Some(result)
+        }
     }
 
     fn keep(&self, digest: [u8; 32], entry: Kept) {
-        if let Ok(mut kept) = self.kept.lock() {
-            if kept.len() >= KEPT_CAPACITY {
-                kept.clear();
-            }
-            kept.insert(digest, entry);
-        }
+        self.kept.insert(digest, entry);
     }
 
     /// Asks Keystone about `token` (blocking; the caller holds one of `permits`) and keeps

@@ -513,6 +513,12 @@ impl SledStore {
             .collect::<Result<Vec<T>>>()
     }
 
+    /// Inserts `value` unless `key` is taken; whether it was inserted.
+    fn insert_new<T: Serialize>(tree: &Tree, key: &[u8], value: &T) -> Result<bool> {
+        let swapped = tree.compare_and_swap(key, None as Option<&[u8]>, Some(encode(value)?))?;
+        Ok(swapped.is_ok())
+    }
+
     fn put<T: Serialize>(tree: &Tree, key: &[u8], value: &T) -> Result<()> {
         tree.insert(key, encode(value)?)?;
         Ok(())
@@ -593,14 +599,7 @@ impl Registry for SledStore {
     }
 
     fn insert_region(&self, region: &Region) -> Result<bool> {
-        self.with(|s| {
-            let swapped = s.regions.compare_and_swap(
-                region.id.as_bytes(),
-                None as Option<&[u8]>,
-                Some(encode(region)?),
-            )?;
-            Ok(swapped.is_ok())
-        })
+        self.with(|s| Self::insert_new(&s.regions, region.id.as_bytes(), region))
     }
 
     fn remove_region(&self, id: &str) -> Result<()> {
@@ -619,12 +618,7 @@ impl Registry for SledStore {
     }
 
     fn insert_tenant(&self, key: TenantKey, tenant: &Tenant) -> Result<bool> {
-        self.with(|s| {
-            let swapped =
-                s.tenants
-                    .compare_and_swap(key.0, None as Option<&[u8]>, Some(encode(tenant)?))?;
-            Ok(swapped.is_ok())
-        })
+        self.with(|s| Self::insert_new(&s.tenants, &key.0, tenant))
     }
 
     fn remove_tenant(&self, key: TenantKey) -> Result<()> {
@@ -643,14 +637,7 @@ impl Registry for SledStore {
     }
 
     fn insert_user(&self, user: &User) -> Result<bool> {
-        self.with(|s| {
-            let swapped = s.users.compare_and_swap(
-                user.name.as_bytes(),
-                None as Option<&[u8]>,
-                Some(encode(user)?),
-            )?;
-            Ok(swapped.is_ok())
-        })
+        self.with(|s| Self::insert_new(&s.users, user.name.as_bytes(), user))
     }
 
     fn remove_user(&self, name: &str) -> Result<usize> {
