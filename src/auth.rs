@@ -4,7 +4,7 @@
 //! its record without any argon2 work: a token that is not registered has no candidate and is
 //! rejected at the cost of one SHA-256 and one index probe, however it was crafted (with the
 //! 4-byte lookup of earlier versions a string sharing a real token's prefix cost an argon2 run,
-//! and answered 200 times slower than an unknown one). Records from those versions still have
+//! and answered a hundred times slower than an unknown one). Records from those versions have
 //! the short lookup; each gets the full one on its first successful verification.
 //! A token that verified once is remembered in memory under its SHA-256 (never the plaintext),
 //! so later requests pay no argon2 either; concurrent first requests with one token share one

@@ -6,12 +6,15 @@
 //! - the request line and headers may take [`MAX_HEADER_BYTES`]; beyond that the answer is a
 //!   431 in the reference's plain-text shape and the connection closes;
 //! - a TLS handshake must finish within [`HANDSHAKE_TIMEOUT`];
+//! - a connection whose client takes none of the bytes sent to it for [`WRITE_TIMEOUT`] is
+//!   closed (a client that never reads its answer holds no buffers and no slot beyond that);
 //! - a `Transfer-Encoding` other than exactly `chunked` is refused (501, or 400 for `chunked`
 //!   twice) before the request reaches warp;
 //! - at most [`MAX_CONNECTIONS`] connections at once; beyond that new ones are closed at once;
 //! - on shutdown the listener closes and open connections finish their current request.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::path::Path;
 use std::pin::Pin;
@@ -33,6 +36,10 @@ use warp::Filter;
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_CONNECTIONS: usize = 4096;
+/// Longest a write may make no progress (the client reads nothing) before the connection
+/// is closed. A keep-alive connection waiting for its next request is bounded by
+/// [`HEADER_TIMEOUT`] instead.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request line plus header section (hyper's own cap is about 400 KB).
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
@@ -154,13 +161,18 @@ pub async fn serve<F>(
     }
 }
 
-/// A connection as hyper sees it. hyper answers a header section over
-/// [`MAX_HEADER_BYTES`] itself, with a bodiless `431` head, and then closes; that head is sent
-/// here in the reference's plain-text shape instead (hyper never hands it to the service).
+/// A connection as hyper sees it, with two guards hyper lacks:
+/// - a write (or flush) that makes no progress for [`WRITE_TIMEOUT`] fails with `TimedOut`,
+///   which ends the connection;
+/// - hyper answers a header section over [`MAX_HEADER_BYTES`] itself, with a bodiless `431`
+///   head, and then closes; that head is sent here in the reference's plain-text shape
+///   instead (hyper never hands it to the service).
 struct Guarded<S> {
     inner: S,
     /// Bytes to send in place of what hyper wrote, and how many of them went out.
     replacement: Option<(Vec<u8>, usize)>,
+    /// Running while the client has taken none of the bytes offered to it.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<S> Guarded<S> {
@@ -168,6 +180,37 @@ impl<S> Guarded<S> {
         Guarded {
             inner,
             replacement: None,
+            stalled: None,
+        }
+    }
+
+    /// Passes a write's outcome on; a `Pending` one starts (or checks) the stall clock, any
+    /// progress stops it.
+    fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        outcome: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match outcome {
+            Poll::Pending => {
+                let clock = self
+                    .stalled
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(WRITE_TIMEOUT)));
+                match clock.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        tracing::info!(
+                            "a client took none of its answer for {} s; closing",
+                            WRITE_TIMEOUT.as_secs()
+                        );
+                        Poll::Ready(Err(io::ErrorKind::TimedOut.into()))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+            ready => {
+                self.stalled = None;
+                ready
+            }
         }
     }
 }
@@ -175,16 +218,19 @@ impl<S> Guarded<S> {
 impl<S: AsyncWrite + Unpin> Guarded<S> {
     /// Sends what is left of the replacement.
     fn drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while let Some((bytes, sent)) = &mut self.replacement {
-            let Some(rest) = bytes.get(*sent..).filter(|r| !r.is_empty()) else {
-                self.replacement = None;
+        while let Some((bytes, sent)) = self.replacement.take() {
+            let Some(rest) = bytes.get(sent..).filter(|r| !r.is_empty()) else {
                 break;
             };
-            match Pin::new(&mut self.inner).poll_write(cx, rest) {
+            let outcome = Pin::new(&mut self.inner).poll_write(cx, rest);
+            match self.watch(cx, outcome) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => *sent += n,
+                Poll::Ready(Ok(n)) => self.replacement = Some((bytes, sent + n)),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    self.replacement = Some((bytes, sent));
+                    return Poll::Pending;
+                }
             }
         }
         Poll::Ready(Ok(()))
@@ -268,7 +314,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
             }
             return Poll::Ready(Ok(buf.len()));
         }
-        Pin::new(&mut this.inner).poll_write(cx, buf)
+        let outcome = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.watch(cx, outcome)
     }
 
     fn poll_write_vectored(
@@ -290,7 +337,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
                 return Poll::Ready(Ok(whole.len()));
             }
         }
-        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+        let outcome = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.watch(cx, outcome)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -302,7 +350,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
         if let Err(e) = std::task::ready!(this.drain(cx)) {
             return Poll::Ready(Err(e));
         }
-        Pin::new(&mut this.inner).poll_flush(cx)
+        let outcome = Pin::new(&mut this.inner).poll_flush(cx);
+        this.watch(cx, outcome)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -310,6 +359,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
         if let Err(e) = std::task::ready!(this.drain(cx)) {
             return Poll::Ready(Err(e));
         }
-        Pin::new(&mut this.inner).poll_shutdown(cx)
+        let outcome = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.watch(cx, outcome)
     }
 }

@@ -54,6 +54,14 @@ struct ListKey {
 
 /// Larger list bodies are not kept (an admin's list of everything, say).
 const MAX_KEPT_LIST_BODY: usize = 16 * 1024;
+/// Jobs in one page of `GET /jobs`, by default and at most (Glance's `api_limit_max` default):
+/// a list of up to 1,000 jobs keeps the reference's unpaged answer; one page is ~450 KB.
+pub const PAGE_LIMIT: usize = 1000;
+
+/// The page size a request gets: its `limit`, lowered to [`PAGE_LIMIT`]; that when none.
+fn page_limit(limit: Option<usize>) -> usize {
+    limit.map_or(PAGE_LIMIT, |l| l.min(PAGE_LIMIT))
+}
 
 /// What `job seed` did.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -792,6 +800,10 @@ impl Service {
         }
     }
 
+    /// One page of the caller's jobs, oldest first: the jobs after `marker`, at most `limit`
+    /// of them, [`PAGE_LIMIT`] when no limit is given and at most that (Glance's
+    /// `api_limit_max` rule: a larger limit is lowered, not refused). A page of exactly the
+    /// limit may have more after it: ask again with its last `job_id` as the marker.
     pub fn list_jobs(
         &self,
         who: &Principal,
@@ -799,6 +811,7 @@ impl Service {
         marker: Option<&str>,
         limit: Option<usize>,
     ) -> Result<Vec<JobWire>> {
+        let limit = page_limit(limit);
         let after = match marker {
             Some(m) => {
                 let job = self.visible_job(Some(who), m).map_err(|_| {
@@ -812,7 +825,7 @@ impl Service {
         let query = JobQuery {
             tenant: scope,
             after,
-            limit: limit.unwrap_or(usize::MAX),
+            limit,
         };
         self.store
             .job_wires(&query, &|j| status.is_none_or(|s| j.status == s))
@@ -828,6 +841,7 @@ impl Service {
         limit: Option<usize>,
     ) -> Result<Bytes> {
         let version = self.store.jobs_version();
+        let limit = Some(page_limit(limit));
         let key = ListKey {
             scope: (!who.admin).then_some(who.tenant_key),
             status,

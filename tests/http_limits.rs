@@ -244,3 +244,214 @@ fn transfer_codings_other_than_one_chunked_are_refused_and_the_connection_closes
     // Only the one plain chunked POST made a job.
     assert_eq!(jobs(server.get(JOBS, Some(&token))).len(), 1);
 }
+
+// ----- item 5: pages, slow readers, lists off the executor -----
+
+/// Seeds `n` jobs of `tenant` (list format, oldest first); returns their ids in order.
+fn seed_many(lab: &Lab, n: usize, tenant: &str) -> Vec<String> {
+    let ids: Vec<String> = (0..n)
+        .map(|i| format!("00000000-0000-4000-8000-{i:012x}"))
+        .collect();
+    let jobs: Vec<serde_json::Value> = ids
+        .iter()
+        .map(|id| {
+            serde_json::json!({
+                "copy_progress": 40,
+                "destination_image_id": null,
+                "destination_region_id": "ot2",
+                "destination_tenant_id": TENANT_B,
+                "job_id": id,
+                "source_image_id": "9b805919-8acb-4880-8904-cd2f9a32c1ad",
+                "source_image_name": "Test-image-Ubuntu",
+                "source_region_id": "ot1",
+                "source_tenant_id": tenant,
+                "status": "replicating",
+            })
+        })
+        .collect();
+    lab.seed_jobs(&jobs);
+    ids
+}
+
+#[test]
+fn the_job_list_is_paged_at_1000_by_default_and_at_most() {
+    let lab = Lab::new();
+    lab.standard();
+    let ids = seed_many(&lab, 1205, TENANT_A);
+    let token = lab.token("alice", TENANT_A);
+    let server = lab.serve();
+
+    let first = server.get(JOBS, Some(&token));
+    assert_eq!(first.status(), 200);
+    let bytes = first.bytes().expect("body").len();
+    let first: Vec<serde_json::Value> =
+        serde_json::from_slice(&server.get(JOBS, Some(&token)).bytes().expect("body"))
+            .expect("JSON");
+    assert_eq!(first.len(), 1000, "a page of 1,000 without a limit");
+    assert!(
+        job_ids(&first) == ids[..1000],
+        "the first 1,000, oldest first"
+    );
+    figures(
+        "default page",
+        &[("jobs", "1000".into()), ("bytes", bytes.to_string())],
+    );
+
+    let asked_more = jobs(server.get(&format!("{JOBS}?limit=5000"), Some(&token)));
+    assert_eq!(asked_more.len(), 1000, "a larger limit is lowered to 1,000");
+    let rest = jobs(server.get(&format!("{JOBS}?marker={}", ids[999]), Some(&token)));
+    assert_eq!(rest.len(), 205);
+    assert!(job_ids(&rest) == ids[1000..], "the page after the marker");
+    let ten = jobs(server.get(&format!("{JOBS}?limit=10&marker={}", ids[4]), Some(&token)));
+    assert_eq!(job_ids(&ten), ids[5..15]);
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// A connection that sends `requests` requests for `path` at once and never reads, with a
+/// small receive buffer.
+fn never_reading(addr: &str, path: &str, token: &str, requests: usize) -> TcpStream {
+    use std::os::fd::AsRawFd;
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    let size: libc::c_int = 4096;
+    // SAFETY: a valid socket and a c_int of the given length.
+    let set = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(set, 0, "SO_RCVBUF");
+    let one = format!("GET {path} HTTP/1.1\r\nHost: x\r\nX-Auth-Token: {token}\r\n\r\n");
+    stream
+        .write_all(one.repeat(requests).as_bytes())
+        .expect("send the requests");
+    stream
+}
+
+#[test]
+fn clients_that_never_read_their_list_are_dropped_after_the_write_timeout() {
+    let clients = env_count("SLOW_READERS", 150);
+    let lab = Lab::new();
+    lab.standard();
+    // 30 jobs are an 11 KB list, kept encoded between changes: cheap to serve, so that 600
+    // of them pipelined (7 MB) fill the socket buffers (a few MB on loopback) quickly.
+    seed_many(&lab, 30, TENANT_A);
+    let token = lab.token("alice", TENANT_A);
+    let server = lab.serve();
+    let pid = server.child.id();
+    let (fds_before, rss_before) = (open_fds(pid), rss_kib(pid));
+    let started = Instant::now();
+    let held: Vec<TcpStream> = (0..clients)
+        .map(|_| never_reading(&server.addr(), JOBS, &token, 600))
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let (fds_held, rss_held) = (open_fds(pid), rss_kib(pid));
+    assert!(
+        fds_held >= fds_before + clients / 2,
+        "the connections are open: {fds_before} -> {fds_held} descriptors"
+    );
+    // Others are served meanwhile.
+    assert_eq!(server.get("/healthz", None).status(), 200);
+    let dropped_after = poll(
+        "the server closes the stalled connections",
+        Duration::from_secs(60),
+        || (open_fds(pid) <= fds_before + 2).then(|| started.elapsed()),
+    );
+    let rss_after = rss_kib(pid);
+    figures(
+        "never-reading clients",
+        &[
+            ("clients", clients.to_string()),
+            ("fds", format!("{fds_before}/{fds_held}/{}", open_fds(pid))),
+            ("rss_kib", format!("{rss_before}/{rss_held}/{rss_after}")),
+            (
+                "dropped_after_s",
+                format!("{:.1}", dropped_after.as_secs_f64()),
+            ),
+        ],
+    );
+    assert!(
+        dropped_after < Duration::from_secs(40),
+        "dropped only after {dropped_after:?}"
+    );
+    drop(held);
+    assert_eq!(server.get(JOBS, Some(&token)).status(), 200);
+}
+
+#[test]
+fn polling_a_large_job_list_leaves_healthz_fast() {
+    let lab = Lab::new();
+    lab.standard();
+    seed_many(&lab, 5000, TENANT_A);
+    let token = lab.token("alice", TENANT_A);
+    let server = lab.serve();
+    let median_healthz = |samples: usize| {
+        let mut times: Vec<Duration> = (0..samples)
+            .map(|_| {
+                let started = Instant::now();
+                assert_eq!(server.get("/healthz", None).status(), 200);
+                let took = started.elapsed();
+                std::thread::sleep(Duration::from_millis(20));
+                took
+            })
+            .collect();
+        times.sort();
+        times[times.len() / 2]
+    };
+    let idle = median_healthz(21);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (loaded, polls) = std::thread::scope(|scope| {
+        let pollers: Vec<_> = (0..4)
+            .map(|_| {
+                scope.spawn(|| {
+                    let client = reqwest::blocking::Client::new();
+                    let mut polls = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let resp = client
+                            .get(server.url(JOBS))
+                            .header("X-Auth-Token", &token)
+                            .send()
+                            .expect("list");
+                        assert_eq!(resp.status(), 200);
+                        resp.bytes().expect("body");
+                        polls += 1;
+                    }
+                    polls
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(500));
+        let loaded = median_healthz(41);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let polls: u64 = pollers.into_iter().map(|p| p.join().expect("poller")).sum();
+        (loaded, polls)
+    });
+    figures(
+        "healthz under list polling",
+        &[
+            ("jobs", "5000".into()),
+            ("pollers", "4".into()),
+            ("lists_served", polls.to_string()),
+            (
+                "healthz_idle_ms",
+                format!("{:.1}", idle.as_secs_f64() * 1e3),
+            ),
+            (
+                "healthz_loaded_ms",
+                format!("{:.1}", loaded.as_secs_f64() * 1e3),
+            ),
+        ],
+    );
+    assert!(
+        loaded < Duration::from_millis(100),
+        "/healthz took {loaded:?} (median) while four clients polled the list"
+    );
+}

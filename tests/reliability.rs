@@ -264,7 +264,7 @@ fn acknowledged_jobs_survive_repeated_sigkill_under_16_concurrent_clients() {
         opens += 1;
 
         // Everything acknowledged before the last kill is there, listed and shown.
-        let listed = jobs(server.get(JOBS, Some(&root)));
+        let listed = all_jobs(&server, &root);
         let by_id: HashMap<&str, &str> = listed
             .iter()
             .map(|j| (j["job_id"].as_str().expect("id"), status_of(j)))
@@ -332,10 +332,10 @@ fn acknowledged_jobs_survive_repeated_sigkill_under_16_concurrent_clients() {
     let server = lab.serve_with(&["--workers", "2"]);
     let draining = Instant::now();
     let budget = Duration::from_secs(60) + Duration::from_millis(40) * acked.len() as u32;
-    let mut listed = jobs(server.get(JOBS, Some(&root)));
+    let mut listed = all_jobs(&server, &root);
     while listed.iter().any(|j| !terminal(j)) && draining.elapsed() < budget {
         std::thread::sleep(Duration::from_millis(200));
-        listed = jobs(server.get(JOBS, Some(&root)));
+        listed = all_jobs(&server, &root);
     }
     let drain = draining.elapsed();
     let mut by_status: BTreeMap<&str, usize> = BTreeMap::new();

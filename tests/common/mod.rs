@@ -435,6 +435,23 @@ pub fn jobs(resp: Response) -> Vec<Value> {
     resp.json().expect("a JSON array")
 }
 
+/// Every job `token` may list, page after page (a page holds at most 1,000).
+pub fn all_jobs(server: &Server, token: &str) -> Vec<Value> {
+    let mut all: Vec<Value> = jobs(server.get(JOBS, Some(token)));
+    let mut page = all.len();
+    while page == 1000 {
+        let marker = all
+            .last()
+            .and_then(|j| j["job_id"].as_str())
+            .expect("job_id")
+            .to_string();
+        let next = jobs(server.get(&format!("{JOBS}?marker={marker}"), Some(token)));
+        page = next.len();
+        all.extend(next);
+    }
+    all
+}
+
 pub fn job_path(id: &str) -> String {
     format!("{JOBS}/{id}")
 }
