@@ -1,0 +1,187 @@
+//! The four image_replicator routes: list, copy, show, cancel.
+
+use bytes::{BufMut, BytesMut};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use warp::http::{HeaderMap, StatusCode};
+use warp::reply::Response;
+use warp::Reply as _;
+
+use super::reply::{json_response, with_type, Failure, JSON};
+use super::{blocking, Body, Reply, Request, BODY_LIMIT, BODY_TIMEOUT};
+use crate::auth::Principal;
+use crate::error::ServiceError;
+use crate::model::JobStatus;
+
+/// `POST /jobs`: a copy request, 202 with the new job's id.
+pub(super) fn create(req: Request, who: Principal) -> Reply {
+    Box::pin(async move {
+        let is_json = req
+            .headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"));
+        if !is_json {
+            return Err(Failure::Status(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "Send the body as JSON with the header Content-Type: application/json.".into(),
+            ));
+        }
+        let bytes = read_body(&req.headers, req.body).await?;
+        let request = parse_copy_request(&bytes)?;
+        let svc = req.svc;
+        let job = blocking(move || svc.create_job(&who, &request.image_id, &request.tenant_id_dst))
+            .await?;
+        json_response(
+            StatusCode::ACCEPTED,
+            &serde_json::json!({ "job_id": job.wire.job_id }),
+        )
+    })
+}
+
+/// `GET /jobs`: a page of the caller's jobs. A page is up to 1,000 jobs read from the store
+/// and encoded: never on the executor, where four clients polling a tenant's list once held
+/// `/healthz` for 400 ms.
+pub(super) fn list(req: Request, who: Principal) -> Reply {
+    Box::pin(async move {
+        let (svc, query) = (req.svc, req.query);
+        let body = blocking(move || {
+            let q = parse_list_query(&query)?;
+            svc.list_jobs_body(&who, q.status, q.marker.as_deref(), q.limit)
+        })
+        .await?;
+        Ok(with_type(Response::new(body.into()), StatusCode::OK, JSON))
+    })
+}
+
+/// `GET /jobs/{job_id}`: the job's ten keys.
+pub(super) fn show(req: Request, who: Principal) -> Reply {
+    Box::pin(async move {
+        let (svc, id) = (req.svc, req.param);
+        let job = blocking(move || svc.show_job(&who, &id)).await?;
+        json_response(StatusCode::OK, &job.wire)
+    })
+}
+
+/// `DELETE /jobs/{job_id}`: a cancel, 204.
+pub(super) fn cancel(req: Request, who: Principal) -> Reply {
+    Box::pin(async move {
+        let (svc, id) = (req.svc, req.param);
+        blocking(move || svc.cancel_job(&who, &id)).await?;
+        Ok(warp::reply::with_status(warp::reply(), StatusCode::NO_CONTENT).into_response())
+    })
+}
+
+fn bad_request(message: String) -> Failure {
+    Failure::Service(ServiceError::BadRequest(message))
+}
+
+fn invalid(message: String) -> ServiceError {
+    ServiceError::BadRequest(message)
+}
+
+/// The optional parameters of the list route.
+#[derive(Debug, Default, PartialEq)]
+pub struct ListQuery {
+    pub status: Option<JobStatus>,
+    pub limit: Option<usize>,
+    pub marker: Option<String>,
+}
+
+/// Parses `status`, `limit` and `marker`; anything else, repeated or malformed is a 400.
+pub fn parse_list_query(query: &str) -> Result<ListQuery, ServiceError> {
+    let mut parsed = ListQuery::default();
+    let mut seen = std::collections::HashSet::new();
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        if !seen.insert(key.clone()) {
+            return Err(invalid(format!("query parameter {key} is given twice")));
+        }
+        match key.as_ref() {
+            "status" => parsed.status = Some(value.parse::<JobStatus>().map_err(invalid)?),
+            "limit" => {
+                parsed.limit = Some(value.parse::<usize>().map_err(|_| {
+                    invalid(format!("limit '{value}' is not a non-negative integer"))
+                })?)
+            }
+            "marker" => parsed.marker = Some(value.into_owned()),
+            _ => {
+                return Err(invalid(format!(
+                    "unknown query parameter '{key}'; this list takes status, limit and marker"
+                )))
+            }
+        }
+    }
+    Ok(parsed)
+}
+
+/// The body of a copy request: exactly these two string keys.
+#[derive(Deserialize, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CopyRequest {
+    pub image_id: String,
+    pub tenant_id_dst: String,
+}
+
+/// Parses a copy request body; anything but a JSON object with exactly the two string keys
+/// (once each) is a 400 whose sentence says what to send.
+pub fn parse_copy_request(bytes: &[u8]) -> Result<CopyRequest, ServiceError> {
+    const SHAPE: &str = r#"send {"image_id": "<uuid>", "tenant_id_dst": "<tenant id>"}"#;
+    // serde would also take an array of the two values; the contract wants an object.
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        let what = match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+            Ok(_) => "the body is JSON but not an object",
+            Err(_) => "the body is not valid JSON",
+        };
+        return Err(invalid(format!("{what}; {SHAPE}")));
+    }
+    serde_json::from_slice(bytes).map_err(|e| {
+        let what = if e.is_data() {
+            "the body is not a copy request"
+        } else {
+            "the body is not valid JSON"
+        };
+        invalid(format!("{what} ({e}); {SHAPE}"))
+    })
+}
+
+/// Reads the body, refusing (413) as soon as it is known to exceed [`BODY_LIMIT`].
+async fn read_body(headers: &HeaderMap, mut body: Body) -> Result<BytesMut, Failure> {
+    let too_large = || {
+        Failure::Status(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("The request body is larger than {BODY_LIMIT} bytes."),
+        )
+    };
+    let declared = headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
+        return Err(too_large());
+    }
+    let read = async {
+        let mut buf = BytesMut::new();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk
+                .map_err(|e| bad_request(format!("the request body could not be read: {e}")))?;
+            if buf.len() + chunk.len() > BODY_LIMIT {
+                return Err(too_large());
+            }
+            buf.put(chunk);
+        }
+        Ok(buf)
+    };
+    tokio::time::timeout(BODY_TIMEOUT, read)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Failure::Status(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "The request body did not arrive within {} seconds.",
+                    BODY_TIMEOUT.as_secs()
+                ),
+            ))
+        })
+}

@@ -1,0 +1,264 @@
+//! The HTTP door: the four image_replicator routes of `API.md`, and the operators' two.
+//!
+//! One warp filter hands every request to [`handle`], which finds the route by path (404),
+//! then the method (405), then checks the token where the route needs one (401), and only then
+//! lets the handler read the body. A new route is one row of [`ROUTES`] and its handler.
+//! Every error leaves in the reference's plain-text shape ([`reply`]), and every response
+//! carries an `X-Openstack-Request-Id`.
+
+mod jobs;
+mod ops;
+pub mod reply;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Buf, Bytes};
+use futures_util::future::BoxFuture;
+use futures_util::{Stream, StreamExt};
+use warp::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use warp::reply::Response;
+use warp::Filter;
+
+use crate::auth::Principal;
+use crate::error::ServiceError;
+use crate::service::Service;
+pub use jobs::{parse_copy_request, parse_list_query, CopyRequest, ListQuery};
+pub use reply::{bad_target, refuse_transfer_coding};
+pub(crate) use reply::{error_text, new_request_id};
+use reply::{unauthorized, Failure};
+
+pub const JOBS_PATH: &str = "/v2/extension/image_replicator/jobs";
+/// Largest request body accepted (413 beyond).
+pub const BODY_LIMIT: usize = 16 * 1024;
+/// Longest a request body may take to arrive (408 beyond).
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A request as a handler gets it.
+pub struct Request {
+    pub svc: Arc<Service>,
+    /// The path's parameter (`{job_id}`), or empty.
+    pub param: String,
+    pub query: String,
+    pub headers: HeaderMap,
+    pub body: Body,
+}
+
+/// A request body, read by the handlers that take one.
+pub type Body = Pin<Box<dyn Stream<Item = Result<Bytes, warp::Error>> + Send>>;
+
+type Reply = BoxFuture<'static, Result<Response, Failure>>;
+
+/// What answers a method of a route.
+enum Handler {
+    /// No token: the operators' routes, which show no tenant data.
+    Open(fn(Request) -> Reply),
+    /// A valid token first: the principal it acts as.
+    Token(fn(Request, Principal) -> Reply),
+}
+
+/// How a route's path is matched.
+enum PathShape {
+    Exact(&'static str),
+    /// The prefix, then one non-empty segment (the parameter).
+    Param(&'static str),
+}
+
+struct Route {
+    /// For metrics and logs.
+    template: &'static str,
+    path: PathShape,
+    methods: &'static [(Method, Handler)],
+    /// The `Allow` header of a 405.
+    allow: &'static str,
+}
+
+static ROUTES: &[Route] = &[
+    Route {
+        template: JOBS_PATH,
+        path: PathShape::Exact(JOBS_PATH),
+        methods: &[
+            (Method::GET, Handler::Token(jobs::list)),
+            (Method::POST, Handler::Token(jobs::create)),
+        ],
+        allow: "GET, POST",
+    },
+    Route {
+        template: "/v2/extension/image_replicator/jobs/{job_id}",
+        path: PathShape::Param("/v2/extension/image_replicator/jobs/"),
+        methods: &[
+            (Method::GET, Handler::Token(jobs::show)),
+            (Method::DELETE, Handler::Token(jobs::cancel)),
+        ],
+        allow: "GET, DELETE",
+    },
+    Route {
+        template: "/healthz",
+        path: PathShape::Exact("/healthz"),
+        methods: &[(Method::GET, Handler::Open(ops::health))],
+        allow: "GET",
+    },
+    Route {
+        template: "/metrics",
+        path: PathShape::Exact("/metrics"),
+        methods: &[(Method::GET, Handler::Open(ops::metrics))],
+        allow: "GET",
+    },
+];
+
+/// The route of `path` and its parameter.
+fn find(path: &str) -> Option<(&'static Route, &str)> {
+    ROUTES.iter().find_map(|route| match route.path {
+        PathShape::Exact(p) => (path == p).then_some((route, "")),
+        PathShape::Param(prefix) => path
+            .strip_prefix(prefix)
+            .filter(|param| !param.is_empty() && !param.contains('/'))
+            .map(|param| (route, param)),
+    })
+}
+
+/// The whole API as one filter; it answers every request itself.
+pub fn routes(
+    svc: Arc<Service>,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone + Send + Sync + 'static {
+    let query = warp::query::raw().or(warp::any().map(String::new)).unify();
+    warp::method()
+        .and(warp::path::full())
+        .and(query)
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .then(
+            move |method: Method, path: warp::path::FullPath, query: String, headers, body| {
+                let svc = Arc::clone(&svc);
+                handle(svc, method, path, query, headers, body)
+            },
+        )
+}
+
+async fn handle(
+    svc: Arc<Service>,
+    method: Method,
+    path: warp::path::FullPath,
+    query: String,
+    headers: HeaderMap,
+    body: impl Stream<Item = Result<impl Buf, warp::Error>> + Send + 'static,
+) -> Response {
+    let started = Instant::now();
+    let request_id = new_request_id();
+    let found = find(path.as_str());
+    let template = found.map_or("(unknown)", |(route, _)| route.template);
+    let body: Body = Box::pin(body.map(|chunk| chunk.map(|mut b| b.copy_to_bytes(b.remaining()))));
+    let metrics = Arc::clone(&svc.metrics);
+    let mut response = match dispatch(svc, &method, found, query, headers, body).await {
+        Ok(response) => response,
+        Err(failure) => failure.into_response(&request_id),
+    };
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response
+            .headers_mut()
+            .insert("x-openstack-request-id", value);
+    }
+    let took = started.elapsed();
+    let status = response.status().as_u16();
+    metrics.record_request(template, method.as_str(), status, took);
+    tracing::info!(
+        method = %method,
+        route = template,
+        status,
+        latency_us = took.as_micros() as u64,
+        request_id = %request_id,
+        "request"
+    );
+    response
+}
+
+async fn dispatch(
+    svc: Arc<Service>,
+    method: &Method,
+    found: Option<(&'static Route, &str)>,
+    query: String,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Failure> {
+    let Some((route, param)) = found else {
+        return Err(Failure::Status(
+            StatusCode::NOT_FOUND,
+            "There is no resource at this path.".into(),
+        ));
+    };
+    let handler = route
+        .methods
+        .iter()
+        .find(|(m, _)| m == method)
+        .map(|(_, handler)| handler)
+        .ok_or(Failure::MethodNotAllowed(route.allow))?;
+    let who = match handler {
+        Handler::Open(_) => None,
+        Handler::Token(_) => Some(
+            svc.auth
+                .authenticate(&svc.store, token(&headers))
+                .await?
+                .ok_or_else(unauthorized)?,
+        ),
+    };
+    let request = Request {
+        svc,
+        param: param.to_string(),
+        query,
+        headers,
+        body,
+    };
+    match (handler, who) {
+        (Handler::Open(handle), _) => handle(request).await,
+        (Handler::Token(handle), Some(who)) => handle(request, who).await,
+        (Handler::Token(_), None) => Err(unauthorized()),
+    }
+}
+
+/// The one `X-Auth-Token` value, if the request has exactly one readable one.
+fn token(headers: &HeaderMap) -> Option<&str> {
+    let mut values = headers.get_all("x-auth-token").iter();
+    let first = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    first.to_str().ok()
+}
+
+/// Runs blocking service work (sled, files, argon2) off the async executor.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ServiceError> + Send + 'static,
+) -> Result<T, ServiceError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|e| Err(ServiceError::internal("worker thread failed", e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_find_their_route_and_parameter() {
+        let template = |path| find(path).map(|(r, p)| (r.template, p));
+        assert_eq!(template(JOBS_PATH), Some((JOBS_PATH, "")));
+        assert_eq!(
+            template("/v2/extension/image_replicator/jobs/abc"),
+            Some(("/v2/extension/image_replicator/jobs/{job_id}", "abc"))
+        );
+        assert_eq!(template("/v2/extension/image_replicator/jobs/"), None);
+        assert_eq!(template("/v2/extension/image_replicator/jobs/a/b"), None);
+        assert_eq!(template("/healthz"), Some(("/healthz", "")));
+        assert_eq!(template("/healthz/"), None);
+        assert_eq!(template("/"), None);
+    }
+
+    #[test]
+    fn every_allow_header_lists_exactly_its_methods() {
+        for route in ROUTES {
+            let methods: Vec<&str> = route.methods.iter().map(|(m, _)| m.as_str()).collect();
+            assert_eq!(route.allow, methods.join(", "), "{}", route.template);
+        }
+    }
+}
