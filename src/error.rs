@@ -58,15 +58,11 @@ impl ServiceError {
     }
 }
 
-impl From<sled::Error> for ServiceError {
-    fn from(err: sled::Error) -> Self {
-        match &err {
-            sled::Error::Io(io) if crate::store::sled::is_disk_full(io) => {
-                ServiceError::disk_full()
-            }
-            _ => ServiceError::internal(STORE_ERROR, err),
-        }
-    }
+/// ENOSPC, or EDQUOT (a quota is a full disk for this process).
+pub fn is_disk_full(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull
+        || e.kind() == std::io::ErrorKind::QuotaExceeded
+        || matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
 
 pub type Result<T, E = ServiceError> = std::result::Result<T, E>;

@@ -26,7 +26,7 @@ use sled::{Transactional, Tree};
 use uuid::Uuid;
 
 use super::{ImageChange, JobQuery, Jobs, OpenError, Registry, Repo};
-use crate::error::{Result, ServiceError, STORE_ERROR};
+use crate::error::{is_disk_full, Result, ServiceError, STORE_ERROR};
 use crate::model::{Image, Job, JobStatus, JobWire, Region, Tenant, TenantKey, TokenRecord, User};
 
 const FORMAT_VERSION: u8 = 1;
@@ -267,11 +267,13 @@ fn is_storage_failure(e: &ServiceError) -> bool {
     }
 }
 
-/// ENOSPC, or EDQUOT (a quota is a full disk for this process).
-pub(crate) fn is_disk_full(e: &std::io::Error) -> bool {
-    e.kind() == std::io::ErrorKind::StorageFull
-        || e.kind() == std::io::ErrorKind::QuotaExceeded
-        || matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+impl From<sled::Error> for ServiceError {
+    fn from(err: sled::Error) -> Self {
+        match &err {
+            sled::Error::Io(io) if is_disk_full(io) => ServiceError::disk_full(),
+            _ => ServiceError::internal(STORE_ERROR, err),
+        }
+    }
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
