@@ -168,12 +168,16 @@ fn a_copy_that_runs_out_of_space_waits_and_completes_once_space_is_back() {
     });
     let filler: PathBuf = fs.path.join("filler");
     fs.fill(&filler);
-    poll("the copy to meet the full disk", Duration::from_secs(30), || {
-        server
-            .log_text()
-            .contains("no room at the destination")
-            .then_some(())
-    });
+    poll(
+        "the copy to meet the full disk",
+        Duration::from_secs(30),
+        || {
+            server
+                .log_text()
+                .contains("no room at the destination")
+                .then_some(())
+        },
+    );
     std::thread::sleep(Duration::from_secs(2));
     let job = server.job(&token, &id);
     assert!(!terminal(&job), "the copy gave up: {job}");
@@ -192,20 +196,16 @@ fn new_jobs_are_refused_while_the_store_disk_is_below_its_reserve() {
     let Some(fs) = Tmpfs::mount(&lab.data_dir(), "24m") else {
         return;
     };
-    let (_, token) = {
-        lab.standard();
-        lab.ok(&[
-            "user", "add", "alice2", "--tenant", TENANT_A, "--tenant", TENANT_B,
-        ]);
-        ((), lab.token("alice2", TENANT_A))
-    };
+    lab.standard();
+    lab.ok(&[
+        "user", "add", "alice2", "--tenant", TENANT_A, "--tenant", TENANT_B,
+    ]);
+    let token = lab.token("alice2", TENANT_A);
     let image = lab.image(TENANT_A, "base", 4096);
     let server = lab.serve_with(&["--no-worker", "--min-free", "8M"]);
     server.copy_ok(&token, &image, TENANT_B);
     // Leave 4 MiB free: below the reserve, far from full.
-    let free = image_replicator::regions::directory::space_of(&fs.path)
-        .unwrap()
-        .free;
+    let free = free_bytes(&fs.path);
     let filler = fs.path.join("filler");
     std::fs::write(&filler, vec![1u8; free as usize - 4 * MIB]).unwrap();
     let body = assert_error(server.copy(&token, &image, TENANT_B), 507);
@@ -213,7 +213,11 @@ fn new_jobs_are_refused_while_the_store_disk_is_below_its_reserve() {
         body.contains("disk is full") && body.contains("reserve of 8 MiB"),
         "{body}"
     );
-    assert_eq!(server.get("/healthz", None).status(), 200, "the store writes");
+    assert_eq!(
+        server.get("/healthz", None).status(),
+        200,
+        "the store writes"
+    );
     std::fs::remove_file(&filler).unwrap();
     server.copy_ok(&token, &image, TENANT_B);
 }
