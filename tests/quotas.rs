@@ -330,3 +330,75 @@ fn tenant_quotas_are_set_listed_and_cleared_with_and_without_a_server() {
     let err = lab.fails(&["tenant", "update", TENANT_A, "--quota-bytes", "lots"]);
     assert!(err.contains("'lots' is not a size"), "{err}");
 }
+
+/// The scenario: the default layout (store and regions on one file system) on a
+/// 64 MiB tmpfs, 18 copies of a 4 MiB image asked for at once. What does not fit beside the
+/// reserve is refused with a 409; the rest is replicated; nothing is half-written, the store
+/// keeps writing and the appliance stays healthy.
+#[test]
+fn eighteen_copies_into_a_64_mib_disk_leave_the_reserve_and_nothing_half_written() {
+    let lab = Lab::new();
+    let Some(fs) = Tmpfs::mount(&lab.data_dir(), "64m") else {
+        return;
+    };
+    lab.standard();
+    lab.ok(&[
+        "user", "add", "alice2", "--tenant", TENANT_A, "--tenant", TENANT_B,
+    ]);
+    let token = lab.token("alice2", TENANT_A);
+    let image = lab.image(TENANT_A, "four", 4 * MIB);
+    let server = lab.serve_with(&["--min-free", "8M", "--workers", "2"]);
+    let started = std::time::Instant::now();
+    let answers: Vec<(u16, String)> = std::thread::scope(|s| {
+        let posts: Vec<_> = (0..18)
+            .map(|_| {
+                let (server, token, image) = (&server, &token, &image);
+                s.spawn(move || {
+                    let resp = server.copy(token, image, TENANT_B);
+                    (resp.status().as_u16(), resp.text().unwrap())
+                })
+            })
+            .collect();
+        posts.into_iter().map(|p| p.join().unwrap()).collect()
+    });
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for (status, body) in &answers {
+        match status {
+            202 => {
+                let job: Value = serde_json::from_str(body).unwrap();
+                accepted.push(job["job_id"].as_str().unwrap().to_string());
+            }
+            409 => {
+                assert!(error_sentence(body, 409).contains("has no room"), "{body}");
+                refused += 1;
+            }
+            other => panic!("answered {other}: {body}"),
+        }
+    }
+    for id in &accepted {
+        assert_eq!(wait_end(&server, &token, id)["status"], "replicated");
+    }
+    let elapsed = started.elapsed();
+    let files = lab.files_in("ot2");
+    assert_eq!(files.len(), accepted.len(), "{files:?}");
+    assert!(files.iter().all(|f| !f.starts_with('.')), "{files:?}");
+    assert!(refused > 0 && !accepted.is_empty(), "{answers:?}");
+    let free = free_bytes(&fs.path);
+    assert!(
+        free >= 8 * MIB as u64,
+        "the reserve was used: {free} bytes free"
+    );
+    assert_eq!(server.get("/healthz", None).status(), 200);
+    lab.ok(&["tenant", "update", TENANT_B, "--quota-jobs", "5"]);
+    figures(
+        "eighteen_copies_into_64_mib",
+        &[
+            ("replicated", accepted.len().to_string()),
+            ("refused_409", refused.to_string()),
+            ("half_written", "0".into()),
+            ("free_after_mib", (free >> 20).to_string()),
+            ("seconds", format!("{:.1}", elapsed.as_secs_f64())),
+        ],
+    );
+}
