@@ -18,7 +18,7 @@ use tokio::net::{UnixListener, UnixStream};
 
 use crate::auth::AuthStats;
 use crate::error::{Result, ServiceError};
-use crate::model::{GlanceRegion, Image, Job, JobStatus, Region, Tenant, TokenInfo, User};
+use crate::model::{GlanceRegion, Image, Job, JobStatus, Limit, Region, Tenant, TokenInfo, User};
 use crate::service::{ImportRequest, IssuedToken, SeedOutcome, Service};
 
 /// Largest request line the server reads (a seed file of some hundred thousand jobs).
@@ -46,6 +46,18 @@ pub enum Request {
         id: String,
         region: String,
         name: Option<String>,
+        #[serde(default)]
+        quota_bytes: Option<u64>,
+        #[serde(default)]
+        quota_jobs: Option<u64>,
+    },
+    /// Sets or clears quotas; a field left out is left as it is.
+    TenantUpdate {
+        id: String,
+        #[serde(default)]
+        quota_bytes: Option<Limit>,
+        #[serde(default)]
+        quota_jobs: Option<Limit>,
     },
     TenantList,
     TenantRemove {
@@ -144,9 +156,24 @@ pub fn execute(svc: &Service, req: Request, status: Option<&ServerStatus>) -> Re
         } => Reply::Region(svc.region_add(&id, dir, disk_formats, glance)?),
         Request::RegionList => Reply::Regions(svc.region_list()?),
         Request::RegionRemove { id } => Reply::Region(svc.region_remove(&id)?),
-        Request::TenantAdd { id, region, name } => {
-            Reply::Tenant(svc.tenant_add(&id, &region, name)?)
-        }
+        Request::TenantAdd {
+            id,
+            region,
+            name,
+            quota_bytes,
+            quota_jobs,
+        } => Reply::Tenant(svc.tenant_add_with_quotas(
+            &id,
+            &region,
+            name,
+            quota_bytes,
+            quota_jobs,
+        )?),
+        Request::TenantUpdate {
+            id,
+            quota_bytes,
+            quota_jobs,
+        } => Reply::Tenant(svc.tenant_update(&id, quota_bytes, quota_jobs)?),
         Request::TenantList => Reply::Tenants(svc.tenant_list()?),
         Request::TenantRemove { id } => Reply::Tenant(svc.tenant_remove(&id)?),
         Request::UserAdd {

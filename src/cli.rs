@@ -9,13 +9,14 @@ use clap::{Args, Parser, Subcommand};
 use crate::admin::{self, Reply, Request};
 use crate::keystone::{CacheTimes, ValidatorConfig};
 use crate::model::{
-    rfc3339, GlanceRegion, Image, Job, JobStatus, KeystoneCredentials, SecretSource,
+    rfc3339, size_text, GlanceRegion, Image, Job, JobStatus, KeystoneCredentials, Limit,
+    SecretSource,
 };
 use crate::server::{self, ServeOptions};
 use crate::service::{ImportRequest, Service};
 use crate::store::OpenError;
 use crate::text::escape;
-use crate::worker::WorkerConfig;
+use crate::worker::{MinFree, WorkerConfig};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -113,6 +114,12 @@ pub struct ServeArgs {
     /// Cap on all copies together, in bytes per second: 500K, 100M, 1G (binary multiples)
     #[arg(long, env = "IMAGE_REPLICATOR_MAX_BANDWIDTH", value_parser = parse_rate)]
     pub max_bandwidth: Option<u64>,
+    /// Free space kept on every file system the appliance writes (the store's, each directory
+    /// region's): copies that would use it are refused, and new jobs while the store's is
+    /// short of it. A size such as 8M or 2G; 0 for none [default: 5 % of the file system, at
+    /// least 64 MiB, at most 10 GiB]
+    #[arg(long, env = "IMAGE_REPLICATOR_MIN_FREE", value_name = "SIZE", value_parser = parse_min_free)]
+    pub min_free: Option<MinFree>,
     /// PEM certificate chain: serve HTTPS instead of HTTP (needs --tls-key)
     #[arg(long, env = "IMAGE_REPLICATOR_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -235,10 +242,10 @@ fn parse_lifetime(text: &str) -> Result<Duration, String> {
         .map_err(|_| format!("'{text}' is not a duration such as 30m, 12h or 7days"))
 }
 
-/// `100M` → 104857600: a count of bytes with an optional K, M, G or T (binary) suffix.
-fn parse_rate(text: &str) -> Result<u64, String> {
+/// `100M` → 104857600: a count of bytes with an optional K, M, G or T (binary) suffix (and
+/// an optional B or iB); `kind` is what the value is, for the error ("a rate", "a size").
+fn parse_bytes(text: &str, kind: &str) -> Result<u64, String> {
     let trimmed = text.trim();
-    let trimmed = trimmed.strip_suffix("/s").unwrap_or(trimmed);
     let trimmed = trimmed
         .strip_suffix("iB")
         .or_else(|| trimmed.strip_suffix('B'))
@@ -247,21 +254,58 @@ fn parse_rate(text: &str) -> Result<u64, String> {
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(trimmed.len());
     let (digits, unit) = trimmed.split_at(split);
+    let wrong = || format!("'{text}' is not {kind} such as 500K, 100M or 1G");
     let shift = match unit.to_ascii_uppercase().as_str() {
         "" => 0,
         "K" => 10,
         "M" => 20,
         "G" => 30,
         "T" => 40,
-        _ => return Err(format!("'{text}' is not a rate such as 500K, 100M or 1G")),
+        _ => return Err(wrong()),
     };
-    let value: u64 = digits
-        .parse()
-        .map_err(|_| format!("'{text}' is not a rate such as 500K, 100M or 1G"))?;
+    let value: u64 = digits.parse().map_err(|_| wrong())?;
     match value.checked_shl(shift) {
-        Some(rate) if rate > 0 && rate >> shift == value => Ok(rate),
-        _ => Err(format!("'{text}' must be above zero and below 16 EiB/s")),
+        Some(bytes) if bytes >> shift == value => Ok(bytes),
+        _ => Err(format!("'{text}' must be below 16 EiB")),
     }
+}
+
+/// A bandwidth: [`parse_bytes`] per second (`/s` optional), above zero.
+fn parse_rate(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let per_second = trimmed.strip_suffix("/s").unwrap_or(trimmed);
+    match parse_bytes(per_second, "a rate") {
+        Ok(rate) if rate > 0 => Ok(rate),
+        Ok(_) => Err(format!("'{text}' must be above zero and below 16 EiB/s")),
+        Err(e) if e.ends_with("16 EiB") => {
+            Err(format!("'{text}' must be above zero and below 16 EiB/s"))
+        }
+        Err(_) => Err(format!("'{text}' is not a rate such as 500K, 100M or 1G")),
+    }
+}
+
+/// `--min-free`: a size (0: no reserve).
+fn parse_min_free(text: &str) -> Result<MinFree, String> {
+    parse_bytes(text, "a size").map(MinFree::Bytes)
+}
+
+/// A quota of bytes: a size, or `none` for no limit.
+fn parse_quota_bytes(text: &str) -> Result<Limit, String> {
+    if text.trim().eq_ignore_ascii_case("none") {
+        return Ok(Limit::Unlimited);
+    }
+    parse_bytes(text, "a size (or none)").map(Limit::Max)
+}
+
+/// A quota of jobs: a count, or `none` for no limit.
+fn parse_quota_jobs(text: &str) -> Result<Limit, String> {
+    if text.trim().eq_ignore_ascii_case("none") {
+        return Ok(Limit::Unlimited);
+    }
+    text.trim()
+        .parse()
+        .map(Limit::Max)
+        .map_err(|_| format!("'{text}' is not a count of jobs such as 20 (or none)"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -397,6 +441,23 @@ pub enum TenantCmd {
         /// A name for people
         #[arg(long)]
         name: Option<String>,
+        /// Most bytes of images the tenant may hold, copies into it under way included: a
+        /// size such as 10G [default: none]
+        #[arg(long, value_name = "SIZE", value_parser = parse_quota_bytes)]
+        quota_bytes: Option<Limit>,
+        /// Most of its jobs that may be queued or copying at once [default: none]
+        #[arg(long, value_name = "COUNT", value_parser = parse_quota_jobs)]
+        quota_jobs: Option<Limit>,
+    },
+    /// Set or clear a tenant's quotas (none: no limit); they apply to the next request
+    Update {
+        tenant_id: String,
+        /// Most bytes of images the tenant may hold: a size such as 10G, or none
+        #[arg(long, value_name = "SIZE", value_parser = parse_quota_bytes)]
+        quota_bytes: Option<Limit>,
+        /// Most of its jobs that may be queued or copying at once: a count, or none
+        #[arg(long, value_name = "COUNT", value_parser = parse_quota_jobs)]
+        quota_jobs: Option<Limit>,
     },
     /// List tenants
     List,
@@ -520,6 +581,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
                     threads: usize::from(args.workers),
                     max_bandwidth: args.max_bandwidth,
                 }),
+                min_free: args.min_free.unwrap_or_default(),
                 tls: args.tls_cert.zip(args.tls_key),
                 keystone: args.keystone.validator_config()?,
             }));
@@ -604,13 +666,29 @@ fn request_for(command: Command) -> Result<(Request, &'static str), String> {
                 tenant_id,
                 region,
                 name,
+                quota_bytes,
+                quota_jobs,
             } => (
                 Request::TenantAdd {
                     id: tenant_id,
                     region,
                     name,
+                    quota_bytes: quota_bytes.and_then(Limit::value),
+                    quota_jobs: quota_jobs.and_then(Limit::value),
                 },
                 "added",
+            ),
+            TenantCmd::Update {
+                tenant_id,
+                quota_bytes,
+                quota_jobs,
+            } => (
+                Request::TenantUpdate {
+                    id: tenant_id,
+                    quota_bytes,
+                    quota_jobs,
+                },
+                "updated",
             ),
             TenantCmd::List => (Request::TenantList, ""),
             TenantCmd::Remove { tenant_id } => (Request::TenantRemove { id: tenant_id }, "removed"),
@@ -877,9 +955,17 @@ fn human(reply: &Reply, verb: &str) -> String {
         ),
         Reply::Tenant(t) => format!("tenant {} {verb}\n", escape(&t.id)),
         Reply::Tenants(list) => table(
-            &["ID", "REGION", "NAME"],
+            &["ID", "REGION", "NAME", "QUOTA-BYTES", "QUOTA-JOBS"],
             list.iter()
-                .map(|t| vec![t.id.clone(), t.region.clone(), or_dash(t.name.clone())])
+                .map(|t| {
+                    vec![
+                        t.id.clone(),
+                        t.region.clone(),
+                        or_dash(t.name.clone()),
+                        or_dash(t.quota_bytes.map(size_text)),
+                        or_dash(t.quota_jobs.map(|n| n.to_string())),
+                    ]
+                })
                 .collect(),
         ),
         Reply::User(u) => format!("user {} {verb}\n", escape(&u.name)),

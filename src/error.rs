@@ -16,6 +16,10 @@ pub enum ServiceError {
     /// The request conflicts with the current state (409).
     #[error("{0}")]
     Conflict(String),
+    /// The request would take the tenant over one of its quotas (413, as Glance answers an
+    /// upload over `user_storage_quota`).
+    #[error("{0}")]
+    OverQuota(String),
     /// Something broke inside the appliance (500).
     #[error("{0}")]
     Internal(String),
@@ -38,6 +42,7 @@ impl ServiceError {
             ServiceError::Unauthorized(_) => 401,
             ServiceError::NotFound(_) => 404,
             ServiceError::Conflict(_) => 409,
+            ServiceError::OverQuota(_) => 413,
             ServiceError::Internal(_) => 500,
             ServiceError::Unavailable(_) => 503,
             ServiceError::DiskFull(_) => 507,

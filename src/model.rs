@@ -220,6 +220,52 @@ pub struct Tenant {
     pub name: Option<String>,
     #[serde(with = "ts")]
     pub created_at: u64,
+    /// Most bytes of images the tenant may hold, copies into it under way included; `None`:
+    /// no limit. Records written before quotas existed have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_bytes: Option<u64>,
+    /// Most jobs of the tenant (as the source tenant) that may be queued or copying at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_jobs: Option<u64>,
+}
+
+/// A quota as `tenant add` and `tenant update` set it.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Limit {
+    /// No limit (`none`).
+    Unlimited,
+    /// At most this much.
+    Max(u64),
+}
+
+impl Limit {
+    pub fn value(self) -> Option<u64> {
+        match self {
+            Limit::Unlimited => None,
+            Limit::Max(n) => Some(n),
+        }
+    }
+}
+
+/// A count of bytes for people: `512 bytes`, `64 MiB`, `1.5 GiB`.
+pub fn size_text(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if bytes < 1024 {
+        return format!("{bytes} bytes");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    let rounded = (value * 10.0).round() / 10.0;
+    if rounded.fract() == 0.0 {
+        format!("{} {}", rounded as u64, UNITS[unit])
+    } else {
+        format!("{rounded:.1} {}", UNITS[unit])
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -598,6 +644,29 @@ impl Job {
         self.wire.destination_image_id = None;
         self.created_destination = None;
         self.updated_at = at;
+    }
+}
+
+#[cfg(test)]
+mod tenants {
+    use super::*;
+
+    #[test]
+    fn a_tenant_record_without_quotas_still_opens_and_is_written_the_same() {
+        let old = r#"{"id":"236ae314ef6944f4ab98fa7519e54325","region":"ot1","name":null,"created_at":"2024-01-01T00:00:00Z"}"#;
+        let tenant: Tenant = serde_json::from_str(old).expect("old record");
+        assert_eq!((tenant.quota_bytes, tenant.quota_jobs), (None, None));
+        assert_eq!(serde_json::to_string(&tenant).expect("encode"), old);
+    }
+
+    #[test]
+    fn sizes_are_written_for_people() {
+        assert_eq!(size_text(0), "0 bytes");
+        assert_eq!(size_text(1023), "1023 bytes");
+        assert_eq!(size_text(1024), "1 KiB");
+        assert_eq!(size_text(3 << 19), "1.5 MiB");
+        assert_eq!(size_text(10 << 30), "10 GiB");
+        assert_eq!(size_text(u64::MAX), "16 EiB");
     }
 }
 

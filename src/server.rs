@@ -35,6 +35,8 @@ pub struct ServeOptions {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Accept Keystone's tokens too.
     pub keystone: Option<crate::keystone::ValidatorConfig>,
+    /// The free-space reserve of every file system the appliance writes.
+    pub min_free: worker::MinFree,
 }
 
 /// Files and directories this process creates are its user's alone (0600 and 0700), whatever
@@ -111,7 +113,9 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
         ),
         other => other.to_string(),
     })?;
-    let svc = Arc::new(Service::new(store, data_dir.clone()));
+    let mut service = Service::new(store, data_dir.clone());
+    service.min_free = opts.min_free;
+    let svc = Arc::new(service);
     if let Some(config) = opts.keystone.clone() {
         let url = config.credentials.auth_url.clone();
         let validator =
@@ -165,6 +169,10 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("cannot clean up after the last run: {e}"))?;
+    let promises_svc = Arc::clone(&svc);
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || promises_svc.load_promises()).await {
+        tracing::warn!("cannot count the room the queued copies need: {e}");
+    }
     let admin_task = tokio::spawn(admin::serve(unix, Arc::clone(&svc), status));
     let workers = match opts.worker {
         Some(config) => {

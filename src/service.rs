@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -19,12 +19,13 @@ use crate::copy::Control;
 use crate::error::{Result, ServiceError};
 use crate::metrics::Metrics;
 use crate::model::{
-    now, now_ceil, GlanceRegion, Image, ImageStatus, Job, JobStatus, JobWire, Region, RegionKind,
-    Tenant, TenantKey, TokenInfo, TokenRecord, User, CONTAINER_FORMATS, DISK_FORMATS, JOB_KEYS,
+    now, now_ceil, size_text, GlanceRegion, Image, ImageStatus, Job, JobStatus, JobWire, Limit,
+    Region, RegionKind, Step, Tenant, TenantKey, TokenInfo, TokenRecord, User, CONTAINER_FORMATS,
+    DISK_FORMATS, JOB_KEYS,
 };
 use crate::regions::{self, ImageStore, Stores};
 use crate::store::{ImageChange, JobQuery, Repo};
-use crate::worker::{self, Board};
+use crate::worker::{self, space::room_for, Board, Ledger, MinFree};
 
 /// Longest token lifetime `--expires-in` takes (100 years).
 const MAX_LIFETIME_SECS: u64 = 100 * 365 * 24 * 3600;
@@ -38,6 +39,13 @@ pub struct Service {
     pub data_dir: PathBuf,
     /// The regions' image stores.
     pub stores: Arc<Stores>,
+    /// The reserve copies and new jobs leave free on every file system (`serve --min-free`).
+    pub min_free: MinFree,
+    /// Bytes promised to accepted copies, shared with the worker.
+    pub space: Arc<Ledger>,
+    /// Held from a new job's room and quota checks to its insert, so that concurrent requests
+    /// cannot all pass the same check.
+    admission: Mutex<()>,
     /// Encoded `GET /jobs` bodies and the counts by status, while no job changes.
     list_bodies: JobsCache<ListKey, Bytes>,
     status_counts: JobsCache<(), BTreeMap<JobStatus, u64>>,
@@ -133,6 +141,9 @@ impl Service {
             metrics: Arc::new(Metrics::default()),
             data_dir,
             stores: Arc::new(Stores::default()),
+            min_free: MinFree::default(),
+            space: Arc::new(Ledger::default()),
+            admission: Mutex::new(()),
             list_bodies: JobsCache::default(),
             status_counts: JobsCache::default(),
         }
@@ -149,7 +160,30 @@ impl Service {
             stores: Arc::clone(&self.stores),
             board: Arc::clone(&self.board),
             metrics: Arc::clone(&self.metrics),
+            space: Arc::clone(&self.space),
+            min_free: self.min_free,
         }
+    }
+
+    /// Start-up: the copies still queued get their promises back (each starts from the
+    /// beginning), so new jobs are checked against them.
+    pub fn load_promises(&self) -> Result<()> {
+        for id in self.store.queued()? {
+            let Some(job) = self.store.job(id)? else {
+                continue;
+            };
+            if job.next_step() != Step::Copy {
+                continue;
+            }
+            let Some(region) = self.store.region(&job.wire.destination_region_id)? else {
+                continue;
+            };
+            if let Some(space) = self.stores.get(&region).ok().and_then(|s| s.space()) {
+                self.space
+                    .promise_if_absent(id, space.device, job.bytes_total);
+            }
+        }
+        Ok(())
     }
 
     /// The image store of `region`.
@@ -320,6 +354,18 @@ impl Service {
     // ----- tenants -----
 
     pub fn tenant_add(&self, id: &str, region: &str, name: Option<String>) -> Result<Tenant> {
+        self.tenant_add_with_quotas(id, region, name, None, None)
+    }
+
+    /// Adds a tenant with quotas of stored bytes and of active jobs (`None`: no limit).
+    pub fn tenant_add_with_quotas(
+        &self,
+        id: &str,
+        region: &str,
+        name: Option<String>,
+        quota_bytes: Option<u64>,
+        quota_jobs: Option<u64>,
+    ) -> Result<Tenant> {
         let key = parse_tenant(id)?;
         self.region(region)?;
         let tenant = Tenant {
@@ -327,6 +373,8 @@ impl Service {
             region: region.to_string(),
             name,
             created_at: now(),
+            quota_bytes,
+            quota_jobs,
         };
         if !self.store.insert_tenant(key, &tenant)? {
             return Err(ServiceError::Conflict(format!(
@@ -339,6 +387,33 @@ impl Service {
 
     pub fn tenant_list(&self) -> Result<Vec<Tenant>> {
         self.store.tenants()
+    }
+
+    /// Sets or clears a tenant's quotas (`None`: left as they are). They apply to the next
+    /// request; nothing accepted already is undone.
+    pub fn tenant_update(
+        &self,
+        id: &str,
+        quota_bytes: Option<Limit>,
+        quota_jobs: Option<Limit>,
+    ) -> Result<Tenant> {
+        if quota_bytes.is_none() && quota_jobs.is_none() {
+            return Err(ServiceError::BadRequest(
+                "tenant update needs --quota-bytes or --quota-jobs".into(),
+            ));
+        }
+        let (key, mut tenant) = self.tenant(id)?;
+        if let Some(limit) = quota_bytes {
+            tenant.quota_bytes = limit.value();
+        }
+        if let Some(limit) = quota_jobs {
+            tenant.quota_jobs = limit.value();
+        }
+        if !self.store.update_tenant(key, &tenant)? {
+            return Err(ServiceError::NotFound(format!("no tenant {id}")));
+        }
+        self.flush()?;
+        Ok(tenant)
     }
 
     pub fn tenant_remove(&self, id: &str) -> Result<Tenant> {
@@ -957,6 +1032,17 @@ impl Service {
                 dst_region.id, image.disk_format
             )));
         }
+        let owner = TenantKey::parse(&image.owner).ok_or_else(|| {
+            ServiceError::Internal(format!("image {image_id} has a malformed owner"))
+        })?;
+        // From the checks of room and quotas to the insert, one request at a time.
+        let _admission = self
+            .admission
+            .lock()
+            .map_err(|_| ServiceError::Internal("the admission lock is poisoned".into()))?;
+        self.check_store_room()?;
+        self.check_quotas(owner, dst_key, &dst_tenant, &image)?;
+        let device = self.check_room(&dst_region, &image)?;
         let created = now();
         let job = Job {
             wire: JobWire {
@@ -981,14 +1067,116 @@ impl Service {
             enqueued: true,
             created_destination: None,
         };
-        let owner = TenantKey::parse(&job.wire.source_tenant_id).ok_or_else(|| {
-            ServiceError::Internal(format!("image {image_id} has a malformed owner"))
-        })?;
         self.store.insert_jobs(&[(owner, job.clone())])?;
+        if let Some(device) = device {
+            self.space.promise(job.wire.job_id, device, job.bytes_total);
+        }
+        drop(_admission);
         self.flush()?;
         self.board.wake();
         tracing::info!(job = %job.wire.job_id, image = %image_uuid, to = %job.wire.destination_tenant_id, "replicate_requested");
         Ok(job)
+    }
+
+    /// New jobs are refused (507) while the store's own file system is below its reserve: the
+    /// store then never runs out of space because of copies.
+    fn check_store_room(&self) -> Result<()> {
+        let Ok(space) = regions::directory::space_of(&self.data_dir) else {
+            return Ok(());
+        };
+        let reserve = self.min_free.of(space.total);
+        if space.free >= reserve {
+            return Ok(());
+        }
+        Err(ServiceError::DiskFull(format!(
+            "New jobs are refused because the store's disk is full: {} are free, less than the reserve of {} kept for the store (serve --min-free); they are accepted again once space is freed",
+            size_text(space.free),
+            size_text(reserve)
+        )))
+    }
+
+    /// Whether the image fits into the destination beside the reserve and the copies already
+    /// accepted (409 if not); the destination's file system, for the new job's promise.
+    fn check_room(&self, region: &Region, image: &Image) -> Result<Option<u64>> {
+        let Some(space) = self.images_of(region)?.space() else {
+            return Ok(None);
+        };
+        let reserve = self.min_free.of(space.total);
+        let promised = self.space.promised(space.device, None);
+        room_for(&space, reserve, promised, image.size).map_err(|why| {
+            ServiceError::Conflict(format!(
+                "region {} has no room for image {}: {why}",
+                region.id, image.id
+            ))
+        })?;
+        Ok(Some(space.device))
+    }
+
+    /// The quotas a new job must stay within (413 if not): active jobs of its source tenant
+    /// (the tenant that sees, lists and cancels it), bytes stored by its destination tenant
+    /// (whose region receives the copy).
+    fn check_quotas(
+        &self,
+        source: TenantKey,
+        destination: TenantKey,
+        dst_tenant: &Tenant,
+        image: &Image,
+    ) -> Result<()> {
+        let src_tenant = if source == destination {
+            Some(dst_tenant.clone())
+        } else {
+            self.store.tenant(source)?
+        };
+        let quota_jobs = src_tenant.as_ref().and_then(|t| t.quota_jobs);
+        let quota_bytes = dst_tenant.quota_bytes;
+        if quota_jobs.is_none() && quota_bytes.is_none() {
+            return Ok(());
+        }
+        let mut queued = Vec::new();
+        for id in self.store.queued()? {
+            queued.extend(self.store.job(id)?);
+        }
+        if let (Some(max), Some(tenant)) = (quota_jobs, &src_tenant) {
+            let active = queued
+                .iter()
+                .filter(|j| TenantKey::parse(&j.wire.source_tenant_id) == Some(source))
+                .count() as u64;
+            if active >= max {
+                return Err(ServiceError::OverQuota(format!(
+                    "tenant {} is over its quota of {max} active jobs: {active} of its jobs are queued or copying; new ones are accepted once some end or are canceled",
+                    tenant.id
+                )));
+            }
+        }
+        if let Some(max) = quota_bytes {
+            let stored: u64 = self
+                .store
+                .images(Some(destination))?
+                .iter()
+                .filter(|i| i.status != ImageStatus::Deleted)
+                .map(|i| i.size)
+                .sum();
+            let coming: u64 = queued
+                .iter()
+                .filter(|j| {
+                    TenantKey::parse(&j.wire.destination_tenant_id) == Some(destination)
+                        && j.next_step() == Step::Copy
+                })
+                .map(|j| j.bytes_total)
+                .sum();
+            let held = stored.saturating_add(coming);
+            if held.saturating_add(image.size) > max {
+                return Err(ServiceError::OverQuota(format!(
+                    "tenant {} is over its quota of {} stored: it holds {} (copies under way included), and image {} needs {} more",
+                    dst_tenant.id,
+                    size_text(max),
+                    size_text(held),
+                    image.id,
+                    size_text(image.size)
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn usable_region(&self, id: &str) -> Result<Region> {

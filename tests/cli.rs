@@ -308,9 +308,12 @@ fn exercise_every_command(lab: &Lab) {
     ok(lab, &["tenant", "add", TENANT_UNKNOWN, "--region", "r2"]);
 
     let table = ok(lab, &["tenant", "list"]);
-    assert_eq!(row(&table, "ID"), ["ID", "REGION", "NAME"]);
-    assert_eq!(row(&table, TENANT_A), [TENANT_A, "r1", "alpha"]);
-    assert_eq!(row(&table, TENANT_C), [TENANT_C, "r2", "-"]);
+    assert_eq!(
+        row(&table, "ID"),
+        ["ID", "REGION", "NAME", "QUOTA-BYTES", "QUOTA-JOBS"]
+    );
+    assert_eq!(row(&table, TENANT_A), [TENANT_A, "r1", "alpha", "-", "-"]);
+    assert_eq!(row(&table, TENANT_C), [TENANT_C, "r2", "-", "-", "-"]);
     let mut listed = ids(&ok_json(lab, &["tenant", "list"]), "id");
     listed.sort();
     let mut expected = vec![TENANT_A, TENANT_B, TENANT_C, TENANT_UNKNOWN];

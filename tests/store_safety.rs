@@ -198,7 +198,8 @@ fn store_opens_once_space_is_back_after_a_full_disk_at_start_up() {
     ]);
     let token = lab.token("alice2", TENANT_A);
     let image = lab.image(TENANT_A, "base", 4096);
-    let mut server = lab.serve();
+    // No reserve: the store itself must meet the full disk here (a reserve keeps it from it).
+    let mut server = lab.serve_with(&["--no-worker", "--min-free", "0"]);
     let ids: Vec<String> = (0..JOBS_BEFORE)
         .map(|_| server.copy_ok(&token, &image, TENANT_B))
         .collect();
@@ -225,11 +226,17 @@ fn store_opens_once_space_is_back_after_a_full_disk_at_start_up() {
     drop(fs);
 }
 
-/// A lab on a tmpfs of `size` with the copier's token and an image of tenant A.
+/// A lab whose store is on a tmpfs of `size` (its regions are not: copies never take the
+/// store's space) with the copier's token and an image of tenant A.
 fn lab_on_tmpfs(size: &str) -> Option<(Lab, Tmpfs, String, String)> {
     let lab = Lab::new();
     let fs = Tmpfs::mount(&lab.data_dir(), size)?;
-    lab.standard();
+    for region in ["ot1", "ot2"] {
+        let dir = lab.dir.path().join(region);
+        lab.ok(&["region", "add", region, "--dir", dir.to_str().unwrap()]);
+    }
+    lab.ok(&["tenant", "add", TENANT_A, "--region", "ot1"]);
+    lab.ok(&["tenant", "add", TENANT_B, "--region", "ot2"]);
     lab.ok(&[
         "user", "add", "alice2", "--tenant", TENANT_A, "--tenant", TENANT_B,
     ]);
@@ -254,7 +261,8 @@ fn a_full_disk_answers_507_and_the_server_recovers_by_itself_once_space_is_back(
     let Some((lab, fs, token, image)) = lab_on_tmpfs("24m") else {
         return;
     };
-    let mut server = lab.serve();
+    // No reserve: the store itself must meet the full disk here (a reserve keeps it from it).
+    let mut server = lab.serve_with(&["--no-worker", "--min-free", "0"]);
     let mut acked: Vec<String> = (0..JOBS_BEFORE)
         .map(|_| server.copy_ok(&token, &image, TENANT_B))
         .collect();

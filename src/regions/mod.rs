@@ -32,6 +32,9 @@ pub enum StoreError {
     /// It will not pass by retrying.
     #[error("{0}")]
     Fatal(String),
+    /// The destination has no room (ENOSPC, EDQUOT): it may pass once space is freed.
+    #[error("{0}")]
+    NoSpace(String),
 }
 
 impl StoreError {
@@ -55,7 +58,9 @@ impl StoreError {
                 | BrokenPipe
         ) || e.raw_os_error() == Some(libc::EIO);
         let text = format!("{what}: {e}");
-        if transient {
+        if crate::store::sled::is_disk_full(&e) {
+            StoreError::NoSpace(text)
+        } else if transient {
             StoreError::Transient(text)
         } else {
             StoreError::Fatal(text)
@@ -80,6 +85,17 @@ pub struct Recorded {
     pub checksum: Option<String>,
     pub os_hash_algo: Option<String>,
     pub os_hash_value: Option<String>,
+}
+
+/// The room on the file system of a store that writes files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Space {
+    /// Bytes an unprivileged process may still write.
+    pub free: u64,
+    /// The file system's size.
+    pub total: u64,
+    /// The file system's device number: stores on one file system share its room.
+    pub device: u64,
 }
 
 /// The image store of one region.
@@ -107,6 +123,11 @@ pub trait ImageStore: Send + Sync {
     fn remove(&self, id: Uuid) -> Result<(), StoreError>;
     /// Start-up: removes what interrupted copies left behind.
     fn sweep(&self) {}
+    /// The room on the store's file system; `None` for a store that keeps its own quotas
+    /// (Glance) or cannot tell.
+    fn space(&self) -> Option<Space> {
+        None
+    }
 }
 
 /// Image records kept by the store itself.

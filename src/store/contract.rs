@@ -43,6 +43,8 @@ fn tenant(id: &str) -> Tenant {
         region: "ot1".into(),
         name: None,
         created_at: 1,
+        quota_bytes: None,
+        quota_jobs: None,
     }
 }
 
@@ -126,6 +128,18 @@ pub fn regions_tenants_and_users_insert_once(s: &dyn Repo) {
         .insert_tenant(key(hyphenated), &tenant(hyphenated))
         .expect("again"));
     assert_eq!(s.tenant(key(hyphenated)).expect("get"), Some(tenant(A)));
+    let mut limited = tenant(A);
+    limited.quota_jobs = Some(20);
+    assert!(s.update_tenant(key(A), &limited).expect("update"));
+    assert_eq!(s.tenant(key(A)).expect("get"), Some(limited.clone()));
+    assert!(!s
+        .update_tenant(key(B), &tenant(B))
+        .expect("update of a missing tenant"));
+    assert_eq!(
+        s.tenant(key(B)).expect("get"),
+        None,
+        "not created by an update"
+    );
     s.remove_tenant(key(A)).expect("remove");
     assert!(s.tenants().expect("list").is_empty());
 

@@ -58,6 +58,8 @@ pub trait Registry: Send + Sync {
     fn tenants(&self) -> Result<Vec<Tenant>>;
     /// Inserts a tenant unless one with that key exists; whether it was inserted.
     fn insert_tenant(&self, key: TenantKey, tenant: &Tenant) -> Result<bool>;
+    /// Rewrites an existing tenant (its quotas); false if there is no such tenant.
+    fn update_tenant(&self, key: TenantKey, tenant: &Tenant) -> Result<bool>;
     fn remove_tenant(&self, key: TenantKey) -> Result<()>;
 
     fn user(&self, name: &str) -> Result<Option<User>>;

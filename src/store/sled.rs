@@ -623,6 +623,19 @@ impl Registry for SledStore {
         self.with(|s| Self::insert_new(&s.tenants, &key.0, tenant))
     }
 
+    fn update_tenant(&self, key: TenantKey, tenant: &Tenant) -> Result<bool> {
+        self.with(|s| {
+            let new = encode(tenant)?;
+            tx_result(s.tenants.transaction(|tenants| {
+                if tenants.get(key.0)?.is_none() {
+                    return Ok(false);
+                }
+                tenants.insert(&key.0, new.as_slice())?;
+                Ok(true)
+            }))
+        })
+    }
+
     fn remove_tenant(&self, key: TenantKey) -> Result<()> {
         self.with(|s| {
             s.tenants.remove(key.0)?;

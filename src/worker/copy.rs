@@ -29,6 +29,8 @@ enum Failure {
     Transient(String),
     /// Final: the job ends in `error` with this reason.
     Fatal(String),
+    /// The destination has no room now: the job waits for some (see [`super::SPACE_WAIT`]).
+    NoSpace(String),
 }
 
 impl From<ServiceError> for Failure {
@@ -42,6 +44,7 @@ impl From<StoreError> for Failure {
         match e {
             StoreError::Transient(why) => Failure::Transient(why),
             StoreError::Fatal(why) => Failure::Fatal(why),
+            StoreError::NoSpace(why) => Failure::NoSpace(why),
         }
     }
 }
@@ -66,6 +69,7 @@ pub(super) fn replicate(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> Result<()> 
                 return Ok(());
             }
             Err(Failure::Fatal(reason)) => return conclude(ctx, id, Some(reason)),
+            Err(Failure::NoSpace(reason)) => return wait_for_space(ctx, id, reason),
             Err(Failure::Transient(reason)) => reason,
         };
         if attempt == ATTEMPTS {
@@ -89,6 +93,27 @@ pub(super) fn replicate(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> Result<()> 
         backoff *= 2;
     }
     Ok(())
+}
+
+/// The copy found no room at its destination (before writing, or while writing, when what
+/// it wrote is already gone): it is parked and tried again once space may be back, or ends in
+/// `error` after [`super::SPACE_WAIT`].
+fn wait_for_space(ctx: &Ctx, id: Uuid, reason: String) -> Result<()> {
+    match ctx.wait_for_space(id) {
+        Some(wait) => {
+            tracing::warn!(job = %id, "no room at the destination, trying again in {wait:?}: {}", escape(&reason));
+            ctx.park(id, wait);
+            Ok(())
+        }
+        None => conclude(
+            ctx,
+            id,
+            Some(format!(
+                "{reason} (no room came back within {} s)",
+                super::SPACE_WAIT.as_secs()
+            )),
+        ),
+    }
 }
 
 /// A region of the job, or why the copy cannot happen.
@@ -170,6 +195,19 @@ fn copy_once(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> std::result::Result<()
         created_at: now(),
         updated_at: now(),
     });
+    // Room for the whole image beside the reserve and what other accepted copies will write,
+    // checked before anything is written; then promised to this copy.
+    if let Some(space) = dst_store.space() {
+        let reserve = ctx.parts.min_free.of(space.total);
+        let others = ctx.parts.space.promised(space.device, Some(id));
+        crate::worker::space::room_for(&space, reserve, others, source.size).map_err(|why| {
+            Failure::NoSpace(format!(
+                "destination region {} has no room for image {}: {why}",
+                dst_region.id, source.id
+            ))
+        })?;
+        ctx.parts.space.promise(id, space.device, source.size);
+    }
     let insert_record = keeps_record && existing.is_none();
     let started = store.update_job(id, &|job| {
         if !job.start(dst_image.id, source.size, now()) {
@@ -268,6 +306,7 @@ impl Copy<'_> {
         let mut persisted = (0u8, Instant::now());
         let mut counted = 0u64;
         let mut progress = |copied: u64| {
+            ctx.parts.space.progress(id, copied);
             ctx.parts
                 .metrics
                 .bytes_copied

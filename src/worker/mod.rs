@@ -9,6 +9,10 @@
 //!   whatever it wrote at the destination; the start-up cleanup; the sweep of destination
 //!   images a region could not delete yet (orphans), on a thread of its own.
 //! - [`board`]: which jobs this process runs, their cancel flags, the wake-up.
+//! - [`space`]: the free-space reserve and the bytes promised to accepted copies. A copy
+//!   that finds no room, before it writes or when its destination runs out of space while it
+//!   writes, waits for room (parked, retried with backoff) for up to [`SPACE_WAIT`], then ends
+//!   in `error`.
 //!
 //! On shutdown a copy stops at a chunk boundary and stays `replicating`; the next start
 //! resumes it from the beginning.
@@ -18,6 +22,7 @@
 pub mod board;
 mod copy;
 mod recovery;
+pub mod space;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,11 +40,17 @@ use crate::regions::Stores;
 use crate::store::{ImageChange, Repo};
 pub use board::Board;
 pub use recovery::recover;
+pub use space::{Ledger, MinFree};
 
 /// How long an idle worker sleeps when nothing wakes it.
 const IDLE: Duration = Duration::from_millis(500);
 /// How long a job whose processing failed is left alone before the next try.
 const PARK: Duration = Duration::from_secs(5);
+/// How long a copy waits for room at its destination before it ends in `error`.
+pub const SPACE_WAIT: Duration = Duration::from_secs(300);
+/// The first wait for room; doubled each time, up to [`SPACE_MAX_BACKOFF`].
+const SPACE_FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const SPACE_MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// What the worker works with.
 #[derive(Clone)]
@@ -48,6 +59,10 @@ pub struct Parts {
     pub stores: Arc<Stores>,
     pub board: Arc<Board>,
     pub metrics: Arc<Metrics>,
+    /// Bytes promised to accepted copies, shared with the service.
+    pub space: Arc<Ledger>,
+    /// The reserve copies leave free on every file system.
+    pub min_free: MinFree,
 }
 
 pub struct WorkerConfig {
@@ -63,6 +78,8 @@ struct Ctx {
     /// Jobs whose processing failed (a store error, a region that cannot be cleaned), left
     /// alone until the given time so they neither spin nor starve the jobs behind them.
     parked: Mutex<HashMap<Uuid, Instant>>,
+    /// Jobs waiting for room at their destination: since when, and the next wait.
+    space_waits: Mutex<HashMap<Uuid, (Instant, Duration)>>,
 }
 
 /// The running worker threads.
@@ -78,6 +95,7 @@ pub fn start(parts: Parts, config: &WorkerConfig) -> Result<Workers> {
         limiter: config.max_bandwidth.map(RateLimiter::new),
         shutdown: AtomicBool::new(false),
         parked: Mutex::new(HashMap::new()),
+        space_waits: Mutex::new(HashMap::new()),
     });
     let mut threads = Vec::new();
     let mut spawn = |name: String, body: fn(&Ctx)| {
@@ -118,6 +136,37 @@ impl Ctx {
     fn stopping(&self) -> bool {
         self.shutdown.load(Ordering::SeqCst)
     }
+
+    /// Leaves job `id` alone for `wait`.
+    fn park(&self, id: Uuid, wait: Duration) {
+        if let Ok(mut parked) = self.parked.lock() {
+            parked.insert(id, Instant::now() + wait);
+        }
+    }
+
+    /// Job `id` found no room: how long it waits before the next try, or `None` once it has
+    /// waited [`SPACE_WAIT`].
+    fn wait_for_space(&self, id: Uuid) -> Option<Duration> {
+        let mut waits = self.space_waits.lock().ok()?;
+        let (since, next) = waits
+            .entry(id)
+            .or_insert((Instant::now(), SPACE_FIRST_BACKOFF));
+        if since.elapsed() >= SPACE_WAIT {
+            waits.remove(&id);
+            return None;
+        }
+        let wait = *next;
+        *next = (*next * 2).min(SPACE_MAX_BACKOFF);
+        Some(wait)
+    }
+
+    /// Job `id` is no longer this worker's to run: what was kept for it goes.
+    fn forget(&self, id: Uuid) {
+        self.parts.space.release(id);
+        if let Ok(mut waits) = self.space_waits.lock() {
+            waits.remove(&id);
+        }
+    }
 }
 
 fn run(ctx: &Ctx) {
@@ -127,9 +176,12 @@ fn run(ctx: &Ctx) {
             Ok(Some((id, cancel))) => {
                 if let Err(e) = process(ctx, id, &cancel) {
                     tracing::error!(job = %id, "worker failed on this job, retrying in {PARK:?}: {e}");
-                    if let Ok(mut parked) = ctx.parked.lock() {
-                        parked.insert(id, Instant::now() + PARK);
-                    }
+                    ctx.park(id, PARK);
+                }
+                match ctx.parts.store.job(id) {
+                    Ok(Some(job)) if !job.wire.status.is_terminal() => {}
+                    Ok(_) => ctx.forget(id),
+                    Err(_) => {}
                 }
                 board.untrack(id);
                 ctx.parts.store.release(id);

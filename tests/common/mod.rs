@@ -854,3 +854,13 @@ impl Lab {
         server
     }
 }
+
+/// Bytes an unprivileged process may still write on the file system holding `path`.
+pub fn free_bytes(path: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path without NUL");
+    // SAFETY: statvfs only writes the struct passed; `c` is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0, "statvfs");
+    (st.f_bavail as u64) * (st.f_frsize as u64)
+}
