@@ -63,11 +63,4 @@ impl ServiceError {
     }
 }
 
-/// ENOSPC, or EDQUOT (a quota is a full disk for this process).
-pub fn is_disk_full(e: &std::io::Error) -> bool {
-    e.kind() == std::io::ErrorKind::StorageFull
-        || e.kind() == std::io::ErrorKind::QuotaExceeded
-        || matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
-}
-
 pub type Result<T, E = ServiceError> = std::result::Result<T, E>;

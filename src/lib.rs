@@ -7,6 +7,7 @@ pub mod cache;
 pub mod cli;
 pub mod copy;
 pub mod demo;
+pub mod disk;
 pub mod error;
 pub mod glance;
 pub mod http;

@@ -1081,7 +1081,7 @@ impl Service {
     /// New jobs are refused (507) while the store's own file system is below its reserve: the
     /// store then never runs out of space because of copies.
     fn check_store_room(&self) -> Result<()> {
-        let Ok(space) = regions::directory::space_of(&self.data_dir) else {
+        let Ok(space) = crate::disk::space_of(&self.data_dir) else {
             return Ok(());
         };
         let reserve = self.min_free.of(space.total);

@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
-use super::{ImageStore, Recorded, Sink, Space, StoreError};
+use super::{ImageStore, Recorded, Sink, StoreError};
 use crate::copy::{write_sparse, Chunk, Digests, Hashes};
+use crate::disk::Space;
 use crate::error::ServiceError;
 use crate::model::Image;
 
@@ -40,30 +41,6 @@ impl Directory {
     fn sync(&self) -> io::Result<()> {
         File::open(&self.dir)?.sync_all()
     }
-}
-
-/// The room on the file system holding `path` (statvfs; the device from stat).
-pub fn space_of(path: &Path) -> io::Result<Space> {
-    let mut c_path = path.as_os_str().as_bytes().to_vec();
-    c_path.push(0);
-    if c_path[..c_path.len() - 1].contains(&0) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "the path holds a NUL byte",
-        ));
-    }
-    // SAFETY: statvfs only writes the struct passed; `c_path` is NUL-terminated and outlives
-    // the call.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c_path.as_ptr().cast(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let block = st.f_frsize as u64;
-    Ok(Space {
-        free: (st.f_bavail as u64).saturating_mul(block),
-        total: (st.f_blocks as u64).saturating_mul(block),
-        device: fs::metadata(path)?.dev(),
-    })
 }
 
 /// Whether `name` is a temporary file of this module's (`.<uuid>.part`).
@@ -187,7 +164,7 @@ impl ImageStore for Directory {
     }
 
     fn space(&self) -> Option<Space> {
-        space_of(&self.dir).ok()
+        crate::disk::space_of(&self.dir).ok()
     }
 
     fn sweep(&self) {

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use uuid::Uuid;
 
 use crate::copy::{stream, Chunk, Control, CopyError, Digests, Hashes, Stop};
+use crate::disk::Space;
 use crate::model::{Image, Region, RegionKind};
 use crate::remote::RemoteError;
 use crate::text::excerpt;
@@ -58,7 +59,7 @@ impl StoreError {
                 | BrokenPipe
         ) || e.raw_os_error() == Some(libc::EIO);
         let text = format!("{what}: {e}");
-        if crate::store::sled::is_disk_full(&e) {
+        if crate::disk::is_disk_full(&e) {
             StoreError::NoSpace(text)
         } else if transient {
             StoreError::Transient(text)
@@ -85,17 +86,6 @@ pub struct Recorded {
     pub checksum: Option<String>,
     pub os_hash_algo: Option<String>,
     pub os_hash_value: Option<String>,
-}
-
-/// The room on the file system of a store that writes files.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Space {
-    /// Bytes an unprivileged process may still write.
-    pub free: u64,
-    /// The file system's size.
-    pub total: u64,
-    /// The file system's device number: stores on one file system share its room.
-    pub device: u64,
 }
 
 /// The image store of one region.

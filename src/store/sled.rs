@@ -26,7 +26,8 @@ use sled::{Transactional, Tree};
 use uuid::Uuid;
 
 use super::{ImageChange, JobQuery, Jobs, OpenError, Registry, Repo};
-use crate::error::{is_disk_full, Result, ServiceError, STORE_ERROR};
+use crate::disk::is_disk_full;
+use crate::error::{Result, ServiceError, STORE_ERROR};
 use crate::model::{Image, Job, JobStatus, JobWire, Region, Tenant, TenantKey, TokenRecord, User};
 
 const FORMAT_VERSION: u8 = 1;
@@ -226,19 +227,6 @@ const REOPEN_DRAIN: Duration = Duration::from_secs(3);
 /// Below this much free space a reopen is not tried: sled writes a snapshot as it opens.
 const REOPEN_MIN_FREE: u64 = 1 << 20;
 
-/// Bytes an unprivileged process may still write on the file system holding `path`.
-fn free_bytes(path: &Path) -> std::io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: statvfs only writes the struct passed; `c` is a valid C string.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
-}
-
 /// A storage failure as callers see it: a full disk is a 507, anything else a 500.
 fn store_io_error(e: &std::io::Error) -> ServiceError {
     if is_disk_full(e) {
@@ -437,7 +425,7 @@ impl SledStore {
         if !self.failed.load(Ordering::SeqCst) {
             return;
         }
-        match free_bytes(&self.path) {
+        match crate::disk::space_of(&self.path).map(|space| space.free) {
             Ok(free) if free < REOPEN_MIN_FREE => return,
             _ => {}
         }

@@ -11,8 +11,8 @@ use std::sync::Mutex;
 
 use uuid::Uuid;
 
+use crate::disk::Space;
 use crate::model::size_text;
-use crate::regions::Space;
 
 /// Smallest default reserve.
 const DEFAULT_MIN: u64 = 64 << 20;
