@@ -18,7 +18,7 @@ use tokio::net::{UnixListener, UnixStream};
 
 use crate::auth::AuthStats;
 use crate::error::{Result, ServiceError};
-use crate::model::{GlanceRegion, Image, Job, JobStatus, Limit, Region, Tenant, TokenInfo, User};
+use crate::model::{Image, Job, JobStatus, Limit, Region, RegionKind, Tenant, TokenInfo, User};
 use crate::service::{ImportRequest, IssuedToken, SeedOutcome, Service};
 
 /// Largest request line the server reads (a seed file of some hundred thousand jobs).
@@ -33,10 +33,9 @@ pub fn socket_path(data_dir: &Path) -> PathBuf {
 pub enum Request {
     RegionAdd {
         id: String,
-        dir: Option<PathBuf>,
+        /// `None`: a directory under the data directory.
+        kind: Option<RegionKind>,
         disk_formats: Option<Vec<String>>,
-        #[serde(default)]
-        glance: Option<GlanceRegion>,
     },
     RegionList,
     RegionRemove {
@@ -150,10 +149,9 @@ pub fn execute(svc: &Service, req: Request, status: Option<&ServerStatus>) -> Re
     Ok(match req {
         Request::RegionAdd {
             id,
-            dir,
+            kind,
             disk_formats,
-            glance,
-        } => Reply::Region(svc.region_add(&id, dir, disk_formats, glance)?),
+        } => Reply::Region(svc.region_add(&id, kind, disk_formats)?),
         Request::RegionList => Reply::Regions(svc.region_list()?),
         Request::RegionRemove { id } => Reply::Region(svc.region_remove(&id)?),
         Request::TenantAdd {

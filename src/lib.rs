@@ -21,5 +21,4 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod text;
-pub mod watch;
 pub mod worker;

@@ -155,6 +155,19 @@ impl RegionKind {
     }
 }
 
+/// Where a region keeps its images, in words (never its credentials).
+impl fmt::Display for RegionKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RegionKind::Directory { dir } => write!(f, "directory {}", dir.display()),
+            RegionKind::Glance { glance } if glance.keystone.is_some() => {
+                write!(f, "Glance {} with Keystone", glance.url)
+            }
+            RegionKind::Glance { glance } => write!(f, "Glance {}", glance.url),
+        }
+    }
+}
+
 /// Where a Glance region is and how the appliance authenticates to it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct GlanceRegion {

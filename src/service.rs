@@ -19,8 +19,8 @@ use crate::copy::Control;
 use crate::error::{Result, ServiceError};
 use crate::metrics::Metrics;
 use crate::model::{
-    now, now_ceil, size_text, GlanceRegion, Image, ImageStatus, Job, JobStatus, JobWire, Limit,
-    Region, RegionKind, Step, Tenant, TenantKey, TokenInfo, TokenRecord, User, CONTAINER_FORMATS,
+    now, now_ceil, size_text, Image, ImageStatus, Job, JobStatus, JobWire, Limit, Region,
+    RegionKind, Step, Tenant, TenantKey, TokenInfo, TokenRecord, User, CONTAINER_FORMATS,
     DISK_FORMATS, JOB_KEYS,
 };
 use crate::regions::{self, ImageStore, Stores};
@@ -263,22 +263,13 @@ impl Service {
     pub fn region_add(
         &self,
         id: &str,
-        dir: Option<PathBuf>,
+        kind: Option<RegionKind>,
         disk_formats: Option<Vec<String>>,
-        glance: Option<GlanceRegion>,
     ) -> Result<Region> {
         check_name("region id", id)?;
-        let kind = match (dir, glance) {
-            (Some(_), Some(_)) => {
-                return Err(ServiceError::BadRequest(
-                    "a region is a directory or a Glance, not both".into(),
-                ))
-            }
-            (_, Some(glance)) => RegionKind::Glance { glance },
-            (dir, None) => RegionKind::Directory {
-                dir: dir.unwrap_or_else(|| self.data_dir.join("regions").join(id)),
-            },
-        };
+        let kind = kind.unwrap_or_else(|| RegionKind::Directory {
+            dir: self.data_dir.join("regions").join(id),
+        });
         let mut formats: Vec<String> = Vec::new();
         for f in disk_formats.unwrap_or_else(|| DISK_FORMATS.map(String::from).to_vec()) {
             check_format("disk format", &f, &DISK_FORMATS)?;

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
+use super::client::call;
 use crate::admin::{self, Reply, Request};
-use crate::cli::call;
 use crate::model::Job;
 use crate::text::escape;
 

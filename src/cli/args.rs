@@ -1,4 +1,5 @@
-//! The command line: clap types, and how each reply is shown (tables, or JSON with `--json`).
+//! The command line's words: clap types, the parsers of their values, and the admin request
+//! each command becomes.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -6,17 +7,11 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::admin::{self, Reply, Request};
+use crate::admin::Request;
 use crate::keystone::{CacheTimes, ValidatorConfig};
-use crate::model::{
-    rfc3339, size_text, GlanceRegion, Image, Job, JobStatus, KeystoneCredentials, Limit,
-    SecretSource,
-};
-use crate::server::{self, ServeOptions};
-use crate::service::{ImportRequest, Service};
-use crate::store::OpenError;
-use crate::text::escape;
-use crate::worker::{MinFree, WorkerConfig};
+use crate::model::{GlanceRegion, JobStatus, KeystoneCredentials, Limit, RegionKind, SecretSource};
+use crate::service::ImportRequest;
+use crate::worker::MinFree;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -187,7 +182,7 @@ pub struct KeystoneArgs {
 
 impl KeystoneArgs {
     /// The service credentials and cache times, if Keystone tokens are to be accepted.
-    fn validator_config(self) -> Result<Option<ValidatorConfig>, String> {
+    pub(super) fn validator_config(self) -> Result<Option<ValidatorConfig>, String> {
         let Some(auth_url) = self.keystone_url else {
             return Ok(None);
         };
@@ -566,78 +561,12 @@ pub enum JobCmd {
     Watch { job_id: Option<String> },
 }
 
-/// Runs the parsed command; the error is the one line to print.
-pub fn run(cli: Cli) -> Result<(), String> {
-    let data_dir = cli.data_dir;
-    let command = match cli.command {
-        Command::Serve(args) => {
-            let runtime = tokio::runtime::Runtime::new()
-                .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-            return runtime.block_on(server::run(ServeOptions {
-                listen: args.listen,
-                data_dir,
-                demo: args.demo,
-                worker: (!args.no_worker).then_some(WorkerConfig {
-                    threads: usize::from(args.workers),
-                    max_bandwidth: args.max_bandwidth,
-                }),
-                min_free: args.min_free.unwrap_or_default(),
-                tls: args.tls_cert.zip(args.tls_key),
-                keystone: args.keystone.validator_config()?,
-            }));
-        }
-        Command::Completions { shell } => {
-            let mut command = <Cli as clap::CommandFactory>::command();
-            let mut script = Vec::new();
-            clap_complete::generate(shell, &mut command, "image-replicator", &mut script);
-            return std::io::Write::write_all(&mut std::io::stdout(), &script)
-                .map_err(|e| format!("cannot write the completion script: {e}"));
-        }
-        Command::Man => {
-            let command = <Cli as clap::CommandFactory>::command();
-            return clap_mangen::Man::new(command)
-                .render(&mut std::io::stdout())
-                .map_err(|e| format!("cannot write the man page: {e}"));
-        }
-        Command::Job(JobCmd::Watch { job_id }) => {
-            return crate::watch::run(&data_dir, job_id.as_deref())
-        }
-        other => other,
-    };
-    let (request, verb) = request_for(command)?;
-    let reply = call(&data_dir, request)?;
-    if cli.json {
-        let mut value = serde_json::to_value(&reply).map_err(|e| e.to_string())?;
-        let inner = value.get_mut("value").map(serde_json::Value::take);
-        let text =
-            serde_json::to_string_pretty(&inner.unwrap_or_default()).map_err(|e| e.to_string())?;
-        println!("{text}");
-    } else {
-        print!("{}", human(&reply, verb));
-    }
-    Ok(())
-}
-
-/// Where a region keeps its images, in words (never its credentials).
-fn region_store(r: &crate::model::Region) -> String {
-    match region_kind(r) {
-        ("directory", place) => format!("directory {place}"),
-        ("glance", place) => format!("Glance {place}"),
-        (_, place) => format!("Glance {place} with Keystone"),
-    }
-}
-
-/// What a region is (`directory`, `glance`, `glance+keystone`) and where.
-fn region_kind(r: &crate::model::Region) -> (&'static str, String) {
-    r.kind.describe()
-}
-
-fn absolute(path: &Path) -> Result<PathBuf, String> {
+pub(super) fn absolute(path: &Path) -> Result<PathBuf, String> {
     std::path::absolute(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// The admin request for a command, and the verb its text output uses.
-fn request_for(command: Command) -> Result<(Request, &'static str), String> {
+pub(super) fn request_for(command: Command) -> Result<(Request, &'static str), String> {
     Ok(match command {
         Command::Serve(_) | Command::Completions { .. } | Command::Man => {
             return Err("not an admin command".into())
@@ -649,15 +578,24 @@ fn request_for(command: Command) -> Result<(Request, &'static str), String> {
                 dir,
                 disk_formats,
                 glance,
-            } => (
-                Request::RegionAdd {
-                    id,
-                    dir: dir.as_deref().map(absolute).transpose()?,
-                    disk_formats,
-                    glance: glance.region()?,
-                },
-                "added",
-            ),
+            } => {
+                // clap keeps --dir and the Glance options apart.
+                let kind = match (glance.region()?, dir) {
+                    (Some(glance), _) => Some(RegionKind::Glance { glance }),
+                    (None, Some(dir)) => Some(RegionKind::Directory {
+                        dir: absolute(&dir)?,
+                    }),
+                    (None, None) => None,
+                };
+                (
+                    Request::RegionAdd {
+                        id,
+                        kind,
+                        disk_formats,
+                    },
+                    "added",
+                )
+            }
             RegionCmd::List => (Request::RegionList, ""),
             RegionCmd::Remove { id } => (Request::RegionRemove { id }, "removed"),
         },
@@ -816,241 +754,5 @@ fn read_seed(file: &Path) -> Result<Vec<serde_json::Value>, String> {
         _ => Err(format!(
             "{shown} must hold a JSON array of jobs, as GET /v2/extension/image_replicator/jobs returns"
         )),
-    }
-}
-
-/// Sends the request to the running server, or runs it on the store when none runs.
-pub fn call(data_dir: &Path, request: Request) -> Result<Reply, String> {
-    if let Some(stream) = admin::connect(data_dir)? {
-        return admin::send(stream, &request)?.map_err(|e| e.to_string());
-    }
-    if matches!(request, Request::Status) {
-        return Err(format!("no server is running on {}", data_dir.display()));
-    }
-    if !data_dir.is_dir() {
-        if !matches!(request, Request::RegionAdd { .. }) {
-            return Err(format!(
-                "there is no data directory {}; start with `image-replicator region add`, or pass --data-dir",
-                data_dir.display()
-            ));
-        }
-        server::create_data_dir(data_dir)
-            .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
-    }
-    let store = server::open_store(data_dir, Duration::from_secs(2)).map_err(|e| match e {
-        OpenError::Locked(path) => format!(
-            "the store {path} is locked by another process, but no server answers on {}; \
-             if a server is starting or stopping, try again",
-            admin::socket_path(data_dir).display()
-        ),
-        other => other.to_string(),
-    })?;
-    let svc = Service::new(store, absolute(data_dir)?);
-    admin::execute(&svc, request, None).map_err(|e| e.to_string())
-}
-
-// ----- text output -----
-//
-// Every value shown as text goes through `escape` (names, ids and errors may come from a
-// tenant or a remote service and hold control characters); `--json` prints values as they are.
-
-/// Columns; each cell escaped.
-fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
-    let rows: Vec<Vec<String>> = rows
-        .into_iter()
-        .map(|row| row.iter().map(|cell| escape(cell).into_owned()).collect())
-        .collect();
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: Vec<String>| {
-        let padded: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        format!("{}\n", padded.join("  ").trim_end())
-    };
-    let mut out = line(headers.iter().map(|h| h.to_string()).collect());
-    for row in rows {
-        out.push_str(&line(row));
-    }
-    out
-}
-
-fn or_dash(value: Option<String>) -> String {
-    value.unwrap_or_else(|| "-".into())
-}
-
-/// `key: value` lines; each value escaped.
-fn fields(pairs: &[(&str, String)]) -> String {
-    pairs
-        .iter()
-        .map(|(k, v)| format!("{k}: {}\n", escape(v)))
-        .collect()
-}
-
-fn image_fields(i: &Image) -> String {
-    let pairs = [
-        ("id", i.id.to_string()),
-        ("name", i.name.clone()),
-        ("owner", i.owner.clone()),
-        ("region", i.region.clone()),
-        ("status", i.status.to_string()),
-        ("disk_format", i.disk_format.clone()),
-        ("container_format", i.container_format.clone()),
-        ("size", i.size.to_string()),
-        ("checksum", or_dash(i.checksum.clone())),
-        ("os_hash_algo", or_dash(i.os_hash_algo.clone())),
-        ("os_hash_value", or_dash(i.os_hash_value.clone())),
-        ("created_at", rfc3339(i.created_at)),
-        ("updated_at", rfc3339(i.updated_at)),
-    ];
-    fields(&pairs)
-}
-
-fn job_fields(j: &Job) -> String {
-    let w = &j.wire;
-    let pairs = [
-        ("job_id", w.job_id.to_string()),
-        ("status", w.status.to_string()),
-        ("copy_progress", w.copy_progress.to_string()),
-        ("source_image_id", w.source_image_id.to_string()),
-        ("source_image_name", w.source_image_name.clone()),
-        ("source_region_id", w.source_region_id.clone()),
-        ("source_tenant_id", w.source_tenant_id.clone()),
-        (
-            "destination_image_id",
-            or_dash(w.destination_image_id.map(|i| i.to_string())),
-        ),
-        ("destination_region_id", w.destination_region_id.clone()),
-        ("destination_tenant_id", w.destination_tenant_id.clone()),
-        ("bytes", format!("{} of {}", j.bytes_copied, j.bytes_total)),
-        ("error", or_dash(j.error.clone())),
-        ("seeded", j.seeded.to_string()),
-        ("created_at", rfc3339(j.created_at)),
-        ("updated_at", rfc3339(j.updated_at)),
-    ];
-    fields(&pairs)
-}
-
-fn human(reply: &Reply, verb: &str) -> String {
-    match reply {
-        Reply::Region(r) => format!(
-            "region {} {verb} ({})\n",
-            escape(&r.id),
-            escape(&region_store(r))
-        ),
-        Reply::Regions(list) => table(
-            &["ID", "KIND", "WHERE", "DISK FORMATS"],
-            list.iter()
-                .map(|r| {
-                    let (kind, place) = region_kind(r);
-                    vec![r.id.clone(), kind.into(), place, r.disk_formats.join(",")]
-                })
-                .collect(),
-        ),
-        Reply::Tenant(t) => format!("tenant {} {verb}\n", escape(&t.id)),
-        Reply::Tenants(list) => table(
-            &["ID", "REGION", "NAME", "QUOTA-BYTES", "QUOTA-JOBS"],
-            list.iter()
-                .map(|t| {
-                    vec![
-                        t.id.clone(),
-                        t.region.clone(),
-                        or_dash(t.name.clone()),
-                        or_dash(t.quota_bytes.map(size_text)),
-                        or_dash(t.quota_jobs.map(|n| n.to_string())),
-                    ]
-                })
-                .collect(),
-        ),
-        Reply::User(u) => format!("user {} {verb}\n", escape(&u.name)),
-        Reply::Users(list) => table(
-            &["NAME", "ADMIN", "TENANTS"],
-            list.iter()
-                .map(|u| vec![u.name.clone(), u.admin.to_string(), u.tenants.join(",")])
-                .collect(),
-        ),
-        Reply::UserRemoved {
-            user,
-            tokens_removed,
-        } => format!(
-            "user {} removed with {tokens_removed} token(s)\n",
-            escape(&user.name)
-        ),
-        Reply::IssuedToken(issued) => format!("{}\n", escape(&issued.token)),
-        Reply::Token(t) => format!("token {} {verb}\n", t.id),
-        Reply::Tokens(list) => table(
-            &["ID", "USER", "TENANT", "CREATED", "EXPIRES", "REVOKED"],
-            list.iter()
-                .map(|t| {
-                    vec![
-                        t.id.to_string(),
-                        t.user.clone(),
-                        t.tenant.clone(),
-                        rfc3339(t.created_at),
-                        or_dash(t.expires_at.map(rfc3339)),
-                        or_dash(t.revoked_at.map(rfc3339)),
-                    ]
-                })
-                .collect(),
-        ),
-        Reply::Image(i) if verb == "imported" => format!("{}\n", i.id),
-        Reply::Image(i) if !verb.is_empty() => format!("image {} {verb}\n", i.id),
-        Reply::Image(i) => image_fields(i),
-        Reply::Images(list) => table(
-            &["ID", "NAME", "OWNER", "REGION", "STATUS", "DISK", "SIZE"],
-            list.iter()
-                .map(|i| {
-                    vec![
-                        i.id.to_string(),
-                        i.name.clone(),
-                        i.owner.clone(),
-                        i.region.clone(),
-                        i.status.to_string(),
-                        i.disk_format.clone(),
-                        i.size.to_string(),
-                    ]
-                })
-                .collect(),
-        ),
-        Reply::Seeded(s) => format!(
-            "{} job(s) seeded, {} already present\n",
-            s.inserted, s.unchanged
-        ),
-        Reply::Job(j) if !verb.is_empty() => format!("job {} {verb}\n", j.wire.job_id),
-        Reply::Job(j) => job_fields(j),
-        Reply::Jobs(list) => table(
-            &["JOB ID", "STATUS", "PROGRESS", "SOURCE IMAGE", "FROM", "TO", "DESTINATION TENANT"],
-            list.iter()
-                .map(|j| {
-                    let w = &j.wire;
-                    vec![
-                        w.job_id.to_string(),
-                        w.status.to_string(),
-                        format!("{}%", w.copy_progress),
-                        w.source_image_name.clone(),
-                        w.source_region_id.clone(),
-                        w.destination_region_id.clone(),
-                        w.destination_tenant_id.clone(),
-                    ]
-                })
-                .collect(),
-        ),
-        Reply::Status(s) => format!(
-            "server running, pid {}\nlisten: {}\ndata dir: {}\nactive copies: {}\nargon2 verifications: {}\ntoken cache: {} hits, {} misses, {} tokens\n",
-            s.pid,
-            escape(&s.listen),
-            escape(&s.data_dir.display().to_string()),
-            s.active_copies,
-            s.auth.argon2_verifications,
-            s.auth.cache_hits,
-            s.auth.cache_misses,
-            s.auth.cached_tokens
-        ),
     }
 }
