@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The long reliability run of issue 6, outside CI (CI runs the same tests, short: see
-# tests/reliability.rs and tests/hostile.rs). Release build, tests one at a time, figures
+# tests/crash.rs, tokens.rs, admin_socket.rs, limits.rs, store_safety.rs and hostile.rs). Release build, tests one at a time, figures
 # collected; then, if asked, both fuzz targets. RELIABILITY.md records a full run.
 #
 #   scripts/soak.sh                      # 50 crash cycles, the rest scaled up likewise
@@ -27,7 +27,7 @@ echo "soak: seed $RELIABILITY_SEED, crash cycles $SOAK_CYCLES, mid-copy rounds $
 cargo build --release --locked --tests >"$OUT/build.log" 2>&1 || { echo "build failed: $OUT/build.log"; exit 1; }
 
 failed=0
-for suite in reliability hostile; do
+for suite in crash tokens admin_socket limits store_safety hostile; do
     started=$(date +%s)
     # One test at a time: the crash cycles get the machine to themselves.
     cargo test --release --locked --test "$suite" -- --nocapture --test-threads=1 >"$OUT/$suite.log" 2>&1

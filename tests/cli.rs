@@ -4,16 +4,13 @@
 mod common;
 
 use std::fs;
-use std::path::Path;
-use std::process::Output;
 
+use common::cli::*;
 use common::*;
 use image_replicator::model::JOB_KEYS;
 use md5::{Digest, Md5};
 use serde_json::{json, Value};
 use sha2::Sha512;
-
-const PREFIX: &str = "image-replicator: ";
 
 /// Job ids of the exercise's seed files.
 const J1: &str = "11111111-1111-4111-8111-111111111111";
@@ -61,90 +58,6 @@ fn is_hex32(s: &str) -> bool {
 
 fn is_uuid(s: &str) -> bool {
     uuid::Uuid::try_parse(s).is_ok_and(|u| u.hyphenated().to_string() == s)
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
-/// Runs the CLI; whatever happens, it must never report sled's lock.
-fn run(lab: &Lab, args: &[&str], stdin: Option<&[u8]>) -> Output {
-    let out = lab.cli_stdin(args, stdin);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !stderr.contains("could not acquire lock") && !stderr.contains("is locked by"),
-        "{args:?} hit the store lock: {stderr}"
-    );
-    out
-}
-
-fn ok_stdin(lab: &Lab, args: &[&str], stdin: Option<&[u8]>) -> String {
-    let out = run(lab, args, stdin);
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 stdout")
-}
-
-/// A command that must succeed; its stdout.
-fn ok(lab: &Lab, args: &[&str]) -> String {
-    ok_stdin(lab, args, None)
-}
-
-/// A command that must succeed, run with `--json`; its parsed stdout.
-fn ok_json(lab: &Lab, args: &[&str]) -> Value {
-    let all = json_args(args);
-    parse_json(&all, &ok(lab, &all))
-}
-
-/// The message of a failure: exit status non-zero, nothing on stdout, exactly one line on
-/// stderr, starting with `image-replicator: `.
-fn failure(args: &[&str], out: &Output) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        !out.status.success(),
-        "{args:?} should have failed; stdout: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert!(
-        out.stdout.is_empty(),
-        "{args:?} failed but printed on stdout: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let line = stderr
-        .strip_suffix('\n')
-        .unwrap_or_else(|| panic!("{args:?}: stderr is not one terminated line: {stderr:?}"));
-    assert!(
-        !line.contains('\n'),
-        "{args:?}: stderr is not one line: {stderr:?}"
-    );
-    let message = line
-        .strip_prefix(PREFIX)
-        .unwrap_or_else(|| panic!("{args:?}: stderr does not start with {PREFIX:?}: {stderr:?}"));
-    assert!(
-        message.len() > 10,
-        "{args:?}: message too short: {stderr:?}"
-    );
-    message.to_string()
-}
-
-/// A command that must be refused; its one-line message, checked to name every `needle`.
-fn refused(lab: &Lab, args: &[&str], needles: &[&str]) -> String {
-    refused_stdin(lab, args, None, needles)
-}
-
-fn refused_stdin(lab: &Lab, args: &[&str], stdin: Option<&[u8]>, needles: &[&str]) -> String {
-    let out = run(lab, args, stdin);
-    let message = failure(args, &out);
-    for needle in needles {
-        assert!(
-            message.contains(needle),
-            "{args:?}: message {message:?} does not name {needle:?}"
-        );
-    }
-    message
 }
 
 /// Seeds `jobs` from standard input; all of them must be new.
@@ -204,14 +117,6 @@ fn field<'a>(shown: &'a str, key: &str) -> &'a str {
         .lines()
         .find_map(|l| l.strip_prefix(head.as_str()))
         .unwrap_or_else(|| panic!("no field {key} in:\n{shown}"))
-}
-
-fn ids(list: &Value, key: &str) -> Vec<String> {
-    list.as_array()
-        .expect("a JSON array")
-        .iter()
-        .map(|v| v[key].as_str().expect("id").to_string())
-        .collect()
 }
 
 /// Statuses of a canceled job: the replication worker may carry a cancel on at any time.
@@ -861,30 +766,6 @@ fn status_with_a_server_shows_its_pid_and_address() {
     assert!(status["auth"]["cache_hits"].as_u64() >= Some(1), "{status}");
 }
 
-#[test]
-fn admin_socket_is_private_while_serving_and_gone_after() {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-    let lab = Lab::new();
-    lab.standard();
-    let socket = lab.data_dir().join("admin.sock");
-    let server = lab.serve();
-    let meta = fs::metadata(&socket).expect("the admin socket");
-    assert!(meta.file_type().is_socket());
-    assert_eq!(
-        meta.permissions().mode() & 0o777,
-        0o600,
-        "admin socket mode"
-    );
-    ok(&lab, &["region", "add", "served"]);
-    drop(server);
-    assert!(!socket.exists(), "a stopped server removes its socket");
-    // With the server gone, the CLI opens the store itself and sees what the server wrote.
-    let mut listed = ids(&ok_json(&lab, &["region", "list"]), "id");
-    listed.sort();
-    assert_eq!(listed, ["ot1", "ot2", "served"]);
-    refused(&lab, &["status"], &["no server is running"]);
-}
-
 // ----- refusals -----
 
 /// Removals refused while something still uses the thing; the message names what.
@@ -1525,7 +1406,7 @@ fn help_works_for_every_subcommand() {
     assert!(!lab.data_dir().exists(), "--help touches no data directory");
 }
 
-// ----- token values kept out of `ps`, and the admin socket's owner -----
+// ----- token values kept out of `ps` -----
 
 #[test]
 fn token_issue_reads_its_value_from_a_file_or_standard_input_unseen_by_ps() {
@@ -1607,121 +1488,4 @@ fn token_issue_reads_its_value_from_a_file_or_standard_input_unseen_by_ps() {
         ok_json(&lab, &["token", "list"]).as_array().map(Vec::len),
         Some(3)
     );
-}
-
-/// A Unix socket at `path` that records every connection and closes it unanswered.
-fn impostor_socket(path: &Path) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
-    let connections = std::sync::Arc::new(AtomicUsize::new(0));
-    let seen = std::sync::Arc::clone(&connections);
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            seen.fetch_add(1, Ordering::SeqCst);
-            drop(stream);
-        }
-    });
-    connections
-}
-
-fn chmod(path: &Path, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
-}
-
-#[test]
-fn the_cli_refuses_an_admin_socket_it_cannot_trust() {
-    use std::sync::atomic::Ordering;
-    let lab = Lab::new();
-    lab.standard();
-    let data = lab.data_dir();
-    let socket = data.join("admin.sock");
-    let shown = path(&socket).to_string();
-    let list = ["region", "list"];
-
-    // Not a socket: without the check the CLI took it for no server and went on.
-    fs::write(&socket, "").unwrap();
-    refused(
-        &lab,
-        &list,
-        &["refusing the admin socket", &shown, "not a socket"],
-    );
-    fs::remove_file(&socket).unwrap();
-
-    // A socket that group or others may write to.
-    let connections = impostor_socket(&socket);
-    chmod(&socket, 0o666);
-    refused(&lab, &list, &["refusing", "mode 666", "group or others"]);
-    // In a directory others may write to (and so replace the socket in).
-    chmod(&socket, 0o600);
-    chmod(&data, 0o777);
-    refused(
-        &lab,
-        &list,
-        &["refusing", "its directory", "777", "chmod go-w"],
-    );
-    chmod(&data, 0o700);
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if root {
-        // Another user's socket.
-        std::os::unix::fs::lchown(&socket, Some(65534), Some(65534)).unwrap();
-        refused(&lab, &list, &["refusing", "belongs to uid 65534"]);
-    } else {
-        println!("not root: a socket of another uid is not checked");
-    }
-    assert_eq!(
-        connections.load(Ordering::SeqCst),
-        0,
-        "the CLI talked to it"
-    );
-    fs::remove_file(&socket).unwrap();
-
-    // A socket whose file looks right but whose listener runs as another user (a path that
-    // changed hands between the checks and the connect): refused by the peer's uid.
-    let python = Path::new("/usr/bin/python3");
-    if root && python.exists() {
-        let spot = lab.dir.path().join("spot");
-        fs::create_dir(&spot).unwrap();
-        chmod(lab.dir.path(), 0o711);
-        chmod(&spot, 0o777);
-        let planted = spot.join("s");
-        let script = "import socket, sys\n\
-            s = socket.socket(socket.AF_UNIX)\n\
-            s.bind(sys.argv[1]); s.listen(8)\n\
-            print('ready', flush=True)\n\
-            sys.stdin.read()\n";
-        let mut nobody = std::process::Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-            .arg(python)
-            .args(["-c", script])
-            .arg(&planted)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut ready = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(nobody.stdout.take().unwrap()),
-            &mut ready,
-        )
-        .unwrap();
-        assert_eq!(ready.trim(), "ready");
-        fs::rename(&planted, &socket).unwrap();
-        std::os::unix::fs::lchown(&socket, Some(0), Some(0)).unwrap();
-        chmod(&socket, 0o600);
-        refused(&lab, &list, &["refusing", "runs as uid 65534"]);
-        drop(nobody.stdin.take());
-        let _ = nobody.kill();
-        let _ = nobody.wait();
-        fs::remove_file(&socket).unwrap();
-        chmod(lab.dir.path(), 0o700);
-    } else {
-        println!("not root or no /usr/bin/python3: a listener of another uid is not checked");
-    }
-
-    // With the impostors gone, the real server's socket is trusted.
-    let _server = lab.serve();
-    let regions = ok_json(&lab, &list);
-    assert_eq!(regions.as_array().map(Vec::len), Some(2), "{regions}");
 }

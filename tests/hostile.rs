@@ -13,10 +13,10 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpStream};
-use std::time::{Duration, Instant};
+use std::net::Shutdown;
+use std::time::Duration;
 
+use common::raw::{exchange, read_answer, send, Outcome};
 use common::*;
 use serde_json::json;
 
@@ -25,46 +25,29 @@ const MIB: usize = 1 << 20;
 const UNKNOWN_UUID: &str = "7d444840-9dc0-11d1-b245-5ffdce74fad2";
 const UNKNOWN_TENANT: &str = "0123456789abcdef0123456789abcdef";
 
-/// The standard lab with its server, tokens, one image each for A and B, and one job each.
-/// `server` is declared first so it stops before the lab's directory goes away.
-struct Fixture {
-    server: Server,
-    _lab: Lab,
-    alice: String,
-    image: String,
+/// The jobs made before any hostile request.
+struct Jobs {
+    /// alice's, A to A.
     job: String,
+    /// bob's, B to B.
     bob_job: String,
 }
 
-fn fixture() -> Fixture {
-    let lab = Lab::new();
-    lab.standard();
-    let alice = lab.token("alice", TENANT_A);
-    let bob = lab.token("bob", TENANT_B);
-    let image = lab.image(TENANT_A, "alpha", 3000);
-    let bob_image = lab.image(TENANT_B, "beta", 2000);
-    let server = lab.serve();
-    let job = server.copy_ok(&alice, &image, TENANT_A);
-    let bob_job = server.copy_ok(&bob, &bob_image, TENANT_B);
-    Fixture {
-        server,
-        _lab: lab,
-        alice,
-        image,
-        job,
-        bob_job,
-    }
+/// The standard [`Fixture`] and one job each for alice and bob.
+fn fixture() -> (Fixture, Jobs) {
+    let f = Fixture::new();
+    let job = f.server.copy_ok(&f.alice, &f.img_a, TENANT_A);
+    let bob_job = f.server.copy_ok(&f.bob, &f.img_b, TENANT_B);
+    (f, Jobs { job, bob_job })
 }
 
-impl Fixture {
-    fn valid_body(&self) -> String {
-        json!({"image_id": self.image, "tenant_id_dst": TENANT_A}).to_string()
-    }
+fn valid_body(f: &Fixture) -> String {
+    json!({"image_id": f.img_a, "tenant_id_dst": TENANT_A}).to_string()
+}
 
-    /// The list with alice's token answers 200.
-    fn healthy(&self) -> bool {
-        self.server.get(JOBS, Some(&self.alice)).status() == 200
-    }
+/// The list with alice's token answers 200.
+fn healthy(f: &Fixture) -> bool {
+    f.server.get(JOBS, Some(&f.alice)).status() == 200
 }
 
 // ===== raw HTTP =====
@@ -109,115 +92,6 @@ fn chunked_post(headers: &[(&str, &[u8])], body: &[u8]) -> Vec<u8> {
     let mut out = request("POST", JOBS, &all, None);
     out.extend_from_slice(&chunk_encode(body));
     out
-}
-
-#[derive(Debug)]
-enum Outcome {
-    Answer {
-        status: u16,
-        headers: Vec<(String, String)>,
-        body: Vec<u8>,
-    },
-    /// Closed (or reset) without a byte of answer.
-    Closed,
-    /// Neither an answer nor a close in time.
-    Hung,
-}
-
-impl Outcome {
-    fn header(&self, name: &str) -> Option<&str> {
-        match self {
-            Outcome::Answer { headers, .. } => headers
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.as_str()),
-            _ => None,
-        }
-    }
-
-    fn status(&self) -> Option<u16> {
-        match self {
-            Outcome::Answer { status, .. } => Some(*status),
-            _ => None,
-        }
-    }
-}
-
-/// Parses a response out of `raw` once its head and Content-Length body are complete.
-fn parse(raw: &[u8], eof: bool) -> Option<Outcome> {
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = String::from_utf8_lossy(&raw[..end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect();
-    let length = headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.parse::<usize>().ok());
-    let rest = &raw[end + 4..];
-    // At EOF a short body is kept as it is: a HEAD answer has none, and for any other the
-    // shape check sees the difference.
-    let body = match length {
-        Some(n) if rest.len() >= n => rest[..n].to_vec(),
-        _ if eof => rest.to_vec(),
-        _ => return None,
-    };
-    Some(Outcome::Answer {
-        status,
-        headers,
-        body,
-    })
-}
-
-/// Reads an answer until it is complete, the server closes, or `wait` passes.
-fn read_answer(stream: &mut TcpStream, wait: Duration) -> Outcome {
-    let deadline = Instant::now() + wait;
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        if let Some(done) = parse(&raw, false) {
-            return done;
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Outcome::Hung;
-        }
-        stream.set_read_timeout(Some(left)).expect("read timeout");
-        match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => raw.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Outcome::Hung
-            }
-            // A reset: Linux hands out what arrived before it first.
-            Err(_) => break,
-        }
-    }
-    if raw.is_empty() {
-        Outcome::Closed
-    } else {
-        parse(&raw, true).unwrap_or(Outcome::Closed)
-    }
-}
-
-/// Sends `raw` on a connection of its own (write errors ignored: the server may answer and
-/// close before the whole request is sent) and reads the answer.
-fn exchange(addr: &str, raw: &[u8], wait: Duration) -> Outcome {
-    let mut stream = TcpStream::connect(addr).expect("connect");
-    stream
-        .set_write_timeout(Some(Duration::from_secs(5)))
-        .expect("write timeout");
-    let _ = stream.write_all(raw);
-    read_answer(&mut stream, wait)
 }
 
 // ===== expectations =====
@@ -352,7 +226,7 @@ fn run(f: &Fixture, cases: &[Case]) -> (BTreeMap<String, usize>, Vec<String>) {
             problems.push(format!("{} (expected {:?}): {p}", c.name, c.expect));
         }
         if i % 16 == 15 {
-            assert!(f.healthy(), "the server is unhealthy after case {}", c.name);
+            assert!(healthy(f), "the server is unhealthy after case {}", c.name);
         }
     }
     (seen, problems)
@@ -382,10 +256,10 @@ fn final_health(f: &mut Fixture) -> Vec<String> {
     if !matches!(f.server.child.try_wait(), Ok(None)) {
         problems.push("the server process is gone".into());
     }
-    if !f.healthy() {
+    if !healthy(f) {
         problems.push("the list no longer answers 200".into());
     }
-    let resp = f.server.copy(&f.alice, &f.image, TENANT_A);
+    let resp = f.server.copy(&f.alice, &f.img_a, TENANT_A);
     if resp.status() != 202 {
         problems.push(format!("a valid copy now answers {}", resp.status()));
     }
@@ -422,11 +296,11 @@ fn get_with_token(target: &str, token: &[u8]) -> Vec<u8> {
     request("GET", target, &[("X-Auth-Token", token)], None)
 }
 
-fn corpus(f: &Fixture) -> Vec<Case> {
+fn corpus(f: &Fixture, made: &Jobs) -> Vec<Case> {
     use Expect::*;
     let mut cases = Vec::new();
-    let valid = f.valid_body();
-    let img = f.image.as_str();
+    let valid = valid_body(f);
+    let img = f.img_a.as_str();
     let alice = f.alice.as_bytes();
     let json_ct: (&str, &[u8]) = ("Content-Type", b"application/json");
 
@@ -776,7 +650,7 @@ fn corpus(f: &Fixture) -> Vec<Case> {
             Shape(401),
         ));
     }
-    let job_path = format!("{JOBS}/{}", f.job);
+    let job_path = format!("{JOBS}/{}", made.job);
     for (name, headers) in &bad_tokens[..3] {
         cases.push(case(
             format!("DELETE, {name}"),
@@ -808,11 +682,11 @@ fn corpus(f: &Fixture) -> Vec<Case> {
         format!("{{{UNKNOWN_UUID}}}"),
         format!("urn:uuid:{UNKNOWN_UUID}"),
         format!("{UNKNOWN_UUID}%00"),
-        format!("{}%2F", f.job),
-        format!("..%2f{}", f.job),
+        format!("{}%2F", made.job),
+        format!("..%2f{}", made.job),
         "a".repeat(4096),
         "a".repeat(60_000),
-        f.bob_job.clone(),
+        made.bob_job.clone(),
     ];
     for id in &ids {
         let target = format!("{JOBS}/{id}");
@@ -832,7 +706,7 @@ fn corpus(f: &Fixture) -> Vec<Case> {
     }
 
     // --- list parameters ---
-    let marker = format!("marker={}", f.bob_job);
+    let marker = format!("marker={}", made.bob_job);
     for query in [
         "limit=-1",
         "limit=1e3",
@@ -907,7 +781,7 @@ fn corpus(f: &Fixture) -> Vec<Case> {
     ));
 
     // --- paths ---
-    let encoded_slash = format!("{JOBS}%2f{}", f.job);
+    let encoded_slash = format!("{JOBS}%2f{}", made.job);
     for path in [
         "*",
         "/",
@@ -1047,8 +921,8 @@ fn framing_corpus(f: &Fixture) -> Vec<Case> {
 
 #[test]
 fn hostile_requests_get_their_documented_4xx_in_the_plain_text_shape() {
-    let mut f = fixture();
-    let cases = corpus(&f);
+    let (mut f, made) = fixture();
+    let cases = corpus(&f, &made);
     assert!(cases.len() >= 100, "only {} cases", cases.len());
     let (seen, mut problems) = run_then_check_health(&mut f, &cases);
     // The only jobs are the fixture's and the final health check's: nothing hostile got in.
@@ -1069,7 +943,7 @@ fn hostile_requests_get_their_documented_4xx_in_the_plain_text_shape() {
 
 #[test]
 fn malformed_http_gets_a_4xx_or_a_close_never_a_5xx() {
-    let mut f = fixture();
+    let (mut f, _made) = fixture();
     let cases = framing_corpus(&f);
     let (seen, problems) = run_then_check_health(&mut f, &cases);
     // What hyper answers itself is not in the plain-text shape: counted, for the record.
@@ -1096,8 +970,8 @@ fn malformed_http_gets_a_4xx_or_a_close_never_a_5xx() {
 /// raw, and input ending in `!` or `?` does not stand in for the sentence's full stop.
 #[test]
 fn error_sentences_are_not_shaped_by_client_input() {
-    let mut f = fixture();
-    let img = f.image.clone();
+    let (mut f, _made) = fixture();
+    let img = f.img_a.clone();
     let alice = f.alice.clone();
     let mut cases = Vec::new();
     for key in ["a\nb", "x\r\ny", "\u{0}", "\u{1b}[31mred"] {
@@ -1162,7 +1036,7 @@ fn error_sentences_are_not_shaped_by_client_input() {
 /// path filters, which panic on it: a 4xx in the plain-text shape, and no panic in the log.
 #[test]
 fn a_request_target_without_a_path_gets_a_4xx_not_a_panic() {
-    let mut f = fixture();
+    let (mut f, _made) = fixture();
     let raw = |method: &str, target: &str| {
         format!(
             "{method} {target} HTTP/1.1\r\nHost: {target}\r\nX-Auth-Token: {}\r\n\
@@ -1247,13 +1121,13 @@ fn mutate(rng: &mut Rng, seed: &[u8], other: &[u8]) -> Vec<u8> {
 fn mutated_requests_never_get_a_5xx_and_the_server_stays_healthy() {
     let count = env_count("HOSTILE_MUTATIONS", 600);
     let seed = Rng::for_test("mutations").0;
-    let mut f = fixture();
+    let (mut f, made) = fixture();
     let alice = f.alice.as_bytes();
     let json_ct: (&str, &[u8]) = ("Content-Type", b"application/json");
-    let valid = f.valid_body();
+    let valid = valid_body(&f);
     let seeds: Vec<Vec<u8>> = vec![
         get_with_token(JOBS, alice),
-        get_with_token(&format!("{JOBS}/{}", f.job), alice),
+        get_with_token(&format!("{JOBS}/{}", made.job), alice),
         get_with_token(&format!("{JOBS}?status=replicate_requested&limit=1"), alice),
         request(
             "DELETE",
@@ -1276,11 +1150,7 @@ fn mutated_requests_never_get_a_5xx_and_the_server_stays_healthy() {
                     let base = &seeds[rng.index(seeds.len())];
                     let other = &seeds[rng.index(seeds.len())];
                     let raw = mutate(&mut rng, base, other);
-                    let mut stream = TcpStream::connect(&addr).expect("connect");
-                    stream
-                        .set_write_timeout(Some(Duration::from_secs(5)))
-                        .expect("write timeout");
-                    let _ = stream.write_all(&raw);
+                    let mut stream = send(&addr, &raw);
                     let mut outcome = read_answer(&mut stream, Duration::from_millis(400));
                     let mut waited = "";
                     if matches!(outcome, Outcome::Hung) {

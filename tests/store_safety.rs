@@ -1,11 +1,21 @@
-//! The store against what power cuts and full disks leave behind: every partial file sled can
-//! write while it opens, a disk that fills up under a running server, and file modes.
+//! The store and the regions against what power cuts and full disks leave behind: every
+//! partial file sled can write while it opens, a disk that fills up under a running server, a
+//! destination region that fills up mid-copy (its jobs fail cleanly while others go on), and
+//! file modes.
+//!
+//! The tmpfs tests need root (mount); the store's skip without it, the destination's fails.
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use common::*;
+use serde_json::Value;
+
+const KIB: usize = 1 << 10;
+const MIB: usize = 1 << 20;
 
 /// How many copies are acknowledged (202) before the damage.
 const JOBS_BEFORE: usize = 12;
@@ -351,6 +361,156 @@ fn a_full_disk_answers_507_and_the_server_recovers_by_itself_once_space_is_back(
     );
     drop(server);
     drop(fs);
+}
+
+/// A region on a 4 MiB tmpfs that fills up: the copies that do not fit end in error saying
+/// so, leaving nothing half-written; the others, and what still fits later, replicate.
+#[test]
+fn a_destination_that_fills_up_fails_its_jobs_cleanly_while_others_go_on() {
+    let lab = Lab::new();
+    let mount = lab.dir.path().join("ot2-tmpfs");
+    let _tmpfs =
+        Tmpfs::mount(&mount, "4m").expect("a 4 MiB tmpfs (this test needs root and mount rights)");
+    lab.ok(&["region", "add", "ot1"]);
+    lab.ok(&[
+        "region",
+        "add",
+        "ot2",
+        "--dir",
+        mount.to_str().expect("path"),
+    ]);
+    lab.ok(&["tenant", "add", TENANT_A, "--region", "ot1"]);
+    lab.ok(&["tenant", "add", TENANT_B, "--region", "ot2"]);
+    lab.ok(&[
+        "user", "add", "alice2", "--tenant", TENANT_A, "--tenant", TENANT_B,
+    ]);
+    let token = lab.token("alice2", TENANT_A);
+    let big = lab.image(TENANT_A, "big", 6 * MIB);
+    let mids: Vec<String> = (0..3)
+        .map(|i| lab.image(TENANT_A, &format!("mid{i}"), 3 * MIB / 2))
+        .collect();
+    let small = lab.image(TENANT_A, "small", 256 * KIB);
+    let bytes_of = |id: &str| std::fs::read(lab.region_dir("ot1").join(id)).expect("source bytes");
+    // No reserve: the 4 MiB are all for copies (the default reserve is at least 64 MiB).
+    let server = lab.serve_with(&["--workers", "2", "--min-free", "0"]);
+    let mut ends: Vec<(String, String, String)> = Vec::new();
+    // A copy without room is refused at once (409), before anything is written.
+    let mut refused = 0;
+    let mut ask = |source: &str| -> Option<(String, String)> {
+        let resp = server.copy(&token, source, TENANT_B);
+        if resp.status() == 409 {
+            let body = assert_error(resp, 409);
+            assert!(body.contains("has no room"), "{body}");
+            refused += 1;
+            return None;
+        }
+        assert_eq!(resp.status(), 202, "{:?}", resp.text());
+        let body: Value = resp.json().expect("202 body");
+        Some((
+            body["job_id"].as_str().expect("id").to_string(),
+            source.to_string(),
+        ))
+    };
+
+    // The destination's state after every phase: only complete copies, nothing half-written.
+    let check = |ends: &[(String, String, String)]| {
+        let files = names_in(&mount);
+        assert!(
+            files.iter().all(|f| !f.starts_with('.')),
+            "temporary files left: {files:?}"
+        );
+        let images = lab.ok_json(&["image", "list", "--region", "ot2"]);
+        let active: BTreeSet<String> = images
+            .as_array()
+            .expect("images")
+            .iter()
+            .map(|i| {
+                assert_eq!(i["status"], "active", "{i}");
+                i["id"].as_str().expect("id").to_string()
+            })
+            .collect();
+        assert_eq!(files, active, "files and image records differ");
+        let mut replicated = BTreeSet::new();
+        for (id, source, end) in ends {
+            let job = lab.ok_json(&["job", "show", id]);
+            match end.as_str() {
+                "replicated" => {
+                    let dst = job["destination_image_id"]
+                        .as_str()
+                        .expect("dst")
+                        .to_string();
+                    let copy = std::fs::read(mount.join(&dst)).expect("copy bytes");
+                    assert!(
+                        copy == bytes_of(source),
+                        "copy {dst} differs from its source"
+                    );
+                    replicated.insert(dst);
+                }
+                "error" => {
+                    let reason = job["error"].as_str().unwrap_or_default();
+                    assert!(
+                        reason.contains("No space left on device"),
+                        "job {id} failed for another reason: {reason}"
+                    );
+                    assert_eq!(job["destination_image_id"], Value::Null);
+                }
+                other => panic!("job {id} ended {other}"),
+            }
+        }
+        assert_eq!(replicated, active, "active images that no job replicated");
+        assert_eq!(server.get(JOBS, Some(&token)).status(), 200);
+    };
+    let run = |ids: &[(String, String)], ends: &mut Vec<(String, String, String)>| {
+        for (id, source) in ids {
+            let job = wait_terminal(&lab, id, Duration::from_secs(60));
+            ends.push((id.clone(), source.clone(), job_status(&job).to_string()));
+        }
+    };
+
+    // 1. A copy larger than the whole store is refused and leaves the store empty.
+    assert!(ask(&big).is_none(), "a 6 MiB copy into 4 MiB");
+    check(&ends);
+    assert!(names_in(&mount).is_empty());
+
+    // 2. Again, with a small copy beside it: that one goes.
+    assert!(ask(&big).is_none(), "a 6 MiB copy into 4 MiB");
+    let batch: Vec<(String, String)> = ask(&small).into_iter().collect();
+    run(&batch, &mut ends);
+    assert_eq!(ends.last().expect("end").2, "replicated");
+    check(&ends);
+
+    // 3. Three copies that do not all fit: what the first ones will write is promised, so
+    //    the last is refused (or, if the store fills up on the way, fails consistent).
+    let first = ends.len();
+    let batch: Vec<(String, String)> = mids.iter().filter_map(|m| ask(m)).collect();
+    let refused_here = mids.len() - batch.len();
+    run(&batch, &mut ends);
+    let phase: Vec<&str> = ends[first..].iter().map(|e| e.2.as_str()).collect();
+    assert!(phase.contains(&"replicated"), "{phase:?}");
+    assert!(
+        phase.contains(&"error") || refused_here > 0,
+        "4.5 MiB fit into 4 MiB: {phase:?}"
+    );
+    check(&ends);
+
+    // 4. What still fits still goes.
+    let batch: Vec<(String, String)> = ask(&small).into_iter().collect();
+    run(&batch, &mut ends);
+    assert_eq!(ends.last().expect("end").2, "replicated");
+    check(&ends);
+    let errors = ends.iter().filter(|e| e.2 == "error").count();
+    figures(
+        "full destination",
+        &[
+            ("jobs", ends.len().to_string()),
+            ("errors", errors.to_string()),
+            ("refused_409", refused.to_string()),
+            ("replicated", (ends.len() - errors).to_string()),
+            ("tmpfs_files", names_in(&mount).len().to_string()),
+        ],
+    );
+    assert!(log_panics(&server.log_text()).is_empty());
+    drop(server);
 }
 
 /// Modes that are not `0700` for directories or `0600` for files, under `dir` (and `dir`).

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use reqwest::blocking::{Client, Response};
 use serde_json::Value;
 
+pub mod cli;
 pub mod openstack;
+pub mod raw;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_image-replicator");
 pub const JOBS: &str = "/v2/extension/image_replicator/jobs";
@@ -185,16 +187,36 @@ impl Lab {
 
     /// Starts `serve` with extra arguments and environment variables on 127.0.0.1:0.
     pub fn serve_env(&self, args: &[&str], env: &[(&str, &str)]) -> Server {
+        self.spawn_server(args, env, None)
+    }
+
+    /// Starts `serve --listen 127.0.0.1:0` with `args` and `env`, under `umask` if given;
+    /// returns once it listens and its admin socket exists.
+    fn spawn_server(&self, args: &[&str], env: &[(&str, &str)], umask: Option<&str>) -> Server {
         let log = self.dir.path().join("server.log");
         let stderr = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .expect("log file");
-        let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(self.data_dir())
-            .args(args)
+        let dir = self.data_dir();
+        let mut all = vec![
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            dir.to_str().expect("path"),
+        ];
+        all.extend_from_slice(args);
+        let mut command = match umask {
+            Some(umask) => command_under_umask(umask, &all),
+            None => {
+                let mut command = Command::new(BIN);
+                command.args(&all);
+                command
+            }
+        };
+        let mut child = command
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -228,7 +250,7 @@ impl Lab {
             log,
             client: Client::new(),
         };
-        server.wait_for_socket(&self.data_dir());
+        server.wait_for_socket(&dir);
         server
     }
 }
@@ -391,6 +413,52 @@ impl Drop for Server {
     }
 }
 
+// ----- the standard fixture -----
+
+/// The standard lab with its server running (`serve --no-worker`), a token per user and one
+/// image per tenant. `server` is declared first so it stops before the lab's directory goes
+/// away.
+pub struct Fixture {
+    pub server: Server,
+    pub lab: Lab,
+    pub alice: String,
+    pub bob: String,
+    pub carol: String,
+    pub root: String,
+    /// alice's image (tenant A, region ot1), 3,000 bytes.
+    pub img_a: String,
+    /// bob's image (tenant B, region ot2), 2,000 bytes.
+    pub img_b: String,
+    /// carol's image (tenant C, region ot1), 1,000 bytes.
+    pub img_c: String,
+}
+
+impl Fixture {
+    pub fn new() -> Fixture {
+        let lab = Lab::new();
+        lab.standard();
+        let alice = lab.token("alice", TENANT_A);
+        let bob = lab.token("bob", TENANT_B);
+        let carol = lab.token("carol", TENANT_C);
+        let root = lab.token("root", TENANT_A);
+        let img_a = lab.image(TENANT_A, "alpha-image", 3000);
+        let img_b = lab.image(TENANT_B, "beta-image", 2000);
+        let img_c = lab.image(TENANT_C, "gamma-image", 1000);
+        let server = lab.serve();
+        Fixture {
+            server,
+            lab,
+            alice,
+            bob,
+            carol,
+            root,
+            img_a,
+            img_b,
+            img_c,
+        }
+    }
+}
+
 /// Asserts the exact reference 401: status, body bytes, Vary and Content-Type.
 pub fn assert_401(resp: Response) {
     assert_eq!(resp.status(), 401);
@@ -473,13 +541,13 @@ pub fn job_ids(list: &[Value]) -> Vec<String> {
         .collect()
 }
 
-/// A `wait_job` condition: the job has this status.
 /// SHA-512 of `bytes`, hex, as records carry it in `os_hash_value`.
 pub fn sha512_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     image_replicator::model::to_hex(&sha2::Sha512::digest(bytes))
 }
 
+/// A `wait_job` condition: the job has this status.
 pub fn status_is(status: &'static str) -> impl Fn(&Value) -> bool {
     move |job: &Value| job["status"] == status
 }
@@ -490,6 +558,32 @@ pub fn terminal(job: &Value) -> bool {
         job["status"].as_str(),
         Some("replicated" | "canceled" | "error")
     )
+}
+
+/// The status of a job object.
+pub fn job_status(job: &Value) -> &str {
+    job["status"].as_str().expect("status")
+}
+
+/// Waits until the job is terminal (as the CLI sees it); returns it.
+pub fn wait_terminal(lab: &Lab, id: &str, timeout: Duration) -> Value {
+    poll(&format!("job {id} to end"), timeout, || {
+        let job = lab.ok_json(&["job", "show", id]);
+        terminal(&job).then_some(job)
+    })
+}
+
+/// The `auth` figures of `status`: argon2 verifications, cache hits, cached tokens.
+pub fn auth_stats(lab: &Lab) -> Value {
+    lab.ok_json(&["status"])["auth"].clone()
+}
+
+/// The lines of a server log that report a panic.
+pub fn log_panics(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains("panicked"))
+        .map(String::from)
+        .collect()
 }
 
 // ----- the CLI's JSON -----
@@ -805,53 +899,7 @@ impl Lab {
 
     /// Starts `serve` (with the worker) on 127.0.0.1:0 under `umask`.
     pub fn serve_under_umask(&self, umask: &str) -> Server {
-        let log = self.dir.path().join("server.log");
-        let stderr = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("log file");
-        let dir = self.data_dir();
-        let mut child = command_under_umask(
-            umask,
-            &[
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                dir.to_str().expect("path"),
-            ],
-        )
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(stderr)
-        .spawn()
-        .expect("spawn the server");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let base = lines.by_ref().find_map(|line| {
-            line.ok()?
-                .strip_prefix("image-replicator listening on ")
-                .map(|a| a.trim().to_string())
-        });
-        std::thread::spawn(move || for _ in lines {});
-        let Some(base) = base else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "the server did not start: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        };
-        let mut server = Server {
-            child,
-            base,
-            log,
-            client: Client::new(),
-        };
-        server.wait_for_socket(&dir);
-        server
+        self.spawn_server(&[], &[], Some(umask))
     }
 }
 
