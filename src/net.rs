@@ -8,7 +8,7 @@
 //! - a TLS handshake must finish within [`HANDSHAKE_TIMEOUT`];
 //! - a connection whose client takes none of the bytes sent to it for [`WRITE_TIMEOUT`] is
 //!   closed (a client that never reads its answer holds no buffers and no slot beyond that);
-//! - a `Transfer-Encoding` other than exactly `chunked` is refused (501, or 400 for `chunked`
+//! - a `Transfer-Encoding` other than exactly `chunked` is refused (400, also for `chunked`
 //!   twice) before the request reaches warp;
 //! - at most [`MAX_CONNECTIONS`] connections at once; beyond that new ones are closed at once;
 //! - on shutdown the listener closes and open connections finish their current request.

@@ -179,17 +179,17 @@ fn transfer_codings_other_than_one_chunked_are_refused_and_the_connection_closes
     for (codings, status, sentence) in [
         (
             &["gzip, chunked"][..],
-            501,
+            400,
             "This server implements only the chunked transfer coding, not 'gzip'.",
         ),
         (
             &["identity, chunked"][..],
-            501,
+            400,
             "This server implements only the chunked transfer coding, not 'identity'.",
         ),
         (
             &["gzip", "chunked"][..],
-            501,
+            400,
             "This server implements only the chunked transfer coding, not 'gzip'.",
         ),
         (

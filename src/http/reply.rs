@@ -90,9 +90,10 @@ pub fn bad_target() -> Response {
 
 /// A request whose `Transfer-Encoding` is anything but exactly `chunked`, answered before warp
 /// (hyper only checks that `chunked` comes last, and would hand a gzip-coded body on as if it
-/// were plain). RFC 9112 §6.1: a coding the server does not implement is a 501; `chunked`
-/// applied twice is a malformed message, a 400. The body is never read, so the connection
-/// closes. `None` when the request has no such problem.
+/// were plain). Always a 400: RFC 9112 §6.1 allows a 501 for a coding the server does not
+/// implement, but hostile input must never look like a server failure (a 5xx), and to the
+/// client both are the same news: send the body plain or chunked once. The body is never
+/// read, so the connection closes. `None` when the request has no such problem.
 pub fn refuse_transfer_coding(headers: &HeaderMap) -> Option<Response> {
     let mut values = headers.get_all("transfer-encoding").iter().peekable();
     values.peek()?;
@@ -115,7 +116,7 @@ pub fn refuse_transfer_coding(headers: &HeaderMap) -> Option<Response> {
     }
     let (status, message) = match codings.iter().find(|c| !is_chunked(c)) {
         Some(other) => (
-            StatusCode::NOT_IMPLEMENTED,
+            StatusCode::BAD_REQUEST,
             format!("this server implements only the chunked transfer coding, not '{other}'"),
         ),
         None => (
