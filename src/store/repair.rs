@@ -196,8 +196,21 @@ mod tests {
         db.flush().unwrap();
     }
 
+    /// Opens sled at `dir`, waiting (up to 5 s) for a Db just dropped to let go of its lock:
+    /// sled's flusher thread holds it a moment longer.
     fn open(dir: &Path) -> sled::Result<sled::Db> {
-        sled::Config::new().path(dir).open()
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match sled::Config::new().path(dir).open() {
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Many overwrites (so sled reuses segments), a reopen (so it writes a snapshot), then the

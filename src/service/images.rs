@@ -1,0 +1,256 @@
+//! Image records of the regions whose records the appliance keeps, and the images of those
+//! that keep their own (Glance), as the appliance shows them.
+
+use std::fs::File;
+use std::path::PathBuf;
+
+use uuid::Uuid;
+
+use super::{check_format, parse_tenant, Service};
+use crate::auth::Principal;
+use crate::copy::Control;
+use crate::error::{Result, ServiceError};
+use crate::model::{now, Image, ImageStatus, Region, TenantKey, CONTAINER_FORMATS, DISK_FORMATS};
+use crate::regions;
+use crate::store::JobQuery;
+
+/// `image import`'s arguments.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
+pub struct ImportRequest {
+    /// Absolute path of the file to import.
+    pub file: PathBuf,
+    pub tenant: String,
+    pub name: String,
+    pub disk_format: String,
+    pub container_format: String,
+    pub id: Option<Uuid>,
+}
+
+impl Service {
+    pub fn image_import(&self, req: &ImportRequest) -> Result<Image> {
+        check_format("disk format", &req.disk_format, &DISK_FORMATS)?;
+        check_format(
+            "container format",
+            &req.container_format,
+            &CONTAINER_FORMATS,
+        )?;
+        if req.name.is_empty() || req.name.len() > 255 {
+            return Err(ServiceError::BadRequest(
+                "an image name must be 1 to 255 characters".into(),
+            ));
+        }
+        let (key, tenant) = self.tenant(&req.tenant)?;
+        let region = self.region(&tenant.region)?;
+        if !region.disk_formats.contains(&req.disk_format) {
+            return Err(ServiceError::Conflict(format!(
+                "region {} does not accept disk format {}",
+                region.id, req.disk_format
+            )));
+        }
+        let images = self.images_of(&region)?;
+        if images.records().is_some() {
+            return Err(ServiceError::Conflict(format!(
+                "region {} keeps its own image records: upload images with its own API",
+                region.id
+            )));
+        }
+        images.probe().map_err(|why| {
+            ServiceError::Conflict(format!("region {} store is unusable: {why}", region.id))
+        })?;
+        let mut file = open_regular(&req.file)?;
+        let created = now();
+        let mut image = Image {
+            id: req.id.unwrap_or_else(Uuid::new_v4),
+            name: req.name.clone(),
+            owner: tenant.id,
+            region: region.id.clone(),
+            status: ImageStatus::Saving,
+            disk_format: req.disk_format.clone(),
+            container_format: req.container_format.clone(),
+            size: 0,
+            checksum: None,
+            os_hash_algo: None,
+            os_hash_value: None,
+            created_at: created,
+            updated_at: created,
+        };
+        // The record reserves the id first; the bytes follow; then it becomes active. An
+        // import is a copy with nothing to verify against (the image is its own source).
+        self.store.insert_image(key, &image)?;
+        let mut control = Control {
+            stop: &|| None,
+            progress: &mut |_| {},
+            limiter: None,
+        };
+        let written = images
+            .create(&image, &image, &|| false)
+            .map_err(regions::TransferError::Failed)
+            .and_then(|sink| regions::transfer(&mut file, sink, &mut control, &|_| Ok(())));
+        match written {
+            Ok(written) => {
+                image.status = ImageStatus::Active;
+                image.size = written.size;
+                image.checksum = written.checksum;
+                image.os_hash_algo = written.os_hash_algo;
+                image.os_hash_value = written.os_hash_value;
+                image.updated_at = now();
+                self.store.update_image(&image)?;
+                self.flush()?;
+                Ok(image)
+            }
+            Err(e) => {
+                self.store.remove_image(key, image.id)?;
+                self.flush()?;
+                let why = match e {
+                    regions::TransferError::Failed(e) => e.to_string(),
+                    regions::TransferError::Stopped(_) => "the import was stopped".into(),
+                };
+                Err(ServiceError::Conflict(format!(
+                    "cannot import {} into region {}: {why}",
+                    req.file.display(),
+                    region.id
+                )))
+            }
+        }
+    }
+
+    pub fn image_list(&self, tenant: Option<&str>, region: Option<&str>) -> Result<Vec<Image>> {
+        let owner = tenant.map(parse_tenant).transpose()?;
+        if let Some(region) = region.map(|r| self.region(r)).transpose()? {
+            let images = self.images_of(&region)?;
+            if let Some(records) = images.records() {
+                let mut listed = records.images(tenant).map_err(|e| {
+                    ServiceError::Conflict(format!(
+                        "cannot list the images of region {}: {e}",
+                        region.id
+                    ))
+                })?;
+                listed.sort_by_key(|i| (i.created_at, i.id));
+                return Ok(listed);
+            }
+        }
+        let mut images = self.store.images(owner)?;
+        if let Some(region) = region {
+            images.retain(|i| i.region == region);
+        }
+        images.sort_by_key(|i| (i.created_at, i.id));
+        Ok(images)
+    }
+
+    /// An image in the region of `who`'s tenant, where that region keeps its own records
+    /// (Glance), that `who` may copy (its tenant owns it, or `who` is an admin), or `None`. A
+    /// job's source tenant is its image's owner, so other owners' public images are not
+    /// offered: their jobs would belong to that owner.
+    pub(super) fn remote_source(
+        &self,
+        who: &Principal,
+        id: Uuid,
+    ) -> Result<Option<(Image, Region)>> {
+        let Some(tenant) = self.store.tenant(who.tenant_key)? else {
+            return Ok(None);
+        };
+        let region = self.region(&tenant.region)?;
+        let images = self.images_of(&region)?;
+        let Some(records) = images.records() else {
+            return Ok(None);
+        };
+        let Some(found) = records.image(id).map_err(|e| {
+            tracing::warn!(region = %region.id, "image lookup failed: {e}");
+            ServiceError::Conflict(if e.is_transient() {
+                format!(
+                    "the image service of region {} cannot be reached",
+                    region.id
+                )
+            } else {
+                format!(
+                    "the image service of region {} refused the appliance's request",
+                    region.id
+                )
+            })
+        })?
+        else {
+            return Ok(None);
+        };
+        // A job's source tenant is the image's owner: one that is not a tenant id is no source.
+        let Some(owner) = TenantKey::parse(&found.owner) else {
+            return Ok(None);
+        };
+        Ok((who.admin || owner == who.tenant_key).then_some((found, region)))
+    }
+
+    pub fn image_show(&self, id: &str) -> Result<Image> {
+        let missing = || ServiceError::NotFound(format!("no image {id}"));
+        let uuid = Uuid::try_parse(id).map_err(|_| missing())?;
+        self.store.image(uuid)?.ok_or_else(missing)
+    }
+
+    /// Marks an image deleted and removes its bytes; refused while a running job uses it.
+    pub fn image_delete(&self, id: &str) -> Result<Image> {
+        let mut image = self.image_show(id)?;
+        if image.status == ImageStatus::Deleted {
+            return Err(ServiceError::Conflict(format!(
+                "image {id} is already deleted"
+            )));
+        }
+        if image.status == ImageStatus::Saving {
+            return Err(ServiceError::Conflict(format!(
+                "image {id} is still being written by a copy or an import"
+            )));
+        }
+        let owner = parse_tenant(&image.owner)?;
+        let busy = self.store.jobs(
+            &JobQuery {
+                limit: 1,
+                ..JobQuery::all(Some(owner))
+            },
+            &|j| {
+                !j.wire.status.is_terminal()
+                    && (j.wire.source_image_id == image.id
+                        || j.wire.destination_image_id == Some(image.id))
+            },
+        )?;
+        if let Some(job) = busy.first() {
+            return Err(ServiceError::Conflict(format!(
+                "image {id} is in use by job {} ({}); cancel it first",
+                job.wire.job_id, job.wire.status
+            )));
+        }
+        if let Some(region) = self.store.region(&image.region)? {
+            self.images_of(&region)?
+                .remove(image.id)
+                .map_err(|e| ServiceError::internal("cannot remove the image's bytes", e))?;
+        }
+        image.status = ImageStatus::Deleted;
+        image.updated_at = now();
+        self.store.update_image(&image)?;
+        self.flush()?;
+        Ok(image)
+    }
+}
+
+/// Opens a file to import: a regular file only (a FIFO or a device would block or never end;
+/// it is opened without blocking to find out).
+fn open_regular(path: &std::path::Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| ServiceError::BadRequest(format!("cannot read {}: {e}", path.display())))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| ServiceError::BadRequest(format!("cannot read {}: {e}", path.display())))?;
+    if meta.is_dir() {
+        return Err(ServiceError::BadRequest(format!(
+            "{} is a directory, not an image file",
+            path.display()
+        )));
+    }
+    if !meta.is_file() {
+        return Err(ServiceError::BadRequest(format!(
+            "{} is not a regular file (a FIFO, socket or device cannot be imported)",
+            path.display()
+        )));
+    }
+    Ok(file)
+}
