@@ -110,3 +110,37 @@ fn importing_a_fifo_is_refused_at_once() {
     let images = lab.ok_json(&["image", "list"]);
     assert_eq!(images.as_array().map(Vec::len), Some(0), "{images}");
 }
+
+/// Issue 13 item 9: a region directory that another user replaced with a link of theirs is
+/// not followed: no copy goes into it, and health names the region.
+#[test]
+fn a_region_directory_replaced_by_another_users_link_is_not_followed() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: needs root to make a link owned by another user");
+        return;
+    }
+    let (lab, token) = Lab::standard_with_copier();
+    let image = lab.image(TENANT_A, "img", 4096);
+    let region = lab.region_dir("ot2");
+    let elsewhere = lab.dir.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).expect("target dir");
+    std::fs::remove_dir_all(&region).expect("remove the region dir");
+    std::os::unix::fs::symlink(&elsewhere, &region).expect("plant a link");
+    std::os::unix::fs::lchown(&region, Some(65534), Some(65534)).expect("give it to nobody");
+    let server = lab.serve_with(&[]);
+    let sentence = assert_error(server.copy(&token, &image, TENANT_B), 409);
+    assert!(sentence.contains("region ot2"), "{sentence}");
+    let health = server.get("/healthz", None);
+    assert_eq!(health.status(), 503);
+    let body = health.text().expect("body");
+    assert!(body.contains("region ot2"), "{body}");
+    assert!(
+        server.log_text().contains("symbolic link of uid 65534"),
+        "the log says why"
+    );
+    assert!(
+        names_in(&elsewhere).is_empty(),
+        "nothing went through the link"
+    );
+}

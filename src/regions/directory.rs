@@ -41,6 +41,32 @@ impl Directory {
     fn sync(&self) -> io::Result<()> {
         File::open(&self.dir)?.sync_all()
     }
+
+    /// The directory is followed only if this appliance's user (or root) made it and the
+    /// link to it, if it is one: a link or a directory another user planted at the region's
+    /// path would let that user read what copies write, or have the appliance read and delete
+    /// files of theirs.
+    fn trusted(&self) -> Result<(), String> {
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        let ours = |uid: u32| uid == me || uid == 0;
+        let shown = self.dir.display();
+        let link = fs::symlink_metadata(&self.dir).map_err(|e| format!("{shown}: {e}"))?;
+        if link.file_type().is_symlink() && !ours(link.uid()) {
+            return Err(format!(
+                "{shown} is a symbolic link of uid {}, not of this appliance's user, and is not followed",
+                link.uid()
+            ));
+        }
+        let target = fs::metadata(&self.dir).map_err(|e| format!("{shown}: {e}"))?;
+        if !ours(target.uid()) {
+            return Err(format!(
+                "{shown} belongs to uid {}, not to this appliance's user, and is not used",
+                target.uid()
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Whether `name` is a temporary file of this module's (`.<uuid>.part`).
@@ -52,6 +78,7 @@ fn is_temp_name(name: &str) -> bool {
 
 impl ImageStore for Directory {
     fn probe(&self) -> Result<(), String> {
+        self.trusted()?;
         let dir = &self.dir;
         match fs::metadata(dir) {
             // No write bit for anyone: the operator froze the region; even root leaves it alone.
@@ -97,6 +124,12 @@ impl ImageStore for Directory {
     }
 
     fn open(&self, image: &Image) -> Result<Box<dyn Read + Send>, StoreError> {
+        self.trusted().map_err(|why| {
+            StoreError::Fatal(format!(
+                "the image store of source region {} is unusable: {why}",
+                image.region
+            ))
+        })?;
         let path = self.image_path(image.id);
         let file = File::open(&path).map_err(|e| {
             if e.kind() == io::ErrorKind::NotFound {
@@ -149,6 +182,7 @@ impl ImageStore for Directory {
     }
 
     fn remove(&self, id: Uuid) -> Result<(), StoreError> {
+        self.trusted().map_err(StoreError::Fatal)?;
         let _ = fs::remove_file(self.temp_path(id));
         match fs::remove_file(self.image_path(id)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
@@ -168,6 +202,10 @@ impl ImageStore for Directory {
     }
 
     fn sweep(&self) {
+        if let Err(why) = self.trusted() {
+            tracing::warn!("not cleaning up a region: {why}");
+            return;
+        }
         let Ok(entries) = fs::read_dir(&self.dir) else {
             return;
         };
