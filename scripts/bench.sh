@@ -20,6 +20,16 @@
 #          --bin PATH (measure this binary, build nothing; CI passes its debug build to
 #          --quick, whose figures only show that the benchmark still runs).
 # Environment: BENCH_WRK_THREADS (default 2), BENCH_CONNECTIONS (default 32) for P1, P2, P4.
+#
+#   scripts/bench.sh --compare BASE_BIN [--bin NEW_BIN] [--only P1,P2,P3,P4,P5]
+#
+# Comparison mode (scripts/bench/compare.sh): P1-P5 of two binaries in one run, each figure's
+# runs of the two back to back, the order alternating per rep (base-new, new-base, ...: ABBA,
+# so a drift of the machine cancels), the same sizes and load for both. It reports per figure
+# the base and the new value, the median over reps of new/base, and whether that is within
+# +-10 %, as the section "Side by side" of BENCHMARKS.md (the rest of the file is kept; in
+# --quick mode a temp file). NEW_BIN defaults to the release build of this checkout (built
+# unless --no-build). Default reps: 4 (2 with --quick).
 
 set -euo pipefail
 
@@ -36,6 +46,8 @@ KEEP=0
 BUILD=1
 GLANCE=1
 BIN=
+COMPARE=
+ONLY=P1,P2,P3,P4,P5
 
 usage() {
   sed -n '2,/^$/p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
@@ -53,11 +65,18 @@ while (($#)); do
     --no-build) BUILD=0 ;;
     --no-glance) GLANCE=0 ;;
     --bin) BIN=$(realpath -- "${2:?--bin needs a path}"); shift ;;
+    --compare) COMPARE=$(realpath -- "${2:?--compare needs the base binary}"); shift ;;
+    --only) ONLY=${2:?--only needs a list such as P1,P3}; shift ;;
     -h | --help) usage; exit 0 ;;
     *) echo "bench.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
+
+if [[ -n $COMPARE && -z $REPS ]]; then
+  REPS=4
+  [[ $MODE == quick ]] && REPS=2
+fi
 
 MIB=$((1024 * 1024))
 if [[ $MODE == quick ]]; then
@@ -102,6 +121,7 @@ declare -A SRV_PID=() SRV_PORT=()
 SAMPLER_PID=
 WRK_PID=
 STRACE_PID=
+LOAD_PID=
 TMP=
 
 cleanup() {
@@ -110,6 +130,7 @@ cleanup() {
   [[ -n $SAMPLER_PID ]] && kill "$SAMPLER_PID" 2>/dev/null
   [[ -n $WRK_PID ]] && kill "$WRK_PID" 2>/dev/null
   [[ -n $STRACE_PID ]] && kill -INT "$STRACE_PID" 2>/dev/null
+  [[ -n $LOAD_PID ]] && kill "$LOAD_PID" 2>/dev/null
   for name in "${!SRV_PID[@]}"; do
     kill -TERM "${SRV_PID[$name]}" 2>/dev/null || true
   done
@@ -159,6 +180,7 @@ if [[ -z $BIN ]]; then
   fi
 fi
 [[ -x $BIN ]] || die "$BIN is missing (build with cargo build --release --locked)"
+[[ -z $COMPARE || -x $COMPARE ]] || die "the base binary $COMPARE is missing or not executable"
 
 mkdir -p "$TMP_PARENT"
 TMP=$(mktemp -d "$TMP_PARENT/image-replicator-bench.XXXXXX")
@@ -335,17 +357,24 @@ setup_http_store() {
   ir "$label" "$dir" token issue --user bench --tenant "$T1" --token "$TOK1" >/dev/null
   ir "$label" "$dir" token issue --user bench --tenant "$T3" --token "$TOK3" >/dev/null
   ir "$label" "$dir" image import "$TMP/small.bin" --tenant "$T1" --name bench-small --id "$IMG_SMALL" >/dev/null
-  if [[ $label == B ]]; then
+  if [[ $label == B* ]]; then
     local t0 t1
     t0=$(date +%s.%N)
     ir "$label" "$dir" job seed "$TMP/jobs-other.json" >/dev/null
     t1=$(date +%s.%N)
-    py record "$RESULTS" kind=check id=seed ok=info \
+    py record "$RESULTS" kind=check id=seed ok=info "store=$label" \
       "detail=seeding $OTHER_JOBS other-tenant jobs with job seed took $(python3 -c "print(f'{$t1 - $t0:.1f}')") s"
   fi
   ir "$label" "$dir" job seed "$TMP/jobs-t1.json" >/dev/null
   ir "$label" "$dir" job seed "$TMP/jobs-t3.json" >/dev/null
 }
+# Comparison mode (scripts/bench/compare.sh) takes over here: the data above, its own sequence.
+if [[ -n $COMPARE ]]; then
+  # shellcheck source=scripts/bench/compare.sh
+  source "$ROOT/scripts/bench/compare.sh"
+  exit 0
+fi
+
 setup_http_store A "$TMP/A"
 setup_http_store B "$TMP/B"
 

@@ -703,6 +703,274 @@ def cmd_report(args):
     results = [json.loads(l) for l in open(args.results, encoding="utf-8") if l.strip()]
     meta = json.load(open(args.meta, encoding="utf-8"))
     text = Report(results, meta).render()
+    # A comparison section (scripts/bench.sh --compare) of an earlier run is kept at the end.
+    if os.path.exists(args.out):
+        kept = compare_block(open(args.out, encoding="utf-8").read())
+        if kept:
+            text = text.rstrip("\n") + "\n\n" + kept
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+# ----- the comparison report (scripts/bench.sh --compare) ----------------------------------
+
+COMPARE_START = "<!-- scripts/bench.sh --compare: start -->"
+COMPARE_END = "<!-- scripts/bench.sh --compare: end -->"
+NOISE = 0.10
+
+# What changed in behaviour (not speed) between 5ef79c4 and the main of issue 12 that touches a
+# figure; printed only when the base binary comes from 5ef79c4.
+BEHAVIOUR_5EF79C4 = {
+    "P1": "Same requests and the same bodies on both sides (10 jobs: under the new 1,000-job "
+          "page, so the new main answers the reference's whole, unpaged list). The new main "
+          "looks a token up by its full SHA-256 (5ef79c4: its first 4 bytes) and builds every "
+          "`GET /jobs` page on the blocking pool, a thread hop per request, so that big lists "
+          "cannot hold the executor (5ef79c4: a tenant's list on the executor, an admin's on "
+          "the pool); `/healthz` runs on the pool on both sides and on the new main also "
+          "reports a store that cannot write.",
+    "P2": "Every answer is a 401 on both sides. The new main keeps its rejected tokens in the "
+          "shared bounded map (`cache::Bounded`) and looks them up by the full SHA-256.",
+    "P3": "100 jobs, under the 1,000-job page: the same body on both sides, built on the "
+          "executor by 5ef79c4 and on the blocking pool by the new main (see P1). 5ef79c4 would "
+          "answer a tenant with more than 1,000 jobs in one unpaged list; the new main pages "
+          "at 1,000 by default and at most, so a list of more than 1,000 jobs is not comparable "
+          "(none is listed here).",
+    "P4": "The same body, 202 on both sides; the store of each side grows by the jobs it "
+          "created (its own rate), as in the single-binary run. The new main sets umask 077 "
+          "and makes the store's files 0600 (5ef79c4: the umask's mode) and answers 507 when "
+          "the disk is full: neither shows here (one user, free space).",
+    "P5": "The new main writes the destination image 0600 (5ef79c4: the umask's mode) and "
+          "verifies through the `ImageStore` sink; cp and sha512sum read the same source bytes "
+          "on both sides (one file imported into each side's store).",
+}
+
+FIGURES = {
+    # id: (what, unit of the figure, better when, helper to compute per rep)
+    "P1": ("cost of authentication: req/s of GET /jobs (10 jobs) ÷ GET /healthz", "ratio",
+           "higher"),
+    "P2": ("garbage-token flood: req/s of GET /jobs (random tokens, 401) ÷ GET /healthz",
+           "ratio", "higher"),
+    "P3": ("list scaling: p50 of GET /jobs (100 jobs) with {other_jobs:,} other jobs ÷ without",
+           "ratio", "lower"),
+    "P4": ("durable creates: answers 202 per second, 32 clients", "/s", "higher"),
+    "P5": ("copy with verification: our copy ÷ max(cp, sha512sum)", "ratio", "lower"),
+}
+
+
+def side_of(r):
+    if "side" in r:
+        return r["side"]
+    return r.get("server", "").rpartition("_")[2]
+
+
+class Compare:
+    def __init__(self, results, meta):
+        self.results = results
+        self.meta = meta
+        self.single = Report(results, meta)
+
+    def wrk(self, pid, side, variant):
+        return {r["rep"]: r for r in self.results
+                if r.get("kind") == "wrk" and r.get("id") == pid and r.get("variant") == variant
+                and side_of(r) == side}
+
+    def copies(self, side, tool):
+        return {r["rep"]: r for r in self.results
+                if r.get("kind") == "copy" and r.get("id") == "P5" and r.get("side") == side
+                and r.get("tool") == tool}
+
+    def per_rep(self, pid, side):
+        """{rep: figure} for one side, the raw measurements {label: {rep: value}}, and the
+        records that must be valid."""
+        raw, records = {}, []
+        if pid in ("P1", "P2"):
+            num, den = (("/jobs", "/healthz") if pid == "P1"
+                        else ("/jobs random token", "/healthz random token"))
+            n, d = self.wrk(pid, side, num), self.wrk(pid, side, den)
+            reps = sorted(set(n) & set(d))
+            fig = {k: n[k]["rps"] / d[k]["rps"] for k in reps}
+            raw[f"{num} req/s"] = {k: n[k]["rps"] for k in reps}
+            raw[f"{den} req/s"] = {k: d[k]["rps"] for k in reps}
+            raw[f"{num} server CPU µs/request"] = {k: cpu_us(n[k]) for k in reps}
+            raw[f"{den} server CPU µs/request"] = {k: cpu_us(d[k]) for k in reps}
+            bad = self.single.invalid(list(n.values()), "401" if pid == "P2" else "2xx") or \
+                self.single.invalid(list(d.values()), "2xx")
+        elif pid == "P3":
+            n, d = self.wrk(pid, side, "big-store"), self.wrk(pid, side, "empty-store")
+            reps = sorted(set(n) & set(d))
+            fig = {k: n[k]["lat_p50_us"] / d[k]["lat_p50_us"] for k in reps}
+            raw["big-store p50 ms"] = {k: n[k]["lat_p50_us"] / 1000 for k in reps}
+            raw["empty-store p50 ms"] = {k: d[k]["lat_p50_us"] / 1000 for k in reps}
+            raw["big-store server CPU µs/request"] = {k: cpu_us(n[k]) for k in reps}
+            raw["empty-store server CPU µs/request"] = {k: cpu_us(d[k]) for k in reps}
+            bad = self.single.invalid(list(n.values()) + list(d.values()), "2xx")
+        elif pid == "P4":
+            n = self.wrk(pid, side, "POST /jobs")
+            fig = {k: r["rps"] for k, r in n.items()}
+            raw["POST /jobs p50 ms"] = {k: r["lat_p50_us"] / 1000 for k, r in n.items()}
+            raw["server CPU µs/request"] = {k: cpu_us(r) for k, r in n.items()}
+            raw["server wrote KiB/job"] = {k: r["io_write_bytes"] / max(r["requests"], 1) / 1024
+                                           for k, r in n.items() if "io_write_bytes" in r}
+            bad = self.single.invalid(list(n.values()), "2xx")
+        else:
+            api, cp, sha = (self.copies(side, t) for t in ("api", "cp", "sha512sum"))
+            reps = sorted(set(api) & set(cp) & set(sha))
+            fig = {k: api[k]["seconds"] / max(cp[k]["seconds"], sha[k]["seconds"]) for k in reps}
+            raw["our copy s"] = {k: api[k]["seconds"] for k in reps}
+            raw["cp s"] = {k: cp[k]["seconds"] for k in reps}
+            raw["sha512sum s"] = {k: sha[k]["seconds"] for k in reps}
+            raw["server CPU s (user + sys) of our copy"] = {
+                k: api[k].get("srv_user_s", 0) + api[k].get("srv_sys_s", 0) for k in reps}
+            bad = None
+        return fig, raw, bad
+
+    @staticmethod
+    def ratios(base, new):
+        reps = sorted(set(base) & set(new))
+        return reps, [new[k] / base[k] for k in reps if base[k]]
+
+    def render(self):
+        m = self.meta
+        fmt_fig = {"ratio": lambda v: f"{v:.3f}", "/s": lambda v: f"{v:,.0f}/s"}
+        rows, raw_rows, notes, verdicts = [], [], [], {}
+        for pid in m["figures"]:
+            what, unit, better = FIGURES[pid]
+            what = what.format(other_jobs=m["sizes"]["other_jobs"])
+            fb, rb, bad_b = self.per_rep(pid, "base")
+            fn, rn, bad_n = self.per_rep(pid, "new")
+            reps, rs = self.ratios(fb, fn)
+            if not rs:
+                rows.append(f"| {pid} | {what} | not measured | not measured | n/a | n/a |")
+                continue
+            ratio = med(rs)
+            within = abs(ratio - 1) <= NOISE
+            bad = "; ".join(f"{s}: {b}" for s, b in (("base", bad_b), ("new", bad_n)) if b)
+            verdict = ("**invalid run**: " + bad) if bad else ("yes" if within else
+                       ("**no, better**" if (ratio > 1) == (better == "higher") else "**no, worse**"))
+            verdicts[pid] = (ratio, within, bad)
+            runs = ", ".join(f"{v:.3f}" for v in rs)
+            rows.append(f"| {pid} | {what} ({better} is better) | {fmt_fig[unit](med(list(fb.values())))} | "
+                        f"{fmt_fig[unit](med(list(fn.values())))} | **{ratio:.3f}** ({runs}) | {verdict} |")
+            for label in rb:
+                r_reps, r_rs = self.ratios(rb[label], rn.get(label, {}))
+                if not r_rs:
+                    continue
+                raw_rows.append(
+                    f"| {pid} | {label} | {fmt(med(list(rb[label].values())), 3)} | "
+                    f"{fmt(med(list(rn[label].values())), 3)} | {med(r_rs):.3f} "
+                    f"({', '.join(f'{v:.3f}' for v in r_rs)}) |")
+            if m["base"]["commit"].startswith("5ef79c4") and pid in BEHAVIOUR_5EF79C4:
+                notes.append(f"- **{pid}**: {BEHAVIOUR_5EF79C4[pid]}")
+        loads = m.get("load_1min_samples") or []
+        load_text = (f"min {min(loads):.2f}, median {med(loads):.2f}, max {max(loads):.2f} over "
+                     f"{len(loads)} samples (every 30 s)" if loads else "not sampled")
+        out = [COMPARE_START, "",
+               f"## Side by side: {m['new']['commit']} against {m['base']['commit']}", ""]
+        if m["mode"] == "quick":
+            out += ["> **Quick mode**: tiny sizes and short runs, to check that the comparison "
+                    "works; not evidence of anything.", ""]
+        s = m["sizes"]
+        out += [
+            f"Measured {m['started']} to {m['finished']} with `{m['command']}`: "
+            f"{', '.join(m['figures'])} of the base binary (`{m['base']['binary']}`, built from "
+            f"`{m['base']['commit']}`) and the new one (`{m['new']['binary']}`, built from "
+            f"`{m['new']['commit']}`), in one run, with the sizes and methods of the "
+            "single-binary figures below (wrk "
+            f"{s['wrk threads']} threads, {s['wrk seconds per run']} s a run, "
+            f"{s['wrk connections (P1, P2, P4)']} connections for P1, P2 and P4; "
+            f"{s['other_jobs']:,} other jobs for P3; a {s['copy_bytes'] / MIB:,.0f} MiB copy "
+            "for P5). Each side has its own data directories, made by its own CLI with the same "
+            "commands; all servers of both sides run during the HTTP figures. For every figure "
+            "each rep runs one unit per side (P1-P3: both requests of the ratio; P4: one POST "
+            "run; P5: our copy, cp and sha512sum), the two units back to back, base first in odd "
+            f"reps and new first in even ones (ABBA, {m['reps']} reps), so a drift of the "
+            "machine cancels. The figure of a side is the median over its reps; new/base is the "
+            "median of the per-rep ratios (each rep's ratio in brackets); within noise means "
+            f"{1 - NOISE:.2f} ≤ new/base ≤ {1 + NOISE:.2f}.", "",
+            f"Machine load (1-minute average, `/proc/loadavg`, the benchmark's own load "
+            f"included): {load_text}; at start / end {m['machine']['load average at start / end']}.",
+            "", "| machine | |", "|---|---|"]
+        out += [f"| {k} | {v} |" for k, v in m["machine"].items()
+                if k != "load average at start / end"]
+        out += ["", "### Figures", "",
+                "| figure | what | base | new | new/base | within ±10 %? |",
+                "|---|---|---|---|---|---|"] + rows + [""]
+        out += ["### Raw measurements", "",
+                "Medians over the reps; new/base is the median of the per-rep ratios.", "",
+                "| figure | measurement | base | new | new/base |", "|---|---|---|---|---|"]
+        out += raw_rows + [""]
+        out += ["### Notes", ""]
+        outside = [p for p, (r, w, b) in verdicts.items() if not w or b]
+        out += [f"- Outside noise: {', '.join(outside) if outside else 'none'}."]
+        if notes:
+            out += ["- Behaviour, not speed: what differs between the two binaries where a "
+                    "figure touches it."] + ["  " + n for n in notes]
+        out += [""]
+        out += ["### Runs", "", "| figure | rep | order | side | run | req/s | p50 ms | p99 ms | "
+                "non-2xx | socket errors | server CPU/request | machine busy |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted((r for r in self.results if r.get("kind") == "wrk"
+                         and r.get("id") in m["figures"]),
+                        key=lambda r: (r["id"], r["rep"], r["order"])):
+            out.append(f"| {r['id']} | {r['rep']} | {r['order']} | {side_of(r)} | {r['variant']} | "
+                       f"{r['rps']:,.0f} | {r['lat_p50_us'] / 1000:.3f} | {r['lat_p99_us'] / 1000:.3f} | "
+                       f"{r['non2xx']:,} | {Report.socket_errors(r)} | {cpu_split(r)} | "
+                       f"{r['mach_busy_frac'] * 100:.0f}% |")
+        copies = sorted((r for r in self.results if r.get("kind") == "copy"),
+                        key=lambda r: (r["rep"], r["order"]))
+        if copies:
+            out += ["", "| P5 rep | order | side | tool | seconds | note |", "|---|---|---|---|---|---|"]
+            for r in copies:
+                note = ""
+                if r.get("srv_user_s") is not None:
+                    note = (f"server CPU user {r['srv_user_s']:.2f} s, sys {r['srv_sys_s']:.2f} s, "
+                            f"{r.get('polls', 0)} polls")
+                out.append(f"| {r['rep']} | {r['order']} | {r['side']} | {r['tool']} | "
+                           f"{r['seconds']:.3f} | {note} |")
+        out += ["", "### To reproduce", "",
+                "```sh",
+                "git worktree add --detach ../base 5ef79c4 && (cd ../base && cargo build --release --locked)",
+                "cargo build --release --locked",
+                f"{m['command']}",
+                "```", "",
+                "Set-up, in order, for each side (`image-replicator` is that side's binary; "
+                "`A_*`, `B_*` are the HTTP stores, `C_*` the copy stores):", "", "```sh"]
+        # Both sides ran the same commands: shown once, with $SIDE for base or new.
+        def one_side(lines):
+            return [l.replace("_base", "_$SIDE") for l in lines if "_new" not in l]
+        out += one_side(m["setup_commands"]) + [
+            "```", "", "Load and copies (`$PORT_*` are the servers' ports, `$TOKEN_*` their "
+            "tokens, `$REGION_OT1_*` the directory of region ot1 in the copy stores):", "", "```sh"]
+        seen = []
+        for r in self.results:
+            cmd = r.get("cmd")
+            if cmd and cmd not in seen and r.get("id") in m["figures"]:
+                seen.append(cmd)
+        seen = list(dict.fromkeys(one_side(seen)))
+        out += seen + ["```", "", COMPARE_END, ""]
+        return "\n".join(out)
+
+
+def compare_block(text):
+    """The comparison section of a BENCHMARKS.md text, or None."""
+    start, end = text.find(COMPARE_START), text.find(COMPARE_END)
+    if start < 0 or end < start:
+        return None
+    return text[start:end + len(COMPARE_END)] + "\n"
+
+
+def cmd_compare_report(args):
+    results = [json.loads(l) for l in open(args.results, encoding="utf-8") if l.strip()]
+    meta = json.load(open(args.meta, encoding="utf-8"))
+    block = Compare(results, meta).render()
+    old = open(args.out, encoding="utf-8").read() if os.path.exists(args.out) else ""
+    kept = compare_block(old)
+    if kept:
+        text = old.replace(kept, block)
+    elif old:
+        text = old.rstrip("\n") + "\n\n" + block
+    else:
+        text = "# Benchmarks\n\n" + block
     with open(args.out, "w", encoding="utf-8") as f:
         f.write(text)
 
@@ -766,6 +1034,12 @@ def main():
     s = sub.add_parser("field")
     s.add_argument("path", nargs="*")
     s.set_defaults(func=cmd_field)
+
+    s = sub.add_parser("compare-report")
+    s.add_argument("--results", required=True)
+    s.add_argument("--meta", required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_compare_report)
 
     s = sub.add_parser("report")
     s.add_argument("--results", required=True)
