@@ -45,8 +45,8 @@ impl Directory {
     /// The directory is followed only if this appliance's user (or root) made it and the
     /// link to it, if it is one: a link or a directory another user planted at the region's
     /// path would let that user read what copies write, or have the appliance read and delete
-    /// files of theirs.
-    fn trusted(&self) -> Result<(), String> {
+    /// files of theirs. The directory's metadata (through the link).
+    fn trusted(&self) -> Result<fs::Metadata, String> {
         // SAFETY: geteuid has no preconditions.
         let me = unsafe { libc::geteuid() };
         let ours = |uid: u32| uid == me || uid == 0;
@@ -58,14 +58,18 @@ impl Directory {
                 link.uid()
             ));
         }
-        let target = fs::metadata(&self.dir).map_err(|e| format!("{shown}: {e}"))?;
+        let target = if link.file_type().is_symlink() {
+            fs::metadata(&self.dir).map_err(|e| format!("{shown}: {e}"))?
+        } else {
+            link
+        };
         if !ours(target.uid()) {
             return Err(format!(
                 "{shown} belongs to uid {}, not to this appliance's user, and is not used",
                 target.uid()
             ));
         }
-        Ok(())
+        Ok(target)
     }
 }
 
@@ -78,20 +82,18 @@ fn is_temp_name(name: &str) -> bool {
 
 impl ImageStore for Directory {
     fn probe(&self) -> Result<(), String> {
-        self.trusted()?;
+        let meta = self.trusted()?;
         let dir = &self.dir;
-        match fs::metadata(dir) {
-            // No write bit for anyone: the operator froze the region; even root leaves it alone.
-            Ok(meta) if meta.is_dir() && meta.permissions().mode() & 0o222 == 0 => {
-                return Err(format!(
-                    "{} is not writable (mode {:o})",
-                    dir.display(),
-                    meta.permissions().mode() & 0o7777
-                ))
-            }
-            Ok(meta) if meta.is_dir() => {}
-            Ok(_) => return Err(format!("{} is not a directory", dir.display())),
-            Err(e) => return Err(format!("{}: {e}", dir.display())),
+        if !meta.is_dir() {
+            return Err(format!("{} is not a directory", dir.display()));
+        }
+        // No write bit for anyone: the operator froze the region; even root leaves it alone.
+        if meta.permissions().mode() & 0o222 == 0 {
+            return Err(format!(
+                "{} is not writable (mode {:o})",
+                dir.display(),
+                meta.permissions().mode() & 0o7777
+            ));
         }
         let mut c_path = dir.as_os_str().as_bytes().to_vec();
         c_path.push(0);
