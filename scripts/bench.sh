@@ -334,12 +334,12 @@ run_wrk() {
 log "preparing data"
 # shellcheck disable=SC2016 # shown, not run
 {
-  echo 'head -c 1M /dev/urandom >$TMP/small.bin'
+  echo 'head -c 4K /dev/urandom >$TMP/small.bin'
   echo "scripts/bench/helper.py jobs \$TMP/jobs-t1.json --tenant $T1 --region ot1 --count 10 --seed 1"
   echo "scripts/bench/helper.py jobs \$TMP/jobs-t3.json --tenant $T3 --region ot1 --count 100 --seed 3"
   echo "scripts/bench/helper.py jobs \$TMP/jobs-other.json --tenant $TO --region ot2 --count $OTHER_JOBS --seed 9"
 } >>"$SETUP_LOG"
-head -c "$MIB" /dev/urandom >"$TMP/small.bin"
+head -c 4096 /dev/urandom >"$TMP/small.bin"
 py jobs "$TMP/jobs-t1.json" --tenant "$T1" --region ot1 --count 10 --seed 1
 py jobs "$TMP/jobs-t3.json" --tenant "$T3" --region ot1 --count 100 --seed 3
 py jobs "$TMP/jobs-other.json" --tenant "$TO" --region ot2 --count "$OTHER_JOBS" --seed 9

@@ -723,22 +723,26 @@ NOISE = 0.10
 BEHAVIOUR_5EF79C4 = {
     "P1": "Same requests and the same bodies on both sides (10 jobs: under the new 1,000-job "
           "page, so the new main answers the reference's whole, unpaged list). The new main "
-          "looks a token up by its full SHA-256 (5ef79c4: its first 4 bytes) and builds every "
-          "`GET /jobs` page on the blocking pool, a thread hop per request, so that big lists "
-          "cannot hold the executor (5ef79c4: a tenant's list on the executor, an admin's on "
-          "the pool); `/healthz` runs on the pool on both sides and on the new main also "
-          "reports a store that cannot write.",
+          "looks a token up by its full SHA-256 (5ef79c4: its first 4 bytes); it answers a kept "
+          "`GET /jobs` page on the executor, as 5ef79c4 does, and builds a page on the blocking "
+          "pool (5ef79c4: a tenant's page on the executor), so that big lists cannot hold the "
+          "executor; `/healthz` runs on the pool on both sides and on the new main also checks "
+          "that the store can write and who owns each region directory.",
     "P2": "Every answer is a 401 on both sides. The new main keeps its rejected tokens in the "
           "shared bounded map (`cache::Bounded`) and looks them up by the full SHA-256.",
-    "P3": "100 jobs, under the 1,000-job page: the same body on both sides, built on the "
-          "executor by 5ef79c4 and on the blocking pool by the new main (see P1). 5ef79c4 would "
+    "P3": "100 jobs, under the 1,000-job page: the same body on both sides, kept pages "
+          "answered on the executor by both, built on the executor by 5ef79c4 and on the "
+          "blocking pool by the new main (see P1). 5ef79c4 would "
           "answer a tenant with more than 1,000 jobs in one unpaged list; the new main pages "
           "at 1,000 by default and at most, so a list of more than 1,000 jobs is not comparable "
           "(none is listed here).",
-    "P4": "The same body, 202 on both sides; the store of each side grows by the jobs it "
-          "created (its own rate), as in the single-binary run. The new main sets umask 077 "
-          "and makes the store's files 0600 (5ef79c4: the umask's mode) and answers 507 when "
-          "the disk is full: neither shows here (one user, free space).",
+    "P4": "The same body, 202 on both sides: copies of a 4 KiB image, so that the new main's "
+          "room check (every accepted copy promises its image's size at the destination) "
+          "refuses none (with the 1 MiB image of earlier runs it answered 409 after about "
+          "58,000 jobs, the free space beside the reserve). The store of each side grows by "
+          "the jobs it created (its own rate), as in the single-binary run. The new main sets "
+          "umask 077 and makes the store's files 0600 (5ef79c4: the umask's mode) and answers "
+          "507 when the disk is full: neither shows here (one user, free space).",
     "P5": "The new main writes the destination image 0600 (5ef79c4: the umask's mode) and "
           "verifies through the `ImageStore` sink; cp and sha512sum read the same source bytes "
           "on both sides (one file imported into each side's store).",

@@ -69,65 +69,93 @@ struct Promise {
     written: u64,
 }
 
-/// The bytes promised to accepted copies, by job.
+/// The bytes promised to accepted copies, by job, with the outstanding sum of each file
+/// system kept beside them: asking costs the same with 10 queued copies or 100,000 (summing
+/// the promises at each `POST` cost P4 0.85 of 5ef79c4's creates per second).
 #[derive(Default)]
 pub struct Ledger {
-    promises: Mutex<HashMap<Uuid, Promise>>,
+    inner: Mutex<Promises>,
+}
+
+#[derive(Default)]
+struct Promises {
+    by_job: HashMap<Uuid, Promise>,
+    /// Outstanding bytes (promised and not yet written) by device.
+    outstanding: HashMap<u64, u64>,
+}
+
+impl Promise {
+    fn outstanding(&self) -> u64 {
+        self.total.saturating_sub(self.written)
+    }
+}
+
+impl Promises {
+    fn set(&mut self, job: Uuid, promise: Option<Promise>) {
+        if let Some(old) = self.by_job.remove(&job) {
+            if let Some(sum) = self.outstanding.get_mut(&old.device) {
+                *sum = sum.saturating_sub(old.outstanding());
+            }
+        }
+        if let Some(new) = promise {
+            *self.outstanding.entry(new.device).or_default() += new.outstanding();
+            self.by_job.insert(job, new);
+        }
+    }
 }
 
 impl Ledger {
     /// Bytes promised on the file system `device`, leaving out job `except`'s.
     pub fn promised(&self, device: u64, except: Option<Uuid>) -> u64 {
-        self.promises.lock().map_or(0, |p| {
-            p.iter()
-                .filter(|(id, p)| p.device == device && Some(**id) != except)
-                .map(|(_, p)| p.total.saturating_sub(p.written))
-                .sum()
+        self.inner.lock().map_or(0, |p| {
+            let all = p.outstanding.get(&device).copied().unwrap_or(0);
+            let own = except
+                .and_then(|id| p.by_job.get(&id))
+                .filter(|promise| promise.device == device)
+                .map_or(0, Promise::outstanding);
+            all.saturating_sub(own)
         })
     }
 
     /// Job `job` will write `bytes` on `device` (from the start: a copy that starts over).
     pub fn promise(&self, job: Uuid, device: u64, bytes: u64) {
-        if let Ok(mut p) = self.promises.lock() {
-            p.insert(
-                job,
-                Promise {
-                    device,
-                    total: bytes,
-                    written: 0,
-                },
-            );
+        if let Ok(mut p) = self.inner.lock() {
+            let promise = Promise {
+                device,
+                total: bytes,
+                written: 0,
+            };
+            p.set(job, Some(promise));
         }
     }
 
     /// [`Ledger::promise`] unless the job has a promise already.
     pub fn promise_if_absent(&self, job: Uuid, device: u64, bytes: u64) {
-        if let Ok(mut p) = self.promises.lock() {
-            p.entry(job).or_insert(Promise {
-                device,
-                total: bytes,
-                written: 0,
-            });
+        if let Ok(mut p) = self.inner.lock() {
+            if !p.by_job.contains_key(&job) {
+                let promise = Promise {
+                    device,
+                    total: bytes,
+                    written: 0,
+                };
+                p.set(job, Some(promise));
+            }
         }
     }
 
     /// Job `job` has written `written` bytes of its promise.
     pub fn progress(&self, job: Uuid, written: u64) {
-        if let Some(p) = self
-            .promises
-            .lock()
-            .ok()
-            .as_mut()
-            .and_then(|p| p.get_mut(&job))
-        {
-            p.written = written;
+        if let Ok(mut p) = self.inner.lock() {
+            if let Some(&old) = p.by_job.get(&job) {
+                p.set(job, Some(Promise { written, ..old }));
+            }
         }
     }
 
     /// Job `job` ended: its promise is kept or given back by the file system itself.
     pub fn release(&self, job: Uuid) {
-        if let Ok(mut p) = self.promises.lock() {
-            p.remove(&job);
+        if let Ok(mut p) = self.inner.lock() {
+            p.set(job, None);
         }
     }
 }
