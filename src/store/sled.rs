@@ -102,7 +102,7 @@ impl Durability {
 }
 
 /// Opens sled at `path` after clearing what a power cut or a full disk left half-written
-/// there ([`store_repair`](super::repair)). If sled still finds its snapshot corrupt, the
+/// there ([`repair`](super::repair)). If sled still finds its snapshot corrupt, the
 /// snapshots are moved aside and sled reads its whole log instead (once).
 fn open_db(path: &Path) -> std::result::Result<sled::Db, OpenError> {
     let shown = path.display().to_string();
