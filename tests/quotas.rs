@@ -196,11 +196,7 @@ fn new_jobs_are_refused_while_the_store_disk_is_below_its_reserve() {
     let Some(fs) = Tmpfs::mount(&lab.data_dir(), "24m") else {
         return;
     };
-    lab.standard();
-    lab.ok(&[
-        "user", "add", "alice2", "--tenant", TENANT_A, "--tenant", TENANT_B,
-    ]);
-    let token = lab.token("alice2", TENANT_A);
+    let token = lab.copier();
     let image = lab.image(TENANT_A, "base", 4096);
     let server = lab.serve_with(&["--no-worker", "--min-free", "8M"]);
     server.copy_ok(&token, &image, TENANT_B);
@@ -341,11 +337,7 @@ fn eighteen_copies_into_a_64_mib_disk_leave_the_reserve_and_nothing_half_written
     let Some(fs) = Tmpfs::mount(&lab.data_dir(), "64m") else {
         return;
     };
-    lab.standard();
-    lab.ok(&[
-        "user", "add", "alice2", "--tenant", TENANT_A, "--tenant", TENANT_B,
-    ]);
-    let token = lab.token("alice2", TENANT_A);
+    let token = lab.copier();
     let image = lab.image(TENANT_A, "four", 4 * MIB);
     let server = lab.serve_with(&["--min-free", "8M", "--workers", "2"]);
     let started = std::time::Instant::now();

@@ -202,11 +202,7 @@ fn store_opens_once_space_is_back_after_a_full_disk_at_start_up() {
     let Some(fs) = Tmpfs::mount(&lab.data_dir(), "24m") else {
         return;
     };
-    lab.standard();
-    lab.ok(&[
-        "user", "add", "alice2", "--tenant", TENANT_A, "--tenant", TENANT_B,
-    ]);
-    let token = lab.token("alice2", TENANT_A);
+    let token = lab.copier();
     let image = lab.image(TENANT_A, "base", 4096);
     // No reserve: the store itself must meet the full disk here (a reserve keeps it from it).
     let mut server = lab.serve_with(&["--no-worker", "--min-free", "0"]);

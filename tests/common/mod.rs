@@ -166,12 +166,18 @@ impl Lab {
     /// into B); returns it with alice2's token for A.
     pub fn standard_with_copier() -> (Lab, String) {
         let lab = Lab::new();
-        lab.standard();
-        lab.ok(&[
+        let token = lab.copier();
+        (lab, token)
+    }
+
+    /// Makes this lab the standard one plus alice2 (see [`Lab::standard_with_copier`]); her
+    /// token for A.
+    pub fn copier(&self) -> String {
+        self.standard();
+        self.ok(&[
             "user", "add", "alice2", "--tenant", TENANT_A, "--tenant", TENANT_B,
         ]);
-        let token = lab.token("alice2", TENANT_A);
-        (lab, token)
+        self.token("alice2", TENANT_A)
     }
 
     /// Starts `serve --no-worker` on 127.0.0.1:0 (the API alone: jobs stay in the state the
