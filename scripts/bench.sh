@@ -368,6 +368,20 @@ setup_http_store() {
   ir "$label" "$dir" job seed "$TMP/jobs-t1.json" >/dev/null
   ir "$label" "$dir" job seed "$TMP/jobs-t3.json" >/dev/null
 }
+
+# check_list SERVER TOKEN COUNT: the token works and the list has the expected length.
+check_list() {
+  local srv=$1 token=$2 want=$3 got
+  got=$(python3 - "${SRV_PORT[$srv]}" "$token" <<'PY'
+import json, sys, urllib.request
+req = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/v2/extension/image_replicator/jobs",
+                             headers={"X-Auth-Token": sys.argv[2]})
+print(len(json.load(urllib.request.urlopen(req))))
+PY
+  )
+  [[ $got == "$want" ]] || die "server $srv lists $got jobs, expected $want"
+}
+
 # Comparison mode (scripts/bench/compare.sh) takes over here: the data above, its own sequence.
 if [[ -n $COMPARE ]]; then
   # shellcheck source=scripts/bench/compare.sh
@@ -420,17 +434,6 @@ py record "$RESULTS" kind=check id=metrics ok=info \
   "detail=one GET /metrics on store B ($((OTHER_JOBS + 110)) jobs) took $(printf '%s' "$metrics_time" | py field seconds | python3 -c 'import sys; print(f"{float(sys.stdin.read()) * 1000:.0f}")') ms"
 
 # Sanity: the token works, the lists have the expected lengths, a garbage token is refused.
-check_list() {
-  local srv=$1 token=$2 want=$3 got
-  got=$(python3 - "${SRV_PORT[$srv]}" "$token" <<'PY'
-import json, sys, urllib.request
-req = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/v2/extension/image_replicator/jobs",
-                             headers={"X-Auth-Token": sys.argv[2]})
-print(len(json.load(urllib.request.urlopen(req))))
-PY
-  )
-  [[ $got == "$want" ]] || die "server $srv lists $got jobs, expected $want"
-}
 check_list A "$TOK1" 10
 check_list A "$TOK3" 100
 check_list B "$TOK3" 100

@@ -57,17 +57,7 @@ fn image_name_with_control_characters_is_escaped_in_text_and_exact_in_json() {
 
     let server = lab.serve();
     let job = server.copy_ok(&token, &image, TENANT_B);
-    assert_eq!(server.job(&token, &job)["source_image_name"], EVIL);
-    let list = lab.ok(&["job", "list"]);
-    assert_inert("job list", &list);
-    assert_rows("job list", &list, 1);
-    assert!(list.contains(EVIL_SHOWN), "{list}");
-    let show = lab.ok(&["job", "show", &job]);
-    assert_inert("job show", &show);
-    assert!(
-        show.contains(&format!("source_image_name: {EVIL_SHOWN}\n")),
-        "{show}"
-    );
+    assert_job_texts(&lab, &server, &token, &job);
     assert_eq!(lab.ok_json(&["job", "list"])[0]["source_image_name"], EVIL);
     assert_eq!(
         lab.ok_json(&["job", "show", &job])["source_image_name"],
@@ -126,17 +116,7 @@ fn glance_image_name_with_control_characters_is_escaped_in_text_and_exact_in_jso
 
     let server = lab.serve();
     let job = server.copy_ok(&token, &image, TENANT_DIR);
-    assert_eq!(server.job(&token, &job)["source_image_name"], EVIL);
-    let list = lab.ok(&["job", "list"]);
-    assert_inert("job list", &list);
-    assert_rows("job list", &list, 1);
-    assert!(list.contains(EVIL_SHOWN), "{list}");
-    let show = lab.ok(&["job", "show", &job]);
-    assert_inert("job show", &show);
-    assert!(
-        show.contains(&format!("source_image_name: {EVIL_SHOWN}\n")),
-        "{show}"
-    );
+    assert_job_texts(&lab, &server, &token, &job);
     assert_eq!(
         lab.ok_json(&["job", "show", &job])["source_image_name"],
         EVIL
@@ -249,4 +229,20 @@ fn glance_error_body_is_escaped_and_capped_in_the_log_and_the_job_error() {
         .to_string();
     assert!(line.contains(SHOWN), "{line}");
     assert!(!log.contains("\nINFO all copies verified"), "{log}");
+}
+
+/// The job of a copy of the evil image: exact in the API, escaped in `job list` (one row) and
+/// `job show`.
+fn assert_job_texts(lab: &Lab, server: &Server, token: &str, job: &str) {
+    assert_eq!(server.job(token, job)["source_image_name"], EVIL);
+    let list = lab.ok(&["job", "list"]);
+    assert_inert("job list", &list);
+    assert_rows("job list", &list, 1);
+    assert!(list.contains(EVIL_SHOWN), "{list}");
+    let show = lab.ok(&["job", "show", job]);
+    assert_inert("job show", &show);
+    assert!(
+        show.contains(&format!("source_image_name: {EVIL_SHOWN}\n")),
+        "{show}"
+    );
 }

@@ -76,19 +76,6 @@ fi
 
 # ----- P1-P4: HTTP, every server of both sides up, API only --------------------------------------
 
-# check_list SERVER TOKEN COUNT: the token works and the list has the expected length.
-check_list() {
-  local srv=$1 token=$2 want=$3 got
-  got=$(python3 - "${SRV_PORT[$srv]}" "$token" <<'PY'
-import json, sys, urllib.request
-req = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/v2/extension/image_replicator/jobs",
-                             headers={"X-Auth-Token": sys.argv[2]})
-print(len(json.load(urllib.request.urlopen(req))))
-PY
-  )
-  [[ $got == "$want" ]] || die "server $srv lists $got jobs, expected $want"
-}
-
 # Both sides' servers run at once (idle when not measured), so neither sees the other start.
 if ((HTTP)); then
   for side in base new; do
