@@ -1,31 +1,43 @@
-//! The copy engine: streams bytes to a sink while computing SHA-512 (and MD5) beside it.
+//! The copy engine: moves an image chunk by chunk from a [`Source`] to an [`Output`].
+//!
+//! Every chunk gets its manifest [`Entry`] (BLAKE3, or a hole) on a hashing thread. A source
+//! with a [`Manifest`] has each chunk checked against it, and its holes are neither read nor
+//! written; a source without one streams, with SHA-512 (and MD5) computed beside it for the
+//! record. A copy can start after chunks the destination already holds verified (a resume),
+//! and says at a bounded rate, once what it wrote is durable, how far it has verified (a
+//! checkpoint).
 //!
 //! Reading and writing happen on the calling thread; each chunk is shared (not copied) with
 //! the hashing threads through bounded channels, so hashing overlaps the I/O and memory stays
 //! at a few chunks whatever the file size. Blocks of zeros are not written, so holes stay
 //! holes (like `cp --sparse=always`), and the file is extended to its full length at the end.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use md5::Md5;
 use sha2::{Digest, Sha512};
 
+use crate::manifest::{is_zero, Entry, Manifest, CHUNK_SIZE};
+
 /// A chunk of an image, shared by the writer and the hashing threads.
 pub type Chunk = Arc<Vec<u8>>;
 
-/// Read unit of copies.
-pub const CHUNK: usize = 1 << 20;
+/// Read unit of copies: one manifest chunk.
+pub const CHUNK: usize = CHUNK_SIZE;
 /// Unit of hole detection: a block of this many zero bytes is skipped, not written.
 const BLOCK: usize = 4096;
 /// Chunks in flight to each hashing thread.
 pub const IN_FLIGHT: usize = 4;
 /// Longest sleep between checks for a cancel while the bandwidth cap holds a copy back.
 const SLICE: Duration = Duration::from_millis(50);
+/// How often a copy makes what it wrote durable and says how far it has verified.
+pub const CHECKPOINT: Duration = Duration::from_secs(1);
 
 /// Why a copy stopped before its end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +50,8 @@ pub enum Stop {
 pub enum CopyError {
     Stopped(Stop),
     Io(io::Error),
+    /// The source's bytes differ from its manifest (what differs).
+    Changed(String),
 }
 
 impl From<io::Error> for CopyError {
@@ -78,13 +92,95 @@ impl RateLimiter {
     }
 }
 
+/// How far a copy is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Progress {
+    /// Bytes of the image at the destination (resumed, copied or holes).
+    pub done: u64,
+    /// Bytes this copy read from the source.
+    pub read: u64,
+}
+
 /// What a copy asks of its caller while it runs.
 pub struct Control<'a> {
     /// Polled once per chunk (and while throttled): `Some` stops the copy.
     pub stop: &'a dyn Fn() -> Option<Stop>,
-    /// Told the bytes copied so far after each chunk.
-    pub progress: &'a mut dyn FnMut(u64),
+    /// Told how far the copy is after each chunk.
+    pub progress: &'a mut dyn FnMut(Progress),
+    /// Every [`CHECKPOINT`], and when a shutdown stops the copy, once the output made what
+    /// it wrote durable: the entries verified so far (from the first chunk on) and the bytes
+    /// read from the source.
+    pub checkpoint: &'a mut dyn FnMut(&[Entry], u64),
     pub limiter: Option<&'a RateLimiter>,
+}
+
+/// Where a copy's bytes go, chunk by chunk, in order.
+pub trait Output {
+    fn write(&mut self, chunk: &Chunk, offset: u64) -> io::Result<()>;
+    /// Makes everything written so far durable (before a checkpoint).
+    fn sync(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+    /// Whether holes must be written as zeros too (a stream such as an upload); a file keeps
+    /// them as holes.
+    fn every_byte(&self) -> bool {
+        false
+    }
+}
+
+/// An output that keeps nothing (a pass that only hashes).
+pub struct Discard;
+
+impl Output for Discard {
+    fn write(&mut self, _chunk: &Chunk, _offset: u64) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Where a copy's bytes come from.
+pub trait Source: Read + Send {
+    /// Whether the `len` bytes at `offset` are a hole in the source file's extent map; false
+    /// when that cannot be told. It may move the position.
+    fn is_hole(&mut self, _offset: u64, _len: u64) -> bool {
+        false
+    }
+    /// Goes on reading at `offset`, at or after the current position.
+    fn skip_to(&mut self, offset: u64) -> io::Result<()>;
+}
+
+impl Source for File {
+    fn is_hole(&mut self, offset: u64, len: u64) -> bool {
+        is_hole(self, offset, len)
+    }
+
+    fn skip_to(&mut self, offset: u64) -> io::Result<()> {
+        use std::io::Seek;
+        self.seek(io::SeekFrom::Start(offset)).map(drop)
+    }
+}
+
+/// Whether the `len` bytes of `file` at `offset` are a hole in its extent map (`SEEK_DATA`
+/// finds no data before their end); false when that cannot be told.
+/// It moves the file's offset.
+pub fn is_hole(file: &File, offset: u64, len: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(start) = libc::off_t::try_from(offset) else {
+        return false;
+    };
+    // SAFETY: lseek on an open descriptor; it only moves the file offset.
+    let data = unsafe { libc::lseek(file.as_raw_fd(), start, libc::SEEK_DATA) };
+    if data < 0 {
+        // ENXIO: no data at or after `offset`.
+        return io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+    }
+    data as u64 >= offset.saturating_add(len)
+}
+
+impl<T: AsRef<[u8]> + Send> Source for io::Cursor<T> {
+    fn skip_to(&mut self, offset: u64) -> io::Result<()> {
+        self.set_position(offset);
+        Ok(())
+    }
 }
 
 fn hash_thread<D: Digest>(rx: Receiver<Chunk>) -> Vec<u8> {
@@ -95,10 +191,12 @@ fn hash_thread<D: Digest>(rx: Receiver<Chunk>) -> Vec<u8> {
     digest.finalize().to_vec()
 }
 
-fn is_zero(block: &[u8]) -> bool {
-    // SAFETY: u128 has no invalid bit patterns; align_to only reinterprets the aligned middle.
-    let (head, body, tail) = unsafe { block.align_to::<u128>() };
-    head.iter().all(|&b| b == 0) && body.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+fn entry_thread(rx: Receiver<Chunk>, tx: Sender<Entry>) {
+    for chunk in rx {
+        if tx.send(Entry::of(&chunk)).is_err() {
+            return;
+        }
+    }
 }
 
 /// Writes `chunk` at `offset`, skipping whole zero blocks.
@@ -173,48 +271,265 @@ pub struct Digests {
     pub sha512: Option<String>,
 }
 
-/// Reads `input` to its end in chunks, hands each chunk and its offset to `out`, and computes
-/// the `hashes` on separate threads meanwhile.
-pub fn stream(
-    input: &mut dyn Read,
-    out: &mut dyn FnMut(&Chunk, u64) -> io::Result<()>,
+/// What a copy is to do.
+pub struct Plan<'a> {
+    /// The source's manifest: every chunk is checked against it, and its holes are not read.
+    pub manifest: Option<&'a Manifest>,
+    /// Entries of the leading chunks the destination holds already, verified: they are not
+    /// read again. Without a manifest, whole chunks only.
+    pub done: Vec<Entry>,
+    /// Whole-image digests to compute (for a source without a manifest).
+    pub hashes: Hashes,
+    /// The destination's bytes of the `done` chunks, for those digests.
+    pub prefix: Option<Box<dyn Read + 'a>>,
+}
+
+impl Plan<'_> {
+    /// Bytes of an image of `size` bytes that the `done` chunks cover.
+    pub fn done_bytes(&self, size: u64) -> u64 {
+        ((self.done.len() * CHUNK) as u64).min(size)
+    }
+
+    /// A copy from the first byte on, computing `hashes`.
+    pub fn whole(hashes: Hashes) -> Plan<'static> {
+        Plan {
+            manifest: None,
+            done: Vec::new(),
+            hashes,
+            prefix: None,
+        }
+    }
+}
+
+/// What a copy did.
+#[derive(Debug)]
+pub struct Copied {
+    pub digests: Digests,
+    /// Every chunk's entry: the manifest of what the destination holds.
+    pub chunks: Vec<Entry>,
+    /// Bytes read from the source.
+    pub read: u64,
+}
+
+/// A chunk whose entry is known, or on its way from the hashing thread.
+enum Pending {
+    Known(Entry),
+    Hashed {
+        index: usize,
+        offset: u64,
+        len: usize,
+        expected: Option<Entry>,
+    },
+}
+
+/// The chunks in flight, resolved in order into `chunks`.
+struct InFlight {
+    pending: VecDeque<Pending>,
+    results: Receiver<Entry>,
+    chunks: Vec<Entry>,
+}
+
+impl InFlight {
+    /// Moves resolved entries into `chunks`, checking each against what the manifest expects;
+    /// waits for every one if `wait`.
+    fn drain(&mut self, wait: bool) -> Result<(), CopyError> {
+        while let Some(front) = self.pending.front() {
+            let entry = match *front {
+                Pending::Known(entry) => entry,
+                Pending::Hashed {
+                    index,
+                    offset,
+                    len,
+                    expected,
+                } => {
+                    let got = if wait {
+                        self.results.recv().map_err(|_| hasher_gone())?
+                    } else {
+                        match self.results.try_recv() {
+                            Ok(got) => got,
+                            Err(TryRecvError::Empty) => return Ok(()),
+                            Err(TryRecvError::Disconnected) => return Err(hasher_gone().into()),
+                        }
+                    };
+                    if expected.is_some_and(|e| e != got) {
+                        return Err(CopyError::Changed(format!(
+                            "chunk {index} (bytes {offset} to {}) differs from the image's manifest",
+                            offset + len as u64
+                        )));
+                    }
+                    got
+                }
+            };
+            self.chunks.push(entry);
+            self.pending.pop_front();
+        }
+        Ok(())
+    }
+
+    /// Index of the next chunk to read.
+    fn next(&self) -> usize {
+        self.chunks.len() + self.pending.len()
+    }
+}
+
+fn hasher_gone() -> io::Error {
+    io::Error::other("a hashing thread stopped")
+}
+
+/// Copies `source` to `out` as `plan` says, under `ctl`.
+pub fn copy(
+    source: &mut dyn Source,
+    out: &mut dyn Output,
+    plan: Plan,
     ctl: &mut Control,
-    hashes: Hashes,
-) -> Result<Digests, CopyError> {
+) -> Result<Copied, CopyError> {
+    let Plan {
+        manifest,
+        done,
+        hashes,
+        prefix,
+    } = plan;
+    // Checked against a manifest, a copy computes no whole-image digest: it reports the
+    // SHA-512 the manifest names, which every chunk matched.
+    let hashes = match manifest {
+        Some(_) => Hashes {
+            sha512: false,
+            md5: false,
+        },
+        None => hashes,
+    };
+    let start = match manifest {
+        Some(m) => m.offset(done.len()).min(m.size),
+        None => (done.len() * CHUNK) as u64,
+    };
+    let (entry_tx, entry_rx) = sync_channel::<Chunk>(IN_FLIGHT);
+    let (result_tx, results) = channel::<Entry>();
     let (sha_tx, sha_rx) = sync_channel::<Chunk>(IN_FLIGHT);
     let (md5_tx, md5_rx) = sync_channel::<Chunk>(IN_FLIGHT);
     let sha_tx = hashes.sha512.then_some(sha_tx);
     let md5_tx = hashes.md5.then_some(md5_tx);
     std::thread::scope(|scope| {
+        scope.spawn(move || entry_thread(entry_rx, result_tx));
         let sha = hashes
             .sha512
             .then(|| scope.spawn(move || hash_thread::<Sha512>(sha_rx)));
         let md5 = hashes
             .md5
             .then(|| scope.spawn(move || hash_thread::<Md5>(md5_rx)));
-        let mut size = 0u64;
+        let mut flight = InFlight {
+            pending: VecDeque::new(),
+            results,
+            chunks: done,
+        };
+        let mut read = 0u64;
+        let mut end = start;
         let copied = (|| -> Result<(), CopyError> {
+            if start > 0 && (hashes.sha512 || hashes.md5) {
+                let mut prefix = prefix.ok_or_else(|| {
+                    io::Error::other("a resumed copy needs the bytes it holds already")
+                })?;
+                let mut fed = 0u64;
+                while fed < start {
+                    let mut buf = vec![0u8; CHUNK.min((start - fed) as usize)];
+                    let n = read_full(&mut *prefix, &mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    buf.truncate(n);
+                    fed += n as u64;
+                    let chunk = Arc::new(buf);
+                    for tx in sha_tx.iter().chain(&md5_tx) {
+                        tx.send(Arc::clone(&chunk)).map_err(|_| hasher_gone())?;
+                    }
+                }
+                if fed != start {
+                    return Err(io::Error::other(format!(
+                        "the destination holds {fed} of the {start} bytes it verified"
+                    ))
+                    .into());
+                }
+            }
+            let mut at = 0u64;
+            let mut last_checkpoint = Instant::now();
             loop {
                 if let Some(stop) = (ctl.stop)() {
                     return Err(CopyError::Stopped(stop));
                 }
-                let mut buf = vec![0u8; CHUNK];
-                let n = read_full(input, &mut buf)?;
+                let index = flight.next();
+                let offset = (index * CHUNK) as u64;
+                let (len, expected) = match manifest {
+                    Some(m) if index >= m.chunk_count() => return Ok(()),
+                    Some(m) => (m.chunk_len(index), m.chunks.get(index).copied()),
+                    None => (CHUNK, None),
+                };
+                if expected == Some(Entry::Hole) {
+                    let hole = source.is_hole(offset, len as u64);
+                    // Asking may have moved the source's position.
+                    at = u64::MAX;
+                    if hole {
+                        if out.every_byte() {
+                            throttle(ctl, len)?;
+                            out.write(&Arc::new(vec![0u8; len]), offset)?;
+                        }
+                        flight.pending.push_back(Pending::Known(Entry::Hole));
+                        end = offset + len as u64;
+                        (ctl.progress)(Progress { done: end, read });
+                        continue;
+                    }
+                }
+                if at != offset {
+                    source.skip_to(offset)?;
+                    at = offset;
+                }
+                let mut buf = vec![0u8; len];
+                let n = read_full(source, &mut buf)?;
+                at += n as u64;
+                if let Some(m) = manifest.filter(|_| n < len) {
+                    return Err(CopyError::Changed(format!(
+                        "it ends at byte {}, its manifest says {}",
+                        offset + n as u64,
+                        m.size
+                    )));
+                }
                 if n == 0 {
                     return Ok(());
                 }
                 buf.truncate(n);
                 throttle(ctl, n)?;
+                read += n as u64;
                 let chunk = Arc::new(buf);
-                let hashers_gone = || io::Error::other("a hashing thread stopped");
-                for tx in sha_tx.iter().chain(&md5_tx) {
-                    tx.send(Arc::clone(&chunk)).map_err(|_| hashers_gone())?;
+                for tx in std::iter::once(&entry_tx).chain(&sha_tx).chain(&md5_tx) {
+                    tx.send(Arc::clone(&chunk)).map_err(|_| hasher_gone())?;
                 }
-                out(&chunk, size)?;
-                size += n as u64;
-                (ctl.progress)(size);
+                out.write(&chunk, offset)?;
+                flight.pending.push_back(Pending::Hashed {
+                    index,
+                    offset,
+                    len: n,
+                    expected,
+                });
+                flight.drain(false)?;
+                end = offset + n as u64;
+                (ctl.progress)(Progress { done: end, read });
+                if manifest.is_none() && n < CHUNK {
+                    return Ok(());
+                }
+                if last_checkpoint.elapsed() >= CHECKPOINT {
+                    flight.drain(true)?;
+                    out.sync()?;
+                    (ctl.checkpoint)(&flight.chunks, read);
+                    last_checkpoint = Instant::now();
+                }
             }
         })();
+        let copied = copied.and_then(|()| flight.drain(true));
+        // Paused for a shutdown: what was verified is recorded, to resume from exactly there.
+        if let Err(CopyError::Stopped(Stop::Shutdown)) = copied {
+            if flight.drain(true).is_ok() && out.sync().is_ok() {
+                (ctl.checkpoint)(&flight.chunks, read);
+            }
+        }
+        drop(entry_tx);
         drop(sha_tx);
         drop(md5_tx);
         let sha = sha
@@ -226,10 +541,17 @@ pub fn stream(
             .transpose()
             .map_err(|_| io::Error::other("the MD5 thread panicked"))?;
         copied?;
-        Ok(Digests {
-            size,
-            md5: md5.map(|d| crate::model::to_hex(&d)),
-            sha512: sha.map(|d| crate::model::to_hex(&d)),
+        Ok(Copied {
+            digests: Digests {
+                size: manifest.map_or(end, |m| m.size),
+                md5: md5.map(|d| crate::model::to_hex(&d)),
+                sha512: match manifest {
+                    Some(m) => m.sha512.clone(),
+                    None => sha.map(|d| crate::model::to_hex(&d)),
+                },
+            },
+            chunks: flight.chunks,
+            read,
         })
     })
 }

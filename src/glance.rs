@@ -374,15 +374,21 @@ impl Glance {
         Ok(resp)
     }
 
-    /// A reader of the image's `size` bytes that resumes with `Range` when the connection drops.
-    pub fn download(self: &Arc<Self>, id: Uuid, size: u64) -> Result<Download, RemoteError> {
-        let first = self.open(id, 0)?;
+    /// A reader of the image's `size` bytes from byte `offset` on that resumes with `Range`
+    /// when the connection drops.
+    pub fn download(
+        self: &Arc<Self>,
+        id: Uuid,
+        size: u64,
+        offset: u64,
+    ) -> Result<Download, RemoteError> {
+        let first = (offset < size).then(|| self.open(id, offset)).transpose()?;
         Ok(Download {
             glance: Arc::clone(self),
             id,
             size,
-            pos: 0,
-            resp: Some(first),
+            pos: offset,
+            resp: first,
             resumes_left: RESUMES,
         })
     }
@@ -429,6 +435,25 @@ impl Download {
             io::ErrorKind::ConnectionAborted,
             format!("the download from {} failed: {why}", self.glance.what()),
         ))
+    }
+}
+
+impl crate::copy::Source for Download {
+    fn skip_to(&mut self, offset: u64) -> io::Result<()> {
+        if offset != self.pos {
+            self.resp = None;
+            self.pos = offset;
+            if offset < self.size {
+                let resp = self.glance.open(self.id, offset).map_err(|e| match e {
+                    RemoteError::Refused(e) => io::Error::other(e),
+                    RemoteError::Unavailable(e) => {
+                        io::Error::new(io::ErrorKind::ConnectionAborted, e)
+                    }
+                })?;
+                self.resp = Some(resp);
+            }
+        }
+        Ok(())
     }
 }
 

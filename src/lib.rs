@@ -12,6 +12,7 @@ pub mod error;
 pub mod glance;
 pub mod http;
 pub mod keystone;
+pub mod manifest;
 pub mod metrics;
 pub mod model;
 pub mod net;

@@ -22,6 +22,12 @@ pub struct Metrics {
     latency_sum_micros: AtomicU64,
     /// Bytes written by the replication worker.
     pub bytes_copied: AtomicU64,
+    /// Bytes the worker read from source regions.
+    pub source_bytes_read: AtomicU64,
+    /// Bytes that resumed copies found verified at their destination (not read again).
+    pub bytes_resumed: AtomicU64,
+    /// Copy attempts that resumed from a verified part instead of byte 0.
+    pub resumes: AtomicU64,
 }
 
 impl Metrics {
@@ -127,12 +133,30 @@ pub fn render(m: &Metrics, readings: &Readings) -> String {
         }
     }
     let auth = &readings.auth;
-    let gauges: [(&str, &str, &str, u64); 5] = [
+    let gauges: [(&str, &str, &str, u64); 8] = [
         (
             "image_replicator_copied_bytes_total",
             "counter",
             "Bytes copied by the replication worker.",
             m.bytes_copied.load(Ordering::Relaxed),
+        ),
+        (
+            "image_replicator_source_read_bytes_total",
+            "counter",
+            "Bytes the replication worker read from source regions.",
+            m.source_bytes_read.load(Ordering::Relaxed),
+        ),
+        (
+            "image_replicator_resumed_bytes_total",
+            "counter",
+            "Bytes resumed copies found verified at their destination and did not read again.",
+            m.bytes_resumed.load(Ordering::Relaxed),
+        ),
+        (
+            "image_replicator_resumes_total",
+            "counter",
+            "Copy attempts that resumed from a verified part of the image.",
+            m.resumes.load(Ordering::Relaxed),
         ),
         (
             "image_replicator_active_copies",

@@ -538,6 +538,20 @@ pub struct Job {
     /// ever reused or removed by the worker (a seeded `destination_image_id` is someone else's).
     #[serde(default)]
     pub created_destination: Option<Uuid>,
+    /// How far the destination holds the image verified, as of the last checkpoint.
+    #[serde(default)]
+    pub bytes_verified: u64,
+    /// Bytes read from the source by every attempt together (after a kill, what the killed
+    /// attempt read past its last checkpoint is counted from what it wrote, plus a chunk).
+    #[serde(default)]
+    pub source_bytes_read: u64,
+    /// How many attempts started from a verified part of the image instead of from byte 0.
+    #[serde(default)]
+    pub resumes: u32,
+    /// An attempt is reading from the source; still set when the next one starts, the last
+    /// one was killed.
+    #[serde(default)]
+    pub reading: bool,
 }
 
 /// What the replication worker does with a queued job next (see [`Job::next_step`]).
@@ -603,6 +617,30 @@ impl Job {
         true
     }
 
+    /// A copy attempt begins after its destination was checked: `verified` bytes of what it
+    /// `held` are kept. A killed attempt's reads past its last checkpoint are counted: what
+    /// it wrote past it, plus the chunk it may have been reading.
+    pub fn begin_attempt(&mut self, verified: u64, held: u64, chunk: u64, at: u64) {
+        if self.reading {
+            self.source_bytes_read += held.saturating_sub(self.bytes_verified) + chunk;
+        }
+        if verified > 0 {
+            self.resumes += 1;
+        }
+        self.bytes_verified = verified;
+        self.reading = true;
+        self.updated_at = at;
+    }
+
+    /// What the destination made durable is verified up to `verified`; `read` bytes were read
+    /// from the source in all; `paused` if the attempt stops here (nothing more is read).
+    pub fn checkpoint(&mut self, verified: u64, read: u64, paused: bool, at: u64) {
+        self.bytes_verified = verified;
+        self.source_bytes_read = read;
+        self.reading = !paused;
+        self.updated_at = at;
+    }
+
     /// `copied` bytes are at the destination; the percentage never goes back.
     pub fn progress(&mut self, copied: u64, at: u64) {
         let percent = (copied.min(self.bytes_total) * 100)
@@ -621,6 +659,8 @@ impl Job {
         self.wire.status = JobStatus::Replicated;
         self.wire.copy_progress = 100;
         self.bytes_copied = self.bytes_total;
+        self.bytes_verified = self.bytes_total;
+        self.reading = false;
         self.updated_at = at;
         true
     }
@@ -656,6 +696,8 @@ impl Job {
         }
         self.wire.destination_image_id = None;
         self.created_destination = None;
+        self.bytes_verified = 0;
+        self.reading = false;
         self.updated_at = at;
     }
 }
@@ -710,6 +752,10 @@ mod job_transitions {
             seeded: false,
             enqueued: true,
             created_destination: None,
+            bytes_verified: 0,
+            source_bytes_read: 0,
+            resumes: 0,
+            reading: false,
         }
     }
 

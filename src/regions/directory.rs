@@ -3,19 +3,23 @@
 //! A copy writes a hidden temporary file (`.<id>.part`, mode 0600, never through a link),
 //! fsyncs it, renames it into place and then checks that the name holds the very file it
 //! wrote, so a file under an image's name is always complete and always the verified one.
+//! An interrupted copy's temporary file stays for its job to resume: the next attempt checks
+//! its chunks against the manifest it is given and keeps only the verified ones.
 
+use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
 use super::{ImageStore, Recorded, Sink, StoreError};
-use crate::copy::{write_sparse, Chunk, Digests, Hashes};
+use crate::copy::{is_hole, write_sparse, Chunk, Digests, Hashes, Output, Source};
 use crate::disk::Space;
 use crate::error::ServiceError;
+use crate::manifest::{Entry, Manifest};
 use crate::model::Image;
 
 pub struct Directory {
@@ -73,11 +77,28 @@ impl Directory {
     }
 }
 
-/// Whether `name` is a temporary file of this module's (`.<uuid>.part`).
-fn is_temp_name(name: &str) -> bool {
+/// The image whose temporary file `name` is, if it is one of this module's (`.<uuid>.part`).
+fn temp_id(name: &str) -> Option<Uuid> {
     name.strip_prefix('.')
         .and_then(|rest| rest.strip_suffix(".part"))
-        .is_some_and(|id| Uuid::try_parse(id).is_ok())
+        .and_then(|id| Uuid::try_parse(id).ok())
+}
+
+/// An interrupted copy's temporary file, to resume into: only a regular file of this
+/// appliance's user with one link and mode 0600 (never through a link), as this module makes
+/// them; anything else is not trusted and is replaced.
+fn reopen(temp: &Path) -> Option<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(temp)
+        .ok()?;
+    let meta = file.metadata().ok()?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    (meta.is_file() && meta.uid() == me && meta.nlink() == 1 && meta.mode() & 0o7777 == 0o600)
+        .then_some(file)
 }
 
 impl ImageStore for Directory {
@@ -125,7 +146,7 @@ impl ImageStore for Directory {
         })
     }
 
-    fn open(&self, image: &Image) -> Result<Box<dyn Read + Send>, StoreError> {
+    fn open(&self, image: &Image, offset: u64) -> Result<Box<dyn Source>, StoreError> {
         self.trusted().map_err(|why| {
             StoreError::Fatal(format!(
                 "the image store of source region {} is unusable: {why}",
@@ -133,7 +154,7 @@ impl ImageStore for Directory {
             ))
         })?;
         let path = self.image_path(image.id);
-        let file = File::open(&path).map_err(|e| {
+        let mut file = File::open(&path).map_err(|e| {
             if e.kind() == io::ErrorKind::NotFound {
                 StoreError::Fatal(format!(
                     "the data of source image {} is missing ({})",
@@ -144,6 +165,10 @@ impl ImageStore for Directory {
                 StoreError::io("cannot open the source image", e)
             }
         })?;
+        if offset > 0 {
+            file.skip_to(offset)
+                .map_err(|e| StoreError::io("cannot read the source image", e))?;
+        }
         Ok(Box::new(file))
     }
 
@@ -160,14 +185,20 @@ impl ImageStore for Directory {
             ))
         })?;
         let temp = self.temp_path(image.id);
-        let _ = fs::remove_file(&temp);
-        let out = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&temp)
-            .map_err(|e| StoreError::io("cannot create the temporary file", e))?;
+        let out = match reopen(&temp) {
+            Some(out) => out,
+            None => {
+                let _ = fs::remove_file(&temp);
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&temp)
+                    .map_err(|e| StoreError::io("cannot create the temporary file", e))?
+            }
+        };
         let source_has_sha512 =
             source.os_hash_algo.as_deref() == Some("sha512") && source.os_hash_value.is_some();
         Ok(Box::new(DirectorySink {
@@ -203,7 +234,7 @@ impl ImageStore for Directory {
         crate::disk::space_of(&self.dir).ok()
     }
 
-    fn sweep(&self) {
+    fn sweep(&self, keep: &HashSet<Uuid>) {
         if let Err(why) = self.trusted() {
             tracing::warn!("not cleaning up a region: {why}");
             return;
@@ -212,7 +243,8 @@ impl ImageStore for Directory {
             return;
         };
         for entry in entries.flatten() {
-            if is_temp_name(&entry.file_name().to_string_lossy()) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if temp_id(&name).is_some_and(|id| !keep.contains(&id)) {
                 tracing::info!(file = %entry.path().display(), "removing a leftover temporary file");
                 let _ = fs::remove_file(entry.path());
             }
@@ -260,13 +292,53 @@ impl DirectorySink<'_> {
     }
 }
 
+impl Output for DirectorySink<'_> {
+    fn write(&mut self, chunk: &Chunk, offset: u64) -> io::Result<()> {
+        write_sparse(&self.out, chunk, offset)
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.out.sync_data()
+    }
+}
+
 impl Sink for DirectorySink<'_> {
     fn hashes(&self) -> Hashes {
         self.hashes
     }
 
-    fn write(&mut self, chunk: &Chunk, offset: u64) -> io::Result<()> {
-        write_sparse(&self.out, chunk, offset)
+    fn resume(&mut self, reference: &Manifest) -> Result<(usize, u64), StoreError> {
+        let failed = |e| StoreError::io("cannot check the partial copy", e);
+        let held = self.out.metadata().map_err(failed)?.len();
+        let mut verified = 0;
+        let mut buf = Vec::new();
+        for (i, want) in reference.chunks.iter().enumerate() {
+            let (offset, len) = (reference.offset(i), reference.chunk_len(i));
+            if offset + len as u64 > held {
+                break;
+            }
+            let got = if *want == Entry::Hole && is_hole(&self.out, offset, len as u64) {
+                Entry::Hole
+            } else {
+                buf.resize(len, 0);
+                self.out.read_exact_at(&mut buf, offset).map_err(failed)?;
+                Entry::of(&buf)
+            };
+            if got != *want {
+                break;
+            }
+            verified = i + 1;
+        }
+        // What follows the verified chunks is not trusted: gone, so holes stay holes.
+        let keep = reference.offset(verified).min(reference.size);
+        self.out.set_len(keep).map_err(failed)?;
+        Ok((verified, held))
+    }
+
+    fn prefix(&self, len: u64) -> Option<Box<dyn Read>> {
+        let mut file = self.out.try_clone().ok()?;
+        file.skip_to(0).ok()?;
+        Some(Box::new(file.take(len)))
     }
 
     fn finish(
@@ -292,7 +364,7 @@ impl Sink for DirectorySink<'_> {
     }
 
     fn abort(self: Box<Self>) -> Option<StoreError> {
-        let _ = fs::remove_file(&self.temp);
+        // The temporary file stays for a resume; the job's ending removes it.
         None
     }
 }
@@ -300,11 +372,14 @@ impl Sink for DirectorySink<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::copy::{Control, Stop, CHUNK};
+    use crate::copy::{Control, Plan, Progress, Stop, CHUNK};
+    use crate::manifest::{self, Entry};
     use crate::model::ImageStatus;
     use crate::regions::{transfer, TransferError};
     use md5::Md5;
     use sha2::{Digest, Sha512};
+    use std::cell::Cell;
+    use std::io::Cursor;
 
     fn image(id: Uuid) -> Image {
         Image {
@@ -328,6 +403,48 @@ mod tests {
         None
     }
 
+    /// Copies `data` into a new sink of `store` as `plan` says, stopping when `stop` says.
+    fn copy_into(
+        store: &Directory,
+        id: Uuid,
+        data: &[u8],
+        plan: impl FnOnce(&mut dyn Sink) -> Plan<'static>,
+        stop: &dyn Fn() -> Option<Stop>,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<(Recorded, crate::copy::Copied), TransferError> {
+        let new = image(id);
+        let mut sink = store.create(&new, &new, &|| false).expect("sink");
+        let plan = plan(&mut *sink);
+        transfer(
+            &mut Cursor::new(data.to_vec()),
+            sink,
+            plan,
+            &mut Control {
+                stop,
+                progress,
+                checkpoint: &mut |_, _| {},
+                limiter: None,
+            },
+            &|_| Ok(()),
+        )
+    }
+
+    /// Bytes of `chunks` whole chunks and a short one, each chunk different, one all zeros.
+    fn sample(chunks: usize) -> Vec<u8> {
+        let mut data = vec![0u8; chunks * CHUNK + 12_345];
+        for (i, b) in data.iter_mut().enumerate() {
+            if i / CHUNK != 1 {
+                *b = (i % 251) as u8 ^ (i / CHUNK) as u8;
+            }
+        }
+        data
+    }
+
+    fn manifest_of(data: &[u8]) -> Manifest {
+        let chunks = data.chunks(CHUNK).map(Entry::of).collect();
+        manifest::complete(data.len() as u64, Some("s".into()), chunks)
+    }
+
     #[test]
     fn a_copy_keeps_bytes_and_hashes_and_leaves_holes() {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -338,18 +455,14 @@ mod tests {
         let last = data.len() - 1;
         data[last] = 5;
         let id = Uuid::new_v4();
-        let new = image(id);
-        let sink = store.create(&new, &new, &|| false).expect("sink");
         let mut seen = Vec::new();
-        let recorded = transfer(
-            &mut data.as_slice(),
-            sink,
-            &mut Control {
-                stop: &never,
-                progress: &mut |n| seen.push(n),
-                limiter: None,
-            },
-            &|_| Ok(()),
+        let (recorded, copied) = copy_into(
+            &store,
+            id,
+            &data,
+            |sink| Plan::whole(sink.hashes()),
+            &never,
+            &mut |p| seen.push(p.done),
         )
         .expect("copy");
         let path = dir.path().join(id.to_string());
@@ -363,6 +476,8 @@ mod tests {
             recorded.os_hash_value,
             Some(crate::model::to_hex(&Sha512::digest(&data)))
         );
+        assert_eq!(copied.chunks, manifest_of(&data).chunks);
+        assert_eq!(copied.chunks[1], Entry::Hole);
         assert!(seen.windows(2).all(|w| w[0] < w[1]));
         let meta = fs::metadata(&path).expect("metadata");
         assert!(
@@ -375,27 +490,159 @@ mod tests {
     }
 
     #[test]
-    fn a_stop_ends_the_copy_at_a_chunk_boundary_and_leaves_nothing() {
+    fn a_stopped_copy_resumes_after_its_verified_chunks_and_reads_only_the_rest() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Directory::new(dir.path());
-        let data = vec![7u8; 4 * CHUNK];
-        let chunks = std::cell::Cell::new(0);
-        let stop = || (chunks.get() >= 2).then_some(Stop::Cancel);
-        let new = image(Uuid::new_v4());
-        let sink = store.create(&new, &new, &|| false).expect("sink");
-        let result = transfer(
-            &mut data.as_slice(),
-            sink,
-            &mut Control {
-                stop: &stop,
-                progress: &mut |_| chunks.set(chunks.get() + 1),
-                limiter: None,
+        let data = sample(4);
+        let m = manifest_of(&data);
+        let id = Uuid::new_v4();
+        let chunks = Cell::new(0);
+        let stop = || (chunks.get() >= 3).then_some(Stop::Shutdown);
+        let first = copy_into(
+            &store,
+            id,
+            &data,
+            |_| Plan {
+                manifest: Some(Box::leak(Box::new(m.clone()))),
+                done: Vec::new(),
+                hashes: Hashes {
+                    sha512: false,
+                    md5: false,
+                },
+                prefix: None,
             },
-            &|_| Ok(()),
+            &stop,
+            &mut |_| chunks.set(chunks.get() + 1),
         );
-        assert!(matches!(result, Err(TransferError::Stopped(Stop::Cancel))));
-        assert_eq!(chunks.get(), 2);
-        assert_eq!(fs::read_dir(dir.path()).expect("list").count(), 0);
+        assert!(matches!(first, Err(TransferError::Stopped(Stop::Shutdown))));
+        assert!(store.temp_path(id).exists(), "the partial file stays");
+        let mut done = 0;
+        let (_, copied) = copy_into(
+            &store,
+            id,
+            &data,
+            |sink| {
+                done = sink.resume(&m).expect("resume").0;
+                Plan {
+                    manifest: Some(Box::leak(Box::new(m.clone()))),
+                    done: m.chunks[..done].to_vec(),
+                    hashes: sink.hashes(),
+                    prefix: None,
+                }
+            },
+            &never,
+            &mut |_| {},
+        )
+        .expect("resumed copy");
+        assert_eq!(done, 3);
+        assert_eq!(copied.read, data.len() as u64 - 3 * CHUNK as u64);
+        assert_eq!(
+            fs::read(dir.path().join(id.to_string())).expect("read"),
+            data
+        );
+        assert_eq!(copied.chunks, m.chunks);
+    }
+
+    #[test]
+    fn a_damaged_chunk_of_a_partial_copy_is_not_kept() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Directory::new(dir.path());
+        let data = sample(4);
+        let m = manifest_of(&data);
+        let id = Uuid::new_v4();
+        fs::write(store.temp_path(id), &data[..3 * CHUNK]).expect("partial");
+        fs::set_permissions(store.temp_path(id), fs::Permissions::from_mode(0o600)).expect("mode");
+        let new = image(id);
+        let mut sink = store.create(&new, &new, &|| false).expect("sink");
+        assert_eq!(sink.resume(&m).expect("resume"), (3, 3 * CHUNK as u64));
+        drop(sink);
+        let file = OpenOptions::new()
+            .write(true)
+            .open(store.temp_path(id))
+            .expect("open");
+        file.write_all_at(b"x", 2 * CHUNK as u64 + 100)
+            .expect("damage");
+        let mut sink = store.create(&new, &new, &|| false).expect("sink");
+        assert_eq!(sink.resume(&m).expect("resume").0, 2);
+        let len = fs::metadata(store.temp_path(id)).expect("meta").len();
+        assert_eq!(
+            len,
+            2 * CHUNK as u64,
+            "what follows the verified part is cut"
+        );
+        // A partial file another user could have planted (not mode 0600) is not resumed.
+        drop(sink);
+        fs::set_permissions(store.temp_path(id), fs::Permissions::from_mode(0o644)).expect("mode");
+        let mut sink = store.create(&new, &new, &|| false).expect("sink");
+        assert_eq!(sink.resume(&m).expect("resume"), (0, 0));
+    }
+
+    #[test]
+    fn a_source_that_differs_from_its_manifest_fails_the_copy() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Directory::new(dir.path());
+        let data = sample(3);
+        let m = manifest_of(&data);
+        let mut changed = data.clone();
+        changed[2 * CHUNK + 5] ^= 1;
+        let result = copy_into(
+            &store,
+            Uuid::new_v4(),
+            &changed,
+            |sink| Plan {
+                manifest: Some(Box::leak(Box::new(m.clone()))),
+                done: Vec::new(),
+                hashes: sink.hashes(),
+                prefix: None,
+            },
+            &never,
+            &mut |_| {},
+        );
+        assert!(
+            matches!(&result, Err(TransferError::Failed(StoreError::Fatal(why))) if why.contains("chunk 2")),
+            "{result:?}"
+        );
+    }
+
+    #[test]
+    fn a_resumed_stream_hashes_the_whole_image() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Directory::new(dir.path());
+        let data = sample(3);
+        let partial = {
+            let mut p = Manifest::new(data.len() as u64);
+            p.chunks = manifest_of(&data).chunks[..2].to_vec();
+            p
+        };
+        let id = Uuid::new_v4();
+        fs::write(store.temp_path(id), &data[..2 * CHUNK + 10]).expect("partial");
+        fs::set_permissions(store.temp_path(id), fs::Permissions::from_mode(0o600)).expect("mode");
+        let (recorded, copied) = copy_into(
+            &store,
+            id,
+            &data,
+            |sink| {
+                let (n, _) = sink.resume(&partial).expect("resume");
+                Plan {
+                    manifest: None,
+                    done: partial.chunks[..n].to_vec(),
+                    hashes: sink.hashes(),
+                    prefix: sink.prefix((n * CHUNK) as u64),
+                }
+            },
+            &never,
+            &mut |_| {},
+        )
+        .expect("copy");
+        assert_eq!(copied.read, data.len() as u64 - 2 * CHUNK as u64);
+        assert_eq!(
+            recorded.os_hash_value,
+            Some(crate::model::to_hex(&Sha512::digest(&data)))
+        );
+        assert_eq!(
+            fs::read(dir.path().join(id.to_string())).expect("read"),
+            data
+        );
     }
 
     #[test]
@@ -404,12 +651,15 @@ mod tests {
         let store = Directory::new(dir.path());
         let new = image(Uuid::new_v4());
         let sink = store.create(&new, &new, &|| false).expect("sink");
+        let plan = Plan::whole(sink.hashes());
         let result = transfer(
-            &mut [1u8; 100].as_slice(),
+            &mut Cursor::new(vec![1u8; 100]),
             sink,
+            plan,
             &mut Control {
                 stop: &never,
                 progress: &mut |_| {},
+                checkpoint: &mut |_, _| {},
                 limiter: None,
             },
             &|_| Err(StoreError::Fatal("no".into())),
@@ -447,19 +697,27 @@ mod tests {
     }
 
     #[test]
-    fn sweep_removes_only_its_own_temporary_files() {
+    fn sweep_removes_only_its_own_temporary_files_but_those_it_is_told_to_keep() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Directory::new(dir.path());
-        let ours = format!(".{}.part", Uuid::new_v4());
-        for name in [ours.as_str(), ".notes.part", ".x.part", "keep"] {
+        let (ours, kept) = (Uuid::new_v4(), Uuid::new_v4());
+        let (ours, kept_name) = (format!(".{ours}.part"), format!(".{kept}.part"));
+        for name in [&ours, &kept_name, ".notes.part", ".x.part", "keep"] {
             fs::write(dir.path().join(name), b"x").expect("write");
         }
-        store.sweep();
+        store.sweep(&HashSet::from([kept]));
         let mut left: Vec<String> = fs::read_dir(dir.path())
             .expect("list")
             .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
             .collect();
         left.sort();
-        assert_eq!(left, [".notes.part", ".x.part", "keep"]);
+        let mut want = vec![
+            kept_name,
+            ".notes.part".into(),
+            ".x.part".into(),
+            "keep".into(),
+        ];
+        want.sort();
+        assert_eq!(left, want);
     }
 }

@@ -5,7 +5,7 @@
 //! upload on a thread of its own, and reads Glance's record of what it stored back as what the
 //! destination recorded (Glance hashes what it receives; the copy computes no hash itself).
 
-use std::io::{self, Read};
+use std::io;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use super::{ImageRecords, ImageStore, Recorded, Sink, StoreError};
-use crate::copy::{Chunk, Digests, Hashes, IN_FLIGHT};
+use crate::copy::{Chunk, Digests, Hashes, Output, Source, IN_FLIGHT};
 use crate::error::ServiceError;
 use crate::glance::Glance;
 use crate::model::{is_http_url, GlanceRegion, Image, ImageStatus};
@@ -64,8 +64,10 @@ impl ImageStore for GlanceStore {
         Some(self)
     }
 
-    fn open(&self, image: &Image) -> Result<Box<dyn Read + Send>, StoreError> {
-        Ok(Box::new(self.glance.download(image.id, image.size)?))
+    fn open(&self, image: &Image, offset: u64) -> Result<Box<dyn Source>, StoreError> {
+        Ok(Box::new(
+            self.glance.download(image.id, image.size, offset)?,
+        ))
     }
 
     fn create<'a>(
@@ -160,16 +162,22 @@ impl GlanceSink<'_> {
     }
 }
 
+impl Output for GlanceSink<'_> {
+    fn write(&mut self, chunk: &Chunk, _offset: u64) -> io::Result<()> {
+        self.hand_over(Some(Arc::clone(chunk)))
+    }
+
+    fn every_byte(&self) -> bool {
+        true
+    }
+}
+
 impl Sink for GlanceSink<'_> {
     fn hashes(&self) -> Hashes {
         Hashes {
             sha512: false,
             md5: false,
         }
-    }
-
-    fn write(&mut self, chunk: &Chunk, _offset: u64) -> io::Result<()> {
-        self.hand_over(Some(Arc::clone(chunk)))
     }
 
     fn finish(

@@ -4,22 +4,25 @@
 //! - [`directory`]: a local directory, one file per image; the appliance keeps the records.
 //! - [`glance`]: an OpenStack Glance v2 service, which keeps its own records.
 //!
-//! A copy reads the source store's [`ImageStore::open`] and streams it into the destination's
-//! [`Sink`] with [`transfer`]; the sink's `finish` says what the destination recorded, and the
-//! one [`verify`] rule compares that with the source record before the image is published.
-//! Everything here blocks: the worker copies on threads.
+//! A copy reads the source store's [`ImageStore::open`] and moves it into the destination's
+//! [`Sink`] with [`transfer`] (chunk by chunk, checked against the source's manifest where it
+//! has one, after what the sink holds verified already where it can resume); the sink's
+//! `finish` says what the destination recorded, and the one [`verify`] rule compares that
+//! with the source record before the image is published. Everything here blocks: the worker
+//! copies on threads.
 
 pub mod directory;
 pub mod glance;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, Read};
 use std::sync::{Arc, Mutex};
 
 use uuid::Uuid;
 
-use crate::copy::{stream, Chunk, Control, CopyError, Digests, Hashes, Stop};
+use crate::copy::{copy, Control, Copied, CopyError, Digests, Hashes, Output, Plan, Source, Stop};
 use crate::disk::Space;
+use crate::manifest::Manifest;
 use crate::model::{Image, Region, RegionKind};
 use crate::remote::RemoteError;
 use crate::text::excerpt;
@@ -99,8 +102,8 @@ pub trait ImageStore: Send + Sync {
     fn records(&self) -> Option<&dyn ImageRecords> {
         None
     }
-    /// The bytes of `image`.
-    fn open(&self, image: &Image) -> Result<Box<dyn Read + Send>, StoreError>;
+    /// The bytes of `image`, from byte `offset` on.
+    fn open(&self, image: &Image, offset: u64) -> Result<Box<dyn Source>, StoreError>;
     /// A sink for the bytes of the new image `image`, a copy of `source`. A copy must stop
     /// waiting on the destination as soon as `stopping` says so.
     fn create<'a>(
@@ -111,8 +114,9 @@ pub trait ImageStore: Send + Sync {
     ) -> Result<Box<dyn Sink + 'a>, StoreError>;
     /// Removes an image and whatever a copy left of it; one already gone is fine.
     fn remove(&self, id: Uuid) -> Result<(), StoreError>;
-    /// Start-up: removes what interrupted copies left behind.
-    fn sweep(&self) {}
+    /// Start-up: removes what interrupted copies left behind, but for the partial images in
+    /// `keep` (of copies that will resume).
+    fn sweep(&self, _keep: &HashSet<Uuid>) {}
     /// The room on the store's file system; `None` for a store that keeps its own quotas
     /// (Glance) or cannot tell.
     fn space(&self) -> Option<Space> {
@@ -127,11 +131,21 @@ pub trait ImageRecords {
     fn images(&self, owner: Option<&str>) -> Result<Vec<Image>, StoreError>;
 }
 
-/// Where a copy's bytes go, chunk by chunk, in order.
-pub trait Sink {
-    /// The hashes the stream must compute for [`Sink::finish`].
+/// Where a copy's bytes go, chunk by chunk, in order ([`Output`]).
+pub trait Sink: Output {
+    /// The hashes a stream must compute for [`Sink::finish`].
     fn hashes(&self) -> Hashes;
-    fn write(&mut self, chunk: &Chunk, offset: u64) -> io::Result<()>;
+    /// A copy starts again: how many leading chunks of `reference` (the source's manifest, or
+    /// the partial manifest the copy recorded) the sink holds already, checked now, and how
+    /// many bytes it held; what follows them is discarded. `(0, 0)` where a partial image
+    /// cannot be continued (Glance).
+    fn resume(&mut self, _reference: &Manifest) -> Result<(usize, u64), StoreError> {
+        Ok((0, 0))
+    }
+    /// The first `len` bytes the sink holds (to hash the part a resumed stream skips).
+    fn prefix(&self, _len: u64) -> Option<Box<dyn Read>> {
+        None
+    }
     /// After the last chunk: makes the image durable and returns what the destination
     /// recorded, publishing it only if `verify` accepts that.
     fn finish(
@@ -139,8 +153,9 @@ pub trait Sink {
         streamed: &Digests,
         verify: &dyn Fn(&Recorded) -> Result<(), StoreError>,
     ) -> Result<Recorded, StoreError>;
-    /// Abandons the image after a failure or a stop; the destination's own failure, if it
-    /// had one (it explains the stream's).
+    /// Leaves the image after a failure or a stop (what resumes keeps its partial file; the
+    /// job's ending removes it); the destination's own failure, if it had one (it explains
+    /// the stream's).
     fn abort(self: Box<Self>) -> Option<StoreError>;
 }
 
@@ -151,22 +166,20 @@ pub enum TransferError {
     Failed(StoreError),
 }
 
-/// Streams `input` into `sink` under `ctl`, then finishes the sink with `verify`.
+/// Copies `source` into `sink` as `plan` says under `ctl`, then finishes the sink with
+/// `verify`; what the destination recorded, and what the copy did.
 pub fn transfer(
-    input: &mut dyn Read,
+    source: &mut dyn Source,
     mut sink: Box<dyn Sink + '_>,
+    plan: Plan,
     ctl: &mut Control,
     verify: &dyn Fn(&Recorded) -> Result<(), StoreError>,
-) -> Result<Recorded, TransferError> {
-    let hashes = sink.hashes();
-    let streamed = stream(
-        input,
-        &mut |chunk, offset| sink.write(chunk, offset),
-        ctl,
-        hashes,
-    );
-    match streamed {
-        Ok(digests) => sink.finish(&digests, verify).map_err(TransferError::Failed),
+) -> Result<(Recorded, Copied), TransferError> {
+    match copy(source, &mut *sink, plan, ctl) {
+        Ok(copied) => sink
+            .finish(&copied.digests, verify)
+            .map(|recorded| (recorded, copied))
+            .map_err(TransferError::Failed),
         Err(e) => {
             let own = sink.abort();
             if let Some(stop) = (ctl.stop)() {
@@ -174,6 +187,9 @@ pub fn transfer(
             }
             Err(match (e, own) {
                 (CopyError::Stopped(stop), _) => TransferError::Stopped(stop),
+                (CopyError::Changed(why), _) => TransferError::Failed(StoreError::Fatal(format!(
+                    "the source image changed since its manifest was made: {why}"
+                ))),
                 (_, Some(own)) => TransferError::Failed(own),
                 (CopyError::Io(e), None) => TransferError::Failed(StoreError::io("copy failed", e)),
             })

@@ -8,8 +8,9 @@ use uuid::Uuid;
 
 use super::{check_format, parse_tenant, Service};
 use crate::auth::Principal;
-use crate::copy::Control;
+use crate::copy::{Control, Plan};
 use crate::error::{Result, ServiceError};
+use crate::manifest;
 use crate::model::{now, Image, ImageStatus, Region, TenantKey, CONTAINER_FORMATS, DISK_FORMATS};
 use crate::regions;
 use crate::store::JobQuery;
@@ -80,14 +81,21 @@ impl Service {
         let mut control = Control {
             stop: &|| None,
             progress: &mut |_| {},
+            checkpoint: &mut |_, _| {},
             limiter: None,
         };
         let written = images
             .create(&image, &image, &|| false)
             .map_err(regions::TransferError::Failed)
-            .and_then(|sink| regions::transfer(&mut file, sink, &mut control, &|_| Ok(())));
+            .and_then(|sink| {
+                let plan = Plan::whole(sink.hashes());
+                regions::transfer(&mut file, sink, plan, &mut control, &|_| Ok(()))
+            });
         match written {
-            Ok(written) => {
+            Ok((written, copied)) => {
+                let made =
+                    manifest::complete(written.size, written.os_hash_value.clone(), copied.chunks);
+                self.store.put_manifest(image.id, &made.encode())?;
                 image.status = ImageStatus::Active;
                 image.size = written.size;
                 image.checksum = written.checksum;
@@ -99,6 +107,7 @@ impl Service {
                 Ok(image)
             }
             Err(e) => {
+                let _ = images.remove(image.id);
                 self.store.remove_image(key, image.id)?;
                 self.flush()?;
                 let why = match e {
@@ -223,6 +232,7 @@ impl Service {
         image.status = ImageStatus::Deleted;
         image.updated_at = now();
         self.store.update_image(&image)?;
+        self.store.remove_manifest(image.id)?;
         self.flush()?;
         Ok(image)
     }

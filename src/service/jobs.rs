@@ -91,6 +91,10 @@ impl Service {
                 seeded: true,
                 enqueued: enqueue,
                 created_destination: None,
+                bytes_verified: 0,
+                source_bytes_read: 0,
+                resumes: 0,
+                reading: false,
                 wire,
             };
             records.push((key, job));
@@ -345,6 +349,10 @@ impl Service {
             seeded: false,
             enqueued: true,
             created_destination: None,
+            bytes_verified: 0,
+            source_bytes_read: 0,
+            resumes: 0,
+            reading: false,
         };
         self.store.insert_jobs(&[(owner, job.clone())])?;
         if let Some(device) = device {

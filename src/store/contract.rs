@@ -105,6 +105,10 @@ fn job(store: &dyn Repo, source: &str, status: JobStatus) -> (TenantKey, Job) {
         seeded: false,
         enqueued: true,
         created_destination: None,
+        bytes_verified: 0,
+        source_bytes_read: 0,
+        resumes: 0,
+        reading: false,
     };
     (key(source), job)
 }
@@ -420,6 +424,33 @@ pub fn orphans_are_remembered_until_removed(s: &dyn Repo) {
     assert_eq!(s.orphans().expect("list"), vec![(two, "g2".to_string())]);
 }
 
+pub fn manifests_are_kept_per_image_and_go_with_it(s: &dyn Repo) {
+    let (a, b) = (image(A, ImageStatus::Active), image(B, ImageStatus::Saving));
+    s.insert_image(key(A), &a).expect("insert a");
+    s.insert_image(key(B), &b).expect("insert b");
+    assert_eq!(s.manifest(a.id).expect("none yet"), None);
+    s.put_manifest(a.id, b"first").expect("put");
+    s.put_manifest(a.id, b"second").expect("replace");
+    s.put_manifest(b.id, b"partial").expect("put b");
+    assert_eq!(s.manifest(a.id).expect("get"), Some(b"second".to_vec()));
+    s.remove_manifest(a.id).expect("remove");
+    assert_eq!(s.manifest(a.id).expect("gone"), None);
+    s.put_manifest(a.id, b"again").expect("put");
+    s.remove_image(key(A), a.id).expect("remove image");
+    assert_eq!(s.manifest(a.id).expect("with its image"), None);
+    // A job's ending that removes its destination removes the destination's manifest too.
+    let (owner, j) = job(s, A, JobStatus::Replicating);
+    let id = j.wire.job_id;
+    s.insert_jobs(&[(owner, j)]).expect("insert job");
+    s.update_job(id, &|job| {
+        job.begin_ending(None, 3);
+        job.end(3);
+        Ok(ImageChange::Remove(key(B), b.id))
+    })
+    .expect("end");
+    assert_eq!(s.manifest(b.id).expect("with the ending"), None);
+}
+
 /// Runs every contract function against one backend, each on a fresh store, plus the check
 /// that what was flushed is there after the store is opened again.
 macro_rules! contract_suite {
@@ -446,7 +477,8 @@ macro_rules! contract_suite {
                 a_queued_job_is_claimed_by_one_worker_at_a_time,
                 the_version_changes_with_every_committed_job_write_only,
                 counts_and_tenant_references_follow_the_jobs,
-                orphans_are_remembered_until_removed
+                orphans_are_remembered_until_removed,
+                manifests_are_kept_per_image_and_go_with_it
             );
 
             #[test]

@@ -88,7 +88,13 @@ pub trait Registry: Send + Sync {
     fn insert_image(&self, owner: TenantKey, image: &Image) -> Result<()>;
     /// Rewrites an image whose owner did not change.
     fn update_image(&self, image: &Image) -> Result<()>;
+    /// Removes an image record, its owner index entry and its manifest.
     fn remove_image(&self, owner: TenantKey, id: Uuid) -> Result<()>;
+    /// The encoded chunk manifest of image `id` ([`crate::manifest`]): complete, or the
+    /// partial one of a copy that is writing it.
+    fn manifest(&self, id: Uuid) -> Result<Option<Vec<u8>>>;
+    fn put_manifest(&self, id: Uuid, manifest: &[u8]) -> Result<()>;
+    fn remove_manifest(&self, id: Uuid) -> Result<()>;
     /// Images in the `saving` state (a crash interrupted their import or copy).
     fn images_saving(&self) -> Result<Vec<Image>>;
 }
@@ -120,7 +126,7 @@ pub enum ImageChange {
     Insert(TenantKey, Image),
     /// Rewrites an existing image (same owner).
     Put(Image),
-    /// Removes an image record and its owner index entry.
+    /// Removes an image record, its owner index entry and its manifest.
     Remove(TenantKey, Uuid),
 }
 

@@ -63,6 +63,8 @@ struct Inner {
     token_lookup: Tree,
     images: Tree,
     images_by_tenant: Tree,
+    /// Chunk manifests of images (encoded by [`crate::manifest`]): image id → manifest.
+    manifests: Tree,
     jobs: Tree,
     jobs_by_seq: Tree,
     jobs_by_tenant: Tree,
@@ -330,6 +332,7 @@ impl Inner {
             token_lookup: tree("token_lookup")?,
             images: tree("images")?,
             images_by_tenant: tree("images_by_tenant")?,
+            manifests: tree("manifests")?,
             jobs: tree("jobs")?,
             jobs_by_seq: tree("jobs_by_seq")?,
             jobs_by_tenant: tree("jobs_by_tenant")?,
@@ -776,13 +779,32 @@ impl Registry for SledStore {
 
     fn remove_image(&self, owner: TenantKey, id: Uuid) -> Result<()> {
         self.with(|s| {
-            tx_result(
-                (&s.images, &s.images_by_tenant).transaction(|(images, by_tenant)| {
+            tx_result((&s.images, &s.images_by_tenant, &s.manifests).transaction(
+                |(images, by_tenant, manifests)| {
                     images.remove(id.as_bytes())?;
                     by_tenant.remove(cat(&[&owner.0, id.as_bytes()]))?;
+                    manifests.remove(id.as_bytes())?;
                     Ok(())
-                }),
-            )
+                },
+            ))
+        })
+    }
+
+    fn manifest(&self, id: Uuid) -> Result<Option<Vec<u8>>> {
+        self.with(|s| Ok(s.manifests.get(id.as_bytes())?.map(|v| v.to_vec())))
+    }
+
+    fn put_manifest(&self, id: Uuid, manifest: &[u8]) -> Result<()> {
+        self.with(|s| {
+            s.manifests.insert(id.as_bytes(), manifest)?;
+            Ok(())
+        })
+    }
+
+    fn remove_manifest(&self, id: Uuid) -> Result<()> {
+        self.with(|s| {
+            s.manifests.remove(id.as_bytes())?;
+            Ok(())
         })
     }
 
@@ -842,8 +864,14 @@ impl Jobs for SledStore {
     ) -> Result<Option<Job>> {
         self.with(|s| {
             let job = tx_result(
-                (&s.jobs, &s.queue, &s.images, &s.images_by_tenant).transaction(
-                    |(jobs, queue, images, by_tenant)| {
+                (
+                    &s.jobs,
+                    &s.queue,
+                    &s.images,
+                    &s.images_by_tenant,
+                    &s.manifests,
+                )
+                    .transaction(|(jobs, queue, images, by_tenant, manifests)| {
                         let Some(old) = jobs.get(id.as_bytes())? else {
                             return Ok(None);
                         };
@@ -860,13 +888,13 @@ impl Jobs for SledStore {
                             ImageChange::Remove(owner, image_id) => {
                                 images.remove(image_id.as_bytes())?;
                                 by_tenant.remove(cat(&[&owner.0, image_id.as_bytes()]))?;
+                                manifests.remove(image_id.as_bytes())?;
                             }
                         }
                         jobs.insert(id.as_bytes(), tx_encode(&job)?)?;
                         sync_queue(queue, &job)?;
                         Ok(Some(job))
-                    },
-                ),
+                    }),
             )?;
             if job.is_some() {
                 self.jobs_changed();

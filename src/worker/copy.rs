@@ -8,8 +8,11 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use super::{recovery::conclude, Ctx};
-use crate::copy::{Control, Stop};
+use crate::copy::{
+    Control, Copied, CopyError, Discard, Hashes, Plan, Progress, Source, Stop, CHUNK,
+};
 use crate::error::{Result, ServiceError};
+use crate::manifest::{self, Entry, Manifest};
 use crate::model::{now, Image, ImageStatus, Job, JobStatus, Region, TenantKey};
 use crate::regions::{transfer, verify, ImageStore, Recorded, StoreError, TransferError};
 use crate::store::ImageChange;
@@ -234,10 +237,69 @@ fn copy_once(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> std::result::Result<()
         cancel,
         source: &source,
     };
-    let mut input = src_store.open(&source)?;
+    // The source's manifest where the appliance keeps the source's record (made once for an
+    // image that predates manifests); a source without one streams, hashed whole.
+    let src_manifest = match src_store.records() {
+        None if source.os_hash_algo.as_deref() == Some("sha512") => {
+            Some(source_manifest(ctx, &*src_store, &source, &copy)?)
+        }
+        _ => None,
+    };
     let stopping = || copy.stopping().is_some();
-    let sink = dst_store.create(&dst_image, &source, &stopping)?;
-    let recorded = copy.run(&mut *input, sink)?;
+    let mut sink = dst_store.create(&dst_image, &source, &stopping)?;
+    // What an interrupted attempt left at the destination, checked against the source's
+    // manifest, or else against the partial manifest that attempt recorded.
+    let reference = match &src_manifest {
+        Some(m) => Some(m.clone()),
+        None if keeps_record => manifest::load_as(&**store, dst_image.id, |m| {
+            m.size == source.size && m.chunk_size as usize == CHUNK
+        })?,
+        None => None,
+    };
+    let (mut done, held) = match &reference {
+        Some(r) => {
+            let (n, held) = sink.resume(r)?;
+            (r.chunks[..n].to_vec(), held)
+        }
+        None => (Vec::new(), 0),
+    };
+    if src_manifest.is_none() {
+        // A stream resumes after whole chunks only.
+        done.truncate((source.size / CHUNK as u64) as usize);
+    }
+    let verified = match &src_manifest {
+        Some(m) => m.offset(done.len()).min(m.size),
+        None => (done.len() * CHUNK) as u64,
+    };
+    let began = store.update_job(id, &|job| {
+        job.begin_attempt(verified, held, CHUNK as u64, now());
+        Ok(ImageChange::None)
+    })?;
+    store.flush()?;
+    let read_before = began.map_or(0, |j| j.source_bytes_read);
+    if verified > 0 {
+        tracing::info!(job = %id, verified, of = source.size, "resuming after the verified part of the destination");
+        ctx.parts.metrics.resumes.fetch_add(1, Ordering::Relaxed);
+        ctx.parts
+            .metrics
+            .bytes_resumed
+            .fetch_add(verified, Ordering::Relaxed);
+    }
+    let plan = Plan {
+        manifest: src_manifest.as_ref(),
+        prefix: (src_manifest.is_none() && verified > 0)
+            .then(|| sink.prefix(verified))
+            .flatten(),
+        done,
+        hashes: sink.hashes(),
+    };
+    let mut input = src_store.open(&source, verified)?;
+    let partial = Partial {
+        image: keeps_record.then_some(dst_image.id),
+        streamed: src_manifest.is_none(),
+        read_before,
+    };
+    let (recorded, copied) = copy.run(&mut *input, sink, plan, &partial)?;
     let active = keeps_record.then(|| {
         let mut active = dst_image.clone();
         active.status = ImageStatus::Active;
@@ -249,10 +311,16 @@ fn copy_once(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> std::result::Result<()
         active.updated_at = now();
         active
     });
+    if let Some(image) = &active {
+        let made = manifest::complete(image.size, image.os_hash_value.clone(), copied.chunks);
+        store.put_manifest(image.id, &made.encode())?;
+    }
+    let read = read_before + copied.read;
     let finished = store.update_job(id, &|job| {
         if !job.complete(now()) {
             return Ok(ImageChange::None);
         }
+        job.source_bytes_read = read;
         Ok(match &active {
             Some(image) => ImageChange::Put(image.clone()),
             None => ImageChange::None,
@@ -261,12 +329,66 @@ fn copy_once(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> std::result::Result<()
     store.flush()?;
     match finished.map(|j| j.wire.status) {
         Some(JobStatus::Replicated) => {
-            tracing::info!(job = %id, bytes = source.size, "replicated");
+            tracing::info!(job = %id, bytes = source.size, read = copied.read, "replicated");
             Ok(())
         }
         // A cancel won the race against the last chunk: it is honoured.
         _ => Err(Failure::Stopped(Stop::Cancel)),
     }
+}
+
+/// The manifest of a source image whose record the appliance keeps. One that predates
+/// manifests (or whose manifest is damaged) gets one now, once: the image is read whole with
+/// its SHA-512, which must match the record, as a copy without a manifest would check it.
+fn source_manifest(
+    ctx: &Ctx,
+    store: &dyn ImageStore,
+    source: &Image,
+    copy: &Copy,
+) -> std::result::Result<Manifest, Failure> {
+    if let Some(m) = manifest::load(&*ctx.parts.store, source)? {
+        return Ok(m);
+    }
+    tracing::info!(image = %source.id, "making the image's manifest (it has none yet)");
+    let mut input = store.open(source, 0)?;
+    let stop = || copy.stopping();
+    let mut control = Control {
+        stop: &stop,
+        progress: &mut |_| {},
+        checkpoint: &mut |_, _| {},
+        limiter: None,
+    };
+    let hashes = Hashes {
+        sha512: true,
+        md5: false,
+    };
+    let made = crate::copy::copy(&mut *input, &mut Discard, Plan::whole(hashes), &mut control)
+        .map_err(|e| match e {
+            CopyError::Stopped(stop) => Failure::Stopped(stop),
+            CopyError::Io(e) => StoreError::io("cannot read the source image", e).into(),
+            CopyError::Changed(why) => Failure::Fatal(why),
+        })?;
+    let read = Recorded {
+        size: made.digests.size,
+        checksum: None,
+        os_hash_algo: Some("sha512".into()),
+        os_hash_value: made.digests.sha512.clone(),
+    };
+    verify(source, &read)?;
+    let m = manifest::complete(source.size, made.digests.sha512, made.chunks);
+    ctx.parts.store.put_manifest(source.id, &m.encode())?;
+    Ok(m)
+}
+
+/// What a copy attempt records at its checkpoints besides the job's counters.
+struct Partial {
+    /// The destination image whose partial manifest is kept, where the appliance keeps its
+    /// record (a stream source's resume checks against it).
+    image: Option<Uuid>,
+    /// The source streams (has no manifest).
+    streamed: bool,
+    /// Bytes read from the source by earlier attempts.
+    read_before: u64,
 }
 
 /// One copy attempt's stream of bytes, with progress, cancel and the bandwidth cap.
@@ -289,29 +411,39 @@ impl Copy<'_> {
         }
     }
 
-    /// Streams `input` into `sink` with this job's progress, stop and bandwidth control; the
-    /// destination publishes the image only if what it recorded matches the source record.
+    /// Copies `input` into `sink` as `plan` says with this job's progress, checkpoints, stop
+    /// and bandwidth control; the destination publishes the image only if what it recorded
+    /// matches the source record.
     fn run(
         &self,
-        input: &mut dyn std::io::Read,
+        input: &mut dyn Source,
         sink: Box<dyn crate::regions::Sink + '_>,
-    ) -> std::result::Result<Recorded, Failure> {
+        plan: Plan,
+        partial: &Partial,
+    ) -> std::result::Result<(Recorded, Copied), Failure> {
         let (ctx, id, size) = (self.ctx, self.id, self.source.size);
         let store = &ctx.parts.store;
+        let metrics = &ctx.parts.metrics;
         let cancel_seen = Cell::new(false);
         let stop = || {
             self.stopping()
                 .or_else(|| cancel_seen.get().then_some(Stop::Cancel))
         };
         let mut persisted = (0u8, Instant::now());
-        let mut counted = 0u64;
-        let mut progress = |copied: u64| {
-            ctx.parts.space.progress(id, copied);
-            ctx.parts
-                .metrics
+        let mut counted = Progress {
+            done: plan.done_bytes(size),
+            read: 0,
+        };
+        let mut progress = |now_at: Progress| {
+            ctx.parts.space.progress(id, now_at.done);
+            metrics
                 .bytes_copied
-                .fetch_add(copied.saturating_sub(counted), Ordering::Relaxed);
-            counted = copied;
+                .fetch_add(now_at.done.saturating_sub(counted.done), Ordering::Relaxed);
+            metrics
+                .source_bytes_read
+                .fetch_add(now_at.read.saturating_sub(counted.read), Ordering::Relaxed);
+            counted = now_at;
+            let copied = now_at.done;
             let percent = (copied.min(size) * 100)
                 .checked_div(size)
                 .map_or(100, |p| p as u8);
@@ -331,12 +463,35 @@ impl Copy<'_> {
                 Err(e) => tracing::warn!(job = %id, "cannot record progress: {e}"),
             }
         };
+        let mut checkpoint = |chunks: &[Entry], read: u64| {
+            let verified = ((chunks.len() * CHUNK) as u64).min(size);
+            if let (Some(image), true) = (partial.image, partial.streamed) {
+                let mut m = Manifest::new(size);
+                m.chunks = chunks.to_vec();
+                if let Err(e) = store.put_manifest(image, &m.encode()) {
+                    tracing::warn!(job = %id, "cannot record the verified part: {e}");
+                    return;
+                }
+            }
+            let paused = self.stopping() == Some(Stop::Shutdown);
+            let read = partial.read_before + read;
+            let recorded = store
+                .update_job(id, &|job| {
+                    job.checkpoint(verified, read, paused, now());
+                    Ok(ImageChange::None)
+                })
+                .and_then(|_| store.flush());
+            if let Err(e) = recorded {
+                tracing::warn!(job = %id, "cannot record the verified part: {e}");
+            }
+        };
         let mut control = Control {
             stop: &stop,
             progress: &mut progress,
+            checkpoint: &mut checkpoint,
             limiter: ctx.limiter.as_ref(),
         };
-        Ok(transfer(input, sink, &mut control, &|recorded| {
+        Ok(transfer(input, sink, plan, &mut control, &|recorded| {
             verify(self.source, recorded)
         })?)
     }

@@ -19,16 +19,17 @@ const ORPHAN_SWEEP: Duration = Duration::from_secs(2);
 /// left in the regions, and images an interrupted import left `saving`.
 pub fn recover(parts: &Parts) -> Result<()> {
     let store = &parts.store;
-    for region in store.regions()? {
-        match parts.stores.get(&region) {
-            Ok(images) => images.sweep(),
-            Err(e) => tracing::warn!(region = %region.id, "cannot clean up the region: {e}"),
-        }
-    }
+    // The partial images of queued jobs stay: their copies resume from them.
     let mut destinations = HashSet::new();
     for id in store.queued()? {
         if let Some(job) = store.job(id)? {
             destinations.extend(job.created_destination);
+        }
+    }
+    for region in store.regions()? {
+        match parts.stores.get(&region) {
+            Ok(images) => images.sweep(&destinations),
+            Err(e) => tracing::warn!(region = %region.id, "cannot clean up the region: {e}"),
         }
     }
     for mut image in store.images_saving()? {
