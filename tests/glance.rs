@@ -280,6 +280,37 @@ fn a_source_glance_that_drops_mid_copy_is_resumed_with_range() {
 }
 
 #[test]
+fn a_copy_from_glance_killed_mid_copy_resumes_with_range_after_its_verified_part() {
+    let t = no_auth_lab();
+    let data = qcow2(t.lab.dir.path(), 64, 4);
+    let size = data.len() as u64;
+    let source = t.os.upload(0, None, TENANT_A, "qcow2", data.clone());
+    let mut server = t.lab.serve_with(&["--max-bandwidth", "8M"]);
+    let job = server.copy_ok(&t.token_a, &source, TENANT_DIR);
+    server.wait_job(&t.token_a, &job, MINUTE, |j| {
+        j["copy_progress"].as_u64().unwrap_or(0) >= 40
+    });
+    server.kill_9();
+    drop(server);
+    let before = t.lab.ok_json(&["job", "show", &job]);
+    let verified = before["bytes_verified"].as_u64().expect("bytes_verified");
+    assert!(verified > 0, "nothing was recorded as verified: {before}");
+    let server = t.lab.serve_with(&[]);
+    let done = server.wait_job(&t.token_a, &job, MINUTE, terminal);
+    assert_eq!(done["status"], "replicated", "log:\n{}", server.log_text());
+    let record = t.lab.ok_json(&["job", "show", &job]);
+    assert_eq!(record["resumes"], 1, "{record}");
+    let read = record["source_bytes_read"].as_u64().expect("read");
+    assert!(
+        read as f64 <= 1.3 * size as f64,
+        "{read} bytes read from Glance for a {size}-byte image"
+    );
+    let dst = done["destination_image_id"].as_str().expect("destination id");
+    let file = t.lab.data_dir().join("regions/d").join(dst);
+    assert!(std::fs::read(file).expect("the copy's file") == data);
+}
+
+#[test]
 fn a_source_glance_that_is_down_at_post_time_is_a_409() {
     let mut t = no_auth_lab();
     let source = t.os.upload(0, None, TENANT_A, "raw", vec![1u8; 4096]);
