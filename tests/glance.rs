@@ -305,7 +305,9 @@ fn a_copy_from_glance_killed_mid_copy_resumes_with_range_after_its_verified_part
         read as f64 <= 1.3 * size as f64,
         "{read} bytes read from Glance for a {size}-byte image"
     );
-    let dst = done["destination_image_id"].as_str().expect("destination id");
+    let dst = done["destination_image_id"]
+        .as_str()
+        .expect("destination id");
     let file = t.lab.data_dir().join("regions/d").join(dst);
     assert!(std::fs::read(file).expect("the copy's file") == data);
 }

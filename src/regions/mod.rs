@@ -188,7 +188,7 @@ pub fn transfer(
             Err(match (e, own) {
                 (CopyError::Stopped(stop), _) => TransferError::Stopped(stop),
                 (CopyError::Changed(why), _) => TransferError::Failed(StoreError::Fatal(format!(
-                    "the source image changed since its manifest was made: {why}"
+                    "the source image changed since it was recorded: {why}"
                 ))),
                 (_, Some(own)) => TransferError::Failed(own),
                 (CopyError::Io(e), None) => TransferError::Failed(StoreError::io("copy failed", e)),
