@@ -28,8 +28,10 @@ use crate::manifest::{is_zero, Entry, Manifest, CHUNK_SIZE};
 /// A chunk of an image, shared by the writer and the hashing threads.
 pub type Chunk = Arc<Vec<u8>>;
 
-/// Read unit of copies: one manifest chunk.
-pub const CHUNK: usize = CHUNK_SIZE;
+/// Read unit of copies: whole manifest chunks ([`CHUNK_SIZE`]) at a time.
+pub const CHUNK: usize = 1 << 20;
+/// Manifest chunks per read.
+const PER_READ: usize = CHUNK / CHUNK_SIZE;
 /// Unit of hole detection: a block of this many zero bytes is skipped, not written.
 const BLOCK: usize = 4096;
 /// Chunks in flight to each hashing thread.
@@ -191,12 +193,33 @@ fn hash_thread<D: Digest>(rx: Receiver<Chunk>) -> Vec<u8> {
     digest.finalize().to_vec()
 }
 
-fn entry_thread(rx: Receiver<Chunk>, tx: Sender<Entry>) {
-    for chunk in rx {
-        if tx.send(Entry::of(&chunk)).is_err() {
+/// The manifest entries of each read's chunks.
+fn entry_thread(rx: Receiver<Chunk>, tx: Sender<Vec<Entry>>) {
+    for read in rx {
+        if tx
+            .send(read.chunks(CHUNK_SIZE).map(Entry::of).collect())
+            .is_err()
+        {
             return;
         }
     }
+}
+
+/// Writes `len` zero bytes at `offset` to an output that takes every byte, under the cap.
+fn write_zeros(
+    out: &mut dyn Output,
+    ctl: &Control,
+    offset: u64,
+    len: u64,
+) -> Result<(), CopyError> {
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(CHUNK as u64) as usize;
+        throttle(ctl, n)?;
+        out.write(&Arc::new(vec![0u8; n]), offset + at)?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 /// Writes `chunk` at `offset`, skipping whole zero blocks.
@@ -287,7 +310,7 @@ pub struct Plan<'a> {
 impl Plan<'_> {
     /// Bytes of an image of `size` bytes that the `done` chunks cover.
     pub fn done_bytes(&self, size: u64) -> u64 {
-        ((self.done.len() * CHUNK) as u64).min(size)
+        ((self.done.len() * CHUNK_SIZE) as u64).min(size)
     }
 
     /// A copy from the first byte on, computing `hashes`.
@@ -311,22 +334,24 @@ pub struct Copied {
     pub read: u64,
 }
 
-/// A chunk whose entry is known, or on its way from the hashing thread.
+/// Chunks whose entries are known, or on their way from the hashing thread (one read's).
 enum Pending {
-    Known(Entry),
+    Holes(usize),
     Hashed {
+        /// Index of the read's first chunk.
         index: usize,
-        offset: u64,
-        len: usize,
-        expected: Option<Entry>,
+        /// What the manifest says of each of its chunks (nothing without a manifest).
+        expected: Vec<Entry>,
     },
 }
 
-/// The chunks in flight, resolved in order into `chunks`.
+/// The reads in flight, resolved in order into `chunks`.
 struct InFlight {
     pending: VecDeque<Pending>,
-    results: Receiver<Entry>,
+    results: Receiver<Vec<Entry>>,
     chunks: Vec<Entry>,
+    /// Index of the next chunk to read.
+    next: usize,
 }
 
 impl InFlight {
@@ -334,14 +359,12 @@ impl InFlight {
     /// waits for every one if `wait`.
     fn drain(&mut self, wait: bool) -> Result<(), CopyError> {
         while let Some(front) = self.pending.front() {
-            let entry = match *front {
-                Pending::Known(entry) => entry,
-                Pending::Hashed {
-                    index,
-                    offset,
-                    len,
-                    expected,
-                } => {
+            match front {
+                Pending::Holes(n) => {
+                    let n = *n;
+                    self.chunks.extend(std::iter::repeat_n(Entry::Hole, n));
+                }
+                Pending::Hashed { index, expected } => {
                     let got = if wait {
                         self.results.recv().map_err(|_| hasher_gone())?
                     } else {
@@ -351,24 +374,20 @@ impl InFlight {
                             Err(TryRecvError::Disconnected) => return Err(hasher_gone().into()),
                         }
                     };
-                    if expected.is_some_and(|e| e != got) {
+                    if let Some(bad) = (0..expected.len()).find(|&i| expected[i] != got[i]) {
+                        let chunk = index + bad;
+                        let offset = (chunk * CHUNK_SIZE) as u64;
                         return Err(CopyError::Changed(format!(
-                            "chunk {index} (bytes {offset} to {}) differs from the image's manifest",
-                            offset + len as u64
+                            "chunk {chunk} (bytes {offset} to {}) differs from the image's manifest",
+                            offset + CHUNK_SIZE as u64
                         )));
                     }
-                    got
+                    self.chunks.extend(got);
                 }
-            };
-            self.chunks.push(entry);
+            }
             self.pending.pop_front();
         }
         Ok(())
-    }
-
-    /// Index of the next chunk to read.
-    fn next(&self) -> usize {
-        self.chunks.len() + self.pending.len()
     }
 }
 
@@ -400,10 +419,10 @@ pub fn copy(
     };
     let start = match manifest {
         Some(m) => m.offset(done.len()).min(m.size),
-        None => (done.len() * CHUNK) as u64,
+        None => (done.len() * CHUNK_SIZE) as u64,
     };
     let (entry_tx, entry_rx) = sync_channel::<Chunk>(IN_FLIGHT);
-    let (result_tx, results) = channel::<Entry>();
+    let (result_tx, results) = channel::<Vec<Entry>>();
     let (sha_tx, sha_rx) = sync_channel::<Chunk>(IN_FLIGHT);
     let (md5_tx, md5_rx) = sync_channel::<Chunk>(IN_FLIGHT);
     let sha_tx = hashes.sha512.then_some(sha_tx);
@@ -419,10 +438,11 @@ pub fn copy(
         let mut flight = InFlight {
             pending: VecDeque::new(),
             results,
+            next: done.len(),
             chunks: done,
         };
         let mut read = 0u64;
-        let mut end = start;
+        let mut end_at = start;
         let copied = (|| -> Result<(), CopyError> {
             if start > 0 && (hashes.sha512 || hashes.md5) {
                 let mut prefix = prefix.ok_or_else(|| {
@@ -455,28 +475,44 @@ pub fn copy(
                 if let Some(stop) = (ctl.stop)() {
                     return Err(CopyError::Stopped(stop));
                 }
-                let index = flight.next();
-                let offset = (index * CHUNK) as u64;
+                let index = flight.next;
+                let offset = (index * CHUNK_SIZE) as u64;
+                // This read: up to a megabyte of chunks, those the manifest says hold data,
+                // or a run of holes that turned out not to be holes in the source's file.
                 let (len, expected) = match manifest {
                     Some(m) if index >= m.chunk_count() => return Ok(()),
-                    Some(m) => (m.chunk_len(index), m.chunks.get(index).copied()),
-                    None => (CHUNK, None),
-                };
-                if expected == Some(Entry::Hole) {
-                    let hole = source.is_hole(offset, len as u64);
-                    // Asking may have moved the source's position.
-                    at = u64::MAX;
-                    if hole {
-                        if out.every_byte() {
-                            throttle(ctl, len)?;
-                            out.write(&Arc::new(vec![0u8; len]), offset)?;
+                    Some(m) => {
+                        let kind = |i: usize| m.chunks.get(i).map(|e| *e == Entry::Hole);
+                        let hole = kind(index) == Some(true);
+                        let mut end = index + 1;
+                        while end < m.chunk_count() && kind(end) == Some(hole) {
+                            end += 1;
+                            if !hole && end - index == PER_READ {
+                                break;
+                            }
                         }
-                        flight.pending.push_back(Pending::Known(Entry::Hole));
-                        end = offset + len as u64;
-                        (ctl.progress)(Progress { done: end, read });
-                        continue;
+                        if hole {
+                            let run = m.offset(end).min(m.size) - offset;
+                            let is_hole = source.is_hole(offset, run);
+                            // Asking may have moved the source's position.
+                            at = u64::MAX;
+                            if is_hole {
+                                if out.every_byte() {
+                                    write_zeros(out, ctl, offset, run)?;
+                                }
+                                flight.pending.push_back(Pending::Holes(end - index));
+                                flight.next = end;
+                                end_at = offset + run;
+                                (ctl.progress)(Progress { done: end_at, read });
+                                continue;
+                            }
+                            end = end.min(index + PER_READ);
+                        }
+                        let len = (m.offset(end).min(m.size) - offset) as usize;
+                        (len, m.chunks[index..end].to_vec())
                     }
-                }
+                    None => (CHUNK, Vec::new()),
+                };
                 if at != offset {
                     source.skip_to(offset)?;
                     at = offset;
@@ -502,15 +538,13 @@ pub fn copy(
                     tx.send(Arc::clone(&chunk)).map_err(|_| hasher_gone())?;
                 }
                 out.write(&chunk, offset)?;
-                flight.pending.push_back(Pending::Hashed {
-                    index,
-                    offset,
-                    len: n,
-                    expected,
-                });
+                flight.next = index + n.div_ceil(CHUNK_SIZE);
+                flight
+                    .pending
+                    .push_back(Pending::Hashed { index, expected });
                 flight.drain(false)?;
-                end = offset + n as u64;
-                (ctl.progress)(Progress { done: end, read });
+                end_at = offset + n as u64;
+                (ctl.progress)(Progress { done: end_at, read });
                 if manifest.is_none() && n < CHUNK {
                     return Ok(());
                 }
@@ -543,7 +577,7 @@ pub fn copy(
         copied?;
         Ok(Copied {
             digests: Digests {
-                size: manifest.map_or(end, |m| m.size),
+                size: manifest.map_or(end_at, |m| m.size),
                 md5: md5.map(|d| crate::model::to_hex(&d)),
                 sha512: match manifest {
                     Some(m) => m.sha512.clone(),

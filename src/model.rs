@@ -632,10 +632,12 @@ impl Job {
         self.updated_at = at;
     }
 
-    /// What the destination made durable is verified up to `verified`; `read` bytes were read
-    /// from the source in all; `paused` if the attempt stops here (nothing more is read).
-    pub fn checkpoint(&mut self, verified: u64, read: u64, paused: bool, at: u64) {
-        self.bytes_verified = verified;
+    /// What the destination made durable is verified up to `verified` (unchanged if `None`);
+    /// `read` bytes were read from the source in all; `paused` if the attempt stops here.
+    pub fn checkpoint(&mut self, verified: Option<u64>, read: u64, paused: bool, at: u64) {
+        if let Some(verified) = verified {
+            self.bytes_verified = verified;
+        }
         self.source_bytes_read = read;
         self.reading = !paused;
         self.updated_at = at;

@@ -314,7 +314,8 @@ impl Sink for DirectorySink<'_> {
         let mut buf = Vec::new();
         for (i, want) in reference.chunks.iter().enumerate() {
             let (offset, len) = (reference.offset(i), reference.chunk_len(i));
-            if offset + len as u64 > held {
+            // Zeros past the end are held: the file is extended over them (a hole).
+            if offset + len as u64 > held && *want != Entry::Hole {
                 break;
             }
             let got = if *want == Entry::Hole && is_hole(&self.out, offset, len as u64) {
@@ -372,7 +373,8 @@ impl Sink for DirectorySink<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::copy::{Control, Plan, Progress, Stop, CHUNK};
+    use crate::copy::{Control, Plan, Progress, Stop};
+    use crate::manifest::CHUNK_SIZE as CHUNK;
     use crate::manifest::{self, Entry};
     use crate::model::ImageStatus;
     use crate::regions::{transfer, TransferError};
@@ -493,10 +495,12 @@ mod tests {
     fn a_stopped_copy_resumes_after_its_verified_chunks_and_reads_only_the_rest() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Directory::new(dir.path());
-        let data = sample(4);
+        // 64 chunks and a short one: five reads of up to 16 chunks.
+        let data = sample(64);
         let m = manifest_of(&data);
         let id = Uuid::new_v4();
         let chunks = Cell::new(0);
+        // Reads: chunk 0, chunk 1 (zeros), chunks 2 to 17; then the stop.
         let stop = || (chunks.get() >= 3).then_some(Stop::Shutdown);
         let first = copy_into(
             &store,
@@ -534,8 +538,8 @@ mod tests {
             &mut |_| {},
         )
         .expect("resumed copy");
-        assert_eq!(done, 3);
-        assert_eq!(copied.read, data.len() as u64 - 3 * CHUNK as u64);
+        assert_eq!(done, 18);
+        assert_eq!(copied.read, data.len() as u64 - 18 * CHUNK as u64);
         assert_eq!(
             fs::read(dir.path().join(id.to_string())).expect("read"),
             data
