@@ -7,7 +7,7 @@
 #   scripts/chunk-size.sh [--no-build] [--keep] [--tmpdir DIR]
 #
 # Build A: a 1 GiB raw file made by `mkfs.ext4 -d` from a copy of /usr/bin, /usr/lib/python3*
-# and /usr/share without locale, man pages and package lists (about 650 MB, 27,000 files).
+# and /usr/share without locale, man pages and package lists (665 MiB, 28,000 entries here).
 # Build B: the same tree after a mimicked package update (binaries rebuilt, Python sources
 # edited, docs appended, a new 20 MiB package, a removed package and scattered deletions),
 # written three ways:
