@@ -395,6 +395,35 @@ fn hasher_gone() -> io::Error {
     io::Error::other("a hashing thread stopped")
 }
 
+/// Hands the first `len` bytes a resumed copy holds to the whole-image hashers.
+fn feed_prefix(
+    mut prefix: Box<dyn Read + '_>,
+    len: u64,
+    hashers: &[&std::sync::mpsc::SyncSender<Chunk>],
+) -> Result<(), CopyError> {
+    let mut fed = 0u64;
+    while fed < len {
+        let mut buf = vec![0u8; CHUNK.min((len - fed) as usize)];
+        let n = read_full(&mut *prefix, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        buf.truncate(n);
+        fed += n as u64;
+        let chunk = Arc::new(buf);
+        for tx in hashers {
+            tx.send(Arc::clone(&chunk)).map_err(|_| hasher_gone())?;
+        }
+    }
+    if fed != len {
+        return Err(io::Error::other(format!(
+            "the destination holds {fed} of the {len} bytes it verified"
+        ))
+        .into());
+    }
+    Ok(())
+}
+
 /// Copies `source` to `out` as `plan` says, under `ctl`.
 pub fn copy(
     source: &mut dyn Source,
@@ -445,29 +474,11 @@ pub fn copy(
         let mut end_at = start;
         let copied = (|| -> Result<(), CopyError> {
             if start > 0 && (hashes.sha512 || hashes.md5) {
-                let mut prefix = prefix.ok_or_else(|| {
+                let prefix = prefix.ok_or_else(|| {
                     io::Error::other("a resumed copy needs the bytes it holds already")
                 })?;
-                let mut fed = 0u64;
-                while fed < start {
-                    let mut buf = vec![0u8; CHUNK.min((start - fed) as usize)];
-                    let n = read_full(&mut *prefix, &mut buf)?;
-                    if n == 0 {
-                        break;
-                    }
-                    buf.truncate(n);
-                    fed += n as u64;
-                    let chunk = Arc::new(buf);
-                    for tx in sha_tx.iter().chain(&md5_tx) {
-                        tx.send(Arc::clone(&chunk)).map_err(|_| hasher_gone())?;
-                    }
-                }
-                if fed != start {
-                    return Err(io::Error::other(format!(
-                        "the destination holds {fed} of the {start} bytes it verified"
-                    ))
-                    .into());
-                }
+                let hashers: Vec<_> = sha_tx.iter().chain(&md5_tx).collect();
+                feed_prefix(prefix, start, &hashers)?;
             }
             let mut at = 0u64;
             let mut last_checkpoint = Instant::now();
@@ -482,15 +493,7 @@ pub fn copy(
                 let (len, expected) = match manifest {
                     Some(m) if index >= m.chunk_count() => return Ok(()),
                     Some(m) => {
-                        let kind = |i: usize| m.chunks.get(i).map(|e| *e == Entry::Hole);
-                        let hole = kind(index) == Some(true);
-                        let mut end = index + 1;
-                        while end < m.chunk_count() && kind(end) == Some(hole) {
-                            end += 1;
-                            if !hole && end - index == PER_READ {
-                                break;
-                            }
-                        }
+                        let (mut end, hole) = m.run_from(index, PER_READ);
                         if hole {
                             let run = m.offset(end).min(m.size) - offset;
                             let is_hole = source.is_hole(offset, run);

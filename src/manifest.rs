@@ -96,6 +96,21 @@ impl Manifest {
         (self.size.saturating_sub(start)).min(u64::from(self.chunk_size)) as usize
     }
 
+    /// The run of chunks from `index` on that are all holes or all data (at most `max_data`
+    /// of those): where it ends, and whether it is holes.
+    pub fn run_from(&self, index: usize, max_data: usize) -> (usize, bool) {
+        let hole = |i: usize| self.chunks.get(i).map(|e| *e == Entry::Hole);
+        let kind = hole(index);
+        let mut end = index + 1;
+        while hole(end).is_some() && hole(end) == kind {
+            if kind == Some(false) && end - index >= max_data {
+                break;
+            }
+            end += 1;
+        }
+        (end, kind == Some(true))
+    }
+
     /// Bytes the entries cover, from the image's start.
     pub fn covered(&self) -> u64 {
         self.offset(self.chunks.len()).min(self.size)
@@ -282,6 +297,10 @@ mod tests {
         assert_eq!(m.chunk_len(3), 5);
         assert_eq!(m.covered(), m.size);
         assert_eq!(m.data_bytes(), 2 * CHUNK_SIZE as u64 + 5);
+        assert_eq!(m.run_from(0, 16), (1, false));
+        assert_eq!(m.run_from(1, 16), (2, true));
+        assert_eq!(m.run_from(2, 16), (4, false));
+        assert_eq!(m.run_from(2, 1), (3, false));
         let partial = Manifest::new(10);
         assert_eq!(Manifest::decode(&partial.encode()), Ok(partial));
     }

@@ -293,7 +293,11 @@ fn images_without_a_manifest_get_one_on_first_use_and_a_damaged_one_is_not_trust
         s.remove_manifest(uuid).expect("remove");
         m
     });
-    assert_eq!(imported.chunks.len(), 129, "64 KiB chunks of 8 MiB and 1234 bytes");
+    assert_eq!(
+        imported.chunks.len(),
+        129,
+        "64 KiB chunks of 8 MiB and 1234 bytes"
+    );
     assert_eq!(imported.size, size as u64);
 
     let mut server = lab.serve_with(&[]);
