@@ -68,6 +68,16 @@ fn wait_part(dir: &Path, at_least: u64) {
     }
 }
 
+/// Starts a copy of `image` into tenant B under `cap`, kills the server once the partial file
+/// holds `at_least` bytes, and returns the job id.
+fn interrupted_copy(lab: &Lab, token: &str, image: &str, cap: &str, at_least: usize) -> String {
+    let mut server = lab.serve_with(&["--max-bandwidth", cap]);
+    let id = server.copy_ok(token, image, TENANT_B);
+    wait_part(&lab.region_dir("ot2"), at_least as u64);
+    server.kill_9();
+    id
+}
+
 /// The job as `job show --json` gives it (no server needed).
 fn shown(lab: &Lab, id: &str) -> Value {
     lab.ok_json(&["job", "show", id])
@@ -139,10 +149,7 @@ fn a_chunk_damaged_between_a_crash_and_the_restart_is_detected_and_rewritten() {
     let source = varied(size, 21);
     let (lab, token, image, _) = lab_with(&source);
     let ot2 = lab.region_dir("ot2");
-    let mut server = lab.serve_with(&["--max-bandwidth", "8M"]);
-    let id = server.copy_ok(&token, &image, TENANT_B);
-    wait_part(&ot2, 16 * MIB as u64);
-    server.kill_9();
+    let id = interrupted_copy(&lab, &token, &image, "8M", 16 * MIB);
     let before = shown(&lab, &id);
     // One byte of the sixth chunk changes on the destination's disk while nothing runs.
     let part = std::fs::read_dir(&ot2)
@@ -184,11 +191,7 @@ fn a_chunk_damaged_between_a_crash_and_the_restart_is_detected_and_rewritten() {
 fn a_source_changed_between_a_crash_and_the_restart_fails_the_job_with_a_reason() {
     let size = 32 * MIB;
     let (lab, token, image, path) = lab_with(&varied(size, 22));
-    let ot2 = lab.region_dir("ot2");
-    let mut server = lab.serve_with(&["--max-bandwidth", "8M"]);
-    let id = server.copy_ok(&token, &image, TENANT_B);
-    wait_part(&ot2, 8 * MIB as u64);
-    server.kill_9();
+    let id = interrupted_copy(&lab, &token, &image, "8M", 8 * MIB);
     std::fs::write(&path, varied(size, 23)).expect("change the source");
     let server = lab.serve_with(&[]);
     let job = server.wait_job(&token, &id, Duration::from_secs(60), terminal);
@@ -209,11 +212,7 @@ fn a_source_changed_between_a_crash_and_the_restart_fails_the_job_with_a_reason(
 fn a_cancel_during_a_resume_ends_canceled_with_nothing_left() {
     let size = 32 * MIB;
     let (lab, token, image, _) = lab_with(&varied(size, 24));
-    let ot2 = lab.region_dir("ot2");
-    let mut server = lab.serve_with(&["--max-bandwidth", "4M"]);
-    let id = server.copy_ok(&token, &image, TENANT_B);
-    wait_part(&ot2, 8 * MIB as u64);
-    server.kill_9();
+    let id = interrupted_copy(&lab, &token, &image, "4M", 8 * MIB);
     let server = lab.serve_with(&["--max-bandwidth", "4M"]);
     let deadline = Instant::now() + Duration::from_secs(30);
     while number(&shown(&lab, &id), "resumes") == 0 {
