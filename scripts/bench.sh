@@ -603,7 +603,7 @@ copy_step() {
   local id=$1 rep=$2 order=$3 tool=$4 src=$5 seconds out
   sync
   case $tool in
-    api)
+    api | api-keep-freed)
       local img=$IMG_COPY
       [[ $id == P6 ]] && img=$IMG_SPARSE
       out=$(py api-copy --port "${SRV_PORT[C]}" --token "$TOK1" --image "$img" --dst "$T2" --pid "$CPID" \
@@ -612,17 +612,17 @@ copy_step() {
       dest=$(printf '%s' "$out" | py field dest_image_id)
       local alloc
       alloc=$(alloc_kib "$C/regions/ot2/$dest")
-      python3 - "$RESULTS" "$out" "$id" "$rep" "$order" "$alloc" "$POLL" <<'PY'
+      python3 - "$RESULTS" "$out" "$id" "$rep" "$order" "$alloc" "$POLL" "$tool" <<'PY'
 import json, sys
 r = json.loads(sys.argv[2])
-r.update(kind="copy", id=sys.argv[3], rep=int(sys.argv[4]), order=int(sys.argv[5]), tool="api",
+r.update(kind="copy", id=sys.argv[3], rep=int(sys.argv[4]), order=int(sys.argv[5]), tool=sys.argv[8],
          alloc_kib=int(sys.argv[6]),
          cmd="POST $API/jobs {\"image_id\": SOURCE, \"tenant_id_dst\": T2}, then GET $API/jobs/ID every "
              f"{float(sys.argv[7]) * 1000:.0f} ms until replicated")
 open(sys.argv[1], "a").write(json.dumps(r, sort_keys=True) + "\n")
 PY
       seconds=$(printf '%s' "$out" | py field seconds)
-      if [[ $id == P5 && $rep == 1 ]]; then
+      if [[ $id == P5 && $rep == 1 && $tool == api ]]; then
         py record "$RESULTS" kind=rss name=copy_peak "kib=$(rss_kib "$CPID" VmHWM)" \
           "how=VmHWM after the first $((COPY_BYTES / MIB)) MiB copy since a fresh start"
       fi
@@ -699,6 +699,27 @@ log "P6: $((SPARSE_BYTES / MIB)) MiB sparse copy through the API vs cp --sparse=
 run_copies P6 "$SPARSE_SRC" api "cp --sparse=always" "cp --sparse=always+fsync" sha512sum md5sum import
 py record "$RESULTS" kind=rss name=hwm_after_all_copies "kib=$(rss_kib "$CPID" VmHWM)" "how=VmHWM after every P5 and P6 copy"
 drain_log C "P5/P6"
+stop_server C
+
+# A diagnostic, not part of any ratio: the API copies again, with glibc's malloc told to keep
+# what it frees (no trimming; buffers of 1 MiB from the heap, not mmap), to show how much of a
+# copy's time goes to fresh pages for its chunk buffers (see the page faults in the tables).
+KEEP_FREED=glibc.malloc.mmap_threshold=4194304:glibc.malloc.trim_threshold=268435456
+GLIBC_TUNABLES=$KEEP_FREED start_server C "$C"
+# shellcheck disable=SC2016 # shown, not run
+py record "$RESULTS" kind=commands id=malloc "cmd=GLIBC_TUNABLES=$KEEP_FREED image-replicator serve --listen 127.0.0.1:0 --data-dir \$DIR_C   # the api-keep-freed diagnostic: then the same POST and GETs"
+sleep 1
+CPID=${SRV_PID[C]}
+log "diagnostic: P5 and P6 copies with GLIBC_TUNABLES=$KEEP_FREED"
+for ((rep = 1; rep <= REPS; rep++)); do
+  for id in P5 P6; do
+    src=$COPY_SRC
+    [[ $id == P6 ]] && src=$SPARSE_SRC
+    cat "$src" >/dev/null
+    copy_step "$id" "$rep" 9 api-keep-freed "$src"
+  done
+done
+drain_log C "the malloc diagnostic"
 stop_server C
 
 # ----- R1: a capped copy killed with SIGKILL at >= 85 %, resumed by a restart ---------------------
