@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The project's benchmark: figures P1-P7 of the performance goals, written to BENCHMARKS.md.
+# The project's benchmark: figures P1-P7 and R1 of the goals, written to BENCHMARKS.md.
 #
 #   scripts/bench.sh                 full sizes (about 10 minutes), writes BENCHMARKS.md
 #   scripts/bench.sh --quick         tiny sizes (well under 2 minutes), writes a temp file
@@ -7,8 +7,10 @@
 #
 # It builds the release binary, sets up data directories in a temporary directory through the
 # CLI, starts `image-replicator serve` on 127.0.0.1 (any free port), drives HTTP load with wrk
-# (installed from Debian's packages if missing), times copies through the API against cp and
-# sha512sum, reads the server's memory from /proc, and writes the report. Every process it
+# (installed from Debian's packages if missing), times copies through the API against cp,
+# b3sum (installed with cargo into ~/.cache/image-replicator/b3sum if missing) and sha512sum,
+# kills a capped copy with SIGKILL and times its resume (R1), reads the server's memory from
+# /proc, and writes the report. Every process it
 # starts is stopped, and the temporary directory removed, when it exits (--keep keeps the
 # directory). Ratios are measured side by side: both sides of a pair run back to back, the
 # pairs are repeated (3 times in full mode), and the report gives the median ratio.
@@ -84,6 +86,8 @@ if [[ $MODE == quick ]]; then
   WARMUP=1
   OTHER_JOBS=1000
   COPY_BYTES=$((16 * MIB))
+  R1_BYTES=$((64 * MIB))
+  R1_CAP=20M
   SPARSE_BYTES=$((64 * MIB))
   SPARSE_PIECES=4
   PIECE_MIB=1
@@ -93,12 +97,17 @@ else
   WARMUP=2
   OTHER_JOBS=100000
   COPY_BYTES=$((1024 * MIB))
+  R1_BYTES=$COPY_BYTES
+  R1_CAP=100M
   SPARSE_BYTES=$((4096 * MIB))
   SPARSE_PIECES=16
   PIECE_MIB=16
   GLANCE_MIB=256
 fi
 SPARSE_DATA_BYTES=$((SPARSE_PIECES * PIECE_MIB * MIB))
+R1_KILL_PERCENT=85
+# API copies poll their job this often (seconds); P6 takes a fraction of a second.
+POLL=0.01
 THREADS=${BENCH_WRK_THREADS:-2}
 CONNS=${BENCH_CONNECTIONS:-32}
 JOBS_PATH=/v2/extension/image_replicator/jobs
@@ -111,6 +120,7 @@ TO=4e3b8f2d5c6a7b9e1d0f3a4b5c6d7e8f   # ot2: the other tenant of P3's big store,
 IMG_SMALL=5f4c9a3e-6d7b-4c8f-a2e1-4b5c6d7e8f90
 IMG_COPY=6a5d0b4f-7e8c-4d9a-b3f2-5c6d7e8f9a01
 IMG_SPARSE=7b6e1c5a-8f9d-4eab-84a3-6d7e8f9a0b12
+IMG_R1=8c7f2d6b-9a0e-4fbc-95b4-7e8f9a0b1c23   # R1's source when it is not the P5 image (--quick)
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "FAILED: $*"; exit 1; }
@@ -171,6 +181,34 @@ if ! command -v wrk >/dev/null; then
   command -v wrk >/dev/null || die "wrk could not be installed"
 fi
 
+# b3sum, the BLAKE3 team's CLI (P5's floor for hashing): from PATH, else installed once with
+# cargo into a cache of its own (idempotent: an installed one is used as it is). --quick goes
+# on without it, with a note in the report.
+B3SUM=$(command -v b3sum || true)
+B3SUM_NOTE=
+B3SUM_ROOT=${HOME:+$HOME/.cache/image-replicator/b3sum}
+if [[ -z $B3SUM && -n $B3SUM_ROOT && -x $B3SUM_ROOT/bin/b3sum ]]; then
+  B3SUM=$B3SUM_ROOT/bin/b3sum
+fi
+if [[ -z $B3SUM ]]; then
+  if [[ -n $B3SUM_ROOT ]]; then
+    log "installing b3sum: cargo install --locked b3sum --root $B3SUM_ROOT"
+    mkdir -p "$B3SUM_ROOT"
+    if nice -n 10 cargo install --locked b3sum --root "$B3SUM_ROOT" >"$B3SUM_ROOT/install.log" 2>&1 &&
+      [[ -x $B3SUM_ROOT/bin/b3sum ]]; then
+      B3SUM=$B3SUM_ROOT/bin/b3sum
+    else
+      B3SUM_NOTE="b3sum could not be installed (cargo install --locked b3sum --root $B3SUM_ROOT: $(tail -n 1 "$B3SUM_ROOT/install.log" | cut -c1-200))"
+    fi
+  else
+    B3SUM_NOTE="b3sum is not on PATH and HOME is not set, so there is no cache to install it into"
+  fi
+  if [[ -n $B3SUM_NOTE ]]; then
+    [[ $MODE == quick ]] || die "$B3SUM_NOTE"
+    log "$B3SUM_NOTE; --quick goes on without b3sum"
+  fi
+fi
+
 cd "$ROOT"
 if [[ -z $BIN ]]; then
   BIN=$ROOT/target/release/image-replicator
@@ -200,10 +238,13 @@ LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # Space: the copy source, our copy and cp's copy at once, the sparse images' data four times,
 # the big store (about 2 KiB a job), the logs of one wrk run, and a margin.
+# R1 reuses the P5 image unless their sizes differ (--quick): then its source and copy too.
 need_kib=$(((3 * COPY_BYTES + 4 * SPARSE_DATA_BYTES) / 1024 + OTHER_JOBS * 3 + 512 * 1024))
+((R1_BYTES == COPY_BYTES)) || need_kib=$((need_kib + 2 * R1_BYTES / 1024))
 free_kib=$(df -Pk "$TMP" | awk 'NR == 2 {print $4}')
 ((free_kib > need_kib)) || die "$TMP has $((free_kib / 1024)) MiB free; the benchmark needs $((need_kib / 1024)) MiB"
 log "mode $MODE: $REPS rep(s), ${DURATION}s wrk runs, data in $TMP ($((free_kib / 1024)) MiB free, needs $((need_kib / 1024)) MiB)"
+[[ -z $B3SUM_NOTE ]] || py record "$RESULTS" kind=check id=b3sum ok=false "detail=$B3SUM_NOTE; P5 is measured without it"
 
 TOK1=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
 TOK3=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
@@ -415,6 +456,14 @@ printf 'truncate -s %s $TMP/sparse-source.raw; for i in 0..%s: dd if=/dev/urando
   "$SPARSE_BYTES" "$((SPARSE_PIECES - 1))" "$PIECE_MIB" "$stride_mib" "$((stride_mib / 2))" >>"$SETUP_LOG"
 ir C "$C" image import "$TMP/sparse-source.raw" --tenant "$T1" --name bench-sparse --disk-format raw --id "$IMG_SPARSE" >/dev/null
 rm -f "$TMP/sparse-source.raw"
+R1_IMG=$IMG_COPY
+if ((R1_BYTES != COPY_BYTES)); then
+  R1_IMG=$IMG_R1
+  dd if=/dev/urandom of="$TMP/r1-source.bin" bs=1M count=$((R1_BYTES / MIB)) status=none
+  echo "dd if=/dev/urandom of=\$TMP/r1-source.bin bs=1M count=$((R1_BYTES / MIB))" >>"$SETUP_LOG"
+  ir C "$C" image import "$TMP/r1-source.bin" --tenant "$T1" --name bench-resume --id "$IMG_R1" >/dev/null
+  rm -f "$TMP/r1-source.bin"
+fi
 COPY_SRC=$C/regions/ot1/$IMG_COPY
 SPARSE_SRC=$C/regions/ot1/$IMG_SPARSE
 alloc_kib() { echo $(($(stat -c '%b * %B' "$1") / 1024)); }
@@ -554,44 +603,69 @@ copy_step() {
   local id=$1 rep=$2 order=$3 tool=$4 src=$5 seconds out
   sync
   case $tool in
-    api)
+    api | api-keep-freed)
       local img=$IMG_COPY
       [[ $id == P6 ]] && img=$IMG_SPARSE
-      out=$(py api-copy --port "${SRV_PORT[C]}" --token "$TOK1" --image "$img" --dst "$T2" --pid "$CPID")
+      out=$(py api-copy --port "${SRV_PORT[C]}" --token "$TOK1" --image "$img" --dst "$T2" --pid "$CPID" \
+        --poll "$POLL")
       local dest
       dest=$(printf '%s' "$out" | py field dest_image_id)
       local alloc
       alloc=$(alloc_kib "$C/regions/ot2/$dest")
-      python3 - "$RESULTS" "$out" "$id" "$rep" "$order" "$alloc" <<'PY'
+      python3 - "$RESULTS" "$out" "$id" "$rep" "$order" "$alloc" "$POLL" "$tool" <<'PY'
 import json, sys
 r = json.loads(sys.argv[2])
-r.update(kind="copy", id=sys.argv[3], rep=int(sys.argv[4]), order=int(sys.argv[5]), tool="api",
+r.update(kind="copy", id=sys.argv[3], rep=int(sys.argv[4]), order=int(sys.argv[5]), tool=sys.argv[8],
          alloc_kib=int(sys.argv[6]),
-         cmd="POST $API/jobs {\"image_id\": SOURCE, \"tenant_id_dst\": T2}, then GET $API/jobs/ID every 50 ms until replicated")
+         cmd="POST $API/jobs {\"image_id\": SOURCE, \"tenant_id_dst\": T2}, then GET $API/jobs/ID every "
+             f"{float(sys.argv[7]) * 1000:.0f} ms until replicated")
 open(sys.argv[1], "a").write(json.dumps(r, sort_keys=True) + "\n")
 PY
       seconds=$(printf '%s' "$out" | py field seconds)
-      if [[ $id == P5 && $rep == 1 ]]; then
+      if [[ $id == P5 && $rep == 1 && $tool == api ]]; then
         py record "$RESULTS" kind=rss name=copy_peak "kib=$(rss_kib "$CPID" VmHWM)" \
           "how=VmHWM after the first $((COPY_BYTES / MIB)) MiB copy since a fresh start"
       fi
       ir C "$C" image delete "$dest" >/dev/null
       ;;
-    cp | "cp --sparse=always" | cp+fsync | sha512sum | md5sum)
+    import)
+      # An admin's import of the same file while the server runs (the server does the work,
+      # through its admin socket), then the new image is deleted again.
+      local new_id shown
+      new_id=$(python3 -c 'import uuid; print(uuid.uuid4())')
+      out=$(py time-json --pid "$CPID" -- "$BIN" --data-dir "$C" image import "$src" --tenant "$T1" \
+        --name bench-sparse-import --disk-format raw --id "$new_id")
+      seconds=$(printf '%s' "$out" | py field seconds)
+      shown="image-replicator --data-dir \$DIR_C image import $src --tenant $T1 --name bench-sparse-import --disk-format raw --id \$NEW_ID"
+      shown=${shown//$C\/regions\/ot1\//\$REGION_OT1\/}
+      python3 - "$RESULTS" "$out" "$id" "$rep" "$order" "$(alloc_kib "$C/regions/ot1/$new_id")" "$shown" <<'PY'
+import json, sys
+r = json.loads(sys.argv[2])
+r.update(kind="copy", id=sys.argv[3], rep=int(sys.argv[4]), order=int(sys.argv[5]), tool="import",
+         alloc_kib=int(sys.argv[6]), cmd=sys.argv[7])
+open(sys.argv[1], "a").write(json.dumps(r, sort_keys=True) + "\n")
+PY
+      ir C "$C" image delete "$new_id" >/dev/null
+      ;;
+    cp | "cp --sparse=always" | cp+fsync | "cp --sparse=always+fsync" | sha512sum | md5sum | b3sum)
       local -a cmd
       # shellcheck disable=SC2016 # sh expands $1 and $2 of cp+fsync
       case $tool in
         cp) cmd=(cp "$src" "$SCRATCH") ;;
         "cp --sparse=always") cmd=(cp --sparse=always "$src" "$SCRATCH") ;;
         cp+fsync) cmd=(sh -c 'cp "$1" "$2" && sync "$2"' sh "$src" "$SCRATCH") ;;
+        "cp --sparse=always+fsync") cmd=(sh -c 'cp --sparse=always "$1" "$2" && sync "$2"' sh "$src" "$SCRATCH") ;;
         sha512sum) cmd=(sha512sum "$src") ;;
         md5sum) cmd=(md5sum "$src") ;;
+        b3sum) cmd=("$B3SUM" "$src") ;;
       esac
       seconds=$(py time -- "${cmd[@]}")
       local -a extra=()
       [[ -e $SCRATCH ]] && extra=("alloc_kib=$(alloc_kib "$SCRATCH")")
       local shown="${cmd[*]}"
       [[ $tool == cp+fsync ]] && shown="cp $src $SCRATCH && sync $SCRATCH"
+      [[ $tool == "cp --sparse=always+fsync" ]] && shown="cp --sparse=always $src $SCRATCH && sync $SCRATCH"
+      [[ $tool == b3sum ]] && shown="b3sum $src"
       shown=${shown//$C\/regions\/ot1\//\$REGION_OT1\/}
       shown=${shown//$TMP/\$TMP}
       py record "$RESULTS" kind=copy "id=$id" "rep=$rep" "order=$order" "tool=$tool" \
@@ -617,13 +691,85 @@ run_copies() {
   done
 }
 
-log "P5: $((COPY_BYTES / MIB)) MiB copy through the API vs cp and sha512sum"
-run_copies P5 "$COPY_SRC" api cp sha512sum md5sum cp+fsync
-log "P6: $((SPARSE_BYTES / MIB)) MiB sparse copy through the API vs cp --sparse=always"
-run_copies P6 "$SPARSE_SRC" api "cp --sparse=always" sha512sum md5sum
+P5_TOOLS=(api cp cp+fsync sha512sum md5sum)
+[[ -n $B3SUM ]] && P5_TOOLS+=(b3sum)
+log "P5: $((COPY_BYTES / MIB)) MiB copy through the API vs ${P5_TOOLS[*]:1}"
+run_copies P5 "$COPY_SRC" "${P5_TOOLS[@]}"
+log "P6: $((SPARSE_BYTES / MIB)) MiB sparse copy through the API vs cp --sparse=always; image import of it"
+run_copies P6 "$SPARSE_SRC" api "cp --sparse=always" "cp --sparse=always+fsync" sha512sum md5sum import
 py record "$RESULTS" kind=rss name=hwm_after_all_copies "kib=$(rss_kib "$CPID" VmHWM)" "how=VmHWM after every P5 and P6 copy"
 drain_log C "P5/P6"
 stop_server C
+
+# A diagnostic, not part of any ratio: the API copies again, with glibc's malloc told to keep
+# what it frees (no trimming; buffers of 1 MiB from the heap, not mmap), to show how much of a
+# copy's time goes to fresh pages for its chunk buffers (see the page faults in the tables).
+KEEP_FREED=glibc.malloc.mmap_threshold=4194304:glibc.malloc.trim_threshold=268435456
+GLIBC_TUNABLES=$KEEP_FREED start_server C "$C"
+# shellcheck disable=SC2016 # shown, not run
+py record "$RESULTS" kind=commands id=malloc "cmd=GLIBC_TUNABLES=$KEEP_FREED image-replicator serve --listen 127.0.0.1:0 --data-dir \$DIR_C   # the api-keep-freed diagnostic: then the same POST and GETs"
+sleep 1
+CPID=${SRV_PID[C]}
+log "diagnostic: P5 and P6 copies with GLIBC_TUNABLES=$KEEP_FREED"
+for ((rep = 1; rep <= REPS; rep++)); do
+  for id in P5 P6; do
+    src=$COPY_SRC
+    [[ $id == P6 ]] && src=$SPARSE_SRC
+    cat "$src" >/dev/null
+    copy_step "$id" "$rep" 9 api-keep-freed "$src"
+  done
+done
+drain_log C "the malloc diagnostic"
+stop_server C
+
+# ----- R1: a capped copy killed with SIGKILL at >= 85 %, resumed by a restart ---------------------
+
+# r1_step REP: starts a capped server, POSTs a copy, kills the server (SIGKILL) once the
+# destination's partial file holds R1_KILL_PERCENT % of the image, reads the job's record with
+# no server running, restarts with the same cap and times the restart until `replicated`.
+r1_step() {
+  local rep=$1 out job dest part held before t0 after wait_out
+  start_server R "$C" --max-bandwidth "$R1_CAP"
+  out=$(py kill-at --port "${SRV_PORT[R]}" --token "$TOK1" --image "$R1_IMG" --dst "$T2" \
+    --pid "${SRV_PID[R]}" --region-dir "$C/regions/ot2" --percent "$R1_KILL_PERCENT" --size "$R1_BYTES")
+  # kill-at sent the SIGKILL itself, the moment it saw the size; here it is only reaped.
+  { wait "${SRV_PID[R]}"; } 2>/dev/null || true
+  unset "SRV_PID[R]" "SRV_PORT[R]"
+  job=$(printf '%s' "$out" | py field job_id)
+  dest=$(printf '%s' "$out" | py field dest_image_id)
+  part=$C/regions/ot2/.$dest.part
+  held=$(stat -c %s "$part" 2>/dev/null || echo 0)
+  before=$("$BIN" --data-dir "$C" --json job show "$job")
+  t0=$(date +%s.%N)
+  start_server R "$C" --max-bandwidth "$R1_CAP"
+  wait_out=$(py wait-job --port "${SRV_PORT[R]}" --token "$TOK1" --job "$job" --since "$t0" --poll "$POLL")
+  after=$("$BIN" --data-dir "$C" --json job show "$job")
+  python3 - "$RESULTS" "$rep" "$out" "$held" "$before" "$wait_out" "$after" "$R1_BYTES" "$R1_CAP" "$R1_KILL_PERCENT" <<'PY'
+import json, sys
+results, rep, kill, held, before, waited, after, size, cap, percent = sys.argv[1:]
+r = {"kind": "resume", "id": "R1", "rep": int(rep), "kill": json.loads(kill),
+     "part_bytes_after_kill": int(held), "before": json.loads(before), "wait": json.loads(waited),
+     "after": json.loads(after), "bytes": int(size), "cap": cap, "kill_percent": int(percent)}
+open(results, "a").write(json.dumps(r, sort_keys=True) + "\n")
+PY
+  log "R1 rep $rep: killed at $(printf '%s' "$out" | py field part_percent) %, restart to replicated $(printf '%s' "$wait_out" | py field seconds) s"
+  ir C "$C" image delete "$(printf '%s' "$after" | py field destination_image_id)" >/dev/null
+  drain_log R "R1 rep $rep"
+  stop_server R
+}
+
+log "R1: $((R1_BYTES / MIB)) MiB copy under serve --max-bandwidth $R1_CAP, SIGKILL at $R1_KILL_PERCENT %, restart"
+# shellcheck disable=SC2016 # shown, not run
+py record "$RESULTS" kind=commands id=R1 "cmd=$(
+  echo "image-replicator serve --listen 127.0.0.1:0 --data-dir \$DIR_C --max-bandwidth $R1_CAP"
+  echo "POST \$API/jobs {\"image_id\": \"$R1_IMG\", \"tenant_id_dst\": \"$T2\"}; stat \$DIR_C/regions/ot2/.\$DEST.part every 10 ms; kill -KILL \$SERVER_PID once it holds $R1_KILL_PERCENT % of $R1_BYTES bytes"
+  echo 'image-replicator --data-dir $DIR_C --json job show $JOB_ID   # no server running'
+  echo "image-replicator serve --listen 127.0.0.1:0 --data-dir \$DIR_C --max-bandwidth $R1_CAP   # the restart: the clock starts"
+  echo 'GET $API/jobs/$JOB_ID every 10 ms until replicated; GET /metrics; image-replicator --data-dir $DIR_C --json job show $JOB_ID'
+)"
+for ((rep = 1; rep <= REPS; rep++)); do
+  r1_step "$rep"
+done
 
 # ----- G1: Glance → Glance through the API vs a curl pipe (real Glances from PyPI) ------------
 
@@ -643,7 +789,7 @@ fi
 
 FINISHED=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 export MODE REPS DURATION THREADS CONNS OTHER_JOBS COPY_BYTES SPARSE_BYTES SPARSE_DATA_BYTES \
-  COMMAND_LINE FINISHED STARTED LOAD_START BIN TMP
+  COMMAND_LINE FINISHED STARTED LOAD_START BIN TMP B3SUM R1_BYTES R1_CAP POLL
 python3 - "$TMP/meta.json" "$SETUP_LOG" <<'PY'
 import json, os, platform, subprocess, sys
 
@@ -687,6 +833,7 @@ meta = {
                     if l.startswith("PRETTY_NAME=")), "n/a"),
         "rustc": run("rustc", "--version"),
         "wrk": (run("sh", "-c", "wrk -v 2>&1") or "n/a").splitlines()[0],
+        "b3sum": (run(env["B3SUM"], "--version") or "n/a") if env.get("B3SUM") else "not installed",
         "python3": platform.python_version(),
         "data directory file system": fs,
         "load average at start / end": f"{env.get('LOAD_START', 'n/a')} / {' '.join(open('/proc/loadavg').read().split()[0:3])}",
@@ -701,6 +848,9 @@ meta = {
         "copy_bytes": int(env["COPY_BYTES"]),
         "sparse_bytes": int(env["SPARSE_BYTES"]),
         "sparse_data_bytes": int(env["SPARSE_DATA_BYTES"]),
+        "r1_bytes": int(env["R1_BYTES"]),
+        "r1_cap": env["R1_CAP"],
+        "poll_seconds": float(env["POLL"]),
     },
     "setup_commands": [l.rstrip("\n") for l in open(sys.argv[2])],
 }

@@ -160,7 +160,8 @@ fi
 
 # compare_copy SIDE REP ORDER TOOL
 compare_copy() {
-  local side=$1 rep=$2 order=$3 tool=$4 dir=$TMP/C_$side seconds out dest
+  local side=$1 rep=$2 order=$3 tool=$4 seconds out dest
+  local dir=$TMP/C_$side
   local src=$dir/regions/ot1/$IMG_COPY scratch=$TMP/scratch/copy.out
   sync
   case $tool in
