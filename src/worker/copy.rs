@@ -249,30 +249,17 @@ fn copy_once(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> std::result::Result<()
     };
     let stopping = || copy.stopping().is_some();
     let mut sink = dst_store.create(&dst_image, &source, &stopping)?;
-    // What an interrupted attempt left at the destination, checked against the source's
-    // manifest, or else against the partial manifest that attempt recorded.
-    let reference = match &src_manifest {
-        Some(m) => Some(m.clone()),
-        None if keeps_record => manifest::load_as(&**store, dst_image.id, |m| {
-            m.size == source.size && m.chunk_size as usize == CHUNK_SIZE
-        })?,
-        None => None,
-    };
-    let (mut done, held) = match &reference {
-        Some(r) => {
-            let (n, held) = sink.resume(r)?;
-            (r.chunks[..n].to_vec(), held)
-        }
-        None => (Vec::new(), 0),
-    };
-    if src_manifest.is_none() {
-        // A stream resumes after whole chunks only.
-        done.truncate((source.size / CHUNK_SIZE as u64) as usize);
-    }
-    let verified = match &src_manifest {
-        Some(m) => m.offset(done.len()).min(m.size),
-        None => (done.len() * CHUNK_SIZE) as u64,
-    };
+    let Kept {
+        done,
+        held,
+        verified,
+    } = kept_part(
+        ctx,
+        &mut *sink,
+        src_manifest.as_ref(),
+        keeps_record.then_some(&dst_image),
+        &source,
+    )?;
     let began = store.update_job(id, &|job| {
         job.begin_attempt(verified, held, CHUNK as u64, now());
         Ok(ImageChange::None)
@@ -337,6 +324,52 @@ fn copy_once(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> std::result::Result<()
         // A cancel won the race against the last chunk: it is honoured.
         _ => Err(Failure::Stopped(Stop::Cancel)),
     }
+}
+
+/// What an interrupted attempt left at the destination that this one keeps.
+struct Kept {
+    /// The entries of the chunks kept, from the first on.
+    done: Vec<Entry>,
+    /// Bytes the destination held before it was checked.
+    held: u64,
+    /// Bytes the kept chunks cover.
+    verified: u64,
+}
+
+/// Checks what an interrupted attempt left in `sink` against the source's manifest, or else
+/// against the partial manifest that attempt recorded for `destination` (an image whose record
+/// the appliance keeps); what this attempt keeps of it.
+fn kept_part(
+    ctx: &Ctx,
+    sink: &mut dyn crate::regions::Sink,
+    src_manifest: Option<&Manifest>,
+    destination: Option<&Image>,
+    source: &Image,
+) -> std::result::Result<Kept, Failure> {
+    let reference = match (src_manifest, destination) {
+        (Some(m), _) => Some(m.clone()),
+        (None, Some(dst)) => manifest::load_as(&*ctx.parts.store, dst.id, |m| {
+            m.size == source.size && m.chunk_size as usize == CHUNK_SIZE
+        })?,
+        (None, None) => None,
+    };
+    let Some(reference) = reference else {
+        return Ok(Kept {
+            done: Vec::new(),
+            held: 0,
+            verified: 0,
+        });
+    };
+    let (mut n, held) = sink.resume(&reference)?;
+    if src_manifest.is_none() {
+        // A stream resumes after whole chunks only.
+        n = n.min((source.size / CHUNK_SIZE as u64) as usize);
+    }
+    Ok(Kept {
+        done: reference.chunks[..n].to_vec(),
+        held,
+        verified: reference.offset(n).min(reference.size),
+    })
 }
 
 /// The manifest of a source image whose record the appliance keeps. One that predates
