@@ -185,7 +185,9 @@ impl ImageStore for Directory {
             ))
         })?;
         let temp = self.temp_path(image.id);
-        let out = match reopen(&temp) {
+        let reopened = reopen(&temp);
+        let unchecked = reopened.is_some();
+        let out = match reopened {
             Some(out) => out,
             None => {
                 let _ = fs::remove_file(&temp);
@@ -206,6 +208,7 @@ impl ImageStore for Directory {
             id: image.id,
             temp,
             out,
+            unchecked,
             // SHA-512 for the record; MD5 too when that is all the source has to compare.
             hashes: Hashes {
                 sha512: true,
@@ -257,11 +260,24 @@ struct DirectorySink<'a> {
     id: Uuid,
     temp: PathBuf,
     out: File,
+    /// The file is as an interrupted copy left it: nothing in it is trusted until
+    /// [`Sink::resume`] checks it, and a copy that does not resume empties it first (zero
+    /// blocks are not written, so old bytes would stay where the image has zeros).
+    unchecked: bool,
     hashes: Hashes,
 }
 
 impl DirectorySink<'_> {
-    fn publish(&self, streamed: &Digests) -> io::Result<()> {
+    fn trust_nothing(&mut self) -> io::Result<()> {
+        if self.unchecked {
+            self.out.set_len(0)?;
+            self.unchecked = false;
+        }
+        Ok(())
+    }
+
+    fn publish(&mut self, streamed: &Digests) -> io::Result<()> {
+        self.trust_nothing()?;
         self.out.set_len(streamed.size)?;
         self.out.sync_all()?;
         Ok(())
@@ -294,6 +310,7 @@ impl DirectorySink<'_> {
 
 impl Output for DirectorySink<'_> {
     fn write(&mut self, chunk: &Chunk, offset: u64) -> io::Result<()> {
+        self.trust_nothing()?;
         write_sparse(&self.out, chunk, offset)?;
         start_writeback(&self.out, offset, chunk.len());
         Ok(())
@@ -350,6 +367,7 @@ impl Sink for DirectorySink<'_> {
         // What follows the verified chunks is not trusted: gone, so holes stay holes.
         let keep = reference.offset(verified).min(reference.size);
         self.out.set_len(keep).map_err(failed)?;
+        self.unchecked = false;
         Ok((verified, held))
     }
 
@@ -360,7 +378,7 @@ impl Sink for DirectorySink<'_> {
     }
 
     fn finish(
-        self: Box<Self>,
+        mut self: Box<Self>,
         streamed: &Digests,
         verify: &dyn Fn(&Recorded) -> Result<(), StoreError>,
     ) -> Result<Recorded, StoreError> {
@@ -596,6 +614,44 @@ mod tests {
         fs::set_permissions(store.temp_path(id), fs::Permissions::from_mode(0o644)).expect("mode");
         let mut sink = store.create(&new, &new, &|| false).expect("sink");
         assert_eq!(sink.resume(&m).expect("resume"), (0, 0));
+    }
+
+    #[test]
+    fn a_copy_that_does_not_resume_keeps_nothing_of_a_leftover_partial_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Directory::new(dir.path());
+        let id = Uuid::new_v4();
+        fs::write(store.temp_path(id), vec![0xeeu8; 3 * CHUNK]).expect("leftover");
+        fs::set_permissions(store.temp_path(id), fs::Permissions::from_mode(0o600)).expect("mode");
+        // Mostly zeros, which are not written: the leftover's bytes must not show through.
+        let mut data = vec![0u8; 2 * CHUNK + 10];
+        data[CHUNK] = 1;
+        copy_into(
+            &store,
+            id,
+            &data,
+            |sink| Plan::whole(sink.hashes()),
+            &never,
+            &mut |_| {},
+        )
+        .expect("copy");
+        assert!(fs::read(dir.path().join(id.to_string())).expect("read") == data);
+        let zeros = vec![0u8; 5];
+        fs::write(store.temp_path(id), vec![0xeeu8; 5]).expect("leftover");
+        fs::set_permissions(store.temp_path(id), fs::Permissions::from_mode(0o600)).expect("mode");
+        copy_into(
+            &store,
+            id,
+            &zeros,
+            |sink| Plan::whole(sink.hashes()),
+            &never,
+            &mut |_| {},
+        )
+        .expect("copy of zeros");
+        assert_eq!(
+            fs::read(dir.path().join(id.to_string())).expect("read"),
+            zeros
+        );
     }
 
     #[test]
