@@ -2,9 +2,10 @@
 //! each through its life cycle (the rules are [`Job`]'s methods) by really copying the bytes.
 //!
 //! - [`copy`]: `replicate_requested` / `replicating`: create the destination image (`saving`),
-//!   stream the source region's bytes into the destination region's sink, verify what the
-//!   destination recorded against the source record, then `replicated`. Transient failures
-//!   are retried with exponential backoff.
+//!   keep what an interrupted attempt verified there, copy the rest of the source's bytes into
+//!   the destination region's sink (checked chunk by chunk against the source's manifest, or
+//!   hashed whole), verify what the destination recorded against the source record, then
+//!   `replicated`. Transient failures are retried with exponential backoff.
 //! - [`recovery`]: the ending of a job (`canceled`, or `error` with a reason) after removing
 //!   whatever it wrote at the destination; the start-up cleanup; the sweep of destination
 //!   images a region could not delete yet (orphans), on a thread of its own.
@@ -14,8 +15,8 @@
 //!   writes, waits for room (parked, retried with backoff) for up to [`SPACE_WAIT`], then ends
 //!   in `error`.
 //!
-//! On shutdown a copy stops at a chunk boundary and stays `replicating`; the next start
-//! resumes it from the beginning.
+//! On shutdown a copy stops at a chunk boundary, records what it verified and stays
+//! `replicating`; the next start resumes it from there (a copy into Glance starts over).
 //!
 //! The worker is handed its [`Parts`]; it never goes through the service.
 
