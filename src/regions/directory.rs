@@ -477,6 +477,12 @@ mod tests {
         data
     }
 
+    /// A partial file as an interrupted copy of image `id` leaves it (mode 0600).
+    fn plant_partial(store: &Directory, id: Uuid, bytes: &[u8]) {
+        fs::write(store.temp_path(id), bytes).expect("partial file");
+        fs::set_permissions(store.temp_path(id), fs::Permissions::from_mode(0o600)).expect("mode");
+    }
+
     fn manifest_of(data: &[u8]) -> Manifest {
         let chunks = data.chunks(CHUNK).map(Entry::of).collect();
         manifest::complete(data.len() as u64, Some("s".into()), chunks)
@@ -589,8 +595,7 @@ mod tests {
         let data = sample(4);
         let m = manifest_of(&data);
         let id = Uuid::new_v4();
-        fs::write(store.temp_path(id), &data[..3 * CHUNK]).expect("partial");
-        fs::set_permissions(store.temp_path(id), fs::Permissions::from_mode(0o600)).expect("mode");
+        plant_partial(&store, id, &data[..3 * CHUNK]);
         let new = image(id);
         let mut sink = store.create(&new, &new, &|| false).expect("sink");
         assert_eq!(sink.resume(&m).expect("resume"), (3, 3 * CHUNK as u64));
@@ -621,8 +626,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Directory::new(dir.path());
         let id = Uuid::new_v4();
-        fs::write(store.temp_path(id), vec![0xeeu8; 3 * CHUNK]).expect("leftover");
-        fs::set_permissions(store.temp_path(id), fs::Permissions::from_mode(0o600)).expect("mode");
+        plant_partial(&store, id, &vec![0xeeu8; 3 * CHUNK]);
         // Mostly zeros, which are not written: the leftover's bytes must not show through.
         let mut data = vec![0u8; 2 * CHUNK + 10];
         data[CHUNK] = 1;
@@ -637,8 +641,7 @@ mod tests {
         .expect("copy");
         assert!(fs::read(dir.path().join(id.to_string())).expect("read") == data);
         let zeros = vec![0u8; 5];
-        fs::write(store.temp_path(id), vec![0xeeu8; 5]).expect("leftover");
-        fs::set_permissions(store.temp_path(id), fs::Permissions::from_mode(0o600)).expect("mode");
+        plant_partial(&store, id, &[0xeeu8; 5]);
         copy_into(
             &store,
             id,
@@ -692,8 +695,7 @@ mod tests {
             p
         };
         let id = Uuid::new_v4();
-        fs::write(store.temp_path(id), &data[..2 * CHUNK + 10]).expect("partial");
-        fs::set_permissions(store.temp_path(id), fs::Permissions::from_mode(0o600)).expect("mode");
+        plant_partial(&store, id, &data[..2 * CHUNK + 10]);
         let (recorded, copied) = copy_into(
             &store,
             id,

@@ -1,6 +1,7 @@
 //! One job's copy: attempts with backoff, the destination image, the transfer with progress,
 //! cancel and the bandwidth cap, and the end of a successful copy.
 
+use std::borrow::Cow;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -346,11 +347,13 @@ fn kept_part(
     destination: Option<&Image>,
     source: &Image,
 ) -> std::result::Result<Kept, Failure> {
+    // The source's manifest is borrowed, not copied: it may list a few hundred thousand chunks.
     let reference = match (src_manifest, destination) {
-        (Some(m), _) => Some(m.clone()),
+        (Some(m), _) => Some(Cow::Borrowed(m)),
         (None, Some(dst)) => manifest::load_as(&*ctx.parts.store, dst.id, |m| {
             m.size == source.size && m.chunk_size as usize == CHUNK_SIZE
-        })?,
+        })?
+        .map(Cow::Owned),
         (None, None) => None,
     };
     let Some(reference) = reference else {
