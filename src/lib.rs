@@ -16,6 +16,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod model;
 pub mod net;
+pub mod peer;
 pub mod regions;
 pub mod remote;
 pub mod server;

@@ -1,0 +1,1 @@
+//! The client end of the peer protocol (the peer region kind).
