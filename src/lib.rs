@@ -19,6 +19,7 @@ pub mod net;
 pub mod peer;
 pub mod regions;
 pub mod remote;
+pub mod reuse;
 pub mod server;
 pub mod service;
 pub mod store;
