@@ -128,6 +128,12 @@ pub trait Output {
     fn every_byte(&self) -> bool {
         false
     }
+    /// What the writes since the last call cost the bandwidth cap, given what reading their
+    /// bytes cost: an output that sends only some of them over a link (a peer) says what it
+    /// sent.
+    fn cost(&mut self, read_cost: u64) -> u64 {
+        read_cost
+    }
 }
 
 /// An output that keeps nothing (a pass that only hashes).
@@ -148,6 +154,11 @@ pub trait Source: Read + Send {
     }
     /// Goes on reading at `offset`, at or after the current position.
     fn skip_to(&mut self, offset: u64) -> io::Result<()>;
+    /// What reading the last `n` bytes took from the source's link: a source that fetches
+    /// only some of them (a peer) says what it received.
+    fn cost(&mut self, n: u64) -> u64 {
+        n
+    }
 }
 
 impl Source for File {
@@ -566,13 +577,14 @@ pub fn copy(
                     return Ok(());
                 }
                 buf.truncate(n);
-                throttle(ctl, n)?;
-                read += n as u64;
+                let cost = source.cost(n as u64);
+                read += cost;
                 let chunk = Arc::new(buf);
                 for tx in std::iter::once(&entry_tx).chain(&sha_tx).chain(&md5_tx) {
                     tx.send(Arc::clone(&chunk)).map_err(|_| hasher_gone())?;
                 }
                 out.write(&chunk, offset)?;
+                throttle(ctl, out.cost(cost) as usize)?;
                 buffers.keep(chunk);
                 flight.next = index + n.div_ceil(CHUNK_SIZE);
                 flight

@@ -28,6 +28,11 @@ pub struct Metrics {
     pub bytes_resumed: AtomicU64,
     /// Copy attempts that resumed from a verified part instead of byte 0.
     pub resumes: AtomicU64,
+    /// Copies between appliances: chunk bytes taken from local images, chunk bytes moved,
+    /// and the bytes those took on the wire.
+    pub peer_reused: AtomicU64,
+    pub peer_fetched: AtomicU64,
+    pub peer_wire: AtomicU64,
 }
 
 impl Metrics {
@@ -133,7 +138,7 @@ pub fn render(m: &Metrics, readings: &Readings) -> String {
         }
     }
     let auth = &readings.auth;
-    let gauges: [(&str, &str, &str, u64); 8] = [
+    let gauges: [(&str, &str, &str, u64); 11] = [
         (
             "image_replicator_copied_bytes_total",
             "counter",
@@ -157,6 +162,24 @@ pub fn render(m: &Metrics, readings: &Readings) -> String {
             "counter",
             "Copy attempts that resumed from a verified part of the image.",
             m.resumes.load(Ordering::Relaxed),
+        ),
+        (
+            "image_replicator_peer_reused_bytes_total",
+            "counter",
+            "Chunk bytes copies between appliances took from images the receiving side held.",
+            m.peer_reused.load(Ordering::Relaxed),
+        ),
+        (
+            "image_replicator_peer_fetched_bytes_total",
+            "counter",
+            "Chunk bytes that copies between appliances moved over the link.",
+            m.peer_fetched.load(Ordering::Relaxed),
+        ),
+        (
+            "image_replicator_peer_wire_bytes_total",
+            "counter",
+            "Bytes those chunks and manifests took on the wire, after compression.",
+            m.peer_wire.load(Ordering::Relaxed),
         ),
         (
             "image_replicator_active_copies",

@@ -137,6 +137,9 @@ pub struct Region {
 pub enum RegionKind {
     /// An OpenStack Glance v2 image service, which keeps its own image records.
     Glance { glance: GlanceRegion },
+    /// A region of another image-replicator appliance, reached by the peer protocol; the
+    /// peer keeps the records.
+    Peer { peer: PeerRegion },
     /// A local directory holding one file per image; the appliance keeps the image records.
     Directory { dir: PathBuf },
 }
@@ -151,6 +154,7 @@ impl RegionKind {
                 ("glance+keystone", glance.url.clone())
             }
             RegionKind::Glance { glance } => ("glance", glance.url.clone()),
+            RegionKind::Peer { peer } => ("peer", format!("{} region {}", peer.url, peer.region)),
         }
     }
 }
@@ -164,6 +168,9 @@ impl fmt::Display for RegionKind {
                 write!(f, "Glance {} with Keystone", glance.url)
             }
             RegionKind::Glance { glance } => write!(f, "Glance {}", glance.url),
+            RegionKind::Peer { peer } => {
+                write!(f, "region {} of the appliance at {}", peer.region, peer.url)
+            }
         }
     }
 }
@@ -175,6 +182,20 @@ pub struct GlanceRegion {
     pub url: String,
     /// `None`: Glance runs without authentication.
     pub keystone: Option<KeystoneCredentials>,
+}
+
+/// Where a peer appliance is, which of its regions this one is, and its token.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct PeerRegion {
+    /// The peer's base URL, such as `https://edge1.example:9292`.
+    pub url: String,
+    /// The peer's region this region is.
+    pub region: String,
+    /// Where a token of the peer is read at each request; the token itself is never stored.
+    pub token: SecretSource,
+    /// PEM certificates the peer's TLS certificate must chain to, besides the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// A Keystone v3 user that gets project-scoped tokens by password.
@@ -213,13 +234,13 @@ impl SecretSource {
     pub fn read(&self) -> Result<String, String> {
         let text = match self {
             SecretSource::File(path) => std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read the password file {}: {e}", path.display()))?,
+                .map_err(|e| format!("cannot read the secret file {}: {e}", path.display()))?,
             SecretSource::Env(name) => std::env::var(name)
                 .map_err(|_| format!("the environment variable {name} is not set"))?,
         };
         let secret = text.lines().next().unwrap_or("").to_string();
         if secret.is_empty() {
-            return Err(format!("the password in {self} is empty"));
+            return Err(format!("the secret in {self} is empty"));
         }
         Ok(secret)
     }
@@ -552,6 +573,16 @@ pub struct Job {
     /// one was killed.
     #[serde(default)]
     pub reading: bool,
+    /// Chunk bytes taken from images the receiving appliance held already (copies between
+    /// appliances), by every attempt together.
+    #[serde(default)]
+    pub bytes_reused: u64,
+    /// Chunk bytes that crossed the link between appliances.
+    #[serde(default)]
+    pub bytes_fetched: u64,
+    /// Bytes those took on the wire (compressed frames and the manifest).
+    #[serde(default)]
+    pub bytes_on_wire: u64,
 }
 
 /// What the replication worker does with a queued job next (see [`Job::next_step`]).
@@ -641,6 +672,21 @@ impl Job {
         self.source_bytes_read = read;
         self.reading = !paused;
         self.updated_at = at;
+    }
+
+    /// What copies between appliances moved for this job so far.
+    pub fn moved(&self) -> crate::peer::DeltaFigures {
+        crate::peer::DeltaFigures {
+            reused: self.bytes_reused,
+            fetched: self.bytes_fetched,
+            wire: self.bytes_on_wire,
+        }
+    }
+
+    pub fn set_moved(&mut self, moved: crate::peer::DeltaFigures) {
+        self.bytes_reused = moved.reused;
+        self.bytes_fetched = moved.fetched;
+        self.bytes_on_wire = moved.wire;
     }
 
     /// `copied` bytes are at the destination; the percentage never goes back.
@@ -758,6 +804,9 @@ mod job_transitions {
             source_bytes_read: 0,
             resumes: 0,
             reading: false,
+            bytes_reused: 0,
+            bytes_fetched: 0,
+            bytes_on_wire: 0,
         }
     }
 

@@ -9,7 +9,9 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::admin::Request;
 use crate::keystone::{CacheTimes, ValidatorConfig};
-use crate::model::{GlanceRegion, JobStatus, KeystoneCredentials, Limit, RegionKind, SecretSource};
+use crate::model::{
+    GlanceRegion, JobStatus, KeystoneCredentials, Limit, PeerRegion, RegionKind, SecretSource,
+};
 use crate::service::ImportRequest;
 use crate::worker::MinFree;
 
@@ -305,15 +307,20 @@ fn parse_quota_jobs(text: &str) -> Result<Limit, String> {
 
 #[derive(Subcommand, Debug)]
 pub enum RegionCmd {
-    /// Add a region: a local image directory (created), or an OpenStack Glance v2 service
+    /// Add a region: a local image directory (created), an OpenStack Glance v2 service, or a
+    /// region of another image-replicator appliance (a peer)
     #[command(after_help = "Examples:\n  \
         image-replicator region add ot1\n  \
         image-replicator region add cloud --glance-url http://glance:9292\n  \
+        image-replicator region add edge1 --peer-url https://edge1.example:9292 \\\n      \
+        --peer-token-file /etc/image-replicator/edge1.token --peer-region ot1\n  \
         image-replicator region add cloud --glance-url https://glance:9292 --glance-auth keystone \\\n      \
         --auth-url https://keystone:5000/v3 --username replicator --project service \\\n      \
         --password-file /etc/image-replicator/cloud.password\n\n\
-        The password is read from the file (first line) or the environment variable by the\n\
-        serving process at each authentication; it is never stored or logged.")]
+        The password (or the peer's token) is read from the file (first line) or the\n\
+        environment variable by the serving process at each use; it is never stored or logged.\n\
+        A peer's token is a token of the peer appliance: an admin token there lets this\n\
+        appliance copy the images of every tenant, as with Glance.")]
     Add {
         /// Region id, such as ot1
         id: String,
@@ -325,6 +332,8 @@ pub enum RegionCmd {
         disk_formats: Option<Vec<String>>,
         #[command(flatten)]
         glance: Box<GlanceArgs>,
+        #[command(flatten)]
+        peer: Box<PeerArgs>,
     },
     /// List regions
     List,
@@ -362,6 +371,60 @@ pub struct GlanceArgs {
     /// Domain of the project
     #[arg(long, default_value = "Default")]
     project_domain: String,
+}
+
+/// How a region reaches another appliance.
+#[derive(Args, Debug, Default)]
+pub struct PeerArgs {
+    /// The region is a region of the image-replicator appliance at this base URL
+    #[arg(long, value_name = "URL", conflicts_with_all = ["glance_url", "dir"])]
+    peer_url: Option<String>,
+    /// File whose first line is a token of the peer appliance
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with = "peer_token_env",
+        requires = "peer_url"
+    )]
+    peer_token_file: Option<PathBuf>,
+    /// Environment variable of the serving process that holds the peer's token
+    #[arg(long, value_name = "VAR", requires = "peer_url")]
+    peer_token_env: Option<String>,
+    /// The peer's region [default: the region id]
+    #[arg(long, value_name = "REGION", requires = "peer_url")]
+    peer_region: Option<String>,
+    /// PEM file of the certificates the peer's TLS certificate chains to (besides the system's)
+    #[arg(long, value_name = "FILE", requires = "peer_url")]
+    peer_ca_file: Option<PathBuf>,
+}
+
+impl PeerArgs {
+    /// The peer settings of region `id`, if it is a peer region.
+    fn region(self, id: &str) -> Result<Option<PeerRegion>, String> {
+        let Some(url) = self.peer_url else {
+            return Ok(None);
+        };
+        if !crate::model::is_http_url(&url) {
+            return Err(format!(
+                "--peer-url '{url}' must start with http:// or https://"
+            ));
+        }
+        let token = match (self.peer_token_file, self.peer_token_env) {
+            (Some(file), _) => SecretSource::File(absolute(&file)?),
+            (None, Some(var)) => SecretSource::Env(var),
+            (None, None) => {
+                return Err(
+                    "--peer-url needs --peer-token-file FILE or --peer-token-env VAR".into(),
+                )
+            }
+        };
+        Ok(Some(PeerRegion {
+            url,
+            region: self.peer_region.unwrap_or_else(|| id.to_string()),
+            token,
+            ca_file: self.peer_ca_file.as_deref().map(absolute).transpose()?,
+        }))
+    }
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq)]
@@ -578,14 +641,16 @@ pub(super) fn request_for(command: Command) -> Result<(Request, &'static str), S
                 dir,
                 disk_formats,
                 glance,
+                peer,
             } => {
-                // clap keeps --dir and the Glance options apart.
-                let kind = match (glance.region()?, dir) {
-                    (Some(glance), _) => Some(RegionKind::Glance { glance }),
-                    (None, Some(dir)) => Some(RegionKind::Directory {
+                // clap keeps --dir, the Glance and the peer options apart.
+                let kind = match (glance.region()?, peer.region(&id)?, dir) {
+                    (Some(glance), _, _) => Some(RegionKind::Glance { glance }),
+                    (None, Some(peer), _) => Some(RegionKind::Peer { peer }),
+                    (None, None, Some(dir)) => Some(RegionKind::Directory {
                         dir: absolute(&dir)?,
                     }),
-                    (None, None) => None,
+                    (None, None, None) => None,
                 };
                 (
                     Request::RegionAdd {

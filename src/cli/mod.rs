@@ -52,7 +52,8 @@ pub fn run(cli: Cli) -> Result<(), String> {
     let reply = client::call(&data_dir, request)?;
     if cli.json {
         let mut value = serde_json::to_value(&reply).map_err(|e| e.to_string())?;
-        let inner = value.get_mut("value").map(serde_json::Value::take);
+        let mut inner = value.get_mut("value").map(serde_json::Value::take);
+        output::name_region_kinds(&reply, inner.as_mut());
         let text =
             serde_json::to_string_pretty(&inner.unwrap_or_default()).map_err(|e| e.to_string())?;
         println!("{text}");

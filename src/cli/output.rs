@@ -84,12 +84,39 @@ fn job_fields(j: &Job) -> String {
         ("bytes_verified", j.bytes_verified.to_string()),
         ("source_bytes_read", j.source_bytes_read.to_string()),
         ("resumes", j.resumes.to_string()),
+        ("bytes_reused", j.bytes_reused.to_string()),
+        ("bytes_fetched", j.bytes_fetched.to_string()),
+        ("bytes_on_wire", j.bytes_on_wire.to_string()),
         ("error", or_dash(j.error.clone())),
         ("seeded", j.seeded.to_string()),
         ("created_at", rfc3339(j.created_at)),
         ("updated_at", rfc3339(j.updated_at)),
     ];
     fields(&pairs)
+}
+
+/// Adds each region's `kind` (`directory`, `glance`, `peer`) to its JSON, which names the kind
+/// only by its settings' key.
+pub(super) fn name_region_kinds(reply: &Reply, json: Option<&mut serde_json::Value>) {
+    let regions: Vec<&crate::model::Region> = match reply {
+        Reply::Region(r) => vec![r],
+        Reply::Regions(list) => list.iter().collect(),
+        _ => return,
+    };
+    let objects: Vec<&mut serde_json::Value> = match json {
+        Some(serde_json::Value::Array(items)) => items.iter_mut().collect(),
+        Some(object) => vec![object],
+        None => return,
+    };
+    for (region, object) in regions.into_iter().zip(objects) {
+        if let Some(map) = object.as_object_mut() {
+            let kind = match region.kind.describe().0 {
+                "glance+keystone" => "glance",
+                kind => kind,
+            };
+            map.insert("kind".into(), kind.into());
+        }
+    }
 }
 
 pub(super) fn human(reply: &Reply, verb: &str) -> String {

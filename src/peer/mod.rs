@@ -11,6 +11,7 @@
 pub mod client;
 
 use std::io::{self, Read};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +35,40 @@ const ZSTD_LEVEL: i32 = 1;
 const RAW: u8 = 0;
 const ZSTD: u8 = 1;
 const HOLE: u8 = 2;
+
+/// What a copy between appliances moved, counted as it goes (the job's `bytes_reused`,
+/// `bytes_fetched` and `bytes_on_wire`).
+#[derive(Debug, Default)]
+pub struct Delta {
+    /// Chunk bytes the receiving appliance took from its own images.
+    pub reused: AtomicU64,
+    /// Chunk bytes that crossed the link, as chunks.
+    pub fetched: AtomicU64,
+    /// Bytes those took on the wire: frames after compression, and the manifest.
+    pub wire: AtomicU64,
+}
+
+/// A [`Delta`]'s figures at one moment.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DeltaFigures {
+    pub reused: u64,
+    pub fetched: u64,
+    pub wire: u64,
+}
+
+impl Delta {
+    pub fn figures(&self) -> DeltaFigures {
+        DeltaFigures {
+            reused: self.reused.load(Ordering::Relaxed),
+            fetched: self.fetched.load(Ordering::Relaxed),
+            wire: self.wire.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
 
 /// `GET /peer`'s answer.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -187,10 +222,15 @@ fn bad(why: String) -> io::Error {
 
 impl<R: Read> FrameReader<R> {
     pub fn new(input: R, manifest: &Manifest) -> io::Result<FrameReader<R>> {
+        FrameReader::for_size(input, manifest.size)
+    }
+
+    /// Frames of chunks of an image of `size` bytes.
+    pub fn for_size(input: R, size: u64) -> io::Result<FrameReader<R>> {
         Ok(FrameReader {
             input,
-            chunks: manifest.chunk_count(),
-            size: manifest.size,
+            chunks: size.div_ceil(CHUNK_SIZE as u64) as usize,
+            size,
             decompressor: zstd::bulk::Decompressor::new()?,
         })
     }

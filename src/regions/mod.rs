@@ -3,6 +3,8 @@
 //!
 //! - [`directory`]: a local directory, one file per image; the appliance keeps the records.
 //! - [`glance`]: an OpenStack Glance v2 service, which keeps its own records.
+//! - [`peer`]: a region of another image-replicator appliance, by the peer protocol; the peer
+//!   keeps the records, and a copy moves only the chunks the receiving side lacks.
 //!
 //! A copy reads the source store's [`ImageStore::open`] and moves it into the destination's
 //! [`Sink`] with [`transfer`] (chunk by chunk, checked against the source's manifest where it
@@ -13,6 +15,7 @@
 
 pub mod directory;
 pub mod glance;
+pub mod peer;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Read};
@@ -24,7 +27,9 @@ use crate::copy::{copy, Control, Copied, CopyError, Digests, Hashes, Output, Pla
 use crate::disk::Space;
 use crate::manifest::Manifest;
 use crate::model::{Image, Region, RegionKind};
+use crate::peer::Delta;
 use crate::remote::RemoteError;
+use crate::reuse::LocalChunks;
 use crate::text::excerpt;
 
 /// Why an image store could not do what was asked.
@@ -104,6 +109,21 @@ pub trait ImageStore: Send + Sync {
     }
     /// The bytes of `image`, from byte `offset` on.
     fn open(&self, image: &Image, offset: u64) -> Result<Box<dyn Source>, StoreError>;
+    /// The manifest of one of the store's own records (a peer's); `None` where the store has
+    /// none to give (Glance) or the appliance keeps the record and its manifest.
+    /// What fetching it took on the wire is counted in `delta`.
+    fn manifest(&self, _image: &Image, _delta: &Delta) -> Result<Option<Manifest>, StoreError> {
+        Ok(None)
+    }
+    /// The bytes of `image` for a copy, as [`Reading`] says; a store that has no cheaper way
+    /// than reading the whole image ignores all but the offset.
+    fn open_for_copy<'a>(
+        &'a self,
+        image: &Image,
+        reading: Reading<'a>,
+    ) -> Result<Box<dyn Source + 'a>, StoreError> {
+        self.open(image, reading.offset)
+    }
     /// A sink for the bytes of the new image `image`, a copy of `source`. A copy must stop
     /// waiting on the destination as soon as `stopping` says so.
     fn create<'a>(
@@ -122,6 +142,20 @@ pub trait ImageStore: Send + Sync {
     fn space(&self) -> Option<Space> {
         None
     }
+}
+
+/// What a copy tells the store it reads from.
+pub struct Reading<'a> {
+    /// Bytes the destination holds already (a whole number of the manifest's chunks).
+    pub offset: u64,
+    /// The source's manifest, where it has one.
+    pub manifest: Option<&'a Manifest>,
+    /// Chunks the receiving appliance holds already, which need not be fetched.
+    pub local: Option<Arc<dyn LocalChunks>>,
+    /// Where a store that fetches chunks counts what it moved.
+    pub delta: Arc<Delta>,
+    /// Whether the copy must stop now (a source waiting on the network gives up at once).
+    pub stopping: &'a (dyn Fn() -> bool + Sync),
 }
 
 /// Image records kept by the store itself.
@@ -153,6 +187,10 @@ pub trait Sink: Output {
         streamed: &Digests,
         verify: &dyn Fn(&Recorded) -> Result<(), StoreError>,
     ) -> Result<Recorded, StoreError>;
+    /// Where the sink counts what it sends to another appliance (a peer's).
+    fn delta(&self) -> Option<Arc<Delta>> {
+        None
+    }
     /// Leaves the image after a failure or a stop (what resumes keeps its partial file; the
     /// job's ending removes it); the destination's own failure, if it had one (it explains
     /// the stream's).
@@ -261,6 +299,7 @@ impl Stores {
             RegionKind::Glance { glance } => {
                 Arc::new(glance::GlanceStore::new(&region.id, glance)?)
             }
+            RegionKind::Peer { peer } => Arc::new(peer::PeerStore::new(&region.id, peer)?),
         };
         map.insert(region.id.clone(), (region.kind.clone(), Arc::clone(&store)));
         Ok(store)

@@ -95,6 +95,9 @@ impl Service {
                 source_bytes_read: 0,
                 resumes: 0,
                 reading: false,
+                bytes_reused: 0,
+                bytes_fetched: 0,
+                bytes_on_wire: 0,
                 wire,
             };
             records.push((key, job));
@@ -353,6 +356,9 @@ impl Service {
             source_bytes_read: 0,
             resumes: 0,
             reading: false,
+            bytes_reused: 0,
+            bytes_fetched: 0,
+            bytes_on_wire: 0,
         };
         self.store.insert_jobs(&[(owner, job.clone())])?;
         if let Some(device) = device {

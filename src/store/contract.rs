@@ -109,6 +109,9 @@ fn job(store: &dyn Repo, source: &str, status: JobStatus) -> (TenantKey, Job) {
         source_bytes_read: 0,
         resumes: 0,
         reading: false,
+        bytes_reused: 0,
+        bytes_fetched: 0,
+        bytes_on_wire: 0,
     };
     (key(source), job)
 }

@@ -4,6 +4,7 @@
 use std::borrow::Cow;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use uuid::Uuid;
@@ -15,7 +16,9 @@ use crate::copy::{
 use crate::error::{Result, ServiceError};
 use crate::manifest::{self, Entry, Manifest, CHUNK_SIZE};
 use crate::model::{now, Image, ImageStatus, Job, JobStatus, Region, TenantKey};
-use crate::regions::{transfer, verify, ImageStore, Recorded, StoreError, TransferError};
+use crate::peer::{Delta, DeltaFigures};
+use crate::regions::{transfer, verify, ImageStore, Reading, Recorded, StoreError, TransferError};
+use crate::reuse::LocalChunks;
 use crate::store::ImageChange;
 use crate::text::escape;
 
@@ -240,13 +243,17 @@ fn copy_once(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> std::result::Result<()
         cancel,
         source: &source,
     };
+    // What a copy between appliances moves, from the source's manifest on.
+    let delta = Arc::new(Delta::default());
     // The source's manifest where the appliance keeps the source's record (made once for an
-    // image that predates manifests); a source without one streams, hashed whole.
+    // image that predates manifests) or the source's store has one (a peer); a source
+    // without one streams, hashed whole.
     let src_manifest = match src_store.records() {
         None if source.os_hash_algo.as_deref() == Some("sha512") => {
             Some(source_manifest(ctx, &*src_store, &source, &copy)?)
         }
-        _ => None,
+        None => None,
+        Some(_) => src_store.manifest(&source, &delta)?,
     };
     let stopping = || copy.stopping().is_some();
     let mut sink = dst_store.create(&dst_image, &source, &stopping)?;
@@ -266,7 +273,7 @@ fn copy_once(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> std::result::Result<()
         Ok(ImageChange::None)
     })?;
     store.flush()?;
-    let read_before = began.map_or(0, |j| j.source_bytes_read);
+    let read_before = began.as_ref().map_or(0, |j| j.source_bytes_read);
     if verified > 0 {
         tracing::info!(job = %id, verified, of = source.size, "resuming after the verified part of the destination");
         ctx.parts.metrics.resumes.fetch_add(1, Ordering::Relaxed);
@@ -283,11 +290,27 @@ fn copy_once(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> std::result::Result<()
         done,
         hashes: sink.hashes(),
     };
-    let mut input = src_store.open(&source, verified)?;
+    // Chunks the destination tenant holds already at this appliance need not be fetched.
+    // TODO(index): Reuse::new(store, stores, dst_key) once the chunk index lands.
+    let local: Option<Arc<dyn LocalChunks>> = None;
+    let mut input = src_store.open_for_copy(
+        &source,
+        Reading {
+            offset: verified,
+            manifest: src_manifest.as_ref(),
+            local,
+            delta: Arc::clone(&delta),
+            stopping: &stopping,
+        },
+    )?;
     let partial = Partial {
         image: keeps_record.then_some(dst_image.id),
         streamed: src_manifest.is_none(),
         read_before,
+        moved: Moved {
+            before: began.as_ref().map(Job::moved).unwrap_or_default(),
+            counters: [Some(delta), sink.delta()].into_iter().flatten().collect(),
+        },
     };
     let (recorded, copied) = copy.run(&mut *input, sink, plan, &partial)?;
     let active = keeps_record.then(|| {
@@ -306,11 +329,13 @@ fn copy_once(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> std::result::Result<()
         store.put_manifest(image.id, &made.encode())?;
     }
     let read = read_before + copied.read;
+    let moved = partial.moved.total();
     let finished = store.update_job(id, &|job| {
         if !job.complete(now()) {
             return Ok(ImageChange::None);
         }
         job.source_bytes_read = read;
+        job.set_moved(moved);
         Ok(match &active {
             Some(image) => ImageChange::Put(image.clone()),
             None => ImageChange::None,
@@ -427,6 +452,28 @@ struct Partial {
     streamed: bool,
     /// Bytes read from the source by earlier attempts.
     read_before: u64,
+    moved: Moved,
+}
+
+/// What a copy between appliances moved: the job's figures before this attempt, and this
+/// attempt's counters (the source's and the destination's).
+struct Moved {
+    before: DeltaFigures,
+    counters: Vec<Arc<Delta>>,
+}
+
+impl Moved {
+    /// The job's figures with this attempt's.
+    fn total(&self) -> DeltaFigures {
+        self.counters
+            .iter()
+            .map(|c| c.figures())
+            .fold(self.before, |a, b| DeltaFigures {
+                reused: a.reused + b.reused,
+                fetched: a.fetched + b.fetched,
+                wire: a.wire + b.wire,
+            })
+    }
 }
 
 /// One copy attempt's stream of bytes, with progress, cancel and the bandwidth cap.
@@ -472,7 +519,17 @@ impl Copy<'_> {
             done: plan.done_bytes(size),
             read: 0,
         };
+        let mut moved = partial.moved.before;
         let mut progress = |now_at: Progress| {
+            let total = partial.moved.total();
+            for (metric, now_at, was) in [
+                (&metrics.peer_reused, total.reused, moved.reused),
+                (&metrics.peer_fetched, total.fetched, moved.fetched),
+                (&metrics.peer_wire, total.wire, moved.wire),
+            ] {
+                metric.fetch_add(now_at.saturating_sub(was), Ordering::Relaxed);
+            }
+            moved = total;
             ctx.parts.space.progress(id, now_at.done);
             metrics
                 .bytes_copied
@@ -523,9 +580,11 @@ impl Copy<'_> {
                 }
             }
             let read = partial.read_before + read;
+            let moved = partial.moved.total();
             let recorded = store
                 .update_job(id, &|job| {
                     job.checkpoint(verified, read, paused, now());
+                    job.set_moved(moved);
                     Ok(ImageChange::None)
                 })
                 .and_then(|_| store.flush());

@@ -13,6 +13,7 @@ use serde_json::Value;
 
 pub mod cli;
 pub mod openstack;
+pub mod proxy;
 pub mod raw;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_image-replicator");

@@ -1,0 +1,750 @@
+//! A peer region: a region of another image-replicator appliance, reached by the peer
+//! protocol ([`crate::peer`]). The images and their records are the peer's.
+//!
+//! A copy from a peer ([`PeerSource`]) reads the peer's manifest, takes every chunk this
+//! appliance holds already from its own images ([`LocalChunks`]), keeps holes as holes and
+//! fetches the rest in batches on a thread of its own, each chunk checked against the
+//! manifest as it arrives (one that differs is asked for again, a few times). A copy into a
+//! peer ([`PeerSink`]) opens an upload with the source's manifest, sends only the chunks the
+//! peer says it lacks, and commits: the peer checks the whole image before it publishes it.
+//! Either resumes after an interruption without moving verified chunks again: the receiving
+//! side checks what it holds against the manifest.
+
+use std::collections::VecDeque;
+use std::io::{self, Read};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use super::{ImageRecords, ImageStore, Reading, Recorded, Sink, StoreError};
+use crate::copy::{Chunk, Digests, Hashes, Output, Source};
+use crate::error::ServiceError;
+use crate::manifest::{Entry, Hash, Manifest, CHUNK_SIZE};
+use crate::model::{is_http_url, Image, PeerRegion};
+use crate::peer::client::{Commit, PeerClient};
+use crate::peer::{encode_frame, Delta, FrameReader, Ranges, UploadImage, MAX_CHUNKS};
+use crate::remote::RemoteError;
+use crate::reuse::LocalChunks;
+
+/// Chunks asked for or sent per request: 16 MiB of data, a few seconds on a thin link.
+const BATCH: usize = 256;
+/// Data bytes per request at most (frames of incompressible chunks).
+const BATCH_BYTES: usize = BATCH * CHUNK_SIZE;
+/// Fetched chunks waiting for the copy (4 MiB).
+const AHEAD: usize = 64;
+/// How long a copy keeps asking a peer that does not answer before the attempt fails (the
+/// worker's next attempt goes on after what was verified).
+const PATIENCE: Duration = Duration::from_secs(60);
+const FIRST_PAUSE: Duration = Duration::from_millis(200);
+const MAX_PAUSE: Duration = Duration::from_secs(5);
+/// Times one chunk is asked for again after it arrived different from the manifest.
+const REFETCHES: u32 = 3;
+
+pub struct PeerStore {
+    region: String,
+    config: PeerRegion,
+    client: Arc<PeerClient>,
+}
+
+impl PeerStore {
+    pub fn new(region: &str, config: &PeerRegion) -> Result<PeerStore, StoreError> {
+        Ok(PeerStore {
+            region: region.to_string(),
+            config: config.clone(),
+            client: Arc::new(PeerClient::new(region, config)?),
+        })
+    }
+
+    /// The peer's record as this region's.
+    fn local(&self, mut image: Image) -> Image {
+        image.region = self.region.clone();
+        image
+    }
+}
+
+impl ImageStore for PeerStore {
+    fn probe(&self) -> Result<(), String> {
+        self.client.probe().map_err(|e| e.to_string())
+    }
+
+    fn prepare(&self) -> crate::error::Result<()> {
+        if !is_http_url(&self.config.url) {
+            return Err(ServiceError::BadRequest(format!(
+                "the peer URL '{}' must start with http:// or https://",
+                self.config.url
+            )));
+        }
+        // Read by the serving process at each request: it must be readable here.
+        self.config
+            .token
+            .read()
+            .map(drop)
+            .map_err(ServiceError::BadRequest)
+    }
+
+    fn records(&self) -> Option<&dyn ImageRecords> {
+        Some(self)
+    }
+
+    fn manifest(&self, image: &Image, delta: &Delta) -> Result<Option<Manifest>, StoreError> {
+        let (manifest, len) = self.client.manifest(image.id)?;
+        Delta::add(&delta.wire, len as u64);
+        if !manifest.describes(image) {
+            return Err(StoreError::Fatal(format!(
+                "the peer's manifest of image {} does not describe the image it records (size or SHA-512 differ)",
+                image.id
+            )));
+        }
+        Ok(Some(manifest))
+    }
+
+    fn open(&self, image: &Image, _offset: u64) -> Result<Box<dyn Source>, StoreError> {
+        Err(StoreError::Fatal(format!(
+            "image {} of peer region {} is copied with its manifest only",
+            image.id, self.region
+        )))
+    }
+
+    fn open_for_copy<'a>(
+        &'a self,
+        image: &Image,
+        reading: Reading<'a>,
+    ) -> Result<Box<dyn Source + 'a>, StoreError> {
+        let manifest = reading.manifest.ok_or_else(|| {
+            StoreError::Fatal(format!(
+                "a copy from peer region {} needs the image's manifest",
+                self.region
+            ))
+        })?;
+        Ok(Box::new(PeerSource::start(
+            Arc::clone(&self.client),
+            image.id,
+            manifest,
+            reading,
+        )?))
+    }
+
+    fn create<'a>(
+        &'a self,
+        image: &Image,
+        source: &Image,
+        stopping: &'a dyn Fn() -> bool,
+    ) -> Result<Box<dyn Sink + 'a>, StoreError> {
+        Ok(Box::new(PeerSink {
+            client: Arc::clone(&self.client),
+            region: self.region.clone(),
+            id: image.id,
+            image: UploadImage {
+                name: source.name.clone(),
+                owner: image.owner.clone(),
+                disk_format: source.disk_format.clone(),
+                container_format: source.container_format.clone(),
+                size: source.size,
+                checksum: source.checksum.clone(),
+                os_hash_algo: source.os_hash_algo.clone(),
+                os_hash_value: source.os_hash_value.clone(),
+            },
+            missing: None,
+            batch: Vec::new(),
+            frames: 0,
+            sent: None,
+            delta: Arc::new(Delta::default()),
+            cost: 0,
+            stopping,
+        }))
+    }
+
+    fn remove(&self, id: Uuid) -> Result<(), StoreError> {
+        Ok(self.client.remove(id)?)
+    }
+}
+
+impl ImageRecords for PeerStore {
+    fn image(&self, id: Uuid) -> Result<Option<Image>, StoreError> {
+        Ok(self.client.image(id)?.map(|i| self.local(i)))
+    }
+
+    fn images(&self, owner: Option<&str>) -> Result<Vec<Image>, StoreError> {
+        let key = owner.and_then(crate::model::TenantKey::parse);
+        Ok(self
+            .client
+            .images()?
+            .into_iter()
+            .filter(|i| owner.is_none() || crate::model::TenantKey::parse(&i.owner) == key)
+            .map(|i| self.local(i))
+            .collect())
+    }
+}
+
+/// Waits before asking a peer again; `false` once the patience is spent or `quit` is set.
+fn pause(since: Instant, pause: &mut Duration, quit: &AtomicBool) -> bool {
+    let until = Instant::now() + *pause;
+    *pause = (*pause * 2).min(MAX_PAUSE);
+    while Instant::now() < until {
+        if quit.load(Ordering::Relaxed) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    since.elapsed() < PATIENCE && !quit.load(Ordering::Relaxed)
+}
+
+/// A fetched chunk (checked), or why fetching stopped.
+type Fetched = Result<(usize, Vec<u8>, usize), RemoteError>;
+
+/// Where a chunk of a copy from a peer comes from.
+#[derive(Clone, Copy, PartialEq)]
+enum Origin {
+    Hole,
+    Local,
+    Peer,
+}
+
+/// The bytes of a peer's image: local chunks, holes, and chunks fetched on a thread.
+pub struct PeerSource<'a> {
+    client: Arc<PeerClient>,
+    image: Uuid,
+    manifest: &'a Manifest,
+    /// Where each chunk from the first one read on comes from.
+    plan: Vec<Origin>,
+    first: usize,
+    local: Option<Arc<dyn LocalChunks>>,
+    fetched: Receiver<Fetched>,
+    quit: Arc<AtomicBool>,
+    fetcher: Option<JoinHandle<()>>,
+    pos: u64,
+    /// The chunk being read and its index.
+    current: Option<(usize, Vec<u8>)>,
+    delta: Arc<Delta>,
+    /// Wire bytes of the chunks read since the last [`Source::cost`].
+    cost: u64,
+    stopping: &'a (dyn Fn() -> bool + Sync),
+}
+
+impl<'a> PeerSource<'a> {
+    fn start(
+        client: Arc<PeerClient>,
+        image: Uuid,
+        manifest: &'a Manifest,
+        reading: Reading<'a>,
+    ) -> Result<PeerSource<'a>, StoreError> {
+        let first = (reading.offset / CHUNK_SIZE as u64) as usize;
+        let plan: Vec<Origin> = manifest.chunks[first.min(manifest.chunks.len())..]
+            .iter()
+            .map(|entry| match entry {
+                Entry::Hole => Origin::Hole,
+                Entry::Data(h) if reading.local.as_ref().is_some_and(|l| l.has(h)) => Origin::Local,
+                Entry::Data(_) => Origin::Peer,
+            })
+            .collect();
+        let wanted: Vec<(usize, Hash)> = plan
+            .iter()
+            .enumerate()
+            .filter(|(_, from)| **from == Origin::Peer)
+            .filter_map(|(i, _)| match manifest.chunks[first + i] {
+                Entry::Data(h) => Some((first + i, h)),
+                Entry::Hole => None,
+            })
+            .collect();
+        let (tx, fetched) = sync_channel(AHEAD);
+        let quit = Arc::new(AtomicBool::new(false));
+        let fetcher = {
+            let (client, quit, delta, size) = (
+                Arc::clone(&client),
+                Arc::clone(&quit),
+                Arc::clone(&reading.delta),
+                manifest.size,
+            );
+            std::thread::Builder::new()
+                .name("peer-fetch".into())
+                .spawn(move || fetch(&client, image, size, wanted, &tx, &quit, &delta))
+                .map_err(|e| StoreError::Transient(format!("cannot start a fetch thread: {e}")))?
+        };
+        Ok(PeerSource {
+            client,
+            image,
+            manifest,
+            plan,
+            first,
+            local: reading.local,
+            fetched,
+            quit,
+            fetcher: Some(fetcher),
+            pos: reading.offset,
+            current: None,
+            delta: reading.delta,
+            cost: 0,
+            stopping: reading.stopping,
+        })
+    }
+
+    /// The next fetched chunk, which must be `index`.
+    fn next_fetched(&mut self, index: usize) -> io::Result<Vec<u8>> {
+        loop {
+            match self.fetched.recv_timeout(Duration::from_millis(50)) {
+                Ok(Ok((i, bytes, wire))) if i == index => {
+                    self.cost += wire as u64;
+                    return Ok(bytes);
+                }
+                // A chunk skipped over (the copy went past it): never the case for data.
+                Ok(Ok((i, _, _))) if i < index => continue,
+                Ok(Ok((i, _, _))) => {
+                    return Err(io::Error::other(format!(
+                        "the fetch thread delivered chunk {i} where chunk {index} was due"
+                    )))
+                }
+                Ok(Err(e)) => return Err(remote_io(e)),
+                Err(RecvTimeoutError::Timeout) if (self.stopping)() => {
+                    return Err(io::Error::other("the copy is stopping"))
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(io::Error::other("the fetch thread ended early"))
+                }
+            }
+        }
+    }
+
+    /// Chunk `index`'s bytes, from wherever the plan says (a local chunk that cannot be
+    /// read after all is fetched alone).
+    fn load(&mut self, index: usize) -> io::Result<Vec<u8>> {
+        let len = self.manifest.chunk_len(index);
+        let from = self
+            .plan
+            .get(index - self.first)
+            .copied()
+            .unwrap_or(Origin::Hole);
+        let Entry::Data(hash) = self.manifest.chunks[index] else {
+            return Ok(vec![0; len]);
+        };
+        match from {
+            Origin::Hole => Ok(vec![0; len]),
+            Origin::Peer => self.next_fetched(index),
+            Origin::Local => {
+                let mut bytes = vec![0; len];
+                if self
+                    .local
+                    .as_ref()
+                    .is_some_and(|l| l.read(&hash, &mut bytes))
+                {
+                    Delta::add(&self.delta.reused, len as u64);
+                    return Ok(bytes);
+                }
+                let (tx, rx) = sync_channel(1);
+                fetch(
+                    &self.client,
+                    self.image,
+                    self.manifest.size,
+                    vec![(index, hash)],
+                    &tx,
+                    &self.quit,
+                    &self.delta,
+                );
+                match rx.try_recv() {
+                    Ok(Ok((_, bytes, wire))) => {
+                        self.cost += wire as u64;
+                        Ok(bytes)
+                    }
+                    Ok(Err(e)) => Err(remote_io(e)),
+                    Err(_) => Err(io::Error::other("the copy is stopping")),
+                }
+            }
+        }
+    }
+}
+
+/// A peer's failure as the copy engine's I/O error, transient or not as it was.
+fn remote_io(e: RemoteError) -> io::Error {
+    let kind = if e.is_transient() {
+        io::ErrorKind::ConnectionAborted
+    } else {
+        io::ErrorKind::InvalidData
+    };
+    io::Error::new(kind, e.to_string())
+}
+
+impl Read for PeerSource<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.pos >= self.manifest.size || buf.is_empty() {
+            return Ok(0);
+        }
+        let index = (self.pos / CHUNK_SIZE as u64) as usize;
+        if self.current.as_ref().is_none_or(|(i, _)| *i != index) {
+            let bytes = self.load(index)?;
+            self.current = Some((index, bytes));
+        }
+        let Some((_, bytes)) = &self.current else {
+            return Ok(0);
+        };
+        let within = (self.pos - self.manifest.offset(index)) as usize;
+        let n = buf.len().min(bytes.len() - within);
+        buf[..n].copy_from_slice(&bytes[within..within + n]);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Source for PeerSource<'_> {
+    fn is_hole(&mut self, offset: u64, len: u64) -> bool {
+        let first = (offset / CHUNK_SIZE as u64) as usize;
+        let end = (offset + len).div_ceil(CHUNK_SIZE as u64) as usize;
+        self.manifest
+            .chunks
+            .get(first..end)
+            .is_some_and(|run| run.iter().all(|e| *e == Entry::Hole))
+    }
+
+    fn skip_to(&mut self, offset: u64) -> io::Result<()> {
+        if offset < self.pos {
+            return Err(io::Error::other("a peer's image is read forward only"));
+        }
+        self.pos = offset;
+        Ok(())
+    }
+
+    fn cost(&mut self, _n: u64) -> u64 {
+        std::mem::take(&mut self.cost)
+    }
+}
+
+impl Drop for PeerSource<'_> {
+    fn drop(&mut self) {
+        self.quit.store(true, Ordering::Relaxed);
+        // The thread ends at its next chunk or pause; it is not waited for.
+        drop(self.fetcher.take());
+    }
+}
+
+/// Why a request for chunks ended before its last chunk.
+enum Broke {
+    /// The chunk at the queue's front arrived damaged or different from its manifest.
+    Bad(usize, String),
+    Remote(RemoteError),
+    /// The copy no longer wants chunks.
+    Gone,
+}
+
+/// Fetches `wanted` chunks of `image` in order into `tx`, each checked against its hash:
+/// a chunk that arrives different is asked for again [`REFETCHES`] times, a peer that does
+/// not answer is asked again for up to [`PATIENCE`] without progress.
+fn fetch(
+    client: &PeerClient,
+    image: Uuid,
+    size: u64,
+    wanted: Vec<(usize, Hash)>,
+    tx: &SyncSender<Fetched>,
+    quit: &AtomicBool,
+    delta: &Delta,
+) {
+    let mut queue: VecDeque<(usize, Hash)> = wanted.into();
+    let mut bad = (usize::MAX, 0u32);
+    let mut since = Instant::now();
+    let mut wait = FIRST_PAUSE;
+    while !queue.is_empty() {
+        if quit.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut delivered = false;
+        let broke = fetch_batch(client, image, size, &mut queue, delta, &mut |chunk| {
+            delivered = true;
+            tx.send(Ok(chunk)).is_ok()
+        });
+        if delivered {
+            since = Instant::now();
+            wait = FIRST_PAUSE;
+        }
+        let e = match broke {
+            None => continue,
+            Some(Broke::Gone) => return,
+            Some(Broke::Bad(index, why)) => {
+                bad = if bad.0 == index {
+                    (index, bad.1 + 1)
+                } else {
+                    (index, 1)
+                };
+                tracing::warn!(image = %image, chunk = index, times = bad.1, "a chunk from the peer was damaged or differs from its manifest; asking again: {why}");
+                if bad.1 <= REFETCHES {
+                    continue;
+                }
+                RemoteError::Refused(format!(
+                    "the peer appliance sent chunk {index} of image {image} damaged or different from its manifest {} times ({why}); its copy of the image may be damaged",
+                    bad.1
+                ))
+            }
+            Some(Broke::Remote(e)) => e,
+        };
+        if !e.is_transient() || !pause(since, &mut wait, quit) {
+            let _ = tx.send(Err(e));
+            return;
+        }
+        tracing::warn!(image = %image, "fetching chunks from the peer failed, asking again: {e}");
+    }
+}
+
+/// Asks for the next [`BATCH`] chunks of `queue` and hands each to `deliver` as it arrives,
+/// checked, removing it from the queue; why the answer ended early, if it did.
+fn fetch_batch(
+    client: &PeerClient,
+    image: Uuid,
+    size: u64,
+    queue: &mut VecDeque<(usize, Hash)>,
+    delta: &Delta,
+    deliver: &mut dyn FnMut((usize, Vec<u8>, usize)) -> bool,
+) -> Option<Broke> {
+    let batch: Vec<usize> = queue.iter().take(BATCH).map(|(i, _)| *i).collect();
+    let last = *batch.last()?;
+    let resp = match client.chunks(image, &Ranges::of(batch)) {
+        Ok(resp) => resp,
+        Err(e) => return Some(Broke::Remote(e)),
+    };
+    let mut frames = match FrameReader::for_size(resp, size) {
+        Ok(frames) => frames,
+        Err(e) => return Some(Broke::Remote(RemoteError::Unavailable(e.to_string()))),
+    };
+    while let Some(&(index, hash)) = queue.front().filter(|(i, _)| *i <= last) {
+        let frame = match frames.next_frame() {
+            Ok(Some(frame)) => frame,
+            Ok(None) => {
+                return Some(Broke::Remote(RemoteError::Unavailable(format!(
+                    "the peer appliance ended its answer before chunk {index}"
+                ))))
+            }
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                return Some(Broke::Bad(index, e.to_string()))
+            }
+            Err(e) => {
+                return Some(Broke::Remote(RemoteError::Unavailable(format!(
+                    "the peer appliance broke off sending chunks: {e}"
+                ))))
+            }
+        };
+        Delta::add(&delta.wire, frame.wire as u64);
+        if frame.index != index {
+            return Some(Broke::Bad(
+                index,
+                format!("chunk {} came where it was due", frame.index),
+            ));
+        }
+        if blake3::hash(&frame.bytes).as_bytes() != &hash {
+            return Some(Broke::Bad(index, "its BLAKE3 differs".into()));
+        }
+        Delta::add(&delta.fetched, frame.bytes.len() as u64);
+        queue.pop_front();
+        if !deliver((index, frame.bytes, frame.wire)) {
+            return Some(Broke::Gone);
+        }
+    }
+    None
+}
+
+/// The thread that sends an upload's batches.
+type Sending = JoinHandle<Result<(), RemoteError>>;
+
+/// The upload of a copy into a peer.
+struct PeerSink<'a> {
+    client: Arc<PeerClient>,
+    region: String,
+    id: Uuid,
+    image: UploadImage,
+    /// Which chunks the peer lacks, once the upload is open ([`Sink::resume`]).
+    missing: Option<Vec<bool>>,
+    /// Frames not yet sent, and how many.
+    batch: Vec<u8>,
+    frames: usize,
+    /// The thread sending batches, and where they go to it.
+    sent: Option<(SyncSender<Vec<u8>>, Sending)>,
+    delta: Arc<Delta>,
+    /// Wire bytes of the frames made since the last [`Output::cost`].
+    cost: u64,
+    stopping: &'a dyn Fn() -> bool,
+}
+
+impl PeerSink<'_> {
+    /// Hands the frames made so far to the sending thread (started on first use).
+    fn flush(&mut self) -> io::Result<()> {
+        if self.frames == 0 {
+            return Ok(());
+        }
+        if self.sent.is_none() {
+            let (tx, rx) = sync_channel::<Vec<u8>>(1);
+            let (client, id) = (Arc::clone(&self.client), self.id);
+            let thread = std::thread::Builder::new()
+                .name("peer-upload".into())
+                .spawn(move || send_batches(&client, id, rx))?;
+            self.sent = Some((tx, thread));
+        }
+        let batch = std::mem::take(&mut self.batch);
+        self.frames = 0;
+        let Some((tx, _)) = &self.sent else {
+            return Ok(());
+        };
+        if tx.send(batch).is_err() {
+            // The thread ended with an error; `finish` or `abort` reports it.
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the upload to the peer appliance stopped",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Waits for the sending thread; its failure if it had one.
+    fn join(&mut self) -> Result<(), RemoteError> {
+        let Some((tx, thread)) = self.sent.take() else {
+            return Ok(());
+        };
+        drop(tx);
+        thread.join().unwrap_or_else(|_| {
+            Err(RemoteError::Unavailable(
+                "the upload thread panicked".into(),
+            ))
+        })
+    }
+}
+
+/// Sends each batch of frames, asking again while the peer does not answer.
+fn send_batches(
+    client: &PeerClient,
+    id: Uuid,
+    batches: Receiver<Vec<u8>>,
+) -> Result<(), RemoteError> {
+    let never = AtomicBool::new(false);
+    for batch in batches {
+        let (since, mut wait) = (Instant::now(), FIRST_PAUSE);
+        loop {
+            match client.send_chunks(id, batch.clone()) {
+                Ok(_) => break,
+                Err(e) if e.is_transient() && pause(since, &mut wait, &never) => {
+                    tracing::warn!(image = %id, "sending chunks to the peer failed, sending again: {e}");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Output for PeerSink<'_> {
+    fn write(&mut self, chunk: &Chunk, offset: u64) -> io::Result<()> {
+        let Some(missing) = &self.missing else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "a copy into peer region {} needs a source with a manifest (a directory or peer region)",
+                    self.region
+                ),
+            ));
+        };
+        let first = (offset / CHUNK_SIZE as u64) as usize;
+        let mut sends = Vec::new();
+        for (i, part) in chunk.chunks(CHUNK_SIZE).enumerate() {
+            if missing.get(first + i).copied().unwrap_or(false) {
+                sends.push((first + i, part));
+            } else if !crate::manifest::is_zero(part) {
+                Delta::add(&self.delta.reused, part.len() as u64);
+            }
+        }
+        for (index, part) in sends {
+            let wire = encode_frame(&mut self.batch, index, part) as u64;
+            self.frames += 1;
+            self.cost += wire;
+            Delta::add(&self.delta.wire, wire);
+            Delta::add(&self.delta.fetched, part.len() as u64);
+            if self.frames >= BATCH.min(MAX_CHUNKS) || self.batch.len() >= BATCH_BYTES {
+                self.flush()?;
+            }
+        }
+        if (self.stopping)() {
+            return Err(io::Error::other("the copy is stopping"));
+        }
+        Ok(())
+    }
+
+    fn cost(&mut self, _read_cost: u64) -> u64 {
+        std::mem::take(&mut self.cost)
+    }
+}
+
+impl Sink for PeerSink<'_> {
+    fn hashes(&self) -> Hashes {
+        Hashes {
+            sha512: false,
+            md5: false,
+        }
+    }
+
+    /// Opens (or continues) the upload with the source's manifest and learns what the peer
+    /// lacks; the copy then reads the source from its start and sends only that.
+    fn resume(&mut self, reference: &Manifest) -> Result<(usize, u64), StoreError> {
+        if reference.sha512.is_none() || reference.covered() < reference.size {
+            return Ok((0, 0));
+        }
+        let missing = self
+            .client
+            .put_upload(self.id, self.image.clone(), reference)?;
+        Delta::add(&self.delta.wire, reference.encode().len() as u64);
+        let mut lacks = vec![false; reference.chunk_count()];
+        for i in missing.missing.indexes() {
+            if let Some(slot) = lacks.get_mut(i) {
+                *slot = true;
+            }
+        }
+        self.missing = Some(lacks);
+        Ok((0, 0))
+    }
+
+    fn delta(&self) -> Option<Arc<Delta>> {
+        Some(Arc::clone(&self.delta))
+    }
+
+    fn finish(
+        mut self: Box<Self>,
+        _streamed: &Digests,
+        verify: &dyn Fn(&Recorded) -> Result<(), StoreError>,
+    ) -> Result<Recorded, StoreError> {
+        self.flush()
+            .map_err(|e| StoreError::io("cannot send chunks to the peer", e))?;
+        self.join()?;
+        let record = match self.client.commit(self.id)? {
+            Commit::Done(record) => record,
+            Commit::Missing(ranges) => {
+                return Err(StoreError::Transient(format!(
+                    "the peer appliance still lacks {} chunks of image {} after the upload",
+                    ranges.count(),
+                    self.id
+                )))
+            }
+        };
+        let recorded = Recorded {
+            size: record.size,
+            checksum: record.checksum,
+            os_hash_algo: record.os_hash_algo,
+            os_hash_value: record.os_hash_value,
+        };
+        if let Err(e) = verify(&recorded) {
+            if let Err(gone) = self.client.remove(self.id) {
+                tracing::warn!(image = %self.id, "cannot remove the peer's image that failed verification: {gone}");
+            }
+            return Err(e);
+        }
+        Ok(recorded)
+    }
+
+    fn abort(mut self: Box<Self>) -> Option<StoreError> {
+        // What reached the peer stays in its upload for the next attempt; a batch still on
+        // its way is not waited for.
+        let (tx, thread) = self.sent.take()?;
+        drop(tx);
+        if !thread.is_finished() {
+            return None;
+        }
+        match thread.join() {
+            Ok(Err(e)) => Some(e.into()),
+            _ => None,
+        }
+    }
+}
