@@ -5,6 +5,11 @@
 //! - `tokens`: token id (16 bytes); `token_lookup`: lookup bytes ‖ token id → (), the lookup
 //!   being the token's SHA-256 (32 bytes; 4 in records written before, until first use)
 //! - `images`: image id; `images_by_tenant`: owner key ‖ image id → ()
+//! - `manifests`: image id → encoded manifest; `chunks` (the chunk index): owner key ‖ chunk
+//!   hash (32 bytes) ‖ image id → first chunk index (u32 BE), for every distinct data chunk of
+//!   a complete manifest, so that finding an owner's holders of a hash is one prefix scan;
+//!   `chunks_indexed`: image id → the owner key its manifest's entries are under (exactly the
+//!   images with entries in `chunks`)
 //! - `jobs`: job id; `jobs_by_seq`: seq (u64 BE) → job id;
 //!   `jobs_by_tenant`: source tenant key ‖ seq (u64 BE) → job id
 //! - `queue`: seq (u64 BE) → job id, for every job the replication worker still has to act on
@@ -28,6 +33,7 @@ use uuid::Uuid;
 use super::{ImageChange, JobQuery, Jobs, OpenError, Registry, Repo};
 use crate::disk::is_disk_full;
 use crate::error::{Result, ServiceError, STORE_ERROR};
+use crate::manifest::{Hash, Manifest};
 use crate::model::{Image, Job, JobStatus, JobWire, Region, Tenant, TenantKey, TokenRecord, User};
 
 const FORMAT_VERSION: u8 = 1;
@@ -65,6 +71,10 @@ struct Inner {
     images_by_tenant: Tree,
     /// Chunk manifests of images (encoded by [`crate::manifest`]): image id → manifest.
     manifests: Tree,
+    /// The chunk index: owner ‖ hash ‖ image id → first chunk index.
+    chunks: Tree,
+    /// Image id → owner, for the images whose manifest is in `chunks`.
+    chunks_indexed: Tree,
     jobs: Tree,
     jobs_by_seq: Tree,
     jobs_by_tenant: Tree,
@@ -333,6 +343,8 @@ impl Inner {
             images: tree("images")?,
             images_by_tenant: tree("images_by_tenant")?,
             manifests: tree("manifests")?,
+            chunks: tree("chunks")?,
+            chunks_indexed: tree("chunks_indexed")?,
             jobs: tree("jobs")?,
             jobs_by_seq: tree("jobs_by_seq")?,
             jobs_by_tenant: tree("jobs_by_tenant")?,
@@ -758,17 +770,31 @@ impl Registry for SledStore {
     fn insert_image(&self, owner: TenantKey, image: &Image) -> Result<()> {
         self.with(|s| {
             tx_result(
-                (&s.images, &s.images_by_tenant).transaction(|(images, by_tenant)| {
-                    if images.get(image.id.as_bytes())?.is_some() {
-                        return Err(abort(ServiceError::Conflict(format!(
-                            "an image with id {} already exists",
-                            image.id
-                        ))));
-                    }
-                    images.insert(image.id.as_bytes(), tx_encode(image)?)?;
-                    by_tenant.insert(cat(&[&owner.0, image.id.as_bytes()]), &[])?;
-                    Ok(())
-                }),
+                (
+                    &s.images,
+                    &s.images_by_tenant,
+                    &s.manifests,
+                    &s.chunks,
+                    &s.chunks_indexed,
+                )
+                    .transaction(
+                        |(images, by_tenant, manifests, chunks, indexed)| {
+                            if images.get(image.id.as_bytes())?.is_some() {
+                                return Err(abort(ServiceError::Conflict(format!(
+                                    "an image with id {} already exists",
+                                    image.id
+                                ))));
+                            }
+                            images.insert(image.id.as_bytes(), tx_encode(image)?)?;
+                            by_tenant.insert(cat(&[&owner.0, image.id.as_bytes()]), &[])?;
+                            let index = ChunkIndex {
+                                manifests,
+                                chunks,
+                                indexed,
+                            };
+                            index.index_stored(owner, image.id)
+                        },
+                    ),
             )
         })
     }
@@ -779,14 +805,29 @@ impl Registry for SledStore {
 
     fn remove_image(&self, owner: TenantKey, id: Uuid) -> Result<()> {
         self.with(|s| {
-            tx_result((&s.images, &s.images_by_tenant, &s.manifests).transaction(
-                |(images, by_tenant, manifests)| {
-                    images.remove(id.as_bytes())?;
-                    by_tenant.remove(cat(&[&owner.0, id.as_bytes()]))?;
-                    manifests.remove(id.as_bytes())?;
-                    Ok(())
-                },
-            ))
+            tx_result(
+                (
+                    &s.images,
+                    &s.images_by_tenant,
+                    &s.manifests,
+                    &s.chunks,
+                    &s.chunks_indexed,
+                )
+                    .transaction(
+                        |(images, by_tenant, manifests, chunks, indexed)| {
+                            images.remove(id.as_bytes())?;
+                            by_tenant.remove(cat(&[&owner.0, id.as_bytes()]))?;
+                            let index = ChunkIndex {
+                                manifests,
+                                chunks,
+                                indexed,
+                            };
+                            index.unindex(id)?;
+                            manifests.remove(id.as_bytes())?;
+                            Ok(())
+                        },
+                    ),
+            )
         })
     }
 
@@ -795,16 +836,84 @@ impl Registry for SledStore {
     }
 
     fn put_manifest(&self, id: Uuid, manifest: &[u8]) -> Result<()> {
+        // Decoded once, outside the transaction (which may run more than once).
+        let entries = Manifest::decode(manifest)
+            .ok()
+            .filter(Manifest::is_complete)
+            .map(|m| m.first_indexes());
         self.with(|s| {
-            s.manifests.insert(id.as_bytes(), manifest)?;
-            Ok(())
+            tx_result(
+                (&s.images, &s.manifests, &s.chunks, &s.chunks_indexed).transaction(
+                    |(images, manifests, chunks, indexed)| {
+                        let index = ChunkIndex {
+                            manifests,
+                            chunks,
+                            indexed,
+                        };
+                        let same = manifests
+                            .get(id.as_bytes())?
+                            .is_some_and(|old| old == manifest);
+                        if same && indexed.get(id.as_bytes())?.is_some() {
+                            // The same complete manifest again (of an image whose record
+                            // exists): its entries are there.
+                            return Ok(());
+                        }
+                        index.unindex(id)?;
+                        manifests.insert(id.as_bytes(), manifest)?;
+                        let Some(entries) = &entries else {
+                            return Ok(());
+                        };
+                        let Some(record) = images.get(id.as_bytes())? else {
+                            return Ok(());
+                        };
+                        let image: Image = decode(&record).map_err(abort)?;
+                        if let Some(owner) = TenantKey::parse(&image.owner) {
+                            index.index(owner, id, entries)?;
+                        }
+                        Ok(())
+                    },
+                ),
+            )
         })
     }
 
     fn remove_manifest(&self, id: Uuid) -> Result<()> {
         self.with(|s| {
-            s.manifests.remove(id.as_bytes())?;
-            Ok(())
+            tx_result((&s.manifests, &s.chunks, &s.chunks_indexed).transaction(
+                |(manifests, chunks, indexed)| {
+                    let index = ChunkIndex {
+                        manifests,
+                        chunks,
+                        indexed,
+                    };
+                    index.unindex(id)?;
+                    manifests.remove(id.as_bytes())?;
+                    Ok(())
+                },
+            ))
+        })
+    }
+
+    fn chunk_holders(
+        &self,
+        owner: TenantKey,
+        hash: &Hash,
+        limit: usize,
+    ) -> Result<Vec<(Uuid, u32)>> {
+        self.with(|s| {
+            let mut out = Vec::new();
+            for entry in s.chunks.scan_prefix(cat(&[&owner.0, hash])).take(limit) {
+                let (key, value) = entry?;
+                let image = key
+                    .get(CHUNK_PREFIX..)
+                    .and_then(|id| Uuid::from_slice(id).ok());
+                let index = <[u8; 4]>::try_from(value.as_ref()).ok();
+                match (image, index) {
+                    (Some(image), Some(index)) => out.push((image, u32::from_be_bytes(index))),
+                    _ => return Err(ServiceError::Internal("corrupt chunk index entry".into())),
+                }
+            }
+            Ok(out)
         })
     }
 
@@ -870,31 +979,42 @@ impl Jobs for SledStore {
                     &s.images,
                     &s.images_by_tenant,
                     &s.manifests,
+                    &s.chunks,
+                    &s.chunks_indexed,
                 )
-                    .transaction(|(jobs, queue, images, by_tenant, manifests)| {
-                        let Some(old) = jobs.get(id.as_bytes())? else {
-                            return Ok(None);
-                        };
-                        let mut job: Job = decode(&old).map_err(abort)?;
-                        match change(&mut job).map_err(abort)? {
-                            ImageChange::None => {}
-                            ImageChange::Insert(owner, image) => {
-                                images.insert(image.id.as_bytes(), tx_encode(&image)?)?;
-                                by_tenant.insert(cat(&[&owner.0, image.id.as_bytes()]), &[])?;
+                    .transaction(
+                        |(jobs, queue, images, by_tenant, manifests, chunks, indexed)| {
+                            let Some(old) = jobs.get(id.as_bytes())? else {
+                                return Ok(None);
+                            };
+                            let mut job: Job = decode(&old).map_err(abort)?;
+                            let index = ChunkIndex {
+                                manifests,
+                                chunks,
+                                indexed,
+                            };
+                            match change(&mut job).map_err(abort)? {
+                                ImageChange::None => {}
+                                ImageChange::Insert(owner, image) => {
+                                    images.insert(image.id.as_bytes(), tx_encode(&image)?)?;
+                                    by_tenant.insert(cat(&[&owner.0, image.id.as_bytes()]), &[])?;
+                                    index.index_stored(owner, image.id)?;
+                                }
+                                ImageChange::Put(image) => {
+                                    images.insert(image.id.as_bytes(), tx_encode(&image)?)?;
+                                }
+                                ImageChange::Remove(owner, image_id) => {
+                                    images.remove(image_id.as_bytes())?;
+                                    by_tenant.remove(cat(&[&owner.0, image_id.as_bytes()]))?;
+                                    index.unindex(image_id)?;
+                                    manifests.remove(image_id.as_bytes())?;
+                                }
                             }
-                            ImageChange::Put(image) => {
-                                images.insert(image.id.as_bytes(), tx_encode(&image)?)?;
-                            }
-                            ImageChange::Remove(owner, image_id) => {
-                                images.remove(image_id.as_bytes())?;
-                                by_tenant.remove(cat(&[&owner.0, image_id.as_bytes()]))?;
-                                manifests.remove(image_id.as_bytes())?;
-                            }
-                        }
-                        jobs.insert(id.as_bytes(), tx_encode(&job)?)?;
-                        sync_queue(queue, &job)?;
-                        Ok(Some(job))
-                    }),
+                            jobs.insert(id.as_bytes(), tx_encode(&job)?)?;
+                            sync_queue(queue, &job)?;
+                            Ok(Some(job))
+                        },
+                    ),
             )?;
             if job.is_some() {
                 self.jobs_changed();
@@ -1022,6 +1142,77 @@ impl Jobs for SledStore {
     }
 }
 
+/// Length of a `chunks` key's owner ‖ hash prefix.
+const CHUNK_PREFIX: usize = 16 + 32;
+
+type TxResult<T> = Result<T, ConflictableTransactionError<ServiceError>>;
+
+/// The trees of the chunk index inside a transaction that also writes `manifests`.
+struct ChunkIndex<'a> {
+    manifests: &'a TransactionalTree,
+    chunks: &'a TransactionalTree,
+    indexed: &'a TransactionalTree,
+}
+
+impl ChunkIndex<'_> {
+    fn key(owner: &[u8], hash: &Hash, id: Uuid) -> Vec<u8> {
+        cat(&[owner, hash, id.as_bytes()])
+    }
+
+    /// Puts the entries of image `id`'s complete manifest under `owner` (in one batch).
+    fn index(&self, owner: TenantKey, id: Uuid, entries: &[(Hash, u32)]) -> TxResult<()> {
+        let mut batch = sled::Batch::default();
+        for (hash, index) in entries {
+            batch.insert(Self::key(&owner.0, hash, id), &index.to_be_bytes());
+        }
+        self.chunks.apply_batch(&batch)?;
+        self.indexed.insert(id.as_bytes(), &owner.0)?;
+        Ok(())
+    }
+
+    /// Indexes the manifest stored for `id` already, if it is complete and not indexed yet
+    /// (an image record inserted after its manifest).
+    fn index_stored(&self, owner: TenantKey, id: Uuid) -> TxResult<()> {
+        if self.indexed.get(id.as_bytes())?.is_some() {
+            return Ok(());
+        }
+        let Some(bytes) = self.manifests.get(id.as_bytes())? else {
+            return Ok(());
+        };
+        match Manifest::decode(&bytes) {
+            Ok(m) if m.is_complete() => self.index(owner, id, &m.first_indexes()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes the entries of image `id`'s stored manifest, if it has any (before the
+    /// manifest is replaced or removed).
+    fn unindex(&self, id: Uuid) -> TxResult<()> {
+        let Some(owner) = self.indexed.remove(id.as_bytes())? else {
+            return Ok(());
+        };
+        let Some(bytes) = self.manifests.get(id.as_bytes())? else {
+            return Ok(());
+        };
+        // What was indexed decoded when it was stored. Should it no longer, its entries stay
+        // behind rather than the image becoming impossible to remove: a stale entry costs a
+        // read that fails or does not match (reuse checks every chunk), never a wrong byte.
+        let m = match Manifest::decode(&bytes) {
+            Ok(m) => m,
+            Err(why) => {
+                tracing::warn!(image = %id, "the indexed manifest no longer decodes, its chunk index entries stay: {}", crate::text::escape(&why));
+                return Ok(());
+            }
+        };
+        let mut batch = sled::Batch::default();
+        for (hash, _) in m.first_indexes() {
+            batch.remove(Self::key(&owner, &hash, id));
+        }
+        self.chunks.apply_batch(&batch)?;
+        Ok(())
+    }
+}
+
 /// A job is queued for the worker exactly while it is enqueued and not terminal.
 fn sync_queue(
     queue: &TransactionalTree,
@@ -1046,4 +1237,161 @@ fn remove_token_tx(
         lookup.remove(cat(&[&prefix, token.info.id.as_bytes()]))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{Entry, CHUNK_SIZE};
+    use crate::model::ImageStatus;
+
+    const OWNER: &str = "236ae314ef6944f4ab98fa7519e54325";
+
+    fn image() -> Image {
+        Image {
+            id: Uuid::new_v4(),
+            name: "big".into(),
+            owner: OWNER.into(),
+            region: "r".into(),
+            status: ImageStatus::Active,
+            disk_format: "raw".into(),
+            container_format: "bare".into(),
+            size: 0,
+            checksum: None,
+            os_hash_algo: None,
+            os_hash_value: None,
+            created_at: 1,
+            updated_at: 1,
+        }
+    }
+
+    /// The complete manifest of an image of `chunks` data chunks, all different.
+    fn all_data(chunks: usize, seed: u64) -> Vec<u8> {
+        let entries = (0..chunks as u64)
+            .map(|i| {
+                Entry::Data(
+                    *blake3::hash(&[seed.to_le_bytes(), i.to_le_bytes()].concat()).as_bytes(),
+                )
+            })
+            .collect();
+        let size = (chunks * CHUNK_SIZE) as u64;
+        crate::manifest::complete(size, Some("ab".repeat(64)), entries).encode()
+    }
+
+    fn bytes_on_disk(dir: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let mut total = 0;
+        for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+            let meta = entry.metadata().expect("metadata");
+            total += if meta.is_dir() {
+                bytes_on_disk(&entry.path())
+            } else {
+                meta.blocks() * 512
+            };
+        }
+        total
+    }
+
+    /// The longest a store read waits on another thread while `f` runs.
+    fn longest_wait_during(store: &SledStore, f: impl FnOnce()) -> Duration {
+        let done = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let reader = scope.spawn(|| {
+                let mut longest = Duration::ZERO;
+                while !done.load(Ordering::SeqCst) {
+                    let t = Instant::now();
+                    store.region("none").expect("read");
+                    longest = longest.max(t.elapsed());
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                longest
+            });
+            f();
+            done.store(true, Ordering::SeqCst);
+            reader.join().expect("reader")
+        })
+    }
+
+    /// What the chunk index costs `put_manifest` and the disk (README, "Chunk manifests"):
+    /// `cargo test --release --lib store::sled::tests::the_chunk_index_cost -- --ignored
+    /// --nocapture`.
+    #[test]
+    #[ignore]
+    fn the_chunk_index_cost() {
+        let key = TenantKey::parse(OWNER).expect("key");
+        for (label, chunks) in [("1 GiB", 16_384), ("10 GiB", 163_840)] {
+            let images = 10 * 16_384 / chunks;
+            let mut on_disk = Vec::new();
+            for indexed in [false, true] {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let store = SledStore::open(dir.path()).expect("open");
+                let mut put = Duration::ZERO;
+                let mut ids = Vec::new();
+                for n in 0..images {
+                    let image = image();
+                    // Without a record the manifest is stored and not indexed: the baseline.
+                    if indexed {
+                        store.insert_image(key, &image).expect("insert");
+                    }
+                    let first = all_data(chunks, 2 * n as u64);
+                    let t = Instant::now();
+                    store.put_manifest(image.id, &first).expect("put");
+                    put += t.elapsed();
+                    ids.push(image.id);
+                }
+                store.flush().expect("flush");
+                let bytes = bytes_on_disk(dir.path());
+                on_disk.push(bytes);
+                println!(
+                    "{label}, {images} images, indexed {indexed}: put {:?} each, {:.1} MiB on disk",
+                    put / images as u32,
+                    bytes as f64 / f64::from(1 << 20)
+                );
+                if !indexed {
+                    continue;
+                }
+                let last = all_data(chunks, 999);
+                let Entry::Data(hash) = Manifest::decode(&last).expect("decode").chunks[chunks - 1]
+                else {
+                    unreachable!()
+                };
+                let image = image();
+                store.insert_image(key, &image).expect("insert");
+                let t = Instant::now();
+                let wait = longest_wait_during(&store, || {
+                    store.put_manifest(image.id, &last).expect("put");
+                });
+                println!(
+                    "{label}: put {:?}, a read on another thread waited up to {wait:?}",
+                    t.elapsed()
+                );
+                let t = Instant::now();
+                let found = store.chunk_holders(key, &hash, 4).expect("holders");
+                println!("{label}: chunk_holders {:?}", t.elapsed());
+                assert_eq!(found, vec![(image.id, chunks as u32 - 1)]);
+                let second = all_data(chunks, 1000);
+                let t = Instant::now();
+                let wait = longest_wait_during(&store, || {
+                    store.put_manifest(image.id, &second).expect("replace");
+                });
+                println!(
+                    "{label}: replace {:?}, a read waited up to {wait:?}",
+                    t.elapsed()
+                );
+                let t = Instant::now();
+                let wait = longest_wait_during(&store, || {
+                    store.remove_manifest(image.id).expect("remove");
+                });
+                println!(
+                    "{label}: remove {:?}, a read waited up to {wait:?}",
+                    t.elapsed()
+                );
+            }
+            let entries = (images * chunks) as u64;
+            println!(
+                "{label}: the index costs {} bytes on disk per entry ({entries} entries)",
+                on_disk[1].saturating_sub(on_disk[0]) / entries
+            );
+        }
+    }
 }
