@@ -876,7 +876,7 @@ impl Registry for SledStore {
                 }
                 _ => None,
             };
-            let (retired, counted) = tx_result(
+            let committed = tx_result(
                 (&s.images, &s.manifests, &s.chunks_indexed, &s.chunks_stale).transaction(
                     |(images, manifests, indexed, stale)| {
                         let retired = retire(manifests, indexed, stale, id)?;
@@ -887,8 +887,8 @@ impl Registry for SledStore {
                         let Some(record) = images.get(id.as_bytes())? else {
                             return Ok((retired, false));
                         };
-                        let image: Image = decode(&record).map_err(abort)?;
-                        if TenantKey::parse(&image.owner) != Some(owner) {
+                        let image = decode::<Image>(&record).ok();
+                        if image.and_then(|i| TenantKey::parse(&i.owner)) != Some(owner) {
                             return Ok((retired, false));
                         }
                         indexed.insert(id.as_bytes(), cat(&[&owner.0, &generation]))?;
@@ -896,7 +896,14 @@ impl Registry for SledStore {
                         Ok((retired, true))
                     },
                 ),
-            )?;
+            );
+            let (retired, counted) = match committed {
+                Ok(done) => done,
+                Err(e) => {
+                    s.sweep_quietly(fresh.map(|(generation, _)| generation));
+                    return Err(e);
+                }
+            };
             s.sweep_quietly(retired);
             if let (Some((generation, _)), false) = (fresh, counted) {
                 s.sweep_quietly(Some(generation));
