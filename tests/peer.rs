@@ -325,7 +325,9 @@ fn a_chunk_damaged_on_the_link_is_fetched_again_and_one_damaged_at_the_peer_fail
         edge.server.log_text()
     );
 
-    // The peer's own file differs from its manifest at chunk 6: asked again, then `error`.
+    // The peer's own file differs from its manifest at chunk 6: asked again, then `error`
+    // (an image the edge holds nothing of, or chunk 6 would be taken from the first copy).
+    let id = import(&central.lab, TENANT_A, "other", &image_bytes(13, 32));
     let path = image_file(&central.lab, "ot1", &id);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -385,7 +387,7 @@ fn canceled_copies_leave_nothing_at_the_destination_in_either_direction() {
         &central.admin,
         &["--max-bandwidth", "1M"],
     );
-    let push = import(&edge.lab, TENANT_B, "push", &image);
+    let push = import(&edge.lab, TENANT_B, "push", &image_bytes(18, 160));
 
     for (token, image_id, tenant) in [
         (&edge.for_a, &pull, TENANT_B),
