@@ -27,7 +27,7 @@ use crate::model::{Image, PeerRegion};
 use crate::peer::client::{Commit, PeerClient};
 use crate::peer::{encode_frame, Delta, FrameReader, Ranges, UploadImage, MAX_CHUNKS};
 use crate::remote::RemoteError;
-use crate::reuse::LocalChunks;
+use crate::reuse::{LocalChunks, Reflinks};
 
 /// Chunks asked for per request: 16 MiB of data, a few seconds on a thin link; the answer
 /// streams, so the copy goes on as its frames arrive.
@@ -202,6 +202,7 @@ pub struct PeerSource<'a> {
     image: Uuid,
     manifest: &'a Manifest,
     local: Option<Arc<dyn LocalChunks>>,
+    reflinks: Option<Arc<Reflinks>>,
     items: Receiver<Fetched>,
     quit: Arc<AtomicBool>,
     fetcher: Option<JoinHandle<()>>,
@@ -253,6 +254,7 @@ impl<'a> PeerSource<'a> {
             image,
             manifest,
             local: reading.local,
+            reflinks: reading.reflinks,
             items,
             quit,
             fetcher: Some(fetcher),
@@ -305,8 +307,15 @@ impl<'a> PeerSource<'a> {
             }
             Item::Local(_) => {
                 let mut bytes = vec![0; len];
-                if self.local.as_ref().is_some_and(|l| l.read(&hash, &mut bytes)) {
+                if let Some(held) = self
+                    .local
+                    .as_ref()
+                    .and_then(|l| l.read_held(&hash, &mut bytes))
+                {
                     Delta::add(&self.delta.reused, len as u64);
+                    if let (Some(reflinks), Some(file)) = (&self.reflinks, held.file) {
+                        reflinks.offer(index, file, held.offset);
+                    }
                     return Ok(bytes);
                 }
                 let (tx, rx) = sync_channel(1);
@@ -467,7 +476,11 @@ impl Fetch {
                 None => continue,
                 Some(Broke::Gone) => return,
                 Some(Broke::Bad(index, why)) => {
-                    bad = if bad.0 == index { (index, bad.1 + 1) } else { (index, 1) };
+                    bad = if bad.0 == index {
+                        (index, bad.1 + 1)
+                    } else {
+                        (index, 1)
+                    };
                     tracing::warn!(image = %self.image, chunk = index, times = bad.1, "a chunk from the peer was damaged or differs from its manifest; asking again: {why}");
                     if bad.1 <= REFETCHES {
                         continue;
