@@ -99,6 +99,7 @@ fn parse_json<T: DeserializeOwned>(bytes: &[u8], what: &str, shape: &str) -> Res
         } else {
             "the body is not valid JSON".to_string()
         };
+        let e = crate::text::excerpt(&e.to_string(), 200);
         bad_request(format!("{problem} ({e}); send {shape}"))
     })
 }

@@ -31,6 +31,7 @@ use crate::model::{
 use crate::peer::{FrameReader, Ranges, Upload, MAX_CHUNKS};
 use crate::regions::{self, Part, Recorded};
 use crate::reuse::LocalChunks;
+use crate::store::Registry;
 use crate::text::excerpt;
 
 /// Why a peer request is refused, where the appliance's usual errors do not say it.
@@ -116,6 +117,9 @@ fn upload_record(id: Uuid, upload: &Upload, owner: &str, m: &Manifest) -> Result
     if i.name.is_empty() || i.name.len() > 255 {
         return bad("an image name must be 1 to 255 characters".into());
     }
+    if i.disk_format.len() > 32 || i.container_format.len() > 32 {
+        return bad("the image's disk or container format is not one this appliance knows".into());
+    }
     check_format("disk format", &i.disk_format, &DISK_FORMATS)?;
     check_format("container format", &i.container_format, &CONTAINER_FORMATS)?;
     if i.checksum.as_deref().is_some_and(|c| !is_hex(c, 32)) {
@@ -154,6 +158,31 @@ fn upload_record(id: Uuid, upload: &Upload, owner: &str, m: &Manifest) -> Result
         ));
     }
     Ok(image)
+}
+
+/// Keeps an upload's manifest until its commit, without its SHA-512 (which the record holds):
+/// as a partial manifest, it is not in the chunk index, whose chunks must be readable from
+/// active images.
+fn keep_upload_manifest(store: &dyn Registry, id: Uuid, m: &Manifest) -> Result<()> {
+    let kept = Manifest {
+        sha512: None,
+        ..m.clone()
+    };
+    store.put_manifest(id, &kept.encode())
+}
+
+/// The manifest an upload of `image` keeps ([`keep_upload_manifest`]), whole again.
+fn upload_manifest(store: &dyn Registry, image: &Image) -> Result<Option<Manifest>> {
+    let fits = |m: &Manifest| {
+        m.chunk_size as usize == CHUNK_SIZE
+            && m.size == image.size
+            && m.chunks.len() == m.chunk_count()
+            && m.sha512.is_none()
+    };
+    Ok(manifest::load_as(store, image.id, fits)?.map(|m| Manifest {
+        sha512: image.os_hash_value.clone(),
+        ..m
+    }))
 }
 
 /// Decodes an upload's manifest (standard base64 of the manifest encoding).
@@ -408,7 +437,7 @@ impl Service {
                 image.id, image.status
             )));
         }
-        let m = manifest::load(&*self.store, &image)?.ok_or_else(|| {
+        let m = upload_manifest(&*self.store, &image)?.ok_or_else(|| {
             ServiceError::Conflict(format!(
                 "upload {} has no manifest kept; send its PUT again",
                 image.id
@@ -494,22 +523,22 @@ impl Service {
                 if !same {
                     return Err(ServiceError::Conflict(format!("image id {uuid} is taken")).into());
                 }
-                match manifest::load_as(&*self.store, uuid, |_| true)? {
-                    Some(old) if old != m => {
+                match upload_manifest(&*self.store, &kept)? {
+                    Some(old) if old != m || kept.os_hash_value != image.os_hash_value => {
                         return Err(ServiceError::Conflict(format!(
                             "upload {uuid} is under way with a different manifest; delete it first"
                         ))
                         .into())
                     }
                     Some(_) => {}
-                    None => self.store.put_manifest(uuid, &m.encode())?,
+                    None => keep_upload_manifest(&*self.store, uuid, &m)?,
                 }
                 false
             }
             None => {
                 self.check_upload_room(key, &tenant, &region, &image)?;
                 self.store.insert_image(key, &image)?;
-                self.store.put_manifest(uuid, &m.encode())?;
+                keep_upload_manifest(&*self.store, uuid, &m)?;
                 true
             }
         };
