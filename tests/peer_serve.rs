@@ -432,6 +432,33 @@ fn a_chunk_that_differs_from_the_manifest_is_422_and_nothing_of_it_is_written() 
     let part = std::fs::read(part_path(&p.lab, &id)).expect("part");
     assert!(part.len() <= 2 * CHUNK, "chunk 2 was not written");
     assert!(part[..CHUNK] == data[..CHUNK], "chunk 0, before it, was");
+    // Refused at the first frame of a long body: the answer still arrives whole.
+    let big = sample(300, 10);
+    let id2 = uuid::Uuid::new_v4().to_string();
+    json_of(p.put_upload(&id2, &p.alice, TENANT_A, &big), 201);
+    let mut forged = big.clone();
+    forged[7] ^= 1;
+    let mut body = Vec::new();
+    encode_frame(&mut body, 0, chunk(&forged, 0));
+    for i in 2..300 {
+        encode_frame(&mut body, i, chunk(&big, i));
+    }
+    let resp = p.post(
+        &format!("/peer/v1/uploads/{id2}/chunks"),
+        &p.alice,
+        FRAMES,
+        body,
+    );
+    assert_eq!(
+        assert_error(resp, 422),
+        "Chunk 0 does not match the manifest."
+    );
+    let missing = json_of(p.put_upload(&id2, &p.alice, TENANT_A, &big), 200);
+    assert_eq!(
+        missing,
+        json!({"missing": data_runs(&big)}),
+        "nothing was written"
+    );
     // A frame that is not a frame is a 400.
     let resp = p.post(
         &format!("/peer/v1/uploads/{id}/chunks"),

@@ -485,9 +485,16 @@ pub(super) fn receive(req: Request, who: Principal) -> Reply {
             };
             svc.upload_receive(&who, &id, &mut input)
         });
+        // Once the reader stops (a refusal), the rest of the body is read and dropped, so that
+        // a client still sending gets the answer instead of a reset connection.
         let fed = pieces(&req.headers, req.body, req.body_limit, |piece| {
             let tx = tx.clone();
-            async move { tx.send(Ok(piece)).await.is_ok() }
+            async move {
+                if !tx.is_closed() {
+                    let _ = tx.send(Ok(piece)).await;
+                }
+                true
+            }
         })
         .await;
         if fed.is_err() {
