@@ -142,8 +142,6 @@ pub trait Part: Send {
     fn sync(&self) -> io::Result<()>;
     /// Sets the length to `size`, makes the file durable and renames it into place.
     fn publish(self: Box<Self>, size: u64) -> Result<(), StoreError>;
-    /// Removes the partial file.
-    fn discard(self: Box<Self>) -> Result<(), StoreError>;
 }
 
 /// Image records kept by the store itself.

@@ -687,17 +687,16 @@ impl Service {
         let (image, _) = self.visible(who, id)?;
         let lock = upload_lock(image.id);
         let _alone = lock.write().unwrap_or_else(|e| e.into_inner());
-        let (image, region, _) = match self.upload_of(who, id) {
-            Ok(found) => found,
-            // An upload whose manifest is gone can still be removed.
-            Err(ServiceError::Conflict(_)) if image.status == ImageStatus::Uploading => {
-                let region = self.peer_region(who, id)?;
-                (image, region, Manifest::new(0))
-            }
-            Err(e) => return Err(e),
-        };
-        self.part_of(&image, &region)?
-            .discard()
+        let (image, region) = self.visible(who, id)?;
+        if image.status != ImageStatus::Uploading {
+            return Err(ServiceError::Conflict(format!(
+                "image {} is {}, not an upload in progress",
+                image.id, image.status
+            )));
+        }
+        // The partial file, and a file a commit interrupted after its rename left.
+        self.images_of(&region)?
+            .remove(image.id)
             .map_err(store_failed)?;
         let key = TenantKey::parse(&image.owner)
             .ok_or_else(|| ServiceError::Internal(format!("image {} has no owner", image.id)))?;
