@@ -541,3 +541,37 @@ fn deleting_an_upload_removes_its_record_and_partial_file() {
     // The id is free again.
     json_of(p.put_upload(&id, &p.alice, TENANT_A, &data), 201);
 }
+
+#[test]
+fn delete_of_an_image_is_204_for_its_owner_and_409_while_a_job_reads_it() {
+    let p = peer();
+    let data = sample(3, 11);
+    let (busy, free) = (import(&p.lab, &data), import(&p.lab, &data));
+    p.lab.ok(&[
+        "user", "add", "alice2", "--tenant", TENANT_A, "--tenant", TENANT_B,
+    ]);
+    let copier = p.lab.token("alice2", TENANT_A);
+    // No worker runs: the job stays queued, reading its image.
+    p.server.copy_ok(&copier, &busy, TENANT_B);
+    let resp = p
+        .server
+        .delete(&format!("/peer/v1/images/{busy}"), Some(&p.alice));
+    let sentence = assert_error(resp, 409);
+    assert!(sentence.contains("in use by job"), "{sentence}");
+    let resp = p
+        .server
+        .delete(&format!("/peer/v1/images/{free}"), Some(&p.alice));
+    assert_eq!(resp.status(), 204);
+    assert_error(p.get(&format!("/peer/v1/images/{free}"), &p.alice), 404);
+    assert!(!p.lab.region_dir("ot1").join(&free).exists());
+    // An upload in progress has no bytes to serve yet.
+    let id = uuid::Uuid::new_v4().to_string();
+    json_of(p.put_upload(&id, &p.alice, TENANT_A, &data), 201);
+    for resp in [
+        p.get(&format!("/peer/v1/images/{id}/file"), &p.alice),
+        p.ask_chunks(&id, &p.alice, json!([[0, 1]])),
+    ] {
+        let sentence = assert_error(resp, 409);
+        assert_eq!(sentence, format!("Image {id} is uploading, not active."));
+    }
+}

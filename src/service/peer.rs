@@ -704,3 +704,92 @@ impl Service {
         self.flush()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::regions::directory::Directory;
+    use crate::regions::ImageStore;
+
+    /// Chunks the appliance "holds" elsewhere, as the chunk index would name them.
+    struct Held(HashMap<crate::manifest::Hash, Vec<u8>>);
+
+    impl LocalChunks for Held {
+        fn has(&self, hash: &crate::manifest::Hash) -> bool {
+            self.0.contains_key(hash)
+        }
+
+        fn read(&self, hash: &crate::manifest::Hash, buf: &mut [u8]) -> bool {
+            match self.0.get(hash) {
+                Some(bytes) if bytes.len() == buf.len() => {
+                    buf.copy_from_slice(bytes);
+                    true
+                }
+                _ => false,
+            }
+        }
+    }
+
+    fn image(id: Uuid) -> Image {
+        Image {
+            id,
+            name: "i".into(),
+            owner: "o".into(),
+            region: "r".into(),
+            status: ImageStatus::Uploading,
+            disk_format: "raw".into(),
+            container_format: "bare".into(),
+            size: 0,
+            checksum: None,
+            os_hash_algo: None,
+            os_hash_value: None,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    #[test]
+    fn missing_chunks_are_those_neither_received_nor_held_and_the_commit_takes_the_held_ones() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Directory::new(dir.path());
+        // Chunks: 0 received, 1 a hole, 2 held locally, 3 missing, 4 (short) received.
+        let mut data = vec![0u8; 4 * CHUNK_SIZE + 100];
+        for (i, b) in data.iter_mut().enumerate() {
+            if i / CHUNK_SIZE != 1 {
+                *b = (i % 251) as u8 ^ ((i / CHUNK_SIZE) as u8 + 1);
+            }
+        }
+        let chunk = |i: usize| &data[i * CHUNK_SIZE..data.len().min((i + 1) * CHUNK_SIZE)];
+        let chunks = (0..5).map(|i| Entry::of(chunk(i))).collect();
+        let sha = crate::model::to_hex(&Sha512::digest(&data));
+        let m = manifest::complete(data.len() as u64, Some(sha.clone()), chunks);
+        let id = Uuid::new_v4();
+        let part = store.part(&image(id)).expect("directory").expect("part");
+        part.write_at(chunk(0), 0).expect("write");
+        part.write_at(chunk(4), m.offset(4)).expect("write");
+        // Garbage where the image has a hole: the commit makes it zeros.
+        part.write_at(&[9u8; 10], m.offset(1) + 5).expect("write");
+        let Entry::Data(h2) = m.chunks[2] else {
+            panic!("chunk 2 has data")
+        };
+        let held = Held(HashMap::from([(h2, chunk(2).to_vec())]));
+        let local: Option<&dyn LocalChunks> = Some(&held);
+        assert_eq!(
+            missing(&*part, &m, local).expect("missing").ranges,
+            vec![(3, 1)]
+        );
+        assert_eq!(
+            missing(&*part, &m, None).expect("missing").ranges,
+            vec![(2, 2)]
+        );
+        assert_eq!(
+            assemble(&*part, &m, local).expect("assemble"),
+            Err(Ranges::of([3]))
+        );
+        part.write_at(chunk(3), m.offset(3)).expect("write");
+        assert_eq!(assemble(&*part, &m, local).expect("assemble"), Ok(sha));
+        part.publish(m.size).expect("publish");
+        let placed = std::fs::read(dir.path().join(id.to_string())).expect("placed");
+        assert!(placed == data);
+    }
+}
