@@ -575,3 +575,32 @@ fn delete_of_an_image_is_204_for_its_owner_and_409_while_a_job_reads_it() {
         assert_eq!(sentence, format!("Image {id} is uploading, not active."));
     }
 }
+
+#[test]
+fn a_long_chunk_answer_keeps_the_order_asked_and_a_dropped_one_leaves_the_server_serving() {
+    let p = peer();
+    let data = sample(99, 12);
+    let id = import(&p.lab, &data);
+    let m = manifest_of(&data);
+    let order: Vec<usize> = (60..100).chain(0..60).collect();
+    let resp = p.ask_chunks(&id, &p.alice, json!([[60, 40], [0, 60]]));
+    assert_eq!(resp.status(), 200);
+    let body = resp.bytes().expect("frames").to_vec();
+    let mut reader = FrameReader::new(&body[..], &m).expect("reader");
+    for &i in &order {
+        let frame = reader.next_frame().expect("frame").expect("one per chunk");
+        assert_eq!(frame.index, i);
+        assert!(frame.bytes == chunk(&data, i), "chunk {i}");
+    }
+    assert!(reader.next_frame().expect("end").is_none());
+    // A client that reads a few bytes and hangs up, ten times over.
+    for _ in 0..10 {
+        let mut resp = p.ask_chunks(&id, &p.alice, json!([[0, 100]]));
+        let mut head = [0u8; 9];
+        std::io::Read::read_exact(&mut resp, &mut head).expect("the first header");
+        drop(resp);
+    }
+    let resp = p.get(&format!("/peer/v1/images/{id}/file"), &p.alice);
+    assert!(resp.bytes().expect("file") == data);
+    assert_eq!(log_panics(&p.server.log_text()), Vec::<String>::new());
+}
