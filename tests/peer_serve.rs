@@ -604,3 +604,26 @@ fn a_long_chunk_answer_keeps_the_order_asked_and_a_dropped_one_leaves_the_server
     assert!(resp.bytes().expect("file") == data);
     assert_eq!(log_panics(&p.server.log_text()), Vec::<String>::new());
 }
+
+#[test]
+fn an_admin_uploads_for_any_tenant_of_the_region_and_an_empty_image_commits_at_once() {
+    let p = peer();
+    let id = uuid::Uuid::new_v4().to_string();
+    let begun = json_of(p.put_upload(&id, &p.root, TENANT_C, &[]), 201);
+    assert_eq!(begun, json!({"missing": []}));
+    let active = json_of(p.commit(&id, &p.root), 200);
+    assert_eq!(active["status"], "active");
+    assert_eq!(active["owner"], TENANT_C);
+    assert_eq!(active["size"], 0);
+    let file = std::fs::read(p.lab.region_dir("ot1").join(&id)).expect("file");
+    assert!(file.is_empty());
+    // Tenant B lives in region ot2: not a tenant of ot1.
+    let other = uuid::Uuid::new_v4().to_string();
+    let sentence = assert_error(p.put_upload(&other, &p.root, TENANT_B, &[1, 2, 3]), 404);
+    assert_eq!(
+        sentence,
+        format!("There is no tenant {TENANT_B} in region ot1.")
+    );
+    let sentence = assert_error(p.put_upload("not-a-uuid", &p.alice, TENANT_A, &[]), 400);
+    assert_eq!(sentence, "The upload's id 'not-a-uuid' is not a UUID.");
+}
