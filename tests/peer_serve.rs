@@ -627,3 +627,62 @@ fn an_admin_uploads_for_any_tenant_of_the_region_and_an_empty_image_commits_at_o
     let sentence = assert_error(p.put_upload("not-a-uuid", &p.alice, TENANT_A, &[]), 400);
     assert_eq!(sentence, "The upload's id 'not-a-uuid' is not a UUID.");
 }
+
+#[test]
+fn a_slow_upload_body_is_taken_while_it_keeps_arriving_and_a_stalled_one_is_408() {
+    use base64::Engine;
+    use common::raw;
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+    let p = peer();
+    let data = sample(3, 13);
+    let m = manifest_of(&data);
+    let body = json!({
+        "region": "ot1",
+        "image": {
+            "name": "slow", "owner": TENANT_A, "disk_format": "raw", "container_format": "bare",
+            "size": data.len(), "checksum": null, "os_hash_algo": "sha512",
+            "os_hash_value": m.sha512,
+        },
+        "manifest": base64::engine::general_purpose::STANDARD.encode(m.encode()),
+    })
+    .to_string();
+    let request = |id: &str| {
+        format!(
+            "PUT /peer/v1/uploads/{id} HTTP/1.1\r\nHost: x\r\nX-Auth-Token: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            p.alice,
+            body.len()
+        )
+    };
+    let addr = p.server.addr();
+    // Stalled after a few bytes: a 408 once ten seconds pass without more.
+    let stalled = {
+        let head = request(&uuid::Uuid::new_v4().to_string());
+        let addr = addr.clone();
+        let first = body[..10].to_string();
+        std::thread::spawn(move || {
+            let mut stream = raw::send(&addr, format!("{head}{first}").as_bytes());
+            let started = Instant::now();
+            let answer = raw::read_answer(&mut stream, Duration::from_secs(20));
+            (answer, started.elapsed())
+        })
+    };
+    // Four pieces 3.5 s apart: longer than ten seconds in all, never ten without a byte.
+    let id = uuid::Uuid::new_v4().to_string();
+    let mut stream = raw::send(&addr, request(&id).as_bytes());
+    let step = body.len().div_ceil(4);
+    for piece in body.as_bytes().chunks(step) {
+        std::thread::sleep(Duration::from_millis(3500));
+        stream.write_all(piece).expect("a piece");
+    }
+    let answer = raw::read_answer(&mut stream, Duration::from_secs(10));
+    assert_eq!(answer.status(), Some(201), "{}", answer.text());
+    let (answer, took) = stalled.join().expect("the stalled request");
+    assert_eq!(answer.status(), Some(408), "{}", answer.text());
+    assert!(
+        answer.text().contains("stopped arriving for 10 seconds"),
+        "{}",
+        answer.text()
+    );
+    assert!(took < Duration::from_secs(15), "{took:?}");
+}
