@@ -26,8 +26,8 @@ use crate::copy::Source;
 use crate::error::ServiceError;
 use crate::manifest::{Entry, Manifest, CHUNK_SIZE};
 use crate::peer::{
-    encode_frame, Missing, Ranges, Received, Upload, Versions, FRAMES, FRAME_HEADER, MAX_CHUNKS,
-    PREFIX, VERSION,
+    encode_frame_as, Missing, Ranges, Received, Squeeze, Upload, Versions, FRAMES, FRAME_HEADER,
+    MAX_CHUNKS, PREFIX, VERSION,
 };
 use crate::service::Refusal;
 
@@ -244,9 +244,10 @@ fn frames(
     let work_rx = std::sync::Mutex::new(work_rx);
     let (done_tx, done_rx) = sync_channel::<(usize, Vec<u8>)>(2 * workers);
     let gone = AtomicBool::new(false);
+    let squeeze = Squeeze::default();
     std::thread::scope(|scope| {
         for _ in 0..workers {
-            let (done_tx, work_rx, gone) = (done_tx.clone(), &work_rx, &gone);
+            let (done_tx, work_rx, gone, squeeze) = (done_tx.clone(), &work_rx, &gone, &squeeze);
             scope.spawn(move || {
                 let zeros = vec![0u8; CHUNK_SIZE];
                 loop {
@@ -258,9 +259,11 @@ fn frames(
                         continue;
                     }
                     let mut out = Vec::with_capacity(BATCH * (CHUNK_SIZE + FRAME_HEADER));
+                    let compress = squeeze.on();
                     for (i, bytes) in chunks {
                         let len = m.chunk_len(i);
-                        encode_frame(&mut out, i, bytes.as_deref().unwrap_or(&zeros[..len]));
+                        let chunk = bytes.as_deref().unwrap_or(&zeros[..len]);
+                        encode_frame_as(&mut out, i, chunk, compress);
                     }
                     if done_tx.send((seq, out)).is_err() {
                         gone.store(true, Ordering::Relaxed);
@@ -302,11 +305,19 @@ fn frames(
             }
             Ok(())
         });
-        // Frames leave in the order asked, whichever thread made them.
+        // Frames leave in the order asked, whichever thread made them. The time this thread
+        // waits for the connection against the time it waits for frames says whether
+        // compressing pays (Squeeze).
         let mut waiting = std::collections::BTreeMap::new();
         let mut next = 0;
-        'answer: for (seq, bytes) in done_rx.iter() {
+        'answer: loop {
+            let asked = std::time::Instant::now();
+            let Ok((seq, bytes)) = done_rx.recv() else {
+                break;
+            };
+            let for_frames = asked.elapsed();
             waiting.insert(seq, bytes);
+            let sending = std::time::Instant::now();
             while let Some(bytes) = waiting.remove(&next) {
                 if !send(Bytes::from(bytes)) {
                     gone.store(true, Ordering::Relaxed);
@@ -314,6 +325,7 @@ fn frames(
                 }
                 next += 1;
             }
+            squeeze.link_bound(sending.elapsed() > for_frames);
         }
         drop(done_rx);
         reader

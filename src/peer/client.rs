@@ -246,7 +246,11 @@ impl PeerClient {
     /// Either gone already is fine.
     pub fn remove(&self, id: Uuid) -> Result<(), RemoteError> {
         // An upload is removed as one; an image it became (409 to the first) as an image.
-        let gone = [StatusCode::NO_CONTENT, StatusCode::OK, StatusCode::NOT_FOUND];
+        let gone = [
+            StatusCode::NO_CONTENT,
+            StatusCode::OK,
+            StatusCode::NOT_FOUND,
+        ];
         let resp = self.send(|c| c.delete(self.url(&format!("/uploads/{id}"))))?;
         if resp.status() != StatusCode::CONFLICT {
             expect(&self.what(), resp, &gone)?;

@@ -191,6 +191,11 @@ pub struct Received {
 /// Appends chunk `index`'s frame to `out`: compressed where that saves a sixteenth, a hole
 /// for zeros; the bytes the frame takes.
 pub fn encode_frame(out: &mut Vec<u8>, index: usize, chunk: &[u8]) -> usize {
+    encode_frame_as(out, index, chunk, true)
+}
+
+/// [`encode_frame`], compressing only if `compress` (see [`Squeeze`]).
+pub fn encode_frame_as(out: &mut Vec<u8>, index: usize, chunk: &[u8], compress: bool) -> usize {
     let start = out.len();
     out.extend_from_slice(&(index as u32).to_be_bytes());
     if crate::manifest::is_zero(chunk) {
@@ -199,8 +204,11 @@ pub fn encode_frame(out: &mut Vec<u8>, index: usize, chunk: &[u8]) -> usize {
         return out.len() - start;
     }
     let worth = chunk.len() - chunk.len() / 16;
-    match zstd::bulk::compress(chunk, ZSTD_LEVEL) {
-        Ok(packed) if packed.len() < worth => {
+    let packed = compress
+        .then(|| zstd::bulk::compress(chunk, ZSTD_LEVEL).ok())
+        .flatten();
+    match packed {
+        Some(packed) if packed.len() < worth => {
             out.push(ZSTD);
             out.extend_from_slice(&(packed.len() as u32).to_be_bytes());
             out.extend_from_slice(&packed);
@@ -212,6 +220,42 @@ pub fn encode_frame(out: &mut Vec<u8>, index: usize, chunk: &[u8]) -> usize {
         }
     }
     out.len() - start
+}
+
+/// Whether compressing chunks pays now. zstd level 1 makes a few hundred MB/s per core: on a
+/// link slower than that it shrinks the transfer, on a faster one (loopback, a LAN) it would
+/// be what holds the transfer back. The sending end says after each batch whether the link
+/// held it back (sending waited for the link, not for frames); chunks are compressed while
+/// the last batches mostly said so. A transfer starts compressed and goes raw only after 8
+/// batches more that the link kept up with than not: the socket's buffers take the first
+/// megabytes at once whatever the link, so the first batches cannot tell.
+pub struct Squeeze {
+    /// -4 (the link keeps up: raw) to 8 (the link holds back: compress).
+    score: std::sync::atomic::AtomicI32,
+}
+
+impl Default for Squeeze {
+    fn default() -> Squeeze {
+        Squeeze {
+            score: std::sync::atomic::AtomicI32::new(8),
+        }
+    }
+}
+
+impl Squeeze {
+    pub fn on(&self) -> bool {
+        self.score.load(Ordering::Relaxed) > 0
+    }
+
+    /// After a batch: whether the link held the sending back.
+    pub fn link_bound(&self, held_back: bool) {
+        let step = if held_back { 1 } else { -1 };
+        let _ = self
+            .score
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                Some((s + step).clamp(-4, 8))
+            });
+    }
 }
 
 /// A decoded frame.
@@ -402,6 +446,33 @@ mod tests {
         let text = serde_json::to_string(&missing).unwrap();
         assert_eq!(text, r#"{"missing":[[2,1],[5,2]]}"#);
         assert_eq!(serde_json::from_str::<Missing>(&text).unwrap(), missing);
+    }
+
+    #[test]
+    fn compression_stays_on_while_the_link_holds_back_and_goes_off_once_it_keeps_up() {
+        let squeeze = Squeeze::default();
+        assert!(squeeze.on(), "a transfer starts compressed");
+        for _ in 0..7 {
+            squeeze.link_bound(false);
+        }
+        assert!(squeeze.on(), "seven batches are not enough to tell");
+        squeeze.link_bound(false);
+        assert!(!squeeze.on());
+        for _ in 0..20 {
+            squeeze.link_bound(false);
+        }
+        squeeze.link_bound(true);
+        assert!(
+            !squeeze.on(),
+            "one slow batch on a fast link changes nothing"
+        );
+        for _ in 0..4 {
+            squeeze.link_bound(true);
+        }
+        assert!(
+            squeeze.on(),
+            "a link that holds back brings compression back"
+        );
     }
 
     #[test]

@@ -25,7 +25,7 @@ use crate::copy::{Chunk, Digests, Hashes, Output, Source};
 use crate::manifest::{Entry, Hash, Manifest, CHUNK_SIZE};
 use crate::model::{Image, PeerRegion};
 use crate::peer::client::{Commit, PeerClient};
-use crate::peer::{encode_frame, Delta, FrameReader, Ranges, UploadImage, MAX_CHUNKS};
+use crate::peer::{encode_frame_as, Delta, FrameReader, Ranges, Squeeze, UploadImage, MAX_CHUNKS};
 use crate::remote::RemoteError;
 use crate::reuse::{LocalChunks, Reflinks};
 
@@ -144,6 +144,8 @@ impl ImageStore for PeerStore {
             sent: None,
             delta: Arc::new(Delta::default()),
             cost: 0,
+            squeeze: Squeeze::default(),
+            batch_begun: Instant::now(),
             stopping,
         }))
     }
@@ -572,6 +574,10 @@ struct PeerSink<'a> {
     delta: Arc<Delta>,
     /// Wire bytes of the frames made since the last [`Output::cost`].
     cost: u64,
+    /// Whether the link or compressing holds the upload back, and when the batch being made
+    /// was begun.
+    squeeze: Squeeze,
+    batch_begun: Instant,
     stopping: &'a dyn Fn() -> bool,
 }
 
@@ -594,6 +600,7 @@ impl PeerSink<'_> {
         let Some((tx, _)) = &self.sent else {
             return Ok(());
         };
+        let (made, handing) = (self.batch_begun.elapsed(), Instant::now());
         if tx.send(batch).is_err() {
             // The thread ended with an error; `finish` or `abort` reports it.
             return Err(io::Error::new(
@@ -601,6 +608,9 @@ impl PeerSink<'_> {
                 "the upload to the peer appliance stopped",
             ));
         }
+        // Waiting for the sending thread is waiting for the link.
+        self.squeeze.link_bound(handing.elapsed() * 8 > made);
+        self.batch_begun = Instant::now();
         Ok(())
     }
 
@@ -661,7 +671,7 @@ impl Output for PeerSink<'_> {
             }
         }
         for (index, part) in sends {
-            let wire = encode_frame(&mut self.batch, index, part) as u64;
+            let wire = encode_frame_as(&mut self.batch, index, part, self.squeeze.on()) as u64;
             self.frames += 1;
             self.cost += wire;
             Delta::add(&self.delta.wire, wire);

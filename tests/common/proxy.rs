@@ -17,6 +17,8 @@ struct State {
     down_bytes: AtomicU64,
     /// Answers' byte (counted over all connections) to flip once; 0: none.
     flip_at: AtomicU64,
+    /// Bytes per second each way of each connection; 0: no limit.
+    rate: AtomicU64,
     stop: AtomicBool,
     open: Mutex<Vec<TcpStream>>,
 }
@@ -65,6 +67,11 @@ impl Proxy {
 
     pub fn retarget(&self, target: &str) {
         *self.state.target.lock().unwrap() = target.to_string();
+    }
+
+    /// Relays at most `bytes_per_second` each way of each connection (a thin link).
+    pub fn limit(&self, bytes_per_second: u64) {
+        self.state.rate.store(bytes_per_second, Ordering::SeqCst);
     }
 
     /// Flips the answers' byte `after` bytes from now, once.
@@ -117,8 +124,20 @@ fn accept(listener: TcpListener, state: Arc<State>) {
 
 fn relay(mut from: TcpStream, mut to: TcpStream, state: &State, answers: bool) {
     let mut buf = vec![0u8; 64 * 1024];
+    let started = std::time::Instant::now();
+    let mut relayed = 0u64;
     loop {
-        let n = match from.read(&mut buf) {
+        // Under a limit, reads are small and paced so that this direction keeps to it.
+        let rate = state.rate.load(Ordering::SeqCst);
+        if rate > 0 {
+            let due = Duration::from_secs_f64(relayed as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        let want = if rate > 0 { 16 * 1024 } else { buf.len() };
+        let buf = &mut buf[..want];
+        let n = match from.read(buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
@@ -141,6 +160,7 @@ fn relay(mut from: TcpStream, mut to: TcpStream, state: &State, answers: bool) {
         if to.write_all(&buf[..n]).is_err() {
             break;
         }
+        relayed += n as u64;
     }
     let _ = to.shutdown(Shutdown::Write);
     let _ = from.shutdown(Shutdown::Read);
