@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Chunk size of manifests (issue 20): builds two successive ext4 images of a system tree offline
-# (no mounts, no root needed for the images, no network) and measures with
-# examples/chunk_size.rs how much of the new build a delta transfer would send at each chunk
-# size, the size of the manifests, and BLAKE3's throughput per chunk size.
+# Chunk size of manifests (issue 20) and the peer protocol's chunking (issue 14): builds two
+# successive ext4 images of a system tree offline (no mounts, no root needed for the images, no
+# network) and measures with examples/chunk_size.rs how much of the new build a delta transfer
+# would send with each chunking (fixed sizes, a gear-hash CDC, the fastcdc crate), what that
+# weighs after zstd level 1 with the manifest, the size of manifests and chunk indexes, BLAKE3's
+# throughput per chunk size, and the CPU each chunking costs (cutting, BLAKE3, zstd-1).
 #
 #   scripts/chunk-size.sh [--no-build] [--keep] [--tmpdir DIR]
 #
@@ -20,7 +22,7 @@
 # The in-place and seeded pairs are also converted to qcow2 (qemu-img convert, 64 KiB clusters)
 # and the in-place pair to compressed qcow2 (-c). The tables go to stdout (Markdown); progress
 # to stderr. Everything runs under nice in a temporary directory removed at exit (--keep keeps
-# it). About 2 minutes on 2 cores; at most about 5.5 GB of disk.
+# it). About 4 minutes on 2 cores; at most about 5.5 GB of disk and 2.5 GB of memory.
 #
 # Environment: CHUNK_SIZE_TREE="DIR ..." (absolute paths copied into the tree instead of the
 # defaults), CHUNK_SIZE_IMAGE (image size for mkfs, default 1G).
@@ -303,9 +305,9 @@ for f in a.raw b-inplace.raw b-seeded.raw b-fresh.raw a.qcow2 b-inplace.qcow2 b-
   echo "| $f | $(file_mib "$WORK/$f") | $(data_mib "$WORK/$f") |"
 done
 echo
-log "measuring (throughput on a.qcow2, then the pairs)"
+log "measuring (throughput on a.qcow2, CPU per chunking on b-inplace.qcow2, then the pairs)"
 cd "$WORK"
-"${NICE[@]}" "$BIN" --cdc --throughput a.qcow2 \
+"${NICE[@]}" "$BIN" --cdc --fastcdc --throughput a.qcow2 --cpu b-inplace.qcow2 \
   --pair "raw, B modified in place (debugfs)" a.raw b-inplace.raw \
   --pair "raw, B rebuilt, seeded mkfs (same UUID, hash seed, time)" a.raw b-seeded.raw \
   --pair "raw, B rebuilt, fresh mkfs (defaults)" a.raw b-fresh.raw \

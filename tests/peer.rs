@@ -162,8 +162,7 @@ fn a_copy_from_a_peer_fetches_only_the_chunks_the_destination_tenant_lacks() {
     let edge = edge(&proxy.url(), &central.admin, &[]);
 
     // v1 with nothing of it at the edge: every data chunk crosses, compressed; holes do not.
-    let job = copy_and_wait(&edge, &edge.for_a, &v1_id, TENANT_B);
-    let shown = job_json(&edge.lab, job["id"].as_str().expect("id"));
+    let shown = copy_and_wait(&edge, &edge.for_a, &v1_id, TENANT_B);
     let dst = shown["destination_image_id"].as_str().expect("destination");
     let file = image_file(&edge.lab, "edge", dst);
     assert_eq!(std::fs::read(&file).expect("copy"), v1);
@@ -184,8 +183,7 @@ fn a_copy_from_a_peer_fetches_only_the_chunks_the_destination_tenant_lacks() {
 
     // v2 after v1: only the three chunks v1 lacks cross.
     let before = proxy.bytes().1;
-    let job = copy_and_wait(&edge, &edge.for_a, &v2_id, TENANT_B);
-    let shown = job_json(&edge.lab, job["id"].as_str().expect("id"));
+    let shown = copy_and_wait(&edge, &edge.for_a, &v2_id, TENANT_B);
     let dst = shown["destination_image_id"].as_str().expect("destination");
     assert_eq!(
         std::fs::read(image_file(&edge.lab, "edge", dst)).expect("copy"),
@@ -204,8 +202,7 @@ fn a_copy_from_a_peer_fetches_only_the_chunks_the_destination_tenant_lacks() {
 
     // The same image again: its manifest, and no chunk.
     let before = proxy.bytes().1;
-    let job = copy_and_wait(&edge, &edge.for_a, &v2_id, TENANT_B);
-    let shown = job_json(&edge.lab, job["id"].as_str().expect("id"));
+    let shown = copy_and_wait(&edge, &edge.for_a, &v2_id, TENANT_B);
     assert_eq!(field(&shown, "bytes_fetched"), 0);
     assert_eq!(field(&shown, "bytes_reused"), data_bytes(&v2));
     let crossed = proxy.bytes().1 - before;
@@ -247,8 +244,7 @@ fn a_copy_into_a_peer_sends_only_the_chunks_the_peer_lacks() {
     let v1_id = import(&edge.lab, TENANT_B, "v1", &v1);
     let v2_id = import(&edge.lab, TENANT_B, "v2", &v2);
 
-    let job = copy_and_wait(&edge, &edge.for_b, &v1_id, TENANT_A);
-    let shown = job_json(&edge.lab, job["id"].as_str().expect("id"));
+    let shown = copy_and_wait(&edge, &edge.for_b, &v1_id, TENANT_A);
     let dst = shown["destination_image_id"].as_str().expect("destination");
     assert_eq!(
         std::fs::read(image_file(&central.lab, "ot1", dst)).expect("the peer's copy"),
@@ -260,8 +256,7 @@ fn a_copy_into_a_peer_sends_only_the_chunks_the_peer_lacks() {
     assert_eq!(field(&shown, "bytes_fetched"), data_bytes(&v1));
 
     let before = proxy.bytes().0;
-    let job = copy_and_wait(&edge, &edge.for_b, &v2_id, TENANT_A);
-    let shown = job_json(&edge.lab, job["id"].as_str().expect("id"));
+    let shown = copy_and_wait(&edge, &edge.for_b, &v2_id, TENANT_A);
     let dst = shown["destination_image_id"].as_str().expect("destination");
     assert_eq!(
         std::fs::read(image_file(&central.lab, "ot1", dst)).expect("the peer's copy"),
@@ -275,7 +270,7 @@ fn a_copy_into_a_peer_sends_only_the_chunks_the_peer_lacks() {
 #[test]
 fn a_copy_from_a_peer_that_restarts_mid_copy_goes_on_without_fetching_a_verified_chunk_again() {
     let mut central = central();
-    let image = image_bytes(9, 160);
+    let image = image_bytes(9, 800);
     let id = import(&central.lab, TENANT_A, "big", &image);
     let proxy = Proxy::start(&central.server.addr());
     // 2 MiB/s on the wire: the copy takes a few seconds.

@@ -132,6 +132,11 @@ pub trait ImageStore: Send + Sync {
         source: &Image,
         stopping: &'a dyn Fn() -> bool,
     ) -> Result<Box<dyn Sink + 'a>, StoreError>;
+    /// Whether a copy into a store with records of its own can continue an interrupted
+    /// attempt's image (a peer's upload) instead of starting a new one.
+    fn continues_partial(&self) -> bool {
+        false
+    }
     /// Removes an image and whatever a copy left of it; one already gone is fine.
     fn remove(&self, id: Uuid) -> Result<(), StoreError>;
     /// Start-up: removes what interrupted copies left behind, but for the partial images in

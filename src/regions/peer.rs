@@ -30,10 +30,12 @@ use crate::peer::{encode_frame, Delta, FrameReader, Ranges, UploadImage, MAX_CHU
 use crate::remote::RemoteError;
 use crate::reuse::LocalChunks;
 
-/// Chunks asked for or sent per request: 16 MiB of data, a few seconds on a thin link.
+/// Chunks asked for per request: 16 MiB of data, a few seconds on a thin link; the answer
+/// streams, so the copy goes on as its frames arrive.
 const BATCH: usize = 256;
-/// Data bytes per request at most (frames of incompressible chunks).
-const BATCH_BYTES: usize = BATCH * CHUNK_SIZE;
+/// Frames sent per upload request at most: 4 MiB of wire, so that progress and the bandwidth
+/// cap follow the link closely and a round trip per request costs little.
+const UPLOAD_BYTES: usize = 4 << 20;
 /// Fetched chunks waiting for the copy (4 MiB).
 const AHEAD: usize = 64;
 /// How long a copy keeps asking a peer that does not answer before the attempt fails (the
@@ -156,6 +158,10 @@ impl ImageStore for PeerStore {
             cost: 0,
             stopping,
         }))
+    }
+
+    fn continues_partial(&self) -> bool {
+        true
     }
 
     fn remove(&self, id: Uuid) -> Result<(), StoreError> {
@@ -654,7 +660,7 @@ impl Output for PeerSink<'_> {
             self.cost += wire;
             Delta::add(&self.delta.wire, wire);
             Delta::add(&self.delta.fetched, part.len() as u64);
-            if self.frames >= BATCH.min(MAX_CHUNKS) || self.batch.len() >= BATCH_BYTES {
+            if self.frames >= MAX_CHUNKS || self.batch.len() >= UPLOAD_BYTES {
                 self.flush()?;
             }
         }

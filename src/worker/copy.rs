@@ -176,13 +176,19 @@ fn copy_once(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> std::result::Result<()
         ))
     })?;
     // Where the appliance keeps the destination's record, a previous attempt's `saving` image
-    // is reused; a store with records of its own gets a new image, the previous one deleted
-    // first. Never one named only by the wire field (a seeded job's belongs to someone else).
+    // is reused; a store with records of its own continues the previous attempt's image if
+    // it can (a peer's upload), or gets a new one, the previous one deleted first. Never one
+    // named only by the wire field (a seeded job's belongs to someone else).
     let keeps_record = dst_store.records().is_none();
+    let mut continued = None;
     let existing = match (keeps_record, job.created_destination) {
         (true, Some(d)) => store
             .image(d)?
             .filter(|i| i.status == ImageStatus::Saving && i.region == dst_region.id),
+        (false, Some(d)) if dst_store.continues_partial() => {
+            continued = Some(d);
+            None
+        }
         (false, Some(d)) => {
             dst_store.remove(d)?;
             None
@@ -190,7 +196,7 @@ fn copy_once(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> std::result::Result<()
         (_, None) => None,
     };
     let dst_image = existing.clone().unwrap_or_else(|| Image {
-        id: Uuid::new_v4(),
+        id: continued.unwrap_or_else(Uuid::new_v4),
         name: source.name.clone(),
         owner: job.wire.destination_tenant_id.clone(),
         region: dst_region.id.clone(),
