@@ -8,7 +8,7 @@ use warp::reply::Response;
 use warp::Reply as _;
 
 use super::reply::{json_response, with_type, Failure, JSON};
-use super::{blocking, Body, Reply, Request, BODY_LIMIT, BODY_TIMEOUT};
+use super::{blocking, Body, Reply, Request, BODY_TIMEOUT};
 use crate::auth::Principal;
 use crate::error::ServiceError;
 use crate::model::JobStatus;
@@ -28,7 +28,7 @@ pub(super) fn create(req: Request, who: Principal) -> Reply {
                 "Send the body as JSON with the header Content-Type: application/json.".into(),
             ));
         }
-        let bytes = read_body(&req.headers, req.body).await?;
+        let bytes = read_body(&req.headers, req.body, req.body_limit).await?;
         let request = parse_copy_request(&bytes)?;
         let svc = req.svc;
         let job = blocking(move || svc.create_job(&who, &request.image_id, &request.tenant_id_dst))
@@ -149,19 +149,23 @@ pub fn parse_copy_request(bytes: &[u8]) -> Result<CopyRequest, ServiceError> {
     })
 }
 
-/// Reads the body, refusing (413) as soon as it is known to exceed [`BODY_LIMIT`].
-async fn read_body(headers: &HeaderMap, mut body: Body) -> Result<BytesMut, Failure> {
+/// Reads the body, refusing (413) as soon as it is known to exceed `limit`.
+pub(super) async fn read_body(
+    headers: &HeaderMap,
+    mut body: Body,
+    limit: usize,
+) -> Result<BytesMut, Failure> {
     let too_large = || {
         Failure::Status(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("The request body is larger than {BODY_LIMIT} bytes."),
+            format!("The request body is larger than {limit} bytes."),
         )
     };
     let declared = headers
         .get("content-length")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
+    if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
     let read = async {
@@ -169,7 +173,7 @@ async fn read_body(headers: &HeaderMap, mut body: Body) -> Result<BytesMut, Fail
         while let Some(chunk) = body.next().await {
             let chunk = chunk
                 .map_err(|e| bad_request(format!("the request body could not be read: {e}")))?;
-            if buf.len() + chunk.len() > BODY_LIMIT {
+            if buf.len() + chunk.len() > limit {
                 return Err(too_large());
             }
             buf.put(chunk);

@@ -8,6 +8,7 @@
 
 mod jobs;
 mod ops;
+mod peer;
 pub mod reply;
 
 use std::pin::Pin;
@@ -43,6 +44,8 @@ pub struct Request {
     pub query: String,
     pub headers: HeaderMap,
     pub body: Body,
+    /// The largest body the route takes (413 beyond).
+    pub body_limit: usize,
 }
 
 /// A request body, read by the handlers that take one.
@@ -63,6 +66,8 @@ enum PathShape {
     Exact(&'static str),
     /// The prefix, then one non-empty segment (the parameter).
     Param(&'static str),
+    /// The prefix, one non-empty segment (the parameter), then the suffix.
+    ParamThen(&'static str, &'static str),
 }
 
 struct Route {
@@ -72,6 +77,8 @@ struct Route {
     methods: &'static [(Method, Handler)],
     /// The `Allow` header of a 405.
     allow: &'static str,
+    /// The largest request body its methods take.
+    body_limit: usize,
 }
 
 static ROUTES: &[Route] = &[
@@ -83,6 +90,7 @@ static ROUTES: &[Route] = &[
             (Method::POST, Handler::Token(jobs::create)),
         ],
         allow: "GET, POST",
+        body_limit: BODY_LIMIT,
     },
     Route {
         template: "/v2/extension/image_replicator/jobs/{job_id}",
@@ -92,18 +100,90 @@ static ROUTES: &[Route] = &[
             (Method::DELETE, Handler::Token(jobs::cancel)),
         ],
         allow: "GET, DELETE",
+        body_limit: BODY_LIMIT,
     },
     Route {
         template: "/healthz",
         path: PathShape::Exact("/healthz"),
         methods: &[(Method::GET, Handler::Open(ops::health))],
         allow: "GET",
+        body_limit: BODY_LIMIT,
     },
     Route {
         template: "/metrics",
         path: PathShape::Exact("/metrics"),
         methods: &[(Method::GET, Handler::Open(ops::metrics))],
         allow: "GET",
+        body_limit: BODY_LIMIT,
+    },
+    Route {
+        template: "/peer",
+        path: PathShape::Exact(crate::peer::PREFIX),
+        methods: &[(Method::GET, Handler::Open(peer::versions))],
+        allow: "GET",
+        body_limit: BODY_LIMIT,
+    },
+    Route {
+        template: "/peer/v1/images",
+        path: PathShape::Exact("/peer/v1/images"),
+        methods: &[(Method::GET, Handler::Token(peer::list))],
+        allow: "GET",
+        body_limit: BODY_LIMIT,
+    },
+    Route {
+        template: "/peer/v1/images/{id}",
+        path: PathShape::Param("/peer/v1/images/"),
+        methods: &[
+            (Method::GET, Handler::Token(peer::record)),
+            (Method::DELETE, Handler::Token(peer::delete)),
+        ],
+        allow: "GET, DELETE",
+        body_limit: BODY_LIMIT,
+    },
+    Route {
+        template: "/peer/v1/images/{id}/manifest",
+        path: PathShape::ParamThen("/peer/v1/images/", "/manifest"),
+        methods: &[(Method::GET, Handler::Token(peer::manifest))],
+        allow: "GET",
+        body_limit: BODY_LIMIT,
+    },
+    Route {
+        template: "/peer/v1/images/{id}/chunks",
+        path: PathShape::ParamThen("/peer/v1/images/", "/chunks"),
+        methods: &[(Method::POST, Handler::Token(peer::chunks))],
+        allow: "POST",
+        body_limit: peer::RANGES_LIMIT,
+    },
+    Route {
+        template: "/peer/v1/images/{id}/file",
+        path: PathShape::ParamThen("/peer/v1/images/", "/file"),
+        methods: &[(Method::GET, Handler::Token(peer::file))],
+        allow: "GET",
+        body_limit: BODY_LIMIT,
+    },
+    Route {
+        template: "/peer/v1/uploads/{id}",
+        path: PathShape::Param("/peer/v1/uploads/"),
+        methods: &[
+            (Method::PUT, Handler::Token(peer::upload)),
+            (Method::DELETE, Handler::Token(peer::abandon)),
+        ],
+        allow: "PUT, DELETE",
+        body_limit: peer::UPLOAD_LIMIT,
+    },
+    Route {
+        template: "/peer/v1/uploads/{id}/chunks",
+        path: PathShape::ParamThen("/peer/v1/uploads/", "/chunks"),
+        methods: &[(Method::POST, Handler::Token(peer::receive))],
+        allow: "POST",
+        body_limit: peer::FRAMES_LIMIT,
+    },
+    Route {
+        template: "/peer/v1/uploads/{id}/commit",
+        path: PathShape::ParamThen("/peer/v1/uploads/", "/commit"),
+        methods: &[(Method::POST, Handler::Token(peer::commit))],
+        allow: "POST",
+        body_limit: BODY_LIMIT,
     },
 ];
 
@@ -113,6 +193,11 @@ fn find(path: &str) -> Option<(&'static Route, &str)> {
         PathShape::Exact(p) => (path == p).then_some((route, "")),
         PathShape::Param(prefix) => path
             .strip_prefix(prefix)
+            .filter(|param| !param.is_empty() && !param.contains('/'))
+            .map(|param| (route, param)),
+        PathShape::ParamThen(prefix, suffix) => path
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.strip_suffix(suffix))
             .filter(|param| !param.is_empty() && !param.contains('/'))
             .map(|param| (route, param)),
     })
@@ -150,7 +235,11 @@ async fn handle(
     let template = found.map_or("(unknown)", |(route, _)| route.template);
     let body: Body = Box::pin(body.map(|chunk| chunk.map(|mut b| b.copy_to_bytes(b.remaining()))));
     let metrics = Arc::clone(&svc.metrics);
-    let mut response = match dispatch(svc, &method, found, query, headers, body).await {
+    let dispatched = match (found, peer::other_version(path.as_str())) {
+        (None, Some(refusal)) => Err(refusal),
+        _ => dispatch(svc, &method, found, query, headers, body).await,
+    };
+    let mut response = match dispatched {
         Ok(response) => response,
         Err(failure) => failure.into_response(&request_id),
     };
@@ -208,6 +297,7 @@ async fn dispatch(
         query,
         headers,
         body,
+        body_limit: route.body_limit,
     };
     match (handler, who) {
         (Handler::Open(handle), _) => handle(request).await,
@@ -252,6 +342,18 @@ mod tests {
         assert_eq!(template("/healthz"), Some(("/healthz", "")));
         assert_eq!(template("/healthz/"), None);
         assert_eq!(template("/"), None);
+        assert_eq!(
+            template("/peer/v1/images/abc/chunks"),
+            Some(("/peer/v1/images/{id}/chunks", "abc"))
+        );
+        assert_eq!(
+            template("/peer/v1/images/abc"),
+            Some(("/peer/v1/images/{id}", "abc"))
+        );
+        assert_eq!(template("/peer/v1/images//chunks"), None);
+        assert_eq!(template("/peer/v1/images/a/b/chunks"), None);
+        assert_eq!(template("/peer/v1/images/abc/chunks/"), None);
+        assert_eq!(template("/peer"), Some(("/peer", "")));
     }
 
     #[test]

@@ -160,10 +160,26 @@ pub struct Upload {
     pub manifest: String,
 }
 
-/// What an upload still needs from its sender.
+/// What an upload still needs from its sender: `{"missing":[[first,count],...]}`.
 #[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
 pub struct Missing {
+    #[serde(with = "runs")]
     pub missing: Ranges,
+}
+
+/// [`Ranges`] as their bare list of runs.
+mod runs {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::Ranges;
+
+    pub fn serialize<S: Serializer>(ranges: &Ranges, s: S) -> Result<S::Ok, S::Error> {
+        ranges.ranges.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Ranges, D::Error> {
+        Vec::deserialize(d).map(|ranges| Ranges { ranges })
+    }
 }
 
 /// `POST /peer/v1/uploads/{id}/chunks`'s answer.
@@ -376,6 +392,16 @@ mod tests {
         let cut = &frame(1, RAW, &[0; 10])[..12];
         let e = FrameReader::new(cut, &m).unwrap().next_frame().unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn missing_chunks_travel_as_a_bare_list_of_runs() {
+        let missing = Missing {
+            missing: Ranges::of([2, 5, 6]),
+        };
+        let text = serde_json::to_string(&missing).unwrap();
+        assert_eq!(text, r#"{"missing":[[2,1],[5,2]]}"#);
+        assert_eq!(serde_json::from_str::<Missing>(&text).unwrap(), missing);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
-use super::{ImageStore, Recorded, Sink, StoreError};
+use super::{ImageStore, Part, Recorded, Sink, StoreError};
 use crate::copy::{is_hole, write_sparse, Chunk, Digests, Hashes, Output, Source};
 use crate::disk::Space;
 use crate::error::ServiceError;
@@ -253,6 +253,104 @@ impl ImageStore for Directory {
             }
         }
     }
+
+    fn part(&self, image: &Image) -> Option<Result<Box<dyn Part>, StoreError>> {
+        Some(
+            self.open_part(image.id)
+                .map(|p| Box::new(p) as Box<dyn Part>),
+        )
+    }
+}
+
+impl Directory {
+    /// Renames the temporary file of image `id`, open as `out`, into place, and checks that
+    /// the name now holds that file (not one swapped in under the temporary name meanwhile).
+    fn place(&self, id: Uuid, out: &File) -> Result<(), StoreError> {
+        let path = self.image_path(id);
+        fs::rename(self.temp_path(id), &path)
+            .map_err(|e| StoreError::io("cannot move the copy into place", e))?;
+        let written = out
+            .metadata()
+            .map_err(|e| StoreError::io("cannot check the copy", e))?;
+        let placed =
+            fs::symlink_metadata(&path).map_err(|e| StoreError::io("cannot check the copy", e))?;
+        if (placed.dev(), placed.ino()) != (written.dev(), written.ino()) {
+            let _ = fs::remove_file(&path);
+            return Err(StoreError::Fatal(format!(
+                "the temporary file of image {id} was replaced by another file during the copy"
+            )));
+        }
+        self.sync()
+            .map_err(|e| StoreError::io("cannot move the copy into place", e))
+    }
+
+    /// An upload's partial file: the one an earlier upload left if this module made it
+    /// ([`reopen`]), else a new empty one.
+    fn open_part(&self, id: Uuid) -> Result<DirectoryPart, StoreError> {
+        self.probe()
+            .map_err(|why| StoreError::Fatal(format!("the image store is unusable: {why}")))?;
+        let temp = self.temp_path(id);
+        let file = match reopen(&temp) {
+            Some(file) => file,
+            None => {
+                let _ = fs::remove_file(&temp);
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&temp)
+                    .map_err(|e| StoreError::io("cannot create the partial file", e))?
+            }
+        };
+        Ok(DirectoryPart {
+            store: Directory::new(&self.dir),
+            id,
+            file,
+        })
+    }
+}
+
+/// An upload's `.<id>.part` file.
+struct DirectoryPart {
+    store: Directory,
+    id: Uuid,
+    file: File,
+}
+
+impl Part for DirectoryPart {
+    fn write_at(&self, bytes: &[u8], offset: u64) -> io::Result<()> {
+        if is_hole(&self.file, offset, bytes.len() as u64) {
+            write_sparse(&self.file, bytes, offset)
+        } else {
+            // Skipping zero blocks would leave what the file held there.
+            self.file.write_all_at(bytes, offset)
+        }
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let len = self.file.metadata()?.len();
+        buf.fill(0);
+        let n = len.saturating_sub(offset).min(buf.len() as u64) as usize;
+        self.file.read_exact_at(&mut buf[..n], offset)
+    }
+
+    fn is_hole(&self, offset: u64, len: u64) -> bool {
+        let past_end = self.file.metadata().is_ok_and(|m| m.len() <= offset);
+        past_end || is_hole(&self.file, offset, len)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn publish(self: Box<Self>, size: u64) -> Result<(), StoreError> {
+        let failed = |e| StoreError::io("cannot make the upload durable", e);
+        self.file.set_len(size).map_err(failed)?;
+        self.file.sync_all().map_err(failed)?;
+        self.store.place(self.id, &self.file)
+    }
 }
 
 struct DirectorySink<'a> {
@@ -286,25 +384,7 @@ impl DirectorySink<'_> {
     /// Renames the temporary file into place and checks that the name now holds the file
     /// this sink wrote (not one swapped in under the temporary name meanwhile).
     fn rename_into_place(&self) -> Result<(), StoreError> {
-        let path = self.store.image_path(self.id);
-        fs::rename(&self.temp, &path)
-            .map_err(|e| StoreError::io("cannot move the copy into place", e))?;
-        let written = self
-            .out
-            .metadata()
-            .map_err(|e| StoreError::io("cannot check the copy", e))?;
-        let placed =
-            fs::symlink_metadata(&path).map_err(|e| StoreError::io("cannot check the copy", e))?;
-        if (placed.dev(), placed.ino()) != (written.dev(), written.ino()) {
-            let _ = fs::remove_file(&path);
-            return Err(StoreError::Fatal(format!(
-                "the temporary file of image {} was replaced by another file during the copy",
-                self.id
-            )));
-        }
-        self.store
-            .sync()
-            .map_err(|e| StoreError::io("cannot move the copy into place", e))
+        self.store.place(self.id, &self.out)
     }
 }
 
@@ -773,6 +853,45 @@ mod tests {
             "{result:?}"
         );
         assert!(!dir.path().join(new.id.to_string()).exists());
+    }
+
+    #[test]
+    fn an_upload_part_takes_chunks_in_any_order_keeps_holes_and_is_published_whole() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Directory::new(dir.path());
+        let new = image(Uuid::new_v4());
+        let part = store
+            .part(&new)
+            .expect("a directory has parts")
+            .expect("part");
+        let size = 4 * CHUNK as u64 + 10;
+        part.write_at(&[7u8; 10], 4 * CHUNK as u64).expect("tail");
+        part.write_at(&vec![1u8; CHUNK], 0).expect("first");
+        assert!(part.is_hole(CHUNK as u64, 3 * CHUNK as u64));
+        assert!(!part.is_hole(0, CHUNK as u64));
+        let mut buf = vec![9u8; 20];
+        part.read_at(&mut buf, 4 * CHUNK as u64)
+            .expect("read past the end");
+        assert_eq!(buf, [&[7u8; 10][..], &[0u8; 10][..]].concat());
+        drop(part);
+        // Reopened as it was left; a write over data replaces every byte, zeros included.
+        let part = store.part(&new).expect("part").expect("reopened");
+        part.write_at(&vec![0u8; CHUNK], 0)
+            .expect("zeros over data");
+        part.publish(size).expect("publish");
+        let data = fs::read(dir.path().join(new.id.to_string())).expect("published");
+        let mut want = vec![0u8; size as usize];
+        want[4 * CHUNK..].fill(7);
+        assert!(data == want);
+        assert!(!store.temp_path(new.id).exists());
+        // A part another user could have planted is not reopened: a new empty one replaces it.
+        let other = image(Uuid::new_v4());
+        plant_partial(&store, other.id, b"planted");
+        fs::set_permissions(store.temp_path(other.id), fs::Permissions::from_mode(0o644))
+            .expect("mode");
+        let part = store.part(&other).expect("part").expect("new part");
+        assert!(part.is_hole(0, 7));
+        assert_eq!(fs::read(store.temp_path(other.id)).expect("new part"), b"");
     }
 
     #[test]

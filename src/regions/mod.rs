@@ -147,6 +147,26 @@ pub trait ImageStore: Send + Sync {
     fn space(&self) -> Option<Space> {
         None
     }
+    /// The partial file of an upload of `image` (peer protocol), created empty or reopened
+    /// as an earlier upload left it; `None` for a store that has no such files (Glance).
+    fn part(&self, _image: &Image) -> Option<Result<Box<dyn Part>, StoreError>> {
+        None
+    }
+}
+
+/// The partial file of an upload: chunks arrive in any order and are written at their
+/// offsets; nothing is visible under the image's name until [`Part::publish`].
+pub trait Part: Send {
+    /// Writes `bytes` at `offset`; zero blocks over a hole stay a hole.
+    fn write_at(&self, bytes: &[u8], offset: u64) -> io::Result<()>;
+    /// Fills `buf` from `offset` (zeros past the end).
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Whether the `len` bytes at `offset` are unallocated (a hole or past the end).
+    fn is_hole(&self, offset: u64, len: u64) -> bool;
+    /// Makes what was written durable.
+    fn sync(&self) -> io::Result<()>;
+    /// Sets the length to `size`, makes the file durable and renames it into place.
+    fn publish(self: Box<Self>, size: u64) -> Result<(), StoreError>;
 }
 
 /// What a copy tells the store it reads from.

@@ -10,6 +10,7 @@
 
 mod images;
 mod jobs;
+mod peer;
 mod registry;
 
 use std::collections::BTreeMap;
@@ -21,6 +22,7 @@ use bytes::Bytes;
 pub use images::ImportRequest;
 use jobs::ListKey;
 pub use jobs::{SeedOutcome, PAGE_LIMIT};
+pub use peer::{Begun, Refusal};
 pub use registry::IssuedToken;
 
 use crate::auth::Authenticator;

@@ -26,6 +26,13 @@ pub fn recover(parts: &Parts) -> Result<()> {
             destinations.extend(job.created_destination);
         }
     }
+    // So do the partial files of peer uploads: their senders go on with them.
+    let uploads = store.images(None)?.into_iter();
+    destinations.extend(
+        uploads
+            .filter(|i| i.status == ImageStatus::Uploading)
+            .map(|i| i.id),
+    );
     for region in store.regions()? {
         match parts.stores.get(&region) {
             Ok(images) => images.sweep(&destinations),
