@@ -41,7 +41,7 @@
 # writes scripts/bench/peer.md (a temp file with --quick) and puts it into BENCHMARKS.md, the
 # rest of which is kept (a full run carries scripts/bench/peer.md along). About 5 minutes.
 # Environment: BENCH_PEER_THIN_RATE (bytes/s of the thin link, default 25000000),
-# BENCH_PEER_FORMATS (default "raw qcow2").
+# BENCH_PEER_FORMATS (default "raw qcow2"), BENCH_PEER_PERF=DIR (profile one more copy with perf).
 
 set -euo pipefail
 

@@ -165,6 +165,7 @@ class Report:
         self.meta = meta
         self.images = {r["format"]: r for r in results if r.get("kind") == "peer-images"}
         self.info = [r for r in results if r.get("kind") == "peer-info"]
+        self.profiles = [r for r in results if r.get("kind") == "peer-profile"]
 
     def find(self, **match):
         return [r for r in self.all if all(r.get(k) == v for k, v in match.items())]
@@ -281,7 +282,15 @@ class Report:
                        f"{b(r['v2_size'])} ({b(r['v2_alloc'])} allocated).")
         out += [f"- {i['detail']}" for i in self.info]
         out += ["", "| id | what | figure | goal | result |", "|---|---|---|---|---|"]
-        out += rows + [""]
+        out += sorted(rows, key=lambda row: row[:5]) + [""]
+        if self.profiles:
+            out += ["### Where a copy's CPU goes (perf)", "",
+                    "One more D2 copy on the loopback, not timed, under `perf record -F 999` of both "
+                    "appliances (`BENCH_PEER_PERF=DIR`); the symbols with the most samples "
+                    "(self), per process:", ""]
+            for r in self.profiles:
+                out += [f"- {r['format']}, {r['process']}: " + "; ".join(r["top"])]
+            out += [""]
         if whys:
             out += ["### Where the misses come from", ""] + whys + [""]
         out += ["### Every transfer", "",

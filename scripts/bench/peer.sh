@@ -207,6 +207,37 @@ for fmt in $PEER_FORMATS; do
     done
   done
   set_rate 0
+  # Where the CPU goes: one more loopback copy, not timed, with perf sampling both appliances.
+  if [[ -n ${BENCH_PEER_PERF:-} ]] && command -v perf >/dev/null; then
+    mkdir -p "$BENCH_PEER_PERF"
+    perf_pids=()
+    for proc in central edge; do
+      perf record -F 999 -o "$BENCH_PEER_PERF/$fmt-$proc.data" -p "${SRV_PID[$proc]}" \
+        2>"$BENCH_PEER_PERF/$fmt-$proc.err" &
+      perf_pids+=($!)
+    done
+    sleep 1
+    out=$(pp job --port "${SRV_PORT[edge]}" --token "$TOKA" --image "${V1[$fmt]}" --dst "$PB" \
+      --control "$RELAY_CTL" --pids "$PIDS" --bin "$BIN" --data-dir "$ED" --poll "$PEER_POLL")
+    kill -INT "${perf_pids[@]}" 2>/dev/null || true
+    wait "${perf_pids[@]}" 2>/dev/null || true
+    pir EDGE "$ED" image delete "$(printf '%s' "$out" | py field dest_image_id)" >/dev/null
+    for proc in central edge; do
+      perf report -i "$BENCH_PEER_PERF/$fmt-$proc.data" --stdio --no-children --sort dso,symbol \
+        --percent-limit 2 2>/dev/null >"$BENCH_PEER_PERF/$fmt-$proc.txt" || true
+      python3 - "$RESULTS" "$fmt" "$proc" "$BENCH_PEER_PERF/$fmt-$proc.txt" <<'PY'
+import json, re, sys
+top = []
+for line in open(sys.argv[4], errors="replace"):
+    m = re.match(r"\s+([0-9.]+)%\s+(\S+)\s+\[.\]\s+(.*)", line)
+    if m and len(top) < 8:
+        top.append(f"{m.group(1)} % {m.group(3).strip()[:70]} ({m.group(2)})")
+open(sys.argv[1], "a").write(json.dumps({"kind": "peer-profile", "format": sys.argv[2],
+                                         "process": sys.argv[3], "top": top}) + "\n")
+PY
+    done
+    log "perf profiles of a $fmt copy in $BENCH_PEER_PERF"
+  fi
 done
 drain_log edge "D2"
 
@@ -250,7 +281,7 @@ def run(*cmd):
 env = os.environ
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "n/a")
 mem = next((f"{int(l.split()[1]) / 1048576:.1f} GiB" for l in open("/proc/meminfo") if l.startswith("MemTotal")), "n/a")
-fs = " on ".join(run("findmnt", "-n", "-o", "FSTYPE,SOURCE", "--target", env["TMP"]).split())
+fs = " on ".join((run("findmnt", "-n", "-o", "FSTYPE,SOURCE", "--target", env["TMP"]).splitlines() or ["n/a"])[0].split())
 commit = run("git", "rev-parse", "--short", "HEAD") or "unknown"
 if run("git", "status", "--porcelain", "--untracked-files=no"):
     commit += " (with uncommitted changes)"
@@ -262,7 +293,7 @@ meta = {
     "machine": {
         "CPUs (nproc)": run("nproc"), "CPU model": cpu, "memory": mem,
         "kernel": run("uname", "-srm"), "python3": platform.python_version(),
-        "curl": (run("curl", "--version") or "n/a").splitlines()[0],
+        "curl": " ".join((run("curl", "--version") or "n/a").split()[:2]),
         "data directory file system": fs,
         "load average at start / end": f"{env.get('LOAD_START', 'n/a')} / {' '.join(open('/proc/loadavg').read().split()[0:3])}",
     },
