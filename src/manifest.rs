@@ -135,6 +135,30 @@ impl Manifest {
             && self.sha512 == image.os_hash_value
     }
 
+    /// Whether this manifest is whole in this binary's chunk size (every chunk listed, the
+    /// SHA-512 named), whatever its image's record says now: what the chunk index takes.
+    pub fn is_complete(&self) -> bool {
+        self.chunk_size as usize == CHUNK_SIZE
+            && self.sha512.is_some()
+            && self.chunks.len() == self.chunk_count()
+    }
+
+    /// Each data chunk's hash once, with the first chunk index that has it (holes left out):
+    /// the image's entries in the chunk index.
+    pub fn first_indexes(&self) -> Vec<(Hash, u32)> {
+        let mut seen = std::collections::HashSet::with_capacity(self.chunks.len());
+        let mut out = Vec::with_capacity(self.chunks.len());
+        for (i, entry) in self.chunks.iter().enumerate() {
+            let (Entry::Data(hash), Ok(i)) = (entry, u32::try_from(i)) else {
+                continue;
+            };
+            if seen.insert(*hash) {
+                out.push((*hash, i));
+            }
+        }
+        out
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let sha = self.sha512.as_deref().unwrap_or_default().as_bytes();
         let mut out = Vec::with_capacity(64 + sha.len() + self.chunks.len() * 33);

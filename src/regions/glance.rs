@@ -16,9 +16,8 @@ use uuid::Uuid;
 
 use super::{ImageRecords, ImageStore, Recorded, Sink, StoreError};
 use crate::copy::{Chunk, Digests, Hashes, Output, Source, IN_FLIGHT};
-use crate::error::ServiceError;
 use crate::glance::Glance;
-use crate::model::{is_http_url, GlanceRegion, Image, ImageStatus};
+use crate::model::{GlanceRegion, Image, ImageStatus};
 use crate::remote::RemoteError;
 
 pub struct GlanceStore {
@@ -43,21 +42,8 @@ impl ImageStore for GlanceStore {
     }
 
     fn prepare(&self) -> crate::error::Result<()> {
-        if !is_http_url(&self.config.url) {
-            return Err(ServiceError::BadRequest(format!(
-                "the Glance URL '{}' must start with http:// or https://",
-                self.config.url
-            )));
-        }
-        match &self.config.keystone {
-            // Read by the serving process at each authentication: it must be readable here.
-            Some(k) => k
-                .password
-                .read()
-                .map(drop)
-                .map_err(ServiceError::BadRequest),
-            None => Ok(()),
-        }
+        let password = self.config.keystone.as_ref().map(|k| &k.password);
+        super::check_remote("Glance", &self.config.url, password)
     }
 
     fn records(&self) -> Option<&dyn ImageRecords> {

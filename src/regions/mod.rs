@@ -169,6 +169,25 @@ pub trait Part: Send {
     fn publish(self: Box<Self>, size: u64) -> Result<(), StoreError>;
 }
 
+/// A remote region's settings can be used: its URL is HTTP(S), and its secret (read by the
+/// serving process at each use) is readable now.
+fn check_remote(
+    kind: &str,
+    url: &str,
+    secret: Option<&crate::model::SecretSource>,
+) -> crate::error::Result<()> {
+    use crate::error::ServiceError;
+    if !crate::model::is_http_url(url) {
+        return Err(ServiceError::BadRequest(format!(
+            "the {kind} URL '{url}' must start with http:// or https://"
+        )));
+    }
+    match secret {
+        Some(secret) => secret.read().map(drop).map_err(ServiceError::BadRequest),
+        None => Ok(()),
+    }
+}
+
 /// What a copy tells the store it reads from.
 pub struct Reading<'a> {
     /// Bytes the destination holds already (a whole number of the manifest's chunks).

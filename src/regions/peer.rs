@@ -22,9 +22,8 @@ use uuid::Uuid;
 
 use super::{ImageRecords, ImageStore, Reading, Recorded, Sink, StoreError};
 use crate::copy::{Chunk, Digests, Hashes, Output, Source};
-use crate::error::ServiceError;
 use crate::manifest::{Entry, Hash, Manifest, CHUNK_SIZE};
-use crate::model::{is_http_url, Image, PeerRegion};
+use crate::model::{Image, PeerRegion};
 use crate::peer::client::{Commit, PeerClient};
 use crate::peer::{encode_frame, Delta, FrameReader, Ranges, UploadImage, MAX_CHUNKS};
 use crate::remote::RemoteError;
@@ -74,18 +73,7 @@ impl ImageStore for PeerStore {
     }
 
     fn prepare(&self) -> crate::error::Result<()> {
-        if !is_http_url(&self.config.url) {
-            return Err(ServiceError::BadRequest(format!(
-                "the peer URL '{}' must start with http:// or https://",
-                self.config.url
-            )));
-        }
-        // Read by the serving process at each request: it must be readable here.
-        self.config
-            .token
-            .read()
-            .map(drop)
-            .map_err(ServiceError::BadRequest)
+        super::check_remote("peer", &self.config.url, Some(&self.config.token))
     }
 
     fn records(&self) -> Option<&dyn ImageRecords> {

@@ -8,6 +8,7 @@ use uuid::Uuid;
 
 use super::{ImageChange, JobQuery, Repo};
 use crate::error::ServiceError;
+use crate::manifest::{self, Entry, Hash, CHUNK_SIZE};
 use crate::model::{
     Image, ImageStatus, Job, JobStatus, JobWire, Region, RegionKind, Tenant, TenantKey, TokenInfo,
     TokenRecord, User,
@@ -454,6 +455,184 @@ pub fn manifests_are_kept_per_image_and_go_with_it(s: &dyn Repo) {
     assert_eq!(s.manifest(b.id).expect("with the ending"), None);
 }
 
+/// The encoded complete manifest of an image made of `entries` (whole chunks).
+fn complete_manifest(entries: &[Entry]) -> Vec<u8> {
+    let size = (entries.len() * CHUNK_SIZE) as u64;
+    manifest::complete(size, Some("ab".repeat(64)), entries.to_vec()).encode()
+}
+
+/// A data chunk entry with hash `n` ‖ zeros (the store does not hash chunks).
+fn data(n: u8) -> Entry {
+    let mut hash = [0u8; 32];
+    hash[0] = n;
+    Entry::Data(hash)
+}
+
+fn hash(n: u8) -> Hash {
+    match data(n) {
+        Entry::Data(h) => h,
+        Entry::Hole => unreachable!(),
+    }
+}
+
+fn holders(s: &dyn Repo, owner: &str, n: u8) -> Vec<(Uuid, u32)> {
+    let mut found = s.chunk_holders(key(owner), &hash(n), 100).expect("holders");
+    found.sort();
+    found
+}
+
+pub fn chunk_holders_are_the_owners_images_with_their_first_index(s: &dyn Repo) {
+    let (a, b) = (image(A, ImageStatus::Active), image(B, ImageStatus::Active));
+    s.insert_image(key(A), &a).expect("insert a");
+    s.insert_image(key(B), &b).expect("insert b");
+    s.put_manifest(
+        a.id,
+        &complete_manifest(&[data(9), data(1), Entry::Hole, data(1)]),
+    )
+    .expect("put a");
+    s.put_manifest(b.id, &complete_manifest(&[data(1), data(2)]))
+        .expect("put b");
+    // The first chunk that has the hash; owner B never sees A's image, nor A B's.
+    assert_eq!(holders(s, A, 1), vec![(a.id, 1)]);
+    assert_eq!(holders(s, B, 1), vec![(b.id, 0)]);
+    assert_eq!(holders(s, A, 9), vec![(a.id, 0)]);
+    assert!(holders(s, B, 9).is_empty(), "A's chunk is not B's");
+    assert!(holders(s, A, 2).is_empty(), "B's chunk is not A's");
+    assert!(holders(s, A, 7).is_empty(), "nobody has it");
+    // A hole is no chunk: not under the hash of zeros, nor under an all-zero hash.
+    let zeros = *blake3::hash(&[0u8; CHUNK_SIZE]).as_bytes();
+    assert!(s
+        .chunk_holders(key(A), &zeros, 10)
+        .expect("zeros")
+        .is_empty());
+    assert!(s
+        .chunk_holders(key(A), &[0; 32], 10)
+        .expect("nil")
+        .is_empty());
+    // The hyphenated spelling of A's id is the same owner.
+    let hyphenated = key("236ae314-ef69-44f4-ab98-fa7519e54325");
+    assert_eq!(
+        s.chunk_holders(hyphenated, &hash(1), 10).expect("holders"),
+        vec![(a.id, 1)]
+    );
+}
+
+pub fn partial_manifests_are_not_indexed(s: &dyn Repo) {
+    let a = image(A, ImageStatus::Saving);
+    s.insert_image(key(A), &a).expect("insert");
+    // What a streamed copy records every second: fewer entries, no SHA-512.
+    let mut partial = manifest::Manifest::new(4 * CHUNK_SIZE as u64);
+    partial.chunks = vec![data(1), data(2)];
+    s.put_manifest(a.id, &partial.encode()).expect("partial");
+    assert!(holders(s, A, 1).is_empty());
+    // Every entry but no SHA-512 yet is partial too.
+    partial.chunks = vec![data(1), data(2), data(3), data(4)];
+    s.put_manifest(a.id, &partial.encode())
+        .expect("all entries");
+    assert!(holders(s, A, 4).is_empty());
+    // Bytes that are no manifest are stored and not indexed.
+    s.put_manifest(a.id, b"not a manifest").expect("junk");
+    assert_eq!(
+        s.manifest(a.id).expect("get"),
+        Some(b"not a manifest".to_vec())
+    );
+    assert!(holders(s, A, 1).is_empty());
+    s.put_manifest(
+        a.id,
+        &complete_manifest(&[data(1), data(2), data(3), data(4)]),
+    )
+    .expect("complete");
+    assert_eq!(holders(s, A, 4), vec![(a.id, 3)]);
+    // A partial one that replaces a complete one takes its entries with it.
+    s.put_manifest(a.id, &partial.encode())
+        .expect("partial again");
+    assert!(holders(s, A, 1).is_empty());
+    assert!(holders(s, A, 4).is_empty());
+}
+
+pub fn replaced_and_removed_manifests_and_images_leave_the_index(s: &dyn Repo) {
+    let a = image(A, ImageStatus::Active);
+    s.insert_image(key(A), &a).expect("insert");
+    s.put_manifest(a.id, &complete_manifest(&[data(1), data(2)]))
+        .expect("first");
+    s.put_manifest(a.id, &complete_manifest(&[data(2), data(3)]))
+        .expect("replace");
+    assert!(holders(s, A, 1).is_empty(), "the replaced manifest's entry");
+    assert_eq!(holders(s, A, 2), vec![(a.id, 0)]);
+    assert_eq!(holders(s, A, 3), vec![(a.id, 1)]);
+    // An image's delete: its record stays (deleted), its manifest goes.
+    s.remove_manifest(a.id).expect("remove manifest");
+    assert!(holders(s, A, 2).is_empty());
+    assert!(holders(s, A, 3).is_empty());
+    s.put_manifest(a.id, &complete_manifest(&[data(4)]))
+        .expect("again");
+    assert_eq!(holders(s, A, 4), vec![(a.id, 0)]);
+    s.remove_image(key(A), a.id).expect("remove image");
+    assert!(holders(s, A, 4).is_empty());
+    // A job's ending that removes its destination takes the destination's entries.
+    let b = image(B, ImageStatus::Saving);
+    let (owner, j) = job(s, A, JobStatus::Replicating);
+    let id = j.wire.job_id;
+    s.insert_jobs(&[(owner, j)]).expect("insert job");
+    s.update_job(id, &|_| Ok(ImageChange::Insert(key(B), b.clone())))
+        .expect("insert destination");
+    s.put_manifest(b.id, &complete_manifest(&[data(5)]))
+        .expect("destination's");
+    assert_eq!(holders(s, B, 5), vec![(b.id, 0)]);
+    s.update_job(id, &|job| {
+        job.begin_ending(None, 3);
+        job.end(3);
+        Ok(ImageChange::Remove(key(B), b.id))
+    })
+    .expect("end");
+    assert!(holders(s, B, 5).is_empty());
+    assert_eq!(s.manifest(b.id).expect("gone"), None);
+}
+
+pub fn a_manifest_stored_before_its_record_is_indexed_by_the_insert(s: &dyn Repo) {
+    let a = image(A, ImageStatus::Active);
+    s.put_manifest(a.id, &complete_manifest(&[data(1)]))
+        .expect("put");
+    assert!(holders(s, A, 1).is_empty(), "no record, no owner");
+    s.insert_image(key(A), &a).expect("insert");
+    assert_eq!(holders(s, A, 1), vec![(a.id, 0)]);
+    // The same through a job's insert of its destination.
+    let b = image(B, ImageStatus::Saving);
+    s.put_manifest(b.id, &complete_manifest(&[data(2), data(2)]))
+        .expect("put b");
+    let (owner, j) = job(s, A, JobStatus::Replicating);
+    let id = j.wire.job_id;
+    s.insert_jobs(&[(owner, j)]).expect("insert job");
+    s.update_job(id, &|_| Ok(ImageChange::Insert(key(B), b.clone())))
+        .expect("insert destination");
+    assert_eq!(holders(s, B, 2), vec![(b.id, 0)]);
+    // Rewriting a record changes nothing in the index.
+    let mut renamed = a.clone();
+    renamed.name = "ubuntu".into();
+    s.update_image(&renamed).expect("update");
+    assert_eq!(holders(s, A, 1), vec![(a.id, 0)]);
+}
+
+pub fn chunk_holders_honour_the_limit(s: &dyn Repo) {
+    let mut all = Vec::new();
+    for _ in 0..5 {
+        let a = image(A, ImageStatus::Active);
+        s.insert_image(key(A), &a).expect("insert");
+        s.put_manifest(a.id, &complete_manifest(&[data(2), data(1)]))
+            .expect("put");
+        all.push((a.id, 1));
+    }
+    all.sort();
+    assert_eq!(holders(s, A, 1), all);
+    let three = s.chunk_holders(key(A), &hash(1), 3).expect("three");
+    assert_eq!(three.len(), 3);
+    assert!(three.iter().all(|h| all.contains(h)));
+    assert!(s
+        .chunk_holders(key(A), &hash(1), 0)
+        .expect("none")
+        .is_empty());
+}
+
 /// Runs every contract function against one backend, each on a fresh store, plus the check
 /// that what was flushed is there after the store is opened again.
 macro_rules! contract_suite {
@@ -481,7 +660,12 @@ macro_rules! contract_suite {
                 the_version_changes_with_every_committed_job_write_only,
                 counts_and_tenant_references_follow_the_jobs,
                 orphans_are_remembered_until_removed,
-                manifests_are_kept_per_image_and_go_with_it
+                manifests_are_kept_per_image_and_go_with_it,
+                chunk_holders_are_the_owners_images_with_their_first_index,
+                partial_manifests_are_not_indexed,
+                replaced_and_removed_manifests_and_images_leave_the_index,
+                a_manifest_stored_before_its_record_is_indexed_by_the_insert,
+                chunk_holders_honour_the_limit
             );
 
             #[test]

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use crate::error::{Result, ServiceError};
+use crate::manifest::Hash;
 use crate::model::{Image, Job, JobStatus, JobWire, Region, Tenant, TenantKey, TokenRecord, User};
 
 /// Why the store could not be opened.
@@ -84,17 +85,36 @@ pub trait Registry: Send + Sync {
     fn image(&self, id: Uuid) -> Result<Option<Image>>;
     /// Every image, or those of one owner.
     fn images(&self, owner: Option<TenantKey>) -> Result<Vec<Image>>;
-    /// Inserts a new image with its owner; a conflict if the id is taken.
+    /// Inserts a new image with its owner; a conflict if the id is taken. A complete manifest
+    /// stored before the record is indexed now.
     fn insert_image(&self, owner: TenantKey, image: &Image) -> Result<()>;
     /// Rewrites an image whose owner did not change.
     fn update_image(&self, image: &Image) -> Result<()>;
-    /// Removes an image record, its owner index entry and its manifest.
+    /// Removes an image record, its owner index entry, its manifest and its chunk index
+    /// entries.
     fn remove_image(&self, owner: TenantKey, id: Uuid) -> Result<()>;
     /// The encoded chunk manifest of image `id` ([`crate::manifest`]): complete, or the
     /// partial one of a copy that is writing it.
     fn manifest(&self, id: Uuid) -> Result<Option<Vec<u8>>>;
+    /// Stores image `id`'s manifest, replacing the one before. A complete manifest
+    /// ([`Manifest::is_complete`](crate::manifest::Manifest::is_complete)) of an image with a
+    /// record goes into the chunk index under the record's owner, together with the manifest;
+    /// the entries of the one it replaces go (a partial one, or bytes that do not decode, are
+    /// stored and not indexed).
     fn put_manifest(&self, id: Uuid, manifest: &[u8]) -> Result<()>;
+    /// Removes image `id`'s manifest and its chunk index entries.
     fn remove_manifest(&self, id: Uuid) -> Result<()>;
+    /// The chunk index: images of `owner` whose complete manifest lists a data chunk with
+    /// BLAKE3 `hash` (holes are not indexed), each with the first chunk index that has it; at
+    /// most `limit`. Only within one owner: across tenants it would tell one tenant whether
+    /// another holds some data. An image inserted after its complete manifest was stored is
+    /// indexed by its insert.
+    fn chunk_holders(
+        &self,
+        owner: TenantKey,
+        hash: &Hash,
+        limit: usize,
+    ) -> Result<Vec<(Uuid, u32)>>;
     /// Images in the `saving` state (a crash interrupted their import or copy).
     fn images_saving(&self) -> Result<Vec<Image>>;
 }
@@ -126,7 +146,8 @@ pub enum ImageChange {
     Insert(TenantKey, Image),
     /// Rewrites an existing image (same owner).
     Put(Image),
-    /// Removes an image record, its owner index entry and its manifest.
+    /// Removes an image record, its owner index entry, its manifest and its chunk index
+    /// entries.
     Remove(TenantKey, Uuid),
 }
 

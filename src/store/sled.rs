@@ -5,13 +5,28 @@
 //! - `tokens`: token id (16 bytes); `token_lookup`: lookup bytes ‖ token id → (), the lookup
 //!   being the token's SHA-256 (32 bytes; 4 in records written before, until first use)
 //! - `images`: image id; `images_by_tenant`: owner key ‖ image id → ()
+//! - `manifests`: image id → encoded manifest
+//! - the chunk index: `chunks`: owner key ‖ chunk hash (32 bytes) ‖ generation (u64 BE) →
+//!   image id ‖ first chunk index (u32 BE), one per distinct data chunk of a complete manifest,
+//!   so that an owner's holders of a hash are one prefix scan; `chunks_indexed`: image id →
+//!   owner key ‖ generation, the entries that count (an entry of another generation is
+//!   ignored); `chunks_stale`: generation → owner key ‖ image id ‖ manifest, entries still to
+//!   delete (of a replaced or removed manifest, or of one being indexed when a crash came)
 //! - `jobs`: job id; `jobs_by_seq`: seq (u64 BE) → job id;
 //!   `jobs_by_tenant`: source tenant key ‖ seq (u64 BE) → job id
 //! - `queue`: seq (u64 BE) → job id, for every job the replication worker still has to act on
 //!   (enqueued and not terminal); kept in step with the job in the same transaction
 //!
-//! Values are a format version byte followed by JSON. A record and its index entries are always
-//! written in one transaction, so an index never points at nothing.
+//! The chunk index is written in batches of [`INDEX_BATCH`] entries outside any transaction,
+//! and made to count (or to stop counting) in the one transaction that writes the manifest:
+//! sled's transactions hold a process-wide lock, and one over a 10 GiB image's 163,840 entries
+//! held up every other store call for seconds. Stale entries are deleted after the manifest's
+//! transaction, and at start-up what a crash left.
+//!
+//! Values are a format version byte followed by JSON (manifests and the chunk index: bytes). A
+//! record and its index entries are always written in one transaction, so an index never points
+//! at nothing; the chunk index's entries are the exception (above), and count only through
+//! `chunks_indexed`, which is.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -28,6 +43,7 @@ use uuid::Uuid;
 use super::{ImageChange, JobQuery, Jobs, OpenError, Registry, Repo};
 use crate::disk::is_disk_full;
 use crate::error::{Result, ServiceError, STORE_ERROR};
+use crate::manifest::{Hash, Manifest};
 use crate::model::{Image, Job, JobStatus, JobWire, Region, Tenant, TenantKey, TokenRecord, User};
 
 const FORMAT_VERSION: u8 = 1;
@@ -65,6 +81,12 @@ struct Inner {
     images_by_tenant: Tree,
     /// Chunk manifests of images (encoded by [`crate::manifest`]): image id → manifest.
     manifests: Tree,
+    /// The chunk index: owner ‖ hash ‖ image id → first chunk index.
+    chunks: Tree,
+    /// Image id → owner ‖ generation of the entries that count.
+    chunks_indexed: Tree,
+    /// Generation → owner ‖ image id ‖ manifest: entries still to delete.
+    chunks_stale: Tree,
     jobs: Tree,
     jobs_by_seq: Tree,
     jobs_by_tenant: Tree,
@@ -333,6 +355,9 @@ impl Inner {
             images: tree("images")?,
             images_by_tenant: tree("images_by_tenant")?,
             manifests: tree("manifests")?,
+            chunks: tree("chunks")?,
+            chunks_indexed: tree("chunks_indexed")?,
+            chunks_stale: tree("chunks_stale")?,
             jobs: tree("jobs")?,
             jobs_by_seq: tree("jobs_by_seq")?,
             jobs_by_tenant: tree("jobs_by_tenant")?,
@@ -359,6 +384,10 @@ impl SledStore {
         secure_data_dir(dir)?;
         let path = dir.join("db");
         let inner = Inner::open(&path)?;
+        inner.sweep_all().map_err(|e| OpenError::Other {
+            path: path.display().to_string(),
+            reason: format!("cannot delete stale chunk index entries: {e}"),
+        })?;
         Ok(SledStore {
             path,
             open: RwLock::new(Some(Arc::new(inner))),
@@ -758,17 +787,31 @@ impl Registry for SledStore {
     fn insert_image(&self, owner: TenantKey, image: &Image) -> Result<()> {
         self.with(|s| {
             tx_result(
-                (&s.images, &s.images_by_tenant).transaction(|(images, by_tenant)| {
-                    if images.get(image.id.as_bytes())?.is_some() {
-                        return Err(abort(ServiceError::Conflict(format!(
-                            "an image with id {} already exists",
-                            image.id
-                        ))));
-                    }
-                    images.insert(image.id.as_bytes(), tx_encode(image)?)?;
-                    by_tenant.insert(cat(&[&owner.0, image.id.as_bytes()]), &[])?;
-                    Ok(())
-                }),
+                (
+                    &s.images,
+                    &s.images_by_tenant,
+                    &s.manifests,
+                    &s.chunks,
+                    &s.chunks_indexed,
+                )
+                    .transaction(
+                        |(images, by_tenant, manifests, chunks, indexed)| {
+                            if images.get(image.id.as_bytes())?.is_some() {
+                                return Err(abort(ServiceError::Conflict(format!(
+                                    "an image with id {} already exists",
+                                    image.id
+                                ))));
+                            }
+                            images.insert(image.id.as_bytes(), tx_encode(image)?)?;
+                            by_tenant.insert(cat(&[&owner.0, image.id.as_bytes()]), &[])?;
+                            let index = TxIndex {
+                                manifests,
+                                chunks,
+                                indexed,
+                            };
+                            index.index_stored(owner, image.id)
+                        },
+                    ),
             )
         })
     }
@@ -779,14 +822,26 @@ impl Registry for SledStore {
 
     fn remove_image(&self, owner: TenantKey, id: Uuid) -> Result<()> {
         self.with(|s| {
-            tx_result((&s.images, &s.images_by_tenant, &s.manifests).transaction(
-                |(images, by_tenant, manifests)| {
-                    images.remove(id.as_bytes())?;
-                    by_tenant.remove(cat(&[&owner.0, id.as_bytes()]))?;
-                    manifests.remove(id.as_bytes())?;
-                    Ok(())
-                },
-            ))
+            let retired = tx_result(
+                (
+                    &s.images,
+                    &s.images_by_tenant,
+                    &s.manifests,
+                    &s.chunks_indexed,
+                    &s.chunks_stale,
+                )
+                    .transaction(
+                        |(images, by_tenant, manifests, indexed, stale)| {
+                            images.remove(id.as_bytes())?;
+                            by_tenant.remove(cat(&[&owner.0, id.as_bytes()]))?;
+                            let retired = retire(manifests, indexed, stale, id)?;
+                            manifests.remove(id.as_bytes())?;
+                            Ok(retired)
+                        },
+                    ),
+            )?;
+            s.sweep_quietly(retired);
+            Ok(())
         })
     }
 
@@ -795,16 +850,116 @@ impl Registry for SledStore {
     }
 
     fn put_manifest(&self, id: Uuid, manifest: &[u8]) -> Result<()> {
+        let entries = Manifest::decode(manifest)
+            .ok()
+            .filter(Manifest::is_complete)
+            .map(|m| m.first_indexes());
         self.with(|s| {
-            s.manifests.insert(id.as_bytes(), manifest)?;
+            let indexed_now = s.chunks_indexed.get(id.as_bytes())?.is_some();
+            if indexed_now
+                && s.manifests
+                    .get(id.as_bytes())?
+                    .is_some_and(|m| m == manifest)
+            {
+                // The same complete manifest again: its entries are there.
+                return Ok(());
+            }
+            // The owner is the record's (checked again when the entries are made to count).
+            let owner = match &entries {
+                Some(_) => Self::get::<Image>(&s.images, id.as_bytes())?
+                    .and_then(|image| TenantKey::parse(&image.owner)),
+                None => None,
+            };
+            let fresh = match (&entries, owner) {
+                (Some(entries), Some(owner)) => {
+                    Some((s.write_entries(owner, id, manifest, entries)?, owner))
+                }
+                _ => None,
+            };
+            let committed = tx_result(
+                (&s.images, &s.manifests, &s.chunks_indexed, &s.chunks_stale).transaction(
+                    |(images, manifests, indexed, stale)| {
+                        let retired = retire(manifests, indexed, stale, id)?;
+                        manifests.insert(id.as_bytes(), manifest)?;
+                        let Some((generation, owner)) = fresh else {
+                            return Ok((retired, false));
+                        };
+                        let Some(record) = images.get(id.as_bytes())? else {
+                            return Ok((retired, false));
+                        };
+                        let image = decode::<Image>(&record).ok();
+                        if image.and_then(|i| TenantKey::parse(&i.owner)) != Some(owner) {
+                            return Ok((retired, false));
+                        }
+                        indexed.insert(id.as_bytes(), cat(&[&owner.0, &generation]))?;
+                        stale.remove(&generation)?;
+                        Ok((retired, true))
+                    },
+                ),
+            );
+            let (retired, counted) = match committed {
+                Ok(done) => done,
+                Err(e) => {
+                    s.sweep_quietly(fresh.map(|(generation, _)| generation));
+                    return Err(e);
+                }
+            };
+            s.sweep_quietly(retired);
+            if let (Some((generation, _)), false) = (fresh, counted) {
+                s.sweep_quietly(Some(generation));
+            }
             Ok(())
         })
     }
 
     fn remove_manifest(&self, id: Uuid) -> Result<()> {
         self.with(|s| {
-            s.manifests.remove(id.as_bytes())?;
+            let retired = tx_result(
+                (&s.manifests, &s.chunks_indexed, &s.chunks_stale).transaction(
+                    |(manifests, indexed, stale)| {
+                        let retired = retire(manifests, indexed, stale, id)?;
+                        manifests.remove(id.as_bytes())?;
+                        Ok(retired)
+                    },
+                ),
+            )?;
+            s.sweep_quietly(retired);
             Ok(())
+        })
+    }
+
+    fn chunk_holders(
+        &self,
+        owner: TenantKey,
+        hash: &Hash,
+        limit: usize,
+    ) -> Result<Vec<(Uuid, u32)>> {
+        self.with(|s| {
+            let mut out = Vec::new();
+            if limit == 0 {
+                return Ok(out);
+            }
+            for entry in s.chunks.scan_prefix(cat(&[&owner.0, hash])) {
+                let (key, value) = entry?;
+                let (Some(generation), Some(image), Some(index)) = (
+                    key.get(CHUNK_PREFIX..),
+                    value.get(..16).and_then(|id| Uuid::from_slice(id).ok()),
+                    value.get(16..).and_then(|i| <[u8; 4]>::try_from(i).ok()),
+                ) else {
+                    return Err(ServiceError::Internal("corrupt chunk index entry".into()));
+                };
+                // Only the entries of the generation that counts for the image.
+                let counts = s.chunks_indexed.get(image.as_bytes())?.is_some_and(|v| {
+                    v.get(..16) == Some(&owner.0[..]) && v.get(16..) == Some(generation)
+                });
+                if counts {
+                    out.push((image, u32::from_be_bytes(index)));
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+            Ok(out)
         })
     }
 
@@ -863,39 +1018,53 @@ impl Jobs for SledStore {
         change: &dyn Fn(&mut Job) -> Result<ImageChange>,
     ) -> Result<Option<Job>> {
         self.with(|s| {
-            let job = tx_result(
+            let (job, retired) = tx_result(
                 (
                     &s.jobs,
                     &s.queue,
                     &s.images,
                     &s.images_by_tenant,
                     &s.manifests,
+                    &s.chunks,
+                    &s.chunks_indexed,
+                    &s.chunks_stale,
                 )
-                    .transaction(|(jobs, queue, images, by_tenant, manifests)| {
-                        let Some(old) = jobs.get(id.as_bytes())? else {
-                            return Ok(None);
-                        };
-                        let mut job: Job = decode(&old).map_err(abort)?;
-                        match change(&mut job).map_err(abort)? {
-                            ImageChange::None => {}
-                            ImageChange::Insert(owner, image) => {
-                                images.insert(image.id.as_bytes(), tx_encode(&image)?)?;
-                                by_tenant.insert(cat(&[&owner.0, image.id.as_bytes()]), &[])?;
+                    .transaction(
+                        |(jobs, queue, images, by_tenant, manifests, chunks, indexed, stale)| {
+                            let Some(old) = jobs.get(id.as_bytes())? else {
+                                return Ok((None, None));
+                            };
+                            let mut job: Job = decode(&old).map_err(abort)?;
+                            let mut retired = None;
+                            match change(&mut job).map_err(abort)? {
+                                ImageChange::None => {}
+                                ImageChange::Insert(owner, image) => {
+                                    images.insert(image.id.as_bytes(), tx_encode(&image)?)?;
+                                    by_tenant.insert(cat(&[&owner.0, image.id.as_bytes()]), &[])?;
+                                    let index = TxIndex {
+                                        manifests,
+                                        chunks,
+                                        indexed,
+                                    };
+                                    index.index_stored(owner, image.id)?;
+                                }
+                                ImageChange::Put(image) => {
+                                    images.insert(image.id.as_bytes(), tx_encode(&image)?)?;
+                                }
+                                ImageChange::Remove(owner, image_id) => {
+                                    images.remove(image_id.as_bytes())?;
+                                    by_tenant.remove(cat(&[&owner.0, image_id.as_bytes()]))?;
+                                    retired = retire(manifests, indexed, stale, image_id)?;
+                                    manifests.remove(image_id.as_bytes())?;
+                                }
                             }
-                            ImageChange::Put(image) => {
-                                images.insert(image.id.as_bytes(), tx_encode(&image)?)?;
-                            }
-                            ImageChange::Remove(owner, image_id) => {
-                                images.remove(image_id.as_bytes())?;
-                                by_tenant.remove(cat(&[&owner.0, image_id.as_bytes()]))?;
-                                manifests.remove(image_id.as_bytes())?;
-                            }
-                        }
-                        jobs.insert(id.as_bytes(), tx_encode(&job)?)?;
-                        sync_queue(queue, &job)?;
-                        Ok(Some(job))
-                    }),
+                            jobs.insert(id.as_bytes(), tx_encode(&job)?)?;
+                            sync_queue(queue, &job)?;
+                            Ok((Some(job), retired))
+                        },
+                    ),
             )?;
+            s.sweep_quietly(retired);
             if job.is_some() {
                 self.jobs_changed();
             }
@@ -1022,6 +1191,155 @@ impl Jobs for SledStore {
     }
 }
 
+/// Length of a `chunks` key's owner ‖ hash prefix.
+const CHUNK_PREFIX: usize = 16 + 32;
+/// Chunk index entries written or deleted per batch: sled holds its process-wide lock for a
+/// batch, some milliseconds for this many.
+const INDEX_BATCH: usize = 1024;
+
+type TxResult<T> = Result<T, ConflictableTransactionError<ServiceError>>;
+
+fn chunk_key(owner: &[u8], hash: &Hash, generation: &[u8]) -> Vec<u8> {
+    cat(&[owner, hash, generation])
+}
+
+impl Inner {
+    /// Writes the entries of image `id`'s complete manifest under a new generation, in
+    /// batches, after recording them as stale: they count once the manifest's transaction says
+    /// so, and a crash before that leaves them to [`Inner::sweep_all`].
+    fn write_entries(
+        &self,
+        owner: TenantKey,
+        id: Uuid,
+        manifest: &[u8],
+        entries: &[(Hash, u32)],
+    ) -> Result<[u8; 8]> {
+        let generation = self.db.generate_id()?.to_be_bytes();
+        self.chunks_stale
+            .insert(generation, cat(&[&owner.0, id.as_bytes(), manifest]))?;
+        for part in entries.chunks(INDEX_BATCH) {
+            let mut batch = sled::Batch::default();
+            for (hash, index) in part {
+                batch.insert(
+                    chunk_key(&owner.0, hash, &generation),
+                    cat(&[id.as_bytes(), &index.to_be_bytes()]),
+                );
+            }
+            self.chunks.apply_batch(batch)?;
+        }
+        Ok(generation)
+    }
+
+    /// Deletes the entries of a stale generation, in batches, then its record.
+    fn sweep(&self, generation: [u8; 8]) -> Result<()> {
+        let Some(record) = self.chunks_stale.get(generation)? else {
+            return Ok(());
+        };
+        let (Some(owner), Some(manifest)) = (record.get(..16), record.get(32..)) else {
+            return Err(ServiceError::Internal(
+                "corrupt stale chunk index record".into(),
+            ));
+        };
+        match Manifest::decode(manifest) {
+            Ok(m) => {
+                for part in m.first_indexes().chunks(INDEX_BATCH) {
+                    let mut batch = sled::Batch::default();
+                    for (hash, _) in part {
+                        batch.remove(chunk_key(owner, hash, &generation));
+                    }
+                    self.chunks.apply_batch(batch)?;
+                }
+            }
+            Err(why) => tracing::warn!(
+                "a stale manifest of the chunk index no longer decodes, its entries stay: {}",
+                crate::text::escape(&why)
+            ),
+        }
+        self.chunks_stale.remove(generation)?;
+        Ok(())
+    }
+
+    /// [`Inner::sweep`] after a committed change: a failure leaves the entries (which no longer
+    /// count) to the next start.
+    fn sweep_quietly(&self, generation: Option<[u8; 8]>) {
+        if let Some(generation) = generation {
+            if let Err(e) = self.sweep(generation) {
+                tracing::warn!("stale chunk index entries stay until the next start: {e}");
+            }
+        }
+    }
+
+    /// Start-up: deletes the stale entries a crash or a failed sweep left.
+    fn sweep_all(&self) -> Result<()> {
+        for key in self.chunks_stale.iter().keys() {
+            if let Ok(generation) = <[u8; 8]>::try_from(key?.as_ref()) {
+                self.sweep(generation)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Makes image `id`'s chunk index entries stop counting (before its manifest is replaced or
+/// removed in the same transaction): their generation becomes stale, with the manifest that
+/// lists them. The generation to sweep once the transaction has committed.
+fn retire(
+    manifests: &TransactionalTree,
+    indexed: &TransactionalTree,
+    stale: &TransactionalTree,
+    id: Uuid,
+) -> TxResult<Option<[u8; 8]>> {
+    let Some(counted) = indexed.remove(id.as_bytes())? else {
+        return Ok(None);
+    };
+    let (Some(owner), Some(generation)) = (
+        counted.get(..16),
+        counted.get(16..).and_then(|g| <[u8; 8]>::try_from(g).ok()),
+    ) else {
+        return Ok(None);
+    };
+    let manifest = manifests.get(id.as_bytes())?.unwrap_or_default();
+    stale.insert(&generation, cat(&[owner, id.as_bytes(), &manifest]))?;
+    Ok(Some(generation))
+}
+
+/// The chunk index inside a transaction that inserts an image record.
+struct TxIndex<'a> {
+    manifests: &'a TransactionalTree,
+    chunks: &'a TransactionalTree,
+    indexed: &'a TransactionalTree,
+}
+
+impl TxIndex<'_> {
+    /// Indexes a complete manifest stored before its image's record, inside the record's
+    /// transaction (no caller stores a manifest before the record today, so this long
+    /// transaction is rare).
+    fn index_stored(&self, owner: TenantKey, id: Uuid) -> TxResult<()> {
+        if self.indexed.get(id.as_bytes())?.is_some() {
+            return Ok(());
+        }
+        let Some(bytes) = self.manifests.get(id.as_bytes())? else {
+            return Ok(());
+        };
+        let m = match Manifest::decode(&bytes) {
+            Ok(m) if m.is_complete() => m,
+            _ => return Ok(()),
+        };
+        let generation = self.chunks.generate_id()?.to_be_bytes();
+        let mut batch = sled::Batch::default();
+        for (hash, index) in m.first_indexes() {
+            batch.insert(
+                chunk_key(&owner.0, &hash, &generation),
+                cat(&[id.as_bytes(), &index.to_be_bytes()]),
+            );
+        }
+        self.chunks.apply_batch(&batch)?;
+        self.indexed
+            .insert(id.as_bytes(), cat(&[&owner.0, &generation]))?;
+        Ok(())
+    }
+}
+
 /// A job is queued for the worker exactly while it is enqueued and not terminal.
 fn sync_queue(
     queue: &TransactionalTree,
@@ -1046,4 +1364,228 @@ fn remove_token_tx(
         lookup.remove(cat(&[&prefix, token.info.id.as_bytes()]))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{Entry, CHUNK_SIZE};
+    use crate::model::ImageStatus;
+
+    const OWNER: &str = "236ae314ef6944f4ab98fa7519e54325";
+
+    fn image() -> Image {
+        Image {
+            id: Uuid::new_v4(),
+            name: "big".into(),
+            owner: OWNER.into(),
+            region: "r".into(),
+            status: ImageStatus::Active,
+            disk_format: "raw".into(),
+            container_format: "bare".into(),
+            size: 0,
+            checksum: None,
+            os_hash_algo: None,
+            os_hash_value: None,
+            created_at: 1,
+            updated_at: 1,
+        }
+    }
+
+    /// The complete manifest of an image of `chunks` data chunks, all different.
+    fn all_data(chunks: usize, seed: u64) -> Vec<u8> {
+        let entries = (0..chunks as u64)
+            .map(|i| {
+                Entry::Data(
+                    *blake3::hash(&[seed.to_le_bytes(), i.to_le_bytes()].concat()).as_bytes(),
+                )
+            })
+            .collect();
+        let size = (chunks * CHUNK_SIZE) as u64;
+        crate::manifest::complete(size, Some("ab".repeat(64)), entries).encode()
+    }
+
+    fn bytes_on_disk(dir: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let mut total = 0;
+        for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+            let meta = entry.metadata().expect("metadata");
+            total += if meta.is_dir() {
+                bytes_on_disk(&entry.path())
+            } else {
+                meta.blocks() * 512
+            };
+        }
+        total
+    }
+
+    /// Opens the store at `dir` again, waiting for a store just dropped to let go of sled's
+    /// lock (its flusher thread holds it a moment longer).
+    fn reopen(dir: &Path) -> SledStore {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match SledStore::open(dir) {
+                Err(OpenError::Locked(_)) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                other => return other.expect("reopen"),
+            }
+        }
+    }
+
+    #[test]
+    fn entries_a_crash_left_never_count_and_go_at_the_next_start() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let key = TenantKey::parse(OWNER).expect("key");
+        let image = image();
+        let bytes = all_data(4, 1);
+        let Entry::Data(hash) = Manifest::decode(&bytes).expect("decode").chunks[0] else {
+            unreachable!()
+        };
+        {
+            let store = SledStore::open(dir.path()).expect("open");
+            store.insert_image(key, &image).expect("insert");
+            // A put that a crash stopped after its entries, before its transaction.
+            let inner = store.current().expect("inner");
+            let m = Manifest::decode(&bytes).expect("decode");
+            inner
+                .write_entries(key, image.id, &bytes, &m.first_indexes())
+                .expect("entries");
+            assert_eq!(inner.chunks.len(), 4);
+            assert!(store
+                .chunk_holders(key, &hash, 4)
+                .expect("holders")
+                .is_empty());
+            store.flush().expect("flush");
+        }
+        let store = reopen(dir.path());
+        let inner = store.current().expect("inner");
+        assert_eq!(inner.chunks.len(), 0, "swept at the start");
+        assert!(inner.chunks_stale.is_empty());
+        // Replaced and removed manifests leave nothing behind either.
+        store.put_manifest(image.id, &bytes).expect("put");
+        assert_eq!(
+            store.chunk_holders(key, &hash, 4).expect("holders"),
+            vec![(image.id, 0)]
+        );
+        store
+            .put_manifest(image.id, &bytes)
+            .expect("the same again");
+        assert_eq!(inner.chunks.len(), 4);
+        store
+            .put_manifest(image.id, &all_data(4, 2))
+            .expect("replace");
+        assert_eq!(inner.chunks.len(), 4);
+        assert!(store
+            .chunk_holders(key, &hash, 4)
+            .expect("holders")
+            .is_empty());
+        store.remove_image(key, image.id).expect("remove");
+        assert_eq!(inner.chunks.len(), 0);
+        assert!(inner.chunks_stale.is_empty());
+        assert!(inner.chunks_indexed.is_empty());
+    }
+
+    /// The longest a store read waits on another thread while `f` runs.
+    fn longest_wait_during(store: &SledStore, f: impl FnOnce()) -> Duration {
+        let done = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let reader = scope.spawn(|| {
+                let mut longest = Duration::ZERO;
+                while !done.load(Ordering::SeqCst) {
+                    let t = Instant::now();
+                    store.region("none").expect("read");
+                    longest = longest.max(t.elapsed());
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                longest
+            });
+            f();
+            done.store(true, Ordering::SeqCst);
+            reader.join().expect("reader")
+        })
+    }
+
+    /// What the chunk index costs `put_manifest` and the disk (README, "Chunk manifests"):
+    /// `cargo test --release --lib store::sled::tests::the_chunk_index_cost -- --ignored
+    /// --nocapture`.
+    #[test]
+    #[ignore]
+    fn the_chunk_index_cost() {
+        let key = TenantKey::parse(OWNER).expect("key");
+        for (label, chunks) in [("1 GiB", 16_384), ("10 GiB", 163_840)] {
+            let images = 10 * 16_384 / chunks;
+            let mut on_disk = Vec::new();
+            for indexed in [false, true] {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let store = SledStore::open(dir.path()).expect("open");
+                let mut put = Duration::ZERO;
+                let mut ids = Vec::new();
+                for n in 0..images {
+                    let image = image();
+                    // Without a record the manifest is stored and not indexed: the baseline.
+                    if indexed {
+                        store.insert_image(key, &image).expect("insert");
+                    }
+                    let first = all_data(chunks, 2 * n as u64);
+                    let t = Instant::now();
+                    store.put_manifest(image.id, &first).expect("put");
+                    put += t.elapsed();
+                    ids.push(image.id);
+                }
+                store.flush().expect("flush");
+                let bytes = bytes_on_disk(dir.path());
+                on_disk.push(bytes);
+                println!(
+                    "{label}, {images} images, indexed {indexed}: put {:?} each, {:.1} MiB on disk",
+                    put / images as u32,
+                    bytes as f64 / f64::from(1 << 20)
+                );
+                if !indexed {
+                    continue;
+                }
+                let last = all_data(chunks, 999);
+                let Entry::Data(hash) = Manifest::decode(&last).expect("decode").chunks[chunks - 1]
+                else {
+                    unreachable!()
+                };
+                let image = image();
+                store.insert_image(key, &image).expect("insert");
+                let t = Instant::now();
+                let wait = longest_wait_during(&store, || {
+                    store.put_manifest(image.id, &last).expect("put");
+                });
+                println!(
+                    "{label}: put {:?}, a read on another thread waited up to {wait:?}",
+                    t.elapsed()
+                );
+                let t = Instant::now();
+                let found = store.chunk_holders(key, &hash, 4).expect("holders");
+                println!("{label}: chunk_holders {:?}", t.elapsed());
+                assert_eq!(found, vec![(image.id, chunks as u32 - 1)]);
+                let second = all_data(chunks, 1000);
+                let t = Instant::now();
+                let wait = longest_wait_during(&store, || {
+                    store.put_manifest(image.id, &second).expect("replace");
+                });
+                println!(
+                    "{label}: replace {:?}, a read waited up to {wait:?}",
+                    t.elapsed()
+                );
+                let t = Instant::now();
+                let wait = longest_wait_during(&store, || {
+                    store.remove_manifest(image.id).expect("remove");
+                });
+                println!(
+                    "{label}: remove {:?}, a read waited up to {wait:?}",
+                    t.elapsed()
+                );
+            }
+            let entries = (images * chunks) as u64;
+            println!(
+                "{label}: the index costs {} bytes on disk per entry ({entries} entries)",
+                on_disk[1].saturating_sub(on_disk[0]) / entries
+            );
+        }
+    }
 }

@@ -18,7 +18,7 @@ use crate::manifest::{self, Entry, Manifest, CHUNK_SIZE};
 use crate::model::{now, Image, ImageStatus, Job, JobStatus, Region, TenantKey};
 use crate::peer::{Delta, DeltaFigures};
 use crate::regions::{transfer, verify, ImageStore, Reading, Recorded, StoreError, TransferError};
-use crate::reuse::LocalChunks;
+use crate::reuse::{LocalChunks, Reuse};
 use crate::store::ImageChange;
 use crate::text::escape;
 
@@ -297,8 +297,13 @@ fn copy_once(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> std::result::Result<()
         hashes: sink.hashes(),
     };
     // Chunks the destination tenant holds already at this appliance need not be fetched.
-    // TODO(index): Reuse::new(store, stores, dst_key) once the chunk index lands.
-    let local: Option<Arc<dyn LocalChunks>> = None;
+    let local = keeps_record.then(|| {
+        Arc::new(Reuse::new(
+            Arc::clone(&ctx.parts.store),
+            Arc::clone(&ctx.parts.stores),
+            dst_key,
+        )) as Arc<dyn LocalChunks>
+    });
     let mut input = src_store.open_for_copy(
         &source,
         Reading {
