@@ -289,7 +289,8 @@ class Report:
                     "appliances (`BENCH_PEER_PERF=DIR`); the symbols with the most samples "
                     "(self), per process:", ""]
             for r in self.profiles:
-                out += [f"- {r['format']}, {r['process']}: " + "; ".join(r["top"])]
+                cpu = f" ({r['cpu_s']:.2f} s of CPU sampled)" if r.get("cpu_s") else ""
+                out += [f"- {r['format']}, {r['process']}{cpu}: " + "; ".join(r["top"])]
             out += [""]
         if whys:
             out += ["### Where the misses come from", ""] + whys + [""]

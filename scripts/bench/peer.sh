@@ -227,13 +227,17 @@ for fmt in $PEER_FORMATS; do
         --percent-limit 2 2>/dev/null >"$BENCH_PEER_PERF/$fmt-$proc.txt" || true
       python3 - "$RESULTS" "$fmt" "$proc" "$BENCH_PEER_PERF/$fmt-$proc.txt" <<'PY'
 import json, re, sys
-top = []
+top, cpu = [], None
 for line in open(sys.argv[4], errors="replace"):
+    count = re.match(r"# Event count \(approx\.\): (\d+)", line)
+    if count:
+        cpu = int(count.group(1)) / 1e9  # cpu-clock counts nanoseconds
     m = re.match(r"\s+([0-9.]+)%\s+(\S+)\s+\[.\]\s+(.*)", line)
     if m and len(top) < 8:
-        top.append(f"{m.group(1)} % {m.group(3).strip()[:70]} ({m.group(2)})")
+        symbol = re.split(r"\s{2,}", m.group(3).strip())[0][:70]
+        top.append(f"{m.group(1)} % {symbol} ({m.group(2)})")
 open(sys.argv[1], "a").write(json.dumps({"kind": "peer-profile", "format": sys.argv[2],
-                                         "process": sys.argv[3], "top": top}) + "\n")
+                                         "process": sys.argv[3], "cpu_s": cpu, "top": top}) + "\n")
 PY
     done
     log "perf profiles of a $fmt copy in $BENCH_PEER_PERF"
