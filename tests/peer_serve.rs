@@ -575,3 +575,114 @@ fn delete_of_an_image_is_204_for_its_owner_and_409_while_a_job_reads_it() {
         assert_eq!(sentence, format!("Image {id} is uploading, not active."));
     }
 }
+
+#[test]
+fn a_long_chunk_answer_keeps_the_order_asked_and_a_dropped_one_leaves_the_server_serving() {
+    let p = peer();
+    let data = sample(99, 12);
+    let id = import(&p.lab, &data);
+    let m = manifest_of(&data);
+    let order: Vec<usize> = (60..100).chain(0..60).collect();
+    let resp = p.ask_chunks(&id, &p.alice, json!([[60, 40], [0, 60]]));
+    assert_eq!(resp.status(), 200);
+    let body = resp.bytes().expect("frames").to_vec();
+    let mut reader = FrameReader::new(&body[..], &m).expect("reader");
+    for &i in &order {
+        let frame = reader.next_frame().expect("frame").expect("one per chunk");
+        assert_eq!(frame.index, i);
+        assert!(frame.bytes == chunk(&data, i), "chunk {i}");
+    }
+    assert!(reader.next_frame().expect("end").is_none());
+    // A client that reads a few bytes and hangs up, ten times over.
+    for _ in 0..10 {
+        let mut resp = p.ask_chunks(&id, &p.alice, json!([[0, 100]]));
+        let mut head = [0u8; 9];
+        std::io::Read::read_exact(&mut resp, &mut head).expect("the first header");
+        drop(resp);
+    }
+    let resp = p.get(&format!("/peer/v1/images/{id}/file"), &p.alice);
+    assert!(resp.bytes().expect("file") == data);
+    assert_eq!(log_panics(&p.server.log_text()), Vec::<String>::new());
+}
+
+#[test]
+fn an_admin_uploads_for_any_tenant_of_the_region_and_an_empty_image_commits_at_once() {
+    let p = peer();
+    let id = uuid::Uuid::new_v4().to_string();
+    let begun = json_of(p.put_upload(&id, &p.root, TENANT_C, &[]), 201);
+    assert_eq!(begun, json!({"missing": []}));
+    let active = json_of(p.commit(&id, &p.root), 200);
+    assert_eq!(active["status"], "active");
+    assert_eq!(active["owner"], TENANT_C);
+    assert_eq!(active["size"], 0);
+    let file = std::fs::read(p.lab.region_dir("ot1").join(&id)).expect("file");
+    assert!(file.is_empty());
+    // Tenant B lives in region ot2: not a tenant of ot1.
+    let other = uuid::Uuid::new_v4().to_string();
+    let sentence = assert_error(p.put_upload(&other, &p.root, TENANT_B, &[1, 2, 3]), 404);
+    assert_eq!(
+        sentence,
+        format!("There is no tenant {TENANT_B} in region ot1.")
+    );
+    let sentence = assert_error(p.put_upload("not-a-uuid", &p.alice, TENANT_A, &[]), 400);
+    assert_eq!(sentence, "The upload's id 'not-a-uuid' is not a UUID.");
+}
+
+#[test]
+fn a_slow_upload_body_is_taken_while_it_keeps_arriving_and_a_stalled_one_is_408() {
+    use base64::Engine;
+    use common::raw;
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+    let p = peer();
+    let data = sample(3, 13);
+    let m = manifest_of(&data);
+    let body = json!({
+        "region": "ot1",
+        "image": {
+            "name": "slow", "owner": TENANT_A, "disk_format": "raw", "container_format": "bare",
+            "size": data.len(), "checksum": null, "os_hash_algo": "sha512",
+            "os_hash_value": m.sha512,
+        },
+        "manifest": base64::engine::general_purpose::STANDARD.encode(m.encode()),
+    })
+    .to_string();
+    let request = |id: &str| {
+        format!(
+            "PUT /peer/v1/uploads/{id} HTTP/1.1\r\nHost: x\r\nX-Auth-Token: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            p.alice,
+            body.len()
+        )
+    };
+    let addr = p.server.addr();
+    // Stalled after a few bytes: a 408 once ten seconds pass without more.
+    let stalled = {
+        let head = request(&uuid::Uuid::new_v4().to_string());
+        let addr = addr.clone();
+        let first = body[..10].to_string();
+        std::thread::spawn(move || {
+            let mut stream = raw::send(&addr, format!("{head}{first}").as_bytes());
+            let started = Instant::now();
+            let answer = raw::read_answer(&mut stream, Duration::from_secs(20));
+            (answer, started.elapsed())
+        })
+    };
+    // Four pieces 3.5 s apart: longer than ten seconds in all, never ten without a byte.
+    let id = uuid::Uuid::new_v4().to_string();
+    let mut stream = raw::send(&addr, request(&id).as_bytes());
+    let step = body.len().div_ceil(4);
+    for piece in body.as_bytes().chunks(step) {
+        std::thread::sleep(Duration::from_millis(3500));
+        stream.write_all(piece).expect("a piece");
+    }
+    let answer = raw::read_answer(&mut stream, Duration::from_secs(10));
+    assert_eq!(answer.status(), Some(201), "{}", answer.text());
+    let (answer, took) = stalled.join().expect("the stalled request");
+    assert_eq!(answer.status(), Some(408), "{}", answer.text());
+    assert!(
+        answer.text().contains("stopped arriving for 10 seconds"),
+        "{}",
+        answer.text()
+    );
+    assert!(took < Duration::from_secs(15), "{took:?}");
+}

@@ -22,8 +22,9 @@ use super::jobs::read_body;
 use super::reply::{error_response, json_response, sentence, with_type, Failure};
 use super::{blocking, Body, Reply, Request, BODY_TIMEOUT};
 use crate::auth::Principal;
+use crate::copy::Source;
 use crate::error::ServiceError;
-use crate::manifest::{Entry, CHUNK_SIZE};
+use crate::manifest::{Entry, Manifest, CHUNK_SIZE};
 use crate::peer::{
     encode_frame, Missing, Ranges, Received, Upload, Versions, FRAMES, FRAME_HEADER, MAX_CHUNKS,
     PREFIX, VERSION,
@@ -214,34 +215,110 @@ pub(super) fn chunks(req: Request, who: Principal) -> Reply {
         .await?;
         let response = streamed(move |send| {
             let (m, ranges) = m;
-            let zeros = vec![0u8; CHUNK_SIZE];
-            let mut buf = vec![0u8; CHUNK_SIZE];
-            let mut out = Vec::with_capacity(PIECE + 2 * CHUNK_SIZE);
+            let open = |offset| svc.peer_source(&image, &region, offset).map_err(io_error);
+            frames(&m, &ranges, &open, send)
+        });
+        Ok(with_type(response, StatusCode::OK, FRAMES))
+    })
+}
+
+/// Chunks read in a row and framed by one encoding thread at a time (1 MiB).
+const BATCH: usize = 16;
+
+/// The frames of the chunks `ranges` names of an image with manifest `m` whose bytes
+/// `open(offset)` reads, in order, handed to `send` (false: the connection is gone). zstd is
+/// slower than the reads: frames are made by one thread per core (at most 4) while this one
+/// reads and another hands them on in order; memory stays at a few batches.
+fn frames(
+    m: &Manifest,
+    ranges: &Ranges,
+    open: &(dyn Fn(u64) -> io::Result<Box<dyn Source>> + Sync),
+    send: &mut dyn FnMut(Bytes) -> bool,
+) -> io::Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc::sync_channel;
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    // A batch: its place in the answer, and its chunks (`None`: a hole).
+    type Batch = (usize, Vec<(usize, Option<Vec<u8>>)>);
+    let (work_tx, work_rx) = sync_channel::<Batch>(2 * workers);
+    let work_rx = std::sync::Mutex::new(work_rx);
+    let (done_tx, done_rx) = sync_channel::<(usize, Vec<u8>)>(2 * workers);
+    let gone = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            let (done_tx, work_rx, gone) = (done_tx.clone(), &work_rx, &gone);
+            scope.spawn(move || {
+                let zeros = vec![0u8; CHUNK_SIZE];
+                loop {
+                    let batch = work_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    let Ok((seq, chunks)) = batch else { return };
+                    // Once the connection is gone, batches are taken and dropped, so that
+                    // the reader never waits on a full channel.
+                    if gone.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    let mut out = Vec::with_capacity(BATCH * (CHUNK_SIZE + FRAME_HEADER));
+                    for (i, bytes) in chunks {
+                        let len = m.chunk_len(i);
+                        encode_frame(&mut out, i, bytes.as_deref().unwrap_or(&zeros[..len]));
+                    }
+                    if done_tx.send((seq, out)).is_err() {
+                        gone.store(true, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+        drop(done_tx);
+        let gone = &gone;
+        let reader = scope.spawn(move || -> io::Result<()> {
+            let mut batch = Vec::with_capacity(BATCH);
+            let mut seq = 0;
             for &(first, count) in &ranges.ranges {
                 let first = first as usize;
-                let mut source = svc
-                    .peer_source(&image, &region, m.offset(first))
-                    .map_err(io_error)?;
+                let mut source = open(m.offset(first))?;
                 for i in first..first + count as usize {
-                    let len = m.chunk_len(i);
                     if m.chunks[i] == Entry::Hole {
-                        encode_frame(&mut out, i, &zeros[..len]);
+                        batch.push((i, None));
                     } else {
+                        let mut bytes = vec![0u8; m.chunk_len(i)];
                         source.skip_to(m.offset(i))?;
-                        source.read_exact(&mut buf[..len])?;
-                        encode_frame(&mut out, i, &buf[..len]);
+                        source.read_exact(&mut bytes)?;
+                        batch.push((i, Some(bytes)));
                     }
-                    if out.len() >= PIECE && !send(Bytes::from(std::mem::take(&mut out))) {
-                        return Ok(());
+                    if batch.len() == BATCH {
+                        if gone.load(Ordering::Relaxed) {
+                            return Ok(());
+                        }
+                        let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+                        if work_tx.send((seq, full)).is_err() {
+                            return Ok(());
+                        }
+                        seq += 1;
                     }
                 }
             }
-            if !out.is_empty() {
-                send(Bytes::from(out));
+            if !batch.is_empty() {
+                let _ = work_tx.send((seq, batch));
             }
             Ok(())
         });
-        Ok(with_type(response, StatusCode::OK, FRAMES))
+        // Frames leave in the order asked, whichever thread made them.
+        let mut waiting = std::collections::BTreeMap::new();
+        let mut next = 0;
+        'answer: for (seq, bytes) in done_rx.iter() {
+            waiting.insert(seq, bytes);
+            while let Some(bytes) = waiting.remove(&next) {
+                if !send(Bytes::from(bytes)) {
+                    gone.store(true, Ordering::Relaxed);
+                    break 'answer;
+                }
+                next += 1;
+            }
+        }
+        drop(done_rx);
+        reader
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the chunk reader failed")))
     })
 }
 

@@ -4,7 +4,9 @@
 //! fsyncs it, renames it into place and then checks that the name holds the very file it
 //! wrote, so a file under an image's name is always complete and always the verified one.
 //! An interrupted copy's temporary file stays for its job to resume: the next attempt checks
-//! its chunks against the manifest it is given and keeps only the verified ones.
+//! its chunks against the manifest it is given and keeps only the verified ones. An upload
+//! of the peer protocol writes the same file at its chunks' offsets ([`Part`]) and publishes
+//! it the same way.
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
@@ -339,10 +341,6 @@ impl Part for DirectoryPart {
     fn is_hole(&self, offset: u64, len: u64) -> bool {
         let past_end = self.file.metadata().is_ok_and(|m| m.len() <= offset);
         past_end || is_hole(&self.file, offset, len)
-    }
-
-    fn sync(&self) -> io::Result<()> {
-        self.file.sync_data()
     }
 
     fn publish(self: Box<Self>, size: u64) -> Result<(), StoreError> {

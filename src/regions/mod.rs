@@ -163,8 +163,6 @@ pub trait Part: Send {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// Whether the `len` bytes at `offset` are unallocated (a hole or past the end).
     fn is_hole(&self, offset: u64, len: u64) -> bool;
-    /// Makes what was written durable.
-    fn sync(&self) -> io::Result<()>;
     /// Sets the length to `size`, makes the file durable and renames it into place.
     fn publish(self: Box<Self>, size: u64) -> Result<(), StoreError>;
 }

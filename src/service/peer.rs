@@ -73,6 +73,47 @@ fn upload_lock(id: Uuid) -> Arc<RwLock<()>> {
     Arc::clone(table.entry(id).or_default())
 }
 
+/// The manifests decoded last: a chunk request or upload names one image many times, and a
+/// manifest of 100 GiB is 54 MB to check and decode. One is used only while it describes the
+/// image's record as it stands.
+static MANIFESTS: LazyLock<Mutex<KeptManifests>> = LazyLock::new(Default::default);
+/// Images' ids and their manifests, the last used first.
+type KeptManifests = Vec<(Uuid, Arc<Manifest>)>;
+/// Images whose manifests [`MANIFESTS`] keeps.
+const KEPT_MANIFESTS: usize = 8;
+
+/// The manifest of `image` from [`MANIFESTS`], or `load`ed (and kept).
+fn kept_manifest(
+    image: &Image,
+    load: impl FnOnce() -> Result<Option<Manifest>>,
+) -> Result<Option<Arc<Manifest>>> {
+    let lock = || MANIFESTS.lock().unwrap_or_else(|e| e.into_inner());
+    let found = lock()
+        .iter()
+        .find(|(id, m)| *id == image.id && m.describes(image))
+        .map(|(_, m)| Arc::clone(m));
+    if found.is_some() {
+        return Ok(found);
+    }
+    let Some(m) = load()? else {
+        return Ok(None);
+    };
+    let m = Arc::new(m);
+    let mut kept = lock();
+    kept.retain(|(id, _)| *id != image.id);
+    kept.insert(0, (image.id, Arc::clone(&m)));
+    kept.truncate(KEPT_MANIFESTS);
+    Ok(Some(m))
+}
+
+/// Drops what [`MANIFESTS`] keeps of image `id` (its upload began, ended or went).
+fn forget_manifest(id: Uuid) {
+    MANIFESTS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|(kept, _)| *kept != id);
+}
+
 fn no_image(id: &str) -> ServiceError {
     ServiceError::NotFound(format!("there is no image {}", excerpt(id, 64)))
 }
@@ -345,9 +386,9 @@ impl Service {
 
     /// The complete manifest of an active image; one is made now (the image read whole, its
     /// SHA-512 checked against the record) for an image that has none.
-    pub fn peer_manifest(&self, who: &Principal, id: &str) -> Result<(Image, Manifest)> {
+    pub fn peer_manifest(&self, who: &Principal, id: &str) -> Result<(Image, Arc<Manifest>)> {
         let (image, region) = self.active(who, id)?;
-        if let Some(m) = manifest::load(&*self.store, &image)? {
+        if let Some(m) = kept_manifest(&image, || manifest::load(&*self.store, &image))? {
             return Ok((image, m));
         }
         tracing::info!(image = %image.id, "making the image's manifest (it has none yet)");
@@ -390,7 +431,7 @@ impl Service {
         let m = manifest::complete(image.size, made.digests.sha512, made.chunks);
         self.store.put_manifest(image.id, &m.encode())?;
         self.flush()?;
-        Ok((image, m))
+        Ok((image, Arc::new(m)))
     }
 
     /// The bytes of an active image `who` may see, from `offset` on, and its record.
@@ -425,11 +466,12 @@ impl Service {
     /// `DELETE /peer/v1/images/{id}`: as `image delete`, for an image `who` may see.
     pub fn peer_delete(&self, who: &Principal, id: &str) -> Result<()> {
         let (image, _) = self.visible(who, id)?;
+        forget_manifest(image.id);
         self.image_delete(&image.id.to_string()).map(drop)
     }
 
     /// An upload in progress that `who` may see, its region and its manifest.
-    fn upload_of(&self, who: &Principal, id: &str) -> Result<(Image, Region, Manifest)> {
+    fn upload_of(&self, who: &Principal, id: &str) -> Result<(Image, Region, Arc<Manifest>)> {
         let (image, region) = self.visible(who, id)?;
         if image.status != ImageStatus::Uploading {
             return Err(ServiceError::Conflict(format!(
@@ -437,12 +479,13 @@ impl Service {
                 image.id, image.status
             )));
         }
-        let m = upload_manifest(&*self.store, &image)?.ok_or_else(|| {
-            ServiceError::Conflict(format!(
-                "upload {} has no manifest kept; send its PUT again",
-                image.id
-            ))
-        })?;
+        let m =
+            kept_manifest(&image, || upload_manifest(&*self.store, &image))?.ok_or_else(|| {
+                ServiceError::Conflict(format!(
+                    "upload {} has no manifest kept; send its PUT again",
+                    image.id
+                ))
+            })?;
         Ok((image, region, m))
     }
 
@@ -515,6 +558,7 @@ impl Service {
         }
         let lock = upload_lock(uuid);
         let _alone = lock.write().unwrap_or_else(|e| e.into_inner());
+        forget_manifest(uuid);
         let created = match self.store.image(uuid)? {
             Some(kept) => {
                 let same = kept.status == ImageStatus::Uploading
@@ -673,6 +717,7 @@ impl Service {
         }
         // The bytes first, durable and in place; then the manifest; then the record.
         part.publish(m.size).map_err(store_failed)?;
+        forget_manifest(image.id);
         self.store.put_manifest(image.id, &m.encode())?;
         image.status = ImageStatus::Active;
         image.updated_at = now();
@@ -701,6 +746,7 @@ impl Service {
         let key = TenantKey::parse(&image.owner)
             .ok_or_else(|| ServiceError::Internal(format!("image {} has no owner", image.id)))?;
         self.store.remove_image(key, image.id)?;
+        forget_manifest(image.id);
         self.flush()
     }
 }
