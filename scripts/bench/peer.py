@@ -195,10 +195,15 @@ class Report:
                         f"{b(r['down'])} down); the job: fetched {b(r['bytes_fetched'])}, "
                         f"on wire {b(r['bytes_on_wire'])}, reused {b(r['bytes_reused'])}; "
                         f"{r['seconds']:.2f} s | ≤ {pct(GOALS[pid])} | {met(ok)} |")
-                    if not ok:
+                    if not ok and not r.get("bytes_reused"):
+                        whys.append(f"- {pid} {direction} {fmt}: nothing was reused (bytes_reused "
+                                    f"0): the receiving appliance took none of the chunks it "
+                                    f"holds, so every data chunk crossed ({b(r['bytes_fetched'])}"
+                                    f", {b(r['bytes_on_wire'])} compressed).")
+                    elif not ok:
                         whys.append(f"- {pid} {direction} {fmt}: {b(self.wire(r))} crossed, of "
                                     f"which the job counts {b(r['bytes_on_wire'])} as chunk "
-                                    f"frames; the rest is manifests, records and HTTP.")
+                                    f"frames and manifest; the rest is records and HTTP.")
 
         # D2: side by side, reps alternating; median of per-rep ratios, and best of each.
         for fmt in formats:
