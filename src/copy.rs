@@ -159,9 +159,17 @@ pub trait Source: Read + Send {
     fn cost(&mut self, n: u64) -> u64 {
         n
     }
+    /// The file read, where the source is one (its blocks can be shared by a reflink).
+    fn as_file(&self) -> Option<&File> {
+        None
+    }
 }
 
 impl Source for File {
+    fn as_file(&self) -> Option<&File> {
+        Some(self)
+    }
+
     fn is_hole(&mut self, offset: u64, len: u64) -> bool {
         is_hole(self, offset, len)
     }

@@ -4,6 +4,8 @@
 //! checked against its hash before it is used. Reuse stays within one owner: across tenants it
 //! would tell one tenant whether another holds some data.
 
+use std::collections::HashMap;
+use std::fs::File;
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,6 +26,39 @@ pub trait LocalChunks: Send + Sync {
     /// Fills `buf` (the chunk's length) with a local chunk whose BLAKE3 is `hash`; `false` when
     /// none can be read or none matches.
     fn read(&self, hash: &Hash, buf: &mut [u8]) -> bool;
+    /// [`LocalChunks::read`], and where the bytes are: the file and offset, where they were
+    /// read from a file (a destination on the same file system can share their blocks).
+    fn read_held(&self, hash: &Hash, buf: &mut [u8]) -> Option<Held> {
+        self.read(hash, buf).then_some(Held {
+            file: None,
+            offset: 0,
+        })
+    }
+}
+
+/// Where a local chunk was read.
+pub struct Held {
+    pub file: Option<Arc<File>>,
+    pub offset: u64,
+}
+
+/// Local chunks a copy took, by chunk index, for a destination that can share their blocks
+/// with a reflink instead of writing them again (each is taken once, when it is written).
+#[derive(Default)]
+pub struct Reflinks {
+    chunks: Mutex<HashMap<usize, (Arc<File>, u64)>>,
+}
+
+impl Reflinks {
+    pub fn offer(&self, index: usize, file: Arc<File>, offset: u64) {
+        if let Ok(mut chunks) = self.chunks.lock() {
+            chunks.insert(index, (file, offset));
+        }
+    }
+
+    pub fn take(&self, index: usize) -> Option<(Arc<File>, u64)> {
+        self.chunks.lock().ok()?.remove(&index)
+    }
 }
 
 /// How many holders of a chunk a read tries before it gives up.
@@ -49,6 +84,8 @@ struct Opened {
     image: Uuid,
     at: u64,
     source: Box<dyn Source>,
+    /// The file read, for reflinks, where the source is one.
+    file: Option<Arc<File>>,
 }
 
 impl Reuse {
@@ -70,72 +107,73 @@ impl Reuse {
 
     /// Reads chunk `index` of image `id` into `buf` if the image may be read and the chunk's
     /// BLAKE3 is `hash`.
-    fn read_from(&self, id: Uuid, index: u32, hash: &Hash, buf: &mut [u8]) -> bool {
+    fn read_from(&self, id: Uuid, index: u32, hash: &Hash, buf: &mut [u8]) -> Option<Held> {
         let image = match self.store.image(id) {
             Ok(Some(image)) => image,
-            Ok(None) => return false,
+            Ok(None) => return None,
             Err(e) => {
                 tracing::debug!(image = %id, "no chunk reuse from the image: {e}");
-                return false;
+                return None;
             }
         };
         if image.status != ImageStatus::Active || TenantKey::parse(&image.owner) != Some(self.owner)
         {
-            return false;
+            return None;
         }
         let offset = u64::from(index) * CHUNK_SIZE as u64;
         if offset.saturating_add(buf.len() as u64) > image.size {
-            return false;
+            return None;
         }
         let region = match self.store.region(&image.region) {
             Ok(Some(region)) => region,
-            _ => return false,
+            _ => return None,
         };
         let images = match self.stores.get(&region) {
             Ok(images) if images.records().is_none() => images,
-            _ => return false,
+            _ => return None,
         };
-        let mut source = match self.take(id, offset) {
-            Some(source) => source,
+        let mut opened = match self.take(id, offset) {
+            Some(opened) => opened,
             None => match images.open(&image, offset) {
                 Ok(source) => {
                     self.opens.fetch_add(1, Ordering::Relaxed);
-                    source
+                    let file = source.as_file().and_then(|f| f.try_clone().ok());
+                    Opened {
+                        image: id,
+                        at: offset,
+                        source,
+                        file: file.map(Arc::new),
+                    }
                 }
                 Err(e) => {
                     tracing::debug!(image = %id, "no chunk reuse from the image: {e}");
-                    return false;
+                    return None;
                 }
             },
         };
-        if let Err(e) = source.read_exact(buf) {
+        if let Err(e) = opened.source.read_exact(buf) {
             tracing::debug!(image = %id, chunk = index, "cannot read a chunk to reuse: {e}");
-            return false;
+            return None;
         }
-        self.keep(Opened {
-            image: id,
-            at: offset + buf.len() as u64,
-            source,
-        });
+        opened.at = offset + buf.len() as u64;
+        let file = opened.file.clone();
+        self.keep(opened);
         if blake3::hash(buf).as_bytes() != hash {
             tracing::warn!(image = %id, chunk = index, "a local image's bytes differ from its manifest; the chunk is not reused");
-            return false;
+            return None;
         }
-        true
+        Some(Held { file, offset })
     }
 
     /// The kept source of image `id` if it can go on at `offset` (at or after where it stands).
-    fn take(&self, id: Uuid, offset: u64) -> Option<Box<dyn Source>> {
+    fn take(&self, id: Uuid, offset: u64) -> Option<Opened> {
         let mut open = self.open.lock().ok()?;
         let at = open.iter().position(|o| o.image == id)?;
-        let Opened {
-            at: stands,
-            mut source,
-            ..
-        } = open.remove(at);
+        let mut opened = open.remove(at);
         drop(open);
-        if stands == offset || (stands < offset && source.skip_to(offset).is_ok()) {
-            Some(source)
+        let stands = opened.at;
+        if stands == offset || (stands < offset && opened.source.skip_to(offset).is_ok()) {
+            Some(opened)
         } else {
             None
         }
@@ -162,16 +200,20 @@ impl LocalChunks for Reuse {
     }
 
     fn read(&self, hash: &Hash, buf: &mut [u8]) -> bool {
+        self.read_held(hash, buf).is_some()
+    }
+
+    fn read_held(&self, hash: &Hash, buf: &mut [u8]) -> Option<Held> {
         let holders = match self.store.chunk_holders(self.owner, hash, HOLDERS) {
             Ok(holders) => holders,
             Err(e) => {
                 tracing::debug!("the chunk index cannot be read: {e}");
-                return false;
+                return None;
             }
         };
         holders
             .into_iter()
-            .any(|(image, index)| self.read_from(image, index, hash, buf))
+            .find_map(|(image, index)| self.read_from(image, index, hash, buf))
     }
 }
 

@@ -53,10 +53,30 @@ fn edge(peer_url: &str, peer_token: &str, serve: &[&str]) -> Edge {
 
 /// [`edge`] with more options for its peer region.
 fn edge_with(peer_url: &str, peer_token: &str, region: &[&str], serve: &[&str]) -> Edge {
+    edge_in(None, peer_url, peer_token, region, serve)
+}
+
+/// [`edge_with`], its own region in `dir` if given.
+fn edge_in(
+    dir: Option<&std::path::Path>,
+    peer_url: &str,
+    peer_token: &str,
+    region: &[&str],
+    serve: &[&str],
+) -> Edge {
     let lab = Lab::new();
     let token_file = lab.data_dir().with_file_name("central.token");
     std::fs::write(&token_file, format!("{peer_token}\n")).expect("token file");
-    lab.ok(&["region", "add", "edge"]);
+    match dir {
+        Some(dir) => lab.ok(&[
+            "region",
+            "add",
+            "edge",
+            "--dir",
+            dir.to_str().expect("path"),
+        ]),
+        None => lab.ok(&["region", "add", "edge"]),
+    };
     let mut add = vec![
         "region",
         "add",
@@ -159,6 +179,73 @@ fn image_file(lab: &Lab, region: &str, id: &str) -> PathBuf {
     lab.region_dir(region).join(id)
 }
 
+/// An XFS file system in a file, loop-mounted for one test and unmounted when dropped.
+struct Xfs {
+    mnt: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Xfs {
+    /// `None` (said on stderr) where this process may not mount: not root.
+    fn mount() -> Option<Xfs> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("not run: mounting an XFS image for the reflink test needs root");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let image = dir.path().join("xfs.img");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).expect("mount point");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(512 << 20))
+            .expect("file system image");
+        let run = |program: &str, args: &[&str]| {
+            let out = std::process::Command::new(program)
+                .args(args)
+                .output()
+                .unwrap_or_else(|e| panic!("{program}: {e} (scripts/test.sh installs xfsprogs)"));
+            assert!(
+                out.status.success(),
+                "{program} {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let (image, mount_point) = (image.to_str().expect("path"), mnt.to_str().expect("path"));
+        run("mkfs.xfs", &["-q", "-m", "reflink=1", image]);
+        run("mount", &["-o", "loop", image, mount_point]);
+        Some(Xfs { mnt, _dir: dir })
+    }
+}
+
+impl Drop for Xfs {
+    fn drop(&mut self) {
+        let ok = std::process::Command::new("umount")
+            .arg(&self.mnt)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.mnt)
+                .status();
+        }
+    }
+}
+
+/// Extents of `path` that share their blocks with another file, as FIEMAP reports them.
+fn shared_extents(path: &std::path::Path) -> usize {
+    let out = std::process::Command::new("filefrag")
+        .arg("-v")
+        .arg(path)
+        .output()
+        .expect("filefrag");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("shared"))
+        .count()
+}
+
 #[test]
 fn a_copy_from_a_peer_fetches_only_the_chunks_the_destination_tenant_lacks() {
     let central = central();
@@ -243,6 +330,44 @@ fn a_copy_from_a_peer_fetches_only_the_chunks_the_destination_tenant_lacks() {
         kinds.contains(&"directory") && kinds.contains(&"peer"),
         "{kinds:?}"
     );
+}
+
+#[test]
+fn on_xfs_a_pull_shares_the_blocks_of_the_chunks_it_takes_from_local_images() {
+    let Some(xfs) = Xfs::mount() else {
+        return;
+    };
+    let central = central();
+    let v1 = image_bytes(41, 64);
+    let mut v2 = v1.clone();
+    fill(&mut v2[5 * CHUNK..6 * CHUNK], 42, 5);
+    let v1_id = import(&central.lab, TENANT_A, "v1", &v1);
+    let v2_id = import(&central.lab, TENANT_A, "v2", &v2);
+    let region = xfs.mnt.join("edge");
+    let edge = edge_in(
+        Some(&region),
+        &central.server.base,
+        &central.admin,
+        &[],
+        &[],
+    );
+    let first = copy_and_wait(&edge, &edge.for_a, &v1_id, TENANT_B);
+    let first_file = region.join(first["destination_image_id"].as_str().expect("id"));
+    assert_eq!(shared_extents(&first_file), 0, "nothing to share yet");
+    let second = copy_and_wait(&edge, &edge.for_a, &v2_id, TENANT_B);
+    let second_file = region.join(second["destination_image_id"].as_str().expect("id"));
+    assert_eq!(std::fs::read(&second_file).expect("copy"), v2);
+    assert_eq!(field(&second, "bytes_fetched"), CHUNK as u64);
+    assert!(
+        shared_extents(&second_file) > 0,
+        "no extent of the second copy is shared"
+    );
+    assert!(
+        shared_extents(&first_file) > 0,
+        "no extent of the first copy is shared"
+    );
+    assert_eq!(std::fs::read(&first_file).expect("first copy"), v1);
+    drop(edge);
 }
 
 #[test]

@@ -14,6 +14,7 @@ use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use uuid::Uuid;
 
@@ -21,8 +22,9 @@ use super::{ImageStore, Part, Recorded, Sink, StoreError};
 use crate::copy::{is_hole, write_sparse, Chunk, Digests, Hashes, Output, Source};
 use crate::disk::Space;
 use crate::error::ServiceError;
-use crate::manifest::{Entry, Manifest};
+use crate::manifest::{Entry, Manifest, CHUNK_SIZE};
 use crate::model::Image;
+use crate::reuse::Reflinks;
 
 pub struct Directory {
     dir: PathBuf,
@@ -211,6 +213,8 @@ impl ImageStore for Directory {
             temp,
             out,
             unchecked,
+            reflinks: Arc::new(Reflinks::default()),
+            can_reflink: true,
             // SHA-512 for the record; MD5 too when that is all the source has to compare.
             hashes: Hashes {
                 sha512: true,
@@ -360,6 +364,10 @@ struct DirectorySink<'a> {
     /// [`Sink::resume`] checks it, and a copy that does not resume empties it first (zero
     /// blocks are not written, so old bytes would stay where the image has zeros).
     unchecked: bool,
+    /// Local chunks the copy took, to be shared with a reflink rather than written, while
+    /// the file system takes reflinks.
+    reflinks: Arc<Reflinks>,
+    can_reflink: bool,
     hashes: Hashes,
 }
 
@@ -386,10 +394,70 @@ impl DirectorySink<'_> {
     }
 }
 
+impl DirectorySink<'_> {
+    /// Shares the `len` bytes at `from` of `file` as the bytes at `at` (FICLONERANGE, on file
+    /// systems with reflinks such as XFS and Btrfs); false if it cannot, and from then on
+    /// nothing is tried again.
+    fn share(&mut self, file: &File, from: u64, at: u64, len: usize) -> bool {
+        use std::os::fd::AsRawFd;
+        if !self.can_reflink || len != CHUNK_SIZE {
+            return false;
+        }
+        let range = libc::file_clone_range {
+            src_fd: i64::from(file.as_raw_fd()),
+            src_offset: from,
+            src_length: len as u64,
+            dest_offset: at,
+        };
+        // SAFETY: an ioctl on two open descriptors with a struct of the kernel's layout that
+        // outlives the call; it only shares blocks of one file into the other.
+        let done = unsafe { libc::ioctl(self.out.as_raw_fd(), libc::FICLONERANGE, &range) } == 0;
+        if !done {
+            tracing::debug!(
+                "no reflinks into {}: {}",
+                self.temp.display(),
+                io::Error::last_os_error()
+            );
+            self.can_reflink = false;
+        }
+        done
+    }
+}
+
 impl Output for DirectorySink<'_> {
     fn write(&mut self, chunk: &Chunk, offset: u64) -> io::Result<()> {
         self.trust_nothing()?;
-        write_sparse(&self.out, chunk, offset)?;
+        // Chunks taken from local files are shared where the file system can; the rest is
+        // written, runs at a time.
+        let first = (offset / CHUNK_SIZE as u64) as usize;
+        let mut run: Option<usize> = None;
+        for (i, part) in chunk.chunks(CHUNK_SIZE).enumerate() {
+            let at = offset + (i * CHUNK_SIZE) as u64;
+            let shared = match self.reflinks.take(first + i) {
+                Some((file, from)) => self.share(&file, from, at, part.len()),
+                None => false,
+            };
+            match (shared, run) {
+                (false, None) => run = Some(i),
+                (true, Some(start)) => {
+                    let end = i * CHUNK_SIZE;
+                    write_sparse(
+                        &self.out,
+                        &chunk[start * CHUNK_SIZE..end],
+                        offset + (start * CHUNK_SIZE) as u64,
+                    )?;
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(start) = run {
+            write_sparse(
+                &self.out,
+                &chunk[start * CHUNK_SIZE..],
+                offset + (start * CHUNK_SIZE) as u64,
+            )?;
+        }
         start_writeback(&self.out, offset, chunk.len());
         Ok(())
     }
@@ -417,6 +485,10 @@ fn start_writeback(file: &File, offset: u64, len: usize) {
 impl Sink for DirectorySink<'_> {
     fn hashes(&self) -> Hashes {
         self.hashes
+    }
+
+    fn reflinks(&self) -> Option<Arc<Reflinks>> {
+        Some(Arc::clone(&self.reflinks))
     }
 
     fn resume(&mut self, reference: &Manifest) -> Result<(usize, u64), StoreError> {

@@ -29,7 +29,7 @@ use crate::manifest::Manifest;
 use crate::model::{Image, Region, RegionKind};
 use crate::peer::Delta;
 use crate::remote::RemoteError;
-use crate::reuse::LocalChunks;
+use crate::reuse::{LocalChunks, Reflinks};
 use crate::text::excerpt;
 
 /// Why an image store could not do what was asked.
@@ -194,6 +194,8 @@ pub struct Reading<'a> {
     pub manifest: Option<&'a Manifest>,
     /// Chunks the receiving appliance holds already, which need not be fetched.
     pub local: Option<Arc<dyn LocalChunks>>,
+    /// Where the destination takes the local chunks it can share the blocks of.
+    pub reflinks: Option<Arc<Reflinks>>,
     /// Where a store that fetches chunks counts what it moved.
     pub delta: Arc<Delta>,
     /// Whether the copy must stop now (a source waiting on the network gives up at once).
@@ -231,6 +233,11 @@ pub trait Sink: Output {
     ) -> Result<Recorded, StoreError>;
     /// Where the sink counts what it sends to another appliance (a peer's).
     fn delta(&self) -> Option<Arc<Delta>> {
+        None
+    }
+    /// Where a sink that can share blocks with a local file (a reflink) is told which chunks
+    /// the copy took from local files, so it shares them instead of writing them again.
+    fn reflinks(&self) -> Option<Arc<Reflinks>> {
         None
     }
     /// Leaves the image after a failure or a stop (what resumes keeps its partial file; the

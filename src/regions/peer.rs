@@ -27,7 +27,7 @@ use crate::model::{Image, PeerRegion};
 use crate::peer::client::{Commit, PeerClient};
 use crate::peer::{encode_frame, Delta, FrameReader, Ranges, UploadImage, MAX_CHUNKS};
 use crate::remote::RemoteError;
-use crate::reuse::LocalChunks;
+use crate::reuse::{LocalChunks, Reflinks};
 
 /// Chunks asked for per request: 16 MiB of data, a few seconds on a thin link; the answer
 /// streams, so the copy goes on as its frames arrive.
@@ -187,27 +187,23 @@ fn pause(since: Instant, pause: &mut Duration, quit: &AtomicBool) -> bool {
     since.elapsed() < PATIENCE && !quit.load(Ordering::Relaxed)
 }
 
-/// A fetched chunk (checked), or why fetching stopped.
-type Fetched = Result<(usize, Vec<u8>, usize), RemoteError>;
-
-/// Where a chunk of a copy from a peer comes from.
-#[derive(Clone, Copy, PartialEq)]
-enum Origin {
-    Hole,
-    Local,
-    Peer,
+/// What the fetch thread hands the copy for each data chunk, in order: a chunk the
+/// destination holds already (to be read locally), or one fetched and checked.
+enum Item {
+    Local(usize),
+    Fetched(usize, Vec<u8>, usize),
 }
 
-/// The bytes of a peer's image: local chunks, holes, and chunks fetched on a thread.
+type Fetched = Result<Item, RemoteError>;
+
+/// The bytes of a peer's image: holes, local chunks, and chunks fetched on a thread.
 pub struct PeerSource<'a> {
     client: Arc<PeerClient>,
     image: Uuid,
     manifest: &'a Manifest,
-    /// Where each chunk from the first one read on comes from.
-    plan: Vec<Origin>,
-    first: usize,
     local: Option<Arc<dyn LocalChunks>>,
-    fetched: Receiver<Fetched>,
+    reflinks: Option<Arc<Reflinks>>,
+    items: Receiver<Fetched>,
     quit: Arc<AtomicBool>,
     fetcher: Option<JoinHandle<()>>,
     pos: u64,
@@ -227,45 +223,39 @@ impl<'a> PeerSource<'a> {
         reading: Reading<'a>,
     ) -> Result<PeerSource<'a>, StoreError> {
         let first = (reading.offset / CHUNK_SIZE as u64) as usize;
-        let plan: Vec<Origin> = manifest.chunks[first.min(manifest.chunks.len())..]
-            .iter()
-            .map(|entry| match entry {
-                Entry::Hole => Origin::Hole,
-                Entry::Data(h) if reading.local.as_ref().is_some_and(|l| l.has(h)) => Origin::Local,
-                Entry::Data(_) => Origin::Peer,
-            })
-            .collect();
-        let wanted: Vec<(usize, Hash)> = plan
+        let data: VecDeque<(usize, Hash)> = manifest
+            .chunks
             .iter()
             .enumerate()
-            .filter(|(_, from)| **from == Origin::Peer)
-            .filter_map(|(i, _)| match manifest.chunks[first + i] {
-                Entry::Data(h) => Some((first + i, h)),
+            .skip(first)
+            .filter_map(|(i, entry)| match entry {
+                Entry::Data(h) => Some((i, *h)),
                 Entry::Hole => None,
             })
             .collect();
-        let (tx, fetched) = sync_channel(AHEAD);
+        let (tx, items) = sync_channel(AHEAD);
         let quit = Arc::new(AtomicBool::new(false));
         let fetcher = {
-            let (client, quit, delta, size) = (
-                Arc::clone(&client),
-                Arc::clone(&quit),
-                Arc::clone(&reading.delta),
-                manifest.size,
-            );
+            let fetch = Fetch {
+                client: Arc::clone(&client),
+                image,
+                size: manifest.size,
+                local: reading.local.clone(),
+                delta: Arc::clone(&reading.delta),
+                quit: Arc::clone(&quit),
+            };
             std::thread::Builder::new()
                 .name("peer-fetch".into())
-                .spawn(move || fetch(&client, image, size, wanted, &tx, &quit, &delta))
+                .spawn(move || fetch.run(data, &tx))
                 .map_err(|e| StoreError::Transient(format!("cannot start a fetch thread: {e}")))?
         };
         Ok(PeerSource {
             client,
             image,
             manifest,
-            plan,
-            first,
             local: reading.local,
-            fetched,
+            reflinks: reading.reflinks,
+            items,
             quit,
             fetcher: Some(fetcher),
             pos: reading.offset,
@@ -276,20 +266,20 @@ impl<'a> PeerSource<'a> {
         })
     }
 
-    /// The next fetched chunk, which must be `index`.
-    fn next_fetched(&mut self, index: usize) -> io::Result<Vec<u8>> {
+    /// The fetch thread's next item, which must be for chunk `index`.
+    fn next_item(&mut self, index: usize) -> io::Result<Item> {
         loop {
-            match self.fetched.recv_timeout(Duration::from_millis(50)) {
-                Ok(Ok((i, bytes, wire))) if i == index => {
-                    self.cost += wire as u64;
-                    return Ok(bytes);
-                }
-                // A chunk skipped over (the copy went past it): never the case for data.
-                Ok(Ok((i, _, _))) if i < index => continue,
-                Ok(Ok((i, _, _))) => {
+            match self.items.recv_timeout(Duration::from_millis(50)) {
+                Ok(Ok(item)) => {
+                    let i = match &item {
+                        Item::Local(i) | Item::Fetched(i, _, _) => *i,
+                    };
+                    if i == index {
+                        return Ok(item);
+                    }
                     return Err(io::Error::other(format!(
                         "the fetch thread delivered chunk {i} where chunk {index} was due"
-                    )))
+                    )));
                 }
                 Ok(Err(e)) => return Err(remote_io(e)),
                 Err(RecvTimeoutError::Timeout) if (self.stopping)() => {
@@ -303,48 +293,48 @@ impl<'a> PeerSource<'a> {
         }
     }
 
-    /// Chunk `index`'s bytes, from wherever the plan says (a local chunk that cannot be
-    /// read after all is fetched alone).
+    /// Chunk `index`'s bytes: zeros for a hole, else the fetch thread's item (a local chunk
+    /// that cannot be read after all is fetched alone).
     fn load(&mut self, index: usize) -> io::Result<Vec<u8>> {
         let len = self.manifest.chunk_len(index);
-        let from = self
-            .plan
-            .get(index - self.first)
-            .copied()
-            .unwrap_or(Origin::Hole);
         let Entry::Data(hash) = self.manifest.chunks[index] else {
             return Ok(vec![0; len]);
         };
-        match from {
-            Origin::Hole => Ok(vec![0; len]),
-            Origin::Peer => self.next_fetched(index),
-            Origin::Local => {
+        match self.next_item(index)? {
+            Item::Fetched(_, bytes, wire) => {
+                self.cost += wire as u64;
+                Ok(bytes)
+            }
+            Item::Local(_) => {
                 let mut bytes = vec![0; len];
-                if self
+                if let Some(held) = self
                     .local
                     .as_ref()
-                    .is_some_and(|l| l.read(&hash, &mut bytes))
+                    .and_then(|l| l.read_held(&hash, &mut bytes))
                 {
                     Delta::add(&self.delta.reused, len as u64);
+                    if let (Some(reflinks), Some(file)) = (&self.reflinks, held.file) {
+                        reflinks.offer(index, file, held.offset);
+                    }
                     return Ok(bytes);
                 }
                 let (tx, rx) = sync_channel(1);
-                fetch(
-                    &self.client,
-                    self.image,
-                    self.manifest.size,
-                    vec![(index, hash)],
-                    &tx,
-                    &self.quit,
-                    &self.delta,
-                );
+                let fetch = Fetch {
+                    client: Arc::clone(&self.client),
+                    image: self.image,
+                    size: self.manifest.size,
+                    local: None,
+                    delta: Arc::clone(&self.delta),
+                    quit: Arc::clone(&self.quit),
+                };
+                fetch.run(VecDeque::from([(index, hash)]), &tx);
                 match rx.try_recv() {
-                    Ok(Ok((_, bytes, wire))) => {
+                    Ok(Ok(Item::Fetched(_, bytes, wire))) => {
                         self.cost += wire as u64;
                         Ok(bytes)
                     }
                     Ok(Err(e)) => Err(remote_io(e)),
-                    Err(_) => Err(io::Error::other("the copy is stopping")),
+                    _ => Err(io::Error::other("the copy is stopping")),
                 }
             }
         }
@@ -422,117 +412,145 @@ enum Broke {
     Gone,
 }
 
-/// Fetches `wanted` chunks of `image` in order into `tx`, each checked against its hash:
-/// a chunk that arrives different is asked for again [`REFETCHES`] times, a peer that does
-/// not answer is asked again for up to [`PATIENCE`] without progress.
-fn fetch(
-    client: &PeerClient,
+/// The fetching of a copy's data chunks from a peer, on a thread of its own.
+struct Fetch {
+    client: Arc<PeerClient>,
     image: Uuid,
     size: u64,
-    wanted: Vec<(usize, Hash)>,
-    tx: &SyncSender<Fetched>,
-    quit: &AtomicBool,
-    delta: &Delta,
-) {
-    let mut queue: VecDeque<(usize, Hash)> = wanted.into();
-    let mut bad = (usize::MAX, 0u32);
-    let mut since = Instant::now();
-    let mut wait = FIRST_PAUSE;
-    while !queue.is_empty() {
-        if quit.load(Ordering::Relaxed) {
-            return;
-        }
-        let mut delivered = false;
-        let broke = fetch_batch(client, image, size, &mut queue, delta, &mut |chunk| {
-            delivered = true;
-            tx.send(Ok(chunk)).is_ok()
-        });
-        if delivered {
-            since = Instant::now();
-            wait = FIRST_PAUSE;
-        }
-        let e = match broke {
-            None => continue,
-            Some(Broke::Gone) => return,
-            Some(Broke::Bad(index, why)) => {
-                bad = if bad.0 == index {
-                    (index, bad.1 + 1)
-                } else {
-                    (index, 1)
-                };
-                tracing::warn!(image = %image, chunk = index, times = bad.1, "a chunk from the peer was damaged or differs from its manifest; asking again: {why}");
-                if bad.1 <= REFETCHES {
-                    continue;
-                }
-                RemoteError::Refused(format!(
-                    "the peer appliance sent chunk {index} of image {image} damaged or different from its manifest {} times ({why}); its copy of the image may be damaged",
-                    bad.1
-                ))
-            }
-            Some(Broke::Remote(e)) => e,
-        };
-        if !e.is_transient() || !pause(since, &mut wait, quit) {
-            let _ = tx.send(Err(e));
-            return;
-        }
-        tracing::warn!(image = %image, "fetching chunks from the peer failed, asking again: {e}");
-    }
+    local: Option<Arc<dyn LocalChunks>>,
+    delta: Arc<Delta>,
+    quit: Arc<AtomicBool>,
 }
 
-/// Asks for the next [`BATCH`] chunks of `queue` and hands each to `deliver` as it arrives,
-/// checked, removing it from the queue; why the answer ended early, if it did.
-fn fetch_batch(
-    client: &PeerClient,
-    image: Uuid,
-    size: u64,
-    queue: &mut VecDeque<(usize, Hash)>,
-    delta: &Delta,
-    deliver: &mut dyn FnMut((usize, Vec<u8>, usize)) -> bool,
-) -> Option<Broke> {
-    let batch: Vec<usize> = queue.iter().take(BATCH).map(|(i, _)| *i).collect();
-    let last = *batch.last()?;
-    let resp = match client.chunks(image, &Ranges::of(batch)) {
-        Ok(resp) => resp,
-        Err(e) => return Some(Broke::Remote(e)),
-    };
-    let mut frames = match FrameReader::for_size(resp, size) {
-        Ok(frames) => frames,
-        Err(e) => return Some(Broke::Remote(RemoteError::Unavailable(e.to_string()))),
-    };
-    while let Some(&(index, hash)) = queue.front().filter(|(i, _)| *i <= last) {
-        let frame = match frames.next_frame() {
-            Ok(Some(frame)) => frame,
-            Ok(None) => {
-                return Some(Broke::Remote(RemoteError::Unavailable(format!(
-                    "the peer appliance ended its answer before chunk {index}"
-                ))))
+impl Fetch {
+    /// Hands `tx` an item for each of `data`'s chunks in order: those the chunk index names
+    /// are left to the copy to read locally, the others are fetched, each checked against
+    /// its hash. A chunk that arrives different is asked for again [`REFETCHES`] times; a peer
+    /// that does not answer is asked again for up to [`PATIENCE`] without progress.
+    fn run(&self, data: VecDeque<(usize, Hash)>, tx: &SyncSender<Fetched>) {
+        let mut data = data;
+        // Chunks looked up and found missing here, waiting to be fetched, in order.
+        let mut queue: VecDeque<(usize, Hash)> = VecDeque::new();
+        let mut bad = (usize::MAX, 0u32);
+        let mut since = Instant::now();
+        let mut wait = FIRST_PAUSE;
+        loop {
+            if self.quit.load(Ordering::Relaxed) {
+                return;
             }
-            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                return Some(Broke::Bad(index, e.to_string()))
+            // Local chunks before the next one to fetch go to the copy at once; the lookups
+            // stop once a request's worth of chunks waits to be fetched.
+            while queue.len() < BATCH {
+                let Some((index, hash)) = data.pop_front() else {
+                    break;
+                };
+                if self.local.as_ref().is_some_and(|l| l.has(&hash)) {
+                    if queue.is_empty() {
+                        if tx.send(Ok(Item::Local(index))).is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    // After chunks still to fetch: handed over in order once they are.
+                    data.push_front((index, hash));
+                    break;
+                }
+                queue.push_back((index, hash));
             }
-            Err(e) => {
-                return Some(Broke::Remote(RemoteError::Unavailable(format!(
-                    "the peer appliance broke off sending chunks: {e}"
-                ))))
+            if queue.is_empty() {
+                if data.is_empty() {
+                    return;
+                }
+                continue;
             }
-        };
-        Delta::add(&delta.wire, frame.wire as u64);
-        if frame.index != index {
-            return Some(Broke::Bad(
-                index,
-                format!("chunk {} came where it was due", frame.index),
-            ));
-        }
-        if blake3::hash(&frame.bytes).as_bytes() != &hash {
-            return Some(Broke::Bad(index, "its BLAKE3 differs".into()));
-        }
-        Delta::add(&delta.fetched, frame.bytes.len() as u64);
-        queue.pop_front();
-        if !deliver((index, frame.bytes, frame.wire)) {
-            return Some(Broke::Gone);
+            let mut delivered = false;
+            let broke = self.batch(&mut queue, &mut |item| {
+                delivered = true;
+                tx.send(Ok(item)).is_ok()
+            });
+            if delivered {
+                since = Instant::now();
+                wait = FIRST_PAUSE;
+            }
+            let e = match broke {
+                None => continue,
+                Some(Broke::Gone) => return,
+                Some(Broke::Bad(index, why)) => {
+                    bad = if bad.0 == index {
+                        (index, bad.1 + 1)
+                    } else {
+                        (index, 1)
+                    };
+                    tracing::warn!(image = %self.image, chunk = index, times = bad.1, "a chunk from the peer was damaged or differs from its manifest; asking again: {why}");
+                    if bad.1 <= REFETCHES {
+                        continue;
+                    }
+                    RemoteError::Refused(format!(
+                        "the peer appliance sent chunk {index} of image {} damaged or different from its manifest {} times ({why}); its copy of the image may be damaged",
+                        self.image, bad.1
+                    ))
+                }
+                Some(Broke::Remote(e)) => e,
+            };
+            if !e.is_transient() || !pause(since, &mut wait, &self.quit) {
+                let _ = tx.send(Err(e));
+                return;
+            }
+            tracing::warn!(image = %self.image, "fetching chunks from the peer failed, asking again: {e}");
         }
     }
-    None
+
+    /// Asks for the chunks of `queue` and hands each to `deliver` as it arrives, checked,
+    /// removing it from the queue; why the answer ended early, if it did.
+    fn batch(
+        &self,
+        queue: &mut VecDeque<(usize, Hash)>,
+        deliver: &mut dyn FnMut(Item) -> bool,
+    ) -> Option<Broke> {
+        let asked = Ranges::of(queue.iter().map(|(i, _)| *i));
+        let resp = match self.client.chunks(self.image, &asked) {
+            Ok(resp) => resp,
+            Err(e) => return Some(Broke::Remote(e)),
+        };
+        let mut frames = match FrameReader::for_size(resp, self.size) {
+            Ok(frames) => frames,
+            Err(e) => return Some(Broke::Remote(RemoteError::Unavailable(e.to_string()))),
+        };
+        while let Some(&(index, hash)) = queue.front() {
+            let frame = match frames.next_frame() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => {
+                    return Some(Broke::Remote(RemoteError::Unavailable(format!(
+                        "the peer appliance ended its answer before chunk {index}"
+                    ))))
+                }
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    return Some(Broke::Bad(index, e.to_string()))
+                }
+                Err(e) => {
+                    return Some(Broke::Remote(RemoteError::Unavailable(format!(
+                        "the peer appliance broke off sending chunks: {e}"
+                    ))))
+                }
+            };
+            Delta::add(&self.delta.wire, frame.wire as u64);
+            if frame.index != index {
+                return Some(Broke::Bad(
+                    index,
+                    format!("chunk {} came where it was due", frame.index),
+                ));
+            }
+            if blake3::hash(&frame.bytes).as_bytes() != &hash {
+                return Some(Broke::Bad(index, "its BLAKE3 differs".into()));
+            }
+            Delta::add(&self.delta.fetched, frame.bytes.len() as u64);
+            queue.pop_front();
+            if !deliver(Item::Fetched(index, frame.bytes, frame.wire)) {
+                return Some(Broke::Gone);
+            }
+        }
+        None
+    }
 }
 
 /// The thread that sends an upload's batches.

@@ -323,9 +323,12 @@ fn assemble(
 
 impl Service {
     /// The chunks of `owner`'s own images a copy into this appliance may take.
-    fn local_chunks(&self, _owner: TenantKey) -> Option<Box<dyn LocalChunks>> {
-        // TODO(index): Reuse::new(Arc::clone(&self.store), Arc::clone(&self.stores), owner)
-        None
+    fn local_chunks(&self, owner: TenantKey) -> Option<Box<dyn LocalChunks>> {
+        Some(Box::new(crate::reuse::Reuse::new(
+            Arc::clone(&self.store),
+            Arc::clone(&self.stores),
+            owner,
+        )))
     }
 
     /// An image `who` may see, and its region.

@@ -310,6 +310,7 @@ fn copy_once(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> std::result::Result<()
             offset: verified,
             manifest: src_manifest.as_ref(),
             local,
+            reflinks: sink.reflinks(),
             delta: Arc::clone(&delta),
             stopping: &stopping,
         },
