@@ -58,6 +58,8 @@ echo "CHUNK_SIZE_IMAGE=$CHUNK_SIZE_IMAGE CHUNK_SIZE_TREE=\"$CHUNK_SIZE_TREE\" sc
 "$ROOT/scripts/chunk-size.sh" --images-only "$IMAGES" --tmpdir "$TMP" 2>"$TMP/chunk-size.log" ||
   { tail -n 20 "$TMP/chunk-size.log" >&2; die "scripts/chunk-size.sh --images-only failed"; }
 
+changed=$(grep -m1 'files rewritten' "$TMP/chunk-size.log" || true)
+[[ -z $changed ]] || py record "$RESULTS" kind=peer-info "detail=v2 against v1 (scripts/chunk-size.sh): $changed: the least any delta can send"
 need_kib=$(($(du -sk "$IMAGES" | cut -f1) * 4 + 512 * 1024))
 free_kib=$(df -Pk "$TMP" | awk 'NR == 2 {print $4}')
 ((free_kib > need_kib)) || die "$TMP has $((free_kib / 1024)) MiB free; the peer figures need $((need_kib / 1024)) MiB"
