@@ -32,6 +32,16 @@
 # +-10 %, as the section "Side by side" of BENCHMARKS.md (the rest of the file is kept; in
 # --quick mode a temp file). NEW_BIN defaults to the release build of this checkout (built
 # unless --no-build). Default reps: 4 (2 with --quick).
+#
+#   scripts/bench.sh --only D [--quick]
+#
+# Peer appliances (issue 14, scripts/bench/peer.sh): figures D1-D4 only, two appliances on
+# loopback with a counting relay (scripts/bench/relay.py) between them, images from
+# scripts/chunk-size.sh --images-only (CHUNK_SIZE_IMAGE, default 512M; 160M with --quick). It
+# writes scripts/bench/peer.md (a temp file with --quick) and puts it into BENCHMARKS.md, the
+# rest of which is kept (a full run carries scripts/bench/peer.md along). About 5 minutes.
+# Environment: BENCH_PEER_THIN_RATE (bytes/s of the thin link, default 25000000),
+# BENCH_PEER_FORMATS (default "raw qcow2"), BENCH_PEER_PERF=DIR (profile one more copy with perf).
 
 set -euo pipefail
 
@@ -75,6 +85,11 @@ while (($#)); do
   shift
 done
 
+PEER=0
+if [[ ,$ONLY, == *,D* ]]; then
+  [[ -z $COMPARE ]] || { echo "bench.sh: the peer figures (D) have no --compare mode." >&2; exit 2; }
+  PEER=1
+fi
 if [[ -n $COMPARE && -z $REPS ]]; then
   REPS=4
   [[ $MODE == quick ]] && REPS=2
@@ -172,7 +187,7 @@ py() { python3 "$HELPER" "$@"; }
 
 command -v python3 >/dev/null || die "python3 is needed"
 command -v cargo >/dev/null || die "cargo is needed"
-if ! command -v wrk >/dev/null; then
+if ((PEER == 0)) && ! command -v wrk >/dev/null; then
   log "installing wrk from Debian's packages"
   SUDO=
   ((EUID == 0)) || SUDO=sudo
@@ -190,7 +205,7 @@ B3SUM_ROOT=${HOME:+$HOME/.cache/image-replicator/b3sum}
 if [[ -z $B3SUM && -n $B3SUM_ROOT && -x $B3SUM_ROOT/bin/b3sum ]]; then
   B3SUM=$B3SUM_ROOT/bin/b3sum
 fi
-if [[ -z $B3SUM ]]; then
+if [[ -z $B3SUM ]] && ((PEER == 0)); then
   if [[ -n $B3SUM_ROOT ]]; then
     log "installing b3sum: cargo install --locked b3sum --root $B3SUM_ROOT"
     mkdir -p "$B3SUM_ROOT"
@@ -241,6 +256,7 @@ LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 # R1 reuses the P5 image unless their sizes differ (--quick): then its source and copy too.
 need_kib=$(((3 * COPY_BYTES + 4 * SPARSE_DATA_BYTES) / 1024 + OTHER_JOBS * 3 + 512 * 1024))
 ((R1_BYTES == COPY_BYTES)) || need_kib=$((need_kib + 2 * R1_BYTES / 1024))
+((PEER == 0)) || need_kib=$((512 * 1024)) # scripts/bench/peer.sh checks its own once it has the images
 free_kib=$(df -Pk "$TMP" | awk 'NR == 2 {print $4}')
 ((free_kib > need_kib)) || die "$TMP has $((free_kib / 1024)) MiB free; the benchmark needs $((need_kib / 1024)) MiB"
 log "mode $MODE: $REPS rep(s), ${DURATION}s wrk runs, data in $TMP ($((free_kib / 1024)) MiB free, needs $((need_kib / 1024)) MiB)"
@@ -371,6 +387,12 @@ run_wrk() {
 }
 
 # ----- data -------------------------------------------------------------------------------------
+
+if ((PEER)); then
+  # shellcheck source=scripts/bench/peer.sh
+  source "$ROOT/scripts/bench/peer.sh"
+  exit 0
+fi
 
 log "preparing data"
 # shellcheck disable=SC2016 # shown, not run

@@ -26,6 +26,8 @@
 #
 # Environment: CHUNK_SIZE_TREE="DIR ..." (absolute paths copied into the tree instead of the
 # defaults), CHUNK_SIZE_IMAGE (image size for mkfs, default 1G).
+# --images-only DIR: only builds a.raw, b-inplace.raw, a.qcow2 and b-inplace.qcow2 into DIR
+# (no example, no measurement; scripts/bench.sh --only D uses them).
 
 set -euo pipefail
 
@@ -33,6 +35,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TMP_PARENT=${TMPDIR:-/tmp}
 KEEP=0
 BUILD=1
+IMAGES_ONLY=
 IMAGE_SIZE=${CHUNK_SIZE_IMAGE:-1G}
 read -r -a TREE_DIRS <<<"${CHUNK_SIZE_TREE:-/usr/bin /usr/lib/python3 /usr/lib/python3.11 /usr/share}"
 NICE=(nice -n 10)
@@ -42,6 +45,7 @@ while (($#)); do
   case $1 in
     --no-build) BUILD=0 ;;
     --keep) KEEP=1 ;;
+    --images-only) IMAGES_ONLY=${2:?--images-only needs a directory}; BUILD=0; shift ;;
     --tmpdir) TMP_PARENT=${2:?--tmpdir needs a directory}; shift ;;
     -h|--help) sed -n '2,/^$/p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "chunk-size.sh: unknown argument $1; see --help." >&2; exit 2 ;;
@@ -71,7 +75,7 @@ if ((BUILD)); then
   (cd "$ROOT" && "${NICE[@]}" cargo build --release --quiet --example chunk_size)
 fi
 BIN=$ROOT/target/release/examples/chunk_size
-[[ -x $BIN ]] || { echo "chunk-size.sh: $BIN is missing; run without --no-build." >&2; exit 1; }
+[[ -n $IMAGES_ONLY || -x $BIN ]] || { echo "chunk-size.sh: $BIN is missing; run without --no-build." >&2; exit 1; }
 
 # ---------------------------------------------------------------- build A's tree
 log "copying ${TREE_DIRS[*]}"
@@ -230,6 +234,7 @@ seeded_mkfs() { # tree image
 }
 log "mkfs.ext4 -d: A, A again (control), B seeded, B fresh"
 seeded_mkfs "$WORK/a" "$WORK/a.raw"
+[[ -n $IMAGES_ONLY ]] || {
 seeded_mkfs "$WORK/a" "$WORK/a-again.raw"
 if cmp -s "$WORK/a.raw" "$WORK/a-again.raw"; then
   CONTROL="identical"
@@ -240,6 +245,7 @@ rm "$WORK/a-again.raw"
 log "A built twice from the same tree with the same seed, UUID and time: $CONTROL"
 seeded_mkfs "$WORK/b" "$WORK/b-seeded.raw"
 "${NICE[@]}" mkfs.ext4 -q -F -L image -d "$WORK/b" "$WORK/b-fresh.raw" "$IMAGE_SIZE" >&2
+}
 
 log "B in place: debugfs -w on a copy of A"
 cp --sparse=always "$WORK/a.raw" "$WORK/b-inplace.raw"
@@ -259,6 +265,15 @@ fi
 }
 WRITTEN=$(cat "$WORK/changes/written-bytes")
 rm -rf "$WORK/a" "$WORK/b"
+if [[ -n $IMAGES_ONLY ]]; then
+  mkdir -p "$IMAGES_ONLY"
+  for name in a b-inplace; do
+    "${NICE[@]}" qemu-img convert -O qcow2 "$WORK/$name.raw" "$WORK/$name.qcow2"
+    mv "$WORK/$name.raw" "$WORK/$name.qcow2" "$IMAGES_ONLY/"
+  done
+  log "a.raw, b-inplace.raw, a.qcow2, b-inplace.qcow2 in $IMAGES_ONLY ($((SECONDS - STARTED)) s)"
+  exit 0
+fi
 
 log "qemu-img convert: qcow2 of A, B in place, B seeded; compressed qcow2 of A, B in place"
 for name in a b-inplace b-seeded; do

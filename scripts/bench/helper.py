@@ -1019,6 +1019,10 @@ def cmd_report(args):
     chunk = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chunk-size.md")
     if os.path.exists(chunk):
         text = text.rstrip("\n") + "\n\n" + open(chunk, encoding="utf-8").read()
+    # So are the peer figures (D1-D4), from the last `scripts/bench.sh --only D`.
+    peer = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer.md")
+    if os.path.exists(peer):
+        text = text.rstrip("\n") + "\n\n" + open(peer, encoding="utf-8").read()
     if kept:
         text = text.rstrip("\n") + "\n\n" + kept
     with open(args.out, "w", encoding="utf-8") as f:
