@@ -26,8 +26,8 @@ use crate::copy::Source;
 use crate::error::ServiceError;
 use crate::manifest::{Entry, Manifest, CHUNK_SIZE};
 use crate::peer::{
-    encode_frame_as, Missing, Ranges, Received, Squeeze, Upload, Versions, FRAMES, FRAME_HEADER,
-    MAX_CHUNKS, PREFIX, VERSION,
+    encode_frame_as, ChunkRequest, Missing, Ranges, Received, Upload, Versions, FRAMES,
+    FRAME_HEADER, MAX_CHUNKS, PREFIX, VERSION,
 };
 use crate::service::Refusal;
 
@@ -198,11 +198,12 @@ fn io_error(e: ServiceError) -> io::Error {
 pub(super) fn chunks(req: Request, who: Principal) -> Reply {
     Box::pin(async move {
         let bytes = read_body(&req.headers, req.body, req.body_limit).await?;
-        let ranges: Ranges = parse_json(
+        let asked: ChunkRequest = parse_json(
             &bytes,
             "a chunk request",
-            r#"{"ranges": [[first, count], ...]}"#,
+            r#"{"ranges": [[first, count], ...], "compress": true}"#,
         )?;
+        let (ranges, compress) = (asked.ranges, asked.compress);
         let (svc, id) = (req.svc, req.param);
         let (svc, image, region, m) = blocking(move || {
             let (image, m) = svc.peer_manifest(&who, &id)?;
@@ -216,7 +217,7 @@ pub(super) fn chunks(req: Request, who: Principal) -> Reply {
         let response = streamed(move |send| {
             let (m, ranges) = m;
             let open = |offset| svc.peer_source(&image, &region, offset).map_err(io_error);
-            frames(&m, &ranges, &open, send)
+            frames(&m, &ranges, compress, &open, send)
         });
         Ok(with_type(response, StatusCode::OK, FRAMES))
     })
@@ -226,12 +227,15 @@ pub(super) fn chunks(req: Request, who: Principal) -> Reply {
 const BATCH: usize = 16;
 
 /// The frames of the chunks `ranges` names of an image with manifest `m` whose bytes
-/// `open(offset)` reads, in order, handed to `send` (false: the connection is gone). zstd is
-/// slower than the reads: frames are made by one thread per core (at most 4) while this one
-/// reads and another hands them on in order; memory stays at a few batches.
+/// `open(offset)` reads, in order, handed to `send` (false: the connection is gone); chunks
+/// are compressed if the receiver asks so (`compress`, see [`crate::peer::Compression`]).
+/// zstd is slower than the reads: frames are made by one thread per core
+/// (at most 4) while this one reads and another hands them on in order; memory stays at a
+/// few batches.
 fn frames(
     m: &Manifest,
     ranges: &Ranges,
+    compress: bool,
     open: &(dyn Fn(u64) -> io::Result<Box<dyn Source>> + Sync),
     send: &mut dyn FnMut(Bytes) -> bool,
 ) -> io::Result<()> {
@@ -244,10 +248,9 @@ fn frames(
     let work_rx = std::sync::Mutex::new(work_rx);
     let (done_tx, done_rx) = sync_channel::<(usize, Vec<u8>)>(2 * workers);
     let gone = AtomicBool::new(false);
-    let squeeze = Squeeze::default();
     std::thread::scope(|scope| {
         for _ in 0..workers {
-            let (done_tx, work_rx, gone, squeeze) = (done_tx.clone(), &work_rx, &gone, &squeeze);
+            let (done_tx, work_rx, gone) = (done_tx.clone(), &work_rx, &gone);
             scope.spawn(move || {
                 let zeros = vec![0u8; CHUNK_SIZE];
                 loop {
@@ -259,7 +262,6 @@ fn frames(
                         continue;
                     }
                     let mut out = Vec::with_capacity(BATCH * (CHUNK_SIZE + FRAME_HEADER));
-                    let compress = squeeze.on();
                     for (i, bytes) in chunks {
                         let len = m.chunk_len(i);
                         let chunk = bytes.as_deref().unwrap_or(&zeros[..len]);
@@ -305,19 +307,11 @@ fn frames(
             }
             Ok(())
         });
-        // Frames leave in the order asked, whichever thread made them. The time this thread
-        // waits for the connection against the time it waits for frames says whether
-        // compressing pays (Squeeze).
+        // Frames leave in the order asked, whichever thread made them.
         let mut waiting = std::collections::BTreeMap::new();
         let mut next = 0;
-        'answer: loop {
-            let asked = std::time::Instant::now();
-            let Ok((seq, bytes)) = done_rx.recv() else {
-                break;
-            };
-            let for_frames = asked.elapsed();
+        'answer: for (seq, bytes) in done_rx.iter() {
             waiting.insert(seq, bytes);
-            let sending = std::time::Instant::now();
             while let Some(bytes) = waiting.remove(&next) {
                 if !send(Bytes::from(bytes)) {
                     gone.store(true, Ordering::Relaxed);
@@ -325,7 +319,6 @@ fn frames(
                 }
                 next += 1;
             }
-            squeeze.link_bound(sending.elapsed() > for_frames);
         }
         drop(done_rx);
         reader

@@ -12,7 +12,9 @@ use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
-use super::{Missing, Ranges, Received, Upload, UploadImage, Versions, FRAMES, PREFIX, VERSION};
+use super::{
+    ChunkRequest, Missing, Ranges, Received, Upload, UploadImage, Versions, FRAMES, PREFIX, VERSION,
+};
 use crate::manifest::Manifest;
 use crate::model::{Image, PeerRegion};
 use crate::remote::{unreadable, RemoteError};
@@ -186,11 +188,11 @@ impl PeerClient {
     }
 
     /// Asks for chunks of image `id`: the answer is their frames, to be read as they come.
-    pub fn chunks(&self, id: Uuid, ranges: &Ranges) -> Result<Response, RemoteError> {
+    pub fn chunks(&self, id: Uuid, asked: &ChunkRequest) -> Result<Response, RemoteError> {
         let resp = self.send(|c| {
             c.post(self.url(&format!("/images/{id}/chunks")))
                 .timeout(TRANSFER_TIMEOUT)
-                .json(ranges)
+                .json(asked)
         })?;
         expect(&self.what(), resp, &[StatusCode::OK])
     }

@@ -138,6 +138,20 @@ impl Ranges {
     }
 }
 
+/// `POST /peer/v1/images/{id}/chunks`'s body: the chunks, and whether the receiver can use
+/// compressed ones (`false` while its own work, not the link, holds the copy back).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ChunkRequest {
+    #[serde(flatten)]
+    pub ranges: Ranges,
+    #[serde(default = "yes")]
+    pub compress: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
 /// The record an upload creates (`PUT /peer/v1/uploads/{id}`).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct UploadImage {
@@ -194,7 +208,7 @@ pub fn encode_frame(out: &mut Vec<u8>, index: usize, chunk: &[u8]) -> usize {
     encode_frame_as(out, index, chunk, true)
 }
 
-/// [`encode_frame`], compressing only if `compress` (see [`Squeeze`]).
+/// [`encode_frame`], compressing only if `compress` (see [`Compression`]).
 pub fn encode_frame_as(out: &mut Vec<u8>, index: usize, chunk: &[u8], compress: bool) -> usize {
     let start = out.len();
     out.extend_from_slice(&(index as u32).to_be_bytes());
@@ -238,39 +252,40 @@ fn zstd_compress(chunk: &[u8]) -> Option<Vec<u8>> {
     })
 }
 
-/// Whether compressing chunks pays now. zstd level 1 makes a few hundred MB/s per core: on a
-/// link slower than that it shrinks the transfer, on a faster one (loopback, a LAN) it would
-/// be what holds the transfer back. The sending end says after each batch whether the link
-/// held it back (sending waited for the link, not for frames); chunks are compressed while
-/// the last batches mostly said so. A transfer starts compressed and goes raw only after 8
-/// batches more that the link kept up with than not: the socket's buffers take the first
-/// megabytes at once whatever the link, so the first batches cannot tell.
-pub struct Squeeze {
-    /// -4 (the link keeps up: raw) to 8 (the link holds back: compress).
-    score: std::sync::atomic::AtomicI32,
+/// Whether a transfer's chunks travel compressed, chosen by measuring. zstd level 1 makes a
+/// few hundred MB/s per core: over a link slower than that it shrinks the transfer, over a
+/// faster one (a LAN, loopback) it is what holds the copy back, on either end. Which end or
+/// the link limits a copy cannot be told from one side, and changes as it runs, so each batch
+/// of chunks is timed: the copy keeps to whichever way moved more of the image per second,
+/// and tries the other again every [`PROBE_EVERY`] batches. It starts compressed.
+#[derive(Debug, Default)]
+pub struct Compression {
+    /// Image bytes per second moved raw and compressed, smoothed; `None` until tried.
+    rate: [Option<f64>; 2],
+    batches: u32,
 }
 
-impl Default for Squeeze {
-    fn default() -> Squeeze {
-        Squeeze {
-            score: std::sync::atomic::AtomicI32::new(8),
+/// Batches between two tries of the way not taken.
+pub const PROBE_EVERY: u32 = 16;
+
+impl Compression {
+    /// Whether the next batch goes compressed.
+    pub fn choose(&mut self) -> bool {
+        self.batches += 1;
+        match self.rate {
+            [_, None] => true,
+            [None, _] => false,
+            [Some(raw), Some(packed)] => {
+                (packed >= raw) != self.batches.is_multiple_of(PROBE_EVERY)
+            }
         }
     }
-}
 
-impl Squeeze {
-    pub fn on(&self) -> bool {
-        self.score.load(Ordering::Relaxed) > 0
-    }
-
-    /// After a batch: whether the link held the sending back.
-    pub fn link_bound(&self, held_back: bool) {
-        let step = if held_back { 1 } else { -1 };
-        let _ = self
-            .score
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
-                Some((s + step).clamp(-4, 8))
-            });
+    /// A batch moved `bytes` of the image in `took`, compressed or not.
+    pub fn moved(&mut self, compressed: bool, bytes: u64, took: std::time::Duration) {
+        let now = bytes as f64 / took.as_secs_f64().max(1e-6);
+        let slot = &mut self.rate[usize::from(compressed)];
+        *slot = Some(slot.map_or(now, |was| (was + now) / 2.0));
     }
 }
 
@@ -465,30 +480,22 @@ mod tests {
     }
 
     #[test]
-    fn compression_stays_on_while_the_link_holds_back_and_goes_off_once_it_keeps_up() {
-        let squeeze = Squeeze::default();
-        assert!(squeeze.on(), "a transfer starts compressed");
-        for _ in 0..7 {
-            squeeze.link_bound(false);
-        }
-        assert!(squeeze.on(), "seven batches are not enough to tell");
-        squeeze.link_bound(false);
-        assert!(!squeeze.on());
-        for _ in 0..20 {
-            squeeze.link_bound(false);
-        }
-        squeeze.link_bound(true);
-        assert!(
-            !squeeze.on(),
-            "one slow batch on a fast link changes nothing"
-        );
-        for _ in 0..4 {
-            squeeze.link_bound(true);
-        }
-        assert!(
-            squeeze.on(),
-            "a link that holds back brings compression back"
-        );
+    fn compression_is_tried_both_ways_then_kept_to_the_faster_with_a_retry_now_and_then() {
+        use std::time::Duration;
+        let second = Duration::from_secs(1);
+        let mut c = Compression::default();
+        assert!(c.choose(), "a transfer starts compressed");
+        c.moved(true, 100, second);
+        assert!(!c.choose(), "then tries raw");
+        c.moved(false, 300, second);
+        // Raw moved more per second: raw it stays, but for one try of zstd per 16 batches.
+        let ways: Vec<bool> = (0..2 * PROBE_EVERY).map(|_| c.choose()).collect();
+        assert_eq!(ways.iter().filter(|&&w| w).count(), 2, "{ways:?}");
+        // zstd turns out faster now (a thin link): it is kept.
+        c.moved(true, 1000, second);
+        c.moved(true, 1000, second);
+        let ways: Vec<bool> = (0..PROBE_EVERY).map(|_| c.choose()).collect();
+        assert_eq!(ways.iter().filter(|&&w| !w).count(), 1, "{ways:?}");
     }
 
     #[test]

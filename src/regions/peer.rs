@@ -25,7 +25,9 @@ use crate::copy::{Chunk, Digests, Hashes, Output, Source};
 use crate::manifest::{Entry, Hash, Manifest, CHUNK_SIZE};
 use crate::model::{Image, PeerRegion};
 use crate::peer::client::{Commit, PeerClient};
-use crate::peer::{encode_frame_as, Delta, FrameReader, Ranges, Squeeze, UploadImage, MAX_CHUNKS};
+use crate::peer::{
+    encode_frame_as, ChunkRequest, Compression, Delta, FrameReader, Ranges, UploadImage, MAX_CHUNKS,
+};
 use crate::remote::RemoteError;
 use crate::reuse::{LocalChunks, Reflinks};
 
@@ -144,8 +146,10 @@ impl ImageStore for PeerStore {
             sent: None,
             delta: Arc::new(Delta::default()),
             cost: 0,
-            squeeze: Squeeze::default(),
+            compression: Compression::default(),
+            compress: true,
             batch_begun: Instant::now(),
+            batch_bytes: 0,
             stopping,
         }))
     }
@@ -436,6 +440,7 @@ impl Fetch {
         let mut bad = (usize::MAX, 0u32);
         let mut since = Instant::now();
         let mut wait = FIRST_PAUSE;
+        let mut compression = Compression::default();
         loop {
             if self.quit.load(Ordering::Relaxed) {
                 return;
@@ -465,11 +470,16 @@ impl Fetch {
                 }
                 continue;
             }
-            let mut delivered = false;
-            let broke = self.batch(&mut queue, &mut |item| {
-                delivered = true;
+            let mut delivered = 0u64;
+            let (compress, began) = (compression.choose(), Instant::now());
+            let broke = self.batch(&mut queue, compress, &mut |item| {
+                if let Item::Fetched(_, bytes, _) = &item {
+                    delivered += bytes.len() as u64;
+                }
                 tx.send(Ok(item)).is_ok()
             });
+            compression.moved(compress, delivered, began.elapsed());
+            let delivered = delivered > 0;
             if delivered {
                 since = Instant::now();
                 wait = FIRST_PAUSE;
@@ -507,9 +517,13 @@ impl Fetch {
     fn batch(
         &self,
         queue: &mut VecDeque<(usize, Hash)>,
+        compress: bool,
         deliver: &mut dyn FnMut(Item) -> bool,
     ) -> Option<Broke> {
-        let asked = Ranges::of(queue.iter().map(|(i, _)| *i));
+        let asked = ChunkRequest {
+            ranges: Ranges::of(queue.iter().map(|(i, _)| *i)),
+            compress,
+        };
         let resp = match self.client.chunks(self.image, &asked) {
             Ok(resp) => resp,
             Err(e) => return Some(Broke::Remote(e)),
@@ -574,10 +588,12 @@ struct PeerSink<'a> {
     delta: Arc<Delta>,
     /// Wire bytes of the frames made since the last [`Output::cost`].
     cost: u64,
-    /// Whether the link or compressing holds the upload back, and when the batch being made
-    /// was begun.
-    squeeze: Squeeze,
+    /// Whether chunks go compressed, chosen by timing batches: the one being made, when it
+    /// was begun and the image bytes it holds.
+    compression: Compression,
+    compress: bool,
     batch_begun: Instant,
+    batch_bytes: u64,
     stopping: &'a dyn Fn() -> bool,
 }
 
@@ -600,7 +616,6 @@ impl PeerSink<'_> {
         let Some((tx, _)) = &self.sent else {
             return Ok(());
         };
-        let (made, handing) = (self.batch_begun.elapsed(), Instant::now());
         if tx.send(batch).is_err() {
             // The thread ended with an error; `finish` or `abort` reports it.
             return Err(io::Error::new(
@@ -608,8 +623,12 @@ impl PeerSink<'_> {
                 "the upload to the peer appliance stopped",
             ));
         }
-        // Waiting for the sending thread is waiting for the link.
-        self.squeeze.link_bound(handing.elapsed() * 8 > made);
+        // A batch's time runs from its first chunk to its hand-over, which waits while the
+        // link is still busy with the one before.
+        let bytes = std::mem::take(&mut self.batch_bytes);
+        self.compression
+            .moved(self.compress, bytes, self.batch_begun.elapsed());
+        self.compress = self.compression.choose();
         self.batch_begun = Instant::now();
         Ok(())
     }
@@ -671,7 +690,8 @@ impl Output for PeerSink<'_> {
             }
         }
         for (index, part) in sends {
-            let wire = encode_frame_as(&mut self.batch, index, part, self.squeeze.on()) as u64;
+            let wire = encode_frame_as(&mut self.batch, index, part, self.compress) as u64;
+            self.batch_bytes += part.len() as u64;
             self.frames += 1;
             self.cost += wire;
             Delta::add(&self.delta.wire, wire);
