@@ -163,6 +163,11 @@ pub trait Source: Read + Send {
     fn as_file(&self) -> Option<&File> {
         None
     }
+    /// Whether the source checks every chunk it gives against the copy's manifest itself (a
+    /// peer's, as chunks arrive): the copy then does not hash them again.
+    fn checks_chunks(&self) -> bool {
+        false
+    }
 }
 
 impl Source for File {
@@ -356,6 +361,8 @@ pub struct Copied {
 /// Chunks whose entries are known, or on their way from the hashing thread (one read's).
 enum Pending {
     Holes(usize),
+    /// Chunks the source checked against the manifest already: their entries.
+    Checked(Vec<Entry>),
     Hashed {
         /// Index of the read's first chunk.
         index: usize,
@@ -383,6 +390,7 @@ impl InFlight {
                     let n = *n;
                     self.chunks.extend(std::iter::repeat_n(Entry::Hole, n));
                 }
+                Pending::Checked(entries) => self.chunks.extend_from_slice(entries),
                 Pending::Hashed { index, expected } => {
                     let got = if wait {
                         self.results.recv().map_err(|_| hasher_gone())?
@@ -588,16 +596,20 @@ pub fn copy(
                 let cost = source.cost(n as u64);
                 read += cost;
                 let chunk = Arc::new(buf);
-                for tx in std::iter::once(&entry_tx).chain(&sha_tx).chain(&md5_tx) {
+                let checked = manifest.is_some() && source.checks_chunks();
+                let hashers = (!checked).then_some(&entry_tx);
+                for tx in hashers.into_iter().chain(&sha_tx).chain(&md5_tx) {
                     tx.send(Arc::clone(&chunk)).map_err(|_| hasher_gone())?;
                 }
                 out.write(&chunk, offset)?;
                 throttle(ctl, out.cost(cost) as usize)?;
                 buffers.keep(chunk);
                 flight.next = index + n.div_ceil(CHUNK_SIZE);
-                flight
-                    .pending
-                    .push_back(Pending::Hashed { index, expected });
+                flight.pending.push_back(if checked {
+                    Pending::Checked(expected)
+                } else {
+                    Pending::Hashed { index, expected }
+                });
                 flight.drain(false)?;
                 end_at = offset + n as u64;
                 (ctl.progress)(Progress { done: end_at, read });

@@ -110,8 +110,16 @@ def cmd_curl(args):
     code, _, size = out.stdout.partition(" ")
     if out.returncode != 0 or code != "200":
         sys.exit(f"peer.py: curl answered {out.stdout!r} {out.stderr.strip()}")
+    # The job's copy is durable before `replicated`; curl's is not until this fsync.
+    fd = os.open(args.output, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    synced = time.perf_counter() - started
     os.unlink(args.output)
-    print(json.dumps({"tool": "curl", "seconds": seconds, "downloaded": int(size),
+    print(json.dumps({"tool": "curl", "seconds": seconds, "synced_seconds": synced,
+                      "downloaded": int(size),
                       "up": r1["up"] - r0["up"], "down": r1["down"] - r0["down"],
                       "connections": r1["connections"] - r0["connections"],
                       "cpu": cpu_delta(c0, c1)}))
@@ -215,6 +223,9 @@ class Report:
                     continue
                 ratios = [jobs[k]["seconds"] / curls[k]["seconds"] for k in reps]
                 ratio = statistics.median(ratios)
+                synced = statistics.median(
+                    jobs[k]["seconds"] / curls[k].get("synced_seconds", curls[k]["seconds"])
+                    for k in reps)
                 best = min(jobs[k]["seconds"] for k in reps) / min(curls[k]["seconds"] for k in reps)
                 j, c = jobs[reps[0]], curls[reps[0]]
                 rate = j.get("rate") or 0
@@ -224,7 +235,8 @@ class Report:
                 rows.append(
                     f"| D2 | nothing in common, pull, {fmt} ({b(j['size'])}), {link_text}: "
                     f"job ÷ `curl -o` of `/peer/v1/images/ID/file` | {ratio:.3f} (runs: "
-                    f"{', '.join(f'{x:.3f}' for x in ratios)}; best ÷ best {best:.3f}); job "
+                    f"{', '.join(f'{x:.3f}' for x in ratios)}; best ÷ best {best:.3f}; "
+                    f"÷ curl + fsync of its file {synced:.3f}); job "
                     f"{statistics.median(jobs[k]['seconds'] for k in reps):.2f} s moving "
                     f"{b(self.wire(j))}, curl {statistics.median(curls[k]['seconds'] for k in reps):.2f} s "
                     f"moving {b(self.wire(c))} | ≤ {GOALS['D2']} | {met(ok)} |")

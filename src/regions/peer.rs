@@ -399,6 +399,12 @@ impl Source for PeerSource<'_> {
     fn cost(&mut self, _n: u64) -> u64 {
         std::mem::take(&mut self.cost)
     }
+
+    /// Fetched chunks are checked as they arrive, local ones as they are read, and holes are
+    /// zeros.
+    fn checks_chunks(&self) -> bool {
+        true
+    }
 }
 
 impl Drop for PeerSource<'_> {

@@ -28,6 +28,9 @@ const ATTEMPTS: u32 = 4;
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 /// Progress is persisted at most this often (and only when a whole percent was gained).
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest a copy from another store waits for the chunk index entries of copies that just
+/// ended (about 0.3 s per GiB of their data).
+const INDEXING_WAIT: Duration = Duration::from_secs(30);
 /// A streamed copy's partial manifest is rewritten once a second per this many chunks (1 GiB).
 const PARTIAL_CHUNKS_PER_SECOND: usize = (1 << 30) / CHUNK_SIZE;
 
@@ -296,7 +299,11 @@ fn copy_once(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> std::result::Result<()
         done,
         hashes: sink.hashes(),
     };
-    // Chunks the destination tenant holds already at this appliance need not be fetched.
+    // Chunks the destination tenant holds already at this appliance need not be fetched,
+    // including those of copies that just ended.
+    if keeps_record && src_store.records().is_some() {
+        ctx.indexing.wait(INDEXING_WAIT);
+    }
     let local = keeps_record.then(|| {
         Arc::new(Reuse::new(
             Arc::clone(&ctx.parts.store),
@@ -336,10 +343,9 @@ fn copy_once(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> std::result::Result<()
         active.updated_at = now();
         active
     });
-    if let Some(image) = &active {
-        let made = manifest::complete(image.size, image.os_hash_value.clone(), copied.chunks);
-        store.put_manifest(image.id, &made.encode())?;
-    }
+    let made = active
+        .as_ref()
+        .map(|image| manifest::complete(image.size, image.os_hash_value.clone(), copied.chunks));
     let read = read_before + copied.read;
     let moved = partial.moved.total();
     let finished = store.update_job(id, &|job| {
@@ -357,6 +363,11 @@ fn copy_once(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> std::result::Result<()
     match finished.map(|j| j.wire.status) {
         Some(JobStatus::Replicated) => {
             tracing::info!(job = %id, bytes = source.size, read = copied.read, "replicated");
+            // Stored after the job ends: a copy of it that needs it first makes it (see
+            // `source_manifest`), and a copy from a peer waits for it (`Indexing`).
+            if let (Some(image), Some(made)) = (&active, made) {
+                ctx.indexing.store(store, image.id, made.encode());
+            }
             Ok(())
         }
         // A cancel won the race against the last chunk: it is honoured.

@@ -81,6 +81,63 @@ struct Ctx {
     parked: Mutex<HashMap<Uuid, Instant>>,
     /// Jobs waiting for room at their destination: since when, and the next wait.
     space_waits: Mutex<HashMap<Uuid, (Instant, Duration)>>,
+    /// Manifests of finished copies being stored (with their chunk index entries).
+    indexing: Arc<Indexing>,
+}
+
+/// Manifests being stored on threads of their own after their copies ended: with sled, the
+/// chunk index entries of a manifest take about 0.3 s per GiB of data, which a job should not
+/// wait for before it is `replicated`.
+#[derive(Default)]
+struct Indexing {
+    pending: Mutex<usize>,
+    done: std::sync::Condvar,
+}
+
+impl Indexing {
+    /// Stores `manifest` as image `id`'s on a thread of its own (on this one if none starts).
+    fn store(self: &Arc<Self>, repo: &Arc<dyn crate::store::Repo>, id: Uuid, manifest: Vec<u8>) {
+        fn put(store: &dyn crate::store::Repo, id: Uuid, manifest: &[u8]) {
+            if let Err(e) = store.put_manifest(id, manifest) {
+                tracing::warn!(image = %id, "cannot store the manifest of the copy (it is made again when needed): {e}");
+            }
+        }
+        let manifest = Arc::new(manifest);
+        self.change(1);
+        let (me, store, bytes) = (Arc::clone(self), Arc::clone(repo), Arc::clone(&manifest));
+        let spawned = std::thread::Builder::new()
+            .name("manifest".into())
+            .spawn(move || {
+                put(&*store, id, &bytes);
+                me.change(-1);
+            });
+        if spawned.is_err() {
+            put(&**repo, id, &manifest);
+            self.change(-1);
+        }
+    }
+
+    fn change(&self, by: isize) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        *pending = pending.saturating_add_signed(by);
+        self.done.notify_all();
+    }
+
+    /// Waits up to `limit` for the manifests being stored.
+    fn wait(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        while *pending > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            pending = match self.done.wait_timeout(pending, left) {
+                Ok((guard, _)) => guard,
+                Err(e) => e.into_inner().0,
+            };
+        }
+    }
 }
 
 /// The running worker threads.
@@ -97,6 +154,7 @@ pub fn start(parts: Parts, config: &WorkerConfig) -> Result<Workers> {
         shutdown: AtomicBool::new(false),
         parked: Mutex::new(HashMap::new()),
         space_waits: Mutex::new(HashMap::new()),
+        indexing: Arc::new(Indexing::default()),
     });
     let mut threads = Vec::new();
     let mut spawn = |name: String, body: fn(&Ctx)| {
@@ -130,6 +188,9 @@ impl Workers {
                 tracing::warn!("a worker did not stop within {grace:?}");
             }
         }
+        self.ctx
+            .indexing
+            .wait(deadline.saturating_duration_since(Instant::now()));
     }
 }
 
