@@ -179,6 +179,25 @@ fn image_file(lab: &Lab, region: &str, id: &str) -> PathBuf {
     lab.region_dir(region).join(id)
 }
 
+/// Kills the peer, keeps the link down for 1.5 s, starts the peer again on another port, which
+/// the relay follows, and waits for `job` to be `replicated`.
+fn restart_the_peer_mid_copy(
+    central: &mut Central,
+    proxy: &Proxy,
+    edge: &Edge,
+    job: &str,
+) -> Value {
+    central.server.kill_9();
+    proxy.cut();
+    std::thread::sleep(Duration::from_millis(1500));
+    central.server = central.lab.serve();
+    proxy.retarget(&central.server.addr());
+    proxy.restore();
+    let done = wait_terminal(&edge.lab, job, Duration::from_secs(90));
+    assert_eq!(done["status"], "replicated", "{}", edge.server.log_text());
+    done
+}
+
 /// An XFS file system in a file, loop-mounted for one test and unmounted when dropped.
 struct Xfs {
     mnt: PathBuf,
@@ -443,15 +462,7 @@ fn a_copy_from_a_peer_that_restarts_mid_copy_goes_on_without_fetching_a_verified
         .wait_job_progress(&edge.for_a, &job, Duration::from_secs(30), |j| {
             j["copy_progress"].as_u64().unwrap_or(0) >= 20
         });
-    // The peer dies and comes back on another port, which the relay follows.
-    central.server.kill_9();
-    proxy.cut();
-    std::thread::sleep(Duration::from_millis(1500));
-    central.server = central.lab.serve();
-    proxy.retarget(&central.server.addr());
-    proxy.restore();
-    let done = wait_terminal(&edge.lab, &job, Duration::from_secs(90));
-    assert_eq!(done["status"], "replicated", "{}", edge.server.log_text());
+    let done = restart_the_peer_mid_copy(&mut central, &proxy, &edge, &job);
     let dst = done["destination_image_id"].as_str().expect("destination");
     assert_eq!(
         std::fs::read(image_file(&edge.lab, "edge", dst)).expect("copy"),
@@ -478,14 +489,7 @@ fn a_copy_into_a_peer_that_restarts_mid_upload_goes_on_and_sends_little_twice() 
         .wait_job_progress(&edge.for_b, &job, Duration::from_secs(30), |j| {
             j["copy_progress"].as_u64().unwrap_or(0) >= 20
         });
-    central.server.kill_9();
-    proxy.cut();
-    std::thread::sleep(Duration::from_millis(1500));
-    central.server = central.lab.serve();
-    proxy.retarget(&central.server.addr());
-    proxy.restore();
-    let done = wait_terminal(&edge.lab, &job, Duration::from_secs(90));
-    assert_eq!(done["status"], "replicated", "{}", edge.server.log_text());
+    let done = restart_the_peer_mid_copy(&mut central, &proxy, &edge, &job);
     let dst = done["destination_image_id"].as_str().expect("destination");
     assert_eq!(
         std::fs::read(image_file(&central.lab, "ot1", dst)).expect("the peer's copy"),

@@ -23,7 +23,9 @@ use std::sync::{Arc, Mutex};
 
 use uuid::Uuid;
 
-use crate::copy::{copy, Control, Copied, CopyError, Digests, Hashes, Output, Plan, Source, Stop};
+use crate::copy::{
+    copy, Control, Copied, CopyError, Digests, Discard, Hashes, Output, Plan, Source, Stop,
+};
 use crate::disk::Space;
 use crate::manifest::Manifest;
 use crate::model::{Image, Region, RegionKind};
@@ -282,6 +284,45 @@ pub fn transfer(
             })
         }
     }
+}
+
+/// Makes the manifest of `image` from its bytes (`source`, from its start), for an image that
+/// predates manifests: its SHA-512 must match the record, as a copy without a manifest would
+/// check it.
+pub fn make_manifest(
+    source: &mut dyn Source,
+    image: &Image,
+    stop: &dyn Fn() -> Option<Stop>,
+) -> Result<Manifest, TransferError> {
+    let mut control = Control {
+        stop,
+        progress: &mut |_| {},
+        checkpoint: &mut |_, _| {},
+        limiter: None,
+    };
+    let hashes = Hashes {
+        sha512: true,
+        md5: false,
+    };
+    let made = crate::copy::copy(source, &mut Discard, Plan::whole(hashes), &mut control).map_err(
+        |e| match e {
+            CopyError::Stopped(stop) => TransferError::Stopped(stop),
+            CopyError::Io(e) => TransferError::Failed(StoreError::io("cannot read the image", e)),
+            CopyError::Changed(why) => TransferError::Failed(StoreError::Fatal(why)),
+        },
+    )?;
+    let read = Recorded {
+        size: made.digests.size,
+        checksum: None,
+        os_hash_algo: Some("sha512".into()),
+        os_hash_value: made.digests.sha512.clone(),
+    };
+    verify(image, &read).map_err(TransferError::Failed)?;
+    Ok(crate::manifest::complete(
+        image.size,
+        made.digests.sha512,
+        made.chunks,
+    ))
 }
 
 /// The one verification rule: the destination holds as many bytes as the source record says,

@@ -22,14 +22,14 @@ use uuid::Uuid;
 
 use super::{check_format, Service};
 use crate::auth::Principal;
-use crate::copy::{Control, CopyError, Discard, Hashes, Plan, Source};
+use crate::copy::Source;
 use crate::error::{Result, ServiceError};
 use crate::manifest::{self, Entry, Manifest, CHUNK_SIZE};
 use crate::model::{
     now, Image, ImageStatus, Region, RegionKind, TenantKey, CONTAINER_FORMATS, DISK_FORMATS,
 };
 use crate::peer::{FrameReader, Ranges, Upload, MAX_CHUNKS};
-use crate::regions::{self, Part, Recorded};
+use crate::regions::{self, Part};
 use crate::reuse::LocalChunks;
 use crate::store::Registry;
 use crate::text::excerpt;
@@ -399,39 +399,13 @@ impl Service {
             .images_of(&region)?
             .open(&image, 0)
             .map_err(|e| ServiceError::Conflict(format!("cannot read image {}: {e}", image.id)))?;
-        let mut control = Control {
-            stop: &|| None,
-            progress: &mut |_| {},
-            checkpoint: &mut |_, _| {},
-            limiter: None,
-        };
-        let hashes = Hashes {
-            sha512: true,
-            md5: false,
-        };
-        let made = crate::copy::copy(&mut *input, &mut Discard, Plan::whole(hashes), &mut control)
-            .map_err(|e| match e {
-                CopyError::Io(e) => {
-                    ServiceError::Conflict(format!("cannot read image {}: {e}", image.id))
-                }
-                other => {
-                    ServiceError::internal("cannot make the image's manifest", format!("{other:?}"))
-                }
-            })?;
-        let read = Recorded {
-            size: made.digests.size,
-            checksum: None,
-            os_hash_algo: Some("sha512".into()),
-            os_hash_value: made.digests.sha512.clone(),
-        };
-        regions::verify(&image, &read).map_err(|e| {
-            tracing::warn!(image = %image.id, "the image's bytes differ from its record: {e}");
+        let m = regions::make_manifest(&mut *input, &image, &|| None).map_err(|e| {
+            tracing::warn!(image = %image.id, "cannot make the image's manifest: {e:?}");
             ServiceError::Conflict(format!(
-                "the bytes of image {} differ from its record",
+                "the manifest of image {} cannot be made: its bytes cannot be read or differ from its record",
                 image.id
             ))
         })?;
-        let m = manifest::complete(image.size, made.digests.sha512, made.chunks);
         self.store.put_manifest(image.id, &m.encode())?;
         self.flush()?;
         Ok((image, Arc::new(m)))

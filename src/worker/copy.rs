@@ -10,14 +10,14 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use super::{recovery::conclude, Ctx};
-use crate::copy::{
-    Control, Copied, CopyError, Discard, Hashes, Plan, Progress, Source, Stop, CHUNK,
-};
+use crate::copy::{Control, Copied, Plan, Progress, Source, Stop, CHUNK};
 use crate::error::{Result, ServiceError};
 use crate::manifest::{self, Entry, Manifest, CHUNK_SIZE};
 use crate::model::{now, Image, ImageStatus, Job, JobStatus, Region, TenantKey};
 use crate::peer::{Delta, DeltaFigures};
-use crate::regions::{transfer, verify, ImageStore, Reading, Recorded, StoreError, TransferError};
+use crate::regions::{
+    make_manifest, transfer, verify, ImageStore, Reading, Recorded, StoreError, TransferError,
+};
 use crate::reuse::{LocalChunks, Reuse};
 use crate::store::ImageChange;
 use crate::text::escape;
@@ -438,30 +438,7 @@ fn source_manifest(
     tracing::info!(image = %source.id, "making the image's manifest (it has none yet)");
     let mut input = store.open(source, 0)?;
     let stop = || copy.stopping();
-    let mut control = Control {
-        stop: &stop,
-        progress: &mut |_| {},
-        checkpoint: &mut |_, _| {},
-        limiter: None,
-    };
-    let hashes = Hashes {
-        sha512: true,
-        md5: false,
-    };
-    let made = crate::copy::copy(&mut *input, &mut Discard, Plan::whole(hashes), &mut control)
-        .map_err(|e| match e {
-            CopyError::Stopped(stop) => Failure::Stopped(stop),
-            CopyError::Io(e) => StoreError::io("cannot read the source image", e).into(),
-            CopyError::Changed(why) => Failure::Fatal(why),
-        })?;
-    let read = Recorded {
-        size: made.digests.size,
-        checksum: None,
-        os_hash_algo: Some("sha512".into()),
-        os_hash_value: made.digests.sha512.clone(),
-    };
-    verify(source, &read)?;
-    let m = manifest::complete(source.size, made.digests.sha512, made.chunks);
+    let m = make_manifest(&mut *input, source, &stop)?;
     ctx.parts.store.put_manifest(source.id, &m.encode())?;
     Ok(m)
 }
