@@ -28,8 +28,9 @@ const ATTEMPTS: u32 = 4;
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 /// Progress is persisted at most this often (and only when a whole percent was gained).
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
-/// Longest a copy from another store waits for the chunk index entries of copies that just
-/// ended (about 0.3 s per GiB of their data).
+/// Longest a copy waits for the manifests (and chunk index entries) of copies that just ended
+/// (about 0.3 s per GiB of their data): a copy from another store, to reuse their chunks, and
+/// a copy of an image without a manifest, before it reads the image whole to make one.
 const INDEXING_WAIT: Duration = Duration::from_secs(30);
 /// A streamed copy's partial manifest is rewritten once a second per this many chunks (1 GiB).
 const PARTIAL_CHUNKS_PER_SECOND: usize = (1 << 30) / CHUNK_SIZE;
@@ -432,6 +433,11 @@ fn source_manifest(
     source: &Image,
     copy: &Copy,
 ) -> std::result::Result<Manifest, Failure> {
+    if let Some(m) = manifest::load(&*ctx.parts.store, source)? {
+        return Ok(m);
+    }
+    // A copy that just made the image may still be storing its manifest.
+    ctx.indexing.wait(INDEXING_WAIT);
     if let Some(m) = manifest::load(&*ctx.parts.store, source)? {
         return Ok(m);
     }
