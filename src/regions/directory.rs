@@ -88,6 +88,24 @@ fn temp_id(name: &str) -> Option<Uuid> {
         .and_then(|id| Uuid::try_parse(id).ok())
 }
 
+/// The partial file at `temp`: the one an interrupted copy or upload left if this module made
+/// it ([`reopen`]; then `true`), else a new empty one (mode 0600, never through a link).
+fn reopen_or_create(temp: &Path) -> Result<(File, bool), StoreError> {
+    if let Some(file) = reopen(temp) {
+        return Ok((file, true));
+    }
+    let _ = fs::remove_file(temp);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(temp)
+        .map_err(|e| StoreError::io("cannot create the partial file", e))?;
+    Ok((file, false))
+}
+
 /// An interrupted copy's temporary file, to resume into: only a regular file of this
 /// appliance's user with one link and mode 0600 (never through a link), as this module makes
 /// them; anything else is not trusted and is replaced.
@@ -189,22 +207,7 @@ impl ImageStore for Directory {
             ))
         })?;
         let temp = self.temp_path(image.id);
-        let reopened = reopen(&temp);
-        let unchecked = reopened.is_some();
-        let out = match reopened {
-            Some(out) => out,
-            None => {
-                let _ = fs::remove_file(&temp);
-                OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&temp)
-                    .map_err(|e| StoreError::io("cannot create the temporary file", e))?
-            }
-        };
+        let (out, unchecked) = reopen_or_create(&temp)?;
         let source_has_sha512 =
             source.os_hash_algo.as_deref() == Some("sha512") && source.os_hash_value.is_some();
         Ok(Box::new(DirectorySink {
@@ -296,20 +299,7 @@ impl Directory {
         self.probe()
             .map_err(|why| StoreError::Fatal(format!("the image store is unusable: {why}")))?;
         let temp = self.temp_path(id);
-        let file = match reopen(&temp) {
-            Some(file) => file,
-            None => {
-                let _ = fs::remove_file(&temp);
-                OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&temp)
-                    .map_err(|e| StoreError::io("cannot create the partial file", e))?
-            }
-        };
+        let (file, _) = reopen_or_create(&temp)?;
         Ok(DirectoryPart {
             store: Directory::new(&self.dir),
             id,
