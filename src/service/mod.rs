@@ -53,6 +53,8 @@ pub struct Service {
     /// Encoded `GET /jobs` bodies and the counts by status, while no job changes.
     list_bodies: JobsCache<ListKey, Bytes>,
     status_counts: JobsCache<(), BTreeMap<JobStatus, u64>>,
+    /// What the peer protocol's serving end keeps between requests.
+    peer: peer::PeerState,
 }
 
 fn check_name(kind: &str, value: &str) -> Result<()> {
@@ -104,6 +106,7 @@ impl Service {
             admission: Mutex::new(()),
             list_bodies: JobsCache::default(),
             status_counts: JobsCache::default(),
+            peer: peer::PeerState::default(),
         }
     }
 

@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::sync::{Arc, LazyLock, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use sha2::{Digest, Sha512};
 use uuid::Uuid;
@@ -61,57 +61,63 @@ pub struct Begun {
     pub missing: Ranges,
 }
 
-/// Held while an upload's file is read or written: chunk uploads share it, a `PUT`, a commit
-/// and a removal have it alone (a commit must not rename a file that chunks are still being
-/// written into).
-static UPLOADS: LazyLock<Mutex<HashMap<Uuid, Arc<RwLock<()>>>>> = LazyLock::new(Default::default);
-
-fn upload_lock(id: Uuid) -> Arc<RwLock<()>> {
-    let mut table = UPLOADS.lock().unwrap_or_else(|e| e.into_inner());
-    // Locks nobody holds are forgotten, so the table stays as small as the uploads under way.
-    table.retain(|_, lock| Arc::strong_count(lock) > 1);
-    Arc::clone(table.entry(id).or_default())
+/// What the serving end keeps between requests (a field of [`Service`]).
+#[derive(Default)]
+pub struct PeerState {
+    /// Held while an upload's file is read or written: chunk uploads share it, a `PUT`, a
+    /// commit and a removal have it alone (a commit must not rename a file that chunks are
+    /// still being written into).
+    uploads: Mutex<HashMap<Uuid, Arc<RwLock<()>>>>,
+    /// The manifests decoded last: a chunk request or upload names one image many times, and
+    /// a manifest of 100 GiB is 54 MB to check and decode. One is used only while it
+    /// describes the image's record as it stands. The last used first.
+    manifests: Mutex<Vec<(Uuid, Arc<Manifest>)>>,
 }
 
-/// The manifests decoded last: a chunk request or upload names one image many times, and a
-/// manifest of 100 GiB is 54 MB to check and decode. One is used only while it describes the
-/// image's record as it stands.
-static MANIFESTS: LazyLock<Mutex<KeptManifests>> = LazyLock::new(Default::default);
-/// Images' ids and their manifests, the last used first.
-type KeptManifests = Vec<(Uuid, Arc<Manifest>)>;
-/// Images whose manifests [`MANIFESTS`] keeps.
+/// Images whose manifests [`PeerState`] keeps.
 const KEPT_MANIFESTS: usize = 8;
 
-/// The manifest of `image` from [`MANIFESTS`], or `load`ed (and kept).
-fn kept_manifest(
-    image: &Image,
-    load: impl FnOnce() -> Result<Option<Manifest>>,
-) -> Result<Option<Arc<Manifest>>> {
-    let lock = || MANIFESTS.lock().unwrap_or_else(|e| e.into_inner());
-    let found = lock()
-        .iter()
-        .find(|(id, m)| *id == image.id && m.describes(image))
-        .map(|(_, m)| Arc::clone(m));
-    if found.is_some() {
-        return Ok(found);
+impl PeerState {
+    fn upload_lock(&self, id: Uuid) -> Arc<RwLock<()>> {
+        let mut table = self.uploads.lock().unwrap_or_else(|e| e.into_inner());
+        // Locks nobody holds are forgotten, so the table stays as small as the uploads under
+        // way.
+        table.retain(|_, lock| Arc::strong_count(lock) > 1);
+        Arc::clone(table.entry(id).or_default())
     }
-    let Some(m) = load()? else {
-        return Ok(None);
-    };
-    let m = Arc::new(m);
-    let mut kept = lock();
-    kept.retain(|(id, _)| *id != image.id);
-    kept.insert(0, (image.id, Arc::clone(&m)));
-    kept.truncate(KEPT_MANIFESTS);
-    Ok(Some(m))
-}
 
-/// Drops what [`MANIFESTS`] keeps of image `id` (its upload began, ended or went).
-fn forget_manifest(id: Uuid) {
-    MANIFESTS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .retain(|(kept, _)| *kept != id);
+    /// The manifest of `image` as kept, or `load`ed (and kept).
+    fn kept_manifest(
+        &self,
+        image: &Image,
+        load: impl FnOnce() -> Result<Option<Manifest>>,
+    ) -> Result<Option<Arc<Manifest>>> {
+        let lock = || self.manifests.lock().unwrap_or_else(|e| e.into_inner());
+        let found = lock()
+            .iter()
+            .find(|(id, m)| *id == image.id && m.describes(image))
+            .map(|(_, m)| Arc::clone(m));
+        if found.is_some() {
+            return Ok(found);
+        }
+        let Some(m) = load()? else {
+            return Ok(None);
+        };
+        let m = Arc::new(m);
+        let mut kept = lock();
+        kept.retain(|(id, _)| *id != image.id);
+        kept.insert(0, (image.id, Arc::clone(&m)));
+        kept.truncate(KEPT_MANIFESTS);
+        Ok(Some(m))
+    }
+
+    /// Drops what is kept of image `id`'s manifest (its upload began, ended or went).
+    fn forget_manifest(&self, id: Uuid) {
+        self.manifests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(kept, _)| *kept != id);
+    }
 }
 
 fn no_image(id: &str) -> ServiceError {
@@ -391,7 +397,10 @@ impl Service {
     /// SHA-512 checked against the record) for an image that has none.
     pub fn peer_manifest(&self, who: &Principal, id: &str) -> Result<(Image, Arc<Manifest>)> {
         let (image, region) = self.active(who, id)?;
-        if let Some(m) = kept_manifest(&image, || manifest::load(&*self.store, &image))? {
+        if let Some(m) = self
+            .peer
+            .kept_manifest(&image, || manifest::load(&*self.store, &image))?
+        {
             return Ok((image, m));
         }
         tracing::info!(image = %image.id, "making the image's manifest (it has none yet)");
@@ -443,7 +452,7 @@ impl Service {
     /// `DELETE /peer/v1/images/{id}`: as `image delete`, for an image `who` may see.
     pub fn peer_delete(&self, who: &Principal, id: &str) -> Result<()> {
         let (image, _) = self.visible(who, id)?;
-        forget_manifest(image.id);
+        self.peer.forget_manifest(image.id);
         self.image_delete(&image.id.to_string()).map(drop)
     }
 
@@ -456,8 +465,10 @@ impl Service {
                 image.id, image.status
             )));
         }
-        let m =
-            kept_manifest(&image, || upload_manifest(&*self.store, &image))?.ok_or_else(|| {
+        let m = self
+            .peer
+            .kept_manifest(&image, || upload_manifest(&*self.store, &image))?
+            .ok_or_else(|| {
                 ServiceError::Conflict(format!(
                     "upload {} has no manifest kept; send its PUT again",
                     image.id
@@ -533,9 +544,9 @@ impl Service {
             ))
             .into());
         }
-        let lock = upload_lock(uuid);
+        let lock = self.peer.upload_lock(uuid);
         let _alone = lock.write().unwrap_or_else(|e| e.into_inner());
-        forget_manifest(uuid);
+        self.peer.forget_manifest(uuid);
         let created = match self.store.image(uuid)? {
             Some(kept) => {
                 let same = kept.status == ImageStatus::Uploading
@@ -627,7 +638,7 @@ impl Service {
         input: &mut dyn Read,
     ) -> std::result::Result<usize, Refusal> {
         let (image, region, m) = self.upload_of(who, id)?;
-        let lock = upload_lock(image.id);
+        let lock = self.peer.upload_lock(image.id);
         let _shared = lock.read().unwrap_or_else(|e| e.into_inner());
         // The record again under the lock: a commit or a removal may have come first.
         self.upload_of(who, id)?;
@@ -678,7 +689,7 @@ impl Service {
     /// it still lacks are named.
     pub fn upload_commit(&self, who: &Principal, id: &str) -> std::result::Result<Image, Refusal> {
         let (image, _, _) = self.upload_of(who, id)?;
-        let lock = upload_lock(image.id);
+        let lock = self.peer.upload_lock(image.id);
         let _alone = lock.write().unwrap_or_else(|e| e.into_inner());
         let (mut image, region, m) = self.upload_of(who, id)?;
         let part = self.part_of(&image, &region)?;
@@ -694,7 +705,7 @@ impl Service {
         }
         // The bytes first, durable and in place; then the manifest; then the record.
         part.publish(m.size).map_err(store_failed)?;
-        forget_manifest(image.id);
+        self.peer.forget_manifest(image.id);
         self.store.put_manifest(image.id, &m.encode())?;
         image.status = ImageStatus::Active;
         image.updated_at = now();
@@ -707,7 +718,7 @@ impl Service {
     /// `DELETE /peer/v1/uploads/{id}`: the upload's record and partial file go.
     pub fn upload_abandon(&self, who: &Principal, id: &str) -> Result<()> {
         let (image, _) = self.visible(who, id)?;
-        let lock = upload_lock(image.id);
+        let lock = self.peer.upload_lock(image.id);
         let _alone = lock.write().unwrap_or_else(|e| e.into_inner());
         let (image, region) = self.visible(who, id)?;
         if image.status != ImageStatus::Uploading {
@@ -723,7 +734,7 @@ impl Service {
         let key = TenantKey::parse(&image.owner)
             .ok_or_else(|| ServiceError::Internal(format!("image {} has no owner", image.id)))?;
         self.store.remove_image(key, image.id)?;
-        forget_manifest(image.id);
+        self.peer.forget_manifest(image.id);
         self.flush()
     }
 }
