@@ -265,15 +265,23 @@ log "mode $MODE: $REPS rep(s), ${DURATION}s wrk runs, data in $TMP ($((free_kib 
 TOK1=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
 TOK3=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
 
-# Runs the CLI on a data directory and notes the command (tokens as names) for the report.
+# How ir notes secrets (value -> name) and the id of an image it deletes.
+# shellcheck disable=SC2016 # names, shown as they are
+declare -A SHOWN_AS=([$TOK1]='$TOKEN_T1' [$TOK3]='$TOKEN_T3')
+# shellcheck disable=SC2016
+DELETED_AS='$DESTINATION_IMAGE_ID'
+
+# ir LABEL DIR ARGS...: runs the CLI on a data directory and notes the command (tokens and
+# paths as names) for the report.
 ir() {
-  local label=$1 dir=$2
+  local label=$1 dir=$2 secret
   shift 2
   local shown="image-replicator --data-dir \$DIR_$label $*"
-  shown=${shown//$TOK1/\$TOKEN_T1}
-  shown=${shown//$TOK3/\$TOKEN_T3}
+  for secret in "${!SHOWN_AS[@]}"; do
+    shown=${shown//$secret/${SHOWN_AS[$secret]}}
+  done
   shown=${shown//$TMP/\$TMP}
-  [[ $1 == image && ${2:-} == delete ]] && shown="image-replicator --data-dir \$DIR_$label image delete \$DESTINATION_IMAGE_ID"
+  [[ $1 == image && ${2:-} == delete ]] && shown="image-replicator --data-dir \$DIR_$label image delete $DELETED_AS"
   grep -qxF -- "$shown" "$SETUP_LOG" || printf '%s\n' "$shown" >>"$SETUP_LOG"
   "$BIN" --data-dir "$dir" "$@"
 }

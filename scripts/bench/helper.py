@@ -219,35 +219,42 @@ def cmd_wrk_record(args):
           f' µs/request', file=sys.stderr)
 
 
-def cmd_api_copy(args):
-    """POSTs a copy and polls the job (every 50 ms unless --poll) until it is replicated; prints
-    the timing."""
-    base = f"http://127.0.0.1:{args.port}{JOBS_PATH}"
-    before = snapshot(args.pid) if args.pid else None
+def copy_and_wait(port, token, image, dst, poll, timeout, why_failed=None):
+    """POSTs a copy and polls the job every `poll` s until it is replicated (exits if it ends
+    otherwise, saying `why_failed(job_id)` where given); the job and the timings."""
+    base = f"http://127.0.0.1:{port}{JOBS_PATH}"
     started = time.perf_counter()
-    status, body = http("POST", base, args.token,
-                        {"image_id": args.image, "tenant_id_dst": args.dst})
+    status, body = http("POST", base, token, {"image_id": image, "tenant_id_dst": dst})
     if status != 202:
-        sys.exit(f"helper.py: POST answered {status}: {body!r}")
+        sys.exit(f"bench: POST answered {status}: {body!r}")
     job_id = json.loads(body)["job_id"]
     posted = time.perf_counter()
     polls = 0
     while True:
-        status, body = http("GET", f"{base}/{job_id}", args.token)
+        status, body = http("GET", f"{base}/{job_id}", token)
         polls += 1
         if status != 200:
-            sys.exit(f"helper.py: GET job answered {status}: {body!r}")
+            sys.exit(f"bench: GET job answered {status}: {body!r}")
         job = json.loads(body)
         if job["status"] == "replicated":
             break
         if job["status"] in ("error", "canceled"):
-            sys.exit(f"helper.py: the copy ended {job['status']}: {job}")
-        if time.perf_counter() - started > args.timeout:
-            sys.exit(f"helper.py: the copy did not finish within {args.timeout} s: {job}")
-        time.sleep(args.poll)
-    elapsed = time.perf_counter() - started
-    out = {"seconds": elapsed, "post_s": posted - started, "polls": polls, "job_id": job_id,
-           "dest_image_id": job["destination_image_id"]}
+            why = why_failed(job_id) if why_failed else job
+            sys.exit(f"bench: the copy ended {job['status']}: {why}")
+        if time.perf_counter() - started > timeout:
+            sys.exit(f"bench: the copy did not finish within {timeout} s: {job}")
+        time.sleep(poll)
+    return {"seconds": time.perf_counter() - started, "post_s": posted - started,
+            "polls": polls, "job_id": job_id, "job": job}
+
+
+def cmd_api_copy(args):
+    """POSTs a copy and polls the job (every 50 ms unless --poll) until it is replicated; prints
+    the timing."""
+    before = snapshot(args.pid) if args.pid else None
+    done = copy_and_wait(args.port, args.token, args.image, args.dst, args.poll, args.timeout)
+    out = {k: done[k] for k in ("seconds", "post_s", "polls", "job_id")}
+    out["dest_image_id"] = done["job"]["destination_image_id"]
     if before:
         out.update(deltas(before, snapshot(args.pid)))
     print(json.dumps(out))

@@ -59,29 +59,16 @@ def cmd_job(args):
     """POSTs a copy to the edge, polls it until replicated; wall time, the relay's counts, the
     job's own counts and the processes' CPU meanwhile, as JSON."""
     pids = parse_pids(args.pids)
-    base = f"http://127.0.0.1:{args.port}{helper.JOBS_PATH}"
     r0 = relay.control(args.control, "stats")
     c0 = cpu_of(pids)
-    started = time.perf_counter()
-    status, body = helper.http("POST", base, args.token,
-                               {"image_id": args.image, "tenant_id_dst": args.dst})
-    if status != 202:
-        sys.exit(f"peer.py: POST answered {status}: {body!r}")
-    job_id = json.loads(body)["job_id"]
-    while True:
-        status, body = helper.http("GET", f"{base}/{job_id}", args.token)
-        if status != 200:
-            sys.exit(f"peer.py: GET job answered {status}: {body!r}")
-        job = json.loads(body)
-        if job["status"] == "replicated":
-            break
-        if job["status"] in ("error", "canceled"):
-            shown = job_show(args.bin, args.data_dir, job_id)
-            sys.exit(f"peer.py: the copy ended {job['status']}: {shown.get('error', shown)}")
-        if time.perf_counter() - started > args.timeout:
-            sys.exit(f"peer.py: the copy did not finish within {args.timeout} s: {job}")
-        time.sleep(args.poll)
-    seconds = time.perf_counter() - started
+
+    def why_failed(job_id):
+        shown = job_show(args.bin, args.data_dir, job_id)
+        return shown.get("error", shown)
+
+    done = helper.copy_and_wait(args.port, args.token, args.image, args.dst, args.poll,
+                                args.timeout, why_failed)
+    seconds, job_id, job = done["seconds"], done["job_id"], done["job"]
     c1 = cpu_of(pids)
     r1 = relay.control(args.control, "stats")
     shown = job_show(args.bin, args.data_dir, job_id)

@@ -35,19 +35,11 @@ TOKC=$(python3 -c 'import secrets; print(secrets.token_hex(16))')   # central, r
 TOKA=$(python3 -c 'import secrets; print(secrets.token_hex(16))')   # edge, alice for A
 TOKB=$(python3 -c 'import secrets; print(secrets.token_hex(16))')   # edge, alice for B
 
-# pir LABEL DIR ARGS...: the CLI on a data directory, noted (tokens and paths as names).
-pir() {
-  local label=$1 dir=$2
-  shift 2
-  local shown="image-replicator --data-dir \$DIR_$label $*"
-  shown=${shown//$TOKC/\$TOKEN_CENTRAL}
-  shown=${shown//$TOKA/\$TOKEN_EDGE_A}
-  shown=${shown//$TOKB/\$TOKEN_EDGE_B}
-  shown=${shown//$TMP/\$TMP}
-  [[ $1 == image && ${2:-} == delete ]] && shown="image-replicator --data-dir \$DIR_$label image delete \$COPY_ID"
-  grep -qxF -- "$shown" "$SETUP_LOG" || printf '%s\n' "$shown" >>"$SETUP_LOG"
-  "$BIN" --data-dir "$dir" "$@"
-}
+# The CLI's commands are noted by ir (scripts/bench.sh) with these tokens as names.
+# shellcheck disable=SC2016,SC2034 # names, shown as they are; read by ir
+declare -A SHOWN_AS=([$TOKC]='$TOKEN_CENTRAL' [$TOKA]='$TOKEN_EDGE_A' [$TOKB]='$TOKEN_EDGE_B')
+# shellcheck disable=SC2016,SC2034
+DELETED_AS='$COPY_ID'
 
 # ----- images -----------------------------------------------------------------------------------
 
@@ -69,19 +61,19 @@ free_kib=$(df -Pk "$TMP" | awk 'NR == 2 {print $4}')
 CD=$TMP/central
 ED=$TMP/edge
 log "setting up the central and the edge"
-pir CENTRAL "$CD" region add ot1 >/dev/null
-pir CENTRAL "$CD" tenant add "$PA" --region ot1 >/dev/null
-pir CENTRAL "$CD" tenant add "$PP" --region ot1 >/dev/null
-pir CENTRAL "$CD" user add root --tenant "$PA" --tenant "$PP" --admin >/dev/null
-pir CENTRAL "$CD" token issue --user root --tenant "$PA" --token "$TOKC" >/dev/null
+ir CENTRAL "$CD" region add ot1 >/dev/null
+ir CENTRAL "$CD" tenant add "$PA" --region ot1 >/dev/null
+ir CENTRAL "$CD" tenant add "$PP" --region ot1 >/dev/null
+ir CENTRAL "$CD" user add root --tenant "$PA" --tenant "$PP" --admin >/dev/null
+ir CENTRAL "$CD" token issue --user root --tenant "$PA" --token "$TOKC" >/dev/null
 declare -A V1=() V2=()
 alloc() { echo $(($(stat -c '%b * %B' "$1"))); }
 for fmt in $PEER_FORMATS; do
   V1[$fmt]=$(python3 -c 'import uuid; print(uuid.uuid4())')
   V2[$fmt]=$(python3 -c 'import uuid; print(uuid.uuid4())')
   src=a.$fmt
-  pir CENTRAL "$CD" image import "$IMAGES/$src" --tenant "$PA" --name "v1-$fmt" --disk-format "$fmt" --id "${V1[$fmt]}" >/dev/null
-  pir CENTRAL "$CD" image import "$IMAGES/b-inplace.$fmt" --tenant "$PA" --name "v2-$fmt" --disk-format "$fmt" --id "${V2[$fmt]}" >/dev/null
+  ir CENTRAL "$CD" image import "$IMAGES/$src" --tenant "$PA" --name "v1-$fmt" --disk-format "$fmt" --id "${V1[$fmt]}" >/dev/null
+  ir CENTRAL "$CD" image import "$IMAGES/b-inplace.$fmt" --tenant "$PA" --name "v2-$fmt" --disk-format "$fmt" --id "${V2[$fmt]}" >/dev/null
   py record "$RESULTS" kind=peer-images "format=$fmt" \
     "v1_size=$(stat -c %s "$IMAGES/$src")" "v1_alloc=$(alloc "$IMAGES/$src")" \
     "v2_size=$(stat -c %s "$IMAGES/b-inplace.$fmt")" "v2_alloc=$(alloc "$IMAGES/b-inplace.$fmt")"
@@ -104,15 +96,15 @@ log "relay: pid ${SRV_PID[relay]}, 127.0.0.1:$RELAY_PORT → central, control po
 echo "python3 scripts/bench/relay.py --target 127.0.0.1:\$PORT_CENTRAL --ports-file \$TMP/relay.ports   # then \$RELAY_PORT, \$RELAY_CONTROL" >>"$SETUP_LOG"
 
 printf '%s\n' "$TOKC" >"$TMP/central.token"
-pir EDGE "$ED" region add edge >/dev/null
-pir EDGE "$ED" region add central --peer-url "http://127.0.0.1:$RELAY_PORT" \
+ir EDGE "$ED" region add edge >/dev/null
+ir EDGE "$ED" region add central --peer-url "http://127.0.0.1:$RELAY_PORT" \
   --peer-token-file "$TMP/central.token" --peer-region ot1 >/dev/null
-pir EDGE "$ED" tenant add "$PA" --region central >/dev/null
-pir EDGE "$ED" tenant add "$PP" --region central >/dev/null
-pir EDGE "$ED" tenant add "$PB" --region edge >/dev/null
-pir EDGE "$ED" user add alice --tenant "$PA" --tenant "$PB" --tenant "$PP" >/dev/null
-pir EDGE "$ED" token issue --user alice --tenant "$PA" --token "$TOKA" >/dev/null
-pir EDGE "$ED" token issue --user alice --tenant "$PB" --token "$TOKB" >/dev/null
+ir EDGE "$ED" tenant add "$PA" --region central >/dev/null
+ir EDGE "$ED" tenant add "$PP" --region central >/dev/null
+ir EDGE "$ED" tenant add "$PB" --region edge >/dev/null
+ir EDGE "$ED" user add alice --tenant "$PA" --tenant "$PB" --tenant "$PP" >/dev/null
+ir EDGE "$ED" token issue --user alice --tenant "$PA" --token "$TOKA" >/dev/null
+ir EDGE "$ED" token issue --user alice --tenant "$PB" --token "$TOKB" >/dev/null
 sed -i "s|http://127.0.0.1:$RELAY_PORT|http://127.0.0.1:\$RELAY_PORT|" "$SETUP_LOG"
 start_server edge "$ED"
 PIDS="central=${SRV_PID[central]},edge=${SRV_PID[edge]},relay=${SRV_PID[relay]}"
@@ -197,14 +189,14 @@ for fmt in $PEER_FORMATS; do
       sync
       if ((rep % 2)); then
         peer_job D2 "$fmt" pull "$size" "$TOKA" "${V1[$fmt]}" "$PB" "link=$link" "rep=$rep" order=1 "rate=$rate" tool=job
-        pir EDGE "$ED" image delete "$LAST_DEST" >/dev/null
+        ir EDGE "$ED" image delete "$LAST_DEST" >/dev/null
         sync
         peer_curl "$fmt" "$link" "$rep" 2 "$size" "${V1[$fmt]}"
       else
         peer_curl "$fmt" "$link" "$rep" 1 "$size" "${V1[$fmt]}"
         sync
         peer_job D2 "$fmt" pull "$size" "$TOKA" "${V1[$fmt]}" "$PB" "link=$link" "rep=$rep" order=2 "rate=$rate" tool=job
-        pir EDGE "$ED" image delete "$LAST_DEST" >/dev/null
+        ir EDGE "$ED" image delete "$LAST_DEST" >/dev/null
       fi
     done
   done
@@ -223,7 +215,7 @@ for fmt in $PEER_FORMATS; do
       --control "$RELAY_CTL" --pids "$PIDS" --bin "$BIN" --data-dir "$ED" --poll "$PEER_POLL")
     kill -INT "${perf_pids[@]}" 2>/dev/null || true
     wait "${perf_pids[@]}" 2>/dev/null || true
-    pir EDGE "$ED" image delete "$(printf '%s' "$out" | py field dest_image_id)" >/dev/null
+    ir EDGE "$ED" image delete "$(printf '%s' "$out" | py field dest_image_id)" >/dev/null
     for proc in central edge; do
       perf report -i "$BENCH_PEER_PERF/$fmt-$proc.data" --stdio --no-children --sort dso,symbol \
         --percent-limit 2 2>/dev/null >"$BENCH_PEER_PERF/$fmt-$proc.txt" || true
@@ -257,7 +249,7 @@ for fmt in $PEER_FORMATS; do
   peer_job D1 "$fmt" pull "$s2" "$TOKA" "${V2[$fmt]}" "$PB"
   e2=$LAST_DEST
   peer_job D4 "$fmt" pull "$s2" "$TOKA" "${V2[$fmt]}" "$PB"
-  pir EDGE "$ED" image delete "$LAST_DEST" >/dev/null
+  ir EDGE "$ED" image delete "$LAST_DEST" >/dev/null
   # Push: the edge's copies into tenant P of the central, which holds nothing yet.
   peer_job v1 "$fmt" push "$s1" "$TOKB" "$e1" "$PP"
   c1=$LAST_DEST
@@ -265,8 +257,8 @@ for fmt in $PEER_FORMATS; do
   c2=$LAST_DEST
   peer_job D4 "$fmt" push "$s2" "$TOKB" "$e2" "$PP"
   c3=$LAST_DEST
-  for img in "$e1" "$e2"; do pir EDGE "$ED" image delete "$img" >/dev/null; done
-  for img in "$c1" "$c2" "$c3"; do pir CENTRAL "$CD" image delete "$img" >/dev/null; done
+  for img in "$e1" "$e2"; do ir EDGE "$ED" image delete "$img" >/dev/null; done
+  for img in "$c1" "$c2" "$c3"; do ir CENTRAL "$CD" image delete "$img" >/dev/null; done
 done
 drain_log edge "D1/D4"
 drain_log central "D1-D4"

@@ -197,17 +197,18 @@ impl PeerClient {
         expect(&self.what(), resp, &[StatusCode::OK])
     }
 
-    /// Creates or continues the upload of image `id` into the region; what the peer lacks.
+    /// Creates or continues the upload of image `id` into the region with its manifest
+    /// (encoded); what the peer lacks.
     pub fn put_upload(
         &self,
         id: Uuid,
         image: UploadImage,
-        manifest: &Manifest,
+        manifest: &[u8],
     ) -> Result<Missing, RemoteError> {
         let body = Upload {
             region: self.config.region.clone(),
             image,
-            manifest: base64::engine::general_purpose::STANDARD.encode(manifest.encode()),
+            manifest: base64::engine::general_purpose::STANDARD.encode(manifest),
         };
         let resp = self.send(|c| {
             c.put(self.url(&format!("/uploads/{id}")))

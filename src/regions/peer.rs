@@ -731,10 +731,11 @@ impl Sink for PeerSink<'_> {
         if reference.sha512.is_none() || reference.covered() < reference.size {
             return Ok((0, 0));
         }
+        let encoded = reference.encode();
         let missing = self
             .client
-            .put_upload(self.id, self.image.clone(), reference)?;
-        Delta::add(&self.delta.wire, reference.encode().len() as u64);
+            .put_upload(self.id, self.image.clone(), &encoded)?;
+        Delta::add(&self.delta.wire, encoded.len() as u64);
         let mut lacks = vec![false; reference.chunk_count()];
         for i in missing.missing.indexes() {
             if let Some(slot) = lacks.get_mut(i) {

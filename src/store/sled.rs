@@ -1405,20 +1405,6 @@ mod tests {
         crate::manifest::complete(size, Some("ab".repeat(64)), entries).encode()
     }
 
-    fn bytes_on_disk(dir: &Path) -> u64 {
-        use std::os::unix::fs::MetadataExt;
-        let mut total = 0;
-        for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
-            let meta = entry.metadata().expect("metadata");
-            total += if meta.is_dir() {
-                bytes_on_disk(&entry.path())
-            } else {
-                meta.blocks() * 512
-            };
-        }
-        total
-    }
-
     /// Opens the store at `dir` again, waiting for a store just dropped to let go of sled's
     /// lock (its flusher thread holds it a moment longer).
     fn reopen(dir: &Path) -> SledStore {
@@ -1484,108 +1470,5 @@ mod tests {
         assert_eq!(inner.chunks.len(), 0);
         assert!(inner.chunks_stale.is_empty());
         assert!(inner.chunks_indexed.is_empty());
-    }
-
-    /// The longest a store read waits on another thread while `f` runs.
-    fn longest_wait_during(store: &SledStore, f: impl FnOnce()) -> Duration {
-        let done = AtomicBool::new(false);
-        std::thread::scope(|scope| {
-            let reader = scope.spawn(|| {
-                let mut longest = Duration::ZERO;
-                while !done.load(Ordering::SeqCst) {
-                    let t = Instant::now();
-                    store.region("none").expect("read");
-                    longest = longest.max(t.elapsed());
-                    std::thread::sleep(Duration::from_micros(200));
-                }
-                longest
-            });
-            f();
-            done.store(true, Ordering::SeqCst);
-            reader.join().expect("reader")
-        })
-    }
-
-    /// What the chunk index costs `put_manifest` and the disk (README, "Chunk manifests"):
-    /// `cargo test --release --lib store::sled::tests::the_chunk_index_cost -- --ignored
-    /// --nocapture`.
-    #[test]
-    #[ignore]
-    fn the_chunk_index_cost() {
-        let key = TenantKey::parse(OWNER).expect("key");
-        for (label, chunks) in [("1 GiB", 16_384), ("10 GiB", 163_840)] {
-            let images = 10 * 16_384 / chunks;
-            let mut on_disk = Vec::new();
-            for indexed in [false, true] {
-                let dir = tempfile::tempdir().expect("temp dir");
-                let store = SledStore::open(dir.path()).expect("open");
-                let mut put = Duration::ZERO;
-                let mut ids = Vec::new();
-                for n in 0..images {
-                    let image = image();
-                    // Without a record the manifest is stored and not indexed: the baseline.
-                    if indexed {
-                        store.insert_image(key, &image).expect("insert");
-                    }
-                    let first = all_data(chunks, 2 * n as u64);
-                    let t = Instant::now();
-                    store.put_manifest(image.id, &first).expect("put");
-                    put += t.elapsed();
-                    ids.push(image.id);
-                }
-                store.flush().expect("flush");
-                let bytes = bytes_on_disk(dir.path());
-                on_disk.push(bytes);
-                println!(
-                    "{label}, {images} images, indexed {indexed}: put {:?} each, {:.1} MiB on disk",
-                    put / images as u32,
-                    bytes as f64 / f64::from(1 << 20)
-                );
-                if !indexed {
-                    continue;
-                }
-                let last = all_data(chunks, 999);
-                let Entry::Data(hash) = Manifest::decode(&last).expect("decode").chunks[chunks - 1]
-                else {
-                    unreachable!()
-                };
-                let image = image();
-                store.insert_image(key, &image).expect("insert");
-                let t = Instant::now();
-                let wait = longest_wait_during(&store, || {
-                    store.put_manifest(image.id, &last).expect("put");
-                });
-                println!(
-                    "{label}: put {:?}, a read on another thread waited up to {wait:?}",
-                    t.elapsed()
-                );
-                let t = Instant::now();
-                let found = store.chunk_holders(key, &hash, 4).expect("holders");
-                println!("{label}: chunk_holders {:?}", t.elapsed());
-                assert_eq!(found, vec![(image.id, chunks as u32 - 1)]);
-                let second = all_data(chunks, 1000);
-                let t = Instant::now();
-                let wait = longest_wait_during(&store, || {
-                    store.put_manifest(image.id, &second).expect("replace");
-                });
-                println!(
-                    "{label}: replace {:?}, a read waited up to {wait:?}",
-                    t.elapsed()
-                );
-                let t = Instant::now();
-                let wait = longest_wait_during(&store, || {
-                    store.remove_manifest(image.id).expect("remove");
-                });
-                println!(
-                    "{label}: remove {:?}, a read waited up to {wait:?}",
-                    t.elapsed()
-                );
-            }
-            let entries = (images * chunks) as u64;
-            println!(
-                "{label}: the index costs {} bytes on disk per entry ({entries} entries)",
-                on_disk[1].saturating_sub(on_disk[0]) / entries
-            );
-        }
     }
 }
