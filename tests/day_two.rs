@@ -97,19 +97,6 @@ fn lab_with_image(size: usize) -> (Lab, String, String) {
     (lab, token, image)
 }
 
-/// The server log's lines that name `request_id`.
-fn log_lines_of(server: &Server, request_id: &str) -> Vec<String> {
-    poll("the request's log lines", Duration::from_secs(5), || {
-        let lines: Vec<String> = server
-            .log_text()
-            .lines()
-            .filter(|l| l.contains(request_id))
-            .map(String::from)
-            .collect();
-        (lines.len() >= 2).then_some(lines)
-    })
-}
-
 /// A job in the list-response format, of tenant A into `dst` (in ot2), with `status`.
 fn seed_job(status: &str, dst: &str) -> Value {
     serde_json::json!({
@@ -228,10 +215,7 @@ fn job_detail_of_a_seeded_job_has_null_times_it_never_had() {
 fn a_401_for_a_tenant_the_user_is_not_a_member_of_logs_the_cause_never_the_token() {
     let f = Fixture::new();
     let resp = f.server.copy(&f.alice, &f.img_a, TENANT_B);
-    let request_id = resp.headers()["x-openstack-request-id"]
-        .to_str()
-        .expect("id")
-        .to_string();
+    let request_id = request_id(&resp);
     assert_401(resp);
     let lines = log_lines_of(&f.server, &request_id);
     assert!(
@@ -267,10 +251,7 @@ fn a_401_for_an_expired_revoked_or_unknown_token_logs_which() {
         ("short", "cannot be a token"),
     ] {
         let resp = server.get(JOBS, Some(token));
-        let request_id = resp.headers()["x-openstack-request-id"]
-            .to_str()
-            .expect("id")
-            .to_string();
+        let request_id = request_id(&resp);
         assert_401(resp);
         let lines = log_lines_of(&server, &request_id);
         assert!(
@@ -613,6 +594,9 @@ fn a_backup_taken_mid_copy_restores_into_a_new_data_dir_where_the_copy_finishes(
         dirs.iter().all(|d| Path::new(d).starts_with(&home)),
         "{dirs:?}"
     );
+    for list in [["user", "list"], ["tenant", "list"], ["token", "list"]] {
+        assert_eq!(other.ok_json(&list), lab.ok_json(&list), "{list:?}");
+    }
     let root = other.token("root", TENANT_A);
     let server = other.serve_with(&[]);
     assert_eq!(all_jobs(&server, &root).len(), 3);
