@@ -688,6 +688,33 @@ pub enum Step {
     Forget,
 }
 
+impl Job {
+    /// A new job of the API (or a retry): `wire` as given, enqueued for the worker, nothing
+    /// copied yet.
+    pub fn new_queued(wire: JobWire, seq: u64, at: u64, bytes_total: u64) -> Job {
+        Job {
+            wire,
+            seq,
+            created_at: at,
+            updated_at: at,
+            bytes_copied: 0,
+            bytes_total,
+            error: None,
+            seeded: false,
+            enqueued: true,
+            created_destination: None,
+            bytes_verified: 0,
+            source_bytes_read: 0,
+            resumes: 0,
+            reading: false,
+            bytes_reused: 0,
+            bytes_fetched: 0,
+            bytes_on_wire: 0,
+            story: JobStory::default(),
+        }
+    }
+}
+
 /// The job's life cycle, each rule once. Every function is pure: it changes the record (and
 /// says whether it may) and nothing else; the store writes the result in one transaction.
 impl Job {
@@ -931,37 +958,19 @@ mod job_transitions {
     use super::*;
 
     fn job(status: JobStatus) -> Job {
-        Job {
-            wire: JobWire {
-                copy_progress: 0,
-                destination_image_id: None,
-                destination_region_id: "ot2".into(),
-                destination_tenant_id: "91b5c7c09cbd45caa3c146fd67ae471e".into(),
-                job_id: Uuid::new_v4(),
-                source_image_id: Uuid::new_v4(),
-                source_image_name: "cirros".into(),
-                source_region_id: "ot1".into(),
-                source_tenant_id: "236ae314ef6944f4ab98fa7519e54325".into(),
-                status,
-            },
-            seq: 1,
-            created_at: 0,
-            updated_at: 0,
-            bytes_copied: 0,
-            bytes_total: 0,
-            error: None,
-            seeded: false,
-            enqueued: true,
-            created_destination: None,
-            bytes_verified: 0,
-            source_bytes_read: 0,
-            resumes: 0,
-            reading: false,
-            bytes_reused: 0,
-            bytes_fetched: 0,
-            bytes_on_wire: 0,
-            story: JobStory::default(),
-        }
+        let wire = JobWire {
+            copy_progress: 0,
+            destination_image_id: None,
+            destination_region_id: "ot2".into(),
+            destination_tenant_id: "91b5c7c09cbd45caa3c146fd67ae471e".into(),
+            job_id: Uuid::new_v4(),
+            source_image_id: Uuid::new_v4(),
+            source_image_name: "cirros".into(),
+            source_region_id: "ot1".into(),
+            source_tenant_id: "236ae314ef6944f4ab98fa7519e54325".into(),
+            status,
+        };
+        Job::new_queued(wire, 1, 0, 0)
     }
 
     #[test]

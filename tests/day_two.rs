@@ -13,18 +13,7 @@ use serde_json::Value;
 const MIB: usize = 1 << 20;
 
 /// The ten keys of the job object, in wire order.
-const TEN: [&str; 10] = [
-    "copy_progress",
-    "destination_image_id",
-    "destination_region_id",
-    "destination_tenant_id",
-    "job_id",
-    "source_image_id",
-    "source_image_name",
-    "source_region_id",
-    "source_tenant_id",
-    "status",
-];
+use image_replicator::model::JOB_KEYS as TEN;
 
 /// What the detail adds after the ten keys, in order.
 const MORE: [&str; 10] = [
@@ -215,15 +204,8 @@ fn job_detail_of_a_seeded_job_has_null_times_it_never_had() {
 fn a_401_for_a_tenant_the_user_is_not_a_member_of_logs_the_cause_never_the_token() {
     let f = Fixture::new();
     let resp = f.server.copy(&f.alice, &f.img_a, TENANT_B);
-    let request_id = request_id(&resp);
-    assert_401(resp);
-    let lines = log_lines_of(&f.server, &request_id);
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("not a member of the destination tenant")),
-        "{lines:?}"
-    );
+    let cause = "not a member of the destination tenant";
+    assert_401_logged(&f.server, resp, cause, &f.alice);
     let log = f.server.log_text();
     for token in [&f.alice, &f.bob, &f.carol, &f.root] {
         assert!(!log.contains(token.as_str()), "a token is in the log");
@@ -250,18 +232,7 @@ fn a_401_for_an_expired_revoked_or_unknown_token_logs_which() {
         (unknown, "unknown token"),
         ("short", "cannot be a token"),
     ] {
-        let resp = server.get(JOBS, Some(token));
-        let request_id = request_id(&resp);
-        assert_401(resp);
-        let lines = log_lines_of(&server, &request_id);
-        assert!(
-            lines.iter().any(|l| l.contains(cause)),
-            "{cause}: {lines:?}"
-        );
-        assert!(
-            !server.log_text().contains(token),
-            "the token is in the log"
-        );
+        assert_401_logged(&server, server.get(JOBS, Some(token)), cause, token);
     }
 }
 

@@ -115,36 +115,19 @@ impl Service {
             }
             None => None,
         };
-        let created = now();
-        let job = Job {
-            wire: JobWire {
-                copy_progress: 0,
-                destination_image_id: None,
-                job_id: Uuid::new_v4(),
-                status: JobStatus::ReplicateRequested,
-                ..old.wire.clone()
-            },
-            seq: self.store.next_seq()?,
-            created_at: created,
-            updated_at: created,
-            bytes_copied: 0,
-            bytes_total: image.as_ref().map_or(old.bytes_total, |i| i.size),
-            error: None,
-            seeded: false,
-            enqueued: true,
-            created_destination: None,
-            bytes_verified: 0,
-            source_bytes_read: 0,
-            resumes: 0,
-            reading: false,
-            bytes_reused: 0,
-            bytes_fetched: 0,
-            bytes_on_wire: 0,
-            story: JobStory {
-                retries: old.story.retries.saturating_add(1),
-                retry_of: Some(old_id),
-                ..JobStory::default()
-            },
+        let wire = JobWire {
+            copy_progress: 0,
+            destination_image_id: None,
+            job_id: Uuid::new_v4(),
+            status: JobStatus::ReplicateRequested,
+            ..old.wire.clone()
+        };
+        let bytes_total = image.as_ref().map_or(old.bytes_total, |i| i.size);
+        let mut job = Job::new_queued(wire, self.store.next_seq()?, now(), bytes_total);
+        job.story = JobStory {
+            retries: old.story.retries.saturating_add(1),
+            retry_of: Some(old_id),
+            ..JobStory::default()
         };
         let new_id = job.wire.job_id;
         // The old job names its retry first: a crash before the insert leaves it naming a job

@@ -593,6 +593,19 @@ pub fn request_id(resp: &Response) -> String {
         .to_string()
 }
 
+/// Asserts the reference 401, a line of the server's log with its request id that names
+/// `cause`, and no trace of `token` in the log.
+pub fn assert_401_logged(server: &Server, resp: Response, cause: &str, token: &str) {
+    let id = request_id(&resp);
+    assert_401(resp);
+    let lines = log_lines_of(server, &id);
+    assert!(
+        lines.iter().any(|l| l.contains(cause)),
+        "{cause}: {lines:?}"
+    );
+    assert!(!server.log_text().contains(token), "a token is in the log");
+}
+
 /// The server log's lines that name `request_id`, once there are at least two (the request's
 /// own line and one more, such as a 401's cause).
 pub fn log_lines_of(server: &Server, request_id: &str) -> Vec<String> {
