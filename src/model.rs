@@ -617,6 +617,11 @@ pub struct JobStory {
     /// The job that retried this one.
     #[serde(default)]
     pub retried_by: Option<Uuid>,
+    /// A job that ended in `error` after transient failures: its partial destination image
+    /// (still `saving`, where the appliance keeps its record), kept for a retry to resume
+    /// from, until a retry takes it over or a purge removes it.
+    #[serde(default)]
+    pub kept_destination: Option<Uuid>,
 }
 
 /// The body of `GET …/jobs/{job_id}/detail`: the job object's ten keys unchanged, then the

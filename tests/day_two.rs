@@ -409,7 +409,12 @@ fn serve_job_retention_purges_terminal_jobs_in_the_background() {
         (list.len() == 1).then_some(list)
     });
     assert_eq!(job_ids(&left), job_ids(&[running]));
-    assert!(server.log_text().contains("terminal jobs purged"));
+    poll("the purge's log line", Duration::from_secs(5), || {
+        server
+            .log_text()
+            .contains("terminal jobs purged")
+            .then_some(())
+    });
 }
 
 // ----- 5. user update -----
