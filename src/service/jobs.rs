@@ -81,25 +81,9 @@ impl Service {
         let created = now();
         let mut records = Vec::with_capacity(jobs.len());
         for (key, wire) in jobs {
-            let job = Job {
-                seq: self.store.next_seq()?,
-                created_at: created,
-                updated_at: created,
-                bytes_copied: 0,
-                bytes_total: 0,
-                error: None,
-                seeded: true,
-                enqueued: enqueue,
-                created_destination: None,
-                bytes_verified: 0,
-                source_bytes_read: 0,
-                resumes: 0,
-                reading: false,
-                bytes_reused: 0,
-                bytes_fetched: 0,
-                bytes_on_wire: 0,
-                wire,
-            };
+            let mut job = Job::new_queued(wire, self.store.next_seq()?, created, 0);
+            job.seeded = true;
+            job.enqueued = enqueue;
             records.push((key, job));
         }
         let inserted = self.store.insert_jobs(&records)?;
@@ -138,7 +122,7 @@ impl Service {
     // ----- jobs: the API -----
 
     /// A job the caller may see (`None`: the admin CLI, sees all), else 404.
-    fn visible_job(&self, who: Option<&Principal>, id: &str) -> Result<Job> {
+    pub(super) fn visible_job(&self, who: Option<&Principal>, id: &str) -> Result<Job> {
         let missing = || ServiceError::NotFound(format!("no job {id}"));
         // A path segment that is not even a UUID is quoted: it is the client's text.
         let uuid = Uuid::try_parse(id)
@@ -296,7 +280,7 @@ impl Service {
             };
             if !member {
                 return Err(ServiceError::Unauthorized(format!(
-                    "user {} may not use tenant {tenant_dst}",
+                    "not a member of the destination tenant: user {} may not use tenant {tenant_dst}",
                     who.user
                 )));
             }
@@ -329,37 +313,19 @@ impl Service {
         self.check_store_room()?;
         self.check_quotas(owner, dst_key, &dst_tenant, &image)?;
         let device = self.check_room(&dst_region, &image)?;
-        let created = now();
-        let job = Job {
-            wire: JobWire {
-                copy_progress: 0,
-                destination_image_id: None,
-                destination_region_id: dst_region.id,
-                destination_tenant_id: dst_tenant.id,
-                job_id: Uuid::new_v4(),
-                source_image_id: image.id,
-                source_image_name: image.name,
-                source_region_id: src_region.id,
-                source_tenant_id: image.owner,
-                status: JobStatus::ReplicateRequested,
-            },
-            seq: self.store.next_seq()?,
-            created_at: created,
-            updated_at: created,
-            bytes_copied: 0,
-            bytes_total: image.size,
-            error: None,
-            seeded: false,
-            enqueued: true,
-            created_destination: None,
-            bytes_verified: 0,
-            source_bytes_read: 0,
-            resumes: 0,
-            reading: false,
-            bytes_reused: 0,
-            bytes_fetched: 0,
-            bytes_on_wire: 0,
+        let wire = JobWire {
+            copy_progress: 0,
+            destination_image_id: None,
+            destination_region_id: dst_region.id,
+            destination_tenant_id: dst_tenant.id,
+            job_id: Uuid::new_v4(),
+            source_image_id: image.id,
+            source_image_name: image.name,
+            source_region_id: src_region.id,
+            source_tenant_id: image.owner,
+            status: JobStatus::ReplicateRequested,
         };
+        let job = Job::new_queued(wire, self.store.next_seq()?, now(), image.size);
         self.store.insert_jobs(&[(owner, job.clone())])?;
         if let Some(device) = device {
             self.space.promise(job.wire.job_id, device, job.bytes_total);
@@ -373,7 +339,7 @@ impl Service {
 
     /// New jobs are refused (507) while the store's own file system is below its reserve: the
     /// store then never runs out of space because of copies.
-    fn check_store_room(&self) -> Result<()> {
+    pub(super) fn check_store_room(&self) -> Result<()> {
         let Ok(space) = crate::disk::space_of(&self.data_dir) else {
             return Ok(());
         };
@@ -390,7 +356,7 @@ impl Service {
 
     /// Whether the image fits into the destination beside the reserve and the copies already
     /// accepted (409 if not); the destination's file system, for the new job's promise.
-    fn check_room(&self, region: &Region, image: &Image) -> Result<Option<u64>> {
+    pub(super) fn check_room(&self, region: &Region, image: &Image) -> Result<Option<u64>> {
         let Some(space) = self.images_of(region)?.space() else {
             return Ok(None);
         };
@@ -408,7 +374,7 @@ impl Service {
     /// The quotas a new job must stay within (413 if not): active jobs of its source tenant
     /// (the tenant that sees, lists and cancels it), bytes stored by its destination tenant
     /// (whose region receives the copy).
-    fn check_quotas(
+    pub(super) fn check_quotas(
         &self,
         source: TenantKey,
         destination: TenantKey,
@@ -472,7 +438,7 @@ impl Service {
         Ok(())
     }
 
-    fn usable_region(&self, id: &str) -> Result<Region> {
+    pub(super) fn usable_region(&self, id: &str) -> Result<Region> {
         let region = self
             .store
             .region(id)?

@@ -9,11 +9,14 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use super::{recovery::conclude, Ctx};
+use super::{
+    recovery::{conclude, conclude_keeping},
+    Ctx,
+};
 use crate::copy::{Control, Copied, Plan, Progress, Source, Stop, CHUNK};
 use crate::error::{Result, ServiceError};
 use crate::manifest::{self, Entry, Manifest, CHUNK_SIZE};
-use crate::model::{now, Image, ImageStatus, Job, JobStatus, Region, TenantKey};
+use crate::model::{now, now_ms, Image, ImageStatus, Job, JobStatus, Region, TenantKey};
 use crate::peer::{Delta, DeltaFigures};
 use crate::regions::{
     make_manifest, transfer, verify, ImageStore, Reading, Recorded, StoreError, TransferError,
@@ -86,10 +89,11 @@ pub(super) fn replicate(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> Result<()> 
             Err(Failure::Transient(reason)) => reason,
         };
         if attempt == ATTEMPTS {
-            return conclude(
+            // What the destination verified stays for a retry (`job retry`).
+            return conclude_keeping(
                 ctx,
                 id,
-                Some(format!("{reason} (gave up after {ATTEMPTS} attempts)")),
+                format!("{reason} (gave up after {ATTEMPTS} attempts)"),
             );
         }
         tracing::warn!(job = %id, attempt, "copy failed, retrying in {backoff:?}: {}", escape(&reason));
@@ -280,6 +284,7 @@ fn copy_once(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> std::result::Result<()
     )?;
     let began = store.update_job(id, &|job| {
         job.begin_attempt(verified, held, CHUNK as u64, now());
+        job.begin_rate(verified, now_ms());
         Ok(ImageChange::None)
     })?;
     store.flush()?;
@@ -353,6 +358,7 @@ fn copy_once(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> std::result::Result<()
         if !job.complete(now()) {
             return Ok(ImageChange::None);
         }
+        job.measure_rate(job.bytes_total, now_ms());
         job.source_bytes_read = read;
         job.set_moved(moved);
         Ok(match &active {
@@ -554,6 +560,7 @@ impl Copy<'_> {
             persisted = (percent, Instant::now());
             let update = store.update_job(id, &|job| {
                 job.progress(copied, now());
+                job.measure_rate(copied, now_ms());
                 Ok(ImageChange::None)
             });
             match update {
