@@ -26,7 +26,8 @@ const BACKLOG: u32 = 4096;
 const WORKER_GRACE: Duration = Duration::from_secs(5);
 
 pub struct ServeOptions {
-    pub listen: String,
+    /// Resolved from `--listen` while the arguments were parsed.
+    pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub demo: bool,
     /// `None`: the API alone (`--no-worker`).
@@ -134,12 +135,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
             .map_err(|e| format!("cannot prepare the demo: {e}"))?;
     }
 
-    let addr: SocketAddr = opts.listen.parse().map_err(|_| {
-        format!(
-            "--listen '{}' is not an address such as 127.0.0.1:9292",
-            opts.listen
-        )
-    })?;
+    let addr = opts.listen;
     let tls = match &opts.tls {
         Some((cert, key)) => Some(crate::net::tls_acceptor(cert, key)?),
         None => None,
