@@ -397,3 +397,179 @@ fn token_issue_names_the_id_and_token_list_shows_usable_tokens_oldest_first() {
         "--json prints the id in the JSON only"
     );
 }
+
+// ----- job watch -----
+
+const MIB: usize = 1 << 20;
+
+/// `job watch ARGS` started in the background (stdout a pipe: plain lines).
+fn watch(lab: &Lab, args: &[&str]) -> std::process::Child {
+    Command::new(BIN)
+        .arg("--data-dir")
+        .arg(lab.data_dir())
+        .args(["job", "watch"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn job watch")
+}
+
+/// Waits for a background `job watch`; its exit status and stdout.
+fn watched(child: std::process::Child) -> (Option<i32>, String) {
+    let out = child.wait_with_output().expect("job watch");
+    (out.status.code(), stdout(&out))
+}
+
+#[test]
+fn job_watch_exits_0_3_or_4_as_the_job_ends_replicated_in_error_or_canceled() {
+    let lab = Lab::new();
+    let token = lab.copier();
+    let small = lab.image(TENANT_A, "small", 64 * 1024);
+    let broken = lab.image(TENANT_A, "broken", MIB);
+    let slow = lab.image(TENANT_A, "slow", 2 * MIB);
+    let path = lab.region_dir("ot1").join(&broken);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[4321] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    let server = lab.serve_with(&["--max-bandwidth", "256K"]);
+
+    let id = server.copy_ok(&token, &small, TENANT_B);
+    let (code, out) = watched(watch(&lab, &[&id]));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.ends_with(&format!("{id} replicated 100%\n")), "{out}");
+
+    let id = server.copy_ok(&token, &broken, TENANT_B);
+    let (code, out) = watched(watch(&lab, &[&id]));
+    assert_eq!(code, Some(3), "{out}");
+    let last = out.lines().last().unwrap();
+    assert!(
+        last.starts_with(&format!("{id} error ")) && last.contains("changed"),
+        "{out}"
+    );
+
+    let id = server.copy_ok(&token, &slow, TENANT_B);
+    let child = watch(&lab, &[]);
+    server.wait_job(&token, &id, std::time::Duration::from_secs(10), |j| {
+        j["status"] == "replicating" && j["copy_progress"].as_u64() > Some(0)
+    });
+    ok(&lab, &["job", "cancel", &id]);
+    let (code, out) = watched(child);
+    assert_eq!(code, Some(4), "{out}");
+    assert!(out.lines().last().unwrap().contains(" canceled "), "{out}");
+    assert!(!out.contains("eta 0s"), "{out}");
+    for line in out.lines() {
+        assert!(
+            line.chars().count() <= 80,
+            "wider than 80 columns: {line:?}"
+        );
+    }
+}
+
+#[test]
+fn job_watch_wait_starts_before_the_job_exists() {
+    let lab = Lab::new();
+    lab.standard();
+    let _server = lab.serve();
+    let id = "55555555-5555-4555-8555-555555555555";
+    let out = lab.cli(&["job", "watch", id]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(stderr(&out), format!("image-replicator: no job {id}\n"));
+
+    let child = watch(&lab, &["--wait", id]);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let job = serde_json::json!([{
+        "copy_progress": 100, "destination_image_id": null, "destination_region_id": "ot2",
+        "destination_tenant_id": TENANT_B, "job_id": id,
+        "source_image_id": "9b805919-8acb-4880-8904-cd2f9a32c1ad",
+        "source_image_name": "seeded", "source_region_id": "ot1",
+        "source_tenant_id": TENANT_A, "status": "replicated"}]);
+    lab.seed_jobs(job.as_array().unwrap());
+    let (code, out) = watched(child);
+    assert_eq!(code, Some(0));
+    assert_eq!(out, format!("{id} replicated 100%\n"));
+}
+
+/// The rows a terminal `width` columns wide shows of `text`: escape sequences taken out, each
+/// `\r` or `\n` ending a row.
+fn screen_lines(text: &str, width: usize) -> Vec<String> {
+    let mut lines = vec![String::new()];
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => {
+                if chars.peek() == Some(&'[') {
+                    chars.next();
+                    while let Some(c) = chars.next() {
+                        if c.is_ascii_alphabetic() || c == '~' {
+                            break;
+                        }
+                    }
+                }
+            }
+            '\r' | '\n' => lines.push(String::new()),
+            c => lines.last_mut().unwrap().push(c),
+        }
+    }
+    // indicatif pads each line with blanks to the terminal's width and lets the terminal
+    // wrap to the next row.
+    lines
+        .into_iter()
+        .flat_map(|l| {
+            let chars: Vec<char> = l.chars().collect();
+            chars
+                .chunks(width)
+                .map(|row| row.iter().collect::<String>().trim_end().to_string())
+                .collect::<Vec<_>>()
+        })
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+#[test]
+fn job_watch_bars_fit_80_columns_and_show_no_eta_for_queued_or_ended_jobs() {
+    let lab = Lab::new();
+    let token = lab.copier();
+    let first = lab.image(TENANT_A, "first", 4 * MIB);
+    let second = lab.image(TENANT_A, "second", MIB);
+    let server = lab.serve_with(&["--workers", "1", "--max-bandwidth", "1M"]);
+    let a = server.copy_ok(&token, &first, TENANT_B);
+    let b = server.copy_ok(&token, &second, TENANT_B);
+    // A terminal 200 columns wide, so that nothing is cut for us.
+    let watch = format!(
+        "stty cols 200 rows 50; '{BIN}' --data-dir '{}' job watch",
+        lab.data_dir().display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &watch, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("script (util-linux)");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines = screen_lines(&text, 200);
+    assert!(lines.iter().any(|l| l.contains(&a)) && lines.iter().any(|l| l.contains(&b)));
+    assert!(
+        lines.iter().any(|l| l.contains(" eta ")),
+        "no ETA ever:\n{text}"
+    );
+    for (i, line) in lines.iter().enumerate() {
+        assert!(
+            line.chars().count() <= 80,
+            "wider than 80 columns: {line:?}"
+        );
+        assert!(!line.contains("eta 0s"), "{line:?}");
+        // The bar below a queued job's line has no ETA.
+        if line.ends_with("replicate_requested") {
+            if let Some(bar) = lines.get(i + 1) {
+                assert!(!bar.contains("eta"), "a queued job with an ETA: {bar:?}");
+            }
+        }
+    }
+    let ended: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.ends_with(" replicated"))
+        .collect();
+    assert!(ended.len() >= 2, "{lines:#?}");
+}

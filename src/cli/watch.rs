@@ -79,7 +79,11 @@ pub fn run(data_dir: &Path, job_id: Option<&str>, wait: bool) -> Result<i32, Str
             let entry = watched.entry(job.seq).or_insert_with(|| {
                 let view = match &bars {
                     Some(multi) => View::Bar(
-                        multi.add(ProgressBar::new(job.bytes_total).with_style(style.clone())),
+                        multi.add(
+                            ProgressBar::new(job.bytes_total)
+                                .with_style(style.clone())
+                                .with_prefix(format!("{} {}", job.wire.job_id, job.wire.status)),
+                        ),
                     ),
                     None => View::Lines {
                         first: (Instant::now(), job.bytes_copied),
