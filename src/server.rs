@@ -127,13 +127,16 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
         svc.auth.use_keystone(validator);
         tracing::info!(keystone = %url, "accepting Keystone tokens too");
     }
-    if opts.demo {
+    let demo_token = if opts.demo {
         let demo_svc = Arc::clone(&svc);
-        tokio::task::spawn_blocking(move || crate::demo::prepare(&demo_svc))
+        let token = tokio::task::spawn_blocking(move || crate::demo::prepare(&demo_svc))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("cannot prepare the demo: {e}"))?;
-    }
+        Some(token)
+    } else {
+        None
+    };
 
     let addr = opts.listen;
     let tls = match &opts.tls {
@@ -170,6 +173,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
         tracing::warn!("cannot count the room the queued copies need: {e}");
     }
     let admin_task = tokio::spawn(admin::serve(unix, Arc::clone(&svc), status));
+    let max_bandwidth = opts.worker.as_ref().and_then(|w| w.max_bandwidth);
     let workers = match opts.worker {
         Some(config) => {
             let started = tokio::task::spawn_blocking(move || worker::start(parts, &config))
@@ -185,8 +189,15 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
     tracing::info!(listen = %bound, scheme, data_dir = %data_dir.display(), "image-replicator serving");
     println!("image-replicator listening on {scheme}://{bound}");
     println!("admin socket {}", socket.display());
-    if opts.demo {
-        println!("{}", crate::demo::instructions(bound, &data_dir));
+    if let Some(token) = &demo_token {
+        let reach = crate::demo::Reach {
+            addr: bound,
+            data_dir: &data_dir,
+            tls_cert: opts.tls.as_ref().map(|(cert, _)| cert.as_path()),
+            token,
+            max_bandwidth,
+        };
+        println!("{}", crate::demo::instructions(&reach));
     }
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

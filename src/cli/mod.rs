@@ -30,7 +30,9 @@ pub fn run(cli: Cli) -> Result<(), String> {
                 demo: args.demo,
                 worker: (!args.no_worker).then_some(WorkerConfig {
                     threads: usize::from(args.workers),
-                    max_bandwidth: args.max_bandwidth,
+                    max_bandwidth: args
+                        .max_bandwidth
+                        .or(args.demo.then_some(crate::demo::DEMO_BANDWIDTH)),
                 }),
                 min_free: args.min_free.unwrap_or_default(),
                 tls: args.tls_cert.zip(args.tls_key),
