@@ -30,30 +30,227 @@ const IMAGES: [(&str, &str, usize); 2] = [
     ),
 ];
 
-/// Creates the demo lab unless this data directory has it already.
-pub fn prepare(svc: &Service) -> Result<()> {
+/// The demo's cap on all copies together, unless `--max-bandwidth` is given: its 8 MiB image
+/// then copies for about 32 s, time enough to try a cancel.
+pub const DEMO_BANDWIDTH: u64 = 256 << 10;
+
+/// Creates the demo lab unless this data directory has it already, and gives its user and a
+/// working token back if they were removed or revoked; returns the token to show.
+///
+/// A revoked value stays refused for good (its record is kept, and registering a value that
+/// any record holds is refused), so a revoked sample token is not registered again: the demo
+/// issues a new token instead, printed once, as `token issue` would.
+pub fn prepare(svc: &Service) -> Result<String> {
     if svc.store.region("ot1")?.is_none() {
         build(svc)?;
         println!("demo: created regions ot1 and ot2, tenants {DEMO_TENANT} and {DEMO_TENANT_OT2}, user {DEMO_USER}, two images and the reference's three jobs");
+        return Ok(DEMO_TOKEN.to_string());
     }
-    Ok(())
+    repair(svc)
 }
 
-/// Ready-to-paste commands for the four routes against the server at `addr`.
-pub fn instructions(addr: std::net::SocketAddr, data_dir: &std::path::Path) -> String {
+/// The user and token of a lab made earlier, made good again.
+fn repair(svc: &Service) -> Result<String> {
+    if svc.store.user(DEMO_USER)?.is_none() {
+        let mut tenants = Vec::new();
+        for tenant in [DEMO_TENANT, DEMO_TENANT_OT2] {
+            if svc
+                .store
+                .tenant(
+                    crate::model::TenantKey::parse(tenant)
+                        .ok_or_else(|| ServiceError::internal("demo tenant", "not a tenant id"))?,
+                )?
+                .is_some()
+            {
+                tenants.push(tenant.to_string());
+            }
+        }
+        if tenants.first().map(String::as_str) != Some(DEMO_TENANT) {
+            return Err(ServiceError::Conflict(format!(
+                "the demo's tenant {DEMO_TENANT} was removed; start the demo over in an empty data directory"
+            )));
+        }
+        svc.user_add(DEMO_USER, &tenants, false)?;
+        println!("demo: user {DEMO_USER} was removed; added it again");
+    }
+    let now = crate::model::now();
+    let records = svc
+        .store
+        .token_candidates(&crate::auth::lookup(&crate::auth::digest(DEMO_TOKEN)))?;
+    let mut held = None;
+    for record in records {
+        if argon2::PasswordVerifier::verify_password(
+            &argon2::Argon2::default(),
+            DEMO_TOKEN.as_bytes(),
+            record.hash.as_str(),
+        )
+        .is_ok()
+        {
+            held = Some(record);
+            break;
+        }
+    }
+    match held {
+        Some(record) if record.unusable_at(now).is_none() && record.info.user == DEMO_USER => {
+            Ok(DEMO_TOKEN.to_string())
+        }
+        Some(record) => {
+            let why = record.unusable_at(now).unwrap_or("another user's");
+            let issued = svc.token_issue(DEMO_USER, DEMO_TENANT, None, None)?;
+            println!(
+                "demo: the sample token is {why} and stays refused; issued token {} instead",
+                issued.info.id
+            );
+            Ok(issued.token)
+        }
+        None => {
+            svc.token_issue(DEMO_USER, DEMO_TENANT, None, Some(DEMO_TOKEN.to_string()))?;
+            println!("demo: the sample token was removed; registered it again");
+            Ok(DEMO_TOKEN.to_string())
+        }
+    }
+}
+
+/// How the demo's server is reached, for its printed commands.
+pub struct Reach<'a> {
+    pub addr: std::net::SocketAddr,
+    pub data_dir: &'a std::path::Path,
+    /// The certificate of `--tls-cert`, when the server speaks HTTPS.
+    pub tls_cert: Option<&'a std::path::Path>,
+    /// The token the commands use.
+    pub token: &'a str,
+    /// The copies' bandwidth cap, if any.
+    pub max_bandwidth: Option<u64>,
+}
+
+/// Ready-to-paste commands for the four routes and the CLI against the server: the same
+/// `$API` as the README's, and the CLI by the path of this very binary when its directory is
+/// not on `PATH` (after `cargo run`, it is `target/release`).
+pub fn instructions(reach: &Reach) -> String {
     let (image, _, _) = IMAGES[0];
-    let data_dir = data_dir.display();
+    let data_dir = shell_word(&reach.data_dir.display().to_string());
+    let token = reach.token;
+    let (scheme, cacert) = match reach.tls_cert {
+        // curl trusts a self-signed certificate only when told to.
+        Some(cert) if self_signed(cert) => (
+            "https",
+            format!(" --cacert {}", shell_word(&cert.display().to_string())),
+        ),
+        Some(_) => ("https", String::new()),
+        None => ("http", String::new()),
+    };
+    let addr = reach.addr;
+    let path = match binary_dir() {
+        Some(dir) => format!("PATH={}:$PATH ", shell_word(&dir)),
+        None => String::new(),
+    };
+    let who = if token == DEMO_TOKEN {
+        format!(
+            "demo: token {DEMO_TOKEN} (the reference's sample token) acts for tenant {DEMO_TENANT}"
+        )
+    } else {
+        format!(
+            "demo: token {token} (new: the sample token is refused) acts for tenant {DEMO_TENANT}"
+        )
+    };
+    let cap = match reach.max_bandwidth {
+        Some(rate) => format!(
+            "\ndemo: copies are capped at {}/s (serve --max-bandwidth), so the cancel below finds the copy running",
+            crate::model::size_text(rate)
+        ),
+        None => String::new(),
+    };
     format!(
-        "demo: token {DEMO_TOKEN} (the reference's sample token) acts for tenant {DEMO_TENANT}
+        "{who}{cap}
 demo: try these:
-  export TOKEN={DEMO_TOKEN} API=http://{addr}/v2/extension/image_replicator/jobs
-  curl -s $API -H \"X-Auth-Token: $TOKEN\"
-  curl -s -X POST $API -H \"X-Auth-Token: $TOKEN\" -H 'Content-Type: application/json' \\
-       -d '{{\"image_id\": \"{image}\", \"tenant_id_dst\": \"{DEMO_TENANT_OT2}\"}}'
-  curl -s $API/<job_id> -H \"X-Auth-Token: $TOKEN\"
-  curl -s -X DELETE $API/<job_id> -H \"X-Auth-Token: $TOKEN\" -w '%{{http_code}}\\n'
+  export {path}TOKEN={token} API={scheme}://{addr}/v2/extension/image_replicator
+  curl -s{cacert} $API/jobs -H \"X-Auth-Token: $TOKEN\" -w '\\n'
+  JOB=$(curl -s{cacert} -X POST $API/jobs -H \"X-Auth-Token: $TOKEN\" -H 'Content-Type: application/json' \\
+       -d '{{\"image_id\": \"{image}\", \"tenant_id_dst\": \"{DEMO_TENANT_OT2}\"}}' | sed -E 's/.*\"job_id\": *\"([^\"]+)\".*/\\1/'); echo $JOB
+  curl -s{cacert} $API/jobs/$JOB -H \"X-Auth-Token: $TOKEN\" -w '\\n'
+  curl -s{cacert} -X DELETE $API/jobs/$JOB -H \"X-Auth-Token: $TOKEN\" -w '%{{http_code}}\\n'
   image-replicator --data-dir {data_dir} job watch"
     )
+}
+
+/// The directory of this binary, unless `image-replicator` on `PATH` is this binary already.
+fn binary_dir() -> Option<String> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    let on_path = std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|p| {
+            std::fs::canonicalize(p.join("image-replicator"))
+                .ok()
+                .as_deref()
+                == std::fs::canonicalize(&exe).ok().as_deref()
+        })
+    });
+    (!on_path).then(|| dir.display().to_string())
+}
+
+/// `text` as one shell word: as it is when it holds only safe characters, else single-quoted.
+fn shell_word(text: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "/._-+:=@%,".contains(c);
+    if !text.is_empty() && text.chars().all(safe) {
+        text.to_string()
+    } else {
+        format!("'{}'", text.replace('\'', "'\\''"))
+    }
+}
+
+/// Whether the PEM file holds one certificate that issued itself (its issuer is its
+/// subject): curl needs `--cacert` for that one. Anything unreadable counts as not.
+fn self_signed(cert: &std::path::Path) -> bool {
+    use rustls_pki_types::pem::PemObject;
+    let Ok(certs) = rustls_pki_types::CertificateDer::pem_file_iter(cert) else {
+        return false;
+    };
+    let certs: Vec<_> = certs.filter_map(|c| c.ok()).collect();
+    match certs.as_slice() {
+        [only] => issuer_and_subject(only).is_some_and(|(issuer, subject)| issuer == subject),
+        _ => false,
+    }
+}
+
+/// The DER of a certificate's issuer and subject names (RFC 5280: Certificate, then
+/// tbsCertificate: [0] version, serialNumber, signature, issuer, validity, subject).
+fn issuer_and_subject(der: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (_, certificate, _) = der_item(der)?;
+    let (_, tbs, _) = der_item(certificate)?;
+    let (tag, _, mut rest) = der_item(tbs)?;
+    if tag == 0xa0 {
+        // The version was the first item; the serial number follows.
+        rest = der_item(rest)?.2;
+    }
+    let rest = der_item(rest)?.2; // signature algorithm
+    let issuer_len = rest.len() - der_item(rest)?.2.len();
+    let (issuer, rest) = rest.split_at(issuer_len);
+    let rest = der_item(rest)?.2; // validity
+    let subject_len = rest.len() - der_item(rest)?.2.len();
+    Some((issuer, &rest[..subject_len]))
+}
+
+/// One DER item: its tag, its content and what follows it.
+fn der_item(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |len, &b| (len << 8) | usize::from(b));
+        (len, &rest[n..])
+    };
+    if rest.len() < len {
+        return None;
+    }
+    let (content, rest) = rest.split_at(len);
+    Some((tag, content, rest))
 }
 
 fn build(svc: &Service) -> Result<()> {

@@ -64,8 +64,37 @@ fn usage_error(e: clap::Error) -> ExitCode {
         .collect();
     let message = message.join(" ");
     let message = message.strip_prefix("error: ").unwrap_or(&message);
-    eprintln!("image-replicator: {} (see --help)", escape(message));
+    // clap's "did you mean": `tip: a similar subcommand exists: 'list'`.
+    let tips: Vec<&str> = text
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("tip: "))
+        .collect();
+    let mut hint = tips.join("; ");
+    if !hint.is_empty() {
+        hint.push_str("; ");
+    }
+    eprintln!("image-replicator: {} ({hint}see --help)", escape(message));
     ExitCode::from(2)
+}
+
+/// `--log-level` and `RUST_LOG` as an `EnvFilter`: a bare level is image-replicator's own, and
+/// the other crates (sled, hyper, ...) log at warn (or less, if the level is quieter) unless a
+/// directive names them: `debug,sled=debug`.
+fn log_directives(spec: &str) -> String {
+    use tracing_subscriber::filter::LevelFilter;
+    let mut directives = Vec::new();
+    let mut others = LevelFilter::WARN;
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.parse::<LevelFilter>() {
+            Ok(level) => {
+                others = others.min(level);
+                directives.push(format!("image_replicator={level}"));
+            }
+            Err(_) => directives.push(part.to_string()),
+        }
+    }
+    directives.insert(0, others.to_string());
+    directives.join(",")
 }
 
 /// Logs go to stderr (journald collects them): `--log-level`, else `RUST_LOG`, else a default.
@@ -76,16 +105,24 @@ fn init_logging(cli: &cli::Cli) {
     } else {
         "warn"
     };
-    let filter = match &cli.log_level {
-        Some(level) => EnvFilter::try_new(level).unwrap_or_else(|e| {
+    let from_env = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    let given = match (&cli.log_level, &from_env) {
+        (Some(level), _) => Some(("--log-level", level)),
+        (None, Some(level)) => Some(("RUST_LOG", level)),
+        (None, None) => None,
+    };
+    let filter = match given {
+        Some((source, level)) => EnvFilter::try_new(log_directives(level)).unwrap_or_else(|e| {
             let why = escape(&format!(
-                "--log-level '{level}' is not a level or filter ({e})"
+                "{source} '{level}' is not a level or filter ({e})"
             ))
             .into_owned();
             eprintln!("image-replicator: {why}; using {default_level}");
-            EnvFilter::new(default_level)
+            EnvFilter::new(log_directives(default_level))
         }),
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
+        None => EnvFilter::new(log_directives(default_level)),
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

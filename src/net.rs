@@ -127,22 +127,24 @@ pub async fn serve<F>(
                     watcher.watch(conn).await
                 }
                 Some(acceptor) => {
-                    let stream = match tokio::time::timeout(
-                        HANDSHAKE_TIMEOUT,
-                        acceptor.accept(stream),
-                    )
-                    .await
-                    {
-                        Ok(Ok(stream)) => stream,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, "TLS handshake failed: {e}");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    };
+                    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+                    match tokio::time::timeout_at(deadline, speaks_tls(&stream)).await {
+                        Ok(Some(true)) => {}
+                        Ok(Some(false)) => return refuse_plain_http(stream, peer).await,
+                        Ok(None) | Err(_) => return,
+                    }
+                    let stream =
+                        match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, "TLS handshake failed: {e}");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "TLS handshake timed out");
+                                return;
+                            }
+                        };
                     let conn = http.serve_connection(TokioIo::new(Guarded::new(stream)), service);
                     watcher.watch(conn).await
                 }
@@ -159,6 +161,59 @@ pub async fn serve<F>(
     {
         tracing::warn!("connections still open after {drain:?}; closing them");
     }
+}
+
+/// Whether a client of the TLS port starts with a TLS record (a handshake: 0x16) rather than
+/// plain HTTP (a method's capital letter); `None` if it sent nothing or the connection failed.
+async fn speaks_tls(stream: &tokio::net::TcpStream) -> Option<bool> {
+    let mut first = [0u8; 1];
+    match stream.peek(&mut first).await {
+        Ok(1) => Some(!first[0].is_ascii_uppercase()),
+        _ => None,
+    }
+}
+
+/// How long a plain HTTP client of the TLS port gets to send its request head before the 400,
+/// and to go away after it.
+const PLAIN_HTTP_GRACE: Duration = Duration::from_secs(2);
+
+/// Answers plain HTTP sent to the TLS port as nginx does: a plain-text 400 saying to use
+/// https, then closes. The request head is read first (a close with unread bytes would reset
+/// the connection and lose the answer), and whatever else comes is drained for a moment.
+async fn refuse_plain_http(mut stream: tokio::net::TcpStream, peer: std::net::SocketAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tracing::info!(%peer, "plain HTTP sent to the HTTPS port; answered 400");
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(PLAIN_HTTP_GRACE, async {
+        while head.len() < MAX_HEADER_BYTES && !contains(&head, b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let body = crate::http::error_text(
+        warp::http::StatusCode::BAD_REQUEST,
+        "The plain HTTP request was sent to an HTTPS port: use https:// instead of http://.",
+    );
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=UTF-8\r\ncontent-length: {}\r\nconnection: close\r\nx-openstack-request-id: {}\r\n\r\n{body}",
+        body.len(),
+        crate::http::new_request_id()
+    );
+    let _ = tokio::time::timeout(PLAIN_HTTP_GRACE, async {
+        if stream.write_all(answer.as_bytes()).await.is_ok() {
+            let _ = stream.shutdown().await;
+            while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+        }
+    })
+    .await;
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// A connection as hyper sees it, with two guards hyper lacks:

@@ -26,7 +26,8 @@ const BACKLOG: u32 = 4096;
 const WORKER_GRACE: Duration = Duration::from_secs(5);
 
 pub struct ServeOptions {
-    pub listen: String,
+    /// Resolved from `--listen` while the arguments were parsed.
+    pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub demo: bool,
     /// `None`: the API alone (`--no-worker`).
@@ -128,20 +129,18 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
         svc.auth.use_keystone(validator);
         tracing::info!(keystone = %url, "accepting Keystone tokens too");
     }
-    if opts.demo {
+    let demo_token = if opts.demo {
         let demo_svc = Arc::clone(&svc);
-        tokio::task::spawn_blocking(move || crate::demo::prepare(&demo_svc))
+        let token = tokio::task::spawn_blocking(move || crate::demo::prepare(&demo_svc))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("cannot prepare the demo: {e}"))?;
-    }
+        Some(token)
+    } else {
+        None
+    };
 
-    let addr: SocketAddr = opts.listen.parse().map_err(|_| {
-        format!(
-            "--listen '{}' is not an address such as 127.0.0.1:9292",
-            opts.listen
-        )
-    })?;
+    let addr = opts.listen;
     let tls = match &opts.tls {
         Some((cert, key)) => Some(crate::net::tls_acceptor(cert, key)?),
         None => None,
@@ -179,6 +178,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
     let retention_task = opts
         .job_retention
         .map(|keep| tokio::spawn(purge_in_background(Arc::clone(&svc), keep)));
+    let max_bandwidth = opts.worker.as_ref().and_then(|w| w.max_bandwidth);
     let workers = match opts.worker {
         Some(config) => {
             let started = tokio::task::spawn_blocking(move || worker::start(parts, &config))
@@ -194,8 +194,15 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
     tracing::info!(listen = %bound, scheme, data_dir = %data_dir.display(), "image-replicator serving");
     println!("image-replicator listening on {scheme}://{bound}");
     println!("admin socket {}", socket.display());
-    if opts.demo {
-        println!("{}", crate::demo::instructions(bound, &data_dir));
+    if let Some(token) = &demo_token {
+        let reach = crate::demo::Reach {
+            addr: bound,
+            data_dir: &data_dir,
+            tls_cert: opts.tls.as_ref().map(|(cert, _)| cert.as_path()),
+            token,
+            max_bandwidth,
+        };
+        println!("{}", crate::demo::instructions(&reach));
     }
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

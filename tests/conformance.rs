@@ -125,3 +125,107 @@ fn unauthorized_is_the_reference_401_whatever_was_wrong() {
     // The reference token still works.
     assert_eq!(server.get(&job, Some(REFERENCE_TOKEN)).status(), 200);
 }
+
+#[test]
+fn api_md_quotes_the_reference_example_the_tests_use() {
+    let contract = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/API.md"))
+        .expect("API.md in the repository");
+    assert!(contract.contains(REFERENCE_LIST.trim_end()));
+    assert!(contract.contains("List image copy jobs"));
+}
+
+#[test]
+fn list_body_is_the_reference_example_byte_for_byte() {
+    let lab = reference_lab();
+    let server = lab.serve();
+    let body = server
+        .get(JOBS, Some(REFERENCE_TOKEN))
+        .text()
+        .expect("body");
+    assert_eq!(body, REFERENCE_LIST.trim_end());
+    // One job, and the 202 of a copy, are written the same way.
+    let one = server
+        .get(
+            &job_path("0fa2817d-4e54-455d-a676-c78e863297e9"),
+            Some(REFERENCE_TOKEN),
+        )
+        .text()
+        .expect("body");
+    assert!(
+        one.starts_with(r#"{"copy_progress": 0, "destination_image_id": null, "#),
+        "{one}"
+    );
+}
+
+#[test]
+fn percent_encoded_job_ids_are_decoded_as_glance_does() {
+    let lab = reference_lab();
+    let server = lab.serve();
+    let encoded = "0fa2817d%2D4e54%2d455d-a676-c78e863297e9";
+    let shown = server.job(REFERENCE_TOKEN, encoded);
+    assert_eq!(shown["job_id"], "0fa2817d-4e54-455d-a676-c78e863297e9");
+    assert_eq!(
+        server
+            .delete(&job_path(encoded), Some(REFERENCE_TOKEN))
+            .status(),
+        204
+    );
+    // An escape that decodes to a slash names no job.
+    let slash = server.get(
+        &job_path("0fa2817d%2F4e54-455d-a676-c78e863297e9"),
+        Some(REFERENCE_TOKEN),
+    );
+    assert_eq!(slash.status(), 404);
+}
+
+#[test]
+fn an_inbound_request_id_is_logged_beside_ours() {
+    let lab = reference_lab();
+    let server = lab.serve();
+    let send = |value: &str| {
+        let resp = server
+            .client
+            .get(server.url(JOBS))
+            .header("X-Auth-Token", REFERENCE_TOKEN)
+            .header("X-OpenStack-Request-ID", value)
+            .send()
+            .expect("GET");
+        assert_eq!(resp.status(), 200);
+        let ours = resp.headers()["x-openstack-request-id"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert_ne!(ours, value, "ours is our own");
+        ours
+    };
+    let theirs = "req-6f1c2b3a-4d5e-4f60-8a7b-9c0d1e2f3a4b";
+    let ours = send(theirs);
+    // Not of oslo.context's shape: remote text, not logged.
+    let odd = [
+        "hello",
+        "req-6F1C2B3A-4D5E-4F60-8A7B-9C0D1E2F3A4B",
+        "req-6f1c2b3a-4d5e-4f60-8a7b-9c0d1e2f3a4b-and-more text",
+    ];
+    let odd_ours: Vec<String> = odd.iter().map(|v| send(v)).collect();
+    let log = poll(
+        "the request lines",
+        std::time::Duration::from_secs(5),
+        || {
+            let log = server.log_text();
+            odd_ours
+                .iter()
+                .all(|id| log.contains(id.as_str()))
+                .then_some(log)
+        },
+    );
+    let line = log.lines().find(|l| l.contains(&ours)).expect("our line");
+    assert!(
+        line.contains(&format!("global_request_id={theirs}")),
+        "{line}"
+    );
+    for (value, ours) in odd.iter().zip(&odd_ours) {
+        let line = log.lines().find(|l| l.contains(ours.as_str())).unwrap();
+        assert!(line.contains("global_request_id=-"), "{line}");
+        assert!(!line.contains(value), "{line}");
+    }
+}

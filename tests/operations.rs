@@ -89,14 +89,15 @@ fn https_serves_all_four_routes_and_plain_http_to_it_fails_cleanly() {
     assert_eq!(server.delete(&job_path(&id), Some(&token)).status(), 204);
     assert_401(server.get(JOBS, None));
 
-    // Plain HTTP to the TLS port: the client gets an error, not an answer, and the server
-    // goes on serving.
+    // Plain HTTP to the TLS port: a plain-text 400 saying to use https, and the server goes
+    // on serving.
     let plain = server.base.replace("https://", "http://");
     let answer = reqwest::blocking::Client::new()
         .get(format!("{plain}/healthz"))
         .timeout(Duration::from_secs(10))
-        .send();
-    assert!(answer.is_err(), "plain HTTP got an answer: {answer:?}");
+        .send()
+        .expect("an answer");
+    assert!(assert_error(answer, 400).contains("use https://"));
     assert_eq!(server.get("/healthz", None).status(), 200);
 
     // A client that does not trust the certificate is refused.

@@ -444,7 +444,8 @@ fn the_demo_works_on_first_run_and_again_on_the_same_data() {
         serde_json::from_str(include_str!("data/reference_jobs.json")).expect("reference");
     let demo_token = "f4328bab05ff4502b397b88657baaefd";
     let id = {
-        let server = lab.serve_with(&["--demo"]);
+        // Without the demo's cap on copies (256K: 32 s for this image).
+        let server = lab.serve_with(&["--demo", "--max-bandwidth", "1G"]);
         assert_eq!(
             Value::Array(jobs(server.get(JOBS, Some(demo_token)))),
             reference

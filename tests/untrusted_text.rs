@@ -213,7 +213,10 @@ fn glance_error_body_is_escaped_and_capped_in_the_log_and_the_job_error() {
     let show = lab.ok(&["job", "show", &job]);
     assert_inert("job show", &show);
     assert!(show.contains(SHOWN), "{show}");
-    let watched = lab.ok(&["job", "watch", &job]);
+    // The job ended in error: job watch says so with exit status 3.
+    let out = lab.cli(&["job", "watch", &job]);
+    assert_eq!(out.status.code(), Some(3));
+    let watched = String::from_utf8(out.stdout).expect("utf-8");
     assert_inert("job watch", &watched);
     assert!(watched.contains(SHOWN), "{watched}");
 

@@ -2,6 +2,7 @@
 //! each command becomes.
 
 use std::io::Read;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -30,27 +31,34 @@ pub struct Cli {
     #[arg(
         long,
         global = true,
+        help_heading = GLOBAL,
         env = "IMAGE_REPLICATOR_DATA_DIR",
         default_value = "./image-replicator-data"
     )]
     pub data_dir: PathBuf,
 
     /// Print results as JSON instead of text
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = GLOBAL)]
     pub json: bool,
 
-    /// Log level (error, warn, info, debug, trace) or a RUST_LOG-style filter
+    /// Log level of image-replicator (error, warn, info, debug, trace; other crates stay at
+    /// warn), or RUST_LOG-style directives: debug,sled=debug
     /// [default: RUST_LOG, else info for serve and warn for the other commands]
-    #[arg(long, global = true, env = "IMAGE_REPLICATOR_LOG_LEVEL")]
+    #[arg(long, global = true, help_heading = GLOBAL, value_name = "LEVEL",
+          env = "IMAGE_REPLICATOR_LOG_LEVEL")]
     pub log_level: Option<String>,
 
     /// Log line format on stderr
-    #[arg(long, global = true, env = "IMAGE_REPLICATOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, global = true, help_heading = GLOBAL, env = "IMAGE_REPLICATOR_LOG_FORMAT",
+          value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
     #[command(subcommand)]
     pub command: Command,
 }
+
+/// The heading of the options every command takes, apart from each command's own.
+const GLOBAL: &str = "Global options";
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
@@ -80,7 +88,8 @@ pub enum Command {
     /// Replication jobs: seed, list, show, cancel
     #[command(subcommand)]
     Job(JobCmd),
-    /// Whether a server runs on the data directory, and its counters
+    /// Whether a server runs on the data directory, and its counters (exit status 0 when one
+    /// runs, 3 when none does)
     Status,
     /// Write every record (regions, tenants, users, token hashes, images, manifests, jobs) to
     /// FILE, from one moment, also while the server runs; not the image bytes
@@ -94,22 +103,46 @@ pub enum Command {
         file: PathBuf,
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
-    Completions { shell: clap_complete::Shell },
-    /// Print the man page (roff)
-    Man,
+    #[command(visible_alias = "completion")]
+    Completions {
+        /// The shell the script is for
+        shell: clap_complete::Shell,
+    },
+    /// Print a command's man page (roff), or write every page into a directory
+    #[command(after_help = "Examples:\n  \
+        image-replicator man | man -l -\n  \
+        image-replicator man job list | man -l -\n  \
+        image-replicator man --out /usr/local/share/man/man1")]
+    Man(ManArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ManArgs {
+    /// The command whose page to print, such as `job list` [default: the top-level page]
+    #[arg(value_name = "SUBCOMMAND", conflicts_with = "out")]
+    pub command: Vec<String>,
+    /// Write every command's page into this directory (image-replicator.1,
+    /// image-replicator-job-list.1, ...) instead of printing one
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// Address of the HTTP API (port 0 picks a free port, printed at start)
+    /// Address of the HTTP API: an IP address or a host name, and a port (port 0 picks a free
+    /// port, printed at start)
     #[arg(
         long,
         env = "IMAGE_REPLICATOR_LISTEN",
-        default_value = "127.0.0.1:9292"
+        value_name = "ADDR",
+        default_value = "127.0.0.1:9292",
+        value_parser = parse_listen
     )]
-    pub listen: String,
+    pub listen: SocketAddr,
     /// Set up a demo lab (regions, tenants, a user, the reference's sample token, two images
-    /// and the reference's three jobs) if the data directory has none yet
+    /// and the reference's three jobs) if the data directory has none yet, give its user and
+    /// token back if they were removed or revoked, and cap copies at 256K unless
+    /// --max-bandwidth says otherwise
     #[arg(long, env = "IMAGE_REPLICATOR_DEMO")]
     pub demo: bool,
     /// Serve the API and the admin socket only; copy nothing
@@ -235,6 +268,32 @@ impl KeystoneArgs {
 
 /// Where `serve` reads the Keystone service password when no file is given.
 const KEYSTONE_PASSWORD_ENV: &str = "IMAGE_REPLICATOR_KEYSTONE_PASSWORD";
+
+/// `--listen`: an IP address and port, or a host name and port resolved now (its first IPv4
+/// address, else its first).
+fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let wrong = || format!("'{text}' is not an address such as 127.0.0.1:9292 or localhost:9292");
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err(wrong());
+    };
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(wrong());
+    }
+    let addrs: Vec<SocketAddr> = text
+        .to_socket_addrs()
+        .map_err(|e| format!("'{text}' does not resolve to an address: {e}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("'{text}' resolves to no address"))
+}
 
 /// A cache lifetime: 0 to one day.
 fn parse_ttl(text: &str) -> Result<Duration, String> {
@@ -365,7 +424,10 @@ pub enum RegionCmd {
     /// List regions
     List,
     /// Remove a region that no tenant or image uses (its directory is left on disk)
-    Remove { id: String },
+    Remove {
+        /// Region id
+        id: String,
+    },
 }
 
 /// How a region reaches its Glance.
@@ -536,6 +598,7 @@ pub enum TenantCmd {
     },
     /// Set or clear a tenant's quotas (none: no limit); they apply to the next request
     Update {
+        /// The tenant's id
         tenant_id: String,
         /// Most bytes of images the tenant may hold: a size such as 10G, or none
         #[arg(long, value_name = "SIZE", value_parser = parse_quota_bytes)]
@@ -547,13 +610,17 @@ pub enum TenantCmd {
     /// List tenants
     List,
     /// Remove a tenant that no user, image or job refers to
-    Remove { tenant_id: String },
+    Remove {
+        /// The tenant's id
+        tenant_id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 pub enum UserCmd {
     /// Add a user
     Add {
+        /// The user's name, which tokens are issued for
         name: String,
         /// A tenant the user is a member of (repeat for several)
         #[arg(long = "tenant", required = true, value_name = "TENANT_ID")]
@@ -583,13 +650,18 @@ pub enum UserCmd {
     /// List users
     List,
     /// Remove a user and revoke all of its tokens
-    Remove { name: String },
+    Remove {
+        /// The user's name
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 pub enum TokenCmd {
-    /// Issue a token and print it once on stdout (only its argon2id hash is kept)
+    /// Issue a token and print it once on stdout, its id on stderr (only its argon2id hash is
+    /// kept)
     Issue {
+        /// The user the token acts as
         #[arg(long)]
         user: String,
         /// The tenant the token acts for; the user must be a member
@@ -607,23 +679,35 @@ pub enum TokenCmd {
         #[arg(long, value_name = "FILE", conflicts_with = "token")]
         token_file: Option<PathBuf>,
     },
-    /// List tokens (ids and owners; never the tokens themselves)
-    List,
+    /// List tokens that still work, oldest first (ids and owners; never the tokens themselves)
+    List {
+        /// Also list expired and revoked tokens
+        #[arg(long)]
+        all: bool,
+    },
     /// Revoke a token by its id (from `token list`); it fails from the next request on
-    Revoke { token_id: String },
+    Revoke {
+        /// The token's id (not the token)
+        token_id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 pub enum ImageCmd {
     /// Copy a file into the tenant's region as a new active image; prints its id
     Import {
+        /// The image file (a regular file; it is copied, not moved)
         file: PathBuf,
+        /// The tenant that owns the image; it goes into that tenant's region
         #[arg(long)]
         tenant: String,
+        /// The image's name, as Glance shows it
         #[arg(long)]
         name: String,
+        /// Glance disk format: raw, qcow2, vmdk, vhd, vhdx, vdi, iso, ...
         #[arg(long, default_value = "raw")]
         disk_format: String,
+        /// Glance container format: bare, ovf, ova, ...
         #[arg(long, default_value = "bare")]
         container_format: String,
         /// Use this image id instead of a new one
@@ -632,21 +716,30 @@ pub enum ImageCmd {
     },
     /// List images
     List {
+        /// Only the images this tenant owns
         #[arg(long)]
         tenant: Option<String>,
+        /// Only the images of this region
         #[arg(long)]
         region: Option<String>,
     },
     /// Show one image
-    Show { id: String },
+    Show {
+        /// The image's id
+        id: String,
+    },
     /// Delete an image's data and mark it deleted
-    Delete { id: String },
+    Delete {
+        /// The image's id
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 pub enum JobCmd {
     /// Import jobs from a JSON array in the list-response format ("-" reads stdin)
     Seed {
+        /// The JSON file ("-": standard input)
         file: PathBuf,
         /// Let the replication worker run the seeded replicate_requested jobs
         #[arg(long)]
@@ -657,16 +750,26 @@ pub enum JobCmd {
         /// Only jobs whose source tenant is this one
         #[arg(long)]
         tenant: Option<String>,
-        #[arg(long)]
+        /// Only jobs in this status
+        #[arg(long, value_enum)]
         status: Option<JobStatus>,
     },
     /// Show one job, with its progress in bytes and any error
-    Show { job_id: String },
+    Show {
+        /// The job's id
+        job_id: String,
+    },
     /// Cancel a replicate_requested or replicating job
-    Cancel { job_id: String },
+    Cancel {
+        /// The job's id
+        job_id: String,
+    },
     /// Queue a new job with the same image and destination as an error or canceled job;
     /// prints the new job's id
-    Retry { job_id: String },
+    Retry {
+        /// The error or canceled job's id
+        job_id: String,
+    },
     /// Remove terminal jobs that ended at least --older-than ago (they no longer pin their
     /// tenants)
     Purge {
@@ -680,7 +783,29 @@ pub enum JobCmd {
     },
     /// Follow running jobs (or one) until they end: progress bars with rate and ETA on a
     /// terminal, plain progress lines otherwise
-    Watch { job_id: Option<String> },
+    #[command(
+        after_help = "Exit status: 0 when every job watched ended replicated (or there was \
+        none to watch), 3 when one ended in error, 4 when one was canceled (and none in \
+        error), 1 when the command failed."
+    )]
+    Watch {
+        /// The job to follow [default: every queued or running job]
+        job_id: Option<String>,
+        /// Wait for the job (or, without JOB_ID, for a first active job) to appear instead of
+        /// ending at once
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+impl clap::ValueEnum for JobStatus {
+    fn value_variants<'a>() -> &'a [Self] {
+        &JobStatus::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.as_str()))
+    }
 }
 
 pub(super) fn absolute(path: &Path) -> Result<PathBuf, String> {
@@ -692,7 +817,7 @@ pub(super) fn request_for(command: Command) -> Result<(Request, &'static str), S
     Ok(match command {
         Command::Serve(_)
         | Command::Completions { .. }
-        | Command::Man
+        | Command::Man(_)
         | Command::Restore { .. } => return Err("not an admin command".into()),
         Command::Status => (Request::Status, ""),
         Command::Backup { .. } => (Request::Backup, ""),
@@ -812,7 +937,7 @@ pub(super) fn request_for(command: Command) -> Result<(Request, &'static str), S
                 },
                 "",
             ),
-            TokenCmd::List => (Request::TokenList, ""),
+            TokenCmd::List { .. } => (Request::TokenList, ""),
             TokenCmd::Revoke { token_id } => (Request::TokenRevoke { id: token_id }, "revoked"),
         },
         Command::Image(cmd) => match cmd {

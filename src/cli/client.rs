@@ -27,6 +27,7 @@ pub fn call(data_dir: &Path, request: Request) -> Result<Reply, String> {
         server::create_data_dir(data_dir)
             .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
     }
+    act_as_owner(data_dir)?;
     let store = server::open_store(data_dir, Duration::from_secs(2)).map_err(|e| match e {
         OpenError::Locked(path) => format!(
             "the store {path} is locked by another process, but no server answers on {}; \
@@ -37,4 +38,39 @@ pub fn call(data_dir: &Path, request: Request) -> Result<Reply, String> {
     })?;
     let svc = Service::new(store, super::args::absolute(data_dir)?);
     admin::execute(&svc, request, None).map_err(|e| e.to_string())
+}
+
+/// Root administering the data directory of a stopped service that runs as another user acts
+/// as that user (its uid, its gid, no other groups) from here on: whatever the command creates
+/// (the store's files, region directories) is then the service's, which root-owned files would
+/// not be (the service could not open its store or write its regions). The files the command
+/// reads afterwards (`image import`'s) must be readable by that user, as they must be when the
+/// service runs and does the import itself.
+fn act_as_owner(data_dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    let Ok(meta) = std::fs::symlink_metadata(data_dir) else {
+        return Ok(());
+    };
+    if !meta.is_dir() || meta.uid() == 0 {
+        return Ok(());
+    }
+    let (uid, gid) = (meta.uid(), meta.gid());
+    // SAFETY: setgroups reads one gid from the pointer given; setgid and setuid take values.
+    // Groups and gid go first: after setuid root's right to change them is gone.
+    let failed = unsafe {
+        libc::setgroups(1, &gid) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0
+    };
+    if failed {
+        return Err(format!(
+            "cannot act as uid {uid}, the owner of {}: {}",
+            data_dir.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    tracing::info!(uid, gid, "acting as the owner of the data directory");
+    Ok(())
 }

@@ -5,12 +5,17 @@
 mod args;
 mod client;
 mod output;
+mod terminal;
 mod watch;
 
 pub use args::*;
 
+use crate::admin::{self, Reply};
 use crate::server::{self, ServeOptions};
 use crate::worker::WorkerConfig;
+
+/// The exit status of `status` when no server runs on the data directory.
+pub const NOT_RUNNING: i32 = 3;
 
 /// Runs the parsed command; the error is the one line to print.
 pub fn run(cli: Cli) -> Result<(), String> {
@@ -25,7 +30,9 @@ pub fn run(cli: Cli) -> Result<(), String> {
                 demo: args.demo,
                 worker: (!args.no_worker).then_some(WorkerConfig {
                     threads: usize::from(args.workers),
-                    max_bandwidth: args.max_bandwidth,
+                    max_bandwidth: args
+                        .max_bandwidth
+                        .or(args.demo.then_some(crate::demo::DEMO_BANDWIDTH)),
                 }),
                 min_free: args.min_free.unwrap_or_default(),
                 job_retention: args.job_retention,
@@ -34,19 +41,32 @@ pub fn run(cli: Cli) -> Result<(), String> {
             }));
         }
         Command::Completions { shell } => {
-            let mut command = <Cli as clap::CommandFactory>::command();
-            let mut script = Vec::new();
-            clap_complete::generate(shell, &mut command, "image-replicator", &mut script);
-            return std::io::Write::write_all(&mut std::io::stdout(), &script)
-                .map_err(|e| format!("cannot write the completion script: {e}"));
+            return std::io::Write::write_all(
+                &mut std::io::stdout(),
+                &terminal::completions(shell),
+            )
+            .map_err(|e| format!("cannot write the completion script: {e}"));
         }
-        Command::Man => {
-            let command = <Cli as clap::CommandFactory>::command();
-            return clap_mangen::Man::new(command)
-                .render(&mut std::io::stdout())
-                .map_err(|e| format!("cannot write the man page: {e}"));
+        Command::Man(man) => return terminal::man(&man),
+        Command::Job(JobCmd::Watch { job_id, wait }) => {
+            let code = watch::run(&data_dir, job_id.as_deref(), wait)?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+            return Ok(());
         }
-        Command::Job(JobCmd::Watch { job_id }) => return watch::run(&data_dir, job_id.as_deref()),
+        Command::Status => {
+            if admin::connect(&data_dir)?.is_none() {
+                if cli.json {
+                    println!("{{\"running\": false}}");
+                } else {
+                    let message = format!("no server is running on {}", data_dir.display());
+                    eprintln!("image-replicator: {}", crate::text::escape(&message));
+                }
+                std::process::exit(NOT_RUNNING);
+            }
+            Command::Status
+        }
         Command::Restore { file } => {
             let summary = crate::backup::restore(&file, &data_dir)?;
             println!("restored {summary} into {}", data_dir.display());
@@ -55,12 +75,30 @@ pub fn run(cli: Cli) -> Result<(), String> {
         Command::Backup { file } => return backup(&data_dir, &file, cli.json),
         other => other,
     };
+    let token_list_all = match &command {
+        Command::Token(TokenCmd::List { all }) => Some(*all),
+        _ => None,
+    };
     let (request, verb) = args::request_for(command)?;
-    let reply = client::call(&data_dir, request)?;
+    let mut reply = client::call(&data_dir, request)?;
+    if let (Some(all), Reply::Tokens(tokens)) = (token_list_all, &mut reply) {
+        output::tokens_shown(tokens, all);
+    }
+    if let Reply::IssuedToken(issued) = &reply {
+        if !cli.json {
+            eprintln!(
+                "token id {} (token list and token revoke name it by this id)",
+                issued.info.id
+            );
+        }
+    }
     if cli.json {
         let mut value = serde_json::to_value(&reply).map_err(|e| e.to_string())?;
         let mut inner = value.get_mut("value").map(serde_json::Value::take);
         output::name_region_kinds(&reply, inner.as_mut());
+        if let (Reply::Status(_), Some(serde_json::Value::Object(map))) = (&reply, inner.as_mut()) {
+            map.insert("running".into(), true.into());
+        }
         let text =
             serde_json::to_string_pretty(&inner.unwrap_or_default()).map_err(|e| e.to_string())?;
         println!("{text}");

@@ -107,6 +107,16 @@ fn job_fields(j: &Job) -> String {
     fields(&pairs)
 }
 
+/// `token list`: oldest first (a stable sort: tokens of one second keep the store's order);
+/// without `all`, only the tokens that still work (neither revoked nor expired).
+pub(super) fn tokens_shown(tokens: &mut Vec<crate::model::TokenInfo>, all: bool) {
+    let now = crate::model::now();
+    if !all {
+        tokens.retain(|t| t.revoked_at.is_none() && t.expires_at.is_none_or(|at| at > now));
+    }
+    tokens.sort_by_key(|t| t.created_at);
+}
+
 /// Adds each region's `kind` (`directory`, `glance`, `peer`) to its JSON, which names the kind
 /// only by its settings' key.
 pub(super) fn name_region_kinds(reply: &Reply, json: Option<&mut serde_json::Value>) {

@@ -11,10 +11,18 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use super::client::call;
 use crate::admin::{self, Reply, Request};
-use crate::model::Job;
+use crate::error::ServiceError;
+use crate::model::{Job, JobStatus};
 use crate::text::escape;
 
 const POLL: Duration = Duration::from_millis(500);
+/// Every line `job watch` draws fits this many columns (an error's reason aside, in plain
+/// lines; the bars cut it).
+pub const COLUMNS: usize = 80;
+/// Exit status when a watched job ended in `error`.
+pub const EXIT_ERROR: i32 = 3;
+/// Exit status when a watched job was canceled (and none ended in `error`).
+pub const EXIT_CANCELED: i32 = 4;
 
 /// How one watched job is shown.
 enum View {
@@ -25,7 +33,15 @@ enum View {
     },
 }
 
-pub fn run(data_dir: &Path, job_id: Option<&str>) -> Result<(), String> {
+/// The bars' two lines: the job's id and status, then its bar, bytes, rate and ETA (76
+/// columns at most: 1023.99 MiB/1023.99 MiB 1023.99 MiB/s eta 59m).
+const BAR_TEMPLATE: &str =
+    "{prefix}\n  [{bar:26}] {bytes:>11}/{total_bytes:<11} {bytes_per_sec:>12} {msg}";
+
+/// Follows the job (or every active one) until it ends; the exit status to end with: 0, or
+/// [`EXIT_ERROR`] / [`EXIT_CANCELED`] when a watched job ended so. With `wait`, a job that
+/// does not exist yet (or, without an id, no active job) is waited for.
+pub fn run(data_dir: &Path, job_id: Option<&str>, wait: bool) -> Result<i32, String> {
     if admin::connect(data_dir)?.is_none() {
         return Err(format!(
             "no server is running on {}; jobs only move while `image-replicator serve` runs",
@@ -33,21 +49,26 @@ pub fn run(data_dir: &Path, job_id: Option<&str>) -> Result<(), String> {
         ));
     }
     let bars = std::io::stdout().is_terminal().then(MultiProgress::new);
-    let style = ProgressStyle::with_template(
-        "{msg:48} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-    )
-    .map_err(|e| e.to_string())?
-    .progress_chars("=> ");
+    let style = ProgressStyle::with_template(BAR_TEMPLATE)
+        .map_err(|e| e.to_string())?
+        .progress_chars("=> ");
+    let ended_style = ProgressStyle::with_template("{prefix}{msg}").map_err(|e| e.to_string())?;
     let mut watched: BTreeMap<u64, (Job, View)> = BTreeMap::new();
     let mut seen_any = false;
+    let mut code = 0;
     loop {
         let jobs = match job_id {
-            Some(id) => vec![show(data_dir, id)?],
+            Some(id) => match show(data_dir, id)? {
+                Some(job) => vec![job],
+                None if wait && !seen_any => Vec::new(),
+                None => return Err(format!("no job {id}")),
+            },
             None => {
                 let mut jobs = active(data_dir)?;
                 for (job, _) in watched.values() {
                     if !jobs.iter().any(|j| j.wire.job_id == job.wire.job_id) {
-                        jobs.push(show(data_dir, &job.wire.job_id.to_string())?);
+                        let id = job.wire.job_id.to_string();
+                        jobs.extend(show(data_dir, &id)?);
                     }
                 }
                 jobs
@@ -58,7 +79,11 @@ pub fn run(data_dir: &Path, job_id: Option<&str>) -> Result<(), String> {
             let entry = watched.entry(job.seq).or_insert_with(|| {
                 let view = match &bars {
                     Some(multi) => View::Bar(
-                        multi.add(ProgressBar::new(job.bytes_total).with_style(style.clone())),
+                        multi.add(
+                            ProgressBar::new(job.bytes_total)
+                                .with_style(style.clone())
+                                .with_prefix(format!("{} {}", job.wire.job_id, job.wire.status)),
+                        ),
                     ),
                     None => View::Lines {
                         first: (Instant::now(), job.bytes_copied),
@@ -68,23 +93,34 @@ pub fn run(data_dir: &Path, job_id: Option<&str>) -> Result<(), String> {
                 (job.clone(), view)
             });
             entry.0 = job;
-            show_progress(&entry.0, &mut entry.1);
+            show_progress(&entry.0, &mut entry.1, &ended_style);
+            match entry.0.wire.status {
+                JobStatus::Error => code = EXIT_ERROR,
+                JobStatus::Canceled if code == 0 => code = EXIT_CANCELED,
+                _ => {}
+            }
         }
         watched.retain(|_, (job, _)| !job.wire.status.is_terminal());
-        if watched.is_empty() {
+        if watched.is_empty() && (seen_any || !wait) {
             if !seen_any {
                 println!("no active jobs");
             }
-            return Ok(());
+            return Ok(code);
         }
         std::thread::sleep(POLL);
     }
 }
 
-fn show(data_dir: &Path, id: &str) -> Result<Job, String> {
-    match call(data_dir, Request::JobShow { id: id.to_string() })? {
-        Reply::Job(job) => Ok(job),
-        _ => Err("unexpected reply from the server".into()),
+/// The job, or `None` if there is no such job.
+fn show(data_dir: &Path, id: &str) -> Result<Option<Job>, String> {
+    let Some(stream) = admin::connect(data_dir)? else {
+        return Err(format!("the server on {} stopped", data_dir.display()));
+    };
+    match admin::send(stream, &Request::JobShow { id: id.to_string() })? {
+        Ok(Reply::Job(job)) => Ok(Some(job)),
+        Err(ServiceError::NotFound(_)) => Ok(None),
+        Err(e) => Err(e.to_string()),
+        Ok(_) => Err("unexpected reply from the server".into()),
     }
 }
 
@@ -95,21 +131,43 @@ fn active(data_dir: &Path) -> Result<Vec<Job>, String> {
     }
 }
 
-fn show_progress(job: &Job, view: &mut View) {
+/// `text` cut to `width` characters, the last one `…` if anything was cut.
+fn cut(text: &str, width: usize) -> String {
+    if text.chars().count() <= width {
+        return text.to_string();
+    }
+    let mut out: String = text.chars().take(width.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
+/// Whether an ETA means anything: the job copies and has bytes left.
+fn has_eta(job: &Job) -> bool {
+    job.wire.status == JobStatus::Replicating && job.bytes_copied < job.bytes_total
+}
+
+fn show_progress(job: &Job, view: &mut View, ended_style: &ProgressStyle) {
     let w = &job.wire;
     let label = format!("{} {}", w.job_id, w.status);
     match view {
         View::Bar(bar) => {
             bar.set_length(job.bytes_total);
             bar.set_position(job.bytes_copied);
+            bar.set_prefix(label.clone());
             if w.status.is_terminal() {
+                bar.set_style(ended_style.clone());
                 let end = match &job.error {
-                    Some(reason) => format!("{label}: {}", escape(reason)),
-                    None => label,
+                    Some(reason) => cut(
+                        &format!(": {}", escape(reason)),
+                        COLUMNS.saturating_sub(label.chars().count()),
+                    ),
+                    None => String::new(),
                 };
                 bar.abandon_with_message(end);
+            } else if has_eta(job) && job.bytes_copied > 0 {
+                bar.set_message(format!("eta {:#}", indicatif::HumanDuration(bar.eta())));
             } else {
-                bar.set_message(label);
+                bar.set_message("");
             }
         }
         View::Lines { first, last } => {
@@ -121,13 +179,13 @@ fn show_progress(job: &Job, view: &mut View) {
             let mut line = format!("{} {} {}%", w.job_id, w.status, w.copy_progress);
             let secs = first.0.elapsed().as_secs_f64();
             let moved = job.bytes_copied.saturating_sub(first.1);
-            if secs > 0.0 && moved > 0 && !w.status.is_terminal() {
+            if secs > 0.0 && moved > 0 && has_eta(job) {
                 let rate = moved as f64 / secs;
                 let left = job.bytes_total.saturating_sub(job.bytes_copied) as f64 / rate;
                 line.push_str(&format!(
                     " {}/s eta {}s",
                     indicatif::HumanBytes(rate as u64),
-                    left.ceil() as u64
+                    left.ceil().max(1.0) as u64
                 ));
             }
             if let Some(reason) = &job.error {

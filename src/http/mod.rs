@@ -245,6 +245,7 @@ async fn handle(
 ) -> Response {
     let started = Instant::now();
     let request_id = new_request_id();
+    let global_request_id = inbound_request_id(&headers);
     let found = find(path.as_str());
     let template = found.map_or("(unknown)", |(route, _)| route.template);
     let body: Body = Box::pin(body.map(|chunk| chunk.map(|mut b| b.copy_to_bytes(b.remaining()))));
@@ -274,6 +275,7 @@ async fn handle(
         status,
         latency_us = took.as_micros() as u64,
         request_id = %request_id,
+        global_request_id = %global_request_id.as_deref().unwrap_or("-"),
         "request"
     );
     response
@@ -286,6 +288,49 @@ fn log_refusal(failure: &Failure, route: &str, request_id: &str) {
             tracing::info!(route, request_id = %request_id, cause = %cause, "401 Unauthorized");
         }
     }
+}
+
+/// The caller's `X-OpenStack-Request-ID` (keystoneauth's `global_request_id`), logged beside
+/// ours as Glance does: only one value of oslo.context's shape, `req-` and a lowercase
+/// hyphenated UUID; anything else is remote text and is not logged.
+fn inbound_request_id(headers: &HeaderMap) -> Option<String> {
+    let mut values = headers.get_all("x-openstack-request-id").iter();
+    let value = values.next()?.to_str().ok()?;
+    if values.next().is_some() {
+        return None;
+    }
+    let id = uuid::Uuid::try_parse(value.strip_prefix("req-")?).ok()?;
+    (id.hyphenated().to_string() == value["req-".len()..]).then(|| value.to_string())
+}
+
+/// A path segment with its `%XX` escapes decoded, as Glance (WebOb) decodes paths: a job id
+/// sent as `0fa2817d%2D4e54…` is the job `0fa2817d-4e54…`. A `%` not followed by two hex
+/// digits stays as it is; bytes that do not form UTF-8 leave the segment as it came.
+fn percent_decoded(segment: &str) -> String {
+    if !segment.contains('%') {
+        return segment.to_string();
+    }
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(high), Some(low)) => {
+                out.push((high * 16 + low) as u8);
+                i += 3;
+            }
+            (byte, _, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| segment.to_string())
 }
 
 async fn dispatch(
@@ -319,7 +364,7 @@ async fn dispatch(
     };
     let request = Request {
         svc,
-        param: param.to_string(),
+        param: percent_decoded(param),
         query,
         headers,
         body,
@@ -380,6 +425,16 @@ mod tests {
         assert_eq!(template("/peer/v1/images/a/b/chunks"), None);
         assert_eq!(template("/peer/v1/images/abc/chunks/"), None);
         assert_eq!(template("/peer"), Some(("/peer", "")));
+    }
+
+    #[test]
+    fn path_parameters_are_percent_decoded() {
+        assert_eq!(percent_decoded("0fa2817d%2D4e54"), "0fa2817d-4e54");
+        assert_eq!(percent_decoded("a%2db%41"), "a-bA");
+        assert_eq!(percent_decoded("100%"), "100%");
+        assert_eq!(percent_decoded("%zz%4"), "%zz%4");
+        assert_eq!(percent_decoded("%ff"), "%ff", "not UTF-8: kept as sent");
+        assert_eq!(percent_decoded("plain"), "plain");
     }
 
     #[test]

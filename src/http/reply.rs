@@ -190,7 +190,97 @@ pub fn json_response(
     status: StatusCode,
     value: &impl serde::Serialize,
 ) -> Result<Response, Failure> {
-    let body = serde_json::to_vec(value)
+    let body = reference_json(value)
         .map_err(|e| ServiceError::internal("cannot encode the response", e))?;
     Ok(with_type(body.into_response(), status, JSON))
+}
+
+/// `value` as JSON written the way the reference's server writes it (Python's `json.dumps`,
+/// as Glance does): `", "` between items, `": "` after each key, and every character beyond
+/// printable ASCII as a `\uXXXX` escape. The reference's list example is then reproduced byte
+/// for byte.
+pub fn reference_json(value: &impl serde::Serialize) -> serde_json::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut serializer = serde_json::Serializer::with_formatter(&mut out, ReferenceFormatter);
+    value.serialize(&mut serializer)?;
+    Ok(out)
+}
+
+struct ReferenceFormatter;
+
+/// `", "` before every item of an array or object but the first.
+fn item_separator<W: ?Sized + std::io::Write>(writer: &mut W, first: bool) -> std::io::Result<()> {
+    if first {
+        Ok(())
+    } else {
+        writer.write_all(b", ")
+    }
+}
+
+impl serde_json::ser::Formatter for ReferenceFormatter {
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        item_separator(writer, first)
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        item_separator(writer, first)
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+    ) -> std::io::Result<()> {
+        writer.write_all(b": ")
+    }
+
+    /// serde_json escapes quotes, backslashes and controls itself; this escapes the rest of
+    /// what Python's `ensure_ascii` does (DEL and everything beyond ASCII, in UTF-16 units).
+    fn write_string_fragment<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        fragment: &str,
+    ) -> std::io::Result<()> {
+        let mut start = 0;
+        for (at, c) in fragment.char_indices() {
+            if c.is_ascii() && c != '\u{7f}' {
+                continue;
+            }
+            writer.write_all(&fragment.as_bytes()[start..at])?;
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                write!(writer, "\\u{unit:04x}")?;
+            }
+            start = at + c.len_utf8();
+        }
+        writer.write_all(&fragment.as_bytes()[start..])
+    }
+}
+
+#[cfg(test)]
+mod json_tests {
+    use super::reference_json;
+
+    #[test]
+    fn json_is_written_as_pythons_json_dumps_writes_it() {
+        let value = serde_json::json!({"a": [1, null, "x"], "b": {"c": true}});
+        assert_eq!(
+            String::from_utf8(reference_json(&value).unwrap()).unwrap(),
+            r#"{"a": [1, null, "x"], "b": {"c": true}}"#
+        );
+        // json.dumps("é\u{1F600}\u{7f}\u{1b}\"\\") in Python 3.
+        let text = "\u{e9}\u{1F600}\u{7f}\u{1b}\"\\";
+        assert_eq!(
+            String::from_utf8(reference_json(&text).unwrap()).unwrap(),
+            r#""\u00e9\ud83d\ude00\u007f\u001b\"\\""#
+        );
+        assert_eq!(reference_json(&Vec::<u8>::new()).unwrap(), b"[]");
+    }
 }

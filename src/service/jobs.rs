@@ -198,7 +198,7 @@ impl Service {
         }
         let jobs = self.list_jobs(who, status, marker, key.limit)?;
         let body = Bytes::from(
-            serde_json::to_vec(&jobs)
+            crate::http::reply::reference_json(&jobs)
                 .map_err(|e| ServiceError::internal("cannot encode the job list", e))?,
         );
         if body.len() <= MAX_KEPT_LIST_BODY {
