@@ -77,6 +77,22 @@ impl Demo {
         }
     }
 
+    /// `http://127.0.0.1:PORT` (or `https://…`), as it printed.
+    fn base(&self) -> String {
+        self.printed
+            .lines()
+            .find_map(|l| l.strip_prefix("image-replicator listening on "))
+            .expect("the listening line")
+            .to_string()
+    }
+
+    /// `127.0.0.1:PORT`.
+    fn addr(&self) -> String {
+        let base = self.base();
+        base.split_once("://")
+            .map_or(base.clone(), |(_, a)| a.to_string())
+    }
+
     /// The token the demo says to use.
     fn token(&self) -> String {
         let line = self.commands[0].clone();
@@ -176,12 +192,7 @@ fn plain_http_to_the_tls_port_gets_a_readable_400() {
     let lab = Lab::new();
     let (cert, key) = certificate(&lab);
     let demo = Demo::start(&lab, &["--tls-cert", &cert, "--tls-key", &key]);
-    let addr = demo
-        .printed
-        .lines()
-        .find_map(|l| l.strip_prefix("image-replicator listening on https://"))
-        .expect("address")
-        .to_string();
+    let addr = demo.addr();
     let mut tcp = std::net::TcpStream::connect(&addr).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     tcp.write_all(b"GET /v2/extension/image_replicator/jobs HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -210,14 +221,8 @@ fn plain_http_to_the_tls_port_gets_a_readable_400() {
 fn the_demo_gives_its_user_and_token_back_when_removed_or_revoked() {
     let lab = Lab::new();
     let reach = |demo: &Demo, token: &str| {
-        let addr = demo
-            .printed
-            .lines()
-            .find_map(|l| l.strip_prefix("image-replicator listening on "))
-            .unwrap()
-            .to_string();
         reqwest::blocking::Client::new()
-            .get(format!("{addr}{JOBS}"))
+            .get(format!("{}{JOBS}", demo.base()))
             .header("X-Auth-Token", token)
             .send()
             .unwrap()
@@ -305,12 +310,7 @@ fn readme_curl_section() -> (String, String, Vec<(String, Vec<String>)>) {
 fn the_readmes_curl_commands_run_against_the_demo_as_written() {
     let lab = Lab::new();
     let demo = Demo::start(&lab, &[]);
-    let addr = demo
-        .printed
-        .lines()
-        .find_map(|l| l.strip_prefix("image-replicator listening on http://"))
-        .unwrap()
-        .to_string();
+    let addr = demo.addr();
     let (token, api, blocks) = readme_curl_section();
     assert_eq!(token, demo.token());
     let api = api.replace("127.0.0.1:9292", &addr);
@@ -351,5 +351,9 @@ fn the_readmes_curl_commands_run_against_the_demo_as_written() {
         }
     }
     let id = job.expect("the copy's job");
-    assert_eq!(lab.ok_json(&["job", "show", &id])["status"], "canceled");
+    let ended = poll("the canceled job", Duration::from_secs(20), || {
+        let status = lab.ok_json(&["job", "show", &id])["status"].clone();
+        (status == "canceled" || status == "replicated").then_some(status)
+    });
+    assert_eq!(ended, "canceled");
 }
