@@ -77,7 +77,7 @@ fn usage_error(e: clap::Error) -> ExitCode {
     ExitCode::from(2)
 }
 
-/// `--log-level` and `RUST_LOG` as an `EnvFilter`: a bare level is image-replicator's own, and
+/// `--log-level` as an `EnvFilter`: a bare level is image-replicator's own, and
 /// the other crates (sled, hyper, ...) log at warn (or less, if the level is quieter) unless a
 /// directive names them: `debug,sled=debug`.
 fn log_directives(spec: &str) -> String {
@@ -97,7 +97,8 @@ fn log_directives(spec: &str) -> String {
     directives.join(",")
 }
 
-/// Logs go to stderr (journald collects them): `--log-level`, else `RUST_LOG`, else a default.
+/// Logs go to stderr (journald collects them): `--log-level`, else `RUST_LOG`, else a default
+/// (read as `--log-level` is).
 fn init_logging(cli: &cli::Cli) {
     use tracing_subscriber::EnvFilter;
     let default_level = if matches!(cli.command, cli::Command::Serve(_)) {
@@ -108,13 +109,15 @@ fn init_logging(cli: &cli::Cli) {
     let from_env = std::env::var("RUST_LOG")
         .ok()
         .filter(|v| !v.trim().is_empty());
+    // --log-level is read as log_directives says; RUST_LOG as everyone reads it (trace: every
+    // crate at trace).
     let given = match (&cli.log_level, &from_env) {
-        (Some(level), _) => Some(("--log-level", level)),
-        (None, Some(level)) => Some(("RUST_LOG", level)),
+        (Some(level), _) => Some(("--log-level", level, log_directives(level))),
+        (None, Some(level)) => Some(("RUST_LOG", level, level.clone())),
         (None, None) => None,
     };
     let filter = match given {
-        Some((source, level)) => EnvFilter::try_new(log_directives(level)).unwrap_or_else(|e| {
+        Some((source, level, directives)) => EnvFilter::try_new(directives).unwrap_or_else(|e| {
             let why = escape(&format!(
                 "{source} '{level}' is not a level or filter ({e})"
             ))

@@ -77,6 +77,22 @@ impl Demo {
         }
     }
 
+    /// `http://127.0.0.1:PORT` (or `https://…`), as it printed.
+    fn base(&self) -> String {
+        self.printed
+            .lines()
+            .find_map(|l| l.strip_prefix("image-replicator listening on "))
+            .expect("the listening line")
+            .to_string()
+    }
+
+    /// `127.0.0.1:PORT`.
+    fn addr(&self) -> String {
+        let base = self.base();
+        base.split_once("://")
+            .map_or(base.clone(), |(_, a)| a.to_string())
+    }
+
     /// The token the demo says to use.
     fn token(&self) -> String {
         let line = self.commands[0].clone();
@@ -176,12 +192,7 @@ fn plain_http_to_the_tls_port_gets_a_readable_400() {
     let lab = Lab::new();
     let (cert, key) = certificate(&lab);
     let demo = Demo::start(&lab, &["--tls-cert", &cert, "--tls-key", &key]);
-    let addr = demo
-        .printed
-        .lines()
-        .find_map(|l| l.strip_prefix("image-replicator listening on https://"))
-        .expect("address")
-        .to_string();
+    let addr = demo.addr();
     let mut tcp = std::net::TcpStream::connect(&addr).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     tcp.write_all(b"GET /v2/extension/image_replicator/jobs HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -210,14 +221,8 @@ fn plain_http_to_the_tls_port_gets_a_readable_400() {
 fn the_demo_gives_its_user_and_token_back_when_removed_or_revoked() {
     let lab = Lab::new();
     let reach = |demo: &Demo, token: &str| {
-        let addr = demo
-            .printed
-            .lines()
-            .find_map(|l| l.strip_prefix("image-replicator listening on "))
-            .unwrap()
-            .to_string();
         reqwest::blocking::Client::new()
-            .get(format!("{addr}{JOBS}"))
+            .get(format!("{}{JOBS}", demo.base()))
             .header("X-Auth-Token", token)
             .send()
             .unwrap()
@@ -256,4 +261,99 @@ fn the_demo_gives_its_user_and_token_back_when_removed_or_revoked() {
         demo.printed
     );
     assert_eq!(reach(&demo, SAMPLE_TOKEN), 200);
+}
+
+/// The README's "The API with curl" section: its `TOKEN` and `API`, and each ```sh block's
+/// command (continuation lines joined) with the `# ` lines that follow it (the answer shown).
+fn readme_curl_section() -> (String, String, Vec<(String, Vec<String>)>) {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let section: Vec<&str> = readme
+        .lines()
+        .skip_while(|l| *l != "## The API with curl")
+        .skip(1)
+        .take_while(|l| !l.starts_with("## "))
+        .collect();
+    let value = |name: &str| {
+        let intro = section
+            .iter()
+            .find(|l| l.starts_with("With the demo running"))
+            .expect("the intro line");
+        let at = intro.find(&format!("`{name}=")).expect(name) + name.len() + 2;
+        intro[at..].split('`').next().unwrap().to_string()
+    };
+    let mut blocks = Vec::new();
+    let mut lines = section.iter();
+    while let Some(line) = lines.next() {
+        if *line != "```sh" {
+            continue;
+        }
+        let mut command = String::new();
+        let mut shown = Vec::new();
+        for line in lines.by_ref() {
+            if *line == "```" {
+                break;
+            }
+            if let Some(answer) = line.strip_prefix('#') {
+                shown.push(answer.trim().to_string());
+            } else {
+                command.push_str(line.trim().trim_end_matches('\\'));
+                command.push(' ');
+            }
+        }
+        blocks.push((command.trim().to_string(), shown));
+    }
+    (value("TOKEN"), value("API"), blocks)
+}
+
+#[test]
+fn the_readmes_curl_commands_run_against_the_demo_as_written() {
+    let lab = Lab::new();
+    let demo = Demo::start(&lab, &[]);
+    let addr = demo.addr();
+    let (token, api, blocks) = readme_curl_section();
+    assert_eq!(token, demo.token());
+    let api = api.replace("127.0.0.1:9292", &addr);
+    assert_eq!(blocks.len(), 5, "{blocks:?}");
+    let mut job: Option<String> = None;
+    for (command, shown) in blocks {
+        let command = match &job {
+            Some(id) => command.replace("<job_id>", id),
+            None => command,
+        };
+        let out = Command::new("bash")
+            .args(["--norc", "--noprofile", "-c", &command])
+            .env("TOKEN", &token)
+            .env("API", &api)
+            .output()
+            .unwrap();
+        let answer = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+        let (head, body) = answer.split_once("\n\n").unwrap_or((&answer, ""));
+        let Some(status) = shown.first() else {
+            assert!(head.starts_with("HTTP/1.1 200 OK"), "{command}: {answer}");
+            continue;
+        };
+        assert!(head.starts_with(status.as_str()), "{command}: {answer}");
+        for line in &shown[1..] {
+            if line.contains(':') && !line.starts_with('[') && !line.starts_with('{') {
+                assert!(
+                    head.contains(line.as_str()),
+                    "{command}: no {line:?} in {head}"
+                );
+            } else if let Some((start, _)) = line.split_once(" ...") {
+                assert!(body.starts_with(start), "{command}: {body} is not {line}");
+            }
+        }
+        if command.contains("-X POST") {
+            let created: Value = serde_json::from_str(body).expect("202 body");
+            job = Some(created["job_id"].as_str().unwrap().to_string());
+            assert!(body.starts_with(r#"{"job_id": ""#), "{body}");
+        }
+    }
+    let id = job.expect("the copy's job");
+    let ended = poll("the canceled job", Duration::from_secs(20), || {
+        let status = lab.ok_json(&["job", "show", &id])["status"].clone();
+        (status == "canceled" || status == "replicated").then_some(status)
+    });
+    assert_eq!(ended, "canceled");
 }

@@ -43,7 +43,8 @@ pub struct Cli {
 
     /// Log level of image-replicator (error, warn, info, debug, trace; other crates stay at
     /// warn), or RUST_LOG-style directives: debug,sled=debug
-    /// [default: RUST_LOG, else info for serve and warn for the other commands]
+    /// [default: RUST_LOG as it is (trace: every crate), else info for serve and warn for the
+    /// other commands]
     #[arg(long, global = true, help_heading = GLOBAL, value_name = "LEVEL",
           env = "IMAGE_REPLICATOR_LOG_LEVEL")]
     pub log_level: Option<String>,

@@ -27,14 +27,21 @@ pub fn call(data_dir: &Path, request: Request) -> Result<Reply, String> {
         server::create_data_dir(data_dir)
             .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
     }
-    act_as_owner(data_dir)?;
+    let acting_as = act_as_owner(data_dir)?;
     let store = server::open_store(data_dir, Duration::from_secs(2)).map_err(|e| match e {
         OpenError::Locked(path) => format!(
             "the store {path} is locked by another process, but no server answers on {}; \
              if a server is starting or stopping, try again",
             admin::socket_path(data_dir).display()
         ),
-        other => other.to_string(),
+        other => match acting_as {
+            Some(uid) => format!(
+                "{other} (root acts as uid {uid}, the owner of {}: what that uid cannot read \
+                 or write there, such as files of root's, must be chowned to it)",
+                data_dir.display()
+            ),
+            None => other.to_string(),
+        },
     })?;
     let svc = Service::new(store, super::args::absolute(data_dir)?);
     admin::execute(&svc, request, None).map_err(|e| e.to_string())
@@ -46,17 +53,18 @@ pub fn call(data_dir: &Path, request: Request) -> Result<Reply, String> {
 /// not be (the service could not open its store or write its regions). The files the command
 /// reads afterwards (`image import`'s) must be readable by that user, as they must be when the
 /// service runs and does the import itself.
-fn act_as_owner(data_dir: &Path) -> Result<(), String> {
+/// Returns the uid it acts as, if it switched.
+fn act_as_owner(data_dir: &Path) -> Result<Option<u32>, String> {
     use std::os::unix::fs::MetadataExt;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return Ok(());
+        return Ok(None);
     }
     let Ok(meta) = std::fs::symlink_metadata(data_dir) else {
-        return Ok(());
+        return Ok(None);
     };
     if !meta.is_dir() || meta.uid() == 0 {
-        return Ok(());
+        return Ok(None);
     }
     let (uid, gid) = (meta.uid(), meta.gid());
     // SAFETY: setgroups reads one gid from the pointer given; setgid and setuid take values.
@@ -72,5 +80,5 @@ fn act_as_owner(data_dir: &Path) -> Result<(), String> {
         ));
     }
     tracing::info!(uid, gid, "acting as the owner of the data directory");
-    Ok(())
+    Ok(Some(uid))
 }

@@ -165,7 +165,9 @@ fn show_progress(job: &Job, view: &mut View, ended_style: &ProgressStyle) {
                 };
                 bar.abandon_with_message(end);
             } else if has_eta(job) && job.bytes_copied > 0 {
-                bar.set_message(format!("eta {:#}", indicatif::HumanDuration(bar.eta())));
+                // Bytes are left, so at least a second is (never "eta 0s").
+                let eta = bar.eta().max(Duration::from_secs(1));
+                bar.set_message(format!("eta {:#}", indicatif::HumanDuration(eta)));
             } else {
                 bar.set_message("");
             }
