@@ -929,3 +929,116 @@ fn import_records_the_format_its_bytes_show_and_refuses_one_they_contradict() {
         .to_string();
     assert_eq!(lab.ok_json(&["image", "show", &id])["disk_format"], "iso");
 }
+
+#[test]
+fn a_tenant_of_a_glance_region_is_sent_to_its_own_glance() {
+    const TENANT_G: &str = "0e6f3a1d2c4b4a59b8e7d6c5b4a39281";
+    let api = Api::with(&["--no-worker"], |lab| {
+        lab.ok(&["region", "add", "g1", "--glance-url", "http://127.0.0.1:9"]);
+        lab.ok(&["tenant", "add", TENANT_G, "--region", "g1"]);
+        lab.ok(&["user", "add", "gina", "--tenant", TENANT_G]);
+    });
+    let gina = api.lab.token("gina", TENANT_G);
+    for resp in [
+        api.get("/v2/images", &gina),
+        api.create(&gina, raw("x")),
+        api.get("/v2/images/00000000-0000-4000-8000-000000000000", &gina),
+    ] {
+        let sentence = assert_error(resp, 409);
+        assert!(
+            sentence.contains("g1 keeps its own image records")
+                && sentence.contains("http://127.0.0.1:9"),
+            "{sentence}"
+        );
+    }
+    // The version documents answer everyone.
+    assert_eq!(
+        api.http
+            .get(api.server.url("/"))
+            .send()
+            .expect("GET")
+            .status(),
+        300
+    );
+}
+
+/// The keys of a JSON object, sorted.
+fn key_set(v: &Value) -> Vec<String> {
+    let mut keys: Vec<String> = v.as_object().expect("object").keys().cloned().collect();
+    keys.sort();
+    keys
+}
+
+#[test]
+fn records_lists_and_version_documents_have_the_keys_of_real_glance() {
+    let os = common::openstack::OpenStack::start(1, false);
+    let glance = os.glance_url(0);
+    let api = Api::new();
+    let body = json!({"name": "k", "disk_format": "raw", "container_format": "bare",
+                      "hw_disk_bus": "scsi", "tags": ["t"]});
+    let theirs: Value = os
+        .http
+        .post(format!("{glance}/v2/images"))
+        .json(&body)
+        .send()
+        .expect("Glance POST")
+        .json()
+        .expect("JSON");
+    let ours = api.created(&api.alice, body);
+    assert_eq!(key_set(&ours), key_set(&theirs), "a queued image");
+    for (key, value) in theirs.as_object().expect("object") {
+        if !["id", "owner", "created_at", "updated_at", "self", "file"].contains(&key.as_str()) {
+            assert_eq!(&ours[key], value, "{key}");
+        }
+    }
+    let data = random_bytes(100_000, 12);
+    let resp = os
+        .http
+        .put(format!("{glance}/v2/images/{}/file", id_of(&theirs)))
+        .header("content-type", "application/octet-stream")
+        .body(data.clone())
+        .send()
+        .expect("Glance PUT");
+    assert_eq!(resp.status(), 204);
+    assert_eq!(api.upload(&api.alice, &id_of(&ours), data).status(), 204);
+    let theirs: Value = os
+        .http
+        .get(format!("{glance}/v2/images/{}", id_of(&theirs)))
+        .send()
+        .expect("GET")
+        .json()
+        .expect("JSON");
+    let ours = api.json(&format!("/v2/images/{}", id_of(&ours)), &api.alice);
+    // Glance names its store (`stores`) even with one; the appliance has no stores to name.
+    let mut their_keys = key_set(&theirs);
+    their_keys.retain(|k| k != "stores");
+    assert_eq!(key_set(&ours), their_keys, "an active image");
+    for key in [
+        "size",
+        "virtual_size",
+        "checksum",
+        "os_hash_algo",
+        "os_hash_value",
+        "status",
+    ] {
+        assert_eq!(ours[key], theirs[key], "{key}");
+    }
+    let list = |url: String, token: Option<&str>| -> Value {
+        let mut req = os.http.get(url);
+        if let Some(t) = token {
+            req = req.header("X-Auth-Token", t);
+        }
+        req.send().expect("GET").json().expect("JSON")
+    };
+    let their_page = list(format!("{glance}/v2/images?limit=1"), None);
+    let our_page = list(api.server.url("/v2/images?limit=1"), Some(&api.alice));
+    assert_eq!(key_set(&our_page), key_set(&their_page), "a page");
+    assert_eq!(our_page["first"], their_page["first"]);
+    let their_doc = list(format!("{glance}/versions"), None);
+    let our_doc = list(api.server.url("/versions"), None);
+    let shape = |doc: &Value, base: &str| doc.to_string().replace(base, "BASE");
+    assert_eq!(
+        shape(&our_doc, &api.server.base),
+        shape(&their_doc, &glance)
+    );
+}

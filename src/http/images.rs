@@ -482,11 +482,13 @@ pub(super) fn upload(req: Request, who: Principal) -> Reply {
                 ));
             }
         }
-        let length = req
-            .headers
-            .get("content-length")
+        // The length, if the client said it (openstacksdk also sends X-OpenStack-Image-Size):
+        // an upload that cannot fit is refused before its first byte.
+        let length = ["content-length", "x-openstack-image-size"]
+            .iter()
+            .find_map(|name| req.headers.get(*name))
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+            .and_then(|v| v.trim().parse::<u64>().ok());
         let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(UPLOAD_PIECES);
         let complete = Arc::new(AtomicBool::new(false));
         let (svc, id) = (req.svc, req.param);
