@@ -29,8 +29,9 @@ use crate::service::{AnyOf, ImageQuery, NewImage, PatchOp, SortKey, LIMIT_MAX};
 
 /// Largest body of a create or a patch (128 properties with long values fit).
 pub(super) const BODY_LIMIT: usize = 1 << 20;
-/// What a download hands the connection at a time.
-const PIECE: usize = 4 << 20;
+/// What a download hands the connection at a time (buffers reused, see `peer::file_response`;
+/// 1 MiB measured no worse than 4 MiB in server CPU and holds a quarter of the memory).
+const PIECE: usize = 1 << 20;
 /// Pieces of an upload's body queued for the blocking writer.
 const UPLOAD_PIECES: usize = 64;
 const PATCH_21: &str = "application/openstack-images-v2.1-json-patch";
