@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{assert_error, poll, Lab, Server, TENANT_A, TENANT_B, TENANT_C};
 use md5::{Digest, Md5};
-use reqwest::blocking::{Client, RequestBuilder, Response};
+use reqwest::blocking::{RequestBuilder, Response};
 use serde_json::{json, Value};
 
 const PATCH: &str = "application/openstack-images-v2.1-json-patch";
@@ -22,7 +22,6 @@ struct Api {
     carol: String,
     bob: String,
     root: String,
-    http: Client,
 }
 
 impl Api {
@@ -46,15 +45,12 @@ impl Api {
             carol,
             bob,
             root,
-            http: Client::builder()
-                .timeout(Duration::from_secs(120))
-                .build()
-                .expect("client"),
         }
     }
 
     fn req(&self, method: reqwest::Method, path: &str, token: &str) -> RequestBuilder {
-        self.http
+        self.server
+            .client
             .request(method, self.server.url(path))
             .header("X-Auth-Token", token)
     }
@@ -152,7 +148,8 @@ fn version_documents_answer_300_at_the_root_and_200_at_versions_without_a_token(
     let api = Api::new();
     for (path, status) in [("/", 300), ("/versions", 200)] {
         let resp = api
-            .http
+            .server
+            .client
             .get(api.server.url(path))
             .header("host", "images.example:9292")
             .send()
@@ -177,7 +174,8 @@ fn version_documents_answer_300_at_the_root_and_200_at_versions_without_a_token(
     }
     // A proxy that terminates TLS says so, and the links follow.
     let doc: Value = api
-        .http
+        .server
+        .client
         .get(api.server.url("/versions"))
         .header("x-forwarded-proto", "https")
         .send()
@@ -553,7 +551,8 @@ fn tenants_see_their_own_images_public_ones_and_community_ones_by_id() {
     }
     // Without a token: 401, as every route but the version documents and schemas.
     common::assert_401(
-        api.http
+        api.server
+            .client
             .get(api.server.url("/v2/images"))
             .send()
             .expect("GET"),
@@ -855,7 +854,8 @@ fn source_now(api: &Api, id: &str) -> Value {
 fn the_schemas_describe_glances_image_fields() {
     let api = Api::new();
     let image: Value = api
-        .http
+        .server
+        .client
         .get(api.server.url("/v2/schemas/image"))
         .send()
         .expect("GET")
@@ -884,7 +884,8 @@ fn the_schemas_describe_glances_image_fields() {
         .expect("enum")
         .contains(&json!("qcow2")));
     let images: Value = api
-        .http
+        .server
+        .client
         .get(api.server.url("/v2/schemas/images"))
         .send()
         .expect("GET")
@@ -985,7 +986,8 @@ fn a_tenant_of_a_glance_region_is_sent_to_its_own_glance() {
     }
     // The version documents answer everyone.
     assert_eq!(
-        api.http
+        api.server
+            .client
             .get(api.server.url("/"))
             .send()
             .expect("GET")

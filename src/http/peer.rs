@@ -545,6 +545,35 @@ where
     }
 }
 
+/// Sends the body's pieces to the blocking reader on `tx` ([`BodyReader`]) as [`pieces`]
+/// reads them, and an error after them if the body failed (the reader must not take a body
+/// cut short for a whole one). Once the reader stops (a refusal), the rest of the body is
+/// read and dropped, so that a client still sending gets the answer instead of a reset
+/// connection.
+pub(super) async fn feed(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    tx: &mpsc::Sender<io::Result<Bytes>>,
+) -> Result<(), Failure> {
+    let fed = pieces(headers, body, limit, |piece| {
+        let tx = tx.clone();
+        async move {
+            if !tx.is_closed() {
+                let _ = tx.send(Ok(piece)).await;
+            }
+            true
+        }
+    })
+    .await;
+    if fed.is_err() {
+        let _ = tx
+            .send(Err(io::Error::other("the request body stopped")))
+            .await;
+    }
+    fed
+}
+
 /// `PUT /peer/v1/uploads/{id}`: a new upload (201) or one that goes on (200); the chunks it
 /// still needs.
 pub(super) fn upload(req: Request, who: Principal) -> Reply {
@@ -626,24 +655,7 @@ pub(super) fn receive(req: Request, who: Principal) -> Reply {
             };
             svc.upload_receive(&who, &id, &mut input)
         });
-        // Once the reader stops (a refusal), the rest of the body is read and dropped, so that
-        // a client still sending gets the answer instead of a reset connection.
-        let fed = pieces(&req.headers, req.body, req.body_limit, |piece| {
-            let tx = tx.clone();
-            async move {
-                if !tx.is_closed() {
-                    let _ = tx.send(Ok(piece)).await;
-                }
-                true
-            }
-        })
-        .await;
-        if fed.is_err() {
-            // The reader must not take a body cut short for one that ended between frames.
-            let _ = tx
-                .send(Err(io::Error::other("the request body stopped")))
-                .await;
-        }
+        let fed = feed(&req.headers, req.body, req.body_limit, &tx).await;
         drop(tx);
         let done = work
             .await
