@@ -1076,3 +1076,77 @@ fn records_lists_and_version_documents_have_the_keys_of_real_glance() {
         shape(&their_doc, &glance)
     );
 }
+
+#[test]
+fn properties_travel_from_a_glance_region_into_a_directory_region_and_back() {
+    const TENANT_DIR: &str = "3c4d5e6f708192a3b4c5d6e7f8091a2b";
+    let os = common::openstack::OpenStack::start(1, false);
+    let glance = os.glance_url(0);
+    let lab = Lab::new();
+    lab.ok(&["region", "add", "g0", "--glance-url", &glance]);
+    lab.ok(&["region", "add", "d"]);
+    lab.ok(&["tenant", "add", TENANT_A, "--region", "g0"]);
+    lab.ok(&["tenant", "add", TENANT_DIR, "--region", "d"]);
+    lab.ok(&[
+        "user", "add", "alice", "--tenant", TENANT_A, "--tenant", TENANT_DIR,
+    ]);
+    let token_a = lab.token("alice", TENANT_A);
+    let token_dir = lab.token("alice", TENANT_DIR);
+    let server = lab.serve_with(&[]);
+    let fields =
+        json!({"hw_disk_bus": "scsi", "os_distro": "cirros", "trait:CUSTOM_X": "required"});
+    let mut body = json!({"name": "from glance", "disk_format": "raw", "container_format": "bare",
+                          "owner": TENANT_A, "tags": ["t1"], "min_ram": 256, "min_disk": 1});
+    for (k, v) in fields.as_object().expect("object") {
+        body[k] = v.clone();
+    }
+    let created: Value = os
+        .http
+        .post(format!("{glance}/v2/images"))
+        .json(&body)
+        .send()
+        .expect("Glance POST")
+        .json()
+        .expect("JSON");
+    let source = id_of(&created);
+    let data = random_bytes(1 << 20, 13);
+    let resp = os
+        .http
+        .put(format!("{glance}/v2/images/{source}/file"))
+        .header("content-type", "application/octet-stream")
+        .body(data.clone())
+        .send()
+        .expect("Glance PUT");
+    assert_eq!(resp.status(), 204);
+
+    let carried = |record: &Value| {
+        for (k, v) in fields.as_object().expect("object") {
+            assert_eq!(&record[k], v, "{k} in {record}");
+        }
+        assert_eq!(record["tags"], json!(["t1"]));
+        assert_eq!(record["min_ram"], 256);
+        assert_eq!(record["min_disk"], 1);
+    };
+    let job = server.copy_ok(&token_a, &source, TENANT_DIR);
+    let done = server.wait_job(&token_a, &job, Duration::from_secs(60), common::terminal);
+    assert_eq!(done["status"], "replicated", "{done}");
+    assert_eq!(done["source_image_name"], "from glance");
+    let copy = done["destination_image_id"]
+        .as_str()
+        .expect("destination")
+        .to_string();
+    let resp = server.get(&format!("/v2/images/{copy}"), Some(&token_dir));
+    assert_eq!(resp.status(), 200);
+    let record: Value = resp.json().expect("JSON");
+    carried(&record);
+    assert_eq!(record["owner"], TENANT_DIR);
+
+    // And back into Glance: the create carries them.
+    let job = server.copy_ok(&token_dir, &copy, TENANT_A);
+    let done = server.wait_job(&token_dir, &job, Duration::from_secs(60), common::terminal);
+    assert_eq!(done["status"], "replicated", "{done}");
+    let back = done["destination_image_id"].as_str().expect("destination");
+    let record = os.image(0, None, back).expect("the copy in Glance");
+    carried(&record);
+    assert_eq!(record["status"], "active");
+}
