@@ -1150,3 +1150,33 @@ fn properties_travel_from_a_glance_region_into_a_directory_region_and_back() {
     carried(&record);
     assert_eq!(record["status"], "active");
 }
+
+#[test]
+fn a_disk_format_the_region_refuses_is_409_at_create_and_at_upload() {
+    const TENANT_R: &str = "7a6b5c4d3e2f40918273645546372819";
+    let api = Api::with(&["--no-worker"], |lab| {
+        lab.ok(&["region", "add", "rawonly", "--disk-formats", "raw"]);
+        lab.ok(&["tenant", "add", TENANT_R, "--region", "rawonly"]);
+        lab.ok(&["user", "add", "rita", "--tenant", TENANT_R]);
+    });
+    let rita = api.lab.token("rita", TENANT_R);
+    let qcow2 = json!({"name": "q", "disk_format": "qcow2", "container_format": "bare"});
+    let sentence = assert_error(api.create(&rita, qcow2), 409);
+    assert!(
+        sentence.contains("does not accept disk format qcow2"),
+        "{sentence}"
+    );
+    let id = id_of(&api.created(&rita, json!({"name": "later"})));
+    let resp = api.patch(
+        &rita,
+        &id,
+        json!([{"op": "add", "path": "/disk_format", "value": "qcow2"},
+               {"op": "add", "path": "/container_format", "value": "bare"}]),
+    );
+    assert_eq!(resp.status(), 200);
+    assert_error(api.upload(&rita, &id, b"QFI\xfb\0\0\0\x03".to_vec()), 409);
+    assert_eq!(
+        api.json(&format!("/v2/images/{id}"), &rita)["status"],
+        "queued"
+    );
+}

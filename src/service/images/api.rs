@@ -362,7 +362,7 @@ impl Service {
         if let Some(f) = &new.disk_format {
             check_enum("disk_format", f, &DISK_FORMATS)?;
             if !region.disk_formats.contains(f) {
-                return Err(bad(format!(
+                return Err(ServiceError::Conflict(format!(
                     "region {} does not accept disk format {f}",
                     region.id
                 )));

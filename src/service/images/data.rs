@@ -16,7 +16,7 @@ use crate::copy::Source;
 use crate::error::{Result, ServiceError};
 use crate::formats::Sniffer;
 use crate::model::{now, size_text, Image, ImageStatus};
-use crate::regions::TransferError;
+use crate::regions::{StoreError, TransferError};
 
 /// The bytes of an upload as the copy engine reads them, checked on the way.
 pub struct UploadSource<'a> {
@@ -30,6 +30,8 @@ pub struct UploadSource<'a> {
     limit: Option<(u64, String)>,
     /// Why the upload was refused, once it was.
     refusal: Option<ServiceError>,
+    /// The body could not be read (the client went away, or it stopped arriving).
+    input_failed: bool,
 }
 
 impl UploadSource<'_> {
@@ -49,7 +51,10 @@ impl UploadSource<'_> {
 
 impl Read for UploadSource<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
+        let n = self
+            .inner
+            .read(buf)
+            .inspect_err(|_| self.input_failed = true)?;
         self.read += n as u64;
         if let Some((max, why)) = &self.limit {
             if self.read > *max {
@@ -150,33 +155,49 @@ impl Service {
             read: 0,
             limit,
             refusal: None,
+            input_failed: false,
         };
         let written = self.write_whole(&*images, &mut image, &mut source, |source, image| {
             image.meta.virtual_size = virtual_size(&image.disk_format, source, image.size);
-        })?;
+        });
         let refusal = source.refusal.take();
-        match written {
-            Ok(()) => Ok(image),
-            Err(e) => {
-                // Nothing of it stays: the image is queued again, without data.
-                let _ = images.remove(image.id);
-                image.status = ImageStatus::Queued;
-                image.updated_at = now();
-                self.store.update_image(&image)?;
-                self.flush()?;
-                Err(refusal.unwrap_or_else(|| {
-                    let why = match e {
-                        TransferError::Failed(e) => e.to_string(),
-                        TransferError::Stopped(_) => "the upload was stopped".into(),
-                    };
-                    tracing::warn!(image = %image.id, "an upload failed: {why}");
-                    ServiceError::BadRequest(format!(
-                        "the upload of image {} failed and the image is queued again: {why}",
-                        image.id
-                    ))
-                }))
-            }
-        }
+        let why = match written {
+            Ok(Ok(())) => return Ok(image),
+            Ok(Err(TransferError::Failed(e))) => match e {
+                _ if refusal.is_some() => None,
+                StoreError::NoSpace(why) => Some(ServiceError::OverQuota(format!(
+                    "Image storage media is full: {why}"
+                ))),
+                e if source.input_failed => Some(ServiceError::BadRequest(format!(
+                    "the upload of image {} failed and the image is queued again: {e}",
+                    image.id
+                ))),
+                e => Some(ServiceError::internal("an upload failed", e)),
+            },
+            Ok(Err(TransferError::Stopped(_))) => Some(ServiceError::Conflict(format!(
+                "the upload of image {} was stopped and the image is queued again",
+                image.id
+            ))),
+            Err(e) => Some(e),
+        };
+        // Nothing of it stays: the image is queued again, without data (best effort when
+        // the store itself failed).
+        let _ = images.remove(image.id);
+        let _ = self.store.remove_manifest(image.id);
+        image.status = ImageStatus::Queued;
+        image.size = 0;
+        image.checksum = None;
+        image.os_hash_algo = None;
+        image.os_hash_value = None;
+        image.meta.virtual_size = None;
+        image.updated_at = now();
+        self.store.update_image(&image)?;
+        self.flush()?;
+        let e = refusal.or(why).unwrap_or_else(|| {
+            ServiceError::Internal(format!("the upload of image {} failed", image.id))
+        });
+        tracing::warn!(image = %image.id, "an upload was refused or failed: {e}");
+        Err(e)
     }
 
     /// The most bytes an upload of `image` may take, and why not more: the owner's quota of
