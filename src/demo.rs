@@ -272,8 +272,9 @@ fn build(svc: &Service) -> Result<()> {
             file: file.clone(),
             tenant: DEMO_TENANT.to_string(),
             name: name.to_string(),
-            disk_format: "raw".into(),
+            disk_format: Some("raw".into()),
             container_format: "bare".into(),
+            meta: Default::default(),
             id: Uuid::try_parse(id).ok(),
         });
         let _ = std::fs::remove_file(&file);

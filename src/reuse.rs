@@ -256,8 +256,9 @@ mod tests {
                     file,
                     tenant: owner.into(),
                     name: "cirros".into(),
-                    disk_format: "raw".into(),
+                    disk_format: Some("raw".into()),
                     container_format: "bare".into(),
+                    meta: Default::default(),
                     id: None,
                 })
                 .expect("import")

@@ -296,6 +296,18 @@ fn parse_listen(text: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("'{text}' resolves to no address"))
 }
 
+/// `--property KEY=VALUE`.
+fn parse_property(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+        _ => Err(format!("'{text}' is not KEY=VALUE")),
+    }
+}
+
+fn parse_visibility(text: &str) -> Result<crate::model::Visibility, String> {
+    text.parse()
+}
+
 /// A cache lifetime: 0 to one day.
 fn parse_ttl(text: &str) -> Result<Duration, String> {
     let ttl = if text.trim() == "0" {
@@ -705,15 +717,26 @@ pub enum ImageCmd {
         /// The image's name, as Glance shows it
         #[arg(long)]
         name: String,
-        /// Glance disk format: raw, qcow2, vmdk, vhd, vhdx, vdi, iso, ...
-        #[arg(long, default_value = "raw")]
-        disk_format: String,
+        /// The image's disk format; without it, the one its bytes show (qcow2, vmdk, vhd,
+        /// vhdx, iso or raw). One that its bytes contradict is refused
+        #[arg(long)]
+        disk_format: Option<String>,
         /// Glance container format: bare, ovf, ova, ...
         #[arg(long, default_value = "bare")]
         container_format: String,
         /// Use this image id instead of a new one
         #[arg(long)]
         id: Option<uuid::Uuid>,
+        /// A property of the image, as the images API shows it (repeatable)
+        #[arg(long = "property", value_name = "KEY=VALUE", value_parser = parse_property)]
+        properties: Vec<(String, String)>,
+        /// Who may see the image in the images API: public, community, shared (the default)
+        /// or private
+        #[arg(long, value_parser = parse_visibility)]
+        visibility: Option<crate::model::Visibility>,
+        /// Not deletable until unprotected
+        #[arg(long)]
+        protected: bool,
     },
     /// List images
     List {
@@ -949,6 +972,9 @@ pub(super) fn request_for(command: Command) -> Result<(Request, &'static str), S
                 disk_format,
                 container_format,
                 id,
+                properties,
+                visibility,
+                protected,
             } => (
                 Request::ImageImport(ImportRequest {
                     file: absolute(&file)?,
@@ -957,6 +983,12 @@ pub(super) fn request_for(command: Command) -> Result<(Request, &'static str), S
                     disk_format,
                     container_format,
                     id,
+                    meta: crate::model::ImageMeta {
+                        visibility: visibility.unwrap_or_default(),
+                        protected,
+                        properties: properties.into_iter().collect(),
+                        ..Default::default()
+                    },
                 }),
                 "imported",
             ),

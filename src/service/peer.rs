@@ -195,6 +195,7 @@ fn upload_record(id: Uuid, upload: &Upload, owner: &str, m: &Manifest) -> Result
         os_hash_value: i.os_hash_value.clone(),
         created_at: created,
         updated_at: created,
+        meta: Default::default(),
     };
     if !m.describes(&image) {
         return bad(format!(
@@ -612,13 +613,7 @@ impl Service {
             )?;
         }
         if let Some(max) = tenant.quota_bytes {
-            let held: u64 = self
-                .store
-                .images(Some(key))?
-                .iter()
-                .filter(|i| i.status != ImageStatus::Deleted)
-                .map(|i| i.size)
-                .sum();
+            let held = self.stored_bytes(key)?;
             if held.saturating_add(image.size) > max {
                 return Err(ServiceError::OverQuota(format!(
                     "tenant {} is over its quota of {max} bytes stored: it holds {held}, and image {} needs {} more",
@@ -779,6 +774,7 @@ mod tests {
             os_hash_value: None,
             created_at: 0,
             updated_at: 0,
+            meta: Default::default(),
         }
     }
 

@@ -1,6 +1,11 @@
 //! Image records of the regions whose records the appliance keeps, and the images of those
 //! that keep their own (Glance), as the appliance shows them.
 
+mod api;
+mod data;
+
+pub use api::{AnyOf, ImagePage, ImageQuery, NewImage, PatchOp, SortKey, LIMIT_DEFAULT, LIMIT_MAX};
+
 use std::fs::File;
 use std::path::PathBuf;
 
@@ -13,6 +18,7 @@ use crate::error::{Result, ServiceError};
 use crate::manifest;
 use crate::model::{now, Image, ImageStatus, Region, TenantKey, CONTAINER_FORMATS, DISK_FORMATS};
 use crate::regions;
+use crate::regions::ImageStore;
 use crate::store::JobQuery;
 
 /// `image import`'s arguments.
@@ -22,14 +28,21 @@ pub struct ImportRequest {
     pub file: PathBuf,
     pub tenant: String,
     pub name: String,
-    pub disk_format: String,
+    /// `None`: the one the file's bytes show ([`crate::formats`]).
+    #[serde(default)]
+    pub disk_format: Option<String>,
     pub container_format: String,
     pub id: Option<Uuid>,
+    /// `--property`, `--visibility`, `--protected`.
+    #[serde(default)]
+    pub meta: crate::model::ImageMeta,
 }
 
 impl Service {
     pub fn image_import(&self, req: &ImportRequest) -> Result<Image> {
-        check_format("disk format", &req.disk_format, &DISK_FORMATS)?;
+        if let Some(format) = &req.disk_format {
+            check_format("disk format", format, &DISK_FORMATS)?;
+        }
         check_format(
             "container format",
             &req.container_format,
@@ -40,13 +53,26 @@ impl Service {
                 "an image name must be 1 to 255 characters".into(),
             ));
         }
+        for key in req.meta.properties.keys() {
+            if !crate::model::is_user_property(key) {
+                return Err(ServiceError::BadRequest(format!(
+                    "'{key}' is one of Glance's own fields, not a property"
+                )));
+            }
+        }
         let (key, tenant) = self.tenant(&req.tenant)?;
         let region = self.region(&tenant.region)?;
-        if !region.disk_formats.contains(&req.disk_format) {
-            return Err(ServiceError::Conflict(format!(
-                "region {} does not accept disk format {}",
-                region.id, req.disk_format
-            )));
+        let accepts = |format: &String| -> Result<()> {
+            if region.disk_formats.contains(format) {
+                return Ok(());
+            }
+            Err(ServiceError::Conflict(format!(
+                "region {} does not accept disk format {format}",
+                region.id
+            )))
+        };
+        if let Some(format) = &req.disk_format {
+            accepts(format)?;
         }
         let images = self.images_of(&region)?;
         if images.records().is_some() {
@@ -59,6 +85,25 @@ impl Service {
             ServiceError::Conflict(format!("region {} store is unusable: {why}", region.id))
         })?;
         let mut file = open_regular(&req.file)?;
+        let found = file_format(&file).map_err(|e| {
+            ServiceError::BadRequest(format!("cannot read {}: {e}", req.file.display()))
+        })?;
+        let disk_format = match &req.disk_format {
+            Some(format) => {
+                if crate::formats::mismatch(format, found).is_some() {
+                    return Err(ServiceError::BadRequest(format!(
+                        "{} holds {found} data, not {format}: import it with --disk-format {found}, or without --disk-format",
+                        req.file.display()
+                    )));
+                }
+                format.clone()
+            }
+            None => {
+                let found = found.to_string();
+                accepts(&found)?;
+                found
+            }
+        };
         let created = now();
         let mut image = Image {
             id: req.id.unwrap_or_else(Uuid::new_v4),
@@ -66,7 +111,7 @@ impl Service {
             owner: tenant.id,
             region: region.id.clone(),
             status: ImageStatus::Saving,
-            disk_format: req.disk_format.clone(),
+            disk_format,
             container_format: req.container_format.clone(),
             size: 0,
             checksum: None,
@@ -74,38 +119,13 @@ impl Service {
             os_hash_value: None,
             created_at: created,
             updated_at: created,
+            meta: req.meta.clone(),
         };
         // The record reserves the id first; the bytes follow; then it becomes active. An
         // import is a copy with nothing to verify against (the image is its own source).
         self.store.insert_image(key, &image)?;
-        let mut control = Control {
-            stop: &|| None,
-            progress: &mut |_| {},
-            checkpoint: &mut |_, _| {},
-            limiter: None,
-        };
-        let written = images
-            .create(&image, &image, &|| false)
-            .map_err(regions::TransferError::Failed)
-            .and_then(|sink| {
-                let plan = Plan::whole(sink.hashes());
-                regions::transfer(&mut file, sink, plan, &mut control, &|_| Ok(()))
-            });
-        match written {
-            Ok((written, copied)) => {
-                let made =
-                    manifest::complete(written.size, written.os_hash_value.clone(), copied.chunks);
-                self.store.put_manifest(image.id, &made.encode())?;
-                image.status = ImageStatus::Active;
-                image.size = written.size;
-                image.checksum = written.checksum;
-                image.os_hash_algo = written.os_hash_algo;
-                image.os_hash_value = written.os_hash_value;
-                image.updated_at = now();
-                self.store.update_image(&image)?;
-                self.flush()?;
-                Ok(image)
-            }
+        match self.write_whole(&*images, &mut image, &mut file, |_, _| {})? {
+            Ok(()) => Ok(image),
             Err(e) => {
                 let _ = images.remove(image.id);
                 self.store.remove_image(key, image.id)?;
@@ -121,6 +141,60 @@ impl Service {
                 )))
             }
         }
+    }
+
+    /// Writes the whole of `source` as the data of the new image `image` (an import or an
+    /// upload: the image is its own source, so there is nothing to verify against, and both
+    /// hashes are computed); then records its manifest and makes it active with its size and
+    /// hashes, `finish` adding what it learnt from the source. A transfer that failed is the
+    /// inner error, for the caller to clean up after.
+    fn write_whole<S: crate::copy::Source>(
+        &self,
+        images: &dyn ImageStore,
+        image: &mut Image,
+        source: &mut S,
+        finish: impl FnOnce(&S, &mut Image),
+    ) -> Result<std::result::Result<(), regions::TransferError>> {
+        let mut control = Control {
+            stop: &|| None,
+            progress: &mut |_| {},
+            checkpoint: &mut |_, _| {},
+            limiter: None,
+        };
+        let written = images
+            .create(image, image, &|| false)
+            .map_err(regions::TransferError::Failed)
+            .and_then(|sink| {
+                let plan = Plan::whole(sink.hashes());
+                regions::transfer(source, sink, plan, &mut control, &|_| Ok(()))
+            });
+        let (written, copied) = match written {
+            Ok(done) => done,
+            Err(e) => return Ok(Err(e)),
+        };
+        let made = manifest::complete(written.size, written.os_hash_value.clone(), copied.chunks);
+        self.store.put_manifest(image.id, &made.encode())?;
+        image.status = ImageStatus::Active;
+        image.size = written.size;
+        image.checksum = written.checksum;
+        image.os_hash_algo = written.os_hash_algo;
+        image.os_hash_value = written.os_hash_value;
+        image.updated_at = now();
+        finish(source, image);
+        self.store.update_image(image)?;
+        self.flush()?;
+        Ok(Ok(()))
+    }
+
+    /// Bytes of images the tenant `key` holds (deleted ones not counted).
+    pub(super) fn stored_bytes(&self, key: TenantKey) -> Result<u64> {
+        Ok(self
+            .store
+            .images(Some(key))?
+            .iter()
+            .filter(|i| i.status != ImageStatus::Deleted)
+            .map(|i| i.size)
+            .sum())
     }
 
     pub fn image_list(&self, tenant: Option<&str>, region: Option<&str>) -> Result<Vec<Image>> {
@@ -236,6 +310,28 @@ impl Service {
         self.flush()?;
         Ok(image)
     }
+}
+
+/// The disk format of a file's bytes, from its head and its last 512 bytes.
+fn file_format(file: &File) -> std::io::Result<&'static str> {
+    use std::os::unix::fs::FileExt;
+    let size = file.metadata()?.len();
+    let read = |offset: u64, len: usize| -> std::io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        let mut filled = 0;
+        while filled < len {
+            match file.read_at(&mut buf[filled..], offset + filled as u64)? {
+                0 => break,
+                n => filled += n,
+            }
+        }
+        buf.truncate(filled);
+        Ok(buf)
+    };
+    let head = read(0, crate::formats::HEAD.min(size as usize))?;
+    let tail_len = crate::formats::TAIL.min(size as usize);
+    let tail = read(size - tail_len as u64, tail_len)?;
+    Ok(crate::formats::detect(&head, &tail))
 }
 
 /// Opens a file to import: a regular file only (a FIFO or a device would block or never end;
