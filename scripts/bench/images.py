@@ -253,7 +253,7 @@ def cmd_report(args):
            f"({fs}; {os.cpu_count()} CPUs, {cpu}; load average at start / end "
            f"{env['LOAD_START']} / {load_end}). {len(reps)} rep(s); the order of the three "
            "rotates per rep; each figure is the median of the per-rep ratios of rates "
-           "(appliance MB/s ÷ the other's MB/s).", "",
+           "(appliance MiB/s ÷ the other's MiB/s).", "",
            "| id | what | figure | goal | result |", "|---|---|---|---|---|"]
     whys = []
     for fig, op, label in (("I1", "upload", "upload"), ("I2", "download", "download")):
@@ -272,7 +272,7 @@ def cmd_report(args):
                 what = "download rate (curl -o a file) ÷ `cp` of the file (no sync)"
             other_name = "Glance" if other == "glance" else "cp"
             figure = (f"{med:.2f} (runs: {', '.join(f'{x:.2f}' for x in ratios)}); appliance "
-                      f"{app_rate:,.0f} MB/s, {other_name} {other_rate:,.0f} MB/s (medians)")
+                      f"{app_rate:,.0f} MiB/s, {other_name} {other_rate:,.0f} MiB/s (medians)")
             met = med >= goal
             out.append(f"| {fig} | {what} | {figure} | ≥ {goal} | "
                        f"**{'met' if met else 'missed'}** |")
@@ -289,7 +289,7 @@ def cmd_report(args):
     out += ["### Every transfer", "",
             "Seconds of each curl or cp (wall), and the CPU (user + system, /proc) of the "
             "appliance and of Glance's process group meanwhile.", "",
-            "| rep | order | system | op | seconds | MB/s | appliance CPU | Glance CPU |",
+            "| rep | order | system | op | seconds | MiB/s | appliance CPU | Glance CPU |",
             "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["op"] != "upload", r["rep"], r["order"])):
         out.append(f"| {r['rep']} | {r['order']} | {r['system']} | {r['op']} | "
