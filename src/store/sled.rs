@@ -1389,6 +1389,7 @@ mod tests {
             os_hash_value: None,
             created_at: 1,
             updated_at: 1,
+            meta: Default::default(),
         }
     }
 
