@@ -928,6 +928,38 @@ fn import_records_the_format_its_bytes_show_and_refuses_one_they_contradict() {
         .trim()
         .to_string();
     assert_eq!(lab.ok_json(&["image", "show", &id])["disk_format"], "iso");
+    // The images API's fields can be given at import.
+    let id = lab
+        .ok(&common::import_args(
+            iso.to_str().expect("path"),
+            TENANT_A,
+            "with fields",
+            &[
+                "--property",
+                "hw_disk_bus=scsi",
+                "--property",
+                "os_distro=debian",
+                "--visibility",
+                "public",
+                "--protected",
+            ],
+        ))
+        .trim()
+        .to_string();
+    let shown = lab.ok_json(&["image", "show", &id]);
+    assert_eq!(
+        shown["properties"],
+        json!({"hw_disk_bus": "scsi", "os_distro": "debian"})
+    );
+    assert_eq!(shown["visibility"], "public");
+    assert_eq!(shown["protected"], true);
+    let refusal = lab.fails(&common::import_args(
+        iso.to_str().expect("path"),
+        TENANT_A,
+        "bad",
+        &["--property", "status=active"],
+    ));
+    assert!(refusal.contains("not a property"), "{refusal}");
 }
 
 #[test]

@@ -32,6 +32,9 @@ pub struct ImportRequest {
     pub disk_format: Option<String>,
     pub container_format: String,
     pub id: Option<Uuid>,
+    /// `--property`, `--visibility`, `--protected`.
+    #[serde(default)]
+    pub meta: crate::model::ImageMeta,
 }
 
 impl Service {
@@ -48,6 +51,13 @@ impl Service {
             return Err(ServiceError::BadRequest(
                 "an image name must be 1 to 255 characters".into(),
             ));
+        }
+        for key in req.meta.properties.keys() {
+            if !crate::model::is_user_property(key) {
+                return Err(ServiceError::BadRequest(format!(
+                    "'{key}' is one of Glance's own fields, not a property"
+                )));
+            }
         }
         let (key, tenant) = self.tenant(&req.tenant)?;
         let region = self.region(&tenant.region)?;
@@ -108,7 +118,7 @@ impl Service {
             os_hash_value: None,
             created_at: created,
             updated_at: created,
-            meta: Default::default(),
+            meta: req.meta.clone(),
         };
         // The record reserves the id first; the bytes follow; then it becomes active. An
         // import is a copy with nothing to verify against (the image is its own source).
