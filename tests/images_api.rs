@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{assert_error, poll, Lab, Server, TENANT_A, TENANT_B, TENANT_C};
 use md5::{Digest, Md5};
-use reqwest::blocking::{Client, RequestBuilder, Response};
+use reqwest::blocking::{RequestBuilder, Response};
 use serde_json::{json, Value};
 
 const PATCH: &str = "application/openstack-images-v2.1-json-patch";
@@ -22,7 +22,6 @@ struct Api {
     carol: String,
     bob: String,
     root: String,
-    http: Client,
 }
 
 impl Api {
@@ -46,15 +45,12 @@ impl Api {
             carol,
             bob,
             root,
-            http: Client::builder()
-                .timeout(Duration::from_secs(120))
-                .build()
-                .expect("client"),
         }
     }
 
     fn req(&self, method: reqwest::Method, path: &str, token: &str) -> RequestBuilder {
-        self.http
+        self.server
+            .client
             .request(method, self.server.url(path))
             .header("X-Auth-Token", token)
     }
@@ -152,7 +148,8 @@ fn version_documents_answer_300_at_the_root_and_200_at_versions_without_a_token(
     let api = Api::new();
     for (path, status) in [("/", 300), ("/versions", 200)] {
         let resp = api
-            .http
+            .server
+            .client
             .get(api.server.url(path))
             .header("host", "images.example:9292")
             .send()
@@ -177,7 +174,8 @@ fn version_documents_answer_300_at_the_root_and_200_at_versions_without_a_token(
     }
     // A proxy that terminates TLS says so, and the links follow.
     let doc: Value = api
-        .http
+        .server
+        .client
         .get(api.server.url("/versions"))
         .header("x-forwarded-proto", "https")
         .send()
@@ -553,7 +551,8 @@ fn tenants_see_their_own_images_public_ones_and_community_ones_by_id() {
     }
     // Without a token: 401, as every route but the version documents and schemas.
     common::assert_401(
-        api.http
+        api.server
+            .client
             .get(api.server.url("/v2/images"))
             .send()
             .expect("GET"),
@@ -855,7 +854,8 @@ fn source_now(api: &Api, id: &str) -> Value {
 fn the_schemas_describe_glances_image_fields() {
     let api = Api::new();
     let image: Value = api
-        .http
+        .server
+        .client
         .get(api.server.url("/v2/schemas/image"))
         .send()
         .expect("GET")
@@ -884,7 +884,8 @@ fn the_schemas_describe_glances_image_fields() {
         .expect("enum")
         .contains(&json!("qcow2")));
     let images: Value = api
-        .http
+        .server
+        .client
         .get(api.server.url("/v2/schemas/images"))
         .send()
         .expect("GET")
@@ -985,7 +986,8 @@ fn a_tenant_of_a_glance_region_is_sent_to_its_own_glance() {
     }
     // The version documents answer everyone.
     assert_eq!(
-        api.http
+        api.server
+            .client
             .get(api.server.url("/"))
             .send()
             .expect("GET")
@@ -1073,4 +1075,78 @@ fn records_lists_and_version_documents_have_the_keys_of_real_glance() {
         shape(&our_doc, &api.server.base),
         shape(&their_doc, &glance)
     );
+}
+
+#[test]
+fn properties_travel_from_a_glance_region_into_a_directory_region_and_back() {
+    const TENANT_DIR: &str = "3c4d5e6f708192a3b4c5d6e7f8091a2b";
+    let os = common::openstack::OpenStack::start(1, false);
+    let glance = os.glance_url(0);
+    let lab = Lab::new();
+    lab.ok(&["region", "add", "g0", "--glance-url", &glance]);
+    lab.ok(&["region", "add", "d"]);
+    lab.ok(&["tenant", "add", TENANT_A, "--region", "g0"]);
+    lab.ok(&["tenant", "add", TENANT_DIR, "--region", "d"]);
+    lab.ok(&[
+        "user", "add", "alice", "--tenant", TENANT_A, "--tenant", TENANT_DIR,
+    ]);
+    let token_a = lab.token("alice", TENANT_A);
+    let token_dir = lab.token("alice", TENANT_DIR);
+    let server = lab.serve_with(&[]);
+    let fields =
+        json!({"hw_disk_bus": "scsi", "os_distro": "cirros", "trait:CUSTOM_X": "required"});
+    let mut body = json!({"name": "from glance", "disk_format": "raw", "container_format": "bare",
+                          "owner": TENANT_A, "tags": ["t1"], "min_ram": 256, "min_disk": 1});
+    for (k, v) in fields.as_object().expect("object") {
+        body[k] = v.clone();
+    }
+    let created: Value = os
+        .http
+        .post(format!("{glance}/v2/images"))
+        .json(&body)
+        .send()
+        .expect("Glance POST")
+        .json()
+        .expect("JSON");
+    let source = id_of(&created);
+    let data = random_bytes(1 << 20, 13);
+    let resp = os
+        .http
+        .put(format!("{glance}/v2/images/{source}/file"))
+        .header("content-type", "application/octet-stream")
+        .body(data.clone())
+        .send()
+        .expect("Glance PUT");
+    assert_eq!(resp.status(), 204);
+
+    let carried = |record: &Value| {
+        for (k, v) in fields.as_object().expect("object") {
+            assert_eq!(&record[k], v, "{k} in {record}");
+        }
+        assert_eq!(record["tags"], json!(["t1"]));
+        assert_eq!(record["min_ram"], 256);
+        assert_eq!(record["min_disk"], 1);
+    };
+    let job = server.copy_ok(&token_a, &source, TENANT_DIR);
+    let done = server.wait_job(&token_a, &job, Duration::from_secs(60), common::terminal);
+    assert_eq!(done["status"], "replicated", "{done}");
+    assert_eq!(done["source_image_name"], "from glance");
+    let copy = done["destination_image_id"]
+        .as_str()
+        .expect("destination")
+        .to_string();
+    let resp = server.get(&format!("/v2/images/{copy}"), Some(&token_dir));
+    assert_eq!(resp.status(), 200);
+    let record: Value = resp.json().expect("JSON");
+    carried(&record);
+    assert_eq!(record["owner"], TENANT_DIR);
+
+    // And back into Glance: the create carries them.
+    let job = server.copy_ok(&token_dir, &copy, TENANT_A);
+    let done = server.wait_job(&token_dir, &job, Duration::from_secs(60), common::terminal);
+    assert_eq!(done["status"], "replicated", "{done}");
+    let back = done["destination_image_id"].as_str().expect("destination");
+    let record = os.image(0, None, back).expect("the copy in Glance");
+    carried(&record);
+    assert_eq!(record["status"], "active");
 }

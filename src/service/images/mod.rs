@@ -18,6 +18,7 @@ use crate::error::{Result, ServiceError};
 use crate::manifest;
 use crate::model::{now, Image, ImageStatus, Region, TenantKey, CONTAINER_FORMATS, DISK_FORMATS};
 use crate::regions;
+use crate::regions::ImageStore;
 use crate::store::JobQuery;
 
 /// `image import`'s arguments.
@@ -123,34 +124,8 @@ impl Service {
         // The record reserves the id first; the bytes follow; then it becomes active. An
         // import is a copy with nothing to verify against (the image is its own source).
         self.store.insert_image(key, &image)?;
-        let mut control = Control {
-            stop: &|| None,
-            progress: &mut |_| {},
-            checkpoint: &mut |_, _| {},
-            limiter: None,
-        };
-        let written = images
-            .create(&image, &image, &|| false)
-            .map_err(regions::TransferError::Failed)
-            .and_then(|sink| {
-                let plan = Plan::whole(sink.hashes());
-                regions::transfer(&mut file, sink, plan, &mut control, &|_| Ok(()))
-            });
-        match written {
-            Ok((written, copied)) => {
-                let made =
-                    manifest::complete(written.size, written.os_hash_value.clone(), copied.chunks);
-                self.store.put_manifest(image.id, &made.encode())?;
-                image.status = ImageStatus::Active;
-                image.size = written.size;
-                image.checksum = written.checksum;
-                image.os_hash_algo = written.os_hash_algo;
-                image.os_hash_value = written.os_hash_value;
-                image.updated_at = now();
-                self.store.update_image(&image)?;
-                self.flush()?;
-                Ok(image)
-            }
+        match self.write_whole(&*images, &mut image, &mut file, |_, _| {})? {
+            Ok(()) => Ok(image),
             Err(e) => {
                 let _ = images.remove(image.id);
                 self.store.remove_image(key, image.id)?;
@@ -166,6 +141,60 @@ impl Service {
                 )))
             }
         }
+    }
+
+    /// Writes the whole of `source` as the data of the new image `image` (an import or an
+    /// upload: the image is its own source, so there is nothing to verify against, and both
+    /// hashes are computed); then records its manifest and makes it active with its size and
+    /// hashes, `finish` adding what it learnt from the source. A transfer that failed is the
+    /// inner error, for the caller to clean up after.
+    fn write_whole<S: crate::copy::Source>(
+        &self,
+        images: &dyn ImageStore,
+        image: &mut Image,
+        source: &mut S,
+        finish: impl FnOnce(&S, &mut Image),
+    ) -> Result<std::result::Result<(), regions::TransferError>> {
+        let mut control = Control {
+            stop: &|| None,
+            progress: &mut |_| {},
+            checkpoint: &mut |_, _| {},
+            limiter: None,
+        };
+        let written = images
+            .create(image, image, &|| false)
+            .map_err(regions::TransferError::Failed)
+            .and_then(|sink| {
+                let plan = Plan::whole(sink.hashes());
+                regions::transfer(source, sink, plan, &mut control, &|_| Ok(()))
+            });
+        let (written, copied) = match written {
+            Ok(done) => done,
+            Err(e) => return Ok(Err(e)),
+        };
+        let made = manifest::complete(written.size, written.os_hash_value.clone(), copied.chunks);
+        self.store.put_manifest(image.id, &made.encode())?;
+        image.status = ImageStatus::Active;
+        image.size = written.size;
+        image.checksum = written.checksum;
+        image.os_hash_algo = written.os_hash_algo;
+        image.os_hash_value = written.os_hash_value;
+        image.updated_at = now();
+        finish(source, image);
+        self.store.update_image(image)?;
+        self.flush()?;
+        Ok(Ok(()))
+    }
+
+    /// Bytes of images the tenant `key` holds (deleted ones not counted).
+    pub(super) fn stored_bytes(&self, key: TenantKey) -> Result<u64> {
+        Ok(self
+            .store
+            .images(Some(key))?
+            .iter()
+            .filter(|i| i.status != ImageStatus::Deleted)
+            .map(|i| i.size)
+            .sum())
     }
 
     pub fn image_list(&self, tenant: Option<&str>, region: Option<&str>) -> Result<Vec<Image>> {
