@@ -42,6 +42,16 @@
 # rest of which is kept (a full run carries scripts/bench/peer.md along). About 5 minutes.
 # Environment: BENCH_PEER_THIN_RATE (bytes/s of the thin link, default 25000000),
 # BENCH_PEER_FORMATS (default "raw qcow2"), BENCH_PEER_PERF=DIR (profile one more copy with perf).
+#
+#   scripts/bench.sh --only I [--quick]
+#
+# The images API (issue 15, scripts/bench/images.sh): figures I1 (upload) and I2 (download)
+# only, a 1 GiB image of random data (64 MiB with --quick) through the appliance's
+# /v2/images/ID/file, through a real Glance 33 (file store; the venv of
+# scripts/openstack-venv.sh) and with cp, the same file system, 3 reps (1 with --quick). It
+# puts its section into BENCHMARKS.md (a temp file with --quick), the rest of which is kept.
+# About 2 minutes. Environment: BENCH_IMAGES_MIB (the image's size), BENCH_IMAGES_PERF=DIR
+# (one more upload and download under perf record).
 
 set -euo pipefail
 
@@ -89,6 +99,11 @@ PEER=0
 if [[ ,$ONLY, == *,D* ]]; then
   [[ -z $COMPARE ]] || { echo "bench.sh: the peer figures (D) have no --compare mode." >&2; exit 2; }
   PEER=1
+fi
+IMAGES=0
+if [[ ,$ONLY, == *,I* ]]; then
+  [[ -z $COMPARE && $PEER == 0 ]] || { echo "bench.sh: the images figures (I) run alone, without --compare." >&2; exit 2; }
+  IMAGES=1
 fi
 if [[ -n $COMPARE && -z $REPS ]]; then
   REPS=4
@@ -187,7 +202,7 @@ py() { python3 "$HELPER" "$@"; }
 
 command -v python3 >/dev/null || die "python3 is needed"
 command -v cargo >/dev/null || die "cargo is needed"
-if ((PEER == 0)) && ! command -v wrk >/dev/null; then
+if ((PEER == 0 && IMAGES == 0)) && ! command -v wrk >/dev/null; then
   log "installing wrk from Debian's packages"
   SUDO=
   ((EUID == 0)) || SUDO=sudo
@@ -205,7 +220,7 @@ B3SUM_ROOT=${HOME:+$HOME/.cache/image-replicator/b3sum}
 if [[ -z $B3SUM && -n $B3SUM_ROOT && -x $B3SUM_ROOT/bin/b3sum ]]; then
   B3SUM=$B3SUM_ROOT/bin/b3sum
 fi
-if [[ -z $B3SUM ]] && ((PEER == 0)); then
+if [[ -z $B3SUM ]] && ((PEER == 0 && IMAGES == 0)); then
   if [[ -n $B3SUM_ROOT ]]; then
     log "installing b3sum: cargo install --locked b3sum --root $B3SUM_ROOT"
     mkdir -p "$B3SUM_ROOT"
@@ -257,6 +272,7 @@ LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 need_kib=$(((3 * COPY_BYTES + 4 * SPARSE_DATA_BYTES) / 1024 + OTHER_JOBS * 3 + 512 * 1024))
 ((R1_BYTES == COPY_BYTES)) || need_kib=$((need_kib + 2 * R1_BYTES / 1024))
 ((PEER == 0)) || need_kib=$((512 * 1024)) # scripts/bench/peer.sh checks its own once it has the images
+((IMAGES == 0)) || need_kib=$((512 * 1024)) # and scripts/bench/images.sh its own
 free_kib=$(df -Pk "$TMP" | awk 'NR == 2 {print $4}')
 ((free_kib > need_kib)) || die "$TMP has $((free_kib / 1024)) MiB free; the benchmark needs $((need_kib / 1024)) MiB"
 log "mode $MODE: $REPS rep(s), ${DURATION}s wrk runs, data in $TMP ($((free_kib / 1024)) MiB free, needs $((need_kib / 1024)) MiB)"
@@ -399,6 +415,11 @@ run_wrk() {
 if ((PEER)); then
   # shellcheck source=scripts/bench/peer.sh
   source "$ROOT/scripts/bench/peer.sh"
+  exit 0
+fi
+if ((IMAGES)); then
+  # shellcheck source=scripts/bench/images.sh
+  source "$ROOT/scripts/bench/images.sh"
   exit 0
 fi
 

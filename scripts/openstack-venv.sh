@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates (or reuses) the Python virtualenv holding real OpenStack Glance and Keystone, used by
-# tests/openstack/lab.py for the integration tests against real Glance.
+# tests/openstack/lab.py for the integration tests against real Glance, and the clients users
+# script with (the `openstack` CLI, openstacksdk), used by tests/openstack_clients.rs.
 #
 #   scripts/openstack-venv.sh      # prints the venv's path as its last line on stdout
 #
@@ -16,9 +17,12 @@ set -euo pipefail
 VENV="${IMAGE_REPLICATOR_OPENSTACK_VENV:-$HOME/.cache/image-replicator/openstack-venv}"
 PYTHON="${IMAGE_REPLICATOR_PYTHON:-python3}"
 # What the lab runs; keystonemiddleware (Glance's authtoken) and python-keystoneclient come in as
-# their dependencies.
-PACKAGES=(glance==33.0.0 glance-store==5.7.0 keystone==30.0.0 gunicorn==27.0.1)
-# Every dependency pinned (pip freeze of a venv that passed tests/openstack/smoke.sh), as
+# their dependencies, openstacksdk as Glance's. python-openstackclient 8.3.0 is the newest 8.x
+# (it works with openstacksdk 4.22 and keystoneauth1 5.18).
+PACKAGES=(glance==33.0.0 glance-store==5.7.0 keystone==30.0.0 gunicorn==27.0.1
+  python-openstackclient==8.3.0)
+# Every dependency pinned (pip freeze of a venv that passed tests/openstack/smoke.sh and
+# tests/openstack_clients.rs), as
 # OpenStack's own upper-constraints do: a new release of any of them cannot break the lab.
 CONSTRAINTS="
 alembic==1.20.1 amqp==5.4.2 aniso8601==10.0.1 attrs==26.1.0 automaton==3.5.0 autopage==0.6.0
@@ -30,7 +34,7 @@ Flask==3.1.3 Flask-RESTful==0.3.10 futurist==3.5.0 glance==33.0.0 glance_store==
 greenlet==3.5.6 gunicorn==27.0.1 httplib2==0.32.1 idna==3.20 importlib_metadata==10.2.0
 iso8601==2.1.0 itsdangerous==2.2.0 Jinja2==3.1.6 jmespath==1.1.0 jsonpatch==1.48 jsonpointer==3.12
 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 keystone==30.0.0 keystoneauth1==5.18.1
-keystonemiddleware==13.0.1 kombu==5.7.0 lazy-importer==0.1.0 Mako==1.4.3 markdown-it-py==4.3.0
+keystonemiddleware==13.0.1 kombu==5.7.0 osc-lib==4.7.0 lazy-importer==0.1.0 Mako==1.4.3 markdown-it-py==4.3.0
 MarkupSafe==3.0.4 mdurl==0.1.2 msgpack==1.2.4 netaddr==1.3.0 networkx==3.6.1 oauthlib==4.0.1
 openstacksdk==4.22.0 os-service-types==1.9.0 oslo.cache==4.3.0 oslo.concurrency==7.6.1
 oslo.config==10.7.0 oslo.context==6.5.0 oslo.db==18.1.1 oslo.i18n==6.9.0 oslo.limit==2.12.0
@@ -48,7 +52,7 @@ tenacity==9.2.1 testresources==2.1.2 testscenarios==0.7.0 typing_extensions==4.1
 urllib3==2.8.0 vine==5.1.0 wcwidth==0.9.4 WebOb==1.8.11 Werkzeug==3.1.9 wrapt==2.5.2 WSME==0.13.0
 xmlschema==2.5.1 yappi==1.7.6 zipp==4.1.2
 "
-STAMP_TEXT="v2 $(printf '%s\n' "${PACKAGES[*]}" "$CONSTRAINTS" | sha256sum | cut -d' ' -f1)"
+STAMP_TEXT="v3 $(printf '%s\n' "${PACKAGES[*]}" "$CONSTRAINTS" | sha256sum | cut -d' ' -f1)"
 
 log() { printf 'openstack-venv: %s\n' "$*" >&2; }
 
@@ -76,12 +80,12 @@ tr ' ' '\n' <<<"$CONSTRAINTS" | grep . >"$constraints"
   -c "$constraints" "${PACKAGES[@]}" >&2
 # Check that what the lab runs is importable and its commands exist before stamping.
 if ! out=$("$VENV/bin/python" -c 'import glance.common.wsgi_app, glance_store, keystone.server.wsgi
-import keystonemiddleware.auth_token, gunicorn' 2>&1); then
+import keystonemiddleware.auth_token, gunicorn, openstack, openstackclient.shell' 2>&1); then
   printf '%s\n' "$out" >&2
   log "import check failed"
   exit 1
 fi
-for cmd in gunicorn glance-manage keystone-manage; do
+for cmd in gunicorn glance-manage keystone-manage openstack; do
   [[ -x "$VENV/bin/$cmd" ]] || { log "missing $VENV/bin/$cmd"; exit 1; }
 done
 printf '%s\n' "$STAMP_TEXT" >"$stamp.tmp"

@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 use reqwest::blocking::Client;
 use serde_json::Value;
 
+#[path = "clients.rs"]
+pub mod clients;
+
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 /// The venv's python, made or found by the project's script (which serializes concurrent
@@ -36,6 +39,14 @@ fn python() -> PathBuf {
             PathBuf::from(venv).join("bin/python")
         })
         .clone()
+}
+
+/// The venv's `bin` directory: its `python`, `openstack` (python-openstackclient) …
+pub fn venv_bin() -> PathBuf {
+    python()
+        .parent()
+        .expect("the venv's bin directory")
+        .to_path_buf()
 }
 
 pub struct OpenStack {

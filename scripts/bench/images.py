@@ -1,0 +1,351 @@
+#!/usr/bin/env python3
+"""Images side of scripts/bench.sh (`--only I`, scripts/bench/images.sh): I1 (upload) and I2
+(download) of one image through the appliance's images API, through a real Glance 33 (file
+store) and with cp, in the same run. Standard library only (python3 >= 3.9).
+
+    images.py run --results R --file IMAGE --work DIR --reps N --port P --token T --pid PID
+                  --venv VENV --setup-log F [--perf DIR]
+    images.py report --results R --setup-log F --out BENCHMARKS.md
+
+`run` starts Glance with tests/openstack/lab.py (--auth none, one Glance) from VENV and, per
+rep, in an order that rotates, times each upload (curl -T into PUT .../file of a fresh image
+record; cp + sync of the file) and each download (curl -o a file from GET .../file; cp of the
+file, no sync), with the CPU of the appliance and of Glance meanwhile; one JSON line per step
+(kind "images") into the results. `report` turns them into the section "Images API" of
+BENCHMARKS.md (replaced between its markers, the rest of the file kept).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+
+sys.dont_write_bytecode = True  # no __pycache__ in scripts/bench
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import helper  # noqa: E402  (the bench's own helpers: snapshots, the compare marker)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MIB = 1024 * 1024
+START = "<!-- scripts/bench.sh --only I: start -->"
+END = "<!-- scripts/bench.sh --only I: end -->"
+# figure -> (what the appliance is compared with, goal: appliance rate / that rate at least)
+GOALS = {("I1", "glance"): 3.0, ("I1", "cp"): 0.7, ("I2", "glance"): 1.5, ("I2", "cp"): 0.7}
+OWNER = "5a6b7c8d9e0f4a1b8c2d3e4f5a6b7c8d"
+_http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def call(method, url, body=None, token=None):
+    headers = {}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    if token:
+        headers["X-Auth-Token"] = token
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with _http.open(req, timeout=600) as resp:
+            text = resp.read()
+            status = resp.status
+    except urllib.error.HTTPError as e:
+        text, status = e.read(), e.code
+    return status, (json.loads(text) if text.strip().startswith(b"{") else text)
+
+
+def group_cpu(pgid):
+    """utime + stime (s) of every process in process group pgid."""
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            total += (int(fields[11]) + int(fields[12])) / helper.TICK
+    return total
+
+
+def pid_cpu(pid):
+    s = helper.snapshot(pid)
+    return s["utime"] + s["stime"]
+
+
+class Lab:
+    """One no-auth Glance from tests/openstack/lab.py."""
+
+    def __init__(self, venv, work):
+        self.proc = subprocess.Popen(
+            [os.path.join(venv, "bin/python"), os.path.join(ROOT, "tests/openstack/lab.py"),
+             "--dir", os.path.join(work, "glance-lab"), "--glance", "1"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if not line:
+            sys.exit("images.py: the Glance lab did not start (see its lab.log)")
+        self.info = json.loads(line)
+        self.url = self.info["glance"][0]["url"]
+        self.proc.stdin.write("status\n")
+        self.proc.stdin.flush()
+        self.pgid = json.loads(self.proc.stdout.readline())["pgids"]["glance"][0]
+
+    def close(self):
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def timed(cmd):
+    start = time.monotonic()
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    took = time.monotonic() - start
+    if out.returncode != 0:
+        sys.exit(f"images.py: {' '.join(cmd)} failed: {out.stderr.strip()[:300]}")
+    return took, out.stdout
+
+
+def cmd_run(args):
+    size = os.path.getsize(args.file)
+    app = f"http://127.0.0.1:{args.port}"
+    lab = Lab(args.venv, args.work)
+    with open(args.setup_log, "a", encoding="utf-8") as f:
+        f.write("python tests/openstack/lab.py --dir $TMP/glance-lab --glance 1   # venv of "
+                "scripts/openstack-venv.sh; then $GLANCE_URL\n")
+    out = os.path.join(args.work, "download.out")
+    dst = os.path.join(args.work, "cp.out")
+    meta = {"name": "bench", "disk_format": "raw", "container_format": "bare"}
+    systems = {
+        "appliance": (app, args.token, {}),
+        "glance": (lab.url, None, {"owner": OWNER}),
+    }
+    cpus = {"appliance": lambda: pid_cpu(args.pid), "glance": lambda: group_cpu(lab.pgid)}
+
+    def step(rep, order, system, op, cmd, image=None):
+        before = {k: f() for k, f in cpus.items()}
+        took, stdout = timed(cmd)
+        after = {k: f() for k, f in cpus.items()}
+        rec = {"kind": "images", "rep": rep, "order": order, "system": system, "op": op,
+               "seconds": took, "bytes": size,
+               "cpu": {k: after[k] - before[k] for k in cpus}}
+        if stdout.strip():
+            rec["http"] = stdout.strip()
+        if image:
+            rec["image"] = image
+        helper.append(args.results, rec)
+        return rec
+
+    def upload(rep, order, system):
+        if system == "cp":
+            return step(rep, order, "cp", "upload",
+                        ["sh", "-c", 'cp "$1" "$2" && sync "$2"', "cp", args.file, dst])
+        base, token, extra = systems[system]
+        status, image = call("POST", base + "/v2/images", {**meta, **extra}, token)
+        if status != 201:
+            sys.exit(f"images.py: POST {base}/v2/images answered {status}: {image}")
+        rec = step(rep, order, system, "upload",
+                   ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT",
+                    "-H", "Expect:", "-H", "Content-Type: application/octet-stream",
+                    *(["-H", f"X-Auth-Token: {token}"] if token else []),
+                    "-T", args.file, f"{base}/v2/images/{image['id']}/file"], image["id"])
+        if rec.get("http") != "204":
+            sys.exit(f"images.py: the upload to {system} answered {rec.get('http')}")
+        return rec
+
+    def download(rep, order, system, image):
+        if system == "cp":
+            rec = step(rep, order, "cp", "download", ["cp", args.file, out])
+        else:
+            base, token, _ = systems[system]
+            rec = step(rep, order, system, "download",
+                       ["curl", "-sS", "-o", out, "-w", "%{http_code}",
+                        *(["-H", f"X-Auth-Token: {token}"] if token else []),
+                        f"{base}/v2/images/{image}/file"])
+            if rec.get("http") != "200":
+                sys.exit(f"images.py: the download from {system} answered {rec.get('http')}")
+        if os.path.getsize(out) != size:
+            sys.exit(f"images.py: the download from {system} has {os.path.getsize(out)} bytes")
+        if rep == 1 and subprocess.run(["cmp", "-s", args.file, out]).returncode != 0:
+            sys.exit(f"images.py: the download from {system} differs from the image")
+        os.remove(out)
+
+    try:
+        names = ["appliance", "glance", "cp"]
+        for rep in range(1, args.reps + 1):
+            order = names[(rep - 1) % 3:] + names[:(rep - 1) % 3]
+            images = {}
+            for i, system in enumerate(order, 1):
+                images[system] = upload(rep, i, system).get("image")
+            for i, system in enumerate(order, 1):
+                download(rep, i, system, images[system])
+            for system, image in images.items():
+                if system != "cp":
+                    base, token, _ = systems[system]
+                    call("DELETE", f"{base}/v2/images/{image}", token=token)
+            os.remove(dst)
+        if args.perf:
+            profile(args, app, meta, out)
+    finally:
+        lab.close()
+
+
+def profile(args, app, meta, out):
+    """One more upload and download through the appliance, not timed, under perf record."""
+    os.makedirs(args.perf, exist_ok=True)
+    _, image = call("POST", app + "/v2/images", meta, args.token)
+    for op, cmd in (
+            ("upload", ["curl", "-sS", "-o", "/dev/null", "-X", "PUT", "-H", "Expect:",
+                        "-H", "Content-Type: application/octet-stream",
+                        "-H", f"X-Auth-Token: {args.token}", "-T", args.file,
+                        f"{app}/v2/images/{image['id']}/file"]),
+            ("download", ["curl", "-sS", "-o", out, "-H", f"X-Auth-Token: {args.token}",
+                          f"{app}/v2/images/{image['id']}/file"])):
+        data = os.path.join(args.perf, f"{op}.data")
+        perf = subprocess.Popen(["perf", "record", "-F", "999", "-g", "-o", data, "-p",
+                                 str(args.pid)], stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        subprocess.run(cmd, check=True)
+        perf.send_signal(2)
+        perf.wait()
+        with open(os.path.join(args.perf, f"{op}.txt"), "w") as f:
+            subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children",
+                            "--sort", "dso,symbol", "--percent-limit", "1"],
+                           stdout=f, stderr=subprocess.DEVNULL, check=False)
+    os.remove(out)
+    call("DELETE", f"{app}/v2/images/{image['id']}", token=args.token)
+
+
+def mbs(size, seconds):
+    return size / MIB / seconds
+
+
+def cmd_report(args):
+    rows = [json.loads(l) for l in open(args.results, encoding="utf-8") if l.strip()]
+    rows = [r for r in rows if r.get("kind") == "images"]
+    env = os.environ
+    size = rows[0]["bytes"]
+    reps = sorted({r["rep"] for r in rows})
+    t = {(r["rep"], r["system"], r["op"]): r for r in rows}
+    fs = " on ".join((subprocess.run(["findmnt", "-n", "-o", "FSTYPE,SOURCE", "--target",
+                                      env["TMP"]], capture_output=True, text=True)
+                      .stdout.splitlines() or ["n/a"])[0].split())
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=ROOT).stdout.strip() or "unknown"
+    if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                      capture_output=True, text=True, cwd=ROOT).stdout.strip():
+        commit += " (with uncommitted changes)"
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
+                if l.startswith("model name")), "n/a")
+    load_end = " ".join(open("/proc/loadavg").read().split()[:3])
+    out = [START, "## Images API (issue 15): I1, I2", "",
+           f"Measured {env['STARTED']} to {env['FINISHED']} with `{env['COMMAND_LINE']}` on "
+           f"commit `{commit}`, in one run: one image of {size / MIB:,.0f} MiB of random data, "
+           f"uploaded and downloaded with curl through the appliance (`{env['BIN']}`, its "
+           "directory region in the run's temporary directory) and through Glance 33 "
+           "(`tests/openstack/lab.py --auth none`: one gunicorn worker, file store in the same "
+           "directory), and copied with `cp`, all on one file system "
+           f"({fs}; {os.cpu_count()} CPUs, {cpu}; load average at start / end "
+           f"{env['LOAD_START']} / {load_end}). {len(reps)} rep(s); the order of the three "
+           "rotates per rep; each figure is the median of the per-rep ratios of rates "
+           "(appliance MiB/s ÷ the other's MiB/s).", "",
+           "| id | what | figure | goal | result |", "|---|---|---|---|---|"]
+    whys = []
+    for fig, op, label in (("I1", "upload", "upload"), ("I2", "download", "download")):
+        for other in ("glance", "cp"):
+            ratios = [t[(r, other, op)]["seconds"] / t[(r, "appliance", op)]["seconds"]
+                      for r in reps]
+            med = statistics.median(ratios)
+            goal = GOALS[(fig, other)]
+            app_rate = statistics.median(mbs(size, t[(r, "appliance", op)]["seconds"]) for r in reps)
+            other_rate = statistics.median(mbs(size, t[(r, other, op)]["seconds"]) for r in reps)
+            if other == "glance":
+                what = f"{label} rate ÷ Glance's ({'PUT' if op == 'upload' else 'GET'} …/file)"
+            elif op == "upload":
+                what = "upload rate ÷ `cp` + `sync` of the file (durable, as the upload is)"
+            else:
+                what = "download rate (curl -o a file) ÷ `cp` of the file (no sync)"
+            other_name = "Glance" if other == "glance" else "cp"
+            figure = (f"{med:.2f} (runs: {', '.join(f'{x:.2f}' for x in ratios)}); appliance "
+                      f"{app_rate:,.0f} MiB/s, {other_name} {other_rate:,.0f} MiB/s (medians)")
+            met = med >= goal
+            out.append(f"| {fig} | {what} | {figure} | ≥ {goal} | "
+                       f"**{'met' if met else 'missed'}** |")
+            if not met:
+                app_cpu = statistics.median(t[(r, "appliance", op)]["cpu"]["appliance"]
+                                            for r in reps)
+                app_s = statistics.median(t[(r, "appliance", op)]["seconds"] for r in reps)
+                whys.append(f"- {fig} against {other_name}: the appliance's {label} takes "
+                            f"{app_s:.2f} s, in which it uses {app_cpu:.2f} s of CPU "
+                            f"(medians; {os.cpu_count()} CPUs).")
+    out.append("")
+    if whys:
+        out += ["### Where the misses come from", ""] + whys + [""]
+    out += ["### Every transfer", "",
+            "Seconds of each curl or cp (wall), and the CPU (user + system, /proc) of the "
+            "appliance and of Glance's process group meanwhile.", "",
+            "| rep | order | system | op | seconds | MiB/s | appliance CPU | Glance CPU |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["op"] != "upload", r["rep"], r["order"])):
+        out.append(f"| {r['rep']} | {r['order']} | {r['system']} | {r['op']} | "
+                   f"{r['seconds']:.3f} | {mbs(r['bytes'], r['seconds']):,.0f} | "
+                   f"{r['cpu']['appliance']:.2f} s | {r['cpu']['glance']:.2f} s |")
+    out += ["", "### Method and how to reproduce", "",
+            "`scripts/bench.sh --only I` from the repository's root (`--quick`: a 64 MiB image, "
+            "one rep; `BENCH_IMAGES_MIB` another size; `BENCH_IMAGES_PERF=DIR` one more upload "
+            "and download under `perf record`, reports in DIR). It builds the release binary "
+            "unless `--no-build` and makes the venv with Glance (`scripts/openstack-venv.sh`). "
+            "The data stay in the page cache (nothing is dropped): the figures compare the "
+            "services' own costs, not the disk's. Uploads make a fresh image record first "
+            "(`POST /v2/images`, not timed); every image is deleted at the end of its rep; the "
+            "first rep compares each download with the image byte for byte.", "",
+            "```sh"] + [l.rstrip("\n") for l in open(args.setup_log, encoding="utf-8")] + [
+            "POST http://127.0.0.1:$PORT_APPLIANCE/v2/images {\"name\": \"bench\", \"disk_format\": \"raw\", \"container_format\": \"bare\"} with $TOKEN   # and to $GLANCE_URL with an owner",
+            "curl -sS -X PUT -H 'Expect:' -H 'Content-Type: application/octet-stream' -H \"X-Auth-Token: $TOKEN\" -T $TMP/image.raw http://127.0.0.1:$PORT_APPLIANCE/v2/images/$ID/file   # I1; the same to $GLANCE_URL",
+            "sh -c 'cp \"$1\" \"$2\" && sync \"$2\"' cp $TMP/image.raw $TMP/cp.out   # I1's cp",
+            "curl -sS -o $TMP/download.out -H \"X-Auth-Token: $TOKEN\" http://127.0.0.1:$PORT_APPLIANCE/v2/images/$ID/file   # I2; the same from $GLANCE_URL",
+            "cp $TMP/image.raw $TMP/download.out   # I2's cp",
+            "```", "", END, ""]
+    block = "\n".join(out)
+    old = open(args.out, encoding="utf-8").read() if os.path.exists(args.out) else ""
+    start, end = old.find(START), old.find(END)
+    if start >= 0 and end > start:
+        text = old[:start] + block.rstrip("\n") + old[end + len(END):]
+    elif helper.COMPARE_START in old:
+        at = old.find(helper.COMPARE_START)
+        text = old[:at] + block + "\n" + old[at:]
+    elif old:
+        text = old.rstrip("\n") + "\n\n" + block
+    else:
+        text = "# Benchmarks\n\n" + block
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(block)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("run")
+    for name in ("results", "file", "work", "token", "venv", "setup_log"):
+        s.add_argument("--" + name.replace("_", "-"), required=True)
+    for name in ("reps", "port", "pid"):
+        s.add_argument("--" + name, type=int, required=True)
+    s.add_argument("--perf")
+    s.set_defaults(func=cmd_run)
+    s = sub.add_parser("report")
+    s.add_argument("--results", required=True)
+    s.add_argument("--setup-log", required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_report)
+    args = p.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
