@@ -1,4 +1,5 @@
-//! The HTTP door: the four image_replicator routes of `API.md`, and the operators' two.
+//! The HTTP door: the four image_replicator routes of `API.md`, the operators' two, the peer
+//! protocol's and the web page's.
 //!
 //! One warp filter hands every request to [`handle`], which finds the route by path (404),
 //! then the method (405), then checks the token where the route needs one (401), and only then
@@ -10,6 +11,7 @@ mod jobs;
 mod ops;
 mod peer;
 pub mod reply;
+mod ui;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -106,6 +108,27 @@ static ROUTES: &[Route] = &[
         template: "/healthz",
         path: PathShape::Exact("/healthz"),
         methods: &[(Method::GET, Handler::Open(ops::health))],
+        allow: "GET",
+        body_limit: BODY_LIMIT,
+    },
+    Route {
+        template: "/",
+        path: PathShape::Exact("/"),
+        methods: &[(Method::GET, Handler::Open(ui::root))],
+        allow: "GET",
+        body_limit: BODY_LIMIT,
+    },
+    Route {
+        template: ui::PAGE,
+        path: PathShape::Exact(ui::PAGE),
+        methods: &[(Method::GET, Handler::Open(ui::page))],
+        allow: "GET",
+        body_limit: BODY_LIMIT,
+    },
+    Route {
+        template: "/ui/{file}",
+        path: PathShape::Param(ui::ASSETS),
+        methods: &[(Method::GET, Handler::Open(ui::asset))],
         allow: "GET",
         body_limit: BODY_LIMIT,
     },
@@ -341,7 +364,10 @@ mod tests {
         assert_eq!(template("/v2/extension/image_replicator/jobs/a/b"), None);
         assert_eq!(template("/healthz"), Some(("/healthz", "")));
         assert_eq!(template("/healthz/"), None);
-        assert_eq!(template("/"), None);
+        assert_eq!(template("/"), Some(("/", "")));
+        assert_eq!(template("/ui"), Some(("/ui", "")));
+        assert_eq!(template("/ui/ui.js"), Some(("/ui/{file}", "ui.js")));
+        assert_eq!(template("/ui/"), None);
         assert_eq!(
             template("/peer/v1/images/abc/chunks"),
             Some(("/peer/v1/images/{id}/chunks", "abc"))
