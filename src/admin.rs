@@ -17,9 +17,10 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as Tokio
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::auth::AuthStats;
+use crate::backup::Backup;
 use crate::error::{Result, ServiceError};
 use crate::model::{Image, Job, JobStatus, Limit, Region, RegionKind, Tenant, TokenInfo, User};
-use crate::service::{ImportRequest, IssuedToken, SeedOutcome, Service};
+use crate::service::{ImportRequest, IssuedToken, PurgeRule, SeedOutcome, Service};
 
 /// Largest request line the server reads (a seed file of some hundred thousand jobs).
 const MAX_REQUEST: u64 = 256 << 20;
@@ -108,6 +109,23 @@ pub enum Request {
     JobCancel {
         id: String,
     },
+    /// A new job from an `error` or `canceled` one.
+    JobRetry {
+        id: String,
+    },
+    /// Removes terminal jobs that ended long enough ago.
+    JobPurge(PurgeRule),
+    UserUpdate {
+        name: String,
+        #[serde(default)]
+        add_tenants: Vec<String>,
+        #[serde(default)]
+        remove_tenants: Vec<String>,
+        #[serde(default)]
+        admin: Option<bool>,
+    },
+    /// Every record, from one moment.
+    Backup,
     /// The running server's own figures; only a server answers it.
     Status,
 }
@@ -142,6 +160,9 @@ pub enum Reply {
     Job(Job),
     Jobs(Vec<Job>),
     Status(ServerStatus),
+    Purged { purged: usize },
+    UserUpdated { user: User, tokens_revoked: usize },
+    Backup(Box<Backup>),
 }
 
 /// Runs one admin request against the service (blocking).
@@ -208,6 +229,24 @@ pub fn execute(svc: &Service, req: Request, status: Option<&ServerStatus>) -> Re
         Request::JobShow { id } => Reply::Job(svc.job_show(&id)?),
         Request::ActiveJobs => Reply::Jobs(svc.active_jobs()?),
         Request::JobCancel { id } => Reply::Job(svc.job_cancel(&id)?),
+        Request::JobRetry { id } => Reply::Job(svc.job_retry(&id)?),
+        Request::JobPurge(rule) => Reply::Purged {
+            purged: svc.purge_jobs(&rule)?,
+        },
+        Request::UserUpdate {
+            name,
+            add_tenants,
+            remove_tenants,
+            admin,
+        } => {
+            let (user, tokens_revoked) =
+                svc.user_update(&name, &add_tenants, &remove_tenants, admin)?;
+            Reply::UserUpdated {
+                user,
+                tokens_revoked,
+            }
+        }
+        Request::Backup => Reply::Backup(Box::new(svc.backup()?)),
         Request::Status => match status {
             Some(s) => Reply::Status(ServerStatus {
                 auth: svc.auth.stats(),

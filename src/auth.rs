@@ -99,13 +99,38 @@ pub struct AuthStats {
 /// Token digests known not to be (or no longer to be) the registry's; bounded.
 type DigestSet = Bounded<[u8; 32], ()>;
 
+/// Why a request's token was refused: for the server's log line of the request (the 401
+/// itself never says), never the token.
+pub type Refusal = &'static str;
+pub const NO_TOKEN: Refusal = "no token: X-Auth-Token is missing, given twice or unreadable";
+pub const MALFORMED: Refusal = "a value that cannot be a token (its length or characters)";
+pub const UNKNOWN: Refusal = "unknown token";
+pub const EXPIRED: Refusal = "expired token";
+pub const REVOKED: Refusal = "revoked token";
+pub const USER_GONE: Refusal = "the token's user no longer exists";
+pub const NOT_MEMBER_OF_TOKEN_TENANT: Refusal =
+    "the token's user is no longer a member of the token's tenant";
+pub const TENANT_GONE: Refusal = "the token's tenant no longer exists";
+pub const KEYSTONE_REFUSED: Refusal = "unknown token (Keystone does not accept it either)";
+pub const KEYSTONE_PROJECT: Refusal =
+    "the Keystone token's project is not a tenant of this appliance";
+
+/// The refusal of a record that [`TokenRecord::unusable_at`] says is unusable for `why`.
+fn refusal(why: &str) -> Refusal {
+    if why == "revoked" {
+        REVOKED
+    } else {
+        EXPIRED
+    }
+}
+
 /// What the registry says about a presented token.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Found {
     /// It verified against this record.
     Token(Uuid),
-    /// It verified against a record that is expired or revoked.
-    Dead,
+    /// It is a record's token, and that record is expired or revoked.
+    Dead(Refusal),
     /// No record of the registry is this token.
     NotRegistry,
 }
@@ -121,7 +146,7 @@ pub struct Authenticator {
     rejected: DigestSet,
     /// SHA-256 of registry tokens that verified but are expired or revoked (checked only
     /// when Keystone is in use): refused without asking Keystone.
-    dead: DigestSet,
+    dead: Bounded<[u8; 32], Refusal>,
     /// Registry checks running now, by SHA-256 of the token: concurrent requests with one token
     /// wait for the same check instead of each paying argon2.
     flights: Mutex<HashMap<[u8; 32], Flight>>,
@@ -218,48 +243,58 @@ impl Authenticator {
         self.dead.clear();
     }
 
-    /// The principal a token acts as, or `None` (the caller answers 401 without saying why).
+    /// The principal a token acts as, or why not (the caller answers 401 without saying
+    /// why, and logs the [`Refusal`]).
     pub async fn authenticate(
         self: &Arc<Self>,
         store: &Arc<dyn Repo>,
         token: Option<&str>,
-    ) -> Result<Option<Principal>> {
-        let Some(token) = token.filter(|t| plausible(t)) else {
-            return Ok(None);
+    ) -> Result<std::result::Result<Principal, Refusal>> {
+        let Some(token) = token else {
+            return Ok(Err(NO_TOKEN));
         };
+        if !plausible(token) {
+            return Ok(Err(MALFORMED));
+        }
         let digest = digest(token);
         let now = crate::model::now();
         if let Some(id) = self.cached(&digest) {
             self.hits.fetch_add(1, Ordering::Relaxed);
-            return match store.token(id)? {
-                Some(record) if record.unusable_at(now).is_none() => principal(&**store, &record),
-                _ => {
+            let record = store.token(id)?;
+            let refused = match &record {
+                Some(r) => r.unusable_at(now).map(refusal),
+                None => Some(UNKNOWN),
+            };
+            return match (record, refused) {
+                (Some(record), None) => principal(&**store, &record),
+                (_, why) => {
                     self.forget(&digest);
-                    Ok(None)
+                    Ok(Err(why.unwrap_or(UNKNOWN)))
                 }
             };
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
-        if self.dead.contains(&digest) {
-            return Ok(None);
+        if let Some(why) = self.dead.get(&digest) {
+            return Ok(Err(why));
         }
         if !self.rejected.contains(&digest) {
             match self.registry(store, token, digest, now).await? {
                 Found::Token(id) => {
                     return match store.token(id)? {
-                        Some(record) if record.unusable_at(now).is_none() => {
-                            principal(&**store, &record)
-                        }
-                        _ => Ok(None),
+                        Some(record) => match record.unusable_at(now) {
+                            None => principal(&**store, &record),
+                            Some(why) => Ok(Err(refusal(why))),
+                        },
+                        None => Ok(Err(UNKNOWN)),
                     }
                 }
-                Found::Dead => return Ok(None),
+                Found::Dead(why) => return Ok(Err(why)),
                 Found::NotRegistry => {}
             }
         }
         match self.keystone.get() {
             Some(keystone) => keystone_principal(&**store, keystone, token, digest).await,
-            None => Ok(None),
+            None => Ok(Err(UNKNOWN)),
         }
     }
 
@@ -320,8 +355,8 @@ impl Authenticator {
         if let Some(id) = self.cached(&digest) {
             return Ok(Found::Token(id));
         }
-        if self.dead.contains(&digest) {
-            return Ok(Found::Dead);
+        if let Some(why) = self.dead.get(&digest) {
+            return Ok(Found::Dead(why));
         }
         if self.rejected.contains(&digest) {
             return Ok(Found::NotRegistry);
@@ -331,11 +366,16 @@ impl Authenticator {
         let candidates = store.token_candidates(&full)?;
         let mut verified_any = false;
         for record in &candidates {
-            let usable = record.unusable_at(now).is_none();
+            let unusable = record.unusable_at(now);
+            let usable = unusable.is_none();
             // Without Keystone an unusable record needs no argon2: the answer is 401
-            // either way. With it, a registry token that expired or was revoked must be
-            // told from a Keystone token, or Keystone being down would make it a 503.
-            if !usable && !keystone {
+            // either way (a record found by the token's whole SHA-256 is this token's, so
+            // the log can say why). With it, a registry token that expired or was revoked
+            // must be told from a Keystone token, or Keystone being down would make it a 503.
+            if let (Some(why), false) = (unusable, keystone) {
+                if !record.has_legacy_lookup() {
+                    return Ok(Found::Dead(refusal(why)));
+                }
                 continue;
             }
             verified_any = true;
@@ -350,8 +390,9 @@ impl Authenticator {
                     self.remember(digest, record.info.id);
                     return Ok(Found::Token(record.info.id));
                 }
-                self.dead.insert(digest, ());
-                return Ok(Found::Dead);
+                let why = refusal(unusable.unwrap_or("expired"));
+                self.dead.insert(digest, why);
+                return Ok(Found::Dead(why));
             }
         }
         // Not the registry's: with Keystone, later requests go straight to its cache.
@@ -377,7 +418,7 @@ async fn keystone_principal(
     keystone: &Arc<Validator>,
     token: &str,
     digest: [u8; 32],
-) -> Result<Option<Principal>> {
+) -> Result<std::result::Result<Principal, Refusal>> {
     let validation = match keystone.kept(&digest) {
         Some(kept) => kept,
         None => {
@@ -397,7 +438,7 @@ async fn keystone_principal(
     };
     let identity = match validation {
         Validation::Valid(identity) => identity,
-        Validation::Invalid => return Ok(None),
+        Validation::Invalid => return Ok(Err(KEYSTONE_REFUSED)),
         Validation::Unavailable(why) => {
             tracing::warn!("cannot validate a token with Keystone: {why}");
             return Err(ServiceError::Unavailable(
@@ -406,10 +447,10 @@ async fn keystone_principal(
         }
     };
     let Some(tenant_key) = TenantKey::parse(&identity.project_id) else {
-        return Ok(None);
+        return Ok(Err(KEYSTONE_PROJECT));
     };
     if store.tenant(tenant_key)?.is_none() {
-        return Ok(None);
+        return Ok(Err(KEYSTONE_PROJECT));
     }
     let mut projects: Vec<TenantKey> = identity
         .projects
@@ -417,7 +458,7 @@ async fn keystone_principal(
         .filter_map(|p| TenantKey::parse(p))
         .collect();
     projects.push(tenant_key);
-    Ok(Some(Principal {
+    Ok(Ok(Principal {
         user: format!("keystone:{}", identity.user_name),
         tenant_key,
         admin: identity.roles.iter().any(|r| r == "admin"),
@@ -425,21 +466,27 @@ async fn keystone_principal(
     }))
 }
 
-fn principal(store: &dyn Repo, record: &TokenRecord) -> Result<Option<Principal>> {
+fn principal(
+    store: &dyn Repo,
+    record: &TokenRecord,
+) -> Result<std::result::Result<Principal, Refusal>> {
     let Some(user) = store.user(&record.info.user)? else {
-        return Ok(None);
+        return Ok(Err(USER_GONE));
     };
     let Some(tenant_key) = TenantKey::parse(&record.info.tenant) else {
-        return Ok(None);
+        return Ok(Err(TENANT_GONE));
     };
     let member = user
         .tenants
         .iter()
         .any(|t| TenantKey::parse(t) == Some(tenant_key));
-    if !member || store.tenant(tenant_key)?.is_none() {
-        return Ok(None);
+    if !member {
+        return Ok(Err(NOT_MEMBER_OF_TOKEN_TENANT));
     }
-    Ok(Some(Principal {
+    if store.tenant(tenant_key)?.is_none() {
+        return Ok(Err(TENANT_GONE));
+    }
+    Ok(Ok(Principal {
         user: user.name,
         tenant_key,
         admin: user.admin,

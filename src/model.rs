@@ -583,6 +583,96 @@ pub struct Job {
     /// Bytes those took on the wire (compressed frames and the manifest).
     #[serde(default)]
     pub bytes_on_wire: u64,
+    /// The day-two record (times, rate, retries); jobs stored before it have its defaults.
+    #[serde(flatten)]
+    pub story: JobStory,
+}
+
+/// What `GET …/jobs/{job_id}/detail` tells beside the ten keys and the record's other
+/// figures: when the copy first started and when the job ended, the current attempt's rate,
+/// and the retry lineage. Every field has a default, so older stored jobs decode.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct JobStory {
+    /// When the copy first started (`replicating`).
+    #[serde(default, with = "ts::option")]
+    pub started_at: Option<u64>,
+    /// When the job became `replicated`, `canceled` or `error`.
+    #[serde(default, with = "ts::option")]
+    pub finished_at: Option<u64>,
+    /// When the current (or last) copy attempt began, in milliseconds since the epoch, and
+    /// how many bytes it found done already: the base of the rate.
+    #[serde(default)]
+    pub attempt_started_ms: Option<u64>,
+    #[serde(default)]
+    pub attempt_bytes_from: u64,
+    /// Bytes per second of the current (or last) attempt, as of its last progress record.
+    #[serde(default)]
+    pub rate_bytes_per_s: Option<u64>,
+    /// How many retries came before this job (its origin's plus one).
+    #[serde(default)]
+    pub retries: u32,
+    /// The job this one retries.
+    #[serde(default)]
+    pub retry_of: Option<Uuid>,
+    /// The job that retried this one.
+    #[serde(default)]
+    pub retried_by: Option<Uuid>,
+}
+
+/// The body of `GET …/jobs/{job_id}/detail`: the job object's ten keys unchanged, then the
+/// job's times (RFC 3339, `null` until they happen), bytes, rate, error and counts.
+#[derive(Serialize, Clone, Debug, PartialEq)]
+pub struct JobDetail {
+    #[serde(flatten)]
+    pub wire: JobWire,
+    #[serde(with = "ts")]
+    pub created_at: u64,
+    #[serde(with = "ts")]
+    pub updated_at: u64,
+    #[serde(with = "ts::option")]
+    pub started_at: Option<u64>,
+    #[serde(with = "ts::option")]
+    pub finished_at: Option<u64>,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// While `replicating`: the running attempt's average so far; once `replicated`: the last
+    /// attempt's; `null` otherwise.
+    pub rate_bytes_per_s: Option<u64>,
+    /// Why the job failed; `null` unless its status is `error`.
+    pub error: Option<String>,
+    pub retries: u32,
+    pub resumes: u32,
+}
+
+impl From<&Job> for JobDetail {
+    fn from(job: &Job) -> JobDetail {
+        let status = job.wire.status;
+        JobDetail {
+            wire: job.wire.clone(),
+            created_at: job.created_at,
+            updated_at: job.updated_at,
+            started_at: job.story.started_at,
+            finished_at: job.story.finished_at,
+            bytes_done: job.bytes_copied,
+            bytes_total: job.bytes_total,
+            rate_bytes_per_s: matches!(status, JobStatus::Replicating | JobStatus::Replicated)
+                .then_some(job.story.rate_bytes_per_s)
+                .flatten(),
+            error: (status == JobStatus::Error)
+                .then(|| job.error.clone())
+                .flatten(),
+            retries: job.story.retries,
+            resumes: job.resumes,
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// What the replication worker does with a queued job next (see [`Job::next_step`]).
@@ -644,8 +734,27 @@ impl Job {
         self.wire.destination_image_id = Some(destination);
         self.created_destination = Some(destination);
         self.bytes_total = bytes_total;
+        self.story.started_at.get_or_insert(at);
         self.updated_at = at;
         true
+    }
+
+    /// A copy attempt's clock starts at `at_ms` with `done` bytes already at the destination.
+    pub fn begin_rate(&mut self, done: u64, at_ms: u64) {
+        self.story.attempt_started_ms = Some(at_ms);
+        self.story.attempt_bytes_from = done;
+        self.story.rate_bytes_per_s = None;
+    }
+
+    /// The current attempt has `copied` bytes at the destination at `at_ms`: its rate so far
+    /// (what it copied itself, over the time since it began).
+    pub fn measure_rate(&mut self, copied: u64, at_ms: u64) {
+        let Some(began) = self.story.attempt_started_ms else {
+            return;
+        };
+        let elapsed = at_ms.saturating_sub(began).max(1);
+        let moved = copied.saturating_sub(self.story.attempt_bytes_from);
+        self.story.rate_bytes_per_s = Some((u128::from(moved) * 1000 / u128::from(elapsed)) as u64);
     }
 
     /// A copy attempt begins after its destination was checked: `verified` bytes of what it
@@ -709,6 +818,7 @@ impl Job {
         self.bytes_copied = self.bytes_total;
         self.bytes_verified = self.bytes_total;
         self.reading = false;
+        self.story.finished_at = Some(at);
         self.updated_at = at;
         true
     }
@@ -746,6 +856,7 @@ impl Job {
         self.created_destination = None;
         self.bytes_verified = 0;
         self.reading = false;
+        self.story.finished_at = Some(at);
         self.updated_at = at;
     }
 }
@@ -770,6 +881,48 @@ mod tenants {
         assert_eq!(size_text(3 << 19), "1.5 MiB");
         assert_eq!(size_text(10 << 30), "10 GiB");
         assert_eq!(size_text(u64::MAX), "16 EiB");
+    }
+}
+
+#[cfg(test)]
+mod job_story {
+    use super::*;
+
+    /// A job as the version before the day-two fields stored it.
+    const OLD: &str = r#"{"copy_progress":100,"destination_image_id":null,"destination_region_id":"ot2","destination_tenant_id":"91b5c7c09cbd45caa3c146fd67ae471e","job_id":"0fa2817d-4e54-455d-a676-c78e863297e9","source_image_id":"335eef3f-551d-46e1-8781-173f43209d48","source_image_name":"cirros","source_region_id":"ot1","source_tenant_id":"236ae314ef6944f4ab98fa7519e54325","status":"replicated","seq":7,"created_at":"2026-01-01T00:00:00Z","updated_at":"2026-01-01T00:01:00Z","bytes_copied":10,"bytes_total":10,"error":null,"seeded":false,"enqueued":true,"created_destination":null,"bytes_verified":10,"source_bytes_read":10,"resumes":1,"reading":false,"bytes_reused":0,"bytes_fetched":0,"bytes_on_wire":0}"#;
+
+    #[test]
+    fn a_job_stored_before_the_day_two_fields_decodes_with_their_defaults() {
+        let job: Job = serde_json::from_str(OLD).expect("old job");
+        assert_eq!(job.story, JobStory::default());
+        assert_eq!(job.resumes, 1);
+        let detail = serde_json::to_value(JobDetail::from(&job)).expect("detail");
+        assert_eq!(detail["started_at"], serde_json::Value::Null);
+        assert_eq!(detail["finished_at"], serde_json::Value::Null);
+        assert_eq!(detail["created_at"], "2026-01-01T00:00:00Z");
+        assert_eq!(detail["retries"], 0);
+        assert_eq!(detail["rate_bytes_per_s"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn the_detail_begins_with_the_ten_keys_in_wire_order() {
+        let job: Job = serde_json::from_str(OLD).expect("old job");
+        let text = serde_json::to_string(&JobDetail::from(&job)).expect("detail");
+        let wire = serde_json::to_string(&job.wire).expect("wire");
+        assert!(text.starts_with(wire.trim_end_matches('}')), "{text}");
+    }
+
+    #[test]
+    fn the_rate_is_what_the_attempt_copied_over_its_time() {
+        let job: Job = serde_json::from_str(OLD).expect("old job");
+        let mut j = job.clone();
+        j.wire.status = JobStatus::Replicating;
+        j.begin_rate(1000, 10_000);
+        j.measure_rate(3000, 12_000);
+        assert_eq!(j.story.rate_bytes_per_s, Some(1000));
+        assert_eq!(JobDetail::from(&j).rate_bytes_per_s, Some(1000));
+        j.wire.status = JobStatus::Error;
+        assert_eq!(JobDetail::from(&j).rate_bytes_per_s, None);
     }
 }
 
@@ -807,6 +960,7 @@ mod job_transitions {
             bytes_reused: 0,
             bytes_fetched: 0,
             bytes_on_wire: 0,
+            story: JobStory::default(),
         }
     }
 

@@ -37,6 +37,8 @@ pub struct ServeOptions {
     pub keystone: Option<crate::keystone::ValidatorConfig>,
     /// The free-space reserve of every file system the appliance writes.
     pub min_free: worker::MinFree,
+    /// Terminal jobs are purged in the background this long after they ended (`None`: kept).
+    pub job_retention: Option<Duration>,
 }
 
 /// Files and directories this process creates are its user's alone (0600 and 0700), whatever
@@ -174,6 +176,9 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
         tracing::warn!("cannot count the room the queued copies need: {e}");
     }
     let admin_task = tokio::spawn(admin::serve(unix, Arc::clone(&svc), status));
+    let retention_task = opts
+        .job_retention
+        .map(|keep| tokio::spawn(purge_in_background(Arc::clone(&svc), keep)));
     let workers = match opts.worker {
         Some(config) => {
             let started = tokio::task::spawn_blocking(move || worker::start(parts, &config))
@@ -233,6 +238,9 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
         watchdog.abort();
     }
     admin_task.abort();
+    if let Some(task) = retention_task {
+        task.abort();
+    }
     let _ = std::fs::remove_file(&socket);
     svc.store.flush().map_err(|e| e.to_string())?;
     tracing::info!("stopped");
@@ -251,6 +259,27 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(BACKLOG)
+}
+
+/// `serve --job-retention`: purges the terminal jobs that ended `keep` ago or longer, at the
+/// start and then every quarter of `keep` (at least every second, at most every 10 minutes).
+async fn purge_in_background(svc: Arc<Service>, keep: Duration) {
+    let rule = crate::service::PurgeRule {
+        older_than_secs: keep.as_secs().max(1),
+        statuses: Vec::new(),
+    };
+    let mut tick =
+        tokio::time::interval((keep / 4).clamp(Duration::from_secs(1), Duration::from_secs(600)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let (svc, rule) = (Arc::clone(&svc), rule.clone());
+        match tokio::task::spawn_blocking(move || svc.purge_jobs(&rule)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!("the background purge of old jobs failed: {e}"),
+            Err(e) => tracing::warn!("the background purge of old jobs failed: {e}"),
+        }
+    }
 }
 
 /// Tells systemd our state; a no-op without `NOTIFY_SOCKET`.

@@ -82,6 +82,17 @@ pub enum Command {
     Job(JobCmd),
     /// Whether a server runs on the data directory, and its counters
     Status,
+    /// Write every record (regions, tenants, users, token hashes, images, manifests, jobs) to
+    /// FILE, from one moment, also while the server runs; not the image bytes
+    Backup {
+        /// Where the backup goes (replaced atomically; mode 0600: it holds token hashes)
+        file: PathBuf,
+    },
+    /// Restore a backup into a new or empty data directory (--data-dir)
+    Restore {
+        /// A file written by `image-replicator backup`
+        file: PathBuf,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff)
@@ -123,6 +134,11 @@ pub struct ServeArgs {
     /// PEM private key of --tls-cert
     #[arg(long, env = "IMAGE_REPLICATOR_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Purge terminal jobs (replicated, canceled, error) this long after they ended, in the
+    /// background: 30d, 12h, 90m, 45s [default: off, jobs are kept until `job purge`]
+    #[arg(long, env = "IMAGE_REPLICATOR_JOB_RETENTION", value_name = "DURATION",
+          value_parser = parse_age)]
+    pub job_retention: Option<Duration>,
     #[command(flatten)]
     pub keystone: KeystoneArgs,
 }
@@ -232,6 +248,17 @@ fn parse_ttl(text: &str) -> Result<Duration, String> {
         return Err(format!("'{text}' is longer than a day"));
     }
     Ok(ttl)
+}
+
+/// An age or a retention: above zero, such as 30d, 12h, 90m or 45s.
+fn parse_age(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err(format!("'{text}' must be longer than zero")),
+        Err(_) => Err(format!(
+            "'{text}' is not a duration such as 30d, 12h, 90m or 45s"
+        )),
+    }
 }
 
 fn parse_lifetime(text: &str) -> Result<Duration, String> {
@@ -535,6 +562,24 @@ pub enum UserCmd {
         #[arg(long)]
         admin: bool,
     },
+    /// Change a user's tenants or admin flag; its tokens for the tenants it keeps stay valid,
+    /// those for a removed tenant are revoked
+    Update {
+        name: String,
+        /// Make the user a member of this tenant too (repeat for several)
+        #[arg(long = "add-tenant", value_name = "TENANT_ID")]
+        add_tenants: Vec<String>,
+        /// End the user's membership of this tenant (repeat for several); a user keeps at
+        /// least one tenant
+        #[arg(long = "remove-tenant", value_name = "TENANT_ID")]
+        remove_tenants: Vec<String>,
+        /// Make the user an admin
+        #[arg(long, conflicts_with = "no_admin")]
+        admin: bool,
+        /// Make the user an ordinary member again
+        #[arg(long)]
+        no_admin: bool,
+    },
     /// List users
     List,
     /// Remove a user and revoke all of its tokens
@@ -619,6 +664,20 @@ pub enum JobCmd {
     Show { job_id: String },
     /// Cancel a replicate_requested or replicating job
     Cancel { job_id: String },
+    /// Queue a new job with the same image and destination as an error or canceled job;
+    /// prints the new job's id
+    Retry { job_id: String },
+    /// Remove terminal jobs that ended at least --older-than ago (they no longer pin their
+    /// tenants)
+    Purge {
+        /// Such as 30d, 12h, 90m or 45s
+        #[arg(long, value_name = "DURATION", value_parser = parse_age)]
+        older_than: Duration,
+        /// Only jobs in this status: replicated, canceled or error (repeat for several)
+        /// [default: all three]
+        #[arg(long = "status", value_name = "STATUS")]
+        statuses: Vec<JobStatus>,
+    },
     /// Follow running jobs (or one) until they end: progress bars with rate and ETA on a
     /// terminal, plain progress lines otherwise
     Watch { job_id: Option<String> },
@@ -631,10 +690,12 @@ pub(super) fn absolute(path: &Path) -> Result<PathBuf, String> {
 /// The admin request for a command, and the verb its text output uses.
 pub(super) fn request_for(command: Command) -> Result<(Request, &'static str), String> {
     Ok(match command {
-        Command::Serve(_) | Command::Completions { .. } | Command::Man => {
-            return Err("not an admin command".into())
-        }
+        Command::Serve(_)
+        | Command::Completions { .. }
+        | Command::Man
+        | Command::Restore { .. } => return Err("not an admin command".into()),
         Command::Status => (Request::Status, ""),
+        Command::Backup { .. } => (Request::Backup, ""),
         Command::Region(cmd) => match cmd {
             RegionCmd::Add {
                 id,
@@ -709,6 +770,25 @@ pub(super) fn request_for(command: Command) -> Result<(Request, &'static str), S
                 },
                 "added",
             ),
+            UserCmd::Update {
+                name,
+                add_tenants,
+                remove_tenants,
+                admin,
+                no_admin,
+            } => (
+                Request::UserUpdate {
+                    name,
+                    add_tenants,
+                    remove_tenants,
+                    admin: match (admin, no_admin) {
+                        (true, _) => Some(true),
+                        (_, true) => Some(false),
+                        _ => None,
+                    },
+                },
+                "updated",
+            ),
             UserCmd::List => (Request::UserList, ""),
             UserCmd::Remove { name } => (Request::UserRemove { name }, "removed"),
         },
@@ -769,6 +849,17 @@ pub(super) fn request_for(command: Command) -> Result<(Request, &'static str), S
             JobCmd::List { tenant, status } => (Request::JobList { tenant, status }, ""),
             JobCmd::Show { job_id } => (Request::JobShow { id: job_id }, ""),
             JobCmd::Cancel { job_id } => (Request::JobCancel { id: job_id }, "cancel requested"),
+            JobCmd::Retry { job_id } => (Request::JobRetry { id: job_id }, "retry"),
+            JobCmd::Purge {
+                older_than,
+                statuses,
+            } => (
+                Request::JobPurge(crate::service::PurgeRule {
+                    older_than_secs: older_than.as_secs().max(1),
+                    statuses,
+                }),
+                "",
+            ),
             JobCmd::Watch { .. } => return Err("job watch is not an admin request".into()),
         },
     })

@@ -28,6 +28,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
                     max_bandwidth: args.max_bandwidth,
                 }),
                 min_free: args.min_free.unwrap_or_default(),
+                job_retention: args.job_retention,
                 tls: args.tls_cert.zip(args.tls_key),
                 keystone: args.keystone.validator_config()?,
             }));
@@ -46,6 +47,12 @@ pub fn run(cli: Cli) -> Result<(), String> {
                 .map_err(|e| format!("cannot write the man page: {e}"));
         }
         Command::Job(JobCmd::Watch { job_id }) => return watch::run(&data_dir, job_id.as_deref()),
+        Command::Restore { file } => {
+            let summary = crate::backup::restore(&file, &data_dir)?;
+            println!("restored {summary} into {}", data_dir.display());
+            return Ok(());
+        }
+        Command::Backup { file } => return backup(&data_dir, &file, cli.json),
         other => other,
     };
     let (request, verb) = args::request_for(command)?;
@@ -59,6 +66,29 @@ pub fn run(cli: Cli) -> Result<(), String> {
         println!("{text}");
     } else {
         print!("{}", output::human(&reply, verb));
+    }
+    Ok(())
+}
+
+/// `backup FILE`: the records from the running server (or the store), written atomically.
+fn backup(data_dir: &std::path::Path, file: &std::path::Path, json: bool) -> Result<(), String> {
+    let crate::admin::Reply::Backup(backup) =
+        client::call(data_dir, crate::admin::Request::Backup)?
+    else {
+        return Err("the server answered the backup request with something else".into());
+    };
+    crate::backup::write(&backup, file)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"file": file, "records": backup.summary()})
+        );
+    } else {
+        println!(
+            "backup of {} written to {}",
+            backup.summary(),
+            file.display()
+        );
     }
     Ok(())
 }

@@ -91,6 +91,14 @@ fn job_fields(j: &Job) -> String {
         ("seeded", j.seeded.to_string()),
         ("created_at", rfc3339(j.created_at)),
         ("updated_at", rfc3339(j.updated_at)),
+        ("started_at", or_dash(j.story.started_at.map(rfc3339))),
+        ("finished_at", or_dash(j.story.finished_at.map(rfc3339))),
+        ("retries", j.story.retries.to_string()),
+        ("retry_of", or_dash(j.story.retry_of.map(|i| i.to_string()))),
+        (
+            "retried_by",
+            or_dash(j.story.retried_by.map(|i| i.to_string())),
+        ),
     ];
     fields(&pairs)
 }
@@ -204,6 +212,7 @@ pub(super) fn human(reply: &Reply, verb: &str) -> String {
             "{} job(s) seeded, {} already present\n",
             s.inserted, s.unchanged
         ),
+        Reply::Job(j) if verb == "retry" => format!("{}\n", j.wire.job_id),
         Reply::Job(j) if !verb.is_empty() => format!("job {} {verb}\n", j.wire.job_id),
         Reply::Job(j) => job_fields(j),
         Reply::Jobs(list) => table(
@@ -223,6 +232,17 @@ pub(super) fn human(reply: &Reply, verb: &str) -> String {
                 })
                 .collect(),
         ),
+        Reply::Purged { purged } => format!("{purged} job(s) purged\n"),
+        Reply::UserUpdated {
+            user,
+            tokens_revoked,
+        } => format!(
+            "user {} updated (tenants {}; admin {}); {tokens_revoked} token(s) for removed tenants revoked\n",
+            escape(&user.name),
+            escape(&user.tenants.join(",")),
+            user.admin
+        ),
+        Reply::Backup(b) => format!("backup of {}\n", b.summary()),
         Reply::Status(s) => format!(
             "server running, pid {}\nlisten: {}\ndata dir: {}\nactive copies: {}\nargon2 verifications: {}\ntoken cache: {} hits, {} misses, {} tokens\n",
             s.pid,

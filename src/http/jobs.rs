@@ -67,6 +67,26 @@ pub(super) fn show(req: Request, who: Principal) -> Reply {
     })
 }
 
+/// `GET /jobs/{job_id}/detail`: the ten keys, then the job's times, bytes, rate and error
+/// (an appliance addition; same scoping and errors as the show route).
+pub(super) fn detail(req: Request, who: Principal) -> Reply {
+    Box::pin(async move {
+        let (svc, id) = (req.svc, req.param);
+        let job = blocking(move || svc.show_job(&who, &id)).await?;
+        json_response(StatusCode::OK, &crate::model::JobDetail::from(&job))
+    })
+}
+
+/// `POST /jobs/{job_id}/retry`: a new job from an `error` or `canceled` one, 202 with the new
+/// job's ten keys (an appliance addition; the job's tenant or an admin).
+pub(super) fn retry(req: Request, who: Principal) -> Reply {
+    Box::pin(async move {
+        let (svc, id) = (req.svc, req.param);
+        let job = blocking(move || svc.retry_job(Some(&who), &id)).await?;
+        json_response(StatusCode::ACCEPTED, &job.wire)
+    })
+}
+
 /// `DELETE /jobs/{job_id}`: a cancel, 204.
 pub(super) fn cancel(req: Request, who: Principal) -> Reply {
     Box::pin(async move {

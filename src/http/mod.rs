@@ -105,6 +105,20 @@ static ROUTES: &[Route] = &[
         body_limit: BODY_LIMIT,
     },
     Route {
+        template: "/v2/extension/image_replicator/jobs/{job_id}/detail",
+        path: PathShape::ParamThen("/v2/extension/image_replicator/jobs/", "/detail"),
+        methods: &[(Method::GET, Handler::Token(jobs::detail))],
+        allow: "GET",
+        body_limit: BODY_LIMIT,
+    },
+    Route {
+        template: "/v2/extension/image_replicator/jobs/{job_id}/retry",
+        path: PathShape::ParamThen("/v2/extension/image_replicator/jobs/", "/retry"),
+        methods: &[(Method::POST, Handler::Token(jobs::retry))],
+        allow: "POST",
+        body_limit: BODY_LIMIT,
+    },
+    Route {
         template: "/healthz",
         path: PathShape::Exact("/healthz"),
         methods: &[(Method::GET, Handler::Open(ops::health))],
@@ -264,7 +278,10 @@ async fn handle(
     };
     let mut response = match dispatched {
         Ok(response) => response,
-        Err(failure) => failure.into_response(&request_id),
+        Err(failure) => {
+            log_refusal(&failure, template, &request_id);
+            failure.into_response(&request_id)
+        }
     };
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response
@@ -283,6 +300,15 @@ async fn handle(
         "request"
     );
     response
+}
+
+/// A 401's cause, in the log line of its request id (the response never says it).
+fn log_refusal(failure: &Failure, route: &str, request_id: &str) {
+    if let Failure::Service(ServiceError::Unauthorized(cause)) = failure {
+        if !cause.is_empty() {
+            tracing::info!(route, request_id = %request_id, cause = %cause, "401 Unauthorized");
+        }
+    }
 }
 
 async fn dispatch(
@@ -311,7 +337,7 @@ async fn dispatch(
             svc.auth
                 .authenticate(&svc.store, token(&headers))
                 .await?
-                .ok_or_else(unauthorized)?,
+                .map_err(|why| Failure::Service(ServiceError::Unauthorized(why.into())))?,
         ),
     };
     let request = Request {

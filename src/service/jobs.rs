@@ -98,6 +98,7 @@ impl Service {
                 bytes_reused: 0,
                 bytes_fetched: 0,
                 bytes_on_wire: 0,
+                story: Default::default(),
                 wire,
             };
             records.push((key, job));
@@ -138,7 +139,7 @@ impl Service {
     // ----- jobs: the API -----
 
     /// A job the caller may see (`None`: the admin CLI, sees all), else 404.
-    fn visible_job(&self, who: Option<&Principal>, id: &str) -> Result<Job> {
+    pub(super) fn visible_job(&self, who: Option<&Principal>, id: &str) -> Result<Job> {
         let missing = || ServiceError::NotFound(format!("no job {id}"));
         // A path segment that is not even a UUID is quoted: it is the client's text.
         let uuid = Uuid::try_parse(id)
@@ -296,7 +297,7 @@ impl Service {
             };
             if !member {
                 return Err(ServiceError::Unauthorized(format!(
-                    "user {} may not use tenant {tenant_dst}",
+                    "not a member of the destination tenant: user {} may not use tenant {tenant_dst}",
                     who.user
                 )));
             }
@@ -359,6 +360,7 @@ impl Service {
             bytes_reused: 0,
             bytes_fetched: 0,
             bytes_on_wire: 0,
+            story: Default::default(),
         };
         self.store.insert_jobs(&[(owner, job.clone())])?;
         if let Some(device) = device {
@@ -373,7 +375,7 @@ impl Service {
 
     /// New jobs are refused (507) while the store's own file system is below its reserve: the
     /// store then never runs out of space because of copies.
-    fn check_store_room(&self) -> Result<()> {
+    pub(super) fn check_store_room(&self) -> Result<()> {
         let Ok(space) = crate::disk::space_of(&self.data_dir) else {
             return Ok(());
         };
@@ -390,7 +392,7 @@ impl Service {
 
     /// Whether the image fits into the destination beside the reserve and the copies already
     /// accepted (409 if not); the destination's file system, for the new job's promise.
-    fn check_room(&self, region: &Region, image: &Image) -> Result<Option<u64>> {
+    pub(super) fn check_room(&self, region: &Region, image: &Image) -> Result<Option<u64>> {
         let Some(space) = self.images_of(region)?.space() else {
             return Ok(None);
         };
@@ -408,7 +410,7 @@ impl Service {
     /// The quotas a new job must stay within (413 if not): active jobs of its source tenant
     /// (the tenant that sees, lists and cancels it), bytes stored by its destination tenant
     /// (whose region receives the copy).
-    fn check_quotas(
+    pub(super) fn check_quotas(
         &self,
         source: TenantKey,
         destination: TenantKey,
@@ -472,7 +474,7 @@ impl Service {
         Ok(())
     }
 
-    fn usable_region(&self, id: &str) -> Result<Region> {
+    pub(super) fn usable_region(&self, id: &str) -> Result<Region> {
         let region = self
             .store
             .region(id)?

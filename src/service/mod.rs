@@ -10,6 +10,7 @@
 
 mod images;
 mod jobs;
+mod lifecycle;
 mod peer;
 mod registry;
 
@@ -22,6 +23,7 @@ use bytes::Bytes;
 pub use images::ImportRequest;
 use jobs::ListKey;
 pub use jobs::{SeedOutcome, PAGE_LIMIT};
+pub use lifecycle::PurgeRule;
 pub use peer::{Begun, Refusal};
 pub use registry::IssuedToken;
 

@@ -235,6 +235,83 @@ impl Service {
         Ok(user)
     }
 
+    /// Adds and removes tenant memberships and sets or clears the admin flag. The user's
+    /// tokens for the tenants it keeps stay valid; its tokens for a removed tenant are
+    /// revoked (a request with one is refused from the next one on, and adding the tenant
+    /// back does not revive them). The user and how many tokens were revoked.
+    pub fn user_update(
+        &self,
+        name: &str,
+        add: &[String],
+        remove: &[String],
+        admin: Option<bool>,
+    ) -> Result<(User, usize)> {
+        if add.is_empty() && remove.is_empty() && admin.is_none() {
+            return Err(ServiceError::BadRequest(
+                "nothing to change: give --add-tenant, --remove-tenant, --admin or --no-admin"
+                    .into(),
+            ));
+        }
+        let mut user = self
+            .store
+            .user(name)?
+            .ok_or_else(|| ServiceError::NotFound(format!("no user {name}")))?;
+        let mut removed = HashSet::new();
+        for t in remove {
+            let key = parse_tenant(t)?;
+            let before = user.tenants.len();
+            user.tenants.retain(|m| TenantKey::parse(m) != Some(key));
+            if user.tenants.len() == before {
+                return Err(ServiceError::BadRequest(format!(
+                    "user {name} is not a member of tenant {t}"
+                )));
+            }
+            removed.insert(key);
+        }
+        for t in add {
+            let (key, tenant) = self.tenant(t)?;
+            if removed.contains(&key) {
+                return Err(ServiceError::BadRequest(format!(
+                    "tenant {t} is both added and removed"
+                )));
+            }
+            if !user
+                .tenants
+                .iter()
+                .any(|m| TenantKey::parse(m) == Some(key))
+            {
+                user.tenants.push(tenant.id);
+            }
+        }
+        if user.tenants.is_empty() {
+            return Err(ServiceError::BadRequest(format!(
+                "user {name} would be left without a tenant; add another one, or remove the user"
+            )));
+        }
+        if let Some(admin) = admin {
+            user.admin = admin;
+        }
+        if !self.store.update_user(&user)? {
+            return Err(ServiceError::NotFound(format!("no user {name}")));
+        }
+        let at = now();
+        let mut revoked = 0;
+        for mut record in self.store.tokens()? {
+            let gone = TenantKey::parse(&record.info.tenant).is_some_and(|k| removed.contains(&k));
+            if record.info.user != name || !gone {
+                continue;
+            }
+            if record.info.revoked_at.is_none() {
+                record.info.revoked_at = Some(at);
+                self.store.update_token(&record)?;
+                revoked += 1;
+            }
+            self.auth.forget_token(record.info.id);
+        }
+        self.flush()?;
+        Ok((user, revoked))
+    }
+
     pub fn user_list(&self) -> Result<Vec<User>> {
         self.store.users()
     }

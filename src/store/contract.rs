@@ -113,6 +113,7 @@ fn job(store: &dyn Repo, source: &str, status: JobStatus) -> (TenantKey, Job) {
         bytes_reused: 0,
         bytes_fetched: 0,
         bytes_on_wire: 0,
+        story: Default::default(),
     };
     (key(source), job)
 }
@@ -415,6 +416,74 @@ pub fn counts_and_tenant_references_follow_the_jobs(s: &dyn Repo) {
     assert!(s.tenant_has_jobs(key(c), c).expect("C").is_none());
 }
 
+pub fn removed_jobs_leave_the_listings_the_queue_the_counts_and_their_tenants(s: &dyn Repo) {
+    let done = job(s, A, JobStatus::Replicated);
+    let failed = job(s, A, JobStatus::Error);
+    let queued = job(s, A, JobStatus::ReplicateRequested);
+    s.insert_jobs(&[done.clone(), failed.clone(), queued.clone()])
+        .expect("insert");
+    let before = s.jobs_version();
+    let jid = [
+        done.1.wire.job_id,
+        failed.1.wire.job_id,
+        queued.1.wire.job_id,
+    ];
+    // Only the jobs that pass the check go; an unknown id is left out.
+    let terminal = |j: &Job| j.wire.status.is_terminal();
+    let removed = s
+        .remove_jobs(&[jid[0], jid[2], Uuid::new_v4()], &terminal)
+        .expect("remove");
+    assert_eq!(removed, vec![jid[0]]);
+    assert_ne!(
+        s.jobs_version(),
+        before,
+        "what is derived from jobs is stale"
+    );
+    assert_eq!(s.job(jid[0]).expect("get"), None);
+    let all = s.jobs(&JobQuery::all(None), &|_| true).expect("all");
+    assert_eq!(ids(&all), vec![jid[1], jid[2]]);
+    let of_a = s
+        .jobs(&JobQuery::all(Some(key(A))), &|_| true)
+        .expect("of A");
+    assert_eq!(ids(&of_a), vec![jid[1], jid[2]]);
+    assert_eq!(s.queued().expect("queue"), vec![jid[2]]);
+    let counts = s.job_status_counts().expect("counts");
+    assert_eq!(counts.get(&JobStatus::Replicated), None);
+    assert_eq!(counts.values().sum::<u64>(), 2);
+    // Nothing passes: nothing changes.
+    let version = s.jobs_version();
+    assert!(s.remove_jobs(&jid, &|_| false).expect("none").is_empty());
+    assert_eq!(s.jobs_version(), version);
+    // The last jobs naming tenants A and B go: neither is named by a job any more.
+    let removed = s.remove_jobs(&jid, &|_| true).expect("rest");
+    assert_eq!(removed, vec![jid[1], jid[2]]);
+    assert!(s.tenant_has_jobs(key(A), A).expect("A").is_none());
+    assert!(s.tenant_has_jobs(key(B), B).expect("B").is_none());
+    assert!(s.queued().expect("queue").is_empty());
+    // A new job gets listed as before.
+    let later = job(s, A, JobStatus::ReplicateRequested);
+    s.insert_jobs(std::slice::from_ref(&later)).expect("insert");
+    let all = s.jobs(&JobQuery::all(None), &|_| true).expect("all");
+    assert_eq!(ids(&all), vec![later.1.wire.job_id]);
+}
+
+pub fn users_are_updated_in_place_and_never_created_by_an_update(s: &dyn Repo) {
+    let mut user = User {
+        name: "alice".into(),
+        tenants: vec![A.into()],
+        admin: false,
+        created_at: 1,
+    };
+    assert!(!s.update_user(&user).expect("update of a missing user"));
+    assert_eq!(s.user("alice").expect("get"), None);
+    assert!(s.insert_user(&user).expect("insert"));
+    user.tenants = vec![B.into()];
+    user.admin = true;
+    assert!(s.update_user(&user).expect("update"));
+    assert_eq!(s.user("alice").expect("get"), Some(user));
+    assert_eq!(s.users().expect("list").len(), 1);
+}
+
 pub fn orphans_are_remembered_until_removed(s: &dyn Repo) {
     let (one, two) = (Uuid::new_v4(), Uuid::new_v4());
     s.add_orphan(one, "g1").expect("add");
@@ -659,6 +728,8 @@ macro_rules! contract_suite {
                 a_queued_job_is_claimed_by_one_worker_at_a_time,
                 the_version_changes_with_every_committed_job_write_only,
                 counts_and_tenant_references_follow_the_jobs,
+                removed_jobs_leave_the_listings_the_queue_the_counts_and_their_tenants,
+                users_are_updated_in_place_and_never_created_by_an_update,
                 orphans_are_remembered_until_removed,
                 manifests_are_kept_per_image_and_go_with_it,
                 chunk_holders_are_the_owners_images_with_their_first_index,

@@ -67,6 +67,9 @@ pub trait Registry: Send + Sync {
     fn users(&self) -> Result<Vec<User>>;
     /// Inserts a user unless one with that name exists; whether it was inserted.
     fn insert_user(&self, user: &User) -> Result<bool>;
+    /// Rewrites an existing user (its tenants, its admin flag); false if there is no such
+    /// user (none is created).
+    fn update_user(&self, user: &User) -> Result<bool>;
     /// Removes a user and every token of that user together; how many tokens went.
     fn remove_user(&self, name: &str) -> Result<usize>;
 
@@ -172,6 +175,10 @@ pub trait Jobs: Send + Sync {
     fn jobs(&self, query: &JobQuery, keep: &dyn Fn(&Job) -> bool) -> Result<Vec<Job>>;
     /// [`Jobs::jobs`] with only the API's ten keys (cheaper).
     fn job_wires(&self, query: &JobQuery, keep: &dyn Fn(&JobWire) -> bool) -> Result<Vec<JobWire>>;
+    /// Removes the jobs of `ids` that pass `only` (checked again in the same transaction),
+    /// each with its index entries and queue entry, all in one transaction; the ids removed.
+    /// An id with no job is left out. What is derived from jobs changes with them.
+    fn remove_jobs(&self, ids: &[Uuid], only: &dyn Fn(&Job) -> bool) -> Result<Vec<Uuid>>;
     /// How many jobs there are in each status.
     fn job_status_counts(&self) -> Result<BTreeMap<JobStatus, u64>>;
     /// A job that names `key` as its source or destination tenant (`id_as_stored` is the

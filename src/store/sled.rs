@@ -675,6 +675,19 @@ impl Registry for SledStore {
         self.with(|s| Self::insert_new(&s.users, user.name.as_bytes(), user))
     }
 
+    fn update_user(&self, user: &User) -> Result<bool> {
+        self.with(|s| {
+            let new = encode(user)?;
+            tx_result(s.users.transaction(|users| {
+                if users.get(user.name.as_bytes())?.is_none() {
+                    return Ok(false);
+                }
+                users.insert(user.name.as_bytes(), new.as_slice())?;
+                Ok(true)
+            }))
+        })
+    }
+
     fn remove_user(&self, name: &str) -> Result<usize> {
         let tokens: Vec<TokenRecord> = self
             .tokens()?
@@ -1156,6 +1169,40 @@ impl Jobs for SledStore {
 
     fn job_wires(&self, query: &JobQuery, keep: &dyn Fn(&JobWire) -> bool) -> Result<Vec<JobWire>> {
         self.select(query, keep)
+    }
+
+    fn remove_jobs(&self, ids: &[Uuid], only: &dyn Fn(&Job) -> bool) -> Result<Vec<Uuid>> {
+        self.with(|s| {
+            let removed = tx_result(
+                (&s.jobs, &s.jobs_by_seq, &s.jobs_by_tenant, &s.queue).transaction(
+                    |(tx_jobs, by_seq, by_tenant, queue)| {
+                        let mut removed = Vec::new();
+                        for id in ids {
+                            let Some(old) = tx_jobs.get(id.as_bytes())? else {
+                                continue;
+                            };
+                            let job: Job = decode(&old).map_err(abort)?;
+                            if !only(&job) {
+                                continue;
+                            }
+                            let seq = job.seq.to_be_bytes();
+                            tx_jobs.remove(id.as_bytes())?;
+                            by_seq.remove(&seq)?;
+                            if let Some(tenant) = TenantKey::parse(&job.wire.source_tenant_id) {
+                                by_tenant.remove(cat(&[&tenant.0, &seq]))?;
+                            }
+                            queue.remove(&seq)?;
+                            removed.push(*id);
+                        }
+                        Ok(removed)
+                    },
+                ),
+            )?;
+            if !removed.is_empty() {
+                self.jobs_changed();
+            }
+            Ok(removed)
+        })
     }
 
     fn job_status_counts(&self) -> Result<std::collections::BTreeMap<JobStatus, u64>> {

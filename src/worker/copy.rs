@@ -13,7 +13,7 @@ use super::{recovery::conclude, Ctx};
 use crate::copy::{Control, Copied, Plan, Progress, Source, Stop, CHUNK};
 use crate::error::{Result, ServiceError};
 use crate::manifest::{self, Entry, Manifest, CHUNK_SIZE};
-use crate::model::{now, Image, ImageStatus, Job, JobStatus, Region, TenantKey};
+use crate::model::{now, now_ms, Image, ImageStatus, Job, JobStatus, Region, TenantKey};
 use crate::peer::{Delta, DeltaFigures};
 use crate::regions::{
     make_manifest, transfer, verify, ImageStore, Reading, Recorded, StoreError, TransferError,
@@ -280,6 +280,7 @@ fn copy_once(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> std::result::Result<()
     )?;
     let began = store.update_job(id, &|job| {
         job.begin_attempt(verified, held, CHUNK as u64, now());
+        job.begin_rate(verified, now_ms());
         Ok(ImageChange::None)
     })?;
     store.flush()?;
@@ -353,6 +354,7 @@ fn copy_once(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> std::result::Result<()
         if !job.complete(now()) {
             return Ok(ImageChange::None);
         }
+        job.measure_rate(job.bytes_total, now_ms());
         job.source_bytes_read = read;
         job.set_moved(moved);
         Ok(match &active {
@@ -554,6 +556,7 @@ impl Copy<'_> {
             persisted = (percent, Instant::now());
             let update = store.update_job(id, &|job| {
                 job.progress(copied, now());
+                job.measure_rate(copied, now_ms());
                 Ok(ImageChange::None)
             });
             match update {
