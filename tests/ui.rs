@@ -196,16 +196,6 @@ fn ui_page_and_assets_carry_the_security_headers() {
     // Only the page's own files exist under /ui/.
     assert_error(server.get("/ui/other.js", None), 404);
     assert_error(server.get("/ui/", None), 404);
-    // The bare address leads to the page.
-    let root = reqwest::blocking::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("client")
-        .get(server.url("/"))
-        .send()
-        .expect("GET /");
-    assert_eq!(root.status(), 302);
-    assert_eq!(root.headers()["location"], "/ui");
     // The page's HTML holds no tenant data and needs no token.
     let page = server.get("/ui", None).text().expect("page");
     assert!(page.contains("<script src=\"/ui/ui.js\" defer></script>"));

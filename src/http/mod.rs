@@ -126,13 +126,6 @@ static ROUTES: &[Route] = &[
         body_limit: BODY_LIMIT,
     },
     Route {
-        template: "/",
-        path: PathShape::Exact("/"),
-        methods: &[(Method::GET, Handler::Open(ui::root))],
-        allow: "GET",
-        body_limit: BODY_LIMIT,
-    },
-    Route {
         template: ui::PAGE,
         path: PathShape::Exact(ui::PAGE),
         methods: &[(Method::GET, Handler::Open(ui::page))],
@@ -390,7 +383,7 @@ mod tests {
         assert_eq!(template("/v2/extension/image_replicator/jobs/a/b"), None);
         assert_eq!(template("/healthz"), Some(("/healthz", "")));
         assert_eq!(template("/healthz/"), None);
-        assert_eq!(template("/"), Some(("/", "")));
+        assert_eq!(template("/"), None);
         assert_eq!(template("/ui"), Some(("/ui", "")));
         assert_eq!(template("/ui/ui.js"), Some(("/ui/{file}", "ui.js")));
         assert_eq!(template("/ui/"), None);

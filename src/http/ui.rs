@@ -86,18 +86,6 @@ pub(super) fn asset(req: Request) -> Reply {
     })
 }
 
-/// `GET /`: a redirect to the page, for someone who types only the address.
-pub(super) fn root(_req: Request) -> Reply {
-    Box::pin(async move {
-        let mut response = Response::new(Vec::new().into());
-        *response.status_mut() = StatusCode::FOUND;
-        response
-            .headers_mut()
-            .insert("location", HeaderValue::from_static(PAGE));
-        Ok(response)
-    })
-}
-
 /// File `i` (0: the page) as a 200, or a 304 when the browser's copy is current.
 fn serve(i: usize, request: &HeaderMap) -> Response {
     let asset = if i == 0 { &INDEX } else { &FILES[i - 1] };
