@@ -32,6 +32,7 @@ fn image() -> Image {
         os_hash_value: None,
         created_at: 1,
         updated_at: 1,
+        meta: Default::default(),
     }
 }
 

@@ -75,7 +75,7 @@ fn build(svc: &Service) -> Result<()> {
             file: file.clone(),
             tenant: DEMO_TENANT.to_string(),
             name: name.to_string(),
-            disk_format: "raw".into(),
+            disk_format: Some("raw".into()),
             container_format: "bare".into(),
             id: Uuid::try_parse(id).ok(),
         });

@@ -10,6 +10,14 @@ pub enum ServiceError {
     /// The caller may not do this (401). The HTTP sentence never says why.
     #[error("{0}")]
     Unauthorized(String),
+    /// The caller is known but may not do this (403): a protected image's delete, a
+    /// read-only field, a visibility its role cannot set (the images API).
+    #[error("{0}")]
+    Forbidden(String),
+    /// The request's body is not of the kind the resource takes (415): an upload whose bytes
+    /// contradict the image's disk format, a patch in another media type.
+    #[error("{0}")]
+    Unsupported(String),
     /// The thing does not exist or is not visible to the caller (404).
     #[error("{0}")]
     NotFound(String),
@@ -40,7 +48,9 @@ impl ServiceError {
         match self {
             ServiceError::BadRequest(_) => 400,
             ServiceError::Unauthorized(_) => 401,
+            ServiceError::Forbidden(_) => 403,
             ServiceError::NotFound(_) => 404,
+            ServiceError::Unsupported(_) => 415,
             ServiceError::Conflict(_) => 409,
             ServiceError::OverQuota(_) => 413,
             ServiceError::Internal(_) => 500,

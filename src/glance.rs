@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use crate::copy::Chunk;
 use crate::keystone::TokenSource;
-use crate::model::{parse_rfc3339, GlanceRegion, Image, ImageStatus};
+use crate::model::{parse_rfc3339, GlanceRegion, Image, ImageMeta, ImageStatus};
 use crate::remote::RemoteError;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -65,6 +65,14 @@ pub struct GlanceImage {
     pub container_format: Option<String>,
     pub created_at: Option<String>,
     pub updated_at: Option<String>,
+    pub min_disk: Option<u64>,
+    pub min_ram: Option<u64>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    pub os_hidden: Option<bool>,
+    /// Every other key: the users' properties among them.
+    #[serde(flatten)]
+    pub extra: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 fn seconds(text: &Option<String>) -> u64 {
@@ -72,6 +80,30 @@ fn seconds(text: &Option<String>) -> u64 {
 }
 
 impl GlanceImage {
+    /// What a copy carries of the image's Glance fields: sizes to boot, tags, `os_hidden` and
+    /// every user property with a string value (Glance's own keys and its reserved `os_glance_`
+    /// prefix left out). Visibility and protection stay Glance's defaults (see
+    /// [`ImageMeta::for_copy`]).
+    fn meta(&self) -> ImageMeta {
+        let properties = self
+            .extra
+            .iter()
+            .filter(|(key, _)| crate::model::is_user_property(key))
+            .filter_map(|(key, value)| Some((key.clone(), value.as_str()?.to_string())))
+            .collect();
+        let mut tags = self.tags.clone();
+        tags.sort();
+        tags.dedup();
+        ImageMeta {
+            min_disk: self.min_disk.unwrap_or(0),
+            min_ram: self.min_ram.unwrap_or(0),
+            tags,
+            os_hidden: self.os_hidden.unwrap_or(false),
+            properties,
+            ..ImageMeta::default()
+        }
+    }
+
     /// The record in the appliance's own shape.
     pub fn to_image(&self, region: &str) -> Image {
         Image {
@@ -88,6 +120,7 @@ impl GlanceImage {
             os_hash_value: self.os_hash_value.clone(),
             created_at: seconds(&self.created_at),
             updated_at: seconds(&self.updated_at),
+            meta: self.meta(),
         }
     }
 }
@@ -198,13 +231,23 @@ impl Glance {
 
     /// Creates an empty (`queued`) image with the id the appliance chose.
     pub fn create(&self, id: Uuid, like: &Image, owner: &str) -> Result<(), RemoteError> {
-        let body = json!({
+        let meta = like.meta.for_copy();
+        let mut body = json!({
             "id": id,
             "name": like.name,
             "disk_format": like.disk_format,
             "container_format": like.container_format,
             "owner": owner,
+            "min_disk": meta.min_disk,
+            "min_ram": meta.min_ram,
+            "tags": meta.tags,
+            "os_hidden": meta.os_hidden,
         });
+        if let Some(fields) = body.as_object_mut() {
+            for (key, value) in meta.properties {
+                fields.entry(key).or_insert(value.into());
+            }
+        }
         let resp = self.send(|c| c.post(self.url("/v2/images")).json(&body))?;
         self.expect(resp, &[StatusCode::CREATED]).map(drop)
     }

@@ -10,6 +10,7 @@ pub mod copy;
 pub mod demo;
 pub mod disk;
 pub mod error;
+pub mod formats;
 pub mod glance;
 pub mod http;
 pub mod keystone;

@@ -432,6 +432,128 @@ pub struct Image {
     pub created_at: u64,
     #[serde(with = "ts")]
     pub updated_at: u64,
+    /// What its users set on it besides its bytes (Glance's fields); records written before
+    /// the images API have the defaults.
+    #[serde(flatten)]
+    pub meta: ImageMeta,
+}
+
+/// Who may see an image besides its owner (Glance's `visibility`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Visibility {
+    /// Every tenant, listed and by id.
+    Public,
+    /// Every tenant by id; listed only when asked for (`visibility=community`).
+    Community,
+    /// The owner and the image's members (Glance's default for a new image).
+    #[default]
+    Shared,
+    /// The owner alone.
+    Private,
+}
+
+impl Visibility {
+    pub const ALL: [Visibility; 4] = [
+        Visibility::Public,
+        Visibility::Community,
+        Visibility::Shared,
+        Visibility::Private,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Visibility::Public => "public",
+            Visibility::Community => "community",
+            Visibility::Shared => "shared",
+            Visibility::Private => "private",
+        }
+    }
+}
+
+impl FromStr for Visibility {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Visibility::ALL
+            .into_iter()
+            .find(|v| v.as_str() == text)
+            .ok_or_else(|| {
+                format!("Invalid visibility value: {text}; expected public, community, shared or private")
+            })
+    }
+}
+
+/// An image's Glance fields that its users set (and a copy carries to its destination).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(default)]
+pub struct ImageMeta {
+    pub visibility: Visibility,
+    /// Not deletable while true.
+    pub protected: bool,
+    /// Disk (GB) and memory (MB) needed to boot it.
+    pub min_disk: u64,
+    pub min_ram: u64,
+    /// A set: sorted, each once.
+    pub tags: Vec<String>,
+    /// Left out of default listings.
+    pub os_hidden: bool,
+    /// Users' own properties (`hw_disk_bus`, `os_distro` …): strings by name.
+    pub properties: std::collections::BTreeMap<String, String>,
+    /// The size of the disk the bytes hold, where an upload could tell (Glance's
+    /// `virtual_size`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub virtual_size: Option<u64>,
+}
+
+impl ImageMeta {
+    /// What a copy's destination gets: everything but visibility and protection, which stay
+    /// the defaults (the destination tenant decides who sees its copy, and a job must be able
+    /// to remove the copy it made).
+    pub fn for_copy(&self) -> ImageMeta {
+        ImageMeta {
+            visibility: Visibility::default(),
+            protected: false,
+            ..self.clone()
+        }
+    }
+}
+
+/// Glance's own keys of an image (its base schema): never a user property.
+pub const IMAGE_BASE_KEYS: [&str; 27] = [
+    "checksum",
+    "container_format",
+    "created_at",
+    "direct_url",
+    "disk_format",
+    "file",
+    "id",
+    "locations",
+    "min_disk",
+    "min_ram",
+    "name",
+    "os_hash_algo",
+    "os_hash_value",
+    "os_hidden",
+    "owner",
+    "protected",
+    "schema",
+    "self",
+    "size",
+    "status",
+    "stores",
+    "tags",
+    "updated_at",
+    "virtual_size",
+    "visibility",
+    "deleted",
+    "deleted_at",
+];
+
+/// Whether `key` can be a user property: not one of Glance's own keys nor under the prefix
+/// Glance reserves for itself (`os_glance_`).
+pub fn is_user_property(key: &str) -> bool {
+    !IMAGE_BASE_KEYS.contains(&key) && !key.starts_with("os_glance_")
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -864,6 +986,17 @@ impl Job {
 #[cfg(test)]
 mod tenants {
     use super::*;
+
+    #[test]
+    fn an_image_record_from_before_the_images_api_still_opens_with_glances_defaults() {
+        let old = r#"{"id":"0b0a5e4e-52d6-4a5b-9b2e-0f4c9f3c2b11","name":"cirros","owner":"236ae314ef6944f4ab98fa7519e54325","region":"ot1","status":"active","disk_format":"qcow2","container_format":"bare","size":3,"checksum":null,"os_hash_algo":null,"os_hash_value":null,"created_at":"2024-01-01T00:00:00Z","updated_at":"2024-01-01T00:00:00Z"}"#;
+        let image: Image = serde_json::from_str(old).expect("old record");
+        assert_eq!(image.meta, ImageMeta::default());
+        assert_eq!(image.meta.visibility, Visibility::Shared);
+        let again: Image =
+            serde_json::from_str(&serde_json::to_string(&image).expect("encode")).expect("new");
+        assert_eq!(again, image);
+    }
 
     #[test]
     fn a_tenant_record_without_quotas_still_opens_and_is_written_the_same() {

@@ -256,7 +256,7 @@ mod tests {
                     file,
                     tenant: owner.into(),
                     name: "cirros".into(),
-                    disk_format: "raw".into(),
+                    disk_format: Some("raw".into()),
                     container_format: "bare".into(),
                     id: None,
                 })

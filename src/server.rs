@@ -117,6 +117,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
     })?;
     let mut service = Service::new(store, data_dir.clone());
     service.min_free = opts.min_free;
+    service.https = opts.tls.is_some();
     let svc = Arc::new(service);
     if let Some(config) = opts.keystone.clone() {
         let url = config.credentials.auth_url.clone();

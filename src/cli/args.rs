@@ -622,8 +622,10 @@ pub enum ImageCmd {
         tenant: String,
         #[arg(long)]
         name: String,
-        #[arg(long, default_value = "raw")]
-        disk_format: String,
+        /// The image's disk format; without it, the one its bytes show (qcow2, vmdk, vhd,
+        /// vhdx, iso or raw). One that its bytes contradict is refused
+        #[arg(long)]
+        disk_format: Option<String>,
         #[arg(long, default_value = "bare")]
         container_format: String,
         /// Use this image id instead of a new one

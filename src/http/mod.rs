@@ -1,5 +1,6 @@
-//! The HTTP door: the four image_replicator routes of `API.md`, the operators' two, the peer
-//! protocol's and the web page's.
+//! The HTTP door: the four image_replicator routes of `API.md`, the operators' two, the
+//! peer protocol's, the images API (Glance v2 for the directory regions, README) and the web
+//! page's.
 //!
 //! One warp filter hands every request to [`handle`], which finds the route by path (404),
 //! then the method (405), then checks the token where the route needs one (401), and only then
@@ -7,6 +8,7 @@
 //! Every error leaves in the reference's plain-text shape ([`reply`]), and every response
 //! carries an `X-Openstack-Request-Id`.
 
+mod images;
 mod jobs;
 mod ops;
 mod peer;
@@ -43,6 +45,8 @@ pub struct Request {
     pub svc: Arc<Service>,
     /// The path's parameter (`{job_id}`), or empty.
     pub param: String,
+    /// The path's second parameter (`{tag}`, percent-decoded), or empty.
+    pub param2: String,
     pub query: String,
     pub headers: HeaderMap,
     pub body: Body,
@@ -70,6 +74,8 @@ enum PathShape {
     Param(&'static str),
     /// The prefix, one non-empty segment (the parameter), then the suffix.
     ParamThen(&'static str, &'static str),
+    /// The prefix, a segment, the middle, then a second segment (both non-empty).
+    TwoParams(&'static str, &'static str),
 }
 
 struct Route {
@@ -84,6 +90,75 @@ struct Route {
 }
 
 static ROUTES: &[Route] = &[
+    Route {
+        template: "/",
+        path: PathShape::Exact("/"),
+        methods: &[(Method::GET, Handler::Open(images::versions_root))],
+        allow: "GET",
+        body_limit: BODY_LIMIT,
+    },
+    Route {
+        template: "/versions",
+        path: PathShape::Exact("/versions"),
+        methods: &[(Method::GET, Handler::Open(images::versions))],
+        allow: "GET",
+        body_limit: BODY_LIMIT,
+    },
+    Route {
+        template: "/v2/images",
+        path: PathShape::Exact("/v2/images"),
+        methods: &[
+            (Method::GET, Handler::Token(images::list)),
+            (Method::POST, Handler::Token(images::create)),
+        ],
+        allow: "GET, POST",
+        body_limit: images::BODY_LIMIT,
+    },
+    Route {
+        template: "/v2/images/{id}",
+        path: PathShape::Param("/v2/images/"),
+        methods: &[
+            (Method::GET, Handler::Token(images::show)),
+            (Method::PATCH, Handler::Token(images::update)),
+            (Method::DELETE, Handler::Token(images::delete)),
+        ],
+        allow: "GET, PATCH, DELETE",
+        body_limit: images::BODY_LIMIT,
+    },
+    Route {
+        template: "/v2/images/{id}/file",
+        path: PathShape::ParamThen("/v2/images/", "/file"),
+        methods: &[
+            (Method::GET, Handler::Token(images::download)),
+            (Method::PUT, Handler::Token(images::upload)),
+        ],
+        allow: "GET, PUT",
+        body_limit: usize::MAX,
+    },
+    Route {
+        template: "/v2/images/{id}/tags/{tag}",
+        path: PathShape::TwoParams("/v2/images/", "/tags/"),
+        methods: &[
+            (Method::PUT, Handler::Token(images::add_tag)),
+            (Method::DELETE, Handler::Token(images::remove_tag)),
+        ],
+        allow: "PUT, DELETE",
+        body_limit: BODY_LIMIT,
+    },
+    Route {
+        template: "/v2/schemas/image",
+        path: PathShape::Exact("/v2/schemas/image"),
+        methods: &[(Method::GET, Handler::Open(images::schema_image))],
+        allow: "GET",
+        body_limit: BODY_LIMIT,
+    },
+    Route {
+        template: "/v2/schemas/images",
+        path: PathShape::Exact("/v2/schemas/images"),
+        methods: &[(Method::GET, Handler::Open(images::schema_images))],
+        allow: "GET",
+        body_limit: BODY_LIMIT,
+    },
     Route {
         template: JOBS_PATH,
         path: PathShape::Exact(JOBS_PATH),
@@ -217,19 +292,31 @@ static ROUTES: &[Route] = &[
     },
 ];
 
-/// The route of `path` and its parameter.
-fn find(path: &str) -> Option<(&'static Route, &str)> {
+/// The route of `path` and its parameters.
+fn find(path: &str) -> Option<(&'static Route, &str, &str)> {
+    let one = |p: &str| !p.is_empty() && !p.contains('/');
     ROUTES.iter().find_map(|route| match route.path {
-        PathShape::Exact(p) => (path == p).then_some((route, "")),
+        PathShape::TwoParams(prefix, middle) => path
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.split_once(middle))
+            .filter(|(a, b)| one(a) && one(b))
+            .map(|(a, b)| (route, a, b)),
+        _ => find_one(route, path).map(|p| (route, p, "")),
+    })
+}
+
+/// The parameter of `path` if `route` (of one parameter or none) matches it.
+fn find_one<'a>(route: &'static Route, path: &'a str) -> Option<&'a str> {
+    Some(route).and_then(|route| match route.path {
+        PathShape::TwoParams(..) => None,
+        PathShape::Exact(p) => (path == p).then_some(""),
         PathShape::Param(prefix) => path
             .strip_prefix(prefix)
-            .filter(|param| !param.is_empty() && !param.contains('/'))
-            .map(|param| (route, param)),
+            .filter(|param| !param.is_empty() && !param.contains('/')),
         PathShape::ParamThen(prefix, suffix) => path
             .strip_prefix(prefix)
             .and_then(|rest| rest.strip_suffix(suffix))
-            .filter(|param| !param.is_empty() && !param.contains('/'))
-            .map(|param| (route, param)),
+            .filter(|param| !param.is_empty() && !param.contains('/')),
     })
 }
 
@@ -262,7 +349,7 @@ async fn handle(
     let started = Instant::now();
     let request_id = new_request_id();
     let found = find(path.as_str());
-    let template = found.map_or("(unknown)", |(route, _)| route.template);
+    let template = found.map_or("(unknown)", |(route, _, _)| route.template);
     let body: Body = Box::pin(body.map(|chunk| chunk.map(|mut b| b.copy_to_bytes(b.remaining()))));
     let metrics = Arc::clone(&svc.metrics);
     let dispatched = match (found, peer::other_version(path.as_str())) {
@@ -307,12 +394,12 @@ fn log_refusal(failure: &Failure, route: &str, request_id: &str) {
 async fn dispatch(
     svc: Arc<Service>,
     method: &Method,
-    found: Option<(&'static Route, &str)>,
+    found: Option<(&'static Route, &str, &str)>,
     query: String,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Failure> {
-    let Some((route, param)) = found else {
+    let Some((route, param, param2)) = found else {
         return Err(Failure::Status(
             StatusCode::NOT_FOUND,
             "There is no resource at this path.".into(),
@@ -336,6 +423,7 @@ async fn dispatch(
     let request = Request {
         svc,
         param: param.to_string(),
+        param2: images::percent_decoded(param2),
         query,
         headers,
         body,
@@ -373,7 +461,7 @@ mod tests {
 
     #[test]
     fn paths_find_their_route_and_parameter() {
-        let template = |path| find(path).map(|(r, p)| (r.template, p));
+        let template = |path| find(path).map(|(r, p, _)| (r.template, p));
         assert_eq!(template(JOBS_PATH), Some((JOBS_PATH, "")));
         assert_eq!(
             template("/v2/extension/image_replicator/jobs/abc"),
@@ -383,10 +471,19 @@ mod tests {
         assert_eq!(template("/v2/extension/image_replicator/jobs/a/b"), None);
         assert_eq!(template("/healthz"), Some(("/healthz", "")));
         assert_eq!(template("/healthz/"), None);
-        assert_eq!(template("/"), None);
         assert_eq!(template("/ui"), Some(("/ui", "")));
         assert_eq!(template("/ui/ui.js"), Some(("/ui/{file}", "ui.js")));
         assert_eq!(template("/ui/"), None);
+        assert_eq!(template("/"), Some(("/", "")));
+        assert_eq!(
+            template("/v2/images/abc/file"),
+            Some(("/v2/images/{id}/file", "abc"))
+        );
+        assert_eq!(
+            find("/v2/images/abc/tags/a%20b").map(|(r, p, t)| (r.template, p, t)),
+            Some(("/v2/images/{id}/tags/{tag}", "abc", "a%20b"))
+        );
+        assert_eq!(template("/v2/images/abc/tags/"), None);
         assert_eq!(
             template("/peer/v1/images/abc/chunks"),
             Some(("/peer/v1/images/{id}/chunks", "abc"))

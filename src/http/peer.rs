@@ -40,9 +40,9 @@ pub(super) const FRAMES_LIMIT: usize = MAX_CHUNKS * (CHUNK_SIZE + FRAME_HEADER);
 /// What the chunk and file answers hand the connection at a time.
 const PIECE: usize = 1 << 20;
 /// Pieces between a producing thread and the connection.
-const PIECES_IN_FLIGHT: usize = 4;
+pub(super) const PIECES_IN_FLIGHT: usize = 4;
 
-const OCTETS: &str = "application/octet-stream";
+pub(super) const OCTETS: &str = "application/octet-stream";
 
 /// The refusal of a request for a protocol version this appliance does not speak (a path
 /// `/peer/vN` or under it), if it is one.
@@ -377,52 +377,61 @@ fn byte_range(headers: &HeaderMap, size: u64) -> Result<Option<(u64, u64)>, Stri
 pub(super) fn file(req: Request, who: Principal) -> Reply {
     Box::pin(async move {
         let (svc, id, headers) = (req.svc, req.param, req.headers);
-        let (image, mut source) = blocking(move || svc.peer_read(&who, &id, 0)).await?;
-        let size = image.size;
-        let range = match byte_range(&headers, size) {
-            Ok(range) => range,
-            Err(why) => {
-                let mut response =
-                    error_response(StatusCode::RANGE_NOT_SATISFIABLE, &sentence(&why));
-                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
-                    response.headers_mut().insert("content-range", v);
-                }
-                return Ok(response);
-            }
-        };
-        let (start, end) = range.unwrap_or((0, size.saturating_sub(1)));
-        let len = if size == 0 { 0 } else { end - start + 1 };
-        let response = streamed(move |send| {
-            source.skip_to(start)?;
-            let mut left = len;
-            while left > 0 {
-                let mut piece = vec![0u8; left.min(PIECE as u64) as usize];
-                source.read_exact(&mut piece)?;
-                left -= piece.len() as u64;
-                if !send(Bytes::from(piece)) {
-                    return Ok(());
-                }
-            }
-            Ok(())
-        });
-        let status = if range.is_some() {
-            StatusCode::PARTIAL_CONTENT
-        } else {
-            StatusCode::OK
-        };
-        let mut response = with_type(response, status, OCTETS);
-        let headers = response.headers_mut();
-        headers.insert("accept-ranges", HeaderValue::from_static("bytes"));
-        if let Ok(v) = HeaderValue::from_str(&len.to_string()) {
-            headers.insert("content-length", v);
-        }
-        if range.is_some() {
-            if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{size}")) {
-                headers.insert("content-range", v);
-            }
-        }
-        Ok(response)
+        let (image, source) = blocking(move || svc.peer_read(&who, &id, 0)).await?;
+        Ok(file_response(&headers, image.size, source, PIECE))
     })
+}
+
+/// The `size` bytes of `source` (from its start), or the range `headers` ask (206; 416 for
+/// one outside them), read on a blocking thread `piece` bytes at a time.
+pub(super) fn file_response(
+    headers: &HeaderMap,
+    size: u64,
+    mut source: Box<dyn Source>,
+    piece: usize,
+) -> Response {
+    let range = match byte_range(headers, size) {
+        Ok(range) => range,
+        Err(why) => {
+            let mut response = error_response(StatusCode::RANGE_NOT_SATISFIABLE, &sentence(&why));
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                response.headers_mut().insert("content-range", v);
+            }
+            return response;
+        }
+    };
+    let (start, end) = range.unwrap_or((0, size.saturating_sub(1)));
+    let len = if size == 0 { 0 } else { end - start + 1 };
+    let response = streamed(move |send| {
+        source.skip_to(start)?;
+        let mut left = len;
+        while left > 0 {
+            let mut bytes = vec![0u8; left.min(piece as u64) as usize];
+            source.read_exact(&mut bytes)?;
+            left -= bytes.len() as u64;
+            if !send(Bytes::from(bytes)) {
+                return Ok(());
+            }
+        }
+        Ok(())
+    });
+    let status = if range.is_some() {
+        StatusCode::PARTIAL_CONTENT
+    } else {
+        StatusCode::OK
+    };
+    let mut response = with_type(response, status, OCTETS);
+    let headers = response.headers_mut();
+    headers.insert("accept-ranges", HeaderValue::from_static("bytes"));
+    if let Ok(v) = HeaderValue::from_str(&len.to_string()) {
+        headers.insert("content-length", v);
+    }
+    if range.is_some() {
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{size}")) {
+            headers.insert("content-range", v);
+        }
+    }
+    response
 }
 
 fn too_large(limit: usize) -> Failure {
@@ -444,7 +453,7 @@ fn stalled() -> Failure {
 
 /// Hands the body's pieces to `each` until it ends, refusing one over `limit` (413) or one
 /// that stops arriving for [`BODY_TIMEOUT`] (408). `each` returns false to stop reading.
-async fn pieces<F, Fut>(
+pub(super) async fn pieces<F, Fut>(
     headers: &HeaderMap,
     mut body: Body,
     limit: usize,
@@ -523,9 +532,9 @@ pub(super) fn upload(req: Request, who: Principal) -> Reply {
 }
 
 /// The request body as a blocking `Read`, fed by [`pieces`] through a bounded channel.
-struct BodyReader {
-    rx: mpsc::Receiver<io::Result<Bytes>>,
-    piece: Bytes,
+pub(super) struct BodyReader {
+    pub(super) rx: mpsc::Receiver<io::Result<Bytes>>,
+    pub(super) piece: Bytes,
 }
 
 impl Read for BodyReader {

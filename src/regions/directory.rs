@@ -573,6 +573,7 @@ mod tests {
             os_hash_value: None,
             created_at: 0,
             updated_at: 0,
+            meta: Default::default(),
         }
     }
 

@@ -416,6 +416,7 @@ mod tests {
             os_hash_value: sha512.map(String::from),
             created_at: 0,
             updated_at: 0,
+            meta: Default::default(),
         }
     }
 

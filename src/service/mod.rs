@@ -20,7 +20,10 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-pub use images::ImportRequest;
+pub use images::{
+    AnyOf, ImagePage, ImageQuery, ImportRequest, NewImage, PatchOp, SortKey, LIMIT_DEFAULT,
+    LIMIT_MAX,
+};
 use jobs::ListKey;
 pub use jobs::{SeedOutcome, PAGE_LIMIT};
 pub use lifecycle::PurgeRule;
@@ -57,6 +60,8 @@ pub struct Service {
     status_counts: JobsCache<(), BTreeMap<JobStatus, u64>>,
     /// What the peer protocol's serving end keeps between requests.
     peer: peer::PeerState,
+    /// The API is served over HTTPS (`serve --tls-cert`): the links it writes say so.
+    pub https: bool,
 }
 
 fn check_name(kind: &str, value: &str) -> Result<()> {
@@ -109,6 +114,7 @@ impl Service {
             list_bodies: JobsCache::default(),
             status_counts: JobsCache::default(),
             peer: peer::PeerState::default(),
+            https: false,
         }
     }
 

@@ -195,6 +195,7 @@ fn upload_record(id: Uuid, upload: &Upload, owner: &str, m: &Manifest) -> Result
         os_hash_value: i.os_hash_value.clone(),
         created_at: created,
         updated_at: created,
+        meta: Default::default(),
     };
     if !m.describes(&image) {
         return bad(format!(
@@ -779,6 +780,7 @@ mod tests {
             os_hash_value: None,
             created_at: 0,
             updated_at: 0,
+            meta: Default::default(),
         }
     }
 

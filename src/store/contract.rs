@@ -64,6 +64,7 @@ fn image(owner: &str, status: ImageStatus) -> Image {
         os_hash_value: None,
         created_at: 1,
         updated_at: 1,
+        meta: Default::default(),
     }
 }
 

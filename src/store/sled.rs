@@ -1436,6 +1436,7 @@ mod tests {
             os_hash_value: None,
             created_at: 1,
             updated_at: 1,
+            meta: Default::default(),
         }
     }
 

@@ -213,6 +213,7 @@ fn copy_once(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> std::result::Result<()
         os_hash_value: None,
         created_at: now(),
         updated_at: now(),
+        meta: source.meta.for_copy(),
     });
     // Room for the whole image beside the reserve and what other accepted copies will write,
     // checked before anything is written; then promised to this copy.

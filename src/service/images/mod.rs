@@ -1,6 +1,11 @@
 //! Image records of the regions whose records the appliance keeps, and the images of those
 //! that keep their own (Glance), as the appliance shows them.
 
+mod api;
+mod data;
+
+pub use api::{AnyOf, ImagePage, ImageQuery, NewImage, PatchOp, SortKey, LIMIT_DEFAULT, LIMIT_MAX};
+
 use std::fs::File;
 use std::path::PathBuf;
 
@@ -22,14 +27,18 @@ pub struct ImportRequest {
     pub file: PathBuf,
     pub tenant: String,
     pub name: String,
-    pub disk_format: String,
+    /// `None`: the one the file's bytes show ([`crate::formats`]).
+    #[serde(default)]
+    pub disk_format: Option<String>,
     pub container_format: String,
     pub id: Option<Uuid>,
 }
 
 impl Service {
     pub fn image_import(&self, req: &ImportRequest) -> Result<Image> {
-        check_format("disk format", &req.disk_format, &DISK_FORMATS)?;
+        if let Some(format) = &req.disk_format {
+            check_format("disk format", format, &DISK_FORMATS)?;
+        }
         check_format(
             "container format",
             &req.container_format,
@@ -42,11 +51,17 @@ impl Service {
         }
         let (key, tenant) = self.tenant(&req.tenant)?;
         let region = self.region(&tenant.region)?;
-        if !region.disk_formats.contains(&req.disk_format) {
-            return Err(ServiceError::Conflict(format!(
-                "region {} does not accept disk format {}",
-                region.id, req.disk_format
-            )));
+        let accepts = |format: &String| -> Result<()> {
+            if region.disk_formats.contains(format) {
+                return Ok(());
+            }
+            Err(ServiceError::Conflict(format!(
+                "region {} does not accept disk format {format}",
+                region.id
+            )))
+        };
+        if let Some(format) = &req.disk_format {
+            accepts(format)?;
         }
         let images = self.images_of(&region)?;
         if images.records().is_some() {
@@ -59,6 +74,25 @@ impl Service {
             ServiceError::Conflict(format!("region {} store is unusable: {why}", region.id))
         })?;
         let mut file = open_regular(&req.file)?;
+        let found = file_format(&file).map_err(|e| {
+            ServiceError::BadRequest(format!("cannot read {}: {e}", req.file.display()))
+        })?;
+        let disk_format = match &req.disk_format {
+            Some(format) => {
+                if crate::formats::mismatch(format, found).is_some() {
+                    return Err(ServiceError::BadRequest(format!(
+                        "{} holds {found} data, not {format}: import it with --disk-format {found}, or without --disk-format",
+                        req.file.display()
+                    )));
+                }
+                format.clone()
+            }
+            None => {
+                let found = found.to_string();
+                accepts(&found)?;
+                found
+            }
+        };
         let created = now();
         let mut image = Image {
             id: req.id.unwrap_or_else(Uuid::new_v4),
@@ -66,7 +100,7 @@ impl Service {
             owner: tenant.id,
             region: region.id.clone(),
             status: ImageStatus::Saving,
-            disk_format: req.disk_format.clone(),
+            disk_format,
             container_format: req.container_format.clone(),
             size: 0,
             checksum: None,
@@ -74,6 +108,7 @@ impl Service {
             os_hash_value: None,
             created_at: created,
             updated_at: created,
+            meta: Default::default(),
         };
         // The record reserves the id first; the bytes follow; then it becomes active. An
         // import is a copy with nothing to verify against (the image is its own source).
@@ -236,6 +271,28 @@ impl Service {
         self.flush()?;
         Ok(image)
     }
+}
+
+/// The disk format of a file's bytes, from its head and its last 512 bytes.
+fn file_format(file: &File) -> std::io::Result<&'static str> {
+    use std::os::unix::fs::FileExt;
+    let size = file.metadata()?.len();
+    let read = |offset: u64, len: usize| -> std::io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        let mut filled = 0;
+        while filled < len {
+            match file.read_at(&mut buf[filled..], offset + filled as u64)? {
+                0 => break,
+                n => filled += n,
+            }
+        }
+        buf.truncate(filled);
+        Ok(buf)
+    };
+    let head = read(0, crate::formats::HEAD.min(size as usize))?;
+    let tail_len = crate::formats::TAIL.min(size as usize);
+    let tail = read(size - tail_len as u64, tail_len)?;
+    Ok(crate::formats::detect(&head, &tail))
 }
 
 /// Opens a file to import: a regular file only (a FIFO or a device would block or never end;
