@@ -444,6 +444,62 @@ fn a_failed_jobs_message_and_times_are_shown() {
     }
 }
 
+// ----- images and the copy form -----
+
+#[test]
+fn the_tenants_images_are_listed_and_the_copy_form_starts_a_copy() {
+    let (lab, token) = Lab::standard_with_copier();
+    let mine = lab.image(TENANT_A, "alpha-image", 3000);
+    let theirs = lab.image(TENANT_B, "beta-image", 2000);
+    let server = lab.serve();
+    let browser = browser();
+    browser.goto(&server.url(&format!("/ui#token={token}")));
+    let images = browser.wait("the image list", WAIT, |b| {
+        let ids = b.texts_at("#image-rows tr td.id code");
+        (!ids.is_empty()).then_some(ids)
+    });
+    assert_eq!(
+        images,
+        vec![mine.clone()],
+        "the tenant's image, not another's"
+    );
+    let name = browser.text_at(&format!("#image-rows tr[data-image-id='{mine}'] td.name"));
+    assert_eq!(name.as_deref(), Some("alpha-image"));
+    // "Copy…" chooses the image and moves the focus to the tenant field.
+    browser.click(&browser.one(&format!("#image-rows tr[data-image-id='{mine}'] button")));
+    let focus = browser.script(
+        "return [document.activeElement.id, document.getElementById('copy-image').value];",
+        json!([]),
+    );
+    assert_eq!(focus, json!(["copy-tenant", mine]));
+    browser.type_into(&browser.one("#copy-tenant"), &format!("{TENANT_B}{ENTER}"));
+    let said = browser.wait("the copy's answer", WAIT, |b| {
+        b.text_at("#copy-result")
+            .filter(|t| t.starts_with("Copy started"))
+    });
+    let listed = job_ids(&jobs(server.get(JOBS, Some(&token))));
+    assert_eq!(listed.len(), 1);
+    assert_eq!(said, format!("Copy started: job {}.", listed[0]));
+    wait_for_jobs(&browser, &[&listed[0]]);
+    assert_eq!(status_of(&browser, &listed[0]), "replicate_requested");
+    let job = server.job(&token, &listed[0]);
+    assert_eq!(job["source_image_id"], mine.as_str());
+    assert_eq!(job["destination_tenant_id"], TENANT_B);
+    // A refused copy says the server's sentence.
+    browser.type_into(&browser.one("#copy-tenant"), "\u{E009}a\u{E000}\u{E003}");
+    browser.type_into(
+        &browser.one("#copy-tenant"),
+        &format!("not-a-tenant{ENTER}"),
+    );
+    let refused = browser.wait("the refusal", WAIT, |b| {
+        b.text_at("#copy-result")
+            .filter(|t| !t.is_empty() && !t.starts_with("Copy started") && !t.starts_with("Asking"))
+    });
+    let direct = assert_error(server.copy(&token, &mine, "not-a-tenant"), 400);
+    assert_eq!(refused, direct);
+    assert!(!images.contains(&theirs));
+}
+
 // ----- untrusted text -----
 
 #[test]
@@ -456,6 +512,10 @@ fn store_strings_are_shown_as_text_not_markup() {
     browser.goto(&server.url(&format!("/ui#token={token}")));
     wait_for_jobs(&browser, &[&id]);
     assert_eq!(row_text(&browser, &id, "td.name"), XSS);
+    let image_name = browser.wait("the image list", WAIT, |b| {
+        b.text_at(&format!("#image-rows tr[data-image-id='{image}'] td.name"))
+    });
+    assert_eq!(image_name, XSS);
     let page = browser.script(
         "return [document.querySelectorAll('img').length, \
                  document.querySelector('td.name').childElementCount];",
@@ -486,15 +546,22 @@ fn the_page_fits_a_phone_and_a_wide_screen() {
         browser.resize(width, 900);
         let fits = browser.wait(&format!("the layout at {width} px"), WAIT, |b| {
             let v = b.script(
-                "const s = document.querySelector('#app .scroll');\
-                 return [Math.max(document.documentElement.scrollWidth,\
-                                  window.innerWidth - s.clientWidth + s.scrollWidth),\
-                         window.innerWidth];",
+                "let wide = document.documentElement.scrollWidth;\
+                 for (const s of document.querySelectorAll('.scroll')) {\
+                   if (s.checkVisibility())\
+                     wide = Math.max(wide, window.innerWidth - s.clientWidth + s.scrollWidth);\
+                 }\
+                 return [wide, window.innerWidth];",
                 json!([]),
             );
             let (scroll, inner) = (v[0].as_u64()?, v[1].as_u64()?);
             (inner > 0 && inner <= width as u64).then_some((scroll, inner))
         });
+        let png = browser.screenshot();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        if let Some(dir) = std::env::var_os("UI_SCREENSHOT_DIR") {
+            std::fs::write(std::path::Path::new(&dir).join(name), &png).expect("screenshot");
+        }
         assert!(
             fits.0 <= fits.1,
             "no sideways scrolling at {width} px: {fits:?}"
@@ -502,11 +569,6 @@ fn the_page_fits_a_phone_and_a_wide_screen() {
         // Each full job id is on the page, whole.
         for id in [JOB_A1, JOB_A2, JOB_B1] {
             assert_eq!(row_text(&browser, id, "td.id code"), id);
-        }
-        let png = browser.screenshot();
-        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
-        if let Some(dir) = std::env::var_os("UI_SCREENSHOT_DIR") {
-            std::fs::write(std::path::Path::new(&dir).join(name), &png).expect("screenshot");
         }
     }
 }

@@ -591,13 +591,18 @@
       if (!image || typeof image.id !== "string") continue;
       const tr = el("tr");
       tr.dataset.imageId = image.id;
-      tr.appendChild(el("td", "name", image.name === null || image.name === undefined ? "—" : image.name));
-      const idCell = el("td", "id");
-      idCell.appendChild(el("code", null, image.id));
-      tr.appendChild(idCell);
-      tr.appendChild(el("td", null, image.status));
-      tr.appendChild(el("td", null, image.disk_format === null || image.disk_format === undefined ? "—" : image.disk_format));
-      tr.appendChild(el("td", "num", bytes(image.size)));
+      const cell = (label, className, text) => {
+        const td = el("td", className, text);
+        td.dataset.label = label;
+        tr.appendChild(td);
+        return td;
+      };
+      const orNone = (value) => (value === null || value === undefined ? "—" : value);
+      cell("Name", "name", orNone(image.name));
+      cell("Image", "id").appendChild(el("code", null, image.id));
+      cell("Status", null, orNone(image.status));
+      cell("Format", null, orNone(image.disk_format));
+      cell("Size", "num", bytes(image.size));
       const actions = el("td", "actions");
       const copy = el("button", "secondary", "Copy…");
       copy.type = "button";
