@@ -538,10 +538,31 @@ fn store_strings_are_shown_as_text_not_markup() {
 
 #[test]
 fn the_page_fits_a_phone_and_a_wide_screen() {
-    let f = fixture_with_jobs();
+    // What an operator would see: a copy under way, a failed one, finished ones, images.
+    let (lab, token) = Lab::standard_with_copier();
+    let root = lab.token("root", TENANT_A);
+    let running = lab.image(TENANT_A, "ubuntu-24.04-server", 48 * MIB);
+    let doomed = lab.image(TENANT_A, "centos-stream-9", MIB);
+    lab.image(TENANT_A, "debian-12-genericcloud", 2 * MIB);
+    std::fs::remove_file(lab.region_dir("ot1").join(&doomed)).expect("remove source");
+    lab.seed_jobs(&[
+        seeded(JOB_A1, "replicated", TENANT_A, "ot1", "Test-image-Ubuntu"),
+        seeded(JOB_B1, "canceled", TENANT_B, "ot2", "beta-image"),
+    ]);
+    let server = lab.serve_with(&["--max-bandwidth", "2M"]);
+    let failed = server.copy_ok(&token, &doomed, TENANT_B);
+    server.wait_job(&token, &failed, WAIT, terminal);
+    let copying = server.copy_ok(&token, &running, TENANT_B);
     let browser = browser();
-    browser.goto(&f.server.url(&format!("/ui#token={}", f.root)));
-    wait_for_jobs(&browser, &[JOB_A1, JOB_A2, JOB_B1]);
+    browser.goto(&server.url(&format!("/ui#token={root}")));
+    let ids = [JOB_A1, JOB_B1, failed.as_str(), copying.as_str()];
+    wait_for_jobs(&browser, &ids);
+    browser.wait("the copy's rate and the failure's message", WAIT, |b| {
+        let rate = row_text(b, &copying, "td[data-label='Rate']");
+        let message = row_text(b, &failed, ".job-error");
+        let images = b.texts_at("#image-rows tr").len();
+        (rate.ends_with("/s") && !message.is_empty() && images >= 3).then_some(())
+    });
     for (width, name) in [(1280, "ui-1280.png"), (390, "ui-phone.png")] {
         browser.resize(width, 900);
         let fits = browser.wait(&format!("the layout at {width} px"), WAIT, |b| {
@@ -567,7 +588,7 @@ fn the_page_fits_a_phone_and_a_wide_screen() {
             "no sideways scrolling at {width} px: {fits:?}"
         );
         // Each full job id is on the page, whole.
-        for id in [JOB_A1, JOB_A2, JOB_B1] {
+        for id in ids {
             assert_eq!(row_text(&browser, id, "td.id code"), id);
         }
     }
