@@ -12,6 +12,8 @@
   const PAGE_LIMIT = 1000;
   const MAX_PAGES = 10;
   const MAX_DETAILS_PER_TICK = 10;
+  // A running job's detail (rate, bytes) is asked for every 5 s; its ETA counts down between.
+  const DETAIL_EVERY_MS = 5000;
   const CANCELLABLE = ["replicate_requested", "replicating"];
   const ACTIVE = ["replicating", "cancel_requested", "canceling"];
   const TERMINAL = ["replicated", "canceled", "error"];
@@ -23,17 +25,21 @@
     rows: new Map(), // job_id -> {tr, cells}
     details: new Map(), // job_id -> detail object (terminal ones are kept)
     samples: new Map(), // job_id -> [{t, progress}] for an ETA without the detail route
+    detailAt: new Map(), // job_id -> when its detail was last asked for
     detailRoute: true, // false once the server shows it has no /detail route
     openJob: null,
     timer: null,
     lastTick: 0,
     running: false,
     again: false,
+    session: 0, // changes at each sign-in and sign-out
     imagesAt: 0,
     imagesRoute: true,
   };
 
   // ----- the API -----
+
+  class Stale extends Error {}
 
   class ApiError extends Error {
     constructor(status, sentence) {
@@ -106,12 +112,19 @@
     return node;
   }
 
+  // Changes touch the DOM only when a value differs: fifty open pages redraw nothing when
+  // nothing moved.
+  function setText(node, text) {
+    const value = String(text);
+    if (node.textContent !== value) node.textContent = value;
+  }
+
   function show(node, visible) {
-    node.hidden = !visible;
+    if (node.hidden === visible) node.hidden = !visible;
   }
 
   function say(node, text) {
-    node.textContent = text || "";
+    setText(node, text || "");
     show(node, Boolean(text));
   }
 
@@ -128,6 +141,7 @@
   }
 
   async function signIn(token, fromForm) {
+    state.session += 1;
     state.token = token;
     try {
       await api("GET", JOBS + "?limit=0");
@@ -153,11 +167,13 @@
   }
 
   function signOut() {
+    state.session += 1;
     sessionStorage.removeItem("token");
     state.rows.forEach((row) => row.tr.remove());
     state.rows.clear();
     state.details.clear();
     state.samples.clear();
+    state.detailAt.clear();
     closeDetail();
     clearImages();
     showSignIn("");
@@ -214,16 +230,26 @@
     }
     state.running = true;
     state.lastTick = Date.now();
+    const session = state.session;
     let pages = 1;
     try {
       const listed = await listJobs();
+      if (session !== state.session) throw new Stale();
       pages = listed.pages;
       render(listed.jobs, listed.truncated);
       await refreshDetails(listed.jobs);
       if (Date.now() - state.imagesAt >= IMAGES_EVERY_MS) await refreshImages();
       say($("app-error"), "");
-      $("updated").textContent = "Updated " + new Date().toLocaleTimeString();
+      // A fixed text, not a clock: a clock would redraw every open page every second.
+      setText($("updated"), "Live: refreshed every second.");
     } catch (e) {
+      if (session !== state.session) {
+        // Signed out or in again meanwhile: this round's answers belong to no one now.
+        state.running = false;
+        state.again = false;
+        if (state.token) schedule(0);
+        return;
+      }
       if (lost(e)) {
         state.running = false;
         return;
@@ -306,6 +332,9 @@
 
   // "ot1 → ot2" over the two tenants (shortened; the full ids are in the title and the detail).
   function fillRoute(cell, job) {
+    const key = [job.source_region_id, job.destination_region_id, job.source_tenant_id, job.destination_tenant_id].join(" ");
+    if (cell.dataset.key === key) return;
+    cell.dataset.key = key;
     cell.replaceChildren();
     cell.appendChild(el("span", null, job.source_region_id + " → " + job.destination_region_id));
     const tenants = el("span", "where mono", short(job.source_tenant_id) + " → " + short(job.destination_tenant_id));
@@ -352,20 +381,24 @@
   }
 
   function fill(row, job) {
+    const fresh = !row.job;
     row.job = job;
-    row.name.textContent = String(job.source_image_name);
-    row.idCode.textContent = job.job_id;
+    setText(row.name, job.source_image_name);
     fillRoute(row.route, job);
-    row.statusText.textContent = String(job.status);
-    row.statusText.className = "status status-" + String(job.status).replace(/[^a-z_]/g, "");
+    setText(row.statusText, job.status);
+    const statusClass = "status status-" + String(job.status).replace(/[^a-z_]/g, "");
+    if (row.statusText.className !== statusClass) row.statusText.className = statusClass;
     const progress = Number(job.copy_progress) || 0;
-    row.bar.value = progress;
-    row.bar.textContent = progress + " %";
-    row.bar.setAttribute("aria-label", "Progress of job " + job.job_id);
-    row.pct.textContent = progress + " %";
-    row.cancel.hidden = !CANCELLABLE.includes(job.status);
-    row.cancel.setAttribute("aria-label", "Cancel job " + job.job_id);
-    row.details.setAttribute("aria-label", "Details of job " + job.job_id);
+    if (row.bar.value !== progress) row.bar.value = progress;
+    setText(row.bar, progress + " %");
+    setText(row.pct, progress + " %");
+    show(row.cancel, CANCELLABLE.includes(job.status));
+    if (fresh) {
+      row.idCode.textContent = job.job_id;
+      row.bar.setAttribute("aria-label", "Progress of job " + job.job_id);
+      row.cancel.setAttribute("aria-label", "Cancel job " + job.job_id);
+      row.details.setAttribute("aria-label", "Details of job " + job.job_id);
+    }
     sample(job, progress);
     const detail = state.details.get(job.job_id);
     const message = job.status === "error" && detail ? detail.error : null;
@@ -392,7 +425,8 @@
       if (detail && detail.status === "replicating" && detail.rate_bytes_per_s > 0) {
         rate = bytes(detail.rate_bytes_per_s) + "/s";
         const left = Math.max(0, (detail.bytes_total || 0) - (detail.bytes_done || 0));
-        eta = duration(left / detail.rate_bytes_per_s);
+        const since = (Date.now() - (state.detailAt.get(job.job_id) || Date.now())) / 1000;
+        eta = duration(Math.max(0, left / detail.rate_bytes_per_s - since));
       } else {
         const list = state.samples.get(job.job_id) || [];
         if (list.length >= 2) {
@@ -405,8 +439,8 @@
     } else if (job.status === "replicated") {
       eta = "done";
     }
-    row.rate.textContent = rate;
-    row.eta.textContent = eta;
+    setText(row.rate, rate);
+    setText(row.eta, eta);
   }
 
   // The detail of running jobs (for rate and ETA), of failed ones once (their message), and
@@ -417,8 +451,18 @@
       return;
     }
     const wanted = [];
+    const now = Date.now();
     for (const job of jobs) {
-      if (ACTIVE.includes(job.status) || (job.status === "error" && !state.details.has(job.job_id))) {
+      const cached = state.details.get(job.job_id);
+      const due = now - (state.detailAt.get(job.job_id) || 0) >= DETAIL_EVERY_MS;
+      // A job that has just changed status is asked for at once (a copy that just started,
+      // ended or failed), a running one every few seconds, a failed one once.
+      const changed = cached && cached.status !== job.status;
+      // No rate yet (a copy that has just started): ask again next round.
+      const noRate = !cached || !(cached.rate_bytes_per_s > 0);
+      if ((job.status === "replicating" && (due || changed || noRate)) ||
+          (ACTIVE.includes(job.status) && (due || changed)) ||
+          (job.status === "error" && (!cached || changed))) {
         wanted.push(job.job_id);
       }
     }
@@ -456,6 +500,7 @@
       }
     }
     state.details.set(id, detail);
+    state.detailAt.set(id, Date.now());
     const row = state.rows.get(id);
     if (row && row.job) {
       const message = row.job.status === "error" ? detail.error : null;

@@ -1,0 +1,385 @@
+#!/usr/bin/env python3
+"""What open web pages (/ui) cost the API: P1's numerator (authenticated GET /jobs, wrk, 32
+connections, 2 threads, 10 s a run) without and with N pages (default 50) polling it, side by
+side in one run, written as the section "Web page: 50 open pages" of BENCHMARKS.md.
+
+    scripts/bench/ui-pages.py [--bin PATH] [--pages 50] [--reps 3] [--duration 10]
+                              [--out BENCHMARKS.md] [--no-write]
+
+The pages are real: one headless Chromium (Debian's chromium, chromium-driver) with N windows,
+each signed in with its own token by /ui#token=..., all on the machine that runs the server
+and wrk, so the figure includes what the pages' browser costs the machine, not only the
+requests. "Without" points every window at about:blank (the browser stays up); "with" loads
+the page in every window; runs alternate (off-on, on-off, ...: ABBA) so a drift of the
+machine cancels. The tenant's list is P1's 10 jobs (scripts/bench/helper.py jobs --seed 1),
+two of them set to replicating so that every page also asks for two jobs' detail each
+second (a heavier load than P1's terminal jobs alone). The pages' own request rate comes from
+the server's /metrics (all requests minus wrk's), the browser's CPU from /proc.
+
+Every process it starts (server, chromedriver and its browser, wrk) is stopped, and its
+temporary directory removed, when it exits. Standard library only.
+"""
+
+import argparse
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HELPER = os.path.join(ROOT, "scripts", "bench", "helper.py")
+REPORT_LUA = os.path.join(ROOT, "scripts", "bench", "report.lua")
+JOBS = "/v2/extension/image_replicator/jobs"
+T1 = "1b0e5c9a2f3d4e6b8a7c0d1e2f3a4b5c"
+T2 = "2c1f6d0b3a4e5f7c9b8d1e2f3a4b5c6d"
+TOK1 = "b1e2c3d4e5f60718293a4b5c6d7e8f90"
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-dev-shm-usage", "--window-size=1280,900",
+]
+SECTION = "## Web page: 50 open pages"
+TICK = os.sysconf("SC_CLK_TCK")
+
+started = []  # Popen objects, each the leader of its own process group
+
+
+def log(text):
+    print(f"[ui-pages {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def kill_marked(marker):
+    """SIGKILLs every process whose command line holds `marker` (our own temporary path)."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+            continue
+
+
+def cleanup(marker=None):
+    for proc in reversed(started):
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.time() + 10
+    for proc in reversed(started):
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if marker:
+        kill_marked(marker)
+
+
+def spawn(args, **kw):
+    proc = subprocess.Popen(args, start_new_session=True, **kw)
+    started.append(proc)
+    return proc
+
+
+def http(method, url, body=None, token=None, timeout=60):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    if body is not None:
+        req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("X-Auth-Token", token)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def ir(binary, data, *args):
+    out = subprocess.run([binary, "--data-dir", data, *args], check=True,
+                         capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def request_count(port):
+    """Every request the server counted so far (all routes)."""
+    status, body = http("GET", f"http://127.0.0.1:{port}/metrics")
+    if status != 200:
+        sys.exit(f"ui-pages: /metrics answered {status}")
+    total = 0
+    for line in body.decode().splitlines():
+        if line.startswith("image_replicator_http_requests_total{"):
+            total += int(float(line.rsplit(" ", 1)[1]))
+    return total
+
+
+def cpu_ticks(marker):
+    """utime+stime of every process whose command line holds `marker`."""
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() not in f.read():
+                    continue
+            with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def proc_ticks(pid):
+    with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+class Driver:
+    """chromedriver's W3C WebDriver API, for one session."""
+
+    def __init__(self, profile):
+        self.proc = spawn(["chromedriver", "--port=0"], stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True)
+        port = None
+        for line in self.proc.stdout:
+            m = re.search(r"started successfully on port (\d+)", line)
+            if m:
+                port = int(m.group(1))
+                break
+        if port is None:
+            sys.exit("ui-pages: chromedriver did not say its port")
+        self.base = f"http://127.0.0.1:{port}"
+        binary = "/usr/lib/chromium/chromium"
+        if not os.path.exists(binary):
+            binary = "chromium"
+        caps = {"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
+            "binary": binary, "args": CHROMIUM_FLAGS + [f"--user-data-dir={profile}"]}}}}
+        self.session = self.call("POST", "/session", caps)["sessionId"]
+
+    def call(self, method, path, body=None):
+        if method == "POST" and body is None:
+            body = {}
+        status, reply = http(method, self.base + path, body)
+        value = json.loads(reply).get("value")
+        if status != 200:
+            sys.exit(f"ui-pages: WebDriver {method} {path}: {value}")
+        return value
+
+    def s(self, rest):
+        return f"/session/{self.session}{rest}"
+
+    def windows(self, count):
+        handles = [self.call("GET", self.s("/window"))]
+        while len(handles) < count:
+            handles.append(self.call("POST", self.s("/window/new"), {"type": "window"})["handle"])
+        return handles
+
+    def show(self, handle, url):
+        self.call("POST", self.s("/window"), {"handle": handle})
+        self.call("POST", self.s("/url"), {"url": url})
+
+    def script(self, handle, js):
+        self.call("POST", self.s("/window"), {"handle": handle})
+        return self.call("POST", self.s("/execute/sync"), {"script": js, "args": []})
+
+
+def wrk(port, seconds):
+    out = subprocess.run(
+        ["wrk", "-t2", "-c32", f"-d{seconds}s", "--timeout", "10s", "-H", f"X-Auth-Token: {TOK1}",
+         "-s", REPORT_LUA, f"http://127.0.0.1:{port}{JOBS}"],
+        check=True, capture_output=True, text=True)
+    line = next(l for l in out.stdout.splitlines() if l.startswith("BENCHJSON "))
+    return json.loads(line[len("BENCHJSON "):])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "image-replicator"))
+    ap.add_argument("--pages", type=int, default=50)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
+    ap.add_argument("--no-write", action="store_true", help="print the section only")
+    args = ap.parse_args()
+    for tool in ("wrk", "chromedriver"):
+        if subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True).returncode:
+            sys.exit(f"ui-pages: {tool} is missing (Debian's wrk, chromium and chromium-driver).")
+    binary = os.path.abspath(args.bin)
+    if not os.path.exists(binary):
+        sys.exit(f"ui-pages: no binary at {binary}: cargo build --release, or pass --bin.")
+
+    tmp = tempfile.TemporaryDirectory(prefix="ui-pages-")
+    data = os.path.join(tmp.name, "data")
+    profile = os.path.join(tmp.name, "chromium")
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    load_start = open("/proc/loadavg").read().split()[:3]
+    try:
+        log("preparing the store (P1's 10 jobs, two of them replicating)")
+        ir(binary, data, "region", "add", "ot1")
+        ir(binary, data, "region", "add", "ot2")
+        ir(binary, data, "tenant", "add", T1, "--region", "ot1")
+        ir(binary, data, "tenant", "add", T2, "--region", "ot2")
+        ir(binary, data, "user", "add", "bench", "--tenant", T1, "--tenant", T2)
+        ir(binary, data, "token", "issue", "--user", "bench", "--tenant", T1, "--token", TOK1)
+        jobs_file = os.path.join(tmp.name, "jobs.json")
+        subprocess.run([sys.executable, HELPER, "jobs", jobs_file, "--tenant", T1, "--region",
+                        "ot1", "--count", "10", "--seed", "1"], check=True)
+        with open(jobs_file, encoding="utf-8") as f:
+            jobs = json.load(f)
+        for job in jobs[:2]:
+            job.update(status="replicating", copy_progress=37, destination_image_id=None)
+        with open(jobs_file, "w", encoding="utf-8") as f:
+            json.dump(jobs, f)
+        ir(binary, data, "job", "seed", jobs_file)
+        log(f"issuing {args.pages} page tokens")
+        page_tokens = [ir(binary, data, "token", "issue", "--user", "bench", "--tenant", T1)
+                       for _ in range(args.pages)]
+
+        server = spawn([binary, "serve", "--no-worker", "--listen", "127.0.0.1:0",
+                        "--data-dir", data], stdout=subprocess.PIPE,
+                       stderr=open(os.path.join(tmp.name, "server.log"), "w"), text=True)
+        port = None
+        for line in server.stdout:
+            m = re.match(r"image-replicator listening on http://127\.0\.0\.1:(\d+)", line)
+            if m:
+                port = int(m.group(1))
+                break
+        if port is None:
+            sys.exit("ui-pages: the server did not start")
+        status, body = http("GET", f"http://127.0.0.1:{port}{JOBS}", token=TOK1)
+        if status != 200 or len(json.loads(body)) != 10:
+            sys.exit(f"ui-pages: the list answered {status}: {body[:200]!r}")
+
+        log(f"starting Chromium with {args.pages} windows")
+        driver = Driver(profile)
+        handles = driver.windows(args.pages)
+
+        def pages(on):
+            for handle, token in zip(handles, page_tokens):
+                driver.show(handle, f"http://127.0.0.1:{port}/ui#token={token}" if on
+                            else "about:blank")
+            if on:
+                # Every page signed in and showing the ten jobs.
+                deadline = time.time() + 60
+                for handle in handles:
+                    while True:
+                        shown = driver.script(
+                            handle, "return document.querySelectorAll('#job-rows tr').length;")
+                        if shown == 10:
+                            break
+                        if time.time() > deadline:
+                            sys.exit("ui-pages: a page did not show the ten jobs")
+                        time.sleep(0.2)
+                hidden = sum(bool(driver.script(h, "return document.hidden;")) for h in handles)
+                if hidden:
+                    log(f"note: {hidden} of {len(handles)} pages report document.hidden")
+            time.sleep(3)
+
+        log("warming up")
+        wrk(port, 2)
+        runs = []
+        for rep in range(1, args.reps + 1):
+            order = [False, True] if rep % 2 else [True, False]
+            pair = {}
+            for on in order:
+                pages(on)
+                r0, c0, s0 = request_count(port), cpu_ticks(profile), proc_ticks(server.pid)
+                t0 = time.time()
+                result = wrk(port, args.duration)
+                elapsed = time.time() - t0
+                r1, c1, s1 = request_count(port), cpu_ticks(profile), proc_ticks(server.pid)
+                rps = result["requests"] / (result["duration_us"] / 1e6)
+                others = (r1 - r0) - result["requests"]
+                pair[on] = {
+                    "rps": rps,
+                    "non2xx": result["non2xx"],
+                    "page_rps": others / elapsed,
+                    "browser_cpu": (c1 - c0) / TICK / elapsed,
+                    "server_cpu": (s1 - s0) / TICK / elapsed,
+                }
+                log(f"rep {rep} pages {'on ' if on else 'off'}: {rps:,.0f} req/s, "
+                    f"other requests {others / elapsed:.1f}/s, "
+                    f"browser CPU {pair[on]['browser_cpu']:.2f} cores")
+            pair["ratio"] = pair[True]["rps"] / pair[False]["rps"]
+            runs.append(pair)
+        pages(False)
+    finally:
+        cleanup(tmp.name)
+        load_end = open("/proc/loadavg").read().split()[:3]
+        tmp.cleanup()
+
+    ratio = statistics.median(r["ratio"] for r in runs)
+    off = statistics.median(r[False]["rps"] for r in runs)
+    on = statistics.median(r[True]["rps"] for r in runs)
+    page_rps = statistics.median(r[True]["page_rps"] for r in runs)
+    idle_rps = statistics.median(r[False]["page_rps"] for r in runs)
+    cost = 1 - ratio
+    lines = [
+        SECTION,
+        "",
+        f"Measured {started_at} with `scripts/bench/ui-pages.py --pages {args.pages} --reps "
+        f"{args.reps} --duration {args.duration}` (binary `{os.path.relpath(binary, ROOT)}`; load "
+        f"average at start / end {' '.join(load_start)} / {' '.join(load_end)}). P1's numerator, "
+        f"`GET /jobs` with a token (10 jobs, wrk 2 threads, 32 connections, {args.duration} s a "
+        f"run), without and with {args.pages} open pages: one headless Chromium with "
+        f"{args.pages} windows, each signed in to `/ui` with its own token, on the same 2 CPUs "
+        "as the server and wrk; two of the ten jobs are `replicating`, so each page asks for "
+        "the list and two jobs' detail every second. Without: every window at `about:blank`. "
+        "Runs alternate per rep (ABBA).",
+        "",
+        "| rep | without pages (req/s) | with pages (req/s) | with / without | pages' requests/s | browser CPU (cores) | server CPU without / with (cores) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(runs, 1):
+        lines.append(
+            f"| {i} | {r[False]['rps']:,.0f} | {r[True]['rps']:,.0f} | {r['ratio']:.3f} | "
+            f"{r[True]['page_rps']:.1f} | {r[True]['browser_cpu']:.2f} | "
+            f"{r[False]['server_cpu']:.2f} / {r[True]['server_cpu']:.2f} |")
+    lines += [
+        "",
+        f"Median: {off:,.0f} req/s without, {on:,.0f} with, ratio **{ratio:.3f}**: the pages "
+        f"cost {cost * 100:.1f} % of the throughput (goal: less than 10 %, "
+        f"**{'met' if cost < 0.10 else 'not met'}**). The {args.pages} pages sent "
+        f"{page_rps:.1f} requests a second ({page_rps / args.pages:.2f} a page; "
+        f"{idle_rps:.1f}/s without them), "
+        "non-2xx answers: "
+        f"{sum(r[True]['non2xx'] + r[False]['non2xx'] for r in runs)}.",
+        "",
+    ]
+    section = "\n".join(lines)
+    print(section)
+    if args.no_write:
+        return
+    with open(args.out, encoding="utf-8") as f:
+        text = f.read()
+    start = text.find(SECTION)
+    if start >= 0:
+        end = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + section + ("" if end < 0 else text[end:])
+    else:
+        # Before "Side by side" (kept last), else at the end.
+        side = text.find("\n## Side by side")
+        text = (text.rstrip("\n") + "\n\n" + section) if side < 0 else (
+            text[:side + 1] + section + "\n" + text[side + 1:])
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.write(text)
+    log(f"wrote the section into {args.out}")
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    main()
