@@ -458,8 +458,8 @@
       // A job that has just changed status is asked for at once (a copy that just started,
       // ended or failed), a running one every few seconds, a failed one once.
       const changed = cached && cached.status !== job.status;
-      // No rate yet (a copy that has just started): ask again next round.
-      const noRate = !cached || !(cached.rate_bytes_per_s > 0);
+      // No rate yet for a copy that moves (one that has just started): ask again next round.
+      const noRate = !cached || (!(cached.rate_bytes_per_s > 0) && cached.copy_progress !== job.copy_progress);
       if ((job.status === "replicating" && (due || changed || noRate)) ||
           (ACTIVE.includes(job.status) && (due || changed)) ||
           (job.status === "error" && (!cached || changed))) {
