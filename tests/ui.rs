@@ -154,6 +154,13 @@ fn sign_in_by_keyboard(browser: &Browser, server: &Server, token: &str) {
     browser.press(ENTER);
 }
 
+/// The sentence under the sign-in form, once there is one.
+fn sign_in_error(browser: &Browser) -> String {
+    browser.wait("a sentence under the sign-in form", WAIT, |b| {
+        b.text_at("#sign-in-error").filter(|text| !text.is_empty())
+    })
+}
+
 fn browser() -> Browser {
     Browser::start()
 }
@@ -274,11 +281,7 @@ fn a_wrong_token_shows_the_reference_401_sentence() {
     let f = fixture_with_jobs();
     let browser = browser();
     sign_in_by_keyboard(&browser, &f.server, "not-a-token");
-    let error = browser.wait("the 401 sentence", WAIT, |b| {
-        let text = b.text(&b.one("#sign-in-error"));
-        (!text.is_empty()).then_some(text)
-    });
-    assert_eq!(error, "Authentication required.");
+    assert_eq!(sign_in_error(&browser), "Authentication required.");
     assert!(shown_jobs(&browser).is_empty());
     assert!(browser
         .script("return sessionStorage.getItem('token');", json!([]))
@@ -286,11 +289,7 @@ fn a_wrong_token_shows_the_reference_401_sentence() {
     // By fragment too.
     browser.goto(&f.server.url("/ui#token=wrong"));
     browser.goto(&f.server.url("/ui#token=also-wrong"));
-    let error = browser.wait("the 401 sentence", WAIT, |b| {
-        let text = b.text(&b.one("#sign-in-error"));
-        (!text.is_empty()).then_some(text)
-    });
-    assert_eq!(error, "Authentication required.");
+    assert_eq!(sign_in_error(&browser), "Authentication required.");
     let href = browser.script("return location.href;", json!([]));
     assert_eq!(href, f.server.url("/ui").as_str());
 }

@@ -94,6 +94,15 @@ def spawn(args, **kw):
     return proc
 
 
+def port_from(proc, pattern, what):
+    """The port a process prints on its stdout (a line matching `pattern`)."""
+    for line in proc.stdout:
+        m = re.search(pattern, line)
+        if m:
+            return int(m.group(1))
+    sys.exit(f"ui-pages: {what} did not say its port")
+
+
 def http(method, url, body=None, token=None, timeout=60):
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method)
@@ -156,14 +165,7 @@ class Driver:
     def __init__(self, profile):
         self.proc = spawn(["chromedriver", "--port=0"], stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL, text=True)
-        port = None
-        for line in self.proc.stdout:
-            m = re.search(r"started successfully on port (\d+)", line)
-            if m:
-                port = int(m.group(1))
-                break
-        if port is None:
-            sys.exit("ui-pages: chromedriver did not say its port")
+        port = port_from(self.proc, r"started successfully on port (\d+)", "chromedriver")
         self.base = f"http://127.0.0.1:{port}"
         binary = "/usr/lib/chromium/chromium"
         if not os.path.exists(binary):
@@ -372,14 +374,8 @@ def main():
         server = spawn([binary, "serve", "--no-worker", "--listen", "127.0.0.1:0",
                         "--data-dir", data], stdout=subprocess.PIPE,
                        stderr=open(os.path.join(tmp.name, "server.log"), "w"), text=True)
-        port = None
-        for line in server.stdout:
-            m = re.match(r"image-replicator listening on http://127\.0\.0\.1:(\d+)", line)
-            if m:
-                port = int(m.group(1))
-                break
-        if port is None:
-            sys.exit("ui-pages: the server did not start")
+        port = port_from(server, r"image-replicator listening on http://127\.0\.0\.1:(\d+)",
+                         "the server")
         status, body = http("GET", f"http://127.0.0.1:{port}{JOBS}", token=TOK1)
         if status != 200 or len(json.loads(body)) != 10:
             sys.exit(f"ui-pages: the list answered {status}: {body[:200]!r}")
@@ -409,14 +405,19 @@ def main():
                     log(f"note: {hidden} of {len(handles)} pages report document.hidden")
             time.sleep(3)
 
-        # What the real pages ask for, without wrk: the per-page rate of each route.
+        def per_page(seconds):
+            """Requests a page and second by route, over `seconds` without wrk."""
+            c0, t0 = route_counts(port), time.time()
+            time.sleep(seconds)
+            c1, elapsed = route_counts(port), time.time() - t0
+            rates = {route: (c1.get(route, 0) - c0.get(route, 0)) / elapsed / args.pages
+                     for route in c1 if c1.get(route, 0) != c0.get(route, 0)}
+            rates.pop("/metrics", None)
+            return rates
+
+        # What the real pages ask for, without wrk.
         pages(True)
-        c0, t0 = route_counts(port), time.time()
-        time.sleep(max(10, args.duration))
-        c1, elapsed = route_counts(port), time.time() - t0
-        calibration = {route: (c1.get(route, 0) - c0.get(route, 0)) / elapsed / args.pages
-                       for route in c1 if c1.get(route, 0) != c0.get(route, 0)}
-        calibration.pop("/metrics", None)
+        calibration = per_page(max(10, args.duration))
         log(f"real pages, per page and second: {calibration}")
 
         class Browser:
@@ -452,13 +453,8 @@ def main():
                 if self.replay:
                     self.replay.__exit__(*exc)
 
-        c0, t0 = route_counts(port), time.time()
         with Replay(port, page_tokens, running):
-            time.sleep(max(10, args.duration))
-        c1, elapsed = route_counts(port), time.time() - t0
-        replayed = {route: (c1.get(route, 0) - c0.get(route, 0)) / elapsed / args.pages
-                    for route in c1 if c1.get(route, 0) != c0.get(route, 0)}
-        replayed.pop("/metrics", None)
+            replayed = per_page(max(10, args.duration))
         log(f"replayed pages, per page and second: {replayed}")
         for rep in range(1, args.reps + 1):
             run_pair("replay", replay_runs, rep, port, server, profile, args.duration, Replayed)
