@@ -133,10 +133,12 @@ impl Service {
                         dir: self.data_dir.join(rest),
                     };
                 }
-            }
-            if let Ok(images) = self.stores.get(&region) {
-                if let Err(e) = images.prepare() {
-                    tracing::warn!(region = %region.id, "cannot prepare the region's store: {e}");
+                // Its directory exists for the files to be copied into; Glance and peer
+                // regions are not contacted.
+                if let Ok(images) = self.stores.get(&region) {
+                    if let Err(e) = images.prepare() {
+                        tracing::warn!(region = %region.id, "cannot create the region's directory: {e}");
+                    }
                 }
             }
             store.insert_region(&region)?;

@@ -739,6 +739,11 @@ pub struct JobStory {
     /// The job that retried this one.
     #[serde(default)]
     pub retried_by: Option<Uuid>,
+    /// A job that ended in `error` after transient failures: its partial destination image
+    /// (still `saving`, where the appliance keeps its record), kept for a retry to resume
+    /// from, until a retry takes it over or a purge removes it.
+    #[serde(default)]
+    pub kept_destination: Option<Uuid>,
 }
 
 /// The body of `GET …/jobs/{job_id}/detail`: the job object's ten keys unchanged, then the
@@ -808,6 +813,33 @@ pub enum Step {
     Fail(String),
     /// It ended already: only its queue entry is left.
     Forget,
+}
+
+impl Job {
+    /// A new job of the API (or a retry): `wire` as given, enqueued for the worker, nothing
+    /// copied yet.
+    pub fn new_queued(wire: JobWire, seq: u64, at: u64, bytes_total: u64) -> Job {
+        Job {
+            wire,
+            seq,
+            created_at: at,
+            updated_at: at,
+            bytes_copied: 0,
+            bytes_total,
+            error: None,
+            seeded: false,
+            enqueued: true,
+            created_destination: None,
+            bytes_verified: 0,
+            source_bytes_read: 0,
+            resumes: 0,
+            reading: false,
+            bytes_reused: 0,
+            bytes_fetched: 0,
+            bytes_on_wire: 0,
+            story: JobStory::default(),
+        }
+    }
 }
 
 /// The job's life cycle, each rule once. Every function is pure: it changes the record (and
@@ -1064,37 +1096,19 @@ mod job_transitions {
     use super::*;
 
     fn job(status: JobStatus) -> Job {
-        Job {
-            wire: JobWire {
-                copy_progress: 0,
-                destination_image_id: None,
-                destination_region_id: "ot2".into(),
-                destination_tenant_id: "91b5c7c09cbd45caa3c146fd67ae471e".into(),
-                job_id: Uuid::new_v4(),
-                source_image_id: Uuid::new_v4(),
-                source_image_name: "cirros".into(),
-                source_region_id: "ot1".into(),
-                source_tenant_id: "236ae314ef6944f4ab98fa7519e54325".into(),
-                status,
-            },
-            seq: 1,
-            created_at: 0,
-            updated_at: 0,
-            bytes_copied: 0,
-            bytes_total: 0,
-            error: None,
-            seeded: false,
-            enqueued: true,
-            created_destination: None,
-            bytes_verified: 0,
-            source_bytes_read: 0,
-            resumes: 0,
-            reading: false,
-            bytes_reused: 0,
-            bytes_fetched: 0,
-            bytes_on_wire: 0,
-            story: JobStory::default(),
-        }
+        let wire = JobWire {
+            copy_progress: 0,
+            destination_image_id: None,
+            destination_region_id: "ot2".into(),
+            destination_tenant_id: "91b5c7c09cbd45caa3c146fd67ae471e".into(),
+            job_id: Uuid::new_v4(),
+            source_image_id: Uuid::new_v4(),
+            source_image_name: "cirros".into(),
+            source_region_id: "ot1".into(),
+            source_tenant_id: "236ae314ef6944f4ab98fa7519e54325".into(),
+            status,
+        };
+        Job::new_queued(wire, 1, 0, 0)
     }
 
     #[test]

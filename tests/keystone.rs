@@ -147,6 +147,35 @@ fn an_unregistered_project_a_bogus_and_an_expired_token_get_the_reference_401() 
 }
 
 #[test]
+fn a_keystone_tokens_401_logs_its_cause_never_the_token() {
+    let c = cloud(&[]);
+    let server = c.serve(&[]);
+    let unregistered = c.os.user_token("service");
+    let bogus = format!("gAAAAAB{}", "y".repeat(170));
+    let alpha_only = c.os.user_token("alpha");
+    let body = serde_json::json!({"image_id": c.image, "tenant_id_dst": c.beta}).to_string();
+    for (resp, token, cause) in [
+        (
+            server.get(JOBS, Some(&unregistered)),
+            &unregistered,
+            "project is not a tenant of this appliance",
+        ),
+        (
+            server.get(JOBS, Some(&bogus)),
+            &bogus,
+            "Keystone does not accept it",
+        ),
+        (
+            server.post(Some(&alpha_only), &body),
+            &alpha_only,
+            "not a member of the destination tenant",
+        ),
+    ] {
+        assert_401_logged(&server, resp, cause, token);
+    }
+}
+
+#[test]
 fn fifty_requests_with_one_token_make_one_keystone_validation() {
     let c = cloud(&[]);
     let server = c.serve(&[]);

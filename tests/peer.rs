@@ -478,6 +478,78 @@ fn a_copy_from_a_peer_that_restarts_mid_copy_goes_on_without_fetching_a_verified
 }
 
 #[test]
+fn a_retry_of_a_pull_that_gave_up_on_a_cut_link_goes_on_from_its_verified_part() {
+    let central = central();
+    let image = image_bytes(13, 320);
+    let id = import(&central.lab, TENANT_A, "big", &image);
+    let proxy = Proxy::start(&central.server.addr());
+    // A thin link (1 MiB/s each way): the copy takes several seconds.
+    proxy.limit(1 << 20);
+    let mut edge = edge(&proxy.url(), &central.admin, &[]);
+    let job = edge.server.copy_ok(&edge.for_a, &id, TENANT_B);
+    edge.server
+        .wait_job(&edge.for_a, &job, Duration::from_secs(30), |j| {
+            j["copy_progress"].as_u64().unwrap_or(0) >= 20
+        });
+    // The link stays down until every attempt has failed: the job ends in error, and keeps
+    // the part of the image its destination verified.
+    proxy.cut();
+    let cut = std::time::Instant::now();
+    let failed = wait_terminal(&edge.lab, &job, Duration::from_secs(120));
+    let gave_up = cut.elapsed();
+    assert_eq!(failed["status"], "error", "{failed}");
+    let reason = failed["error"].as_str().expect("reason");
+    assert!(reason.contains("gave up after 4 attempts"), "{reason}");
+    let kept = failed["kept_destination"]
+        .as_str()
+        .expect("a kept partial image")
+        .to_string();
+    proxy.restore();
+    // A restart keeps the partial image too (the start-up sweep leaves it alone).
+    assert!(edge.server.stop());
+    edge.server = edge.lab.serve_with(&[]);
+    assert_eq!(
+        edge.lab.ok_json(&["image", "show", &kept])["status"],
+        "saving"
+    );
+    let resp = edge
+        .server
+        .client
+        .post(edge.server.url(&format!("{JOBS}/{job}/retry")))
+        .header("X-Auth-Token", &edge.for_a)
+        .send()
+        .expect("retry");
+    assert_eq!(resp.status(), 202);
+    let new: Value = resp.json().expect("the new job");
+    let new_id = new["job_id"].as_str().expect("id");
+    let done = wait_terminal(&edge.lab, new_id, Duration::from_secs(90));
+    assert_eq!(done["status"], "replicated", "{}", edge.server.log_text());
+    assert_eq!(done["destination_image_id"], kept.as_str());
+    assert_eq!((field(&done, "retries"), field(&done, "resumes")), (1, 1));
+    assert_eq!(
+        std::fs::read(image_file(&edge.lab, "edge", &kept)).expect("copy"),
+        image
+    );
+    let fetched = field(&done, "bytes_fetched");
+    assert!(
+        fetched < data_bytes(&image) * 3 / 4,
+        "the retry fetched {fetched} of {} bytes of data",
+        data_bytes(&image)
+    );
+    figures(
+        "a_retry_of_a_pull_that_gave_up_on_a_cut_link_goes_on_from_its_verified_part",
+        &[
+            ("data_bytes", data_bytes(&image).to_string()),
+            ("fetched_by_the_retry", fetched.to_string()),
+            (
+                "seconds_from_cut_to_error",
+                format!("{:.1}", gave_up.as_secs_f64()),
+            ),
+        ],
+    );
+}
+
+#[test]
 fn a_copy_into_a_peer_that_restarts_mid_upload_goes_on_and_sends_little_twice() {
     let mut central = central();
     let image = image_bytes(21, 800);

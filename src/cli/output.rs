@@ -99,6 +99,10 @@ fn job_fields(j: &Job) -> String {
             "retried_by",
             or_dash(j.story.retried_by.map(|i| i.to_string())),
         ),
+        (
+            "kept_destination",
+            or_dash(j.story.kept_destination.map(|i| i.to_string())),
+        ),
     ];
     fields(&pairs)
 }

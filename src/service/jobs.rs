@@ -81,26 +81,9 @@ impl Service {
         let created = now();
         let mut records = Vec::with_capacity(jobs.len());
         for (key, wire) in jobs {
-            let job = Job {
-                seq: self.store.next_seq()?,
-                created_at: created,
-                updated_at: created,
-                bytes_copied: 0,
-                bytes_total: 0,
-                error: None,
-                seeded: true,
-                enqueued: enqueue,
-                created_destination: None,
-                bytes_verified: 0,
-                source_bytes_read: 0,
-                resumes: 0,
-                reading: false,
-                bytes_reused: 0,
-                bytes_fetched: 0,
-                bytes_on_wire: 0,
-                story: Default::default(),
-                wire,
-            };
+            let mut job = Job::new_queued(wire, self.store.next_seq()?, created, 0);
+            job.seeded = true;
+            job.enqueued = enqueue;
             records.push((key, job));
         }
         let inserted = self.store.insert_jobs(&records)?;
@@ -330,38 +313,19 @@ impl Service {
         self.check_store_room()?;
         self.check_quotas(owner, dst_key, &dst_tenant, &image)?;
         let device = self.check_room(&dst_region, &image)?;
-        let created = now();
-        let job = Job {
-            wire: JobWire {
-                copy_progress: 0,
-                destination_image_id: None,
-                destination_region_id: dst_region.id,
-                destination_tenant_id: dst_tenant.id,
-                job_id: Uuid::new_v4(),
-                source_image_id: image.id,
-                source_image_name: image.name,
-                source_region_id: src_region.id,
-                source_tenant_id: image.owner,
-                status: JobStatus::ReplicateRequested,
-            },
-            seq: self.store.next_seq()?,
-            created_at: created,
-            updated_at: created,
-            bytes_copied: 0,
-            bytes_total: image.size,
-            error: None,
-            seeded: false,
-            enqueued: true,
-            created_destination: None,
-            bytes_verified: 0,
-            source_bytes_read: 0,
-            resumes: 0,
-            reading: false,
-            bytes_reused: 0,
-            bytes_fetched: 0,
-            bytes_on_wire: 0,
-            story: Default::default(),
+        let wire = JobWire {
+            copy_progress: 0,
+            destination_image_id: None,
+            destination_region_id: dst_region.id,
+            destination_tenant_id: dst_tenant.id,
+            job_id: Uuid::new_v4(),
+            source_image_id: image.id,
+            source_image_name: image.name,
+            source_region_id: src_region.id,
+            source_tenant_id: image.owner,
+            status: JobStatus::ReplicateRequested,
         };
+        let job = Job::new_queued(wire, self.store.next_seq()?, now(), image.size);
         self.store.insert_jobs(&[(owner, job.clone())])?;
         if let Some(device) = device {
             self.space.promise(job.wire.job_id, device, job.bytes_total);

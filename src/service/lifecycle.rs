@@ -53,7 +53,8 @@ impl Service {
     /// which must be `error` or `canceled` (409 otherwise) and visible to `who` (`None`: the
     /// admin CLI). It passes the checks of a new copy request (room, quotas), and its
     /// `retries` is the old job's plus one. The old job names it (`retried_by`): a job is
-    /// retried once; retry the new one next.
+    /// retried once; retry the new one next. A partial destination image the old job kept
+    /// (it gave up after transient failures) is the new job's to continue.
     pub fn retry_job(&self, who: Option<&Principal>, id: &str) -> Result<Job> {
         // From the checks to the insert, one request at a time (two retries of one job, or a
         // retry beside a new copy request, cannot both pass the same check).
@@ -115,42 +116,36 @@ impl Service {
             }
             None => None,
         };
-        let created = now();
-        let job = Job {
-            wire: JobWire {
-                copy_progress: 0,
-                destination_image_id: None,
-                job_id: Uuid::new_v4(),
-                status: JobStatus::ReplicateRequested,
-                ..old.wire.clone()
-            },
-            seq: self.store.next_seq()?,
-            created_at: created,
-            updated_at: created,
-            bytes_copied: 0,
-            bytes_total: image.as_ref().map_or(old.bytes_total, |i| i.size),
-            error: None,
-            seeded: false,
-            enqueued: true,
-            created_destination: None,
-            bytes_verified: 0,
-            source_bytes_read: 0,
-            resumes: 0,
-            reading: false,
-            bytes_reused: 0,
-            bytes_fetched: 0,
-            bytes_on_wire: 0,
-            story: JobStory {
-                retries: old.story.retries.saturating_add(1),
-                retry_of: Some(old_id),
-                ..JobStory::default()
-            },
+        let wire = JobWire {
+            copy_progress: 0,
+            destination_image_id: None,
+            job_id: Uuid::new_v4(),
+            status: JobStatus::ReplicateRequested,
+            ..old.wire.clone()
+        };
+        let bytes_total = image.as_ref().map_or(old.bytes_total, |i| i.size);
+        let mut job = Job::new_queued(wire, self.store.next_seq()?, now(), bytes_total);
+        // The partial image the failed job kept: the new job continues it, from what it
+        // holds verified (the copy checks it chunk by chunk before going on).
+        job.created_destination = match old.story.kept_destination {
+            Some(kept) => self
+                .store
+                .image(kept)?
+                .filter(|i| i.status == ImageStatus::Saving && i.region == dst_region.id)
+                .map(|i| i.id),
+            None => None,
+        };
+        job.story = JobStory {
+            retries: old.story.retries.saturating_add(1),
+            retry_of: Some(old_id),
+            ..JobStory::default()
         };
         let new_id = job.wire.job_id;
         // The old job names its retry first: a crash before the insert leaves it naming a job
         // that does not exist, which does not stop the next retry.
         self.store.update_job(old_id, &|j| {
             j.story.retried_by = Some(new_id);
+            j.story.kept_destination = None;
             Ok(crate::store::ImageChange::None)
         })?;
         self.store.insert_jobs(&[(owner, job.clone())])?;
@@ -170,12 +165,21 @@ impl Service {
     pub fn purge_jobs(&self, rule: &PurgeRule) -> Result<usize> {
         rule.check()?;
         let at = now();
-        let doomed: Vec<Uuid> = self
+        let mut doomed = Vec::new();
+        for job in self
             .store
             .jobs(&JobQuery::all(None), &|j| rule.takes(j, at))?
-            .into_iter()
-            .map(|j| j.wire.job_id)
-            .collect();
+        {
+            // A partial image kept for a retry goes first; if it cannot, the job stays for
+            // the next purge.
+            if let Some(kept) = job.story.kept_destination {
+                if let Err(e) = self.remove_kept(kept) {
+                    tracing::warn!(job = %job.wire.job_id, image = %kept, "cannot remove the partial image kept for a retry; the job is purged later: {e}");
+                    continue;
+                }
+            }
+            doomed.push(job.wire.job_id);
+        }
         let mut purged = 0;
         for batch in doomed.chunks(PURGE_BATCH) {
             purged += self.store.remove_jobs(batch, &|j| rule.takes(j, at))?.len();
@@ -189,6 +193,22 @@ impl Service {
             );
         }
         Ok(purged)
+    }
+
+    /// Removes a partial destination image a failed job kept: its bytes, then its record.
+    fn remove_kept(&self, id: Uuid) -> Result<()> {
+        let Some(image) = self.store.image(id)? else {
+            return Ok(());
+        };
+        if let Some(region) = self.store.region(&image.region)? {
+            self.images_of(&region)?
+                .remove(id)
+                .map_err(|e| ServiceError::internal("cannot remove the partial image", e))?;
+        }
+        if let Some(owner) = TenantKey::parse(&image.owner) {
+            self.store.remove_image(owner, id)?;
+        }
+        Ok(())
     }
 }
 
@@ -204,6 +224,48 @@ mod tests {
         let mut job: Job = serde_json::from_str(&text).expect("job");
         job.story.finished_at = finished_at;
         job
+    }
+
+    #[test]
+    fn a_purge_removes_the_partial_image_a_failed_job_kept_with_the_job() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = crate::store::open(&dir.path().join("data")).expect("store");
+        let svc = Service::new(store, dir.path().join("data"));
+        let region = svc.region_add("ot2", None, None).expect("region");
+        let tenant = "91b5c7c09cbd45caa3c146fd67ae471e";
+        svc.tenant_add_with_quotas(tenant, "ot2", None, None, None)
+            .expect("tenant");
+        let kept = Uuid::new_v4();
+        let image: crate::model::Image = serde_json::from_value(serde_json::json!({
+            "id": kept, "name": "part", "owner": tenant, "region": "ot2", "status": "saving",
+            "disk_format": "raw", "container_format": "bare", "size": 0, "checksum": null,
+            "os_hash_algo": null, "os_hash_value": null,
+            "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z"
+        }))
+        .expect("image");
+        let key = TenantKey::parse(tenant).expect("key");
+        svc.store.insert_image(key, &image).expect("insert image");
+        let crate::model::RegionKind::Directory { dir: ot2 } = &region.kind else {
+            panic!("a directory region");
+        };
+        let part = ot2.join(format!(".{kept}.part"));
+        std::fs::write(&part, b"verified bytes").expect("partial file");
+        let mut failed = job(JobStatus::Error, 0, Some(1));
+        failed.story.kept_destination = Some(kept);
+        let owner = TenantKey::parse(&failed.wire.source_tenant_id).expect("owner");
+        svc.store
+            .insert_jobs(&[(owner, failed.clone())])
+            .expect("job");
+        let rule = PurgeRule {
+            older_than_secs: 1,
+            statuses: vec![],
+        };
+        assert_eq!(svc.purge_jobs(&rule).expect("purge"), 1);
+        assert_eq!(svc.store.job(failed.wire.job_id).expect("job"), None);
+        assert_eq!(svc.store.image(kept).expect("image"), None);
+        assert!(!part.exists(), "the partial file is gone");
+        // The tenant is free to go.
+        svc.tenant_remove(tenant).expect("tenant remove");
     }
 
     #[test]

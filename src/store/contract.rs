@@ -85,37 +85,19 @@ fn token(user: &str, lookup: &[u8]) -> TokenRecord {
 }
 
 fn job(store: &dyn Repo, source: &str, status: JobStatus) -> (TenantKey, Job) {
-    let job = Job {
-        wire: JobWire {
-            copy_progress: 0,
-            destination_image_id: None,
-            destination_region_id: "ot2".into(),
-            destination_tenant_id: B.into(),
-            job_id: Uuid::new_v4(),
-            source_image_id: Uuid::new_v4(),
-            source_image_name: "cirros".into(),
-            source_region_id: "ot1".into(),
-            source_tenant_id: source.into(),
-            status,
-        },
-        seq: store.next_seq().expect("seq"),
-        created_at: 1,
-        updated_at: 1,
-        bytes_copied: 0,
-        bytes_total: 10,
-        error: None,
-        seeded: false,
-        enqueued: true,
-        created_destination: None,
-        bytes_verified: 0,
-        source_bytes_read: 0,
-        resumes: 0,
-        reading: false,
-        bytes_reused: 0,
-        bytes_fetched: 0,
-        bytes_on_wire: 0,
-        story: Default::default(),
+    let wire = JobWire {
+        copy_progress: 0,
+        destination_image_id: None,
+        destination_region_id: "ot2".into(),
+        destination_tenant_id: B.into(),
+        job_id: Uuid::new_v4(),
+        source_image_id: Uuid::new_v4(),
+        source_image_name: "cirros".into(),
+        source_region_id: "ot1".into(),
+        source_tenant_id: source.into(),
+        status,
     };
+    let job = Job::new_queued(wire, store.next_seq().expect("seq"), 1, 10);
     (key(source), job)
 }
 

@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use super::{recovery::conclude, Ctx};
+use super::{
+    recovery::{conclude, conclude_keeping},
+    Ctx,
+};
 use crate::copy::{Control, Copied, Plan, Progress, Source, Stop, CHUNK};
 use crate::error::{Result, ServiceError};
 use crate::manifest::{self, Entry, Manifest, CHUNK_SIZE};
@@ -86,10 +89,11 @@ pub(super) fn replicate(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> Result<()> 
             Err(Failure::Transient(reason)) => reason,
         };
         if attempt == ATTEMPTS {
-            return conclude(
+            // What the destination verified stays for a retry (`job retry`).
+            return conclude_keeping(
                 ctx,
                 id,
-                Some(format!("{reason} (gave up after {ATTEMPTS} attempts)")),
+                format!("{reason} (gave up after {ATTEMPTS} attempts)"),
             );
         }
         tracing::warn!(job = %id, attempt, "copy failed, retrying in {backoff:?}: {}", escape(&reason));

@@ -26,6 +26,11 @@ pub fn recover(parts: &Parts) -> Result<()> {
             destinations.extend(job.created_destination);
         }
     }
+    // So do the partial images failed jobs keep for a retry.
+    let kept = store.jobs(&crate::store::JobQuery::all(None), &|j| {
+        j.story.kept_destination.is_some()
+    })?;
+    destinations.extend(kept.iter().filter_map(|j| j.story.kept_destination));
     // So do the partial files of peer uploads: their senders go on with them.
     let uploads = store.images(None)?.into_iter();
     destinations.extend(
@@ -97,6 +102,46 @@ pub(super) fn conclude(ctx: &Ctx, id: Uuid, error: Option<String>) -> Result<()>
         }
     }
     Ok(())
+}
+
+/// Ends a job in `error` after transient failures, keeping the verified part its destination
+/// holds for a retry: where the appliance keeps the destination's record (a directory
+/// region) and a checkpoint verified some of it, the partial image stays `saving` and the job
+/// names it (`kept_destination`); a retry continues it, a purge removes it. Otherwise, or if a
+/// cancel came meanwhile, as [`conclude`].
+pub(super) fn conclude_keeping(ctx: &Ctx, id: Uuid, reason: String) -> Result<()> {
+    let store = &ctx.parts.store;
+    let Some(job) = store.job(id)? else {
+        return Ok(());
+    };
+    let kept = match job.created_destination {
+        Some(dst) if job.bytes_verified > 0 => store.image(dst)?.filter(|i| {
+            i.status == ImageStatus::Saving && i.region == job.wire.destination_region_id
+        }),
+        _ => None,
+    };
+    let Some(kept) = kept else {
+        return conclude(ctx, id, Some(reason));
+    };
+    let ended = store.update_job(id, &|job| {
+        if job.wire.status.is_terminal() || job.cancel_asked() {
+            return Ok(ImageChange::None);
+        }
+        let at = now();
+        job.begin_ending(Some(reason.clone()), at);
+        job.end(at);
+        job.story.kept_destination = Some(kept.id);
+        Ok(ImageChange::None)
+    })?;
+    store.flush()?;
+    match ended {
+        Some(job) if job.story.kept_destination == Some(kept.id) => {
+            tracing::warn!(job = %id, reason = %escape(&reason), kept = %kept.id, "job failed; its verified part is kept for a retry");
+            Ok(())
+        }
+        Some(job) if !job.wire.status.is_terminal() => conclude(ctx, id, Some(reason)),
+        _ => Ok(()),
+    }
 }
 
 /// Removes a job's destination image from its region; the record change that goes with the

@@ -585,6 +585,41 @@ pub fn auth_stats(lab: &Lab) -> Value {
     lab.ok_json(&["status"])["auth"].clone()
 }
 
+/// The `X-Openstack-Request-Id` of a response.
+pub fn request_id(resp: &Response) -> String {
+    resp.headers()["x-openstack-request-id"]
+        .to_str()
+        .expect("request id")
+        .to_string()
+}
+
+/// Asserts the reference 401, a line of the server's log with its request id that names
+/// `cause`, and no trace of `token` in the log.
+pub fn assert_401_logged(server: &Server, resp: Response, cause: &str, token: &str) {
+    let id = request_id(&resp);
+    assert_401(resp);
+    let lines = log_lines_of(server, &id);
+    assert!(
+        lines.iter().any(|l| l.contains(cause)),
+        "{cause}: {lines:?}"
+    );
+    assert!(!server.log_text().contains(token), "a token is in the log");
+}
+
+/// The server log's lines that name `request_id`, once there are at least two (the request's
+/// own line and one more, such as a 401's cause).
+pub fn log_lines_of(server: &Server, request_id: &str) -> Vec<String> {
+    poll("the request's log lines", Duration::from_secs(5), || {
+        let lines: Vec<String> = server
+            .log_text()
+            .lines()
+            .filter(|l| l.contains(request_id))
+            .map(String::from)
+            .collect();
+        (lines.len() >= 2).then_some(lines)
+    })
+}
+
 /// The lines of a server log that report a panic.
 pub fn log_panics(log: &str) -> Vec<String> {
     log.lines()
