@@ -77,6 +77,7 @@ fn build(svc: &Service) -> Result<()> {
             name: name.to_string(),
             disk_format: Some("raw".into()),
             container_format: "bare".into(),
+            meta: Default::default(),
             id: Uuid::try_parse(id).ok(),
         });
         let _ = std::fs::remove_file(&file);

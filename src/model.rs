@@ -438,6 +438,28 @@ pub struct Image {
     pub meta: ImageMeta,
 }
 
+impl Image {
+    /// A new record without data (`queued`), without a name or formats, made at `at`.
+    pub fn queued(id: Uuid, owner: &str, region: &str, at: u64) -> Image {
+        Image {
+            id,
+            name: String::new(),
+            owner: owner.to_string(),
+            region: region.to_string(),
+            status: ImageStatus::Queued,
+            disk_format: String::new(),
+            container_format: String::new(),
+            size: 0,
+            checksum: None,
+            os_hash_algo: None,
+            os_hash_value: None,
+            created_at: at,
+            updated_at: at,
+            meta: ImageMeta::default(),
+        }
+    }
+}
+
 /// Who may see an image besides its owner (Glance's `visibility`).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]

@@ -258,6 +258,7 @@ mod tests {
                     name: "cirros".into(),
                     disk_format: Some("raw".into()),
                     container_format: "bare".into(),
+                    meta: Default::default(),
                     id: None,
                 })
                 .expect("import")

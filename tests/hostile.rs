@@ -784,7 +784,7 @@ fn corpus(f: &Fixture, made: &Jobs) -> Vec<Case> {
     let encoded_slash = format!("{JOBS}%2f{}", made.job);
     for path in [
         "*",
-        "/",
+        "/v3/",
         "//v2/extension/image_replicator/jobs",
         &format!("{JOBS}/"),
         &format!("{JOBS}//"),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{assert_error, poll, Lab, Server, TENANT_A, TENANT_B, TENANT_C};
 use md5::{Digest, Md5};
-use reqwest::blocking::{Client, RequestBuilder, Response};
+use reqwest::blocking::{RequestBuilder, Response};
 use serde_json::{json, Value};
 
 const PATCH: &str = "application/openstack-images-v2.1-json-patch";
@@ -22,7 +22,6 @@ struct Api {
     carol: String,
     bob: String,
     root: String,
-    http: Client,
 }
 
 impl Api {
@@ -46,15 +45,12 @@ impl Api {
             carol,
             bob,
             root,
-            http: Client::builder()
-                .timeout(Duration::from_secs(120))
-                .build()
-                .expect("client"),
         }
     }
 
     fn req(&self, method: reqwest::Method, path: &str, token: &str) -> RequestBuilder {
-        self.http
+        self.server
+            .client
             .request(method, self.server.url(path))
             .header("X-Auth-Token", token)
     }
@@ -152,7 +148,8 @@ fn version_documents_answer_300_at_the_root_and_200_at_versions_without_a_token(
     let api = Api::new();
     for (path, status) in [("/", 300), ("/versions", 200)] {
         let resp = api
-            .http
+            .server
+            .client
             .get(api.server.url(path))
             .header("host", "images.example:9292")
             .send()
@@ -177,7 +174,8 @@ fn version_documents_answer_300_at_the_root_and_200_at_versions_without_a_token(
     }
     // A proxy that terminates TLS says so, and the links follow.
     let doc: Value = api
-        .http
+        .server
+        .client
         .get(api.server.url("/versions"))
         .header("x-forwarded-proto", "https")
         .send()
@@ -553,7 +551,8 @@ fn tenants_see_their_own_images_public_ones_and_community_ones_by_id() {
     }
     // Without a token: 401, as every route but the version documents and schemas.
     common::assert_401(
-        api.http
+        api.server
+            .client
             .get(api.server.url("/v2/images"))
             .send()
             .expect("GET"),
@@ -855,7 +854,8 @@ fn source_now(api: &Api, id: &str) -> Value {
 fn the_schemas_describe_glances_image_fields() {
     let api = Api::new();
     let image: Value = api
-        .http
+        .server
+        .client
         .get(api.server.url("/v2/schemas/image"))
         .send()
         .expect("GET")
@@ -884,7 +884,8 @@ fn the_schemas_describe_glances_image_fields() {
         .expect("enum")
         .contains(&json!("qcow2")));
     let images: Value = api
-        .http
+        .server
+        .client
         .get(api.server.url("/v2/schemas/images"))
         .send()
         .expect("GET")
@@ -928,4 +929,224 @@ fn import_records_the_format_its_bytes_show_and_refuses_one_they_contradict() {
         .trim()
         .to_string();
     assert_eq!(lab.ok_json(&["image", "show", &id])["disk_format"], "iso");
+    // The images API's fields can be given at import.
+    let id = lab
+        .ok(&common::import_args(
+            iso.to_str().expect("path"),
+            TENANT_A,
+            "with fields",
+            &[
+                "--property",
+                "hw_disk_bus=scsi",
+                "--property",
+                "os_distro=debian",
+                "--visibility",
+                "public",
+                "--protected",
+            ],
+        ))
+        .trim()
+        .to_string();
+    let shown = lab.ok_json(&["image", "show", &id]);
+    assert_eq!(
+        shown["properties"],
+        json!({"hw_disk_bus": "scsi", "os_distro": "debian"})
+    );
+    assert_eq!(shown["visibility"], "public");
+    assert_eq!(shown["protected"], true);
+    let refusal = lab.fails(&common::import_args(
+        iso.to_str().expect("path"),
+        TENANT_A,
+        "bad",
+        &["--property", "status=active"],
+    ));
+    assert!(refusal.contains("not a property"), "{refusal}");
+}
+
+#[test]
+fn a_tenant_of_a_glance_region_is_sent_to_its_own_glance() {
+    const TENANT_G: &str = "0e6f3a1d2c4b4a59b8e7d6c5b4a39281";
+    let api = Api::with(&["--no-worker"], |lab| {
+        lab.ok(&["region", "add", "g1", "--glance-url", "http://127.0.0.1:9"]);
+        lab.ok(&["tenant", "add", TENANT_G, "--region", "g1"]);
+        lab.ok(&["user", "add", "gina", "--tenant", TENANT_G]);
+    });
+    let gina = api.lab.token("gina", TENANT_G);
+    for resp in [
+        api.get("/v2/images", &gina),
+        api.create(&gina, raw("x")),
+        api.get("/v2/images/00000000-0000-4000-8000-000000000000", &gina),
+    ] {
+        let sentence = assert_error(resp, 409);
+        assert!(
+            sentence.contains("g1 keeps its own image records")
+                && sentence.contains("http://127.0.0.1:9"),
+            "{sentence}"
+        );
+    }
+    // The version documents answer everyone.
+    assert_eq!(
+        api.server
+            .client
+            .get(api.server.url("/"))
+            .send()
+            .expect("GET")
+            .status(),
+        300
+    );
+}
+
+/// The keys of a JSON object, sorted.
+fn key_set(v: &Value) -> Vec<String> {
+    let mut keys: Vec<String> = v.as_object().expect("object").keys().cloned().collect();
+    keys.sort();
+    keys
+}
+
+#[test]
+fn records_lists_and_version_documents_have_the_keys_of_real_glance() {
+    let os = common::openstack::OpenStack::start(1, false);
+    let glance = os.glance_url(0);
+    let api = Api::new();
+    let body = json!({"name": "k", "disk_format": "raw", "container_format": "bare",
+                      "hw_disk_bus": "scsi", "tags": ["t"]});
+    let theirs: Value = os
+        .http
+        .post(format!("{glance}/v2/images"))
+        .json(&body)
+        .send()
+        .expect("Glance POST")
+        .json()
+        .expect("JSON");
+    let ours = api.created(&api.alice, body);
+    assert_eq!(key_set(&ours), key_set(&theirs), "a queued image");
+    for (key, value) in theirs.as_object().expect("object") {
+        if !["id", "owner", "created_at", "updated_at", "self", "file"].contains(&key.as_str()) {
+            assert_eq!(&ours[key], value, "{key}");
+        }
+    }
+    let data = random_bytes(100_000, 12);
+    let resp = os
+        .http
+        .put(format!("{glance}/v2/images/{}/file", id_of(&theirs)))
+        .header("content-type", "application/octet-stream")
+        .body(data.clone())
+        .send()
+        .expect("Glance PUT");
+    assert_eq!(resp.status(), 204);
+    assert_eq!(api.upload(&api.alice, &id_of(&ours), data).status(), 204);
+    let theirs: Value = os
+        .http
+        .get(format!("{glance}/v2/images/{}", id_of(&theirs)))
+        .send()
+        .expect("GET")
+        .json()
+        .expect("JSON");
+    let ours = api.json(&format!("/v2/images/{}", id_of(&ours)), &api.alice);
+    // Glance names its store (`stores`) even with one; the appliance has no stores to name.
+    let mut their_keys = key_set(&theirs);
+    their_keys.retain(|k| k != "stores");
+    assert_eq!(key_set(&ours), their_keys, "an active image");
+    for key in [
+        "size",
+        "virtual_size",
+        "checksum",
+        "os_hash_algo",
+        "os_hash_value",
+        "status",
+    ] {
+        assert_eq!(ours[key], theirs[key], "{key}");
+    }
+    let list = |url: String, token: Option<&str>| -> Value {
+        let mut req = os.http.get(url);
+        if let Some(t) = token {
+            req = req.header("X-Auth-Token", t);
+        }
+        req.send().expect("GET").json().expect("JSON")
+    };
+    let their_page = list(format!("{glance}/v2/images?limit=1"), None);
+    let our_page = list(api.server.url("/v2/images?limit=1"), Some(&api.alice));
+    assert_eq!(key_set(&our_page), key_set(&their_page), "a page");
+    assert_eq!(our_page["first"], their_page["first"]);
+    let their_doc = list(format!("{glance}/versions"), None);
+    let our_doc = list(api.server.url("/versions"), None);
+    let shape = |doc: &Value, base: &str| doc.to_string().replace(base, "BASE");
+    assert_eq!(
+        shape(&our_doc, &api.server.base),
+        shape(&their_doc, &glance)
+    );
+}
+
+#[test]
+fn properties_travel_from_a_glance_region_into_a_directory_region_and_back() {
+    const TENANT_DIR: &str = "3c4d5e6f708192a3b4c5d6e7f8091a2b";
+    let os = common::openstack::OpenStack::start(1, false);
+    let glance = os.glance_url(0);
+    let lab = Lab::new();
+    lab.ok(&["region", "add", "g0", "--glance-url", &glance]);
+    lab.ok(&["region", "add", "d"]);
+    lab.ok(&["tenant", "add", TENANT_A, "--region", "g0"]);
+    lab.ok(&["tenant", "add", TENANT_DIR, "--region", "d"]);
+    lab.ok(&[
+        "user", "add", "alice", "--tenant", TENANT_A, "--tenant", TENANT_DIR,
+    ]);
+    let token_a = lab.token("alice", TENANT_A);
+    let token_dir = lab.token("alice", TENANT_DIR);
+    let server = lab.serve_with(&[]);
+    let fields =
+        json!({"hw_disk_bus": "scsi", "os_distro": "cirros", "trait:CUSTOM_X": "required"});
+    let mut body = json!({"name": "from glance", "disk_format": "raw", "container_format": "bare",
+                          "owner": TENANT_A, "tags": ["t1"], "min_ram": 256, "min_disk": 1});
+    for (k, v) in fields.as_object().expect("object") {
+        body[k] = v.clone();
+    }
+    let created: Value = os
+        .http
+        .post(format!("{glance}/v2/images"))
+        .json(&body)
+        .send()
+        .expect("Glance POST")
+        .json()
+        .expect("JSON");
+    let source = id_of(&created);
+    let data = random_bytes(1 << 20, 13);
+    let resp = os
+        .http
+        .put(format!("{glance}/v2/images/{source}/file"))
+        .header("content-type", "application/octet-stream")
+        .body(data.clone())
+        .send()
+        .expect("Glance PUT");
+    assert_eq!(resp.status(), 204);
+
+    let carried = |record: &Value| {
+        for (k, v) in fields.as_object().expect("object") {
+            assert_eq!(&record[k], v, "{k} in {record}");
+        }
+        assert_eq!(record["tags"], json!(["t1"]));
+        assert_eq!(record["min_ram"], 256);
+        assert_eq!(record["min_disk"], 1);
+    };
+    let job = server.copy_ok(&token_a, &source, TENANT_DIR);
+    let done = server.wait_job(&token_a, &job, Duration::from_secs(60), common::terminal);
+    assert_eq!(done["status"], "replicated", "{done}");
+    assert_eq!(done["source_image_name"], "from glance");
+    let copy = done["destination_image_id"]
+        .as_str()
+        .expect("destination")
+        .to_string();
+    let resp = server.get(&format!("/v2/images/{copy}"), Some(&token_dir));
+    assert_eq!(resp.status(), 200);
+    let record: Value = resp.json().expect("JSON");
+    carried(&record);
+    assert_eq!(record["owner"], TENANT_DIR);
+
+    // And back into Glance: the create carries them.
+    let job = server.copy_ok(&token_dir, &copy, TENANT_A);
+    let done = server.wait_job(&token_dir, &job, Duration::from_secs(60), common::terminal);
+    assert_eq!(done["status"], "replicated", "{done}");
+    let back = done["destination_image_id"].as_str().expect("destination");
+    let record = os.image(0, None, back).expect("the copy in Glance");
+    carried(&record);
+    assert_eq!(record["status"], "active");
 }

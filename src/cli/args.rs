@@ -237,6 +237,17 @@ impl KeystoneArgs {
 const KEYSTONE_PASSWORD_ENV: &str = "IMAGE_REPLICATOR_KEYSTONE_PASSWORD";
 
 /// A cache lifetime: 0 to one day.
+fn parse_property(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+        _ => Err(format!("'{text}' is not KEY=VALUE")),
+    }
+}
+
+fn parse_visibility(text: &str) -> Result<crate::model::Visibility, String> {
+    text.parse()
+}
+
 fn parse_ttl(text: &str) -> Result<Duration, String> {
     let ttl = if text.trim() == "0" {
         Duration::ZERO
@@ -631,6 +642,16 @@ pub enum ImageCmd {
         /// Use this image id instead of a new one
         #[arg(long)]
         id: Option<uuid::Uuid>,
+        /// A property of the image, as the images API shows it (repeatable)
+        #[arg(long = "property", value_name = "KEY=VALUE", value_parser = parse_property)]
+        properties: Vec<(String, String)>,
+        /// Who may see the image in the images API: public, community, shared (the default)
+        /// or private
+        #[arg(long, value_parser = parse_visibility)]
+        visibility: Option<crate::model::Visibility>,
+        /// Not deletable until unprotected
+        #[arg(long)]
+        protected: bool,
     },
     /// List images
     List {
@@ -825,6 +846,9 @@ pub(super) fn request_for(command: Command) -> Result<(Request, &'static str), S
                 disk_format,
                 container_format,
                 id,
+                properties,
+                visibility,
+                protected,
             } => (
                 Request::ImageImport(ImportRequest {
                     file: absolute(&file)?,
@@ -833,6 +857,12 @@ pub(super) fn request_for(command: Command) -> Result<(Request, &'static str), S
                     disk_format,
                     container_format,
                     id,
+                    meta: crate::model::ImageMeta {
+                        visibility: visibility.unwrap_or_default(),
+                        protected,
+                        properties: properties.into_iter().collect(),
+                        ..Default::default()
+                    },
                 }),
                 "imported",
             ),

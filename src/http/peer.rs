@@ -404,12 +404,13 @@ pub(super) fn file_response(
     let len = if size == 0 { 0 } else { end - start + 1 };
     let response = streamed(move |send| {
         source.skip_to(start)?;
+        let pool = Pool::default();
         let mut left = len;
         while left > 0 {
-            let mut bytes = vec![0u8; left.min(piece as u64) as usize];
+            let mut bytes = pool.take(left.min(piece as u64) as usize);
             source.read_exact(&mut bytes)?;
             left -= bytes.len() as u64;
-            if !send(Bytes::from(bytes)) {
+            if !send(pool.give(bytes)) {
                 return Ok(());
             }
         }
@@ -432,6 +433,55 @@ pub(super) fn file_response(
         }
     }
     response
+}
+
+/// The buffers of one file answer, used again once the connection has sent them: a fresh
+/// buffer for every piece cost a page fault per 4 KiB, a tenth of a download's CPU.
+#[derive(Clone, Default)]
+struct Pool(std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+/// A piece whose buffer goes back to its pool when the connection drops it.
+struct Pooled {
+    buf: Vec<u8>,
+    pool: Pool,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        if let Ok(mut kept) = self.pool.0.lock() {
+            if kept.len() <= PIECES_IN_FLIGHT {
+                kept.push(buf);
+            }
+        }
+    }
+}
+
+impl Pool {
+    /// A buffer of `len` bytes (what it held before is left: the read overwrites it).
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut buf = self
+            .0
+            .lock()
+            .ok()
+            .and_then(|mut kept| kept.pop())
+            .unwrap_or_default();
+        buf.resize(len, 0);
+        buf
+    }
+
+    fn give(&self, buf: Vec<u8>) -> Bytes {
+        Bytes::from_owner(Pooled {
+            buf,
+            pool: self.clone(),
+        })
+    }
 }
 
 fn too_large(limit: usize) -> Failure {
@@ -493,6 +543,35 @@ where
             }
         }
     }
+}
+
+/// Sends the body's pieces to the blocking reader on `tx` ([`BodyReader`]) as [`pieces`]
+/// reads them, and an error after them if the body failed (the reader must not take a body
+/// cut short for a whole one). Once the reader stops (a refusal), the rest of the body is
+/// read and dropped, so that a client still sending gets the answer instead of a reset
+/// connection.
+pub(super) async fn feed(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    tx: &mpsc::Sender<io::Result<Bytes>>,
+) -> Result<(), Failure> {
+    let fed = pieces(headers, body, limit, |piece| {
+        let tx = tx.clone();
+        async move {
+            if !tx.is_closed() {
+                let _ = tx.send(Ok(piece)).await;
+            }
+            true
+        }
+    })
+    .await;
+    if fed.is_err() {
+        let _ = tx
+            .send(Err(io::Error::other("the request body stopped")))
+            .await;
+    }
+    fed
 }
 
 /// `PUT /peer/v1/uploads/{id}`: a new upload (201) or one that goes on (200); the chunks it
@@ -576,24 +655,7 @@ pub(super) fn receive(req: Request, who: Principal) -> Reply {
             };
             svc.upload_receive(&who, &id, &mut input)
         });
-        // Once the reader stops (a refusal), the rest of the body is read and dropped, so that
-        // a client still sending gets the answer instead of a reset connection.
-        let fed = pieces(&req.headers, req.body, req.body_limit, |piece| {
-            let tx = tx.clone();
-            async move {
-                if !tx.is_closed() {
-                    let _ = tx.send(Ok(piece)).await;
-                }
-                true
-            }
-        })
-        .await;
-        if fed.is_err() {
-            // The reader must not take a body cut short for one that ended between frames.
-            let _ = tx
-                .send(Err(io::Error::other("the request body stopped")))
-                .await;
-        }
+        let fed = feed(&req.headers, req.body, req.body_limit, &tx).await;
         drop(tx);
         let done = work
             .await

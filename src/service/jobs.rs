@@ -408,13 +408,7 @@ impl Service {
             }
         }
         if let Some(max) = quota_bytes {
-            let stored: u64 = self
-                .store
-                .images(Some(destination))?
-                .iter()
-                .filter(|i| i.status != ImageStatus::Deleted)
-                .map(|i| i.size)
-                .sum();
+            let stored = self.stored_bytes(destination)?;
             let coming: u64 = queued
                 .iter()
                 .filter(|j| {

@@ -613,13 +613,7 @@ impl Service {
             )?;
         }
         if let Some(max) = tenant.quota_bytes {
-            let held: u64 = self
-                .store
-                .images(Some(key))?
-                .iter()
-                .filter(|i| i.status != ImageStatus::Deleted)
-                .map(|i| i.size)
-                .sum();
+            let held = self.stored_bytes(key)?;
             if held.saturating_add(image.size) > max {
                 return Err(ServiceError::OverQuota(format!(
                     "tenant {} is over its quota of {max} bytes stored: it holds {held}, and image {} needs {} more",

@@ -371,22 +371,17 @@ impl Service {
         if let Some(f) = &new.container_format {
             check_enum("container_format", f, &CONTAINER_FORMATS)?;
         }
-        let at = now();
         let image = Image {
-            id: new.id.unwrap_or_else(Uuid::new_v4),
             name: new.name.unwrap_or_default(),
-            owner: tenant.id.clone(),
-            region: region.id.clone(),
-            status: ImageStatus::Queued,
             disk_format: new.disk_format.unwrap_or_default(),
             container_format: new.container_format.unwrap_or_default(),
-            size: 0,
-            checksum: None,
-            os_hash_algo: None,
-            os_hash_value: None,
-            created_at: at,
-            updated_at: at,
             meta: new.meta,
+            ..Image::queued(
+                new.id.unwrap_or_else(Uuid::new_v4),
+                &tenant.id,
+                &region.id,
+                now(),
+            )
         };
         if self.store.image(image.id)?.is_some() {
             return Err(ServiceError::Conflict(format!(
@@ -745,22 +740,7 @@ impl NewImage {
     /// key with a string value as a property; read-only and reserved keys refused (403).
     pub fn parse(body: &serde_json::Map<String, Value>) -> Result<NewImage> {
         let mut new = NewImage::default();
-        let mut scratch = Image {
-            id: Uuid::nil(),
-            name: String::new(),
-            owner: String::new(),
-            region: String::new(),
-            status: ImageStatus::Queued,
-            disk_format: String::new(),
-            container_format: String::new(),
-            size: 0,
-            checksum: None,
-            os_hash_algo: None,
-            os_hash_value: None,
-            created_at: 0,
-            updated_at: 0,
-            meta: ImageMeta::default(),
-        };
+        let mut scratch = Image::queued(Uuid::nil(), "", "", 0);
         let text = |key: &str, value: &Value| -> Result<Option<String>> {
             match value {
                 Value::Null => Ok(None),

@@ -12,12 +12,11 @@ use std::io::{self, Read};
 
 use super::super::Service;
 use crate::auth::Principal;
-use crate::copy::{Control, Plan, Source};
+use crate::copy::Source;
 use crate::error::{Result, ServiceError};
 use crate::formats::Sniffer;
-use crate::manifest;
 use crate::model::{now, size_text, Image, ImageStatus};
-use crate::regions::{self, TransferError};
+use crate::regions::TransferError;
 
 /// The bytes of an upload as the copy engine reads them, checked on the way.
 pub struct UploadSource<'a> {
@@ -152,37 +151,12 @@ impl Service {
             limit,
             refusal: None,
         };
-        let mut control = Control {
-            stop: &|| None,
-            progress: &mut |_| {},
-            checkpoint: &mut |_, _| {},
-            limiter: None,
-        };
-        // The image is its own source: nothing to verify against, both hashes computed.
-        let written = images
-            .create(&image, &image, &|| false)
-            .map_err(TransferError::Failed)
-            .and_then(|sink| {
-                let plan = Plan::whole(sink.hashes());
-                regions::transfer(&mut source, sink, plan, &mut control, &|_| Ok(()))
-            });
+        let written = self.write_whole(&*images, &mut image, &mut source, |source, image| {
+            image.meta.virtual_size = virtual_size(&image.disk_format, source, image.size);
+        })?;
         let refusal = source.refusal.take();
         match written {
-            Ok((written, copied)) => {
-                let made =
-                    manifest::complete(written.size, written.os_hash_value.clone(), copied.chunks);
-                self.store.put_manifest(image.id, &made.encode())?;
-                image.meta.virtual_size = virtual_size(&image.disk_format, &source, written.size);
-                image.status = ImageStatus::Active;
-                image.size = written.size;
-                image.checksum = written.checksum;
-                image.os_hash_algo = written.os_hash_algo;
-                image.os_hash_value = written.os_hash_value;
-                image.updated_at = now();
-                self.store.update_image(&image)?;
-                self.flush()?;
-                Ok(image)
-            }
+            Ok(()) => Ok(image),
             Err(e) => {
                 // Nothing of it stays: the image is queued again, without data.
                 let _ = images.remove(image.id);
@@ -217,13 +191,7 @@ impl Service {
         };
         let key = super::super::parse_tenant(&image.owner)?;
         if let Some(max) = self.store.tenant(key)?.and_then(|t| t.quota_bytes) {
-            let held: u64 = self
-                .store
-                .images(Some(key))?
-                .iter()
-                .filter(|i| i.status != ImageStatus::Deleted)
-                .map(|i| i.size)
-                .sum();
+            let held = self.stored_bytes(key)?;
             let left = max.saturating_sub(held);
             tighter(
                 left,

@@ -18,6 +18,7 @@ use crate::error::{Result, ServiceError};
 use crate::manifest;
 use crate::model::{now, Image, ImageStatus, Region, TenantKey, CONTAINER_FORMATS, DISK_FORMATS};
 use crate::regions;
+use crate::regions::ImageStore;
 use crate::store::JobQuery;
 
 /// `image import`'s arguments.
@@ -32,6 +33,9 @@ pub struct ImportRequest {
     pub disk_format: Option<String>,
     pub container_format: String,
     pub id: Option<Uuid>,
+    /// `--property`, `--visibility`, `--protected`.
+    #[serde(default)]
+    pub meta: crate::model::ImageMeta,
 }
 
 impl Service {
@@ -48,6 +52,13 @@ impl Service {
             return Err(ServiceError::BadRequest(
                 "an image name must be 1 to 255 characters".into(),
             ));
+        }
+        for key in req.meta.properties.keys() {
+            if !crate::model::is_user_property(key) {
+                return Err(ServiceError::BadRequest(format!(
+                    "'{key}' is one of Glance's own fields, not a property"
+                )));
+            }
         }
         let (key, tenant) = self.tenant(&req.tenant)?;
         let region = self.region(&tenant.region)?;
@@ -108,39 +119,13 @@ impl Service {
             os_hash_value: None,
             created_at: created,
             updated_at: created,
-            meta: Default::default(),
+            meta: req.meta.clone(),
         };
         // The record reserves the id first; the bytes follow; then it becomes active. An
         // import is a copy with nothing to verify against (the image is its own source).
         self.store.insert_image(key, &image)?;
-        let mut control = Control {
-            stop: &|| None,
-            progress: &mut |_| {},
-            checkpoint: &mut |_, _| {},
-            limiter: None,
-        };
-        let written = images
-            .create(&image, &image, &|| false)
-            .map_err(regions::TransferError::Failed)
-            .and_then(|sink| {
-                let plan = Plan::whole(sink.hashes());
-                regions::transfer(&mut file, sink, plan, &mut control, &|_| Ok(()))
-            });
-        match written {
-            Ok((written, copied)) => {
-                let made =
-                    manifest::complete(written.size, written.os_hash_value.clone(), copied.chunks);
-                self.store.put_manifest(image.id, &made.encode())?;
-                image.status = ImageStatus::Active;
-                image.size = written.size;
-                image.checksum = written.checksum;
-                image.os_hash_algo = written.os_hash_algo;
-                image.os_hash_value = written.os_hash_value;
-                image.updated_at = now();
-                self.store.update_image(&image)?;
-                self.flush()?;
-                Ok(image)
-            }
+        match self.write_whole(&*images, &mut image, &mut file, |_, _| {})? {
+            Ok(()) => Ok(image),
             Err(e) => {
                 let _ = images.remove(image.id);
                 self.store.remove_image(key, image.id)?;
@@ -156,6 +141,60 @@ impl Service {
                 )))
             }
         }
+    }
+
+    /// Writes the whole of `source` as the data of the new image `image` (an import or an
+    /// upload: the image is its own source, so there is nothing to verify against, and both
+    /// hashes are computed); then records its manifest and makes it active with its size and
+    /// hashes, `finish` adding what it learnt from the source. A transfer that failed is the
+    /// inner error, for the caller to clean up after.
+    fn write_whole<S: crate::copy::Source>(
+        &self,
+        images: &dyn ImageStore,
+        image: &mut Image,
+        source: &mut S,
+        finish: impl FnOnce(&S, &mut Image),
+    ) -> Result<std::result::Result<(), regions::TransferError>> {
+        let mut control = Control {
+            stop: &|| None,
+            progress: &mut |_| {},
+            checkpoint: &mut |_, _| {},
+            limiter: None,
+        };
+        let written = images
+            .create(image, image, &|| false)
+            .map_err(regions::TransferError::Failed)
+            .and_then(|sink| {
+                let plan = Plan::whole(sink.hashes());
+                regions::transfer(source, sink, plan, &mut control, &|_| Ok(()))
+            });
+        let (written, copied) = match written {
+            Ok(done) => done,
+            Err(e) => return Ok(Err(e)),
+        };
+        let made = manifest::complete(written.size, written.os_hash_value.clone(), copied.chunks);
+        self.store.put_manifest(image.id, &made.encode())?;
+        image.status = ImageStatus::Active;
+        image.size = written.size;
+        image.checksum = written.checksum;
+        image.os_hash_algo = written.os_hash_algo;
+        image.os_hash_value = written.os_hash_value;
+        image.updated_at = now();
+        finish(source, image);
+        self.store.update_image(image)?;
+        self.flush()?;
+        Ok(Ok(()))
+    }
+
+    /// Bytes of images the tenant `key` holds (deleted ones not counted).
+    pub(super) fn stored_bytes(&self, key: TenantKey) -> Result<u64> {
+        Ok(self
+            .store
+            .images(Some(key))?
+            .iter()
+            .filter(|i| i.status != ImageStatus::Deleted)
+            .map(|i| i.size)
+            .sum())
     }
 
     pub fn image_list(&self, tenant: Option<&str>, region: Option<&str>) -> Result<Vec<Image>> {
