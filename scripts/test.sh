@@ -5,6 +5,8 @@
 # - qemu-img (Debian's qemu-utils): tests/glance.rs makes qcow2 files with it.
 # - mkfs.xfs (Debian's xfsprogs): the reflink test of tests/peer.rs mounts an XFS image (as
 #   root; as another user that test says so and does nothing).
+# - chromium and chromedriver (Debian's chromium, chromium-driver): tests/ui.rs drives the web
+#   page in a headless Chromium through WebDriver (CI reaches Debian's mirror, nothing else).
 # - Glance and Keystone from PyPI, in the virtualenv scripts/openstack-venv.sh makes once and
 #   keeps in ~/.cache/image-replicator (about 80 s and 300 MB the first time).
 set -euo pipefail
@@ -13,6 +15,8 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v qemu-img >/dev/null || missing+=(qemu-utils)
 PATH=$PATH:/sbin:/usr/sbin command -v mkfs.xfs >/dev/null || missing+=(xfsprogs)
+[[ -x /usr/lib/chromium/chromium ]] || command -v chromium >/dev/null || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
 if ((${#missing[@]})); then
   if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
     echo "scripts/test.sh: installing ${missing[*]}" >&2

@@ -1,5 +1,6 @@
 //! The HTTP door: the four image_replicator routes of `API.md`, the operators' two, the
-//! peer protocol's and the images API (Glance v2 for the directory regions, README).
+//! peer protocol's, the images API (Glance v2 for the directory regions, README) and the web
+//! page's.
 //!
 //! One warp filter hands every request to [`handle`], which finds the route by path (404),
 //! then the method (405), then checks the token where the route needs one (401), and only then
@@ -12,6 +13,7 @@ mod jobs;
 mod ops;
 mod peer;
 pub mod reply;
+mod ui;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -195,6 +197,20 @@ static ROUTES: &[Route] = &[
         template: "/healthz",
         path: PathShape::Exact("/healthz"),
         methods: &[(Method::GET, Handler::Open(ops::health))],
+        allow: "GET",
+        body_limit: BODY_LIMIT,
+    },
+    Route {
+        template: ui::PAGE,
+        path: PathShape::Exact(ui::PAGE),
+        methods: &[(Method::GET, Handler::Open(ui::page))],
+        allow: "GET",
+        body_limit: BODY_LIMIT,
+    },
+    Route {
+        template: "/ui/{file}",
+        path: PathShape::Param(ui::ASSETS),
+        methods: &[(Method::GET, Handler::Open(ui::asset))],
         allow: "GET",
         body_limit: BODY_LIMIT,
     },
@@ -500,6 +516,9 @@ mod tests {
         assert_eq!(template("/v2/extension/image_replicator/jobs/a/b"), None);
         assert_eq!(template("/healthz"), Some(("/healthz", "")));
         assert_eq!(template("/healthz/"), None);
+        assert_eq!(template("/ui"), Some(("/ui", "")));
+        assert_eq!(template("/ui/ui.js"), Some(("/ui/{file}", "ui.js")));
+        assert_eq!(template("/ui/"), None);
         assert_eq!(template("/"), Some(("/", "")));
         assert_eq!(
             template("/v2/images/abc/file"),
