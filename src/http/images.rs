@@ -663,5 +663,4 @@ mod tests {
             "/v2/images?limit=2&tag=a&marker=y"
         );
     }
-
 }
