@@ -526,6 +526,11 @@ pub struct ImageMeta {
     /// `virtual_size`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub virtual_size: Option<u64>,
+    /// Not a Glance field: the failed job that keeps this partial (`saving`) image for a
+    /// retry. The start-up cleanup leaves such an image while that job still names it, so it
+    /// needs no scan of the jobs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kept_for: Option<Uuid>,
 }
 
 impl ImageMeta {
@@ -536,6 +541,7 @@ impl ImageMeta {
         ImageMeta {
             visibility: Visibility::default(),
             protected: false,
+            kept_for: None,
             ..self.clone()
         }
     }

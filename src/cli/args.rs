@@ -645,6 +645,7 @@ pub enum UserCmd {
     /// Change a user's tenants or admin flag; its tokens for the tenants it keeps stay valid,
     /// those for a removed tenant are revoked
     Update {
+        /// The user's name
         name: String,
         /// Make the user a member of this tenant too (repeat for several)
         #[arg(long = "add-tenant", value_name = "TENANT_ID")]

@@ -118,8 +118,6 @@ pub trait Registry: Send + Sync {
         hash: &Hash,
         limit: usize,
     ) -> Result<Vec<(Uuid, u32)>>;
-    /// Images in the `saving` state (a crash interrupted their import or copy).
-    fn images_saving(&self) -> Result<Vec<Image>>;
 }
 
 /// Which jobs a listing wants: of one source tenant or of all, in creation order after the

@@ -975,14 +975,6 @@ impl Registry for SledStore {
             Ok(out)
         })
     }
-
-    fn images_saving(&self) -> Result<Vec<Image>> {
-        Ok(self
-            .images(None)?
-            .into_iter()
-            .filter(|i| i.status == crate::model::ImageStatus::Saving)
-            .collect())
-    }
 }
 
 impl Jobs for SledStore {

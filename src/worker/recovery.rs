@@ -26,25 +26,36 @@ pub fn recover(parts: &Parts) -> Result<()> {
             destinations.extend(job.created_destination);
         }
     }
-    // So do the partial images failed jobs keep for a retry.
-    let kept = store.jobs(&crate::store::JobQuery::all(None), &|j| {
-        j.story.kept_destination.is_some()
-    })?;
-    destinations.extend(kept.iter().filter_map(|j| j.story.kept_destination));
-    // So do the partial files of peer uploads: their senders go on with them.
-    let uploads = store.images(None)?.into_iter();
-    destinations.extend(
-        uploads
-            .filter(|i| i.status == ImageStatus::Uploading)
-            .map(|i| i.id),
-    );
+    // So do the partial files of peer uploads (their senders go on with them) and the
+    // partial images failed jobs keep for a retry (the image names the job, which must still
+    // name the image: one lookup per such image, not a scan of the jobs).
+    let mut saving = Vec::new();
+    for image in store.images(None)? {
+        match image.status {
+            ImageStatus::Uploading => {
+                destinations.insert(image.id);
+            }
+            ImageStatus::Saving => saving.push(image),
+            _ => {}
+        }
+    }
+    for image in &saving {
+        if let Some(job) = image.meta.kept_for {
+            if store
+                .job(job)?
+                .is_some_and(|j| j.story.kept_destination == Some(image.id))
+            {
+                destinations.insert(image.id);
+            }
+        }
+    }
     for region in store.regions()? {
         match parts.stores.get(&region) {
             Ok(images) => images.sweep(&destinations),
             Err(e) => tracing::warn!(region = %region.id, "cannot clean up the region: {e}"),
         }
     }
-    for mut image in store.images_saving()? {
+    for mut image in saving {
         if destinations.contains(&image.id) {
             continue;
         }
@@ -120,9 +131,13 @@ pub(super) fn conclude_keeping(ctx: &Ctx, id: Uuid, reason: String) -> Result<()
         }),
         _ => None,
     };
-    let Some(kept) = kept else {
+    let Some(mut kept) = kept else {
         return conclude(ctx, id, Some(reason));
     };
+    // The image names the job first: a crash before the job names it leaves a mark that the
+    // start-up cleanup ignores.
+    kept.meta.kept_for = Some(id);
+    store.update_image(&kept)?;
     let ended = store.update_job(id, &|job| {
         if job.wire.status.is_terminal() || job.cancel_asked() {
             return Ok(ImageChange::None);
