@@ -35,6 +35,9 @@ import time
 import urllib.error
 import urllib.request
 
+MARK_START = "<!-- scripts/bench/ui-pages.py: start -->"
+MARK_END = "<!-- scripts/bench/ui-pages.py: end -->"
+COMPARE_START = "<!-- scripts/bench.sh --compare: start -->"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HELPER = os.path.join(ROOT, "scripts", "bench", "helper.py")
 REPORT_LUA = os.path.join(ROOT, "scripts", "bench", "report.lua")
@@ -515,15 +518,15 @@ def main():
         return
     with open(args.out, encoding="utf-8") as f:
         text = f.read()
-    start = text.find(SECTION)
-    if start >= 0:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("" if end < 0 else text[end:])
+    section = f"{MARK_START}\n{section}\n{MARK_END}"
+    start, end = text.find(MARK_START), text.find(MARK_END)
+    if start >= 0 and end > start:
+        text = text[:start] + section + text[end + len(MARK_END):]
     else:
-        # Before "Side by side" (kept last), else at the end.
-        side = text.find("\n## Side by side")
-        text = (text.rstrip("\n") + "\n\n" + section) if side < 0 else (
-            text[:side + 1] + section + "\n" + text[side + 1:])
+        # Before the side-by-side comparison (kept last), else at the end.
+        side = text.find(COMPARE_START)
+        text = (text.rstrip("\n") + "\n\n" + section + "\n") if side < 0 else (
+            text[:side] + section + "\n\n" + text[side:])
     with open(args.out, "w", encoding="utf-8") as f:
         f.write(text)
     log(f"wrote the section into {args.out}")
