@@ -1042,6 +1042,25 @@ COMPARE_START = "<!-- scripts/bench.sh --compare: start -->"
 COMPARE_END = "<!-- scripts/bench.sh --compare: end -->"
 NOISE = 0.10
 
+
+def put_section(path, start, end, block):
+    """Writes block (which begins with the marker start and ends with end) into the Markdown
+    file path: in place of the text between those markers, else before the side-by-side
+    comparison (kept last), else at the end; the rest of the file is kept."""
+    old = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+    at, stop = old.find(start), old.find(end)
+    if at >= 0 and stop > at:
+        text = old[:at] + block.rstrip("\n") + old[stop + len(end):]
+    elif COMPARE_START in old:
+        at = old.find(COMPARE_START)
+        text = old[:at] + block.rstrip("\n") + "\n\n" + old[at:]
+    elif old:
+        text = old.rstrip("\n") + "\n\n" + block
+    else:
+        text = "# Benchmarks\n\n" + block
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
 # What changed in behaviour (not speed) between 5ef79c4 and the main of issue 12 that touches a
 # figure; printed only when the base binary comes from 5ef79c4.
 BEHAVIOUR_5EF79C4 = {

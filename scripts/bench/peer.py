@@ -333,19 +333,7 @@ def cmd_report(args):
     block = Report(results, meta).render()
     with open(args.md, "w", encoding="utf-8") as f:
         f.write(block)
-    old = open(args.out, encoding="utf-8").read() if os.path.exists(args.out) else ""
-    start, end = old.find(START), old.find(END)
-    if start >= 0 and end > start:
-        text = old[:start] + block.rstrip("\n") + old[end + len(END):]
-    elif helper.COMPARE_START in old:
-        at = old.find(helper.COMPARE_START)
-        text = old[:at] + block + "\n" + old[at:]
-    elif old:
-        text = old.rstrip("\n") + "\n\n" + block
-    else:
-        text = "# Benchmarks\n\n" + block
-    with open(args.out, "w", encoding="utf-8") as f:
-        f.write(text)
+    helper.put_section(args.out, START, END, block)
     print(block)
 
 

@@ -35,9 +35,12 @@ import time
 import urllib.error
 import urllib.request
 
+sys.dont_write_bytecode = True  # no __pycache__ in scripts/bench
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import helper  # noqa: E402  (the bench's own helpers: the sections of BENCHMARKS.md)
+
 MARK_START = "<!-- scripts/bench/ui-pages.py: start -->"
 MARK_END = "<!-- scripts/bench/ui-pages.py: end -->"
-COMPARE_START = "<!-- scripts/bench.sh --compare: start -->"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HELPER = os.path.join(ROOT, "scripts", "bench", "helper.py")
 REPORT_LUA = os.path.join(ROOT, "scripts", "bench", "report.lua")
@@ -516,19 +519,7 @@ def main():
     print(section)
     if args.no_write:
         return
-    with open(args.out, encoding="utf-8") as f:
-        text = f.read()
-    section = f"{MARK_START}\n{section}\n{MARK_END}"
-    start, end = text.find(MARK_START), text.find(MARK_END)
-    if start >= 0 and end > start:
-        text = text[:start] + section + text[end + len(MARK_END):]
-    else:
-        # Before the side-by-side comparison (kept last), else at the end.
-        side = text.find(COMPARE_START)
-        text = (text.rstrip("\n") + "\n\n" + section + "\n") if side < 0 else (
-            text[:side] + section + "\n\n" + text[side:])
-    with open(args.out, "w", encoding="utf-8") as f:
-        f.write(text)
+    helper.put_section(args.out, MARK_START, MARK_END, f"{MARK_START}\n{section}\n{MARK_END}\n")
     log(f"wrote the section into {args.out}")
 
 
