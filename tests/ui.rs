@@ -592,3 +592,64 @@ fn the_page_fits_a_phone_and_a_wide_screen() {
         }
     }
 }
+
+/// The route the page waits on between rounds: it answers at once without `after`, as soon as
+/// the caller's own job list changes, and at its timeout with the same tag otherwise (another
+/// tenant's copy does not wake it); what it does not take is a 400, no token the 401.
+#[test]
+fn the_changes_route_answers_when_the_callers_job_list_changes() {
+    const CHANGES: &str = "/v2/extension/image_replicator/changes";
+    let (lab, alice) = Lab::standard_with_copier();
+    let bob = lab.token("bob", TENANT_B);
+    let image = lab.image(TENANT_A, "changing", MIB);
+    let server = lab.serve();
+    let tag_of = |resp: reqwest::blocking::Response| -> String {
+        assert_eq!(resp.status(), 200);
+        let body: Value = resp.json().expect("JSON");
+        body["tag"].as_str().expect("a tag").to_string()
+    };
+    let wait = |token: &str, after: &str, timeout: u64| {
+        let started = std::time::Instant::now();
+        let path = format!("{CHANGES}?after={after}&timeout={timeout}");
+        (tag_of(server.get(&path, Some(token))), started.elapsed())
+    };
+    let started = std::time::Instant::now();
+    let a0 = tag_of(server.get(CHANGES, Some(&alice)));
+    let b0 = tag_of(server.get(CHANGES, Some(&bob)));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(a0.len(), 16, "{a0}");
+    let (same, took) = wait(&alice, &a0, 1);
+    assert_eq!(same, a0);
+    assert!(took >= Duration::from_secs(1), "{took:?}");
+
+    let (a, b, id) = std::thread::scope(|s| {
+        let a = s.spawn(|| wait(&alice, &a0, 20));
+        // Longer than the 10 s a keep-alive connection may idle between requests: a waiting
+        // request is not idle.
+        let b = s.spawn(|| wait(&bob, &b0, 12));
+        std::thread::sleep(Duration::from_millis(500));
+        let id = server.copy_ok(&alice, &image, TENANT_B);
+        (a.join().expect("A"), b.join().expect("B"), id)
+    });
+    assert_ne!(a.0, a0, "A's list changed");
+    assert!(a.1 < Duration::from_secs(10), "A waited {:?}", a.1);
+    assert_eq!(b.0, b0, "B's list did not change");
+    assert!(b.1 >= Duration::from_secs(12), "B waited {:?}", b.1);
+    assert_eq!(server.job(&alice, &id)["status"], "replicate_requested");
+
+    for (query, says) in [
+        ("?after=xyz", "16 hex digits"),
+        ("?timeout=61", "0 to 60"),
+        ("?timeout=-1", "0 to 60"),
+        ("?since=1", "Unknown query parameter"),
+        ("?timeout=1&timeout=2", "given twice"),
+    ] {
+        let sentence = assert_error(server.get(&format!("{CHANGES}{query}"), Some(&alice)), 400);
+        assert!(sentence.contains(says), "{query}: {sentence}");
+    }
+    assert_401(server.get(CHANGES, None));
+}

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """What open web pages (/ui) cost the API: P1's numerator (authenticated GET /jobs, wrk, 32
-connections, 2 threads, 10 s a run) without and with N pages (default 50) polling it, side by
+connections, 2 threads, 10 s a run) without and with N pages (default 50) open on it, side by
 side in one run, written as the section "Web page: 50 open pages" of BENCHMARKS.md.
 
     scripts/bench/ui-pages.py [--bin PATH] [--pages 50] [--reps 3] [--duration 10]
@@ -12,8 +12,9 @@ and wrk, so the figure includes what the pages' browser costs the machine, not o
 requests. "Without" points every window at about:blank (the browser stays up); "with" loads
 the page in every window; runs alternate (off-on, on-off, ...: ABBA) so a drift of the
 machine cancels. The tenant's list is P1's 10 jobs (scripts/bench/helper.py jobs --seed 1),
-two of them set to replicating so that every page also asks for their detail (every 5 s: a
-heavier load than P1's terminal jobs alone). The pages' own request rate comes from
+two of them set to replicating so that every page's round also asks for their detail (a
+heavier load than P1's terminal jobs alone). The jobs do not move, so a page makes a round
+when its GET /changes ends without a change, every 25 s. The pages' own request rate comes from
 the server's /metrics (all requests minus wrk's), the browser's CPU from /proc.
 
 Every process it starts (server, chromedriver and its browser, wrk) is stopped, and its
@@ -25,6 +26,7 @@ import json
 import os
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -45,6 +47,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 HELPER = os.path.join(ROOT, "scripts", "bench", "helper.py")
 REPORT_LUA = os.path.join(ROOT, "scripts", "bench", "report.lua")
 JOBS = "/v2/extension/image_replicator/jobs"
+CHANGES = "/v2/extension/image_replicator/changes"
 T1 = "1b0e5c9a2f3d4e6b8a7c0d1e2f3a4b5c"
 T2 = "2c1f6d0b3a4e5f7c9b8d1e2f3a4b5c6d"
 TOK1 = "b1e2c3d4e5f60718293a4b5c6d7e8f90"
@@ -232,38 +235,54 @@ def route_counts(port):
 
 class Replay:
     """The requests of N pages without a browser: per page one keep-alive connection and the
-    page's schedule (the list every second, each running job's detail every 5 s, the images
-    every 30 s), so that the server's share of the pages' cost can be told from the browser's."""
+    page's schedule (a round of the list, each running job's detail when 5 s have passed, the
+    images when 30 s have, then GET /changes until the list changes or 25 s pass; rounds at
+    least a second apart), so that the server's share of the pages' cost can be told from the
+    browser's."""
 
     def __init__(self, port, tokens, running_jobs):
         self.port, self.tokens, self.running_jobs = port, tokens, running_jobs
         self.stop = threading.Event()
         self.threads = []
+        self.conns = []
         self.sent = 0
         self.lock = threading.Lock()
 
     def page(self, index, token):
-        conn = httpclient.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn = httpclient.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        with self.lock:
+            self.conns.append(conn)
         headers = {"X-Auth-Token": token}
-        # Pages opened at different moments: spread their rounds over the second.
-        start = time.monotonic() + index / len(self.tokens)
-        round_no = 0
-        while not self.stop.is_set():
-            delay = start + round_no - time.monotonic()
-            if delay > 0 and self.stop.wait(delay):
-                break
-            paths = [JOBS]
-            if round_no % 5 == 0:
-                paths += [f"{JOBS}/{job}/detail" for job in self.running_jobs]
-            if round_no % 30 == 0:
-                paths.append("/v2/images")
-            for path in paths:
-                conn.request("GET", path, headers=headers)
-                conn.getresponse().read()
-            with self.lock:
-                self.sent += len(paths)
-            round_no += 1
-        conn.close()
+        # Pages opened at different moments: spread their first rounds over the second.
+        if self.stop.wait(index / len(self.tokens)):
+            return
+        tag, last_round, detail_at, images_at = None, -1e9, -1e9, -1e9
+        try:
+            while not self.stop.is_set():
+                delay = last_round + 1 - time.monotonic()
+                if delay > 0 and self.stop.wait(delay):
+                    break
+                last_round = now = time.monotonic()
+                paths = [JOBS]
+                if now - detail_at >= 5:
+                    paths += [f"{JOBS}/{job}/detail" for job in self.running_jobs]
+                    detail_at = now
+                if now - images_at >= 30:
+                    paths.append("/v2/images")
+                    images_at = now
+                for path in paths:
+                    conn.request("GET", path, headers=headers)
+                    conn.getresponse().read()
+                conn.request("GET", CHANGES + (f"?after={tag}&timeout=25" if tag else ""),
+                             headers=headers)
+                tag = json.loads(conn.getresponse().read())["tag"]
+                with self.lock:
+                    self.sent += len(paths) + 1
+        except (OSError, httpclient.HTTPException, ValueError, KeyError):
+            if not self.stop.is_set():
+                raise
+        finally:
+            conn.close()
 
     def __enter__(self):
         for i, token in enumerate(self.tokens):
@@ -275,6 +294,14 @@ class Replay:
 
     def __exit__(self, *exc):
         self.stop.set()
+        # A page waiting in GET /changes is woken by closing its connection.
+        with self.lock:
+            for conn in self.conns:
+                if conn.sock is not None:
+                    try:
+                        conn.sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
         for t in self.threads:
             t.join(timeout=30)
 
@@ -423,7 +450,7 @@ def main():
 
         # What the real pages ask for, without wrk.
         pages(True)
-        calibration = per_page(max(10, args.duration))
+        calibration = per_page(max(60, args.duration))
         log(f"real pages, per page and second: {calibration}")
 
         class Browser:
@@ -460,7 +487,7 @@ def main():
                     self.replay.__exit__(*exc)
 
         with Replay(port, page_tokens, running):
-            replayed = per_page(max(10, args.duration))
+            replayed = per_page(max(60, args.duration))
         log(f"replayed pages, per page and second: {replayed}")
         for rep in range(1, args.reps + 1):
             run_pair("replay", replay_runs, rep, port, server, profile, args.duration, Replayed)
@@ -486,8 +513,9 @@ def main():
         f"`GET /jobs` with a token (10 jobs, wrk 2 threads, 32 connections, {args.duration} s a "
         f"run), without and with {args.pages} open pages, each rep's two runs back to back, the "
         "order alternating (ABBA). Two of the tenant's ten jobs are `replicating` (seeded, not "
-        "moving), so each page asks for the list every second and for those two jobs' detail "
-        "every 5 s.",
+        "moving), so each page's round also asks for those two jobs' detail; a page waits "
+        "between rounds in `GET /changes`, which answers when its list changes (here never) "
+        "or after 25 s. The rates per page are counted over 60 s without wrk.",
         "",
         f"**Pages in a browser on the server's own 2 CPUs.** One headless Chromium with "
         f"{args.pages} windows, each signed in to `/ui` with its own token; without: every "
@@ -502,8 +530,9 @@ def main():
         "and wrk for the 2 CPUs.",
         "",
         f"**The pages' requests from elsewhere.** The same {args.pages} tokens, one keep-alive "
-        "connection each, on the pages' schedule (the list every second, the two details every "
-        "5 s, the images every 30 s, the pages' rounds spread over the second), from a thread "
+        "connection each, on the pages' schedule (a round of the list, the two details when 5 s "
+        "have passed and the images when 30 s have, then `GET /changes` until it answers; the "
+        "pages' first rounds spread over a second), from a thread "
         f"each of this script; no browser. They asked, per page and second: {rates(replayed)}.",
         "",
         *table(replay_runs),

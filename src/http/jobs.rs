@@ -1,8 +1,13 @@
-//! The four image_replicator routes: list, copy, show, cancel.
+//! The four image_replicator routes (list, copy, show, cancel) and the appliance's own beside
+//! them (a job's detail, a retry, the changes of a job list).
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use futures_util::StreamExt;
 use serde::Deserialize;
+use tokio::time::Instant;
 use warp::http::{HeaderMap, StatusCode};
 use warp::reply::Response;
 use warp::Reply as _;
@@ -12,6 +17,7 @@ use super::{blocking, Body, Reply, Request, BODY_TIMEOUT};
 use crate::auth::Principal;
 use crate::error::ServiceError;
 use crate::model::JobStatus;
+use crate::service::Service;
 
 /// `POST /jobs`: a copy request, 202 with the new job's id.
 pub(super) fn create(req: Request, who: Principal) -> Reply {
@@ -94,6 +100,109 @@ pub(super) fn cancel(req: Request, who: Principal) -> Reply {
         blocking(move || svc.cancel_job(&who, &id)).await?;
         Ok(warp::reply::with_status(warp::reply(), StatusCode::NO_CONTENT).into_response())
     })
+}
+
+/// How often a waiting `GET /changes` looks at the store's job version (an atomic read).
+const CHANGES_TICK: Duration = Duration::from_millis(250);
+
+/// `GET /changes?after=TAG[&timeout=S]`: answers `{"tag": …}`, the tag of the caller's job
+/// list (what `GET /jobs` would answer now), as soon as it differs from `after` (at once
+/// without `after`), or after `timeout` seconds (default 25, at most 60) with the same tag.
+/// An appliance addition for pages that follow jobs: they ask for the list only when it
+/// changed, so an open page on jobs that do not move costs one request per `timeout`.
+pub(super) fn changes(req: Request, who: Principal) -> Reply {
+    Box::pin(async move {
+        let q = parse_changes_query(&req.query)?;
+        let svc = req.svc;
+        let deadline = Instant::now() + q.timeout;
+        let mut seen = None;
+        let tag = loop {
+            let version = svc.store.jobs_version();
+            if seen != Some(version) {
+                seen = Some(version);
+                let tag = list_tag(&svc, &who).await?;
+                if q.after.as_deref() != Some(tag.as_str()) {
+                    break tag;
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break q.after.unwrap_or_default();
+            }
+            tokio::time::sleep(CHANGES_TICK.min(deadline - now)).await;
+        };
+        json_response(StatusCode::OK, &serde_json::json!({ "tag": tag }))
+    })
+}
+
+/// The first 16 hex digits of the BLAKE3 of the caller's default job list body (the kept one
+/// when no job changed since it was built).
+async fn list_tag(svc: &Arc<Service>, who: &Principal) -> Result<String, ServiceError> {
+    let body = match svc.kept_list_body(who, None, None, None) {
+        Some(body) => body,
+        None => {
+            let (svc, who) = (Arc::clone(svc), who.clone());
+            blocking(move || svc.list_jobs_body(&who, None, None, None)).await?
+        }
+    };
+    Ok(blake3::hash(&body).to_hex()[..16].to_string())
+}
+
+/// The parameters of the changes route.
+#[derive(Debug, PartialEq)]
+pub struct ChangesQuery {
+    pub after: Option<String>,
+    pub timeout: Duration,
+}
+
+/// The longest a changes request waits.
+const CHANGES_MAX_WAIT: u64 = 60;
+
+/// Parses `after` (a tag: 16 lowercase hex digits) and `timeout` (whole seconds, 0 to 60);
+/// anything else, repeated or malformed is a 400.
+pub fn parse_changes_query(query: &str) -> Result<ChangesQuery, ServiceError> {
+    let mut parsed = ChangesQuery {
+        after: None,
+        timeout: Duration::from_secs(25),
+    };
+    let mut seen = std::collections::HashSet::new();
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        if !seen.insert(key.clone()) {
+            return Err(invalid(format!("query parameter {key} is given twice")));
+        }
+        match key.as_ref() {
+            "after" => {
+                let is_tag = value.len() == 16
+                    && value
+                        .bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+                if !is_tag {
+                    return Err(invalid(
+                        "after must be a tag from an earlier answer (16 hex digits)".into(),
+                    ));
+                }
+                parsed.after = Some(value.into_owned());
+            }
+            "timeout" => {
+                let secs = value
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|s| *s <= CHANGES_MAX_WAIT)
+                    .ok_or_else(|| {
+                        invalid(format!(
+                            "timeout must be whole seconds from 0 to {CHANGES_MAX_WAIT}"
+                        ))
+                    })?;
+                parsed.timeout = Duration::from_secs(secs);
+            }
+            _ => {
+                return Err(invalid(format!(
+                    "unknown query parameter '{key}'; this route takes after and timeout"
+                )))
+            }
+        }
+    }
+    Ok(parsed)
 }
 
 fn bad_request(message: String) -> Failure {

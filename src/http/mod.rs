@@ -194,6 +194,13 @@ static ROUTES: &[Route] = &[
         body_limit: BODY_LIMIT,
     },
     Route {
+        template: "/v2/extension/image_replicator/changes",
+        path: PathShape::Exact("/v2/extension/image_replicator/changes"),
+        methods: &[(Method::GET, Handler::Token(jobs::changes))],
+        allow: "GET",
+        body_limit: BODY_LIMIT,
+    },
+    Route {
         template: "/healthz",
         path: PathShape::Exact("/healthz"),
         methods: &[(Method::GET, Handler::Open(ops::health))],

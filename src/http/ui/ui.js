@@ -1,5 +1,6 @@
-// The page of image-replicator. It asks the API for the signed-in token's jobs once a second
-// (while the tab is visible), shows them, and cancels or starts copies. Every string that
+// The page of image-replicator. It asks the API for the signed-in token's jobs when they
+// change (GET /changes waits for that; at most once a second, none while the tab is hidden),
+// shows them, and cancels or starts copies. Every string that
 // comes from the server is set as text (textContent, option text, attributes), never parsed
 // as HTML. The token lives in sessionStorage and leaves only as the X-Auth-Token header.
 "use strict";
@@ -7,6 +8,9 @@
 (function () {
   const JOBS = "/v2/extension/image_replicator/jobs";
   const IMAGES = "/v2/images";
+  const CHANGES = "/v2/extension/image_replicator/changes";
+  // How long one GET /changes waits for the job list to change, in seconds.
+  const WAIT_S = 25;
   const POLL_MS = 1000;
   const IMAGES_EVERY_MS = 30000;
   const PAGE_LIMIT = 1000;
@@ -35,6 +39,9 @@
     session: 0, // changes at each sign-in and sign-out
     imagesAt: 0,
     imagesRoute: true,
+    tag: null, // the job list's tag from GET /changes, taken before the last round
+    changesRoute: true, // false once the server shows it has no /changes route
+    waiting: null, // the AbortController of the GET /changes under way
   };
 
   // ----- the API -----
@@ -55,9 +62,9 @@
     return sentence || "The server answered " + status + ".";
   }
 
-  async function api(method, path, body) {
+  async function api(method, path, body, signal) {
     const headers = { "X-Auth-Token": state.token || "" };
-    const init = { method, headers, credentials: "omit", cache: "no-store" };
+    const init = { method, headers, credentials: "omit", cache: "no-store", signal };
     if (body !== undefined) {
       headers["Content-Type"] = "application/json";
       init.body = JSON.stringify(body);
@@ -208,6 +215,8 @@
   function stopPolling() {
     if (state.timer !== null) clearTimeout(state.timer);
     state.timer = null;
+    if (state.waiting) state.waiting.abort();
+    state.waiting = null;
   }
 
   function schedule(delay) {
@@ -241,7 +250,7 @@
       if (Date.now() - state.imagesAt >= IMAGES_EVERY_MS) await refreshImages();
       say($("app-error"), "");
       // A fixed text, not a clock: a clock would redraw every open page every second.
-      setText($("updated"), "Live: refreshed every second.");
+      setText($("updated"), "Live: updated as jobs change.");
     } catch (e) {
       if (session !== state.session) {
         // Signed out or in again meanwhile: this round's answers belong to no one now.
@@ -263,8 +272,37 @@
       schedule(0);
       return;
     }
-    // A list of several pages waits that many seconds: one page a second on average.
-    schedule(POLL_MS * pages - (Date.now() - state.lastTick));
+    if (pages > 1 || !state.changesRoute) {
+      // A list of several pages waits that many seconds: one page a second on average (the
+      // tag covers the first page only).
+      schedule(POLL_MS * pages - (Date.now() - state.lastTick));
+    } else {
+      waitForChange(session);
+    }
+  }
+
+  // Between rounds the page waits until its job list differs from the one the tag names
+  // (GET /changes answers then, or after WAIT_S with the same tag): a page on jobs that do not
+  // move asks once per WAIT_S. The tag is taken before the next round's list, so a change
+  // between the two brings one more round, never none.
+  async function waitForChange(session) {
+    const waiting = new AbortController();
+    state.waiting = waiting;
+    const query = state.tag ? "?after=" + state.tag + "&timeout=" + WAIT_S : "";
+    try {
+      const answer = await api("GET", CHANGES + query, undefined, waiting.signal);
+      if (waiting.signal.aborted || session !== state.session) return;
+      state.tag = answer && typeof answer.tag === "string" ? answer.tag : null;
+    } catch (e) {
+      if (waiting.signal.aborted || session !== state.session) return;
+      if (lost(e)) return;
+      // A server without the route polls once a second; any other failure (a restart, say)
+      // is shown by the next round.
+      if (e instanceof ApiError && e.status === 404) state.changesRoute = false;
+      state.tag = null;
+    }
+    state.waiting = null;
+    schedule(POLL_MS - (Date.now() - state.lastTick));
   }
 
   async function listJobs() {
