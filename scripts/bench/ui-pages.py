@@ -13,8 +13,8 @@ requests. "Without" points every window at about:blank (the browser stays up); "
 the page in every window; runs alternate (off-on, on-off, ...: ABBA) so a drift of the
 machine cancels. The tenant's list is P1's 10 jobs (scripts/bench/helper.py jobs --seed 1),
 two of them set to replicating so that every page's round also asks for their detail (a
-heavier load than P1's terminal jobs alone). The jobs do not move, so a page makes a round
-when its GET /changes ends without a change, every 25 s. The pages' own request rate comes from
+heavier load than P1's terminal jobs alone). The jobs do not move, so after its first rounds a page
+only asks GET /changes once a second. The pages' own request rate comes from
 the server's /metrics (all requests minus wrk's), the browser's CPU from /proc.
 
 Every process it starts (server, chromedriver and its browser, wrk) is stopped, and its
@@ -145,20 +145,31 @@ def request_count(port):
 
 
 def cpu_ticks(marker):
-    """utime+stime of every process whose command line holds `marker`."""
-    total = 0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
+    """utime+stime of every process whose command line holds `marker`, and of every process
+    below one (Chromium's zygotes, renderers and utility processes need not carry it)."""
+    ticks, parent, marked = {}, {}, set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if marker.encode() not in f.read():
-                    continue
-            with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            with open(f"/proc/{entry}/stat", encoding="utf-8") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        except (OSError, IndexError, ValueError):
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except (OSError, IndexError):
             continue
+        pid = int(entry)
+        parent[pid] = int(fields[1])
+        ticks[pid] = int(fields[11]) + int(fields[12])
+        if marker.encode() in cmdline:
+            marked.add(pid)
+    total = 0
+    for pid, spent in ticks.items():
+        up = pid
+        while up > 1 and up not in marked:
+            up = parent.get(up, 0)
+        if up in marked:
+            total += spent
     return total
 
 
@@ -236,9 +247,8 @@ def route_counts(port):
 class Replay:
     """The requests of N pages without a browser: per page one keep-alive connection and the
     page's schedule (a round of the list, each running job's detail when 5 s have passed, the
-    images when 30 s have, then GET /changes until the list changes or 25 s pass; rounds at
-    least a second apart), so that the server's share of the pages' cost can be told from the
-    browser's."""
+    images when 30 s have; then GET /changes?timeout=0 once a second until the list's tag
+    changes), so that the server's share of the pages' cost can be told from the browser's."""
 
     def __init__(self, port, tokens, running_jobs):
         self.port, self.tokens, self.running_jobs = port, tokens, running_jobs
@@ -256,13 +266,20 @@ class Replay:
         # Pages opened at different moments: spread their first rounds over the second.
         if self.stop.wait(index / len(self.tokens)):
             return
-        tag, last_round, detail_at, images_at = None, -1e9, -1e9, -1e9
+        tag, detail_at, images_at = None, -1e9, -1e9
+        changed = True
         try:
             while not self.stop.is_set():
-                delay = last_round + 1 - time.monotonic()
-                if delay > 0 and self.stop.wait(delay):
-                    break
-                last_round = now = time.monotonic()
+                if not changed:
+                    if self.stop.wait(1):
+                        break
+                    conn.request("GET", f"{CHANGES}?after={tag}&timeout=0", headers=headers)
+                    new = json.loads(conn.getresponse().read())["tag"]
+                    changed, tag = new != tag, new
+                    with self.lock:
+                        self.sent += 1
+                    continue
+                now = time.monotonic()
                 paths = [JOBS]
                 if now - detail_at >= 5:
                     paths += [f"{JOBS}/{job}/detail" for job in self.running_jobs]
@@ -273,11 +290,15 @@ class Replay:
                 for path in paths:
                     conn.request("GET", path, headers=headers)
                     conn.getresponse().read()
-                conn.request("GET", CHANGES + (f"?after={tag}&timeout=25" if tag else ""),
-                             headers=headers)
-                tag = json.loads(conn.getresponse().read())["tag"]
+                if tag is None:
+                    # The first tag, taken after the first round: one more round follows.
+                    conn.request("GET", CHANGES, headers=headers)
+                    tag = json.loads(conn.getresponse().read())["tag"]
+                    paths.append(CHANGES)
+                else:
+                    changed = False
                 with self.lock:
-                    self.sent += len(paths) + 1
+                    self.sent += len(paths)
         except (OSError, httpclient.HTTPException, ValueError, KeyError):
             if not self.stop.is_set():
                 raise
@@ -436,7 +457,9 @@ def main():
                 hidden = sum(bool(driver.script(h, "return document.hidden;")) for h in handles)
                 if hidden:
                     log(f"note: {hidden} of {len(handles)} pages report document.hidden")
-            time.sleep(3)
+            # Loading (or leaving) 50 pages keeps the browser busy for a while after the last
+            # one shows its jobs: the runs measure open pages, not their loading.
+            time.sleep(10)
 
         def per_page(seconds):
             """Requests a page and second by route, over `seconds` without wrk."""
@@ -513,9 +536,9 @@ def main():
         f"`GET /jobs` with a token (10 jobs, wrk 2 threads, 32 connections, {args.duration} s a "
         f"run), without and with {args.pages} open pages, each rep's two runs back to back, the "
         "order alternating (ABBA). Two of the tenant's ten jobs are `replicating` (seeded, not "
-        "moving), so each page's round also asks for those two jobs' detail; a page waits "
-        "between rounds in `GET /changes`, which answers when its list changes (here never) "
-        "or after 25 s. The rates per page are counted over 60 s without wrk.",
+        "moving), so each page's round also asks for those two jobs' detail; between rounds a "
+        "page asks `GET /changes` once a second whether its list changed (here never). The "
+        "rates per page are counted over 60 s without wrk.",
         "",
         f"**Pages in a browser on the server's own 2 CPUs.** One headless Chromium with "
         f"{args.pages} windows, each signed in to `/ui` with its own token; without: every "
@@ -531,8 +554,8 @@ def main():
         "",
         f"**The pages' requests from elsewhere.** The same {args.pages} tokens, one keep-alive "
         "connection each, on the pages' schedule (a round of the list, the two details when 5 s "
-        "have passed and the images when 30 s have, then `GET /changes` until it answers; the "
-        "pages' first rounds spread over a second), from a thread "
+        "have passed and the images when 30 s have, then `GET /changes` once a second until "
+        "the list changes; the pages spread over a second), from a thread "
         f"each of this script; no browser. They asked, per page and second: {rates(replayed)}.",
         "",
         *table(replay_runs),

@@ -1,5 +1,5 @@
 // The page of image-replicator. It asks the API for the signed-in token's jobs when they
-// change (GET /changes waits for that; at most once a second, none while the tab is hidden),
+// change (GET /changes tells, asked once a second; nothing while the tab is hidden),
 // shows them, and cancels or starts copies. Every string that
 // comes from the server is set as text (textContent, option text, attributes), never parsed
 // as HTML. The token lives in sessionStorage and leaves only as the X-Auth-Token header.
@@ -9,8 +9,6 @@
   const JOBS = "/v2/extension/image_replicator/jobs";
   const IMAGES = "/v2/images";
   const CHANGES = "/v2/extension/image_replicator/changes";
-  // How long one GET /changes waits for the job list to change, in seconds.
-  const WAIT_S = 25;
   const POLL_MS = 1000;
   const IMAGES_EVERY_MS = 30000;
   const PAGE_LIMIT = 1000;
@@ -281,28 +279,38 @@
     }
   }
 
-  // Between rounds the page waits until its job list differs from the one the tag names
-  // (GET /changes answers then, or after WAIT_S with the same tag): a page on jobs that do not
-  // move asks once per WAIT_S. The tag is taken before the next round's list, so a change
-  // between the two brings one more round, never none.
+  // Between rounds the page asks GET /changes once a second whether its job list still has
+  // the tag taken before the last round (timeout=0: answered at once, a few bytes); only a
+  // new tag brings a round, so a page on jobs that do not move reads no list. No request
+  // waits on the server: a browser keeps at most 6 connections to a host for all its tabs,
+  // and a waiting request in every open tab would stall the others.
   async function waitForChange(session) {
+    state.timer = null;
+    if (!state.token || document.hidden || session !== state.session) return;
     const waiting = new AbortController();
     state.waiting = waiting;
-    const query = state.tag ? "?after=" + state.tag + "&timeout=" + WAIT_S : "";
+    const query = state.tag ? "?after=" + state.tag + "&timeout=0" : "";
+    let changed = true;
     try {
       const answer = await api("GET", CHANGES + query, undefined, waiting.signal);
       if (waiting.signal.aborted || session !== state.session) return;
-      state.tag = answer && typeof answer.tag === "string" ? answer.tag : null;
+      const tag = answer && typeof answer.tag === "string" ? answer.tag : null;
+      changed = !state.tag || tag !== state.tag;
+      state.tag = tag;
     } catch (e) {
       if (waiting.signal.aborted || session !== state.session) return;
       if (lost(e)) return;
-      // A server without the route polls once a second; any other failure (a restart, say)
-      // is shown by the next round.
+      // A server without the route is read once a second; any other failure (a restart,
+      // say) is shown by the next round.
       if (e instanceof ApiError && e.status === 404) state.changesRoute = false;
       state.tag = null;
     }
     state.waiting = null;
-    schedule(POLL_MS - (Date.now() - state.lastTick));
+    if (changed) {
+      schedule(POLL_MS - (Date.now() - state.lastTick));
+    } else {
+      state.timer = setTimeout(() => waitForChange(session), POLL_MS);
+    }
   }
 
   async function listJobs() {
