@@ -14,7 +14,7 @@ the page in every window; runs alternate (off-on, on-off, ...: ABBA) so a drift 
 machine cancels. The tenant's list is P1's 10 jobs (scripts/bench/helper.py jobs --seed 1),
 two of them set to replicating so that every page's round also asks for their detail (a
 heavier load than P1's terminal jobs alone). The jobs do not move, so after its first rounds a page
-only asks GET /changes once a second. The pages' own request rate comes from
+only asks GET /changes, every 5 s once its wait has grown. The pages' own request rate comes from
 the server's /metrics (all requests minus wrk's), the browser's CPU from /proc.
 
 Every process it starts (server, chromedriver and its browser, wrk) is stopped, and its
@@ -247,8 +247,8 @@ def route_counts(port):
 class Replay:
     """The requests of N pages without a browser: per page one keep-alive connection and the
     page's schedule (a round of the list, each running job's detail when 5 s have passed, the
-    images when 30 s have; then GET /changes?timeout=0 once a second until the list's tag
-    changes), so that the server's share of the pages' cost can be told from the browser's."""
+    images when 30 s have; then GET /changes?timeout=0 at once, and 1 s, 2 s … up to 5 s after
+    each unchanged answer, until the list's tag changes), so that the server's share of the pages' cost can be told from the browser's."""
 
     def __init__(self, port, tokens, running_jobs):
         self.port, self.tokens, self.running_jobs = port, tokens, running_jobs
@@ -267,15 +267,16 @@ class Replay:
         if self.stop.wait(index / len(self.tokens)):
             return
         tag, detail_at, images_at = None, -1e9, -1e9
-        changed = True
+        changed, unchanged = True, 0
         try:
             while not self.stop.is_set():
                 if not changed:
-                    if self.stop.wait(1):
+                    if unchanged and self.stop.wait(unchanged):
                         break
                     conn.request("GET", f"{CHANGES}?after={tag}&timeout=0", headers=headers)
                     new = json.loads(conn.getresponse().read())["tag"]
                     changed, tag = new != tag, new
+                    unchanged = 0 if changed else min(unchanged + 1, 5)
                     with self.lock:
                         self.sent += 1
                     continue
@@ -296,7 +297,7 @@ class Replay:
                     tag = json.loads(conn.getresponse().read())["tag"]
                     paths.append(CHANGES)
                 else:
-                    changed = False
+                    changed, unchanged = False, 0
                 with self.lock:
                     self.sent += len(paths)
         except (OSError, httpclient.HTTPException, ValueError, KeyError):
@@ -537,8 +538,9 @@ def main():
         f"run), without and with {args.pages} open pages, each rep's two runs back to back, the "
         "order alternating (ABBA). Two of the tenant's ten jobs are `replicating` (seeded, not "
         "moving), so each page's round also asks for those two jobs' detail; between rounds a "
-        "page asks `GET /changes` once a second whether its list changed (here never). The "
-        "rates per page are counted over 60 s without wrk.",
+        "page asks `GET /changes` whether its list changed (here never): at once, then 1 s, "
+        "2 s … up to 5 s after each unchanged answer. The rates per page are counted over 60 s "
+        "without wrk.",
         "",
         f"**Pages in a browser on the server's own 2 CPUs.** One headless Chromium with "
         f"{args.pages} windows, each signed in to `/ui` with its own token; without: every "
@@ -554,8 +556,8 @@ def main():
         "",
         f"**The pages' requests from elsewhere.** The same {args.pages} tokens, one keep-alive "
         "connection each, on the pages' schedule (a round of the list, the two details when 5 s "
-        "have passed and the images when 30 s have, then `GET /changes` once a second until "
-        "the list changes; the pages spread over a second), from a thread "
+        "have passed and the images when 30 s have, then `GET /changes` as the page asks it "
+        "until the list changes; the pages spread over a second), from a thread "
         f"each of this script; no browser. They asked, per page and second: {rates(replayed)}.",
         "",
         *table(replay_runs),

@@ -9,6 +9,8 @@
   const JOBS = "/v2/extension/image_replicator/jobs";
   const IMAGES = "/v2/images";
   const CHANGES = "/v2/extension/image_replicator/changes";
+  // The longest wait between two GET /changes of a page whose jobs do not move.
+  const QUIET_MAX_MS = 5000;
   const POLL_MS = 1000;
   const IMAGES_EVERY_MS = 30000;
   const PAGE_LIMIT = 1000;
@@ -40,6 +42,7 @@
     tag: null, // the job list's tag from GET /changes, taken before the last round
     changesRoute: true, // false once the server shows it has no /changes route
     waiting: null, // the AbortController of the GET /changes under way
+    unchanged: 0, // GET /changes answered the same tag this many times in a row
   };
 
   // ----- the API -----
@@ -275,15 +278,17 @@
       // tag covers the first page only).
       schedule(POLL_MS * pages - (Date.now() - state.lastTick));
     } else {
+      state.unchanged = 0;
       waitForChange(session);
     }
   }
 
-  // Between rounds the page asks GET /changes once a second whether its job list still has
-  // the tag taken before the last round (timeout=0: answered at once, a few bytes); only a
-  // new tag brings a round, so a page on jobs that do not move reads no list. No request
-  // waits on the server: a browser keeps at most 6 connections to a host for all its tabs,
-  // and a waiting request in every open tab would stall the others.
+  // Between rounds the page asks GET /changes whether its job list still has the tag taken
+  // before the last round (timeout=0: answered at once, a few bytes): right after a round,
+  // then 1 s, 2 s … after each unchanged answer, up to every 5 s; only a new tag brings a
+  // round, so a page on jobs that do not move reads no list. No request waits on the server:
+  // a browser keeps at most 6 connections to a host for all its tabs, and a waiting request
+  // in every open tab would stall the others.
   async function waitForChange(session) {
     state.timer = null;
     if (!state.token || document.hidden || session !== state.session) return;
@@ -309,7 +314,8 @@
     if (changed) {
       schedule(POLL_MS - (Date.now() - state.lastTick));
     } else {
-      state.timer = setTimeout(() => waitForChange(session), POLL_MS);
+      state.unchanged = Math.min(state.unchanged + 1, QUIET_MAX_MS / POLL_MS);
+      state.timer = setTimeout(() => waitForChange(session), POLL_MS * state.unchanged);
     }
   }
 
