@@ -257,6 +257,13 @@ fn an_admin_signs_in_by_fragment_sees_every_tenants_jobs_and_the_fragment_goes()
     );
     assert!(!href[0].as_str().unwrap().contains(&f.root));
     assert_eq!(status_of(&browser, JOB_B1), "replicating");
+    // Every bar has its value, 0 % included: none is an indeterminate (animated) bar.
+    let bars = browser.script(
+        "return [...document.querySelectorAll('#job-rows progress')]\
+         .map((p) => p.matches(':indeterminate') ? null : p.value);",
+        json!([]),
+    );
+    assert_eq!(bars, json!([40, 0, 100]), "{bars}");
     // A reload keeps the session (sessionStorage), a sign-out ends it.
     browser.goto(&f.server.url("/ui"));
     wait_for_jobs(&browser, &[JOB_A1, JOB_A2, JOB_B1]);

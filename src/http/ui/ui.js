@@ -441,7 +441,8 @@
     const statusClass = "status status-" + String(job.status).replace(/[^a-z_]/g, "");
     if (row.statusText.className !== statusClass) row.statusText.className = statusClass;
     const progress = Number(job.copy_progress) || 0;
-    if (row.bar.value !== progress) row.bar.value = progress;
+    // A new bar has no value (an indeterminate, animated bar) and reads as 0: set it once.
+    if (!row.bar.hasAttribute("value") || row.bar.value !== progress) row.bar.value = progress;
     setText(row.bar, progress + " %");
     setText(row.pct, progress + " %");
     show(row.cancel, CANCELLABLE.includes(job.status));
