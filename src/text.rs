@@ -36,6 +36,40 @@ pub fn escape(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// What stands for a file path of the appliance in [`without_paths`].
+pub const PATH_WITHHELD: &str = "<path on the appliance>";
+
+/// `text` with each absolute file path (a word that begins with `/` after a space, a quote, a
+/// parenthesis or the start) replaced by [`PATH_WITHHELD`]: a reason shown to a tenant says
+/// what failed, not where the operator keeps the files. A path ends at a space, a quote, a
+/// parenthesis, a comma, or a colon that ends a word (`/srv/ot1: Permission denied`).
+pub fn without_paths(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.char_indices().peekable();
+    let mut before = ' ';
+    while let Some((_, c)) = chars.next() {
+        if c == '/' && matches!(before, ' ' | '(' | '\'' | '"') {
+            while let Some(&(_, next)) = chars.peek() {
+                let colon_ends = next == ':'
+                    && chars
+                        .clone()
+                        .nth(1)
+                        .is_none_or(|(_, after)| after.is_whitespace());
+                if next.is_whitespace() || matches!(next, ')' | '\'' | '"' | ',') || colon_ends {
+                    break;
+                }
+                chars.next();
+            }
+            out.push_str(PATH_WITHHELD);
+            before = '/';
+            continue;
+        }
+        out.push(c);
+        before = c;
+    }
+    out
+}
+
 /// [`escape`]d `text`, cut after at most `max` characters (an escape is never cut in two); a
 /// `…` ends a text that was cut.
 pub fn excerpt(text: &str, max: usize) -> String {
@@ -66,6 +100,30 @@ fn push(out: &mut String, c: char) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn paths_are_withheld_and_the_rest_is_kept() {
+        let w = PATH_WITHHELD;
+        assert_eq!(
+            without_paths("image 7 is missing (/srv/data/regions/ot1/7)"),
+            format!("image 7 is missing ({w})")
+        );
+        assert_eq!(
+            without_paths("/srv/ot2: Permission denied (os error 13)"),
+            format!("{w}: Permission denied (os error 13)")
+        );
+        assert_eq!(
+            without_paths("'/a b' and \"/c\", /d, then /e"),
+            format!("'{w} b' and \"{w}\", {w}, then {w}")
+        );
+        assert_eq!(
+            without_paths("GET http://g:9292/v2/images 1/2 a/b"),
+            "GET http://g:9292/v2/images 1/2 a/b"
+        );
+        assert_eq!(without_paths("/x:y/z"), w);
+        assert_eq!(without_paths(""), "");
+    }
+
     use super::*;
 
     #[test]

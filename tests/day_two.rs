@@ -165,6 +165,19 @@ fn job_detail_of_a_failed_copy_says_why_and_is_scoped_like_the_job() {
     assert_eq!(failed["status"], "error");
     let reason = failed["error"].as_str().expect("the reason");
     assert!(reason.contains("is missing"), "{reason}");
+    // A tenant is not told where the appliance keeps its files; an admin, and the CLI, are.
+    let data_dir = lab.data_dir().display().to_string();
+    assert!(
+        reason.ends_with("is missing (<path on the appliance>)"),
+        "{reason}"
+    );
+    let root = lab.token("root", TENANT_A);
+    let whole = detail(&server, &root, &id)["error"].clone();
+    assert!(
+        whole.as_str().expect("the reason").contains(&data_dir),
+        "{whole}"
+    );
+    assert_eq!(lab.ok_json(&["job", "show", &id])["error"], whole);
     assert!(failed["finished_at"].is_string());
     assert_eq!(failed["rate_bytes_per_s"], Value::Null);
     // Another tenant's job, an id that is no job, no token: what the show route answers.

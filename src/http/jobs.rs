@@ -74,12 +74,19 @@ pub(super) fn show(req: Request, who: Principal) -> Reply {
 }
 
 /// `GET /jobs/{job_id}/detail`: the ten keys, then the job's times, bytes, rate and error
-/// (an appliance addition; same scoping and errors as the show route).
+/// (an appliance addition; same scoping and errors as the show route). A tenant's error has
+/// the appliance's file paths withheld; an admin's is whole.
 pub(super) fn detail(req: Request, who: Principal) -> Reply {
     Box::pin(async move {
         let (svc, id) = (req.svc, req.param);
+        let admin = who.admin;
         let job = blocking(move || svc.show_job(&who, &id)).await?;
-        json_response(StatusCode::OK, &crate::model::JobDetail::from(&job))
+        let mut detail = crate::model::JobDetail::from(&job);
+        if !admin {
+            // The reason names what failed; where the operator keeps files is not the tenant's.
+            detail.error = detail.error.map(|e| crate::text::without_paths(&e));
+        }
+        json_response(StatusCode::OK, &detail)
     })
 }
 

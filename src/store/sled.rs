@@ -1406,7 +1406,7 @@ fn remove_token_tx(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::manifest::{Entry, CHUNK_SIZE};
     use crate::model::ImageStatus;
@@ -1447,7 +1447,7 @@ mod tests {
 
     /// Opens the store at `dir` again, waiting for a store just dropped to let go of sled's
     /// lock (its flusher thread holds it a moment longer).
-    fn reopen(dir: &Path) -> SledStore {
+    pub(in crate::store) fn reopen(dir: &Path) -> SledStore {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             match SledStore::open(dir) {
