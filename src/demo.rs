@@ -123,7 +123,8 @@ pub struct Reach<'a> {
     pub max_bandwidth: Option<u64>,
 }
 
-/// Ready-to-paste commands for the four routes and the CLI against the server: the same
+/// The web page's address, and ready-to-paste commands for the four routes, the images API and
+/// the CLI against the server: the same
 /// `$API` as the README's, and the CLI by the path of this very binary when its directory is
 /// not on `PATH` (after `cargo run`, it is `target/release`).
 pub fn instructions(reach: &Reach) -> String {
@@ -162,6 +163,7 @@ pub fn instructions(reach: &Reach) -> String {
     };
     format!(
         "{who}{cap}
+demo: the web page: {scheme}://{addr}/ui#token={token}
 demo: try these:
   export {path}TOKEN={token} API={scheme}://{addr}/v2/extension/image_replicator
   curl -s{cacert} $API/jobs -H \"X-Auth-Token: $TOKEN\" -w '\\n'
@@ -169,6 +171,7 @@ demo: try these:
        -d '{{\"image_id\": \"{image}\", \"tenant_id_dst\": \"{DEMO_TENANT_OT2}\"}}' | sed -E 's/.*\"job_id\": *\"([^\"]+)\".*/\\1/'); echo $JOB
   curl -s{cacert} $API/jobs/$JOB -H \"X-Auth-Token: $TOKEN\" -w '\\n'
   curl -s{cacert} -X DELETE $API/jobs/$JOB -H \"X-Auth-Token: $TOKEN\" -w '%{{http_code}}\\n'
+  curl -s{cacert} {scheme}://{addr}/v2/images -H \"X-Auth-Token: $TOKEN\" -w '\\n'
   image-replicator --data-dir {data_dir} job watch"
     )
 }

@@ -147,6 +147,18 @@ fn printed_commands_run(lab: &Lab, extra: &[&str], scheme: &str) {
     let shown: Value = serde_json::from_str(lines.next().expect("show")).expect("JSON job");
     assert_eq!(shown["job_id"], job.as_str());
     assert_eq!(lines.next(), Some("204"), "{out}");
+    let images: Value = serde_json::from_str(lines.next().expect("images")).expect("JSON images");
+    assert_eq!(images["images"].as_array().map(Vec::len), Some(2), "{out}");
+    let page = demo
+        .printed
+        .lines()
+        .find_map(|l| l.strip_prefix("demo: the web page: "))
+        .expect("the web page's address");
+    assert!(
+        page.starts_with(&format!("{scheme}://127.0.0.1:"))
+            && page.ends_with(&format!("/ui#token={}", demo.token())),
+        "{page}"
+    );
     let final_status = poll("the canceled job", Duration::from_secs(20), || {
         let shown = lab.ok_json(&["job", "show", &job]);
         let status = shown["status"].as_str().unwrap().to_string();
