@@ -474,7 +474,7 @@ def main():
 
         # What the real pages ask for, without wrk.
         pages(True)
-        calibration = per_page(max(60, args.duration))
+        calibration = per_page(max(10, 6 * args.duration))
         log(f"real pages, per page and second: {calibration}")
 
         class Browser:
@@ -511,7 +511,7 @@ def main():
                     self.replay.__exit__(*exc)
 
         with Replay(port, page_tokens, running):
-            replayed = per_page(max(60, args.duration))
+            replayed = per_page(max(10, 6 * args.duration))
         log(f"replayed pages, per page and second: {replayed}")
         for rep in range(1, args.reps + 1):
             run_pair("replay", replay_runs, rep, port, server, profile, args.duration, Replayed)
@@ -539,8 +539,8 @@ def main():
         "order alternating (ABBA). Two of the tenant's ten jobs are `replicating` (seeded, not "
         "moving), so each page's round also asks for those two jobs' detail; between rounds a "
         "page asks `GET /changes` whether its list changed (here never): at once, then 1 s, "
-        "2 s … up to 5 s after each unchanged answer. The rates per page are counted over 60 s "
-        "without wrk.",
+        "2 s … up to 5 s after each unchanged answer. The rates per page are counted over "
+        f"{max(10, 6 * args.duration)} s without wrk.",
         "",
         f"**Pages in a browser on the server's own 2 CPUs.** One headless Chromium with "
         f"{args.pages} windows, each signed in to `/ui` with its own token; without: every "
