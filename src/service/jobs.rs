@@ -296,12 +296,7 @@ impl Service {
             None => self.usable_region(&image.region)?,
         };
         let dst_region = self.usable_region(&dst_tenant.region)?;
-        if !dst_region.disk_formats.contains(&image.disk_format) {
-            return Err(ServiceError::Conflict(format!(
-                "region {} does not accept disk format {}",
-                dst_region.id, image.disk_format
-            )));
-        }
+        super::check_accepts(&dst_region, &image.disk_format)?;
         let owner = TenantKey::parse(&image.owner).ok_or_else(|| {
             ServiceError::Internal(format!("image {image_id} has a malformed owner"))
         })?;

@@ -108,6 +108,9 @@ impl Service {
             }
         }
         let dst_region = self.usable_region(&dst_tenant.region)?;
+        if let Some(image) = &image {
+            super::check_accepts(&dst_region, &image.disk_format)?;
+        }
         self.check_store_room()?;
         let device = match &image {
             Some(image) => {
@@ -121,6 +124,8 @@ impl Service {
             destination_image_id: None,
             job_id: Uuid::new_v4(),
             status: JobStatus::ReplicateRequested,
+            // Where the destination tenant lives now, as a new copy request would say.
+            destination_region_id: dst_region.id.clone(),
             ..old.wire.clone()
         };
         let bytes_total = image.as_ref().map_or(old.bytes_total, |i| i.size);

@@ -88,6 +88,18 @@ fn parse_tenant(value: &str) -> Result<TenantKey> {
     })
 }
 
+/// A 409 unless `region` takes images of disk format `format` (`region add --disk-formats`).
+fn check_accepts(region: &Region, format: &str) -> Result<()> {
+    if region.disk_formats.iter().any(|f| f == format) {
+        Ok(())
+    } else {
+        Err(ServiceError::Conflict(format!(
+            "region {} does not accept disk format {format}",
+            region.id
+        )))
+    }
+}
+
 fn check_format(kind: &str, value: &str, allowed: &[&str]) -> Result<()> {
     if allowed.contains(&value) {
         Ok(())

@@ -538,13 +538,7 @@ impl Service {
             })?;
         let m = decode_manifest(&upload.manifest)?;
         let image = upload_record(uuid, upload, &tenant.id, &m)?;
-        if !region.disk_formats.contains(&image.disk_format) {
-            return Err(ServiceError::Conflict(format!(
-                "region {} does not accept disk format {}",
-                region.id, image.disk_format
-            ))
-            .into());
-        }
+        super::check_accepts(&region, &image.disk_format)?;
         let lock = self.peer.upload_lock(uuid);
         let _alone = lock.write().unwrap_or_else(|e| e.into_inner());
         self.peer.forget_manifest(uuid);

@@ -30,7 +30,6 @@
     details: new Map(), // job_id -> detail object (terminal ones are kept)
     samples: new Map(), // job_id -> [{t, progress}] for an ETA without the detail route
     detailAt: new Map(), // job_id -> when its detail was last asked for
-    detailRoute: true, // false once the server shows it has no /detail route
     openJob: null,
     timer: null,
     lastTick: 0,
@@ -38,9 +37,8 @@
     again: false,
     session: 0, // changes at each sign-in and sign-out
     imagesAt: 0,
-    imagesRoute: true,
+    imagesRoute: true, // false for a tenant whose images are in a Glance region
     tag: null, // the job list's tag from GET /changes, taken before the last round
-    changesRoute: true, // false once the server shows it has no /changes route
     waiting: null, // the AbortController of the GET /changes under way
     unchanged: 0, // GET /changes answered the same tag this many times in a row
   };
@@ -193,6 +191,7 @@
     show($("app"), true);
     show($("sign-out"), true);
     state.imagesAt = 0;
+    state.imagesRoute = true;
     startPolling();
   }
 
@@ -273,7 +272,7 @@
       schedule(0);
       return;
     }
-    if (pages > 1 || !state.changesRoute) {
+    if (pages > 1) {
       // A list of several pages waits that many seconds: one page a second on average (the
       // tag covers the first page only).
       schedule(POLL_MS * pages - (Date.now() - state.lastTick));
@@ -305,9 +304,7 @@
     } catch (e) {
       if (waiting.signal.aborted || session !== state.session) return;
       if (lost(e)) return;
-      // A server without the route is read once a second; any other failure (a restart,
-      // say) is shown by the next round.
-      if (e instanceof ApiError && e.status === 404) state.changesRoute = false;
+      // Any other failure (a restart, say) is shown by the next round.
       state.tag = null;
     }
     state.waiting = null;
@@ -499,10 +496,6 @@
   // The detail of running jobs (for rate and ETA), of failed ones once (their message), and
   // of the open one.
   async function refreshDetails(jobs) {
-    if (!state.detailRoute) {
-      if (state.openJob) await loadDetail(state.openJob);
-      return;
-    }
     const wanted = [];
     const now = Date.now();
     for (const job of jobs) {
@@ -521,36 +514,24 @@
     }
     if (state.openJob && !wanted.includes(state.openJob)) wanted.unshift(state.openJob);
     for (const id of wanted.slice(0, MAX_DETAILS_PER_TICK)) {
-      if (!state.detailRoute) break;
       const cached = state.details.get(id);
       if (cached && TERMINAL.includes(cached.status) && id !== state.openJob) continue;
       await loadDetail(id);
     }
   }
 
-  // GET /jobs/{id}/detail; where the server has no such route, the job's ten keys.
+  // GET /jobs/{id}/detail; a job that is gone (404) is forgotten.
   async function loadDetail(id) {
-    let detail = null;
-    if (state.detailRoute) {
-      try {
-        detail = await api("GET", JOBS + "/" + encodeURIComponent(id) + "/detail");
-      } catch (e) {
-        if (!(e instanceof ApiError) || e.status !== 404) throw e;
+    let detail;
+    try {
+      detail = await api("GET", JOBS + "/" + encodeURIComponent(id) + "/detail");
+    } catch (e) {
+      if (e instanceof ApiError && e.status === 404) {
+        state.details.delete(id);
+        if (state.openJob === id) say($("detail-error"), e.message);
+        return;
       }
-    }
-    if (detail === null) {
-      try {
-        detail = await api("GET", JOBS + "/" + encodeURIComponent(id));
-        // The job exists, so the 404 was the route: this server predates it.
-        state.detailRoute = false;
-      } catch (e) {
-        if (e instanceof ApiError && e.status === 404) {
-          state.details.delete(id);
-          if (state.openJob === id) say($("detail-error"), e.message);
-          return;
-        }
-        throw e;
-      }
+      throw e;
     }
     state.details.set(id, detail);
     state.detailAt.set(id, Date.now());
@@ -625,10 +606,6 @@
       if (key === "error") dd.id = "detail-message";
       list.appendChild(dd);
     }
-    if (!state.detailRoute) {
-      list.appendChild(el("dt", null, "Note"));
-      list.appendChild(el("dd", null, "This server has no detail route: times and messages are not shown."));
-    }
   }
 
   // ----- cancel -----
@@ -648,7 +625,7 @@
     schedule(0);
   }
 
-  // ----- images and the copy form (where the server has the Image API) -----
+  // ----- images and the copy form (where the appliance keeps the tenant's images) -----
 
   function clearImages() {
     $("image-rows").replaceChildren();
@@ -669,7 +646,8 @@
         path = typeof page.next === "string" && page.next.startsWith("/v2/images") ? page.next : null;
       }
     } catch (e) {
-      if (e instanceof ApiError && (e.status === 404 || e.status === 405)) {
+      // A tenant of a Glance region (409): its images are in its Glance, not here.
+      if (e instanceof ApiError && e.status === 409) {
         state.imagesRoute = false;
         clearImages();
         return;

@@ -98,7 +98,8 @@ impl SortKey {
             SortKey::ContainerFormat => a.container_format.cmp(&b.container_format),
             SortKey::DiskFormat => a.disk_format.cmp(&b.disk_format),
             SortKey::Size => a.size.cmp(&b.size),
-            SortKey::Id => a.id.to_string().cmp(&b.id.to_string()),
+            // A UUID's bytes sort as its lowercase hyphenated text does.
+            SortKey::Id => a.id.cmp(&b.id),
             SortKey::CreatedAt => a.created_at.cmp(&b.created_at),
             SortKey::UpdatedAt => a.updated_at.cmp(&b.updated_at),
             SortKey::Visibility => a.meta.visibility.as_str().cmp(b.meta.visibility.as_str()),
@@ -161,8 +162,6 @@ pub struct NewImage {
     pub container_format: Option<String>,
     pub owner: Option<String>,
     pub meta: ImageMeta,
-    /// Whether `visibility` was given (else Glance's default, `shared`).
-    pub visibility_given: bool,
 }
 
 /// One JSON-patch operation, as both patch media types say it.
@@ -245,20 +244,16 @@ impl Service {
 
     /// `GET /v2/images/{id}`: the image, if `who` may see it (404 otherwise, as Glance).
     pub fn api_image(&self, who: &Principal, id: &str) -> Result<Image> {
-        if !who.admin {
-            self.api_home(who)?;
-        }
+        // A tenant's home region first: a tenant of a Glance region gets its 409 here.
+        let home = (!who.admin).then(|| self.api_home(who)).transpose()?;
         let uuid = Uuid::try_parse(id).map_err(|_| no_image(id))?;
         let image = self.store.image(uuid)?.ok_or_else(|| no_image(id))?;
-        let home = self.store.region(&image.region)?.filter(keeps_records);
-        if image.status == ImageStatus::Deleted || home.is_none() || !may_see(who, &image) {
+        let kept = self.store.region(&image.region)?.filter(keeps_records);
+        if image.status == ImageStatus::Deleted || kept.is_none() || !may_see(who, &image) {
             return Err(no_image(id));
         }
-        if !who.admin {
-            let (tenant, _) = self.api_home(who)?;
-            if tenant.region != image.region {
-                return Err(no_image(id));
-            }
+        if home.is_some_and(|(tenant, _)| tenant.region != image.region) {
+            return Err(no_image(id));
         }
         Ok(image)
     }
@@ -361,12 +356,7 @@ impl Service {
         }
         if let Some(f) = &new.disk_format {
             check_enum("disk_format", f, &DISK_FORMATS)?;
-            if !region.disk_formats.contains(f) {
-                return Err(ServiceError::Conflict(format!(
-                    "region {} does not accept disk format {f}",
-                    region.id
-                )));
-            }
+            super::super::check_accepts(&region, f)?;
         }
         if let Some(f) = &new.container_format {
             check_enum("container_format", f, &CONTAINER_FORMATS)?;
@@ -766,10 +756,6 @@ impl NewImage {
                 "name" => new.name = text(key, value)?,
                 "disk_format" => new.disk_format = text(key, value)?,
                 "container_format" => new.container_format = text(key, value)?,
-                "visibility" => {
-                    new.visibility_given = true;
-                    set_field(&mut scratch, key, value)?;
-                }
                 _ => set_field(&mut scratch, key, value)?,
             }
         }

@@ -115,12 +115,7 @@ impl Service {
             ));
         }
         let region = self.region(&image.region)?;
-        if !region.disk_formats.contains(&image.disk_format) {
-            return Err(ServiceError::Conflict(format!(
-                "region {} does not accept disk format {}",
-                region.id, image.disk_format
-            )));
-        }
+        super::super::check_accepts(&region, &image.disk_format)?;
         let images = self.images_of(&region)?;
         images.probe().map_err(|why| {
             ServiceError::Conflict(format!("region {} store is unusable: {why}", region.id))

@@ -62,17 +62,8 @@ impl Service {
         }
         let (key, tenant) = self.tenant(&req.tenant)?;
         let region = self.region(&tenant.region)?;
-        let accepts = |format: &String| -> Result<()> {
-            if region.disk_formats.contains(format) {
-                return Ok(());
-            }
-            Err(ServiceError::Conflict(format!(
-                "region {} does not accept disk format {format}",
-                region.id
-            )))
-        };
         if let Some(format) = &req.disk_format {
-            accepts(format)?;
+            super::check_accepts(&region, format)?;
         }
         let images = self.images_of(&region)?;
         if images.records().is_some() {
@@ -100,7 +91,7 @@ impl Service {
             }
             None => {
                 let found = found.to_string();
-                accepts(&found)?;
+                super::check_accepts(&region, &found)?;
                 found
             }
         };
