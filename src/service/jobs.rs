@@ -296,7 +296,6 @@ impl Service {
             None => self.usable_region(&image.region)?,
         };
         let dst_region = self.usable_region(&dst_tenant.region)?;
-        super::check_accepts(&dst_region, &image.disk_format)?;
         let owner = TenantKey::parse(&image.owner).ok_or_else(|| {
             ServiceError::Internal(format!("image {image_id} has a malformed owner"))
         })?;
@@ -305,9 +304,7 @@ impl Service {
             .admission
             .lock()
             .map_err(|_| ServiceError::Internal("the admission lock is poisoned".into()))?;
-        self.check_store_room()?;
-        self.check_quotas(owner, dst_key, &dst_tenant, &image)?;
-        let device = self.check_room(&dst_region, &image)?;
+        let device = self.admit(owner, dst_key, &dst_tenant, &dst_region, Some(&image))?;
         let wire = JobWire {
             copy_progress: 0,
             destination_image_id: None,
@@ -330,6 +327,29 @@ impl Service {
         self.board.wake();
         tracing::info!(job = %job.wire.job_id, image = %image_uuid, to = %job.wire.destination_tenant_id, "replicate_requested");
         Ok(job)
+    }
+
+    /// The checks a new job passes, under the admission lock: the destination region takes
+    /// the image's disk format, the store's own reserve, and, where the source's record is
+    /// known, the quotas and the room at the destination. The device whose room the job is to
+    /// be promised, if any. Copy requests and retries both come through here.
+    pub(super) fn admit(
+        &self,
+        owner: TenantKey,
+        dst_key: TenantKey,
+        dst_tenant: &Tenant,
+        dst_region: &Region,
+        image: Option<&Image>,
+    ) -> Result<Option<u64>> {
+        if let Some(image) = image {
+            super::check_accepts(dst_region, &image.disk_format)?;
+        }
+        self.check_store_room()?;
+        let Some(image) = image else {
+            return Ok(None);
+        };
+        self.check_quotas(owner, dst_key, dst_tenant, image)?;
+        self.check_room(dst_region, image)
     }
 
     /// New jobs are refused (507) while the store's own file system is below its reserve: the

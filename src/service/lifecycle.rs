@@ -108,17 +108,7 @@ impl Service {
             }
         }
         let dst_region = self.usable_region(&dst_tenant.region)?;
-        if let Some(image) = &image {
-            super::check_accepts(&dst_region, &image.disk_format)?;
-        }
-        self.check_store_room()?;
-        let device = match &image {
-            Some(image) => {
-                self.check_quotas(owner, dst_key, &dst_tenant, image)?;
-                self.check_room(&dst_region, image)?
-            }
-            None => None,
-        };
+        let device = self.admit(owner, dst_key, &dst_tenant, &dst_region, image.as_ref())?;
         let wire = JobWire {
             copy_progress: 0,
             destination_image_id: None,
