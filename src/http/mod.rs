@@ -299,31 +299,25 @@ static ROUTES: &[Route] = &[
     },
 ];
 
-/// The route of `path` and its parameters.
+/// The route of `path` and its parameters (empty where the route has fewer).
 fn find(path: &str) -> Option<(&'static Route, &str, &str)> {
-    let one = |p: &str| !p.is_empty() && !p.contains('/');
+    let one = |p: &&str| !p.is_empty() && !p.contains('/');
     ROUTES.iter().find_map(|route| match route.path {
+        PathShape::Exact(p) => (path == p).then_some((route, "", "")),
+        PathShape::Param(prefix) => path
+            .strip_prefix(prefix)
+            .filter(one)
+            .map(|p| (route, p, "")),
+        PathShape::ParamThen(prefix, suffix) => path
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.strip_suffix(suffix))
+            .filter(one)
+            .map(|p| (route, p, "")),
         PathShape::TwoParams(prefix, middle) => path
             .strip_prefix(prefix)
             .and_then(|rest| rest.split_once(middle))
             .filter(|(a, b)| one(a) && one(b))
             .map(|(a, b)| (route, a, b)),
-        _ => find_one(route, path).map(|p| (route, p, "")),
-    })
-}
-
-/// The parameter of `path` if `route` (of one parameter or none) matches it.
-fn find_one<'a>(route: &'static Route, path: &'a str) -> Option<&'a str> {
-    Some(route).and_then(|route| match route.path {
-        PathShape::TwoParams(..) => None,
-        PathShape::Exact(p) => (path == p).then_some(""),
-        PathShape::Param(prefix) => path
-            .strip_prefix(prefix)
-            .filter(|param| !param.is_empty() && !param.contains('/')),
-        PathShape::ParamThen(prefix, suffix) => path
-            .strip_prefix(prefix)
-            .and_then(|rest| rest.strip_suffix(suffix))
-            .filter(|param| !param.is_empty() && !param.contains('/')),
     })
 }
 

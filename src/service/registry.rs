@@ -301,12 +301,9 @@ impl Service {
             if record.info.user != name || !gone {
                 continue;
             }
-            if record.info.revoked_at.is_none() {
-                record.info.revoked_at = Some(at);
-                self.store.update_token(&record)?;
+            if self.revoke(&mut record, at)? {
                 revoked += 1;
             }
-            self.auth.forget_token(record.info.id);
         }
         self.flush()?;
         Ok((user, revoked))
@@ -416,12 +413,21 @@ impl Service {
         let missing = || ServiceError::NotFound(format!("no token with id {id}"));
         let uuid = Uuid::try_parse(id).map_err(|_| missing())?;
         let mut record = self.store.token(uuid)?.ok_or_else(missing)?;
-        if record.info.revoked_at.is_none() {
-            record.info.revoked_at = Some(now());
-            self.store.update_token(&record)?;
+        if self.revoke(&mut record, now())? {
             self.flush()?;
         }
-        self.auth.forget_token(uuid);
         Ok(record.info)
+    }
+
+    /// Marks `record` revoked at `at` unless it is already, and takes it out of the token
+    /// cache: it fails from the very next request. Whether it changed.
+    fn revoke(&self, record: &mut TokenRecord, at: u64) -> Result<bool> {
+        let changed = record.info.revoked_at.is_none();
+        if changed {
+            record.info.revoked_at = Some(at);
+            self.store.update_token(record)?;
+        }
+        self.auth.forget_token(record.info.id);
+        Ok(changed)
     }
 }
