@@ -251,7 +251,11 @@ pub fn read(file: &Path) -> std::result::Result<Backup, String> {
 
 /// `restore FILE --data-dir DIR`: only into a data directory that does not exist yet or is
 /// empty; the summary of what was restored.
-pub fn restore(file: &Path, data_dir: &Path) -> std::result::Result<String, String> {
+pub fn restore(
+    file: &Path,
+    data_dir: &Path,
+    config: &crate::store::StoreConfig,
+) -> std::result::Result<String, String> {
     let backup = read(file)?;
     let shown = data_dir.display();
     match std::fs::read_dir(data_dir) {
@@ -267,7 +271,7 @@ pub fn restore(file: &Path, data_dir: &Path) -> std::result::Result<String, Stri
     }
     crate::server::create_data_dir(data_dir).map_err(|e| format!("cannot create {shown}: {e}"))?;
     let absolute = std::path::absolute(data_dir).map_err(|e| format!("{shown}: {e}"))?;
-    let store = crate::server::open_store(&absolute, std::time::Duration::from_secs(2))
+    let store = crate::server::open_store(&absolute, config, std::time::Duration::from_secs(2))
         .map_err(|e| e.to_string())?;
     let svc = Service::new(store, absolute);
     svc.restore(&backup)

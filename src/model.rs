@@ -129,6 +129,10 @@ pub struct Region {
     pub disk_formats: Vec<String>,
     #[serde(with = "ts")]
     pub created_at: u64,
+    /// The one appliance (its node name) that may run jobs touching this region: a directory
+    /// that only that machine mounts. `None`: any appliance of the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin: Option<String>,
 }
 
 /// What a region is. `regions::open` matches on it once to build the region's image store.

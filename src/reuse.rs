@@ -239,7 +239,11 @@ mod tests {
     impl Lab {
         fn new() -> Lab {
             let dir = tempfile::tempdir().expect("temp dir");
-            let store = crate::store::open(&dir.path().join("data")).expect("store");
+            let store = crate::store::open(
+                &dir.path().join("data"),
+                &crate::store::StoreConfig::embedded(),
+            )
+            .expect("store");
             let svc = Service::new(store, dir.path().join("data"));
             svc.region_add("r1", None, None).expect("region");
             svc.tenant_add(A, "r1", None).expect("tenant A");

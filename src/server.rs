@@ -29,6 +29,8 @@ pub struct ServeOptions {
     /// Resolved from `--listen` while the arguments were parsed.
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// Which store, and this appliance's name.
+    pub store: store::StoreConfig,
     pub demo: bool,
     /// `None`: the API alone (`--no-worker`).
     pub worker: Option<WorkerConfig>,
@@ -52,11 +54,15 @@ pub fn private_umask() {
 }
 
 /// Opens the store, waiting up to `wait` while another process holds its lock.
-pub fn open_store(data_dir: &Path, wait: Duration) -> Result<Arc<dyn Repo>, OpenError> {
+pub fn open_store(
+    data_dir: &Path,
+    config: &store::StoreConfig,
+    wait: Duration,
+) -> Result<Arc<dyn Repo>, OpenError> {
     private_umask();
     let deadline = std::time::Instant::now() + wait;
     loop {
-        match store::open(data_dir) {
+        match store::open(data_dir, config) {
             Err(OpenError::Locked(_)) if std::time::Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -109,7 +115,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
         )
     })?;
     let data_dir = std::path::absolute(&opts.data_dir).map_err(|e| e.to_string())?;
-    let store = open_store(&data_dir, LOCK_WAIT).map_err(|e| match e {
+    let store = open_store(&data_dir, &opts.store, LOCK_WAIT).map_err(|e| match e {
         OpenError::Locked(path) => format!(
             "the store {path} is in use by another image-replicator process; is a server already running on {}?",
             data_dir.display()

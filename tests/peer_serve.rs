@@ -286,7 +286,11 @@ fn an_image_without_a_manifest_gets_one_made_and_stored_on_the_first_ask() {
     let id = import(&lab, &data);
     let uuid: uuid::Uuid = id.parse().expect("uuid");
     {
-        let store = image_replicator::store::open(&lab.data_dir()).expect("store");
+        let store = image_replicator::store::open(
+            &lab.data_dir(),
+            &image_replicator::store::StoreConfig::embedded(),
+        )
+        .expect("store");
         store.remove_manifest(uuid).expect("remove");
         store.flush().expect("flush");
     }
@@ -299,7 +303,11 @@ fn an_image_without_a_manifest_gets_one_made_and_stored_on_the_first_ask() {
         .log_text()
         .contains("making the image's manifest (it has none yet)"));
     drop(server);
-    let store = image_replicator::store::open(&lab.data_dir()).expect("store");
+    let store = image_replicator::store::open(
+        &lab.data_dir(),
+        &image_replicator::store::StoreConfig::embedded(),
+    )
+    .expect("store");
     let kept = store.manifest(uuid).expect("read").expect("stored");
     assert_eq!(Manifest::decode(&kept), Ok(m));
 }

@@ -269,7 +269,11 @@ fn holes_of_a_sparse_source_are_not_read_and_stay_holes() {
 
 /// Opens the lab's store in this process (no server may run) to reach the manifests.
 fn with_store<T>(lab: &Lab, f: impl FnOnce(&dyn image_replicator::store::Repo) -> T) -> T {
-    let store = image_replicator::store::open(&lab.data_dir()).expect("open the store");
+    let store = image_replicator::store::open(
+        &lab.data_dir(),
+        &image_replicator::store::StoreConfig::embedded(),
+    )
+    .expect("open the store");
     let out = f(&*store);
     store.flush().expect("flush");
     out

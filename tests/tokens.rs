@@ -227,7 +227,11 @@ fn three_hundred_concurrent_requests_with_a_colliding_string_cost_no_argon2_and_
 /// A token record as 5ef79c4 wrote it: the lookup is the first 4 bytes of the SHA-256.
 fn write_legacy_token(lab: &Lab, user: &str, tenant: &str, token: &str) {
     use sha2::{Digest, Sha256};
-    let store = image_replicator::store::open(&lab.data_dir()).expect("open the store");
+    let store = image_replicator::store::open(
+        &lab.data_dir(),
+        &image_replicator::store::StoreConfig::embedded(),
+    )
+    .expect("open the store");
     let digest = Sha256::digest(token.as_bytes());
     let lookup = &digest[..4];
     let record = image_replicator::model::TokenRecord {

@@ -54,8 +54,44 @@ pub struct Cli {
           value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Keep the records in this PostgreSQL database (postgres://USER@HOST/DB, or
+    /// postgres:///DB?host=/run/postgresql for a Unix socket) instead of sled in the data
+    /// directory; appliances that share one database share their jobs
+    #[arg(long, global = true, help_heading = GLOBAL, value_name = "URL",
+          env = "IMAGE_REPLICATOR_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Connections to PostgreSQL that this process keeps open at most
+    #[arg(long, global = true, help_heading = GLOBAL, value_name = "N",
+          env = "IMAGE_REPLICATOR_DATABASE_POOL", default_value_t = 16,
+          value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub database_pool: u16,
+
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// The store the command opens, as this host (`serve --node-name` names the server).
+    pub fn store_config(&self) -> crate::store::StoreConfig {
+        crate::store::StoreConfig {
+            database_url: self.database_url.clone(),
+            pool: usize::from(self.database_pool),
+            node: crate::store::host_name(),
+        }
+    }
+}
+
+/// A node name: 1 to 64 letters, digits, dots, dashes and underscores.
+pub fn parse_node_name(s: &str) -> Result<String, String> {
+    let ok = (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err("a node name is 1 to 64 letters, digits, dots, dashes and underscores".into())
+    }
 }
 
 /// The heading of the options every command takes, apart from each command's own.
@@ -146,6 +182,11 @@ pub struct ServeArgs {
     /// --max-bandwidth says otherwise
     #[arg(long, env = "IMAGE_REPLICATOR_DEMO")]
     pub demo: bool,
+    /// This appliance's name among those sharing one database: the holder of the jobs it
+    /// copies (`job show`), and what `region add --pin` names [default: the host name]
+    #[arg(long, env = "IMAGE_REPLICATOR_NODE_NAME", value_name = "NAME",
+          value_parser = parse_node_name)]
+    pub node_name: Option<String>,
     /// Serve the API and the admin socket only; copy nothing
     #[arg(long, env = "IMAGE_REPLICATOR_NO_WORKER")]
     pub no_worker: bool,

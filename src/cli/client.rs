@@ -7,10 +7,10 @@ use std::time::Duration;
 use crate::admin::{self, Reply, Request};
 use crate::server;
 use crate::service::Service;
-use crate::store::OpenError;
+use crate::store::{OpenError, StoreConfig};
 
 /// Sends the request to the running server, or runs it on the store when none runs.
-pub fn call(data_dir: &Path, request: Request) -> Result<Reply, String> {
+pub fn call(data_dir: &Path, config: &StoreConfig, request: Request) -> Result<Reply, String> {
     if let Some(stream) = admin::connect(data_dir)? {
         return admin::send(stream, &request)?.map_err(|e| e.to_string());
     }
@@ -28,21 +28,22 @@ pub fn call(data_dir: &Path, request: Request) -> Result<Reply, String> {
             .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
     }
     let acting_as = act_as_owner(data_dir)?;
-    let store = server::open_store(data_dir, Duration::from_secs(2)).map_err(|e| match e {
-        OpenError::Locked(path) => format!(
-            "the store {path} is locked by another process, but no server answers on {}; \
+    let store =
+        server::open_store(data_dir, config, Duration::from_secs(2)).map_err(|e| match e {
+            OpenError::Locked(path) => format!(
+                "the store {path} is locked by another process, but no server answers on {}; \
              if a server is starting or stopping, try again",
-            admin::socket_path(data_dir).display()
-        ),
-        other => match acting_as {
-            Some(uid) => format!(
-                "{other} (root acts as uid {uid}, the owner of {}: what that uid cannot read \
-                 or write there, such as files of root's, must be chowned to it)",
-                data_dir.display()
+                admin::socket_path(data_dir).display()
             ),
-            None => other.to_string(),
-        },
-    })?;
+            other => match acting_as {
+                Some(uid) => format!(
+                    "{other} (root acts as uid {uid}, the owner of {}: what that uid cannot read \
+                 or write there, such as files of root's, must be chowned to it)",
+                    data_dir.display()
+                ),
+                None => other.to_string(),
+            },
+        })?;
     let svc = Service::new(store, super::args::absolute(data_dir)?);
     admin::execute(&svc, request, None).map_err(|e| e.to_string())
 }

@@ -19,14 +19,19 @@ pub const NOT_RUNNING: i32 = 3;
 
 /// Runs the parsed command; the error is the one line to print.
 pub fn run(cli: Cli) -> Result<(), String> {
+    let mut store = cli.store_config();
     let data_dir = cli.data_dir;
     let command = match cli.command {
         Command::Serve(args) => {
+            if let Some(node) = args.node_name.clone() {
+                store.node = node;
+            }
             let runtime = tokio::runtime::Runtime::new()
                 .map_err(|e| format!("cannot start the async runtime: {e}"))?;
             return runtime.block_on(server::run(ServeOptions {
                 listen: args.listen,
                 data_dir,
+                store,
                 demo: args.demo,
                 worker: (!args.no_worker).then_some(WorkerConfig {
                     threads: usize::from(args.workers),
@@ -68,11 +73,11 @@ pub fn run(cli: Cli) -> Result<(), String> {
             Command::Status
         }
         Command::Restore { file } => {
-            let summary = crate::backup::restore(&file, &data_dir)?;
+            let summary = crate::backup::restore(&file, &data_dir, &store)?;
             println!("restored {summary} into {}", data_dir.display());
             return Ok(());
         }
-        Command::Backup { file } => return backup(&data_dir, &file, cli.json),
+        Command::Backup { file } => return backup(&data_dir, &store, &file, cli.json),
         other => other,
     };
     let token_list_all = match &command {
@@ -80,7 +85,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
         _ => None,
     };
     let (request, verb) = args::request_for(command)?;
-    let mut reply = client::call(&data_dir, request)?;
+    let mut reply = client::call(&data_dir, &store, request)?;
     if let (Some(all), Reply::Tokens(tokens)) = (token_list_all, &mut reply) {
         output::tokens_shown(tokens, all);
     }
@@ -109,9 +114,14 @@ pub fn run(cli: Cli) -> Result<(), String> {
 }
 
 /// `backup FILE`: the records from the running server (or the store), written atomically.
-fn backup(data_dir: &std::path::Path, file: &std::path::Path, json: bool) -> Result<(), String> {
+fn backup(
+    data_dir: &std::path::Path,
+    store: &crate::store::StoreConfig,
+    file: &std::path::Path,
+    json: bool,
+) -> Result<(), String> {
     let crate::admin::Reply::Backup(backup) =
-        client::call(data_dir, crate::admin::Request::Backup)?
+        client::call(data_dir, store, crate::admin::Request::Backup)?
     else {
         return Err("the server answered the backup request with something else".into());
     };

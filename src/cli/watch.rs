@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
-use super::client::call;
 use crate::admin::{self, Reply, Request};
 use crate::error::ServiceError;
 use crate::model::{Job, JobStatus};
@@ -125,9 +124,13 @@ fn show(data_dir: &Path, id: &str) -> Result<Option<Job>, String> {
 }
 
 fn active(data_dir: &Path) -> Result<Vec<Job>, String> {
-    match call(data_dir, Request::ActiveJobs)? {
-        Reply::Jobs(jobs) => Ok(jobs),
-        _ => Err("unexpected reply from the server".into()),
+    let Some(stream) = admin::connect(data_dir)? else {
+        return Err(format!("the server on {} stopped", data_dir.display()));
+    };
+    match admin::send(stream, &Request::ActiveJobs)? {
+        Ok(Reply::Jobs(jobs)) => Ok(jobs),
+        Err(e) => Err(e.to_string()),
+        Ok(_) => Err("unexpected reply from the server".into()),
     }
 }
 

@@ -224,7 +224,11 @@ mod tests {
     #[test]
     fn a_purge_removes_the_partial_image_a_failed_job_kept_with_the_job() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let store = crate::store::open(&dir.path().join("data")).expect("store");
+        let store = crate::store::open(
+            &dir.path().join("data"),
+            &crate::store::StoreConfig::embedded(),
+        )
+        .expect("store");
         let svc = Service::new(store, dir.path().join("data"));
         let region = svc.region_add("ot2", None, None).expect("region");
         let tenant = "91b5c7c09cbd45caa3c146fd67ae471e";

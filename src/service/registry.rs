@@ -51,6 +51,7 @@ impl Service {
             kind,
             disk_formats: formats,
             created_at: now(),
+            pin: None,
         };
         let images = self
             .stores

@@ -35,6 +35,7 @@ fn region(id: &str) -> Region {
         },
         disk_formats: vec!["raw".into()],
         created_at: 1,
+        pin: None,
     }
 }
 
@@ -351,10 +352,53 @@ pub fn a_queued_job_is_claimed_by_one_worker_at_a_time(s: &dyn Repo) {
     let (owner, j) = job(s, A, JobStatus::ReplicateRequested);
     let id = j.wire.job_id;
     s.insert_jobs(&[(owner, j)]).expect("insert");
-    assert!(s.claim(id).expect("claim"));
-    assert!(!s.claim(id).expect("second claim"));
+    let none = std::collections::HashSet::new();
+    assert_eq!(s.holder(id).expect("holder"), None);
+    assert_eq!(s.claim_next(&none).expect("claim"), Some(id));
+    assert_eq!(s.holder(id).expect("holder"), Some(s.node().to_string()));
+    assert_eq!(s.claim_next(&none).expect("second claim"), None);
+    assert_eq!(s.renew_claims().expect("renew"), vec![(id, false)]);
     s.release(id);
-    assert!(s.claim(id).expect("claim after release"));
+    assert_eq!(s.holder(id).expect("holder"), None);
+    assert_eq!(s.renew_claims().expect("renew"), vec![]);
+    assert_eq!(
+        s.claim_next(&[id].into_iter().collect()).expect("skipped"),
+        None
+    );
+    assert_eq!(s.claim_next(&none).expect("claim after release"), Some(id));
+}
+
+/// Claims go oldest first, and never to a job touching a region pinned to another node.
+pub fn claims_go_oldest_first_and_honour_pins(s: &dyn Repo) {
+    let mut pinned = region("edge");
+    pinned.pin = Some(format!("not-{}", s.node()));
+    assert!(s.insert_region(&pinned).expect("region"));
+    let mut mine = region("lab");
+    mine.pin = Some(s.node().to_string());
+    assert!(s.insert_region(&mine).expect("region"));
+    let (owner, mut first) = job(s, A, JobStatus::ReplicateRequested);
+    first.wire.destination_region_id = "edge".into();
+    let (_, mut second) = job(s, A, JobStatus::ReplicateRequested);
+    second.wire.source_region_id = "lab".into();
+    let (_, third) = job(s, A, JobStatus::ReplicateRequested);
+    let ids = [first.wire.job_id, second.wire.job_id, third.wire.job_id];
+    s.insert_jobs(&[(owner, first), (owner, second), (owner, third)])
+        .expect("insert");
+    let none = std::collections::HashSet::new();
+    assert_eq!(s.claim_next(&none).expect("claim"), Some(ids[1]));
+    assert_eq!(s.claim_next(&none).expect("claim"), Some(ids[2]));
+    assert_eq!(s.claim_next(&none).expect("claim"), None);
+    // A cancel asked for a claimed job is told to its holder when it renews.
+    s.update_job(ids[2], &|job| {
+        assert!(job.request_cancel(5));
+        Ok(ImageChange::None)
+    })
+    .expect("cancel");
+    let mut renewed = s.renew_claims().expect("renew");
+    renewed.sort();
+    let mut want = vec![(ids[1], false), (ids[2], true)];
+    want.sort();
+    assert_eq!(renewed, want);
 }
 
 pub fn the_version_changes_with_every_committed_job_write_only(s: &dyn Repo) {
@@ -708,6 +752,7 @@ macro_rules! contract_suite {
                 an_update_writes_the_job_and_its_image_together_or_nothing,
                 the_queue_holds_exactly_the_enqueued_unfinished_jobs,
                 a_queued_job_is_claimed_by_one_worker_at_a_time,
+                claims_go_oldest_first_and_honour_pins,
                 the_version_changes_with_every_committed_job_write_only,
                 counts_and_tenant_references_follow_the_jobs,
                 removed_jobs_leave_the_listings_the_queue_the_counts_and_their_tenants,

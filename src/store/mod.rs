@@ -12,9 +12,10 @@ pub mod sled;
 #[cfg(test)]
 mod contract;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use uuid::Uuid;
 
@@ -32,10 +33,60 @@ pub enum OpenError {
     Other { path: String, reason: String },
 }
 
-/// Opens the store of the data directory `dir`.
-pub fn open(dir: &Path) -> std::result::Result<Arc<dyn Repo>, OpenError> {
-    Ok(Arc::new(self::sled::SledStore::open(dir)?))
+/// Which store an appliance opens, and as whom.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// `postgres://…`: the records are in that PostgreSQL database, which several
+    /// appliances may share. `None`: in sled, in the data directory.
+    pub database_url: Option<String>,
+    /// Connections to PostgreSQL.
+    pub pool: usize,
+    /// This appliance's name, the holder of its claims.
+    pub node: String,
 }
+
+impl StoreConfig {
+    /// The sled store in the data directory, opened by this host.
+    pub fn embedded() -> StoreConfig {
+        StoreConfig {
+            database_url: None,
+            pool: DEFAULT_POOL,
+            node: host_name(),
+        }
+    }
+}
+
+/// Connections to PostgreSQL unless `--database-pool` says otherwise.
+pub const DEFAULT_POOL: usize = 16;
+
+/// This machine's host name: the default node name.
+pub fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `len` bytes into the buffer given.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    match std::str::from_utf8(&buf[..len]) {
+        Ok(name) if ok && !name.is_empty() => name.to_string(),
+        _ => "localhost".to_string(),
+    }
+}
+
+/// Opens the store: sled in the data directory `dir`, or the PostgreSQL database.
+pub fn open(dir: &Path, config: &StoreConfig) -> std::result::Result<Arc<dyn Repo>, OpenError> {
+    match &config.database_url {
+        None => Ok(Arc::new(self::sled::SledStore::open(dir, &config.node)?)),
+        Some(url) => Err(OpenError::Other {
+            path: url.clone(),
+            reason: "PostgreSQL is not supported yet".into(),
+        }),
+    }
+}
+
+/// How long a claim on a queued job lasts unless its appliance renews it; a claim not renewed
+/// for this long is taken over by another appliance of the same store.
+pub const LEASE: Duration = Duration::from_secs(10);
+/// How often an appliance renews its claims (and learns of cancels asked elsewhere).
+pub const RENEW_EVERY: Duration = Duration::from_millis(500);
 
 /// Everything the appliance keeps.
 pub trait Repo: Registry + Jobs {
@@ -43,6 +94,8 @@ pub trait Repo: Registry + Jobs {
     fn flush(&self) -> Result<()>;
     /// Whether the store takes writes now; why not (a full disk: a 507).
     fn writable(&self) -> std::result::Result<(), ServiceError>;
+    /// This appliance's name (`serve --node-name`): the holder of the claims it makes.
+    fn node(&self) -> &str;
 }
 
 /// Regions, tenants, users, tokens and the image records of the regions whose records the
@@ -188,10 +241,18 @@ pub trait Jobs: Send + Sync {
 
     /// Ids of the queued jobs, oldest first.
     fn queued(&self) -> Result<Vec<Uuid>>;
-    /// Takes a queued job for this worker; false if another worker has it.
-    fn claim(&self, id: Uuid) -> Result<bool>;
+    /// Claims for a worker of this appliance the oldest queued job that is not in `skip`, has
+    /// no live claim (of another worker here, or of another appliance whose lease has not run
+    /// out) and touches no region pinned to another node ([`Region::pin`]); its id.
+    fn claim_next(&self, skip: &HashSet<Uuid>) -> Result<Option<Uuid>>;
     /// Gives a claimed job back.
     fn release(&self, id: Uuid);
+    /// Renews the leases of this appliance's claims for another [`LEASE`]: the jobs it still
+    /// holds, each with whether a cancel was asked for it (its status is `cancel_requested` or
+    /// `canceling`). A claim that ran out and was taken over is not among them.
+    fn renew_claims(&self) -> Result<Vec<(Uuid, bool)>>;
+    /// The node holding job `id`'s live claim, if one does.
+    fn holder(&self, id: Uuid) -> Result<Option<String>>;
     /// Removes the queue entry of a job whose record is gone (only after corruption).
     fn drop_queue_entry(&self, id: Uuid) -> Result<()>;
 

@@ -67,6 +67,8 @@ pub struct SledStore {
     jobs_version: AtomicU64,
     /// Queued jobs a worker of this process has taken.
     claims: Mutex<HashSet<Uuid>>,
+    /// This appliance's name (the only one: sled's lock keeps other processes out).
+    node: String,
 }
 
 /// One opening of the sled database and its trees.
@@ -380,7 +382,8 @@ impl Inner {
 }
 
 impl SledStore {
-    pub fn open(dir: &Path) -> std::result::Result<SledStore, OpenError> {
+    /// Opens the store of data directory `dir` for appliance `node`.
+    pub fn open(dir: &Path, node: &str) -> std::result::Result<SledStore, OpenError> {
         secure_data_dir(dir)?;
         let path = dir.join("db");
         let inner = Inner::open(&path)?;
@@ -396,7 +399,14 @@ impl SledStore {
             reopening: Mutex::new(None),
             jobs_version: Default::default(),
             claims: Default::default(),
+            node: node.to_string(),
         })
+    }
+
+    fn claims(&self) -> Result<std::sync::MutexGuard<'_, HashSet<Uuid>>> {
+        self.claims
+            .lock()
+            .map_err(|_| ServiceError::Internal("the claims lock is poisoned".into()))
     }
 
     /// Runs `f` on the open database; a storage failure marks the store for reopening.
@@ -608,6 +618,10 @@ impl Repo for SledStore {
             s.db.flush()?;
             s.durability.sync()
         })
+    }
+
+    fn node(&self) -> &str {
+        &self.node
     }
 }
 
@@ -1093,19 +1107,56 @@ impl Jobs for SledStore {
         })
     }
 
-    fn claim(&self, id: Uuid) -> Result<bool> {
+    fn claim_next(&self, skip: &HashSet<Uuid>) -> Result<Option<Uuid>> {
         // One process has the database open (sled's lock): its memory is the truth.
-        let mut claims = self
-            .claims
-            .lock()
-            .map_err(|_| ServiceError::Internal("the claims lock is poisoned".into()))?;
-        Ok(claims.insert(id))
+        let elsewhere: HashSet<String> = self
+            .regions()?
+            .into_iter()
+            .filter(|r| r.pin.as_ref().is_some_and(|pin| *pin != self.node))
+            .map(|r| r.id)
+            .collect();
+        for id in self.queued()? {
+            if skip.contains(&id) || self.claims()?.contains(&id) {
+                continue;
+            }
+            if !elsewhere.is_empty() {
+                match self.job(id)? {
+                    Some(job)
+                        if elsewhere.contains(&job.wire.source_region_id)
+                            || elsewhere.contains(&job.wire.destination_region_id) =>
+                    {
+                        continue
+                    }
+                    _ => {}
+                }
+            }
+            if self.claims()?.insert(id) {
+                return Ok(Some(id));
+            }
+        }
+        Ok(None)
     }
 
     fn release(&self, id: Uuid) {
         if let Ok(mut claims) = self.claims.lock() {
             claims.remove(&id);
         }
+    }
+
+    fn renew_claims(&self) -> Result<Vec<(Uuid, bool)>> {
+        // Nobody else can take a claim over.
+        let held: Vec<Uuid> = self.claims()?.iter().copied().collect();
+        let mut renewed = Vec::with_capacity(held.len());
+        for id in held {
+            if let Some(job) = self.job(id)? {
+                renewed.push((id, job.cancel_asked()));
+            }
+        }
+        Ok(renewed)
+    }
+
+    fn holder(&self, id: Uuid) -> Result<Option<String>> {
+        Ok(self.claims()?.contains(&id).then(|| self.node.clone()))
     }
 
     fn drop_queue_entry(&self, id: Uuid) -> Result<()> {
@@ -1450,7 +1501,7 @@ pub(super) mod tests {
     pub(in crate::store) fn reopen(dir: &Path) -> SledStore {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            match SledStore::open(dir) {
+            match SledStore::open(dir, "test-node") {
                 Err(OpenError::Locked(_)) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(20))
                 }
@@ -1469,7 +1520,7 @@ pub(super) mod tests {
             unreachable!()
         };
         {
-            let store = SledStore::open(dir.path()).expect("open");
+            let store = SledStore::open(dir.path(), "test-node").expect("open");
             store.insert_image(key, &image).expect("insert");
             // A put that a crash stopped after its entries, before its transaction.
             let inner = store.current().expect("inner");

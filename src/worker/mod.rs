@@ -25,7 +25,7 @@ mod copy;
 mod recovery;
 pub mod space;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -261,18 +261,18 @@ fn run(ctx: &Ctx) {
 /// cancel flag.
 fn next(ctx: &Ctx) -> Result<Option<(Uuid, Arc<AtomicBool>)>> {
     let now = Instant::now();
-    if let Ok(mut parked) = ctx.parked.lock() {
-        parked.retain(|_, until| *until > now);
-    }
-    for id in ctx.parts.store.queued()? {
-        if ctx.parked.lock().is_ok_and(|p| p.contains_key(&id)) {
-            continue;
+    let parked: HashSet<Uuid> = match ctx.parked.lock() {
+        Ok(mut parked) => {
+            parked.retain(|_, until| *until > now);
+            parked.keys().copied().collect()
         }
-        if ctx.parts.store.claim(id)? {
-            return Ok(Some((id, ctx.parts.board.track(id))));
-        }
-    }
-    Ok(None)
+        Err(_) => HashSet::new(),
+    };
+    Ok(ctx
+        .parts
+        .store
+        .claim_next(&parked)?
+        .map(|id| (id, ctx.parts.board.track(id))))
 }
 
 fn process(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> Result<()> {
