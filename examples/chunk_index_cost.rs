@@ -87,7 +87,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut on_disk = Vec::new();
         for indexed in [false, true] {
             let dir = tempfile::tempdir()?;
-            let store = image_replicator::store::open(dir.path())?;
+            let store = image_replicator::store::open(
+                dir.path(),
+                &image_replicator::store::StoreConfig::embedded(),
+            )?;
             let mut put = Duration::ZERO;
             for n in 0..images {
                 let image = image();
