@@ -37,6 +37,9 @@ pub enum Request {
         /// `None`: a directory under the data directory.
         kind: Option<RegionKind>,
         disk_formats: Option<Vec<String>>,
+        /// The node that alone runs its jobs.
+        #[serde(default)]
+        pin: Option<String>,
     },
     RegionList,
     RegionRemove {
@@ -132,8 +135,23 @@ pub enum Request {
 
 /// What a running server reports about itself.
 #[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct JobShown {
+    #[serde(flatten)]
+    pub job: Job,
+    /// The node whose live claim holds the job (it is copying it or ending it).
+    pub holder: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct ServerStatus {
     pub pid: u32,
+    /// This appliance's node name.
+    #[serde(default)]
+    pub node: String,
+    /// Where the records are: the data directory's sled, or a PostgreSQL database (its URL
+    /// without a password).
+    #[serde(default)]
+    pub database: String,
     pub listen: String,
     pub data_dir: PathBuf,
     pub auth: AuthStats,
@@ -150,7 +168,10 @@ pub enum Reply {
     Tenants(Vec<Tenant>),
     User(User),
     Users(Vec<User>),
-    UserRemoved { user: User, tokens_removed: usize },
+    UserRemoved {
+        user: User,
+        tokens_removed: usize,
+    },
     IssuedToken(IssuedToken),
     Token(TokenInfo),
     Tokens(Vec<TokenInfo>),
@@ -158,10 +179,17 @@ pub enum Reply {
     Images(Vec<Image>),
     Seeded(SeedOutcome),
     Job(Job),
+    /// `job show`: the job and the appliance copying it now.
+    JobShown(JobShown),
     Jobs(Vec<Job>),
     Status(ServerStatus),
-    Purged { purged: usize },
-    UserUpdated { user: User, tokens_revoked: usize },
+    Purged {
+        purged: usize,
+    },
+    UserUpdated {
+        user: User,
+        tokens_revoked: usize,
+    },
     Backup(Box<Backup>),
 }
 
@@ -172,7 +200,8 @@ pub fn execute(svc: &Service, req: Request, status: Option<&ServerStatus>) -> Re
             id,
             kind,
             disk_formats,
-        } => Reply::Region(svc.region_add(&id, kind, disk_formats)?),
+            pin,
+        } => Reply::Region(svc.region_add(&id, kind, disk_formats, pin)?),
         Request::RegionList => Reply::Regions(svc.region_list()?),
         Request::RegionRemove { id } => Reply::Region(svc.region_remove(&id)?),
         Request::TenantAdd {
@@ -226,7 +255,11 @@ pub fn execute(svc: &Service, req: Request, status: Option<&ServerStatus>) -> Re
         Request::JobList { tenant, status } => {
             Reply::Jobs(svc.job_list(tenant.as_deref(), status)?)
         }
-        Request::JobShow { id } => Reply::Job(svc.job_show(&id)?),
+        Request::JobShow { id } => {
+            let job = svc.job_show(&id)?;
+            let holder = svc.store.holder(job.wire.job_id)?;
+            Reply::JobShown(JobShown { job, holder })
+        }
         Request::ActiveJobs => Reply::Jobs(svc.active_jobs()?),
         Request::JobCancel { id } => Reply::Job(svc.job_cancel(&id)?),
         Request::JobRetry { id } => Reply::Job(svc.job_retry(&id)?),

@@ -257,8 +257,8 @@ fn der_item(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
 }
 
 fn build(svc: &Service) -> Result<()> {
-    svc.region_add("ot1", None, None)?;
-    svc.region_add("ot2", None, None)?;
+    svc.region_add("ot1", None, None, None)?;
+    svc.region_add("ot2", None, None, None)?;
     svc.tenant_add(DEMO_TENANT, "ot1", Some("demo".into()))?;
     svc.tenant_add(DEMO_TENANT_OT2, "ot2", Some("demo-ot2".into()))?;
     svc.user_add(

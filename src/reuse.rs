@@ -245,7 +245,7 @@ mod tests {
             )
             .expect("store");
             let svc = Service::new(store, dir.path().join("data"));
-            svc.region_add("r1", None, None).expect("region");
+            svc.region_add("r1", None, None, None).expect("region");
             svc.tenant_add(A, "r1", None).expect("tenant A");
             svc.tenant_add(B, "r1", None).expect("tenant B");
             Lab { dir, svc }

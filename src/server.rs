@@ -165,6 +165,11 @@ pub async fn run(opts: ServeOptions) -> Result<(), String> {
 
     let status = ServerStatus {
         pid: std::process::id(),
+        node: opts.store.node.clone(),
+        database: match &opts.store.database_url {
+            Some(url) => store::redacted(url),
+            None => format!("sled in {}", data_dir.join("db").display()),
+        },
         listen: bound.to_string(),
         data_dir: data_dir.clone(),
         auth: Default::default(),

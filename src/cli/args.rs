@@ -470,6 +470,11 @@ pub enum RegionCmd {
         /// Comma-separated disk formats the region accepts [default: all of Glance's]
         #[arg(long, value_delimiter = ',')]
         disk_formats: Option<Vec<String>>,
+        /// Only the appliance of this node name (`serve --node-name`) runs jobs touching the
+        /// region: for a directory that only its machine mounts, when several appliances share
+        /// one database [default: any appliance]
+        #[arg(long, value_name = "NODE", value_parser = parse_node_name)]
+        pin: Option<String>,
         #[command(flatten)]
         glance: Box<GlanceArgs>,
         #[command(flatten)]
@@ -892,6 +897,7 @@ pub(super) fn request_for(command: Command) -> Result<(Request, &'static str), S
                 id,
                 dir,
                 disk_formats,
+                pin,
                 glance,
                 peer,
             } => {
@@ -909,6 +915,7 @@ pub(super) fn request_for(command: Command) -> Result<(Request, &'static str), S
                         id,
                         kind,
                         disk_formats,
+                        pin,
                     },
                     "added",
                 )

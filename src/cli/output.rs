@@ -229,6 +229,10 @@ pub(super) fn human(reply: &Reply, verb: &str) -> String {
         Reply::Job(j) if verb == "retry" => format!("{}\n", j.wire.job_id),
         Reply::Job(j) if !verb.is_empty() => format!("job {} {verb}\n", j.wire.job_id),
         Reply::Job(j) => job_fields(j),
+        Reply::JobShown(shown) => {
+            let holder = or_dash(shown.holder.clone());
+            format!("{}{}", job_fields(&shown.job), fields(&[("holder", holder)]))
+        }
         Reply::Jobs(list) => table(
             &["JOB ID", "STATUS", "PROGRESS", "SOURCE IMAGE", "FROM", "TO", "DESTINATION TENANT"],
             list.iter()
@@ -258,10 +262,12 @@ pub(super) fn human(reply: &Reply, verb: &str) -> String {
         ),
         Reply::Backup(b) => format!("backup of {}\n", b.summary()),
         Reply::Status(s) => format!(
-            "server running, pid {}\nlisten: {}\ndata dir: {}\nactive copies: {}\nargon2 verifications: {}\ntoken cache: {} hits, {} misses, {} tokens\n",
+            "server running, pid {}\nnode: {}\nlisten: {}\ndata dir: {}\ndatabase: {}\nactive copies: {}\nargon2 verifications: {}\ntoken cache: {} hits, {} misses, {} tokens\n",
             s.pid,
+            escape(&s.node),
             escape(&s.listen),
             escape(&s.data_dir.display().to_string()),
+            escape(&s.database),
             s.active_copies,
             s.auth.argon2_verifications,
             s.auth.cache_hits,

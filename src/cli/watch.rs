@@ -116,7 +116,7 @@ fn show(data_dir: &Path, id: &str) -> Result<Option<Job>, String> {
         return Err(format!("the server on {} stopped", data_dir.display()));
     };
     match admin::send(stream, &Request::JobShow { id: id.to_string() })? {
-        Ok(Reply::Job(job)) => Ok(Some(job)),
+        Ok(Reply::JobShown(shown)) => Ok(Some(shown.job)),
         Err(ServiceError::NotFound(_)) => Ok(None),
         Err(e) => Err(e.to_string()),
         Ok(_) => Err("unexpected reply from the server".into()),

@@ -230,7 +230,7 @@ mod tests {
         )
         .expect("store");
         let svc = Service::new(store, dir.path().join("data"));
-        let region = svc.region_add("ot2", None, None).expect("region");
+        let region = svc.region_add("ot2", None, None, None).expect("region");
         let tenant = "91b5c7c09cbd45caa3c146fd67ae471e";
         svc.tenant_add_with_quotas(tenant, "ot2", None, None, None)
             .expect("tenant");

@@ -29,6 +29,7 @@ impl Service {
         id: &str,
         kind: Option<RegionKind>,
         disk_formats: Option<Vec<String>>,
+        pin: Option<String>,
     ) -> Result<Region> {
         check_name("region id", id)?;
         let kind = kind.unwrap_or_else(|| RegionKind::Directory {
@@ -51,7 +52,7 @@ impl Service {
             kind,
             disk_formats: formats,
             created_at: now(),
-            pin: None,
+            pin,
         };
         let images = self
             .stores

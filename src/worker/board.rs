@@ -59,6 +59,13 @@ impl Board {
         }
     }
 
+    /// The jobs being worked on.
+    pub fn running(&self) -> Vec<Uuid> {
+        self.running
+            .lock()
+            .map_or_else(|_| Vec::new(), |r| r.keys().copied().collect())
+    }
+
     /// How many jobs are being worked on.
     pub fn active(&self) -> usize {
         self.running.lock().map_or(0, |r| r.len())

@@ -81,7 +81,7 @@ pub(super) fn replicate(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> Result<()> 
             Ok(()) => return Ok(()),
             Err(Failure::Stopped(Stop::Cancel)) => return conclude(ctx, id, None),
             Err(Failure::Stopped(Stop::Shutdown)) => {
-                tracing::info!(job = %id, "copy paused for shutdown; it resumes at the next start");
+                tracing::info!(job = %id, "copy paused (the appliance stops, or its claim was lost); it resumes from what it verified");
                 return Ok(());
             }
             Err(Failure::Fatal(reason)) => return conclude(ctx, id, Some(reason)),
@@ -99,7 +99,7 @@ pub(super) fn replicate(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> Result<()> 
         tracing::warn!(job = %id, attempt, "copy failed, retrying in {backoff:?}: {}", escape(&reason));
         let until = Instant::now() + backoff;
         while Instant::now() < until {
-            if ctx.stopping() {
+            if ctx.must_pause(id) {
                 return Ok(());
             }
             if cancel.load(Ordering::SeqCst) {
@@ -500,7 +500,7 @@ struct Copy<'a> {
 impl Copy<'_> {
     /// Whether the copy must stop now (a cancel or shutdown), and which.
     fn stopping(&self) -> Option<Stop> {
-        if self.ctx.stopping() {
+        if self.ctx.must_pause(self.id) {
             Some(Stop::Shutdown)
         } else if self.cancel.load(Ordering::SeqCst) {
             Some(Stop::Cancel)

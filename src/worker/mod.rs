@@ -38,7 +38,7 @@ use crate::error::{Result, ServiceError};
 use crate::metrics::Metrics;
 use crate::model::Step;
 use crate::regions::Stores;
-use crate::store::{ImageChange, Repo};
+use crate::store::{ImageChange, Repo, LEASE, RENEW_EVERY};
 pub use board::Board;
 pub use recovery::recover;
 pub use space::{Ledger, MinFree};
@@ -83,6 +83,9 @@ struct Ctx {
     space_waits: Mutex<HashMap<Uuid, (Instant, Duration)>>,
     /// Manifests of finished copies being stored (with their chunk index entries).
     indexing: Arc<Indexing>,
+    /// Jobs whose claim this appliance lost (it could not renew it for a lease, and another
+    /// appliance may have taken the job over): their copies stop as for a shutdown.
+    lost: Mutex<HashSet<Uuid>>,
 }
 
 /// Manifests being stored on threads of their own after their copies ended: with sled, the
@@ -155,6 +158,7 @@ pub fn start(parts: Parts, config: &WorkerConfig) -> Result<Workers> {
         parked: Mutex::new(HashMap::new()),
         space_waits: Mutex::new(HashMap::new()),
         indexing: Arc::new(Indexing::default()),
+        lost: Mutex::new(HashSet::new()),
     });
     let mut threads = Vec::new();
     let mut spawn = |name: String, body: fn(&Ctx)| {
@@ -169,6 +173,7 @@ pub fn start(parts: Parts, config: &WorkerConfig) -> Result<Workers> {
         spawn(format!("worker-{n}"), run)?;
     }
     spawn("orphan-sweep".into(), recovery::sweep_orphans)?;
+    spawn("claims".into(), renew_claims)?;
     Ok(Workers { ctx, threads })
 }
 
@@ -197,6 +202,17 @@ impl Workers {
 impl Ctx {
     fn stopping(&self) -> bool {
         self.shutdown.load(Ordering::SeqCst)
+    }
+
+    /// Whether job `id` must stop as for a shutdown: the process stops, or its claim was lost.
+    fn must_pause(&self, id: Uuid) -> bool {
+        self.stopping() || self.lost.lock().is_ok_and(|lost| lost.contains(&id))
+    }
+
+    fn lose(&self, ids: impl IntoIterator<Item = Uuid>) {
+        if let Ok(mut lost) = self.lost.lock() {
+            lost.extend(ids);
+        }
     }
 
     /// Leaves job `id` alone for `wait`.
@@ -268,11 +284,66 @@ fn next(ctx: &Ctx) -> Result<Option<(Uuid, Arc<AtomicBool>)>> {
         }
         Err(_) => HashSet::new(),
     };
-    Ok(ctx
-        .parts
-        .store
-        .claim_next(&parked)?
-        .map(|id| (id, ctx.parts.board.track(id))))
+    let Some(id) = ctx.parts.store.claim_next(&parked)? else {
+        return Ok(None);
+    };
+    if let Ok(mut lost) = ctx.lost.lock() {
+        lost.remove(&id);
+    }
+    Ok(Some((id, ctx.parts.board.track(id))))
+}
+
+/// Renews the claims of the jobs this appliance runs every [`RENEW_EVERY`], passes on the
+/// cancels asked for them on other appliances, and stops the copies whose claims are lost: a
+/// claim another appliance took over, or every claim once renewing has failed for nearly a
+/// [`LEASE`] (the others take them over after one).
+fn renew_claims(ctx: &Ctx) {
+    let board = &ctx.parts.board;
+    let mut renewed = Instant::now();
+    let mut failing = false;
+    while !ctx.stopping() {
+        let running = board.running();
+        if !running.is_empty() {
+            match ctx.parts.store.renew_claims() {
+                Ok(held) => {
+                    renewed = Instant::now();
+                    if std::mem::take(&mut failing) {
+                        tracing::info!("claims renewed again");
+                    }
+                    let held: HashMap<Uuid, bool> = held.into_iter().collect();
+                    for id in &running {
+                        match held.get(id) {
+                            Some(true) => board.cancel(*id),
+                            Some(false) => {}
+                            None => {
+                                tracing::warn!(job = %id, "the claim on this job was lost (another appliance may have taken it over); its copy stops here");
+                                ctx.lose([*id]);
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    if !std::mem::replace(&mut failing, true) {
+                        tracing::warn!("cannot renew the claims of the running jobs: {e}");
+                    }
+                    if renewed.elapsed() + 2 * RENEW_EVERY >= LEASE {
+                        tracing::warn!(
+                            jobs = running.len(),
+                            "claims not renewed for {:?}: their copies stop, to be taken over",
+                            renewed.elapsed()
+                        );
+                        ctx.lose(running);
+                    }
+                }
+            }
+        } else {
+            renewed = Instant::now();
+        }
+        let until = Instant::now() + RENEW_EVERY;
+        while Instant::now() < until && !ctx.stopping() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 fn process(ctx: &Ctx, id: Uuid, cancel: &AtomicBool) -> Result<()> {

@@ -19,6 +19,12 @@ const ORPHAN_SWEEP: Duration = Duration::from_secs(2);
 /// left in the regions, and images an interrupted import left `saving`.
 pub fn recover(parts: &Parts) -> Result<()> {
     let store = &parts.store;
+    if store.shared() {
+        // A file without a record, an image `saving`, may be another appliance's import or
+        // upload going on now: nothing is removed. Copies need no cleanup to resume.
+        tracing::info!("the store is shared with other appliances: the start-up cleanup of the regions is left out");
+        return Ok(());
+    }
     // The partial images of queued jobs stay: their copies resume from them.
     let mut destinations = HashSet::new();
     for id in store.queued()? {
