@@ -120,13 +120,75 @@ impl Service {
         )))
     }
 
+    /// Writes the records of `backup` that this service's store does not hold yet (by id),
+    /// keeping their sequence order; how many it wrote. Directory regions keep their paths.
+    pub fn add_missing(&self, backup: &Backup) -> Result<usize> {
+        let store = &self.store;
+        let mut added = 0;
+        for region in &backup.regions {
+            added += usize::from(store.insert_region(region)?);
+        }
+        for tenant in &backup.tenants {
+            added += usize::from(store.insert_tenant(key(&tenant.id)?, tenant)?);
+        }
+        for user in &backup.users {
+            added += usize::from(store.insert_user(user)?);
+        }
+        for token in &backup.tokens {
+            if store.token(token.info.id)?.is_none() {
+                let lookup = token.lookup_key().ok_or_else(|| {
+                    ServiceError::BadRequest(format!(
+                        "token {} has a malformed lookup",
+                        token.info.id
+                    ))
+                })?;
+                store.insert_token(token, &lookup)?;
+                added += 1;
+            }
+        }
+        for image in &backup.images {
+            if store.image(image.id)?.is_none() {
+                store.insert_image(key(&image.owner)?, image)?;
+                added += 1;
+            }
+        }
+        for m in &backup.manifests {
+            if store.manifest(m.image)?.is_none() {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(&m.manifest)
+                    .map_err(|e| ServiceError::Internal(format!("manifest {}: {e}", m.image)))?;
+                store.put_manifest(m.image, &bytes)?;
+                added += 1;
+            }
+        }
+        let mut jobs = backup.jobs.clone();
+        jobs.sort_by_key(|j| j.seq);
+        let mut records = Vec::new();
+        for mut job in jobs {
+            if store.job(job.wire.job_id)?.is_none() {
+                job.seq = store.next_seq()?;
+                records.push((key(&job.wire.source_tenant_id)?, job));
+            }
+        }
+        added += store.insert_jobs(&records)?;
+        let known: std::collections::HashSet<Uuid> =
+            store.orphans()?.into_iter().map(|(id, _)| id).collect();
+        for (id, region) in &backup.orphans {
+            if !known.contains(id) {
+                store.add_orphan(*id, region)?;
+                added += 1;
+            }
+        }
+        store.flush()?;
+        Ok(added)
+    }
+
     /// Writes every record of `backup` into this service's store, which must be empty.
     /// Directory regions under the backup's data directory move under this one; jobs get
     /// new sequence numbers in their old order.
     pub fn restore(&self, backup: &Backup) -> Result<()> {
-        let store = &self.store;
-        for region in &backup.regions {
-            let mut region = region.clone();
+        let mut moved = backup.clone();
+        for region in &mut moved.regions {
             if let RegionKind::Directory { dir } = &region.kind {
                 if let Ok(rest) = dir.strip_prefix(&backup.data_dir) {
                     region.kind = RegionKind::Directory {
@@ -135,56 +197,75 @@ impl Service {
                 }
                 // Its directory exists for the files to be copied into; Glance and peer
                 // regions are not contacted.
-                if let Ok(images) = self.stores.get(&region) {
+                if let Ok(images) = self.stores.get(region) {
                     if let Err(e) = images.prepare() {
                         tracing::warn!(region = %region.id, "cannot create the region's directory: {e}");
                     }
                 }
             }
-            store.insert_region(&region)?;
         }
-        for tenant in &backup.tenants {
-            store.insert_tenant(key(&tenant.id)?, tenant)?;
-        }
-        for user in &backup.users {
-            store.insert_user(user)?;
-        }
-        for token in &backup.tokens {
-            let lookup = token.lookup_key().ok_or_else(|| {
-                ServiceError::BadRequest(format!(
-                    "token {} in the backup has a malformed lookup",
-                    token.info.id
-                ))
-            })?;
-            store.insert_token(token, &lookup)?;
-        }
-        for image in &backup.images {
-            store.insert_image(key(&image.owner)?, image)?;
-        }
-        for m in &backup.manifests {
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(&m.manifest)
-                .map_err(|e| {
-                    ServiceError::BadRequest(format!(
-                        "the manifest of image {} in the backup is not base64: {e}",
-                        m.image
-                    ))
-                })?;
-            store.put_manifest(m.image, &bytes)?;
-        }
-        let mut jobs = backup.jobs.clone();
-        jobs.sort_by_key(|j| j.seq);
-        let mut records = Vec::with_capacity(jobs.len());
-        for mut job in jobs {
-            job.seq = store.next_seq()?;
-            records.push((key(&job.wire.source_tenant_id)?, job));
-        }
-        store.insert_jobs(&records)?;
-        for (id, region) in &backup.orphans {
-            store.add_orphan(*id, region)?;
-        }
-        store.flush()
+        self.add_missing(&moved).map(drop)
     }
+}
+
+/// `migrate --to URL`: every record of the data directory's sled store into the database of
+/// `target`, with no server running. Records already there (a migrate run before) are left
+/// as they are, so it can be run again after a failure; at the end each kind of record must
+/// be as many in the database as in sled. What it did, for people.
+pub fn migrate(
+    data_dir: &Path,
+    target: &crate::store::StoreConfig,
+) -> std::result::Result<String, String> {
+    let shown = data_dir.display();
+    if crate::admin::connect(data_dir)?.is_some() {
+        return Err(format!(
+            "a server is running on {shown}: stop it first (migrate copies the store offline)"
+        ));
+    }
+    if !data_dir.join("db").is_dir() {
+        return Err(format!("there is no sled store in {shown} to migrate"));
+    }
+    let absolute = std::path::absolute(data_dir).map_err(|e| format!("{shown}: {e}"))?;
+    let embedded = crate::store::StoreConfig {
+        database_url: None,
+        ..target.clone()
+    };
+    let wait = std::time::Duration::from_secs(2);
+    let from = crate::server::open_store(&absolute, &embedded, wait).map_err(|e| e.to_string())?;
+    let backup = Service::new(from, absolute.clone())
+        .backup()
+        .map_err(|e| e.to_string())?;
+    let to = crate::server::open_store(&absolute, target, wait).map_err(|e| e.to_string())?;
+    let svc = Service::new(to, absolute);
+    let added = svc
+        .add_missing(&backup)
+        .map_err(|e| format!("cannot migrate: {e}"))?;
+    let there = svc.backup().map_err(|e| e.to_string())?;
+    let counts = |b: &Backup| {
+        [
+            b.regions.len(),
+            b.tenants.len(),
+            b.users.len(),
+            b.tokens.len(),
+            b.images.len(),
+            b.manifests.len(),
+            b.jobs.len(),
+            b.orphans.len(),
+        ]
+    };
+    if counts(&there) != counts(&backup) {
+        return Err(format!(
+            "the database does not hold what the store holds: {} in sled, {} there (was it \
+             used before?); migrate into an empty database",
+            backup.summary(),
+            there.summary()
+        ));
+    }
+    Ok(format!(
+        "migrated {} into {} ({added} record(s) added now); serve with --database-url",
+        backup.summary(),
+        crate::store::redacted(target.database_url.as_deref().unwrap_or_default())
+    ))
 }
 
 fn key(id: &str) -> Result<TenantKey> {

@@ -139,6 +139,15 @@ pub enum Command {
         /// A file written by `image-replicator backup`
         file: PathBuf,
     },
+    /// Copy the data directory's sled store into a PostgreSQL database, with the server
+    /// stopped; run again, it adds what is missing and checks the counts. Then serve with
+    /// --database-url URL (the image files stay where they are)
+    Migrate {
+        /// The database: postgres://USER@HOST/DB (a password is better in PGPASSWORD or
+        /// ~/.pgpass than in the URL)
+        #[arg(long, value_name = "URL")]
+        to: String,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
     #[command(visible_alias = "completion")]
     Completions {
@@ -889,7 +898,8 @@ pub(super) fn request_for(command: Command) -> Result<(Request, &'static str), S
         Command::Serve(_)
         | Command::Completions { .. }
         | Command::Man(_)
-        | Command::Restore { .. } => return Err("not an admin command".into()),
+        | Command::Restore { .. }
+        | Command::Migrate { .. } => return Err("not an admin command".into()),
         Command::Status => (Request::Status, ""),
         Command::Backup { .. } => (Request::Backup, ""),
         Command::Region(cmd) => match cmd {

@@ -78,6 +78,15 @@ pub fn run(cli: Cli) -> Result<(), String> {
             return Ok(());
         }
         Command::Backup { file } => return backup(&data_dir, &store, &file, cli.json),
+        Command::Migrate { to } => {
+            let target = crate::store::StoreConfig {
+                database_url: Some(to),
+                ..store
+            };
+            let summary = crate::backup::migrate(&data_dir, &target)?;
+            println!("{summary}");
+            return Ok(());
+        }
         other => other,
     };
     let token_list_all = match &command {
