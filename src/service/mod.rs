@@ -200,6 +200,8 @@ impl Service {
             Err(ServiceError::DiskFull(_)) => {
                 Some("the store cannot write because its disk is full".to_string())
             }
+            // The database does not answer: its sentence says so (without a password).
+            Err(ServiceError::Unavailable(why)) => Some(why),
             Err(e) => {
                 tracing::warn!("health: the store cannot write: {e}");
                 Some("the store cannot write (the log says why)".to_string())
