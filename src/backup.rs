@@ -59,6 +59,30 @@ pub struct ManifestRecord {
 }
 
 impl Backup {
+    /// Every record's kind and id.
+    fn ids(&self) -> std::collections::BTreeSet<String> {
+        let regions = self.regions.iter().map(|r| format!("region {}", r.id));
+        let tenants = self.tenants.iter().map(|t| format!("tenant {}", t.id));
+        let users = self.users.iter().map(|u| format!("user {}", u.name));
+        let tokens = self.tokens.iter().map(|t| format!("token {}", t.info.id));
+        let images = self.images.iter().map(|i| format!("image {}", i.id));
+        let manifests = self
+            .manifests
+            .iter()
+            .map(|m| format!("manifest {}", m.image));
+        let jobs = self.jobs.iter().map(|j| format!("job {}", j.wire.job_id));
+        let orphans = self.orphans.iter().map(|(id, _)| format!("orphan {id}"));
+        regions
+            .chain(tenants)
+            .chain(users)
+            .chain(tokens)
+            .chain(images)
+            .chain(manifests)
+            .chain(jobs)
+            .chain(orphans)
+            .collect()
+    }
+
     /// How many records it holds, for people.
     pub fn summary(&self) -> String {
         format!(
@@ -210,8 +234,9 @@ impl Service {
 
 /// `migrate --to URL`: every record of the data directory's sled store into the database of
 /// `target`, with no server running. Records already there (a migrate run before) are left
-/// as they are, so it can be run again after a failure; at the end each kind of record must
-/// be as many in the database as in sled. What it did, for people.
+/// as they are, so it can be run again after a failure; a database holding records that sled
+/// does not is refused before anything is written, and at the end the database must hold
+/// exactly sled's records (by kind and id). What it did, for people.
 pub fn migrate(
     data_dir: &Path,
     target: &crate::store::StoreConfig,
@@ -237,26 +262,26 @@ pub fn migrate(
         .map_err(|e| e.to_string())?;
     let to = crate::server::open_store(&absolute, target, wait).map_err(|e| e.to_string())?;
     let svc = Service::new(to, absolute);
+    let foreign = |there: &Backup| {
+        let ours = backup.ids();
+        there.ids().difference(&ours).next().cloned()
+    };
+    let before = svc.backup().map_err(|e| e.to_string())?;
+    if let Some(record) = foreign(&before) {
+        return Err(format!(
+            "the database holds records that are not in {shown} ({record}, of {}): migrate \
+             into an empty database",
+            before.summary()
+        ));
+    }
     let added = svc
         .add_missing(&backup)
         .map_err(|e| format!("cannot migrate: {e}"))?;
     let there = svc.backup().map_err(|e| e.to_string())?;
-    let counts = |b: &Backup| {
-        [
-            b.regions.len(),
-            b.tenants.len(),
-            b.users.len(),
-            b.tokens.len(),
-            b.images.len(),
-            b.manifests.len(),
-            b.jobs.len(),
-            b.orphans.len(),
-        ]
-    };
-    if counts(&there) != counts(&backup) {
+    if there.ids() != backup.ids() {
         return Err(format!(
-            "the database does not hold what the store holds: {} in sled, {} there (was it \
-             used before?); migrate into an empty database",
+            "the database does not hold what the store holds after the copy: {} in sled, {} \
+             there",
             backup.summary(),
             there.summary()
         ));

@@ -140,7 +140,8 @@ pub enum Command {
         file: PathBuf,
     },
     /// Copy the data directory's sled store into a PostgreSQL database, with the server
-    /// stopped; run again, it adds what is missing and checks the counts. Then serve with
+    /// stopped; run again, it adds what is missing; it checks that every record is there. Then
+    /// serve with
     /// --database-url URL (the image files stay where they are)
     Migrate {
         /// The database: postgres://USER@HOST/DB (a password is better in PGPASSWORD or

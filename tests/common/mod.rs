@@ -30,13 +30,25 @@ pub const TENANT_C: &str = "5d9a3f0e-2b7c-4c1e-9f3a-7e6b1d2c4a5f";
 /// A temporary data directory, removed when dropped.
 pub struct Lab {
     pub dir: tempfile::TempDir,
+    /// Environment of every command and server of the lab (a database URL, say).
+    pub env: Vec<(String, String)>,
 }
 
 impl Lab {
     pub fn new() -> Lab {
         Lab {
             dir: tempfile::tempdir().expect("temp dir"),
+            env: Vec::new(),
         }
+    }
+
+    /// A lab whose records are in the PostgreSQL database `url` (its data directory holds
+    /// the admin socket and the default region directories).
+    pub fn on_database(url: &str) -> Lab {
+        let mut lab = Lab::new();
+        lab.env
+            .push(("IMAGE_REPLICATOR_DATABASE_URL".into(), url.to_string()));
+        lab
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -51,6 +63,7 @@ impl Lab {
     pub fn cli_stdin(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
         let mut cmd = Command::new(BIN);
         cmd.arg("--data-dir").arg(self.data_dir()).args(args);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.stdin(if stdin.is_some() {
             Stdio::piped()
         } else {
@@ -225,6 +238,7 @@ impl Lab {
         };
         let mut child = command
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

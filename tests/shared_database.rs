@@ -1,0 +1,261 @@
+//! Several appliances on one PostgreSQL database (issue 16): each test makes its own database
+//! in the throwaway cluster of this test process, and two appliances (two data directories,
+//! two servers on loopback) that share it and the region directories.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// A fresh, empty database of this process's cluster.
+fn database() -> String {
+    image_replicator::store::postgres::testing::cluster().new_database()
+}
+
+/// Appliance `a`'s lab holds the standard set-up (regions under its data directory, which
+/// appliance `b` reaches too: one machine); `b`'s lab only the admin socket. Returns both
+/// and alice2's token for tenant A (she may copy A's images into B).
+fn two_labs() -> (Lab, Lab, String) {
+    let url = database();
+    let a = Lab::on_database(&url);
+    let token = a.copier();
+    (a, Lab::on_database(&url), token)
+}
+
+fn serve(lab: &Lab, node: &str, extra: &[&str]) -> Server {
+    let mut args = vec!["--node-name", node];
+    args.extend_from_slice(extra);
+    lab.serve_with(&args)
+}
+
+/// `job show --json` through `lab` (its server's socket, or the database).
+fn shown(lab: &Lab, id: &str) -> Value {
+    lab.ok_json(&["job", "show", id])
+}
+
+fn replicated_lines(server: &Server, id: &str) -> usize {
+    server
+        .log_text()
+        .lines()
+        .filter(|l| l.contains(id) && l.contains("replicated"))
+        .count()
+}
+
+fn destination_sha512(lab: &Lab, job: &Value) -> String {
+    let image = job["destination_image_id"].as_str().expect("destination");
+    let bytes = std::fs::read(lab.region_dir("ot2").join(image)).expect("destination file");
+    sha512_hex(&bytes)
+}
+
+#[test]
+fn two_appliances_drain_one_queue_and_copy_no_job_twice() {
+    let (a, b, token) = two_labs();
+    let image = a.image(TENANT_A, "cirros", 1 << 20);
+    let sa = serve(&a, "a", &["--max-bandwidth", "4M"]);
+    let sb = serve(&b, "b", &["--max-bandwidth", "4M"]);
+    let ids: Vec<String> = (0..12)
+        .map(|i| {
+            let server = if i % 2 == 0 { &sa } else { &sb };
+            server.copy_ok(&token, &image, TENANT_B)
+        })
+        .collect();
+    for id in &ids {
+        sa.wait_job(&token, id, Duration::from_secs(60), status_is("replicated"));
+    }
+    let (mut on_a, mut on_b) = (0, 0);
+    for id in &ids {
+        let (n_a, n_b) = (replicated_lines(&sa, id), replicated_lines(&sb, id));
+        assert_eq!(
+            n_a + n_b,
+            1,
+            "job {id} replicated {n_a} time(s) on a, {n_b} on b"
+        );
+        on_a += n_a;
+        on_b += n_b;
+        // Either appliance answers for every job, with the same record.
+        assert_eq!(sa.job(&token, id), sb.job(&token, id));
+    }
+    assert!(on_a > 0 && on_b > 0, "a copied {on_a}, b {on_b}");
+    let want = sha512_hex(&std::fs::read(a.region_dir("ot1").join(&image)).expect("source"));
+    for id in &ids {
+        assert_eq!(destination_sha512(&a, &sa.job(&token, id)), want);
+    }
+}
+
+#[test]
+fn a_killed_appliance_s_copy_is_taken_over_and_finished_from_what_it_verified() {
+    let (a, b, token) = two_labs();
+    let image = a.image(TENANT_A, "big", 8 << 20);
+    let mut sa = serve(&a, "a", &["--max-bandwidth", "2M"]);
+    let id = sa.copy_ok(&token, &image, TENANT_B);
+    sa.wait_job(&token, &id, Duration::from_secs(30), |j| {
+        j["copy_progress"].as_u64().is_some_and(|p| p >= 25)
+    });
+    assert_eq!(shown(&a, &id)["holder"], "a");
+    // b starts while a holds the job, so b cannot have it before the kill.
+    let sb = serve(&b, "b", &["--max-bandwidth", "2M"]);
+    sa.kill_9();
+    let killed = Instant::now();
+    poll("b takes the job over", Duration::from_secs(30), || {
+        (shown(&b, &id)["holder"] == "b").then_some(())
+    });
+    let takeover = killed.elapsed();
+    assert!(
+        takeover <= Duration::from_secs(15),
+        "taken over after {takeover:?}"
+    );
+    let job = sb.wait_job(
+        &token,
+        &id,
+        Duration::from_secs(60),
+        status_is("replicated"),
+    );
+    let want = sha512_hex(&std::fs::read(a.region_dir("ot1").join(&image)).expect("source"));
+    assert_eq!(destination_sha512(&a, &job), want);
+    let record = shown(&b, &id);
+    assert!(
+        record["resumes"].as_u64() >= Some(1),
+        "not resumed from the verified part: {record}"
+    );
+    assert!(
+        record["source_bytes_read"].as_u64() < Some(2 * (8 << 20)),
+        "{record}"
+    );
+    figures(
+        "takeover",
+        &[("takeover_ms", takeover.as_millis().to_string())],
+    );
+}
+
+#[test]
+fn a_cancel_sent_to_the_appliance_that_is_not_copying_stops_the_copy() {
+    let (a, b, token) = two_labs();
+    let image = a.image(TENANT_A, "big", 8 << 20);
+    let sa = serve(&a, "a", &["--max-bandwidth", "1M"]);
+    let id = sa.copy_ok(&token, &image, TENANT_B);
+    sa.wait_job(&token, &id, Duration::from_secs(30), |j| {
+        j["copy_progress"].as_u64().is_some_and(|p| p >= 5)
+    });
+    let sb = serve(&b, "b", &["--no-worker"]);
+    let asked = Instant::now();
+    let resp = sb.delete(&job_path(&id), Some(&token));
+    assert_eq!(resp.status(), 202);
+    let job = sb.wait_job(&token, &id, Duration::from_secs(10), status_is("canceled"));
+    let took = asked.elapsed();
+    assert!(took <= Duration::from_secs(3), "canceled after {took:?}");
+    assert!(
+        job["destination_image_id"].is_null() || {
+            let dest = job["destination_image_id"].as_str().expect("id");
+            !a.region_dir("ot2").join(dest).exists()
+        }
+    );
+    assert!(
+        sa.log_text().contains(&id),
+        "a, which copied, ended the job"
+    );
+    figures("cancel_elsewhere", &[("ms", took.as_millis().to_string())]);
+}
+
+#[test]
+fn admin_commands_and_the_routes_answer_the_same_on_either_appliance() {
+    let (a, b, token) = two_labs();
+    let image = a.image(TENANT_A, "cirros", 4096);
+    let sa = serve(&a, "a", &["--no-worker"]);
+    let sb = serve(&b, "b", &["--no-worker"]);
+    // b's list is read (and cached) before a creates a job: b's next list has it.
+    assert_eq!(jobs(sb.get(JOBS, Some(&token))).len(), 0);
+    let id = sa.copy_ok(&token, &image, TENANT_B);
+    assert_eq!(job_ids(&jobs(sb.get(JOBS, Some(&token)))), vec![id.clone()]);
+    // A token issued through b's socket works on a at once; revoked through a, not on b.
+    let bob = b.token("bob", TENANT_B);
+    assert_eq!(sa.get(JOBS, Some(&bob)).status(), 200);
+    let tokens = a.ok_json(&["token", "list"]);
+    let bob_id = token_id_of(&tokens, "bob");
+    a.ok(&["token", "revoke", &bob_id]);
+    assert_401(sb.get(JOBS, Some(&bob)));
+    // status names each node and the database without its password.
+    let status = b.ok_json(&["status"]);
+    assert_eq!(status["node"], "b");
+    assert!(
+        status["database"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("postgres")),
+        "{status}"
+    );
+    assert_eq!(shown(&b, &id)["holder"], Value::Null);
+}
+
+const JOBS: &str = "/v2/extension/image_replicator/jobs";
+
+#[test]
+fn a_region_pinned_to_a_node_is_copied_only_there() {
+    let (a, b, token) = two_labs();
+    let edge = a.dir.path().join("edge");
+    a.ok(&[
+        "region",
+        "add",
+        "edge",
+        "--dir",
+        edge.to_str().expect("path"),
+        "--pin",
+        "a",
+    ]);
+    let tenant = "6e4c9f3e6d7b8c0f2e1a4b5c6d7e8f90";
+    a.ok(&["tenant", "add", tenant, "--region", "edge"]);
+    a.ok(&["user", "update", "alice2", "--add-tenant", tenant]);
+    let image = a.image(TENANT_A, "cirros", 2 << 20);
+    let sb = serve(&b, "b", &["--max-bandwidth", "1M"]);
+    let id = sb.copy_ok(&token, &image, tenant);
+    // Only b runs: the job waits for a.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(sb.job(&token, &id)["status"], "replicate_requested");
+    let sa = serve(&a, "a", &["--max-bandwidth", "1M"]);
+    poll("a copies the job", Duration::from_secs(20), || {
+        (shown(&a, &id)["holder"] == "a").then_some(())
+    });
+    sa.wait_job(
+        &token,
+        &id,
+        Duration::from_secs(60),
+        status_is("replicated"),
+    );
+    assert_eq!(replicated_lines(&sb, &id), 0);
+    assert_eq!(replicated_lines(&sa, &id), 1);
+}
+
+#[test]
+fn migrate_copies_a_sled_store_and_a_second_run_adds_nothing() {
+    let lab = Lab::new();
+    let token = lab.copier();
+    let image = lab.image(TENANT_A, "cirros", 4096);
+    let id = {
+        let server = lab.serve();
+        server.copy_ok(&token, &image, TENANT_B)
+    };
+    let url = database();
+    let out = lab.ok(&["migrate", "--to", &url]);
+    assert!(
+        out.starts_with("migrated 3 region(s)") || out.contains("migrated"),
+        "{out}"
+    );
+    assert!(!out.contains("password"), "{out}");
+    let again = lab.ok(&["migrate", "--to", &url]);
+    assert!(again.contains("(0 record(s) added now)"), "{again}");
+    // The same data directory served from the database: the token, the image, the job.
+    let served = Lab {
+        dir: tempfile::tempdir().expect("temp dir"),
+        env: vec![("IMAGE_REPLICATOR_DATABASE_URL".into(), url.clone())],
+    };
+    let server = serve(&served, "c", &["--no-worker"]);
+    assert_eq!(job_ids(&jobs(server.get(JOBS, Some(&token)))), vec![id]);
+    // A database that holds other records is refused, naming both counts.
+    let other = Lab::new();
+    other.ok(&["region", "add", "elsewhere"]);
+    let refused = other.fails(&["migrate", "--to", &url]);
+    assert!(
+        refused.contains("migrate into an empty database"),
+        "{refused}"
+    );
+}
