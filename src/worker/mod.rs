@@ -249,8 +249,33 @@ impl Ctx {
 
 fn run(ctx: &Ctx) {
     let board = &ctx.parts.board;
+    // While the store fails (a database that does not answer), one line a minute, not two a
+    // second per worker.
+    let mut failing_since: Option<Instant> = None;
+    let mut logged = Instant::now();
     while !ctx.stopping() {
-        match next(ctx) {
+        let queue = next(ctx);
+        match (&queue, failing_since) {
+            (Err(e), None) => {
+                tracing::error!(
+                    "worker cannot read the queue (it tries again every {IDLE:?}): {e}"
+                );
+                (failing_since, logged) = (Some(Instant::now()), Instant::now());
+            }
+            (Err(e), Some(since)) if logged.elapsed() >= Duration::from_secs(60) => {
+                tracing::error!(
+                    "worker still cannot read the queue, for {:?} now: {e}",
+                    since.elapsed()
+                );
+                logged = Instant::now();
+            }
+            (Ok(_), Some(since)) => {
+                tracing::info!("worker reads the queue again after {:?}", since.elapsed());
+                failing_since = None;
+            }
+            _ => {}
+        }
+        match queue {
             Ok(Some((id, cancel))) => {
                 if let Err(e) = process(ctx, id, &cancel) {
                     tracing::error!(job = %id, "worker failed on this job, retrying in {PARK:?}: {e}");
@@ -264,11 +289,7 @@ fn run(ctx: &Ctx) {
                 board.untrack(id);
                 ctx.parts.store.release(id);
             }
-            Ok(None) => board.wait(IDLE),
-            Err(e) => {
-                tracing::error!("worker cannot read the queue: {e}");
-                board.wait(IDLE);
-            }
+            Ok(None) | Err(_) => board.wait(IDLE),
         }
     }
 }

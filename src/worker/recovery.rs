@@ -203,24 +203,28 @@ fn remove_destination(parts: &Parts, dst: Uuid, region_id: &str) -> Result<Image
 /// The orphan sweep's thread: every [`ORPHAN_SWEEP`] until shutdown.
 pub(super) fn sweep_orphans(ctx: &Ctx) {
     let mut last: Option<Instant> = None;
+    let mut failing = false;
     while !ctx.stopping() {
         if last.is_none_or(|at| at.elapsed() >= ORPHAN_SWEEP) {
             last = Some(Instant::now());
-            sweep_once(&ctx.parts);
+            match ctx.parts.store.orphans() {
+                Ok(orphans) => {
+                    failing = false;
+                    sweep_once(&ctx.parts, orphans);
+                }
+                // Said once, not every sweep, while the store fails.
+                Err(e) if !std::mem::replace(&mut failing, true) => {
+                    tracing::error!("cannot read the orphaned images: {e}");
+                }
+                Err(_) => {}
+            }
         }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
-fn sweep_once(parts: &Parts) {
+fn sweep_once(parts: &Parts, orphans: Vec<(Uuid, String)>) {
     let store = &parts.store;
-    let orphans = match store.orphans() {
-        Ok(orphans) => orphans,
-        Err(e) => {
-            tracing::error!("cannot read the orphaned images: {e}");
-            return;
-        }
-    };
     // A region that failed once is left alone until the next sweep: a service that does not
     // answer costs one timeout per sweep, not one per orphan.
     let mut failed = HashSet::new();
