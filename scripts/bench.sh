@@ -53,6 +53,15 @@
 # About 2 minutes. Environment: BENCH_IMAGES_MIB (the image's size), BENCH_IMAGES_PERF=DIR
 # (one more upload and download under perf record).
 
+#
+#   scripts/bench.sh --only S [--quick] [--reps N] [--duration S]
+#
+# Several appliances on one PostgreSQL (issue 16, scripts/bench/shared-db.py): S1 (durable
+# creates on sled, on PostgreSQL with one appliance and with two), S2 (kill -9 of the
+# appliance holding a copy, 20 times: lost, finished twice, differing, takeover time) and P1/P3
+# on PostgreSQL beside sled, with its own PostgreSQL cluster (Debian's postgresql). It puts its
+# section into BENCHMARKS.md (printed only with --quick). About 8 minutes (30 s with --quick).
+
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -248,6 +257,15 @@ if [[ -z $BIN ]]; then
   fi
 fi
 [[ -x $BIN ]] || die "$BIN is missing (build with cargo build --release --locked)"
+if [[ ,$ONLY, == *,S* ]]; then
+  [[ -z $COMPARE && $PEER == 0 && $IMAGES == 0 ]] || die "the shared-database figures (S) run alone"
+  shared=(--bin "$BIN")
+  [[ $MODE == quick ]] && shared+=(--quick --no-write)
+  [[ -n $REPS ]] && shared+=(--reps "$REPS")
+  [[ -n $DURATION ]] && shared+=(--duration "$DURATION")
+  [[ -n $OUT ]] && shared+=(--out "$OUT")
+  exec python3 "$ROOT/scripts/bench/shared-db.py" "${shared[@]}"
+fi
 [[ -z $COMPARE || -x $COMPARE ]] || die "the base binary $COMPARE is missing or not executable"
 
 mkdir -p "$TMP_PARENT"
