@@ -187,8 +187,6 @@ fn admin_commands_and_the_routes_answer_the_same_on_either_appliance() {
     assert_eq!(shown(&b, &id)["holder"], Value::Null);
 }
 
-const JOBS: &str = "/v2/extension/image_replicator/jobs";
-
 #[test]
 fn a_region_pinned_to_a_node_is_copied_only_there() {
     let (a, b, token) = two_labs();
@@ -258,4 +256,77 @@ fn migrate_copies_a_sled_store_and_a_second_run_adds_nothing() {
         refused.contains("migrate into an empty database"),
         "{refused}"
     );
+}
+
+#[test]
+fn the_database_restarted_under_load_loses_nothing_acknowledged() {
+    use image_replicator::store::postgres::testing::Cluster;
+    let cluster = Cluster::start().expect("a cluster of its own");
+    let lab = Lab::on_database(&cluster.new_database());
+    let token = lab.copier();
+    let small = lab.image(TENANT_A, "small", 4096);
+    let big = lab.image(TENANT_A, "big", 6 << 20);
+    let server = serve(&lab, "a", &["--max-bandwidth", "1M"]);
+    let copy = server.copy_ok(&token, &big, TENANT_B);
+    server.wait_job(&token, &copy, Duration::from_secs(30), |j| {
+        j["copy_progress"].as_u64().is_some_and(|p| p >= 10)
+    });
+    // Creates go on throughout; every 202's job must be there at the end.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (base, client_token, image) = (server.base.clone(), token.clone(), small.clone());
+    let load = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let client = reqwest::blocking::Client::new();
+            let (mut accepted, mut refused) = (Vec::new(), Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let resp = client
+                    .post(format!("{base}{JOBS}"))
+                    .header("X-Auth-Token", &client_token)
+                    .json(&serde_json::json!({"image_id": image, "tenant_id_dst": TENANT_B}))
+                    .send()
+                    .expect("the server answers");
+                let status = resp.status().as_u16();
+                let body: Value = resp.json().unwrap_or(Value::Null);
+                match status {
+                    202 => accepted.push(body["job"]["job_id"].as_str().expect("id").to_string()),
+                    _ => refused.push((status, body)),
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (accepted, refused)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.stop().expect("stop PostgreSQL");
+    std::thread::sleep(Duration::from_millis(500));
+    let health = server.get("/healthz", None);
+    assert_eq!(health.status(), 503);
+    let said = health.text().expect("body");
+    assert!(said.contains("database"), "{said}");
+    let refused = server.get(JOBS, Some(&token));
+    assert_eq!(refused.status(), 503);
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.start_again().expect("start PostgreSQL again");
+    poll("healthy again", Duration::from_secs(20), || {
+        (server.get("/healthz", None).status() == 200).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (accepted, refused) = load.join().expect("load thread");
+    assert!(accepted.len() > 10, "{} accepted", accepted.len());
+    assert!(
+        refused.iter().all(|(status, _)| *status == 503),
+        "{refused:?}"
+    );
+    assert!(!refused.is_empty(), "no create was refused while the database was down");
+    let listed = job_ids(&all_jobs(&server, &token));
+    for id in &accepted {
+        assert!(listed.contains(id), "acknowledged job {id} lost");
+    }
+    let job = server.wait_job(&token, &copy, Duration::from_secs(90), status_is("replicated"));
+    let want = sha512_hex(&std::fs::read(lab.region_dir("ot1").join(&big)).expect("source"));
+    assert_eq!(destination_sha512(&lab, &job), want);
+    let log = server.log_text();
+    assert!(!log.contains("password"), "no URL with a password in the log");
 }
