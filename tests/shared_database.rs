@@ -289,7 +289,7 @@ fn the_database_restarted_under_load_loses_nothing_acknowledged() {
                 let status = resp.status().as_u16();
                 let body: Value = resp.json().unwrap_or(Value::Null);
                 match status {
-                    202 => accepted.push(body["job"]["job_id"].as_str().expect("id").to_string()),
+                    202 => accepted.push(body["job_id"].as_str().expect("id").to_string()),
                     _ => refused.push((status, body)),
                 }
                 std::thread::sleep(Duration::from_millis(20));

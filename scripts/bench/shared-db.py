@@ -277,7 +277,7 @@ def p1p3(args, sled, pg):
 
 def job_of(app, job_id):
     status, body = call("GET", f"http://127.0.0.1:{app.port}{JOBS}/{job_id}", token=TOKEN)
-    return json.loads(body)["job"] if status == 200 else None
+    return json.loads(body) if status == 200 else None
 
 
 def holder(app, job_id):
@@ -309,7 +309,7 @@ def s2(args, apps, regions, big_sha):
                             body={"image_id": IMAGE_BIG, "tenant_id_dst": T2})
         if status != 202:
             sys.exit(f"shared-db.py: POST answered {status}: {body[:300]}")
-        job_id = json.loads(body)["job"]["job_id"]
+        job_id = json.loads(body)["job_id"]
         deadline = time.time() + 60
         held = None
         while time.time() < deadline:
