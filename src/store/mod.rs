@@ -6,6 +6,7 @@
 //! Anything a caller was promised is made durable with [`Repo::flush`] before it is
 //! acknowledged. Every call blocks: async callers use `spawn_blocking`.
 
+pub mod postgres;
 mod repair;
 pub mod sled;
 
@@ -75,10 +76,11 @@ pub fn host_name() -> String {
 pub fn open(dir: &Path, config: &StoreConfig) -> std::result::Result<Arc<dyn Repo>, OpenError> {
     match &config.database_url {
         None => Ok(Arc::new(self::sled::SledStore::open(dir, &config.node)?)),
-        Some(url) => Err(OpenError::Other {
-            path: url.clone(),
-            reason: "PostgreSQL is not supported yet".into(),
-        }),
+        Some(url) => Ok(Arc::new(self::postgres::PgStore::connect(
+            url,
+            config.pool,
+            &config.node,
+        )?)),
     }
 }
 
