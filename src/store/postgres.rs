@@ -1631,3 +1631,259 @@ impl Jobs for PgStore {
         })
     }
 }
+
+/// A throwaway PostgreSQL cluster for tests, the lib's and `tests/*.rs` alike: [`cluster`]
+/// starts one per test process (lazily), and [`Cluster::new_database`] gives each test its
+/// own empty database in it. The cluster listens only on a Unix socket in its temporary
+/// directory; as root its programs run as the `postgres` user (initdb refuses root).
+///
+/// A watchdog shell started with the cluster waits for its standard input, a pipe that only
+/// this process holds, to close: when the process ends (however: a static is never dropped)
+/// it stops the server and removes the directory. [`Cluster`]s made with [`Cluster::start`]
+/// do the same when dropped.
+#[doc(hidden)]
+pub mod testing {
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, ChildStdin, Command, Stdio};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Mutex, OnceLock};
+
+    pub struct Cluster {
+        dir: PathBuf,
+        bin: PathBuf,
+        /// Run the programs as `postgres` (we are root).
+        as_postgres: bool,
+        watchdog: Mutex<Option<(Child, ChildStdin)>>,
+    }
+
+    /// What the watchdog runs: wait for end of input, stop the server, remove the directory.
+    const WATCHDOG: &str =
+        r#"cat >/dev/null; "$1" -D "$2" -m immediate -w stop >/dev/null 2>&1; rm -rf "$3""#;
+
+    /// The cluster of this test process, started on first use.
+    pub fn cluster() -> &'static Cluster {
+        static SHARED: OnceLock<Cluster> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            Cluster::start()
+                .unwrap_or_else(|e| panic!("cannot start PostgreSQL for the tests: {e}"))
+        })
+    }
+
+    /// The directory of initdb, pg_ctl and psql: where `initdb` on PATH really is, else the
+    /// newest `/usr/lib/postgresql/*/bin` (Debian's).
+    fn find_bin() -> Result<PathBuf, String> {
+        let on_path = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|d| d.join("initdb"))
+            .find(|p| p.is_file());
+        if let Some(initdb) = on_path {
+            let real = std::fs::canonicalize(&initdb).unwrap_or(initdb);
+            if let Some(dir) = real.parent() {
+                return Ok(dir.to_path_buf());
+            }
+        }
+        let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+            .map_err(|e| {
+                format!("no initdb on PATH and no /usr/lib/postgresql ({e}): install postgresql")
+            })?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let version = e.file_name().to_str()?.parse::<u32>().ok()?;
+                let bin = e.path().join("bin");
+                bin.join("initdb").is_file().then_some((version, bin))
+            })
+            .collect();
+        versions.sort();
+        versions
+            .pop()
+            .map(|(_, bin)| bin)
+            .ok_or_else(|| "no initdb found: install postgresql".to_string())
+    }
+
+    /// The uid and gid of user `postgres`.
+    fn postgres_user() -> Result<(libc::uid_t, libc::gid_t), String> {
+        let name = c"postgres";
+        // SAFETY: getpwnam takes a NUL-terminated name; its result is read at once, before
+        // any other call could reuse its buffer (tests start clusters under a OnceLock or one
+        // at a time).
+        let entry = unsafe { libc::getpwnam(name.as_ptr()) };
+        if entry.is_null() {
+            return Err("running as root needs a postgres user (initdb refuses root)".into());
+        }
+        // SAFETY: non-null, points to a passwd record.
+        let entry = unsafe { &*entry };
+        Ok((entry.pw_uid, entry.pw_gid))
+    }
+
+    impl Cluster {
+        /// Starts a cluster of its own in a new temporary directory.
+        pub fn start() -> Result<Cluster, String> {
+            static N: AtomicU64 = AtomicU64::new(0);
+            let bin = find_bin()?;
+            // SAFETY: geteuid has no preconditions.
+            let as_postgres = unsafe { libc::geteuid() } == 0;
+            let dir = std::env::temp_dir().join(format!(
+                "image-replicator-pg-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::SeqCst)
+            ));
+            std::fs::create_dir(&dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            if as_postgres {
+                let (uid, gid) = postgres_user()?;
+                std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
+                    .map_err(|e| format!("cannot give {} to postgres: {e}", dir.display()))?;
+            }
+            let mut cluster = Cluster {
+                dir,
+                bin,
+                as_postgres,
+                watchdog: Mutex::new(None),
+            };
+            // First the watchdog: from here on the directory goes with this process.
+            let mut watchdog = cluster
+                .command(Path::new("/bin/sh"))
+                .args(["-c", WATCHDOG, "sh"])
+                .arg(cluster.bin.join("pg_ctl"))
+                .arg(cluster.data())
+                .arg(&cluster.dir)
+                .stdin(Stdio::piped())
+                .spawn()
+                .map_err(|e| format!("cannot start the watchdog: {e}"))?;
+            let stdin = watchdog.stdin.take().ok_or("the watchdog has no stdin")?;
+            cluster.watchdog = Mutex::new(Some((watchdog, stdin)));
+            let initdb = cluster
+                .command(&cluster.bin.join("initdb"))
+                .arg("-D")
+                .arg(cluster.data())
+                .args([
+                    "-U",
+                    "postgres",
+                    "-A",
+                    "trust",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "--no-sync",
+                ])
+                .output()
+                .map_err(|e| format!("cannot run initdb: {e}"))?;
+            if !initdb.status.success() {
+                return Err(format!(
+                    "initdb failed: {}",
+                    String::from_utf8_lossy(&initdb.stderr)
+                ));
+            }
+            let settings = format!(
+                "\nlisten_addresses = ''\nunix_socket_directories = '{}'\nmax_connections = 300\n\
+                 shared_buffers = 16MB\n",
+                cluster.dir.display()
+            );
+            let conf = cluster.data().join("postgresql.conf");
+            let mut text =
+                std::fs::read_to_string(&conf).map_err(|e| format!("postgresql.conf: {e}"))?;
+            text.push_str(&settings);
+            std::fs::write(&conf, text).map_err(|e| format!("postgresql.conf: {e}"))?;
+            cluster.start_again()?;
+            Ok(cluster)
+        }
+
+        fn data(&self) -> PathBuf {
+            self.dir.join("data")
+        }
+
+        /// `program`, as the postgres user when we are root, in the cluster's directory.
+        fn command(&self, program: &Path) -> Command {
+            let mut command = if self.as_postgres {
+                let mut c = Command::new("runuser");
+                c.args(["-u", "postgres", "--"]).arg(program);
+                c
+            } else {
+                Command::new(program)
+            };
+            command
+                .current_dir(&self.dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            command
+        }
+
+        fn pg_ctl(&self, args: &[&str]) -> Result<(), String> {
+            let status = self
+                .command(&self.bin.join("pg_ctl"))
+                .arg("-D")
+                .arg(self.data())
+                .arg("-l")
+                .arg(self.dir.join("log"))
+                .args(args)
+                .status()
+                .map_err(|e| format!("cannot run pg_ctl: {e}"))?;
+            if status.success() {
+                Ok(())
+            } else {
+                let log = std::fs::read_to_string(self.dir.join("log")).unwrap_or_default();
+                Err(format!("pg_ctl {args:?} failed: {log}"))
+            }
+        }
+
+        /// Starts the server (again, after [`Cluster::stop`]).
+        pub fn start_again(&self) -> Result<(), String> {
+            self.pg_ctl(&["-w", "-t", "60", "start"])
+        }
+
+        /// Stops the server (fast: open connections are ended).
+        pub fn stop(&self) -> Result<(), String> {
+            self.pg_ctl(&["-w", "-m", "fast", "stop"])
+        }
+
+        /// A new empty database; its URL.
+        pub fn new_database(&self) -> String {
+            let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+            let out = Command::new(self.bin.join("psql"))
+                .arg("-h")
+                .arg(&self.dir)
+                .args([
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "postgres",
+                    "-X",
+                    "-q",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                ])
+                .arg("-c")
+                .arg(format!("CREATE DATABASE {name}"))
+                .stdin(Stdio::null())
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run psql: {e}"));
+            assert!(
+                out.status.success(),
+                "CREATE DATABASE failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            self.url(&name)
+        }
+
+        /// The URL of database `name` of this cluster.
+        pub fn url(&self, name: &str) -> String {
+            format!(
+                "postgresql:///{name}?host={}&user=postgres",
+                self.dir.display()
+            )
+        }
+    }
+
+    impl Drop for Cluster {
+        fn drop(&mut self) {
+            let watchdog = self.watchdog.get_mut().ok().and_then(|w| w.take());
+            if let Some((mut child, stdin)) = watchdog {
+                drop(stdin);
+                let _ = child.wait();
+            }
+        }
+    }
+}
