@@ -203,7 +203,8 @@ fn find_password_key(text: &str) -> Option<usize> {
 struct Db {
     pool: Pool,
     node: String,
-    lease: Duration,
+    /// How long a claim lasts, in milliseconds ([`LEASE`]; shorter in tests).
+    lease_ms: AtomicU64,
     /// The database URL as shown ([`redacted`]).
     shown: String,
 }
@@ -400,7 +401,7 @@ impl Db {
     }
 
     fn lease_secs(&self) -> f64 {
-        self.lease.as_secs_f64()
+        self.lease_ms.load(Ordering::Relaxed) as f64 / 1000.0
     }
 }
 
@@ -533,7 +534,7 @@ impl PgStore {
         let db = Arc::new(Db {
             pool,
             node: node.to_string(),
-            lease: LEASE,
+            lease_ms: AtomicU64::new(LEASE.as_millis() as u64),
             shown: shown.clone(),
         });
         let store = PgStore {
@@ -552,10 +553,10 @@ impl PgStore {
 
     /// The same store with claims that last `lease` instead of [`LEASE`] (tests of takeovers).
     #[doc(hidden)]
-    pub fn with_lease(mut self, lease: Duration) -> PgStore {
-        if let Some(db) = Arc::get_mut(&mut self.db) {
-            db.lease = lease;
-        }
+    pub fn with_lease(self, lease: Duration) -> PgStore {
+        self.db
+            .lease_ms
+            .store(lease.as_millis() as u64, Ordering::Relaxed);
         self
     }
 
@@ -1868,6 +1869,32 @@ pub mod testing {
             self.url(&name)
         }
 
+        /// Runs `sql` with psql in the database at `url` (of this cluster); what it printed.
+        pub fn psql(&self, url: &str, sql: &str) -> String {
+            let out = Command::new(self.bin.join("psql"))
+                .args([
+                    "-X",
+                    "-q",
+                    "-A",
+                    "-t",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-d",
+                    url,
+                    "-c",
+                    sql,
+                ])
+                .stdin(Stdio::null())
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run psql: {e}"));
+            assert!(
+                out.status.success(),
+                "psql failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+
         /// The URL of database `name` of this cluster.
         pub fn url(&self, name: &str) -> String {
             format!(
@@ -1885,5 +1912,253 @@ pub mod testing {
                 let _ = child.wait();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{cluster, Cluster};
+    use super::*;
+    use crate::model::{RegionKind, TenantKey};
+
+    const A: &str = "236ae314ef6944f4ab98fa7519e54325";
+    const B: &str = "91b5c7c09cbd45caa3c146fd67ae471e";
+
+    fn store(url: &str, node: &str) -> PgStore {
+        PgStore::connect(url, 4, node).expect("connect")
+    }
+
+    fn job(store: &PgStore) -> (TenantKey, Job) {
+        let wire = JobWire {
+            copy_progress: 0,
+            destination_image_id: None,
+            destination_region_id: "ot2".into(),
+            destination_tenant_id: B.into(),
+            job_id: Uuid::new_v4(),
+            source_image_id: Uuid::new_v4(),
+            source_image_name: "cirros".into(),
+            source_region_id: "ot1".into(),
+            source_tenant_id: A.into(),
+            status: JobStatus::ReplicateRequested,
+        };
+        let job = Job::new_queued(wire, store.next_seq().expect("seq"), 1, 10);
+        (TenantKey::parse(A).expect("key"), job)
+    }
+
+    fn region(id: &str) -> Region {
+        Region {
+            id: id.into(),
+            kind: RegionKind::Directory {
+                dir: format!("/srv/{id}").into(),
+            },
+            disk_formats: vec!["raw".into()],
+            created_at: 1,
+            pin: None,
+        }
+    }
+
+    #[test]
+    fn two_appliances_claim_every_queued_job_exactly_once() {
+        let url = cluster().new_database();
+        let stores = [Arc::new(store(&url, "a")), Arc::new(store(&url, "b"))];
+        let jobs: Vec<_> = (0..50).map(|_| job(&stores[0])).collect();
+        assert_eq!(stores[0].insert_jobs(&jobs).expect("insert"), 50);
+        let workers: Vec<_> = (0..6)
+            .map(|i| {
+                let store = Arc::clone(&stores[i % 2]);
+                std::thread::spawn(move || {
+                    let mut mine = Vec::new();
+                    while let Some(id) = store.claim_next(&HashSet::new()).expect("claim") {
+                        mine.push(id);
+                    }
+                    mine
+                })
+            })
+            .collect();
+        let mut claimed: Vec<Uuid> = workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("worker"))
+            .collect();
+        claimed.sort();
+        let mut want: Vec<Uuid> = jobs.iter().map(|(_, j)| j.wire.job_id).collect();
+        want.sort();
+        assert_eq!(claimed, want, "every job once, none twice");
+        let held: usize = stores
+            .iter()
+            .map(|s| s.renew_claims().expect("renew").len())
+            .sum();
+        assert_eq!(held, 50);
+    }
+
+    #[test]
+    fn a_claim_whose_lease_ran_out_is_taken_over_by_another_appliance() {
+        let url = cluster().new_database();
+        let a = store(&url, "a").with_lease(Duration::from_millis(1500));
+        let b = store(&url, "b");
+        let (owner, j) = job(&a);
+        let id = j.wire.job_id;
+        a.insert_jobs(&[(owner, j)]).expect("insert");
+        let none = HashSet::new();
+        assert_eq!(a.claim_next(&none).expect("claim"), Some(id));
+        assert_eq!(b.claim_next(&none).expect("held"), None);
+        assert_eq!(b.holder(id).expect("holder"), Some("a".into()));
+        // Renewed, it stays a's past its first lease.
+        std::thread::sleep(Duration::from_millis(800));
+        assert_eq!(a.renew_claims().expect("renew"), vec![(id, false)]);
+        std::thread::sleep(Duration::from_millis(900));
+        assert_eq!(b.claim_next(&none).expect("still held"), None);
+        // Not renewed, it runs out.
+        std::thread::sleep(Duration::from_millis(800));
+        assert_eq!(b.holder(id).expect("holder"), None);
+        assert_eq!(b.claim_next(&none).expect("takeover"), Some(id));
+        assert_eq!(a.holder(id).expect("holder"), Some("b".into()));
+        assert_eq!(a.renew_claims().expect("renew"), vec![], "a lost it");
+        assert_eq!(b.renew_claims().expect("renew"), vec![(id, false)]);
+        // a's release does not give back b's claim.
+        a.release(id);
+        assert_eq!(a.holder(id).expect("holder"), Some("b".into()));
+    }
+
+    #[test]
+    fn a_cancel_written_by_one_appliance_reaches_the_holder_and_versions_follow() {
+        let url = cluster().new_database();
+        let (a, b) = (store(&url, "a"), store(&url, "b"));
+        let (owner, j) = job(&a);
+        let id = j.wire.job_id;
+        let before = b.jobs_version();
+        a.insert_jobs(&[(owner, j)]).expect("insert");
+        let inserted = b.jobs_version();
+        assert_ne!(inserted, before, "b sees a's insert");
+        assert_eq!(a.claim_next(&HashSet::new()).expect("claim"), Some(id));
+        assert_eq!(inserted, b.jobs_version(), "a claim is no job write");
+        b.update_job(id, &|job| {
+            assert!(job.request_cancel(2));
+            Ok(ImageChange::None)
+        })
+        .expect("cancel")
+        .expect("job");
+        assert_ne!(a.jobs_version(), inserted, "a sees b's update");
+        assert_eq!(a.renew_claims().expect("renew"), vec![(id, true)]);
+        // The job's end takes it off the queue, and the claim with it.
+        let version = a.jobs_version();
+        b.update_job(id, &|job| {
+            job.begin_ending(None, 3);
+            job.end(3);
+            Ok(ImageChange::None)
+        })
+        .expect("end");
+        assert_ne!(a.jobs_version(), version);
+        assert_eq!(a.renew_claims().expect("renew"), vec![]);
+        assert_eq!(a.holder(id).expect("holder"), None);
+        assert!(a.queued().expect("queue").is_empty());
+    }
+
+    #[test]
+    fn a_database_that_goes_away_is_unavailable_until_it_is_back() {
+        let own = Cluster::start().expect("cluster");
+        let url = own.new_database();
+        let s = store(&url, "a");
+        assert!(s.insert_region(&region("ot1")).expect("region"));
+        let version = s.jobs_version();
+        own.stop().expect("stop");
+        assert!(matches!(s.writable(), Err(ServiceError::Unavailable(_))));
+        match s.region("ot1") {
+            Err(ServiceError::Unavailable(why)) => {
+                assert!(why.contains("does not answer"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            s.insert_region(&region("ot2")),
+            Err(ServiceError::Unavailable(_))
+        ));
+        let (down1, down2) = (s.jobs_version(), s.jobs_version());
+        assert_ne!(down1, down2, "nothing cached while it is down is trusted");
+        assert_ne!(down1, version);
+        own.start_again().expect("start");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while s.writable().is_err() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(s.writable(), Ok(()));
+        assert_eq!(s.region("ot1").expect("region"), Some(region("ot1")));
+        assert_eq!(s.jobs_version(), version);
+    }
+
+    #[test]
+    fn appliances_starting_together_create_the_schema_once() {
+        let url = cluster().new_database();
+        let starts: Vec<_> = (0..4)
+            .map(|i| {
+                let url = url.clone();
+                std::thread::spawn(move || PgStore::connect(&url, 2, &format!("n{i}")).map(drop))
+            })
+            .collect();
+        for start in starts {
+            start.join().expect("thread").expect("connect");
+        }
+        assert_eq!(
+            cluster()
+                .psql(&url, "SELECT count(*) FROM schema_version")
+                .trim(),
+            "1"
+        );
+    }
+
+    #[test]
+    fn a_schema_newer_than_the_binary_is_refused() {
+        let url = cluster().new_database();
+        drop(store(&url, "a"));
+        cluster().psql(&url, "UPDATE schema_version SET version = 99");
+        match PgStore::connect(&url, 2, "a") {
+            Err(OpenError::Other { reason, .. }) => assert!(reason.contains("newer"), "{reason}"),
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("opened a newer schema"),
+        }
+    }
+
+    #[test]
+    fn the_store_is_called_and_dropped_inside_another_runtime() {
+        let url = cluster().new_database();
+        let s = Arc::new(store(&url, "a"));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let before = s.jobs_version();
+            let (owner, j) = job(&s);
+            s.insert_jobs(&[(owner, j)]).expect("insert");
+            assert_ne!(s.jobs_version(), before);
+            drop(s);
+        });
+    }
+
+    #[test]
+    fn passwords_never_show() {
+        assert_eq!(
+            redacted("postgres://alice:s3cret@db.example:5432/ir"),
+            "postgres://alice:***@db.example:5432/ir"
+        );
+        assert_eq!(
+            redacted("postgres://alice@db.example/ir?sslmode=disable&password=s3cret"),
+            "postgres://alice@db.example/ir?sslmode=disable&password=***"
+        );
+        assert_eq!(
+            redacted("host=db user=alice password='s3 cret' dbname=ir"),
+            "host=db user=alice password=*** dbname=ir"
+        );
+        assert_eq!(redacted("host=db password=s3cret"), "host=db password=***");
+        assert_eq!(
+            redacted("postgresql:///ir?host=/run/pg"),
+            "postgresql:///ir?host=/run/pg"
+        );
+        let failed = PgStore::connect("postgres://alice:s3cret@127.0.0.1:1/ir", 1, "a");
+        let Err(e) = failed else {
+            panic!("connected to port 1")
+        };
+        let text = e.to_string();
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(text.contains("alice:***@127.0.0.1:1/ir"), "{text}");
+        assert!(text.contains("cannot connect"), "{text}");
     }
 }
