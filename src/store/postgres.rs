@@ -932,7 +932,7 @@ impl Registry for PgStore {
         let full = lookup.to_vec();
         let legacy = lookup
             .get(..crate::model::LEGACY_LOOKUP_LEN)
-            .unwrap_or_default()
+            .unwrap_or(lookup)
             .to_vec();
         self.run(|db| async move {
             let c = db.client().await?;
@@ -1447,7 +1447,8 @@ impl Jobs for PgStore {
     }
 
     fn tenant_has_jobs(&self, key: TenantKey, id_as_stored: &str) -> Result<Option<Uuid>> {
-        let as_stored = id_as_stored.replace('\0', "");
+        // A text column holds no NUL: such an id names no job's destination.
+        let as_stored = (!id_as_stored.contains('\0')).then(|| id_as_stored.to_string());
         self.run(move |db| async move {
             let c = db.client().await?;
             let key = &key.0[..];
