@@ -7,6 +7,8 @@
 #   root; as another user that test says so and does nothing).
 # - chromium and chromedriver (Debian's chromium, chromium-driver): tests/ui.rs drives the web
 #   page in a headless Chromium through WebDriver (CI reaches Debian's mirror, nothing else).
+# - initdb, pg_ctl and psql (Debian's postgresql: /usr/lib/postgresql/NN/bin): the PostgreSQL
+#   store's tests start a throwaway cluster of their own (as the postgres user when root).
 # - Glance and Keystone from PyPI, in the virtualenv scripts/openstack-venv.sh makes once and
 #   keeps in ~/.cache/image-replicator (about 80 s and 300 MB the first time).
 set -euo pipefail
@@ -17,6 +19,7 @@ command -v qemu-img >/dev/null || missing+=(qemu-utils)
 PATH=$PATH:/sbin:/usr/sbin command -v mkfs.xfs >/dev/null || missing+=(xfsprogs)
 [[ -x /usr/lib/chromium/chromium ]] || command -v chromium >/dev/null || missing+=(chromium)
 command -v chromedriver >/dev/null || missing+=(chromium-driver)
+command -v initdb >/dev/null || compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
 if ((${#missing[@]})); then
   if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
     echo "scripts/test.sh: installing ${missing[*]}" >&2

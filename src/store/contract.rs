@@ -802,3 +802,24 @@ impl Backend for Sled {
 }
 
 contract_suite!(sled, Sled);
+
+struct Postgres;
+
+impl Backend for Postgres {
+    /// A new database of the test process's cluster for a new `dir`, and the same database
+    /// again for the same `dir` (its URL is kept in the directory).
+    fn open(dir: &std::path::Path) -> Arc<dyn Repo> {
+        let file = dir.join("database-url");
+        let url = match std::fs::read_to_string(&file) {
+            Ok(url) => url,
+            Err(_) => {
+                let url = super::postgres::testing::cluster().new_database();
+                std::fs::write(&file, &url).expect("keep the URL");
+                url
+            }
+        };
+        Arc::new(super::postgres::PgStore::connect(&url, 4, "test-node").expect("connect"))
+    }
+}
+
+contract_suite!(postgres, Postgres);

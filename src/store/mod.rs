@@ -6,6 +6,8 @@
 //! Anything a caller was promised is made durable with [`Repo::flush`] before it is
 //! acknowledged. Every call blocks: async callers use `spawn_blocking`.
 
+pub mod postgres;
+pub use postgres::redacted;
 mod repair;
 pub mod sled;
 
@@ -71,47 +73,15 @@ pub fn host_name() -> String {
     }
 }
 
-/// A database URL as it may be shown (errors, logs, `status`): its password replaced by `***`.
-pub fn redacted(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return "<a database URL that does not parse>".into();
-    };
-    let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = match userinfo.split_once(':') {
-                Some((name, _)) => format!("{name}:***"),
-                None => userinfo.to_string(),
-            };
-            format!("{scheme}://{user}@{host}{}", mask_password_param(tail))
-        }
-        None => format!("{scheme}://{authority}{}", mask_password_param(tail)),
-    }
-}
-
-/// `?password=…` in a URL's query replaced by `***`.
-fn mask_password_param(tail: &str) -> String {
-    let Some((path, query)) = tail.split_once('?') else {
-        return tail.to_string();
-    };
-    let query: Vec<String> = query
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
-            _ => pair.to_string(),
-        })
-        .collect();
-    format!("{path}?{}", query.join("&"))
-}
-
 /// Opens the store: sled in the data directory `dir`, or the PostgreSQL database.
 pub fn open(dir: &Path, config: &StoreConfig) -> std::result::Result<Arc<dyn Repo>, OpenError> {
     match &config.database_url {
         None => Ok(Arc::new(self::sled::SledStore::open(dir, &config.node)?)),
-        Some(url) => Err(OpenError::Other {
-            path: redacted(url),
-            reason: "PostgreSQL is not supported yet".into(),
-        }),
+        Some(url) => Ok(Arc::new(self::postgres::PgStore::connect(
+            url,
+            config.pool,
+            &config.node,
+        )?)),
     }
 }
 
@@ -298,35 +268,4 @@ pub trait Jobs: Send + Sync {
     fn add_orphan(&self, id: Uuid, region: &str) -> Result<()>;
     fn orphans(&self) -> Result<Vec<(Uuid, String)>>;
     fn remove_orphan(&self, id: Uuid) -> Result<()>;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redacted;
-
-    #[test]
-    fn shown_database_urls_carry_no_password() {
-        for (url, shown) in [
-            (
-                "postgres://ir:s3cret@db.example:5432/ir",
-                "postgres://ir:***@db.example:5432/ir",
-            ),
-            ("postgres://ir@db/ir", "postgres://ir@db/ir"),
-            (
-                "postgres://a:b:c@[::1]/x?sslmode=require",
-                "postgres://a:***@[::1]/x?sslmode=require",
-            ),
-            (
-                "postgres:///ir?host=/run/postgresql&password=pw",
-                "postgres:///ir?host=/run/postgresql&password=***",
-            ),
-            ("postgres://u:p@h", "postgres://u:***@h"),
-            (
-                "host=/tmp password=pw",
-                "<a database URL that does not parse>",
-            ),
-        ] {
-            assert_eq!(redacted(url), shown, "{url}");
-        }
-    }
 }

@@ -1,0 +1,2169 @@
+//! The PostgreSQL store (`--database-url`): the same records as [`sled`](super::sled), in one
+//! database that several appliances share, with claims on queued jobs that hold across them.
+//!
+//! Tables (schema version [`SCHEMA_VERSION`], in `schema_version`, created or migrated by
+//! [`PgStore::connect`] under a transaction-scoped advisory lock so that appliances starting
+//! together do not race):
+//! - `regions` (id, pin), `tenants` (key: the tenant's 16 bytes), `users` (name),
+//!   `tokens` (id, lookup: the bytes `auth` finds a token by, user), `images` (id, owner key),
+//!   `orphans` (image id, region): each row with its record as `json`, the same serde JSON the
+//!   sled store keeps, readable with psql (`record->>'name'`). `json` rather than `jsonb`:
+//!   `jsonb` refuses `\u0000`, which serde writes for a NUL in any string (an image name, an
+//!   error text), and would make such a record unwritable.
+//! - `manifests` (image id → encoded manifest), `chunks` (owner, hash, image → first index:
+//!   the chunk index, one row per distinct data chunk of a complete manifest; its primary key
+//!   answers `chunk_holders`, `chunks_by_image` the removals). The index of an image changes
+//!   in the transaction that writes its manifest: PostgreSQL needs none of the sled store's
+//!   generations.
+//! - `jobs`: id, seq, the columns queries need (source tenant key, destination tenant as
+//!   stored and as a key, status, source and destination region), the queue (`queued`: enqueued
+//!   and not terminal) and the claim (`holder`, `lease_until`, the database's clock), and the
+//!   record.
+//! - `job_seq`: the sequence of [`Jobs::next_seq`]; `jobs_version`: one row counting job
+//!   writes, updated inside each job write's transaction (see [`Jobs::jobs_version`] below).
+//!
+//! Every call blocks: the store owns a small tokio runtime (threads `pg`) that runs the client
+//! and its pool, and a call sends its work there and waits on a channel, so it may be called
+//! from any thread, an async one of another runtime included.
+
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod};
+use serde::de::DeserializeOwned;
+use tokio_postgres::types::{Json, ToSql};
+use tokio_postgres::{NoTls, Row};
+use uuid::Uuid;
+
+use super::{ImageChange, JobQuery, Jobs, OpenError, Registry, Repo, LEASE};
+use crate::error::{Result, ServiceError, STORE_ERROR};
+use crate::manifest::{Hash, Manifest};
+use crate::model::{Image, Job, JobStatus, JobWire, Region, Tenant, TenantKey, TokenRecord, User};
+
+/// The schema this binary writes; a database with a newer one is refused.
+pub const SCHEMA_VERSION: i32 = 1;
+/// The advisory lock that start-ups take while they create or migrate the schema.
+const MIGRATION_LOCK: i64 = 0x696d_6167_652d_7265; // "image-re"
+/// How long a call waits for a connection of the pool (or for a new one to connect).
+const POOL_WAIT: Duration = Duration::from_secs(5);
+/// Chunk index rows per insert statement.
+const INDEX_BATCH: usize = 8192;
+/// Job records a listing reads per query while it looks for `limit` kept ones.
+const LIST_BATCH: usize = 500;
+
+const SCHEMA_V1: &str = r#"
+CREATE TABLE regions (
+    id text PRIMARY KEY,
+    pin text,
+    record json NOT NULL
+);
+CREATE TABLE tenants (
+    key bytea PRIMARY KEY,
+    record json NOT NULL
+);
+CREATE TABLE users (
+    name text PRIMARY KEY,
+    record json NOT NULL
+);
+CREATE TABLE tokens (
+    id uuid PRIMARY KEY,
+    lookup bytea NOT NULL,
+    user_name text NOT NULL,
+    record json NOT NULL
+);
+CREATE INDEX tokens_by_lookup ON tokens (lookup);
+CREATE INDEX tokens_by_user ON tokens (user_name);
+CREATE TABLE images (
+    id uuid PRIMARY KEY,
+    owner bytea NOT NULL,
+    record json NOT NULL
+);
+CREATE INDEX images_by_owner ON images (owner, id);
+CREATE TABLE manifests (
+    image uuid PRIMARY KEY,
+    body bytea NOT NULL
+);
+CREATE TABLE chunks (
+    owner bytea NOT NULL,
+    hash bytea NOT NULL,
+    image uuid NOT NULL,
+    first_index bigint NOT NULL,
+    PRIMARY KEY (owner, hash, image)
+);
+CREATE INDEX chunks_by_image ON chunks (image);
+CREATE TABLE jobs (
+    id uuid PRIMARY KEY,
+    seq bigint NOT NULL UNIQUE,
+    source_tenant bytea NOT NULL,
+    destination_tenant text NOT NULL,
+    destination_key bytea,
+    status text NOT NULL,
+    queued boolean NOT NULL,
+    holder text,
+    lease_until timestamptz,
+    source_region text NOT NULL,
+    destination_region text NOT NULL,
+    record json NOT NULL
+);
+CREATE INDEX jobs_by_tenant ON jobs (source_tenant, seq);
+CREATE INDEX jobs_queued ON jobs (seq) WHERE queued;
+CREATE INDEX jobs_by_holder ON jobs (holder) WHERE holder IS NOT NULL;
+CREATE INDEX jobs_by_destination_key ON jobs (destination_key);
+CREATE INDEX jobs_by_destination_tenant ON jobs (destination_tenant);
+CREATE TABLE orphans (
+    id uuid PRIMARY KEY,
+    region text NOT NULL
+);
+CREATE SEQUENCE job_seq;
+CREATE TABLE jobs_version (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    version bigint NOT NULL
+);
+INSERT INTO jobs_version (version) VALUES (1);
+"#;
+
+/// `url` with its password replaced by `***`, the only way a database URL is ever shown
+/// (errors, logs): `postgres://user:***@host:port/db`, and `password=***` in a query string or
+/// a key-value connection string.
+pub fn redacted(url: &str) -> String {
+    let masked_pairs = |text: &str| -> String {
+        // key=value pairs, separated by spaces (a connection string) or by & (a query).
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(at) = find_password_key(rest) {
+            let (head, tail) = rest.split_at(at);
+            out.push_str(head);
+            out.push_str("password=***");
+            let value = &tail["password=".len()..];
+            let end = if let Some(quoted) = value.strip_prefix('\'') {
+                let mut chars = quoted.char_indices();
+                let mut end = quoted.len();
+                while let Some((i, c)) = chars.next() {
+                    match c {
+                        '\\' => {
+                            chars.next();
+                        }
+                        '\'' => {
+                            end = i + 1;
+                            break;
+                        }
+                        _ => {}
+                    }
+                }
+                (end + 1).min(value.len())
+            } else {
+                value
+                    .find(|c: char| c.is_whitespace() || c == '&' || c == '#')
+                    .unwrap_or(value.len())
+            };
+            rest = &value[end..];
+        }
+        out.push_str(rest);
+        out
+    };
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return masked_pairs(url);
+    };
+    let (authority, tail) = match rest.rfind('@') {
+        Some(at) => {
+            let (userinfo, tail) = rest.split_at(at);
+            let user = match userinfo.split_once(':') {
+                Some((user, _)) => format!("{user}:***"),
+                None => userinfo.to_string(),
+            };
+            (user, tail)
+        }
+        None => (String::new(), rest),
+    };
+    format!("{scheme}://{authority}{}", masked_pairs(tail))
+}
+
+/// Where a `password=` key starts in `text` (at its start or after a separator).
+fn find_password_key(text: &str) -> Option<usize> {
+    let mut from = 0;
+    while let Some(i) = text[from..].find("password=") {
+        let at = from + i;
+        let starts = at == 0
+            || text[..at]
+                .chars()
+                .next_back()
+                .is_some_and(|c| c.is_whitespace() || c == '?' || c == '&');
+        if starts {
+            return Some(at);
+        }
+        from = at + "password=".len();
+    }
+    None
+}
+
+/// What the runtime's tasks share: the pool and who this appliance is.
+struct Db {
+    pool: Pool,
+    node: String,
+    /// How long a claim lasts, in milliseconds ([`LEASE`]; shorter in tests).
+    lease_ms: AtomicU64,
+    /// The database URL as shown ([`redacted`]).
+    shown: String,
+}
+
+type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+impl Db {
+    fn unavailable(&self, why: impl std::fmt::Display) -> ServiceError {
+        ServiceError::Unavailable(format!(
+            "the database at {} does not answer ({why}); requests succeed again once it is back",
+            self.shown
+        ))
+    }
+
+    /// A database error as callers see it: the database unreachable is a 503, a unique key
+    /// taken a conflict, anything else a store error (500).
+    fn error(&self, e: tokio_postgres::Error) -> ServiceError {
+        if let Some(db) = e.as_db_error() {
+            let code = db.code().code();
+            if code.starts_with("08")
+                || matches!(code, "57P01" | "57P02" | "57P03" | "53300" | "3D000")
+            {
+                return self.unavailable(db.message());
+            }
+            if code == "23505" {
+                return ServiceError::Conflict(format!(
+                    "the record exists already ({})",
+                    db.message()
+                ));
+            }
+            return ServiceError::internal(STORE_ERROR, db);
+        }
+        let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
+        if e.is_closed() || io || e.to_string().starts_with("error connecting") {
+            return self.unavailable(&e);
+        }
+        ServiceError::internal(STORE_ERROR, e)
+    }
+
+    fn pool_error(&self, e: PoolError) -> ServiceError {
+        match e {
+            PoolError::Backend(e) => self.error(e),
+            PoolError::Timeout(_) => self.unavailable(format_args!(
+                "no connection within {} s",
+                POOL_WAIT.as_secs()
+            )),
+            PoolError::Closed => self.unavailable("the pool is closed"),
+            other => ServiceError::internal(STORE_ERROR, other),
+        }
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object> {
+        self.pool.get().await.map_err(|e| self.pool_error(e))
+    }
+
+    async fn query(
+        &self,
+        c: &impl GenericClient,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<Vec<Row>> {
+        let statement = c.prepare_cached(sql).await.map_err(|e| self.error(e))?;
+        c.query(&statement, params).await.map_err(|e| self.error(e))
+    }
+
+    async fn opt(
+        &self,
+        c: &impl GenericClient,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<Option<Row>> {
+        let statement = c.prepare_cached(sql).await.map_err(|e| self.error(e))?;
+        c.query_opt(&statement, params)
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    async fn exec(&self, c: &impl GenericClient, sql: &str, params: Params<'_>) -> Result<u64> {
+        let statement = c.prepare_cached(sql).await.map_err(|e| self.error(e))?;
+        c.execute(&statement, params)
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    async fn commit(&self, tx: deadpool_postgres::Transaction<'_>) -> Result<()> {
+        tx.commit().await.map_err(|e| self.error(e))
+    }
+
+    /// Counts a job write, as the last statement of its transaction.
+    async fn bump(&self, c: &impl GenericClient) -> Result<()> {
+        self.exec(c, "UPDATE jobs_version SET version = version + 1", &[])
+            .await
+            .map(drop)
+    }
+
+    /// The records of `sql`'s first column.
+    async fn records<T: DeserializeOwned>(
+        &self,
+        c: &impl GenericClient,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<Vec<T>> {
+        self.query(c, sql, params)
+            .await?
+            .iter()
+            .map(|row| record(row, 0))
+            .collect()
+    }
+
+    async fn one_record<T: DeserializeOwned>(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<Option<T>> {
+        let c = self.client().await?;
+        self.opt(&c, sql, params)
+            .await?
+            .map(|row| record(&row, 0))
+            .transpose()
+    }
+
+    /// Removes an image's manifest and chunk index entries.
+    async fn drop_manifest(&self, c: &impl GenericClient, id: Uuid) -> Result<()> {
+        self.exec(c, "DELETE FROM manifests WHERE image = $1", &[&id])
+            .await?;
+        self.exec(c, "DELETE FROM chunks WHERE image = $1", &[&id])
+            .await?;
+        Ok(())
+    }
+
+    /// Indexes a complete manifest stored before its image's record, in the record's
+    /// transaction.
+    async fn index_stored(&self, c: &impl GenericClient, owner: TenantKey, id: Uuid) -> Result<()> {
+        let row = self
+            .opt(
+                c,
+                "SELECT body FROM manifests WHERE image = $1 FOR UPDATE",
+                &[&id],
+            )
+            .await?;
+        let Some(row) = row else {
+            return Ok(());
+        };
+        let body: Vec<u8> = get(&row, 0)?;
+        match Manifest::decode(&body) {
+            Ok(m) if m.is_complete() => {
+                self.exec(c, "DELETE FROM chunks WHERE image = $1", &[&id])
+                    .await?;
+                self.index(c, owner, id, &m.first_indexes()).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes the chunk index entries of image `id`.
+    async fn index(
+        &self,
+        c: &impl GenericClient,
+        owner: TenantKey,
+        id: Uuid,
+        entries: &[(Hash, u32)],
+    ) -> Result<()> {
+        let owner = owner.0.to_vec();
+        for part in entries.chunks(INDEX_BATCH) {
+            let hashes: Vec<&[u8]> = part.iter().map(|(h, _)| &h[..]).collect();
+            let firsts: Vec<i64> = part.iter().map(|(_, i)| i64::from(*i)).collect();
+            self.exec(
+                c,
+                "INSERT INTO chunks (owner, hash, image, first_index) \
+                 SELECT $1, h, $2, i FROM unnest($3::bytea[], $4::bigint[]) AS t(h, i)",
+                &[&owner, &id, &hashes, &firsts],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Writes an image record (a job's destination: inserted or rewritten).
+    async fn put_image(
+        &self,
+        c: &impl GenericClient,
+        owner: TenantKey,
+        image: &Image,
+    ) -> Result<()> {
+        let owner_bytes = owner.0.to_vec();
+        self.exec(
+            c,
+            "INSERT INTO images (id, owner, record) VALUES ($1, $2, $3) \
+             ON CONFLICT (id) DO UPDATE SET owner = excluded.owner, record = excluded.record",
+            &[&image.id, &owner_bytes, &Json(image)],
+        )
+        .await?;
+        Ok(())
+    }
+
+    fn lease_secs(&self) -> f64 {
+        self.lease_ms.load(Ordering::Relaxed) as f64 / 1000.0
+    }
+}
+
+/// Column `i` of `row`, or a store error (never a panic).
+fn get<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, i: usize) -> Result<T> {
+    row.try_get(i)
+        .map_err(|e| ServiceError::internal("corrupt record in PostgreSQL", e))
+}
+
+/// The JSON record in column `i` of `row`.
+fn record<T: DeserializeOwned>(row: &Row, i: usize) -> Result<T> {
+    row.try_get::<_, Json<T>>(i)
+        .map(|json| json.0)
+        .map_err(|e| ServiceError::internal("corrupt record in PostgreSQL", e))
+}
+
+fn to_i64(n: u64, what: &str) -> Result<i64> {
+    i64::try_from(n).map_err(|_| ServiceError::Internal(format!("{what} {n} is too large")))
+}
+
+/// The columns of a job besides its id and record.
+struct JobColumns {
+    seq: i64,
+    status: &'static str,
+    queued: bool,
+    destination_key: Option<Vec<u8>>,
+}
+
+impl JobColumns {
+    fn of(job: &Job) -> Result<JobColumns> {
+        Ok(JobColumns {
+            seq: to_i64(job.seq, "sequence number")?,
+            status: job.wire.status.as_str(),
+            // A job is queued for the worker exactly while it is enqueued and not terminal.
+            queued: job.enqueued && !job.wire.status.is_terminal(),
+            destination_key: TenantKey::parse(&job.wire.destination_tenant_id)
+                .map(|k| k.0.to_vec()),
+        })
+    }
+}
+
+/// What a blocking call hears from its task in a transaction that waits for the caller.
+enum Step<T> {
+    /// The rows locked, for the caller to decide on.
+    Locked(T),
+    /// Committed (or nothing to do).
+    Done,
+}
+
+pub struct PgStore {
+    /// `None` only while dropping.
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+    db: Arc<Db>,
+    /// [`Jobs::jobs_version`] while the database does not answer.
+    fallback: AtomicU64,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which panics inside another runtime's task.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Why connecting failed, for [`OpenError::Other`].
+fn connect_reason(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => match db.code().code() {
+            "28P01" | "28000" => format!("authentication failed: {}", db.message()),
+            "3D000" => format!("the database does not exist: {}", db.message()),
+            "42501" => format!("permission denied: {}", db.message()),
+            _ => format!("{}: {}", db.code().code(), db.message()),
+        },
+        None => format!("cannot connect: {e}"),
+    }
+}
+
+fn connect_pool_reason(e: PoolError) -> String {
+    match e {
+        PoolError::Backend(e) => connect_reason(&e),
+        PoolError::Timeout(_) => {
+            format!("cannot connect: no answer within {} s", POOL_WAIT.as_secs())
+        }
+        other => format!("cannot connect: {other}"),
+    }
+}
+
+impl PgStore {
+    /// Connects to the database at `url` with at most `pool` connections, as appliance `node`,
+    /// creating or migrating the schema.
+    pub fn connect(url: &str, pool: usize, node: &str) -> std::result::Result<PgStore, OpenError> {
+        let shown = redacted(url);
+        let fail = |reason: String| OpenError::Other {
+            path: shown.clone(),
+            reason,
+        };
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| fail(format!("not a PostgreSQL connection URL: {e}")))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(POOL_WAIT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("image-replicator");
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("pg")
+            .enable_all()
+            .build()
+            .map_err(|e| fail(format!("cannot start its runtime: {e}")))?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool.max(1))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(POOL_WAIT))
+            .recycle_timeout(Some(POOL_WAIT))
+            .build()
+            .map_err(|e| fail(format!("cannot make its connection pool: {e}")))?;
+        let db = Arc::new(Db {
+            pool,
+            node: node.to_string(),
+            lease_ms: AtomicU64::new(LEASE.as_millis() as u64),
+            shown: shown.clone(),
+        });
+        let store = PgStore {
+            handle: runtime.handle().clone(),
+            runtime: Some(runtime),
+            db,
+            fallback: AtomicU64::new(0),
+        };
+        let migrated = store.run_raw(|db| async move { migrate(&db).await });
+        match migrated {
+            Ok(Ok(())) => Ok(store),
+            Ok(Err(reason)) => Err(fail(reason)),
+            Err(e) => Err(fail(e.to_string())),
+        }
+    }
+
+    /// The same store with claims that last `lease` instead of [`LEASE`] (tests of takeovers).
+    #[doc(hidden)]
+    pub fn with_lease(self, lease: Duration) -> PgStore {
+        self.db
+            .lease_ms
+            .store(lease.as_millis() as u64, Ordering::Relaxed);
+        self
+    }
+
+    /// Runs `work` on the store's runtime and waits for its result.
+    fn run_raw<T, F, Fut>(&self, work: F) -> Result<T>
+    where
+        F: FnOnce(Arc<Db>) -> Fut,
+        Fut: Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let future = work(Arc::clone(&self.db));
+        self.handle.spawn(async move {
+            let _ = tx.send(future.await);
+        });
+        rx.recv().map_err(|_| {
+            ServiceError::Internal(format!("{STORE_ERROR}: the PostgreSQL task stopped"))
+        })
+    }
+
+    fn run<T, F, Fut>(&self, work: F) -> Result<T>
+    where
+        F: FnOnce(Arc<Db>) -> Fut,
+        Fut: Future<Output = Result<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.run_raw(work)?
+    }
+}
+
+/// Creates the schema, or checks the one there, under the migration lock.
+async fn migrate(db: &Db) -> std::result::Result<(), String> {
+    let mut c = db.pool.get().await.map_err(connect_pool_reason)?;
+    let tx = c.transaction().await.map_err(|e| connect_reason(&e))?;
+    let step =
+        |e: tokio_postgres::Error| format!("cannot create the schema: {}", connect_reason(&e));
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(step)?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
+        .await
+        .map_err(step)?;
+    let row = tx
+        .query_one("SELECT max(version) FROM schema_version", &[])
+        .await
+        .map_err(step)?;
+    let version: Option<i32> = row.try_get(0).map_err(step)?;
+    match version {
+        None => {
+            tx.batch_execute(SCHEMA_V1).await.map_err(step)?;
+            tx.execute(
+                "INSERT INTO schema_version (version) VALUES ($1)",
+                &[&SCHEMA_VERSION],
+            )
+            .await
+            .map_err(step)?;
+        }
+        Some(v) if v > SCHEMA_VERSION => {
+            return Err(format!(
+                "its schema is version {v}, newer than this binary's {SCHEMA_VERSION}: \
+                 run a newer image-replicator"
+            ))
+        }
+        Some(_) => {}
+    }
+    tx.commit().await.map_err(step)?;
+    let row = c
+        .query_one("SHOW synchronous_commit", &[])
+        .await
+        .map_err(|e| connect_reason(&e))?;
+    let sync: String = row.try_get(0).map_err(|e| connect_reason(&e))?;
+    if sync == "off" || sync == "local" {
+        tracing::warn!(
+            database = %db.shown,
+            "synchronous_commit is {sync}: a write the store acknowledged may be lost with the \
+             database server (or its replica)"
+        );
+    }
+    Ok(())
+}
+
+fn task_stopped() -> ServiceError {
+    ServiceError::Internal(format!("{STORE_ERROR}: the PostgreSQL task stopped"))
+}
+
+impl PgStore {
+    /// [`Jobs::jobs`] and [`Jobs::job_wires`]: records in creation order, read in batches
+    /// until `limit` of them pass `keep` (which runs here, on the caller's thread).
+    fn select<T: DeserializeOwned + Send + 'static>(
+        &self,
+        query: &JobQuery,
+        keep: &dyn Fn(&T) -> bool,
+    ) -> Result<Vec<T>> {
+        let JobQuery {
+            tenant,
+            after,
+            limit,
+        } = *query;
+        let mut out = Vec::new();
+        let mut from: i64 = match after {
+            None => 0,
+            Some(after) => match i64::try_from(after) {
+                Ok(after) if after < i64::MAX => after + 1,
+                _ => return Ok(out),
+            },
+        };
+        if limit == 0 {
+            return Ok(out);
+        }
+        let batch = limit.clamp(16, LIST_BATCH);
+        let tenant = tenant.map(|t| t.0.to_vec());
+        loop {
+            let tenant = tenant.clone();
+            let rows: Vec<(i64, T)> = self.run(move |db| async move {
+                let c = db.client().await?;
+                let n = batch as i64;
+                let rows = match &tenant {
+                    Some(t) => {
+                        db.query(
+                            &c,
+                            "SELECT seq, record FROM jobs WHERE source_tenant = $1 AND seq >= $2 \
+                             ORDER BY seq LIMIT $3",
+                            &[t, &from, &n],
+                        )
+                        .await?
+                    }
+                    None => {
+                        db.query(
+                            &c,
+                            "SELECT seq, record FROM jobs WHERE seq >= $1 ORDER BY seq LIMIT $2",
+                            &[&from, &n],
+                        )
+                        .await?
+                    }
+                };
+                rows.iter()
+                    .map(|row| Ok((get::<i64>(row, 0)?, record::<T>(row, 1)?)))
+                    .collect()
+            })?;
+            let full = rows.len() == batch;
+            for (seq, item) in rows {
+                from = seq.saturating_add(1);
+                if keep(&item) {
+                    out.push(item);
+                    if out.len() >= limit {
+                        return Ok(out);
+                    }
+                }
+            }
+            if !full {
+                return Ok(out);
+            }
+        }
+    }
+}
+
+impl Repo for PgStore {
+    /// Nothing to do: every write has committed before its call returned, and a commit is
+    /// durable once PostgreSQL acknowledges it (`synchronous_commit`, on unless an operator
+    /// turned it off: [`PgStore::connect`] warns then).
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn writable(&self) -> std::result::Result<(), ServiceError> {
+        self.run(|db| async move {
+            let c = db.client().await.map_err(|_| {
+                ServiceError::Unavailable(format!(
+                    "the database at {} does not answer; nothing was changed; requests succeed \
+                     again once it is back",
+                    db.shown
+                ))
+            })?;
+            db.query(&c, "SELECT 1", &[]).await.map(drop)
+        })
+    }
+
+    fn node(&self) -> &str {
+        &self.db.node
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+}
+
+impl Registry for PgStore {
+    fn region(&self, id: &str) -> Result<Option<Region>> {
+        if id.contains('\0') {
+            return Ok(None);
+        }
+        let id = id.to_string();
+        self.run(|db| async move {
+            db.one_record("SELECT record FROM regions WHERE id = $1", &[&id])
+                .await
+        })
+    }
+
+    fn regions(&self) -> Result<Vec<Region>> {
+        self.run(|db| async move {
+            let c = db.client().await?;
+            db.records(
+                &c,
+                "SELECT record FROM regions ORDER BY id COLLATE \"C\"",
+                &[],
+            )
+            .await
+        })
+    }
+
+    fn insert_region(&self, region: &Region) -> Result<bool> {
+        let region = region.clone();
+        self.run(|db| async move {
+            let c = db.client().await?;
+            let n = db
+                .exec(
+                    &c,
+                    "INSERT INTO regions (id, pin, record) VALUES ($1, $2, $3) \
+                     ON CONFLICT (id) DO NOTHING",
+                    &[&region.id, &region.pin, &Json(&region)],
+                )
+                .await?;
+            Ok(n == 1)
+        })
+    }
+
+    fn remove_region(&self, id: &str) -> Result<()> {
+        let id = id.to_string();
+        self.run(|db| async move {
+            let c = db.client().await?;
+            db.exec(&c, "DELETE FROM regions WHERE id = $1", &[&id])
+                .await
+                .map(drop)
+        })
+    }
+
+    fn tenant(&self, key: TenantKey) -> Result<Option<Tenant>> {
+        self.run(move |db| async move {
+            db.one_record("SELECT record FROM tenants WHERE key = $1", &[&&key.0[..]])
+                .await
+        })
+    }
+
+    fn tenants(&self) -> Result<Vec<Tenant>> {
+        self.run(|db| async move {
+            let c = db.client().await?;
+            db.records(&c, "SELECT record FROM tenants ORDER BY key", &[])
+                .await
+        })
+    }
+
+    fn insert_tenant(&self, key: TenantKey, tenant: &Tenant) -> Result<bool> {
+        let tenant = tenant.clone();
+        self.run(move |db| async move {
+            let c = db.client().await?;
+            let n = db
+                .exec(
+                    &c,
+                    "INSERT INTO tenants (key, record) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+                    &[&&key.0[..], &Json(&tenant)],
+                )
+                .await?;
+            Ok(n == 1)
+        })
+    }
+
+    fn update_tenant(&self, key: TenantKey, tenant: &Tenant) -> Result<bool> {
+        let tenant = tenant.clone();
+        self.run(move |db| async move {
+            let c = db.client().await?;
+            let n = db
+                .exec(
+                    &c,
+                    "UPDATE tenants SET record = $2 WHERE key = $1",
+                    &[&&key.0[..], &Json(&tenant)],
+                )
+                .await?;
+            Ok(n == 1)
+        })
+    }
+
+    fn remove_tenant(&self, key: TenantKey) -> Result<()> {
+        self.run(move |db| async move {
+            let c = db.client().await?;
+            db.exec(&c, "DELETE FROM tenants WHERE key = $1", &[&&key.0[..]])
+                .await
+                .map(drop)
+        })
+    }
+
+    fn user(&self, name: &str) -> Result<Option<User>> {
+        if name.contains('\0') {
+            return Ok(None);
+        }
+        let name = name.to_string();
+        self.run(|db| async move {
+            db.one_record("SELECT record FROM users WHERE name = $1", &[&name])
+                .await
+        })
+    }
+
+    fn users(&self) -> Result<Vec<User>> {
+        self.run(|db| async move {
+            let c = db.client().await?;
+            db.records(
+                &c,
+                "SELECT record FROM users ORDER BY name COLLATE \"C\"",
+                &[],
+            )
+            .await
+        })
+    }
+
+    fn insert_user(&self, user: &User) -> Result<bool> {
+        let user = user.clone();
+        self.run(|db| async move {
+            let c = db.client().await?;
+            let n = db
+                .exec(
+                    &c,
+                    "INSERT INTO users (name, record) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+                    &[&user.name, &Json(&user)],
+                )
+                .await?;
+            Ok(n == 1)
+        })
+    }
+
+    fn update_user(&self, user: &User) -> Result<bool> {
+        let user = user.clone();
+        self.run(|db| async move {
+            let c = db.client().await?;
+            let n = db
+                .exec(
+                    &c,
+                    "UPDATE users SET record = $2 WHERE name = $1",
+                    &[&user.name, &Json(&user)],
+                )
+                .await?;
+            Ok(n == 1)
+        })
+    }
+
+    fn remove_user(&self, name: &str) -> Result<usize> {
+        let name = name.to_string();
+        self.run(|db| async move {
+            let mut c = db.client().await?;
+            let tx = c.transaction().await.map_err(|e| db.error(e))?;
+            db.exec(&tx, "DELETE FROM users WHERE name = $1", &[&name])
+                .await?;
+            let tokens = db
+                .exec(&tx, "DELETE FROM tokens WHERE user_name = $1", &[&name])
+                .await?;
+            db.commit(tx).await?;
+            Ok(tokens as usize)
+        })
+    }
+
+    fn token(&self, id: Uuid) -> Result<Option<TokenRecord>> {
+        self.run(move |db| async move {
+            db.one_record("SELECT record FROM tokens WHERE id = $1", &[&id])
+                .await
+        })
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        self.run(|db| async move {
+            let c = db.client().await?;
+            db.records(&c, "SELECT record FROM tokens ORDER BY id", &[])
+                .await
+        })
+    }
+
+    fn token_candidates(&self, lookup: &[u8]) -> Result<Vec<TokenRecord>> {
+        // The record with that lookup, and records with the 4-byte lookup of earlier versions
+        // that is its prefix (usually none).
+        let full = lookup.to_vec();
+        let legacy = lookup
+            .get(..crate::model::LEGACY_LOOKUP_LEN)
+            .unwrap_or(lookup)
+            .to_vec();
+        self.run(|db| async move {
+            let c = db.client().await?;
+            db.records(
+                &c,
+                "SELECT record FROM tokens WHERE lookup = $1 OR lookup = $2 ORDER BY lookup, id",
+                &[&full, &legacy],
+            )
+            .await
+        })
+    }
+
+    fn insert_token(&self, token: &TokenRecord, lookup: &[u8]) -> Result<()> {
+        let token = token.clone();
+        let lookup = lookup.to_vec();
+        self.run(|db| async move {
+            let c = db.client().await?;
+            db.exec(
+                &c,
+                "INSERT INTO tokens (id, lookup, user_name, record) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (id) DO UPDATE SET lookup = excluded.lookup, \
+                 user_name = excluded.user_name, record = excluded.record",
+                &[&token.info.id, &lookup, &token.info.user, &Json(&token)],
+            )
+            .await
+            .map(drop)
+        })
+    }
+
+    fn update_token(&self, token: &TokenRecord) -> Result<()> {
+        let token = token.clone();
+        self.run(|db| async move {
+            let c = db.client().await?;
+            db.exec(
+                &c,
+                "UPDATE tokens SET user_name = $2, record = $3 WHERE id = $1",
+                &[&token.info.id, &token.info.user, &Json(&token)],
+            )
+            .await
+            .map(drop)
+        })
+    }
+
+    fn set_token_lookup(&self, id: Uuid, lookup: &[u8]) -> Result<()> {
+        let lookup = lookup.to_vec();
+        self.run(move |db| async move {
+            let mut c = db.client().await?;
+            let tx = c.transaction().await.map_err(|e| db.error(e))?;
+            let row = db
+                .opt(
+                    &tx,
+                    "SELECT record FROM tokens WHERE id = $1 FOR UPDATE",
+                    &[&id],
+                )
+                .await?;
+            let Some(row) = row else {
+                return Ok(());
+            };
+            let mut token: TokenRecord = record(&row, 0)?;
+            token.lookup = crate::model::to_hex(&lookup);
+            db.exec(
+                &tx,
+                "UPDATE tokens SET lookup = $2, record = $3 WHERE id = $1",
+                &[&id, &lookup, &Json(&token)],
+            )
+            .await?;
+            db.commit(tx).await
+        })
+    }
+
+    fn image(&self, id: Uuid) -> Result<Option<Image>> {
+        self.run(move |db| async move {
+            db.one_record("SELECT record FROM images WHERE id = $1", &[&id])
+                .await
+        })
+    }
+
+    fn images(&self, owner: Option<TenantKey>) -> Result<Vec<Image>> {
+        self.run(move |db| async move {
+            let c = db.client().await?;
+            match owner {
+                Some(owner) => {
+                    db.records(
+                        &c,
+                        "SELECT record FROM images WHERE owner = $1 ORDER BY id",
+                        &[&&owner.0[..]],
+                    )
+                    .await
+                }
+                None => {
+                    db.records(&c, "SELECT record FROM images ORDER BY id", &[])
+                        .await
+                }
+            }
+        })
+    }
+
+    fn insert_image(&self, owner: TenantKey, image: &Image) -> Result<()> {
+        let image = image.clone();
+        self.run(move |db| async move {
+            let mut c = db.client().await?;
+            let tx = c.transaction().await.map_err(|e| db.error(e))?;
+            let n = db
+                .exec(
+                    &tx,
+                    "INSERT INTO images (id, owner, record) VALUES ($1, $2, $3) \
+                     ON CONFLICT (id) DO NOTHING",
+                    &[&image.id, &&owner.0[..], &Json(&image)],
+                )
+                .await?;
+            if n == 0 {
+                return Err(ServiceError::Conflict(format!(
+                    "an image with id {} already exists",
+                    image.id
+                )));
+            }
+            db.index_stored(&tx, owner, image.id).await?;
+            db.commit(tx).await
+        })
+    }
+
+    fn update_image(&self, image: &Image) -> Result<()> {
+        let image = image.clone();
+        self.run(|db| async move {
+            let c = db.client().await?;
+            db.exec(
+                &c,
+                "UPDATE images SET record = $2 WHERE id = $1",
+                &[&image.id, &Json(&image)],
+            )
+            .await
+            .map(drop)
+        })
+    }
+
+    fn remove_image(&self, _owner: TenantKey, id: Uuid) -> Result<()> {
+        self.run(move |db| async move {
+            let mut c = db.client().await?;
+            let tx = c.transaction().await.map_err(|e| db.error(e))?;
+            db.exec(&tx, "DELETE FROM images WHERE id = $1", &[&id])
+                .await?;
+            db.drop_manifest(&tx, id).await?;
+            db.commit(tx).await
+        })
+    }
+
+    fn manifest(&self, id: Uuid) -> Result<Option<Vec<u8>>> {
+        self.run(move |db| async move {
+            let c = db.client().await?;
+            db.opt(&c, "SELECT body FROM manifests WHERE image = $1", &[&id])
+                .await?
+                .map(|row| get::<Vec<u8>>(&row, 0))
+                .transpose()
+        })
+    }
+
+    fn put_manifest(&self, id: Uuid, manifest: &[u8]) -> Result<()> {
+        let entries = Manifest::decode(manifest)
+            .ok()
+            .filter(Manifest::is_complete)
+            .map(|m| m.first_indexes());
+        let manifest = manifest.to_vec();
+        self.run(move |db| async move {
+            let mut c = db.client().await?;
+            if entries.is_some() {
+                // The same complete manifest again, indexed: its entries are there.
+                let same = db
+                    .opt(
+                        &c,
+                        "SELECT 1 FROM manifests m WHERE m.image = $1 AND m.body = $2 \
+                         AND EXISTS (SELECT 1 FROM chunks WHERE image = $1)",
+                        &[&id, &manifest],
+                    )
+                    .await?;
+                if same.is_some() {
+                    return Ok(());
+                }
+            }
+            let tx = c.transaction().await.map_err(|e| db.error(e))?;
+            db.exec(
+                &tx,
+                "INSERT INTO manifests (image, body) VALUES ($1, $2) \
+                 ON CONFLICT (image) DO UPDATE SET body = excluded.body",
+                &[&id, &manifest],
+            )
+            .await?;
+            db.exec(&tx, "DELETE FROM chunks WHERE image = $1", &[&id])
+                .await?;
+            if let Some(entries) = entries {
+                // Indexed under the record's owner; without a record, by its insert.
+                let image: Option<Image> = match db
+                    .opt(&tx, "SELECT record FROM images WHERE id = $1", &[&id])
+                    .await?
+                {
+                    Some(row) => Some(record(&row, 0)?),
+                    None => None,
+                };
+                if let Some(owner) = image.and_then(|i| TenantKey::parse(&i.owner)) {
+                    db.index(&tx, owner, id, &entries).await?;
+                }
+            }
+            db.commit(tx).await
+        })
+    }
+
+    fn remove_manifest(&self, id: Uuid) -> Result<()> {
+        self.run(move |db| async move {
+            let mut c = db.client().await?;
+            let tx = c.transaction().await.map_err(|e| db.error(e))?;
+            db.drop_manifest(&tx, id).await?;
+            db.commit(tx).await
+        })
+    }
+
+    fn chunk_holders(
+        &self,
+        owner: TenantKey,
+        hash: &Hash,
+        limit: usize,
+    ) -> Result<Vec<(Uuid, u32)>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let hash = hash.to_vec();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(move |db| async move {
+            let c = db.client().await?;
+            let rows = db
+                .query(
+                    &c,
+                    "SELECT image, first_index FROM chunks WHERE owner = $1 AND hash = $2 \
+                     ORDER BY image LIMIT $3",
+                    &[&&owner.0[..], &hash, &limit],
+                )
+                .await?;
+            rows.iter()
+                .map(|row| {
+                    let index = u32::try_from(get::<i64>(row, 1)?)
+                        .map_err(|_| ServiceError::Internal("corrupt chunk index entry".into()))?;
+                    Ok((get::<Uuid>(row, 0)?, index))
+                })
+                .collect()
+        })
+    }
+}
+
+/// Writes what a job update does to an image, in its transaction.
+async fn apply_image_change(db: &Db, c: &impl GenericClient, change: ImageChange) -> Result<()> {
+    match change {
+        ImageChange::None => Ok(()),
+        ImageChange::Insert(owner, image) => {
+            db.put_image(c, owner, &image).await?;
+            db.index_stored(c, owner, image.id).await
+        }
+        ImageChange::Put(image) => db
+            .exec(
+                c,
+                "UPDATE images SET record = $2 WHERE id = $1",
+                &[&image.id, &Json(&image)],
+            )
+            .await
+            .map(drop),
+        ImageChange::Remove(_, id) => {
+            db.exec(c, "DELETE FROM images WHERE id = $1", &[&id])
+                .await?;
+            db.drop_manifest(c, id).await
+        }
+    }
+}
+
+/// The statuses whose jobs have a cancel asked for ([`Job::cancel_asked`]).
+const CANCEL_ASKED: &str = "status IN ('cancel_requested', 'canceling')";
+
+impl Jobs for PgStore {
+    fn next_seq(&self) -> Result<u64> {
+        self.run(|db| async move {
+            let c = db.client().await?;
+            let row = db.opt(&c, "SELECT nextval('job_seq')", &[]).await?;
+            let seq: i64 = match row {
+                Some(row) => get(&row, 0)?,
+                None => return Err(ServiceError::Internal("no sequence number".into())),
+            };
+            u64::try_from(seq)
+                .map_err(|_| ServiceError::Internal("negative sequence number".into()))
+        })
+    }
+
+    fn job(&self, id: Uuid) -> Result<Option<Job>> {
+        self.run(move |db| async move {
+            db.one_record("SELECT record FROM jobs WHERE id = $1", &[&id])
+                .await
+        })
+    }
+
+    fn insert_jobs(&self, jobs: &[(TenantKey, Job)]) -> Result<usize> {
+        let jobs = jobs.to_vec();
+        self.run(|db| async move {
+            let mut c = db.client().await?;
+            let tx = c.transaction().await.map_err(|e| db.error(e))?;
+            let mut inserted = 0;
+            for (tenant, job) in &jobs {
+                let id = job.wire.job_id;
+                let cols = JobColumns::of(job)?;
+                let n = db
+                    .exec(
+                        &tx,
+                        "INSERT INTO jobs (id, seq, source_tenant, destination_tenant, \
+                         destination_key, status, queued, source_region, destination_region, \
+                         record) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                         ON CONFLICT (id) DO NOTHING",
+                        &[
+                            &id,
+                            &cols.seq,
+                            &&tenant.0[..],
+                            &job.wire.destination_tenant_id,
+                            &cols.destination_key,
+                            &cols.status,
+                            &cols.queued,
+                            &job.wire.source_region_id,
+                            &job.wire.destination_region_id,
+                            &Json(job),
+                        ],
+                    )
+                    .await?;
+                if n == 1 {
+                    inserted += 1;
+                    continue;
+                }
+                let old: Option<JobWire> = match db
+                    .opt(&tx, "SELECT record FROM jobs WHERE id = $1", &[&id])
+                    .await?
+                {
+                    Some(row) => Some(record(&row, 0)?),
+                    None => None,
+                };
+                if old.as_ref() != Some(&job.wire) {
+                    return Err(ServiceError::Conflict(format!(
+                        "job {id} already exists with different content"
+                    )));
+                }
+            }
+            if inserted > 0 {
+                db.bump(&tx).await?;
+            }
+            db.commit(tx).await?;
+            Ok(inserted)
+        })
+    }
+
+    fn update_job(
+        &self,
+        id: Uuid,
+        change: &dyn Fn(&mut Job) -> Result<ImageChange>,
+    ) -> Result<Option<Job>> {
+        // The row is locked in a transaction on the runtime, the closure runs here (it is not
+        // `Send`), and what it made is written and committed there.
+        let (to_caller, from_task) = std::sync::mpsc::sync_channel::<Result<Step<Option<Job>>>>(2);
+        let (decision, decided) = tokio::sync::oneshot::channel::<(Job, ImageChange)>();
+        let db = Arc::clone(&self.db);
+        self.handle.spawn(async move {
+            let result = async {
+                let mut c = db.client().await?;
+                let tx = c.transaction().await.map_err(|e| db.error(e))?;
+                let row = db
+                    .opt(
+                        &tx,
+                        "SELECT record FROM jobs WHERE id = $1 FOR UPDATE",
+                        &[&id],
+                    )
+                    .await?;
+                let job: Option<Job> = row.map(|row| record(&row, 0)).transpose()?;
+                let found = job.is_some();
+                if to_caller.send(Ok(Step::Locked(job))).is_err() || !found {
+                    return Ok(());
+                }
+                // The caller refused (or is gone): the transaction rolls back as it drops.
+                let Ok((job, change)) = decided.await else {
+                    return Ok(());
+                };
+                let cols = JobColumns::of(&job)?;
+                db.exec(
+                    &tx,
+                    "UPDATE jobs SET record = $2, status = $3, queued = $4, \
+                     destination_tenant = $5, destination_key = $6, source_region = $7, \
+                     destination_region = $8, \
+                     holder = CASE WHEN $4 THEN holder END, \
+                     lease_until = CASE WHEN $4 THEN lease_until END \
+                     WHERE id = $1",
+                    &[
+                        &id,
+                        &Json(&job),
+                        &cols.status,
+                        &cols.queued,
+                        &job.wire.destination_tenant_id,
+                        &cols.destination_key,
+                        &job.wire.source_region_id,
+                        &job.wire.destination_region_id,
+                    ],
+                )
+                .await?;
+                apply_image_change(&db, &tx, change).await?;
+                db.bump(&tx).await?;
+                db.commit(tx).await
+            }
+            .await;
+            let _ = to_caller.send(result.map(|()| Step::Done));
+        });
+        let mut job = match from_task.recv().map_err(|_| task_stopped())?? {
+            Step::Locked(Some(job)) => job,
+            Step::Locked(None) => return Ok(None),
+            Step::Done => return Err(task_stopped()),
+        };
+        // An error (or a panic) drops `decision`: nothing is written.
+        let image = change(&mut job)?;
+        decision
+            .send((job.clone(), image))
+            .map_err(|_| task_stopped())?;
+        match from_task.recv().map_err(|_| task_stopped())?? {
+            Step::Done => Ok(Some(job)),
+            Step::Locked(_) => Err(task_stopped()),
+        }
+    }
+
+    fn jobs(&self, query: &JobQuery, keep: &dyn Fn(&Job) -> bool) -> Result<Vec<Job>> {
+        self.select(query, keep)
+    }
+
+    fn job_wires(&self, query: &JobQuery, keep: &dyn Fn(&JobWire) -> bool) -> Result<Vec<JobWire>> {
+        self.select(query, keep)
+    }
+
+    fn remove_jobs(&self, ids: &[Uuid], only: &dyn Fn(&Job) -> bool) -> Result<Vec<Uuid>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let wanted = ids.to_vec();
+        let (to_caller, from_task) =
+            std::sync::mpsc::sync_channel::<Result<Step<Vec<(Uuid, Job)>>>>(2);
+        let (decision, decided) = tokio::sync::oneshot::channel::<Vec<Uuid>>();
+        let db = Arc::clone(&self.db);
+        self.handle.spawn(async move {
+            let result = async {
+                let mut c = db.client().await?;
+                let tx = c.transaction().await.map_err(|e| db.error(e))?;
+                let rows = db
+                    .query(
+                        &tx,
+                        "SELECT id, record FROM jobs WHERE id = ANY($1) ORDER BY seq FOR UPDATE",
+                        &[&wanted],
+                    )
+                    .await?;
+                let jobs = rows
+                    .iter()
+                    .map(|row| Ok((get::<Uuid>(row, 0)?, record::<Job>(row, 1)?)))
+                    .collect::<Result<Vec<_>>>()?;
+                if to_caller.send(Ok(Step::Locked(jobs))).is_err() {
+                    return Ok(());
+                }
+                let Ok(doomed) = decided.await else {
+                    return Ok(());
+                };
+                db.exec(&tx, "DELETE FROM jobs WHERE id = ANY($1)", &[&doomed])
+                    .await?;
+                db.bump(&tx).await?;
+                db.commit(tx).await
+            }
+            .await;
+            let _ = to_caller.send(result.map(|()| Step::Done));
+        });
+        let jobs = match from_task.recv().map_err(|_| task_stopped())?? {
+            Step::Locked(jobs) => jobs,
+            Step::Done => return Err(task_stopped()),
+        };
+        let found: BTreeMap<Uuid, Job> = jobs.into_iter().collect();
+        let mut removed = Vec::new();
+        for id in ids {
+            if removed.contains(id) {
+                continue;
+            }
+            if found.get(id).is_some_and(only) {
+                removed.push(*id);
+            }
+        }
+        if removed.is_empty() {
+            // Dropping `decision` rolls the transaction back.
+            return Ok(removed);
+        }
+        decision.send(removed.clone()).map_err(|_| task_stopped())?;
+        match from_task.recv().map_err(|_| task_stopped())?? {
+            Step::Done => Ok(removed),
+            Step::Locked(_) => Err(task_stopped()),
+        }
+    }
+
+    fn job_status_counts(&self) -> Result<BTreeMap<JobStatus, u64>> {
+        self.run(|db| async move {
+            let c = db.client().await?;
+            let rows = db
+                .query(&c, "SELECT status, count(*) FROM jobs GROUP BY status", &[])
+                .await?;
+            let mut counts = BTreeMap::new();
+            for row in &rows {
+                let status: String = get(row, 0)?;
+                let status: JobStatus = status
+                    .parse()
+                    .map_err(|e| ServiceError::internal("corrupt job status", e))?;
+                let n: i64 = get(row, 1)?;
+                counts.insert(status, n.max(0) as u64);
+            }
+            Ok(counts)
+        })
+    }
+
+    fn tenant_has_jobs(&self, key: TenantKey, id_as_stored: &str) -> Result<Option<Uuid>> {
+        // A text column holds no NUL: such an id names no job's destination.
+        let as_stored = (!id_as_stored.contains('\0')).then(|| id_as_stored.to_string());
+        self.run(move |db| async move {
+            let c = db.client().await?;
+            let key = &key.0[..];
+            let row = db
+                .opt(
+                    &c,
+                    "SELECT id FROM jobs WHERE source_tenant = $1 ORDER BY seq LIMIT 1",
+                    &[&key],
+                )
+                .await?;
+            let row = match row {
+                Some(row) => Some(row),
+                None => {
+                    db.opt(
+                        &c,
+                        "SELECT id FROM jobs WHERE destination_key = $1 \
+                         UNION ALL SELECT id FROM jobs WHERE destination_tenant = $2 LIMIT 1",
+                        &[&key, &as_stored],
+                    )
+                    .await?
+                }
+            };
+            row.map(|row| get::<Uuid>(&row, 0)).transpose()
+        })
+    }
+
+    /// The `jobs_version` row, which every job write updates in its own transaction: a
+    /// reader that sees the old version cannot see the write's records yet (and one that reads
+    /// the version again after them sees the new one), so no window is left in which what it
+    /// derived from old records could be cached under the new version. While the database
+    /// does not answer, a number that matches no earlier answer (top bit set, counting up), so
+    /// that nothing cached is trusted. Left: an appliance that cached under version `v` and
+    /// then lost the database keeps serving its cache only if it asks no version meanwhile.
+    fn jobs_version(&self) -> u64 {
+        let read = self.run(|db| async move {
+            let c = db.client().await?;
+            let row = db.opt(&c, "SELECT version FROM jobs_version", &[]).await?;
+            match row {
+                Some(row) => get::<i64>(&row, 0),
+                None => Err(ServiceError::Internal("no jobs_version row".into())),
+            }
+        });
+        match read {
+            Ok(version) => version as u64 & !(1 << 63),
+            Err(_) => (1 << 63) | self.fallback.fetch_add(1, Ordering::SeqCst),
+        }
+    }
+
+    fn queued(&self) -> Result<Vec<Uuid>> {
+        self.run(|db| async move {
+            let c = db.client().await?;
+            let rows = db
+                .query(&c, "SELECT id FROM jobs WHERE queued ORDER BY seq", &[])
+                .await?;
+            rows.iter().map(|row| get::<Uuid>(row, 0)).collect()
+        })
+    }
+
+    fn claim_next(&self, skip: &HashSet<Uuid>) -> Result<Option<Uuid>> {
+        let skip: Vec<Uuid> = skip.iter().copied().collect();
+        self.run(|db| async move {
+            let c = db.client().await?;
+            let lease = db.lease_secs();
+            let row = db
+                .opt(
+                    &c,
+                    "WITH next AS ( \
+                       SELECT j.id FROM jobs j \
+                       WHERE j.queued \
+                         AND (j.holder IS NULL OR j.lease_until IS NULL OR j.lease_until < now()) \
+                         AND j.id <> ALL($1) \
+                         AND NOT EXISTS (SELECT 1 FROM regions r \
+                           WHERE r.id IN (j.source_region, j.destination_region) \
+                             AND r.pin IS NOT NULL AND r.pin <> $2) \
+                       ORDER BY j.seq LIMIT 1 \
+                       FOR UPDATE OF j SKIP LOCKED) \
+                     UPDATE jobs SET holder = $2, lease_until = now() + make_interval(secs => $3) \
+                     FROM next WHERE jobs.id = next.id RETURNING jobs.id",
+                    &[&skip, &db.node, &lease],
+                )
+                .await?;
+            row.map(|row| get::<Uuid>(&row, 0)).transpose()
+        })
+    }
+
+    fn release(&self, id: Uuid) {
+        let released = self.run(move |db| async move {
+            let c = db.client().await?;
+            db.exec(
+                &c,
+                "UPDATE jobs SET holder = NULL, lease_until = NULL WHERE id = $1 AND holder = $2",
+                &[&id, &db.node],
+            )
+            .await
+            .map(drop)
+        });
+        if let Err(e) = released {
+            tracing::warn!(job = %id, "the claim stays until its lease runs out: {e}");
+        }
+    }
+
+    fn renew_claims(&self) -> Result<Vec<(Uuid, bool)>> {
+        self.run(|db| async move {
+            let c = db.client().await?;
+            let lease = db.lease_secs();
+            let sql = format!(
+                "WITH renewed AS ( \
+                   UPDATE jobs SET lease_until = now() + make_interval(secs => $2) \
+                   WHERE holder = $1 AND queued RETURNING id, seq, {CANCEL_ASKED} AS cancel) \
+                 SELECT id, cancel FROM renewed ORDER BY seq"
+            );
+            let rows = db.query(&c, &sql, &[&db.node, &lease]).await?;
+            rows.iter()
+                .map(|row| Ok((get::<Uuid>(row, 0)?, get::<bool>(row, 1)?)))
+                .collect()
+        })
+    }
+
+    fn holder(&self, id: Uuid) -> Result<Option<String>> {
+        self.run(move |db| async move {
+            let c = db.client().await?;
+            let row = db
+                .opt(
+                    &c,
+                    "SELECT holder FROM jobs WHERE id = $1 AND holder IS NOT NULL \
+                     AND lease_until > now()",
+                    &[&id],
+                )
+                .await?;
+            row.map(|row| get::<String>(&row, 0)).transpose()
+        })
+    }
+
+    /// The queue is a column of the job's row: a job whose record is gone has no entry, and
+    /// one that exists is taken off the queue.
+    fn drop_queue_entry(&self, id: Uuid) -> Result<()> {
+        self.run(move |db| async move {
+            let c = db.client().await?;
+            db.exec(
+                &c,
+                "UPDATE jobs SET queued = false, holder = NULL, lease_until = NULL WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .map(drop)
+        })
+    }
+
+    fn add_orphan(&self, id: Uuid, region: &str) -> Result<()> {
+        let region = region.to_string();
+        self.run(move |db| async move {
+            let c = db.client().await?;
+            db.exec(
+                &c,
+                "INSERT INTO orphans (id, region) VALUES ($1, $2) \
+                 ON CONFLICT (id) DO UPDATE SET region = excluded.region",
+                &[&id, &region],
+            )
+            .await
+            .map(drop)
+        })
+    }
+
+    fn orphans(&self) -> Result<Vec<(Uuid, String)>> {
+        self.run(|db| async move {
+            let c = db.client().await?;
+            let rows = db
+                .query(&c, "SELECT id, region FROM orphans ORDER BY id", &[])
+                .await?;
+            rows.iter()
+                .map(|row| Ok((get::<Uuid>(row, 0)?, get::<String>(row, 1)?)))
+                .collect()
+        })
+    }
+
+    fn remove_orphan(&self, id: Uuid) -> Result<()> {
+        self.run(move |db| async move {
+            let c = db.client().await?;
+            db.exec(&c, "DELETE FROM orphans WHERE id = $1", &[&id])
+                .await
+                .map(drop)
+        })
+    }
+}
+
+/// A throwaway PostgreSQL cluster for tests, the lib's and `tests/*.rs` alike: [`cluster`]
+/// starts one per test process (lazily), and [`Cluster::new_database`] gives each test its
+/// own empty database in it. The cluster listens only on a Unix socket in its temporary
+/// directory; as root its programs run as the `postgres` user (initdb refuses root).
+///
+/// A watchdog shell started with the cluster waits for its standard input, a pipe that only
+/// this process holds, to close: when the process ends (however: a static is never dropped)
+/// it stops the server and removes the directory. [`Cluster`]s made with [`Cluster::start`]
+/// do the same when dropped.
+#[doc(hidden)]
+pub mod testing {
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, ChildStdin, Command, Stdio};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Mutex, OnceLock};
+
+    pub struct Cluster {
+        dir: PathBuf,
+        bin: PathBuf,
+        /// Run the programs as `postgres` (we are root).
+        as_postgres: bool,
+        watchdog: Mutex<Option<(Child, ChildStdin)>>,
+    }
+
+    /// What the watchdog runs: wait for end of input, stop the server, remove the directory.
+    const WATCHDOG: &str =
+        r#"cat >/dev/null; "$1" -D "$2" -m immediate -w stop >/dev/null 2>&1; rm -rf "$3""#;
+
+    /// The cluster of this test process, started on first use.
+    pub fn cluster() -> &'static Cluster {
+        static SHARED: OnceLock<Cluster> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            Cluster::start()
+                .unwrap_or_else(|e| panic!("cannot start PostgreSQL for the tests: {e}"))
+        })
+    }
+
+    /// The directory of initdb, pg_ctl and psql: where `initdb` on PATH really is, else the
+    /// newest `/usr/lib/postgresql/*/bin` (Debian's).
+    fn find_bin() -> Result<PathBuf, String> {
+        let on_path = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|d| d.join("initdb"))
+            .find(|p| p.is_file());
+        if let Some(initdb) = on_path {
+            let real = std::fs::canonicalize(&initdb).unwrap_or(initdb);
+            if let Some(dir) = real.parent() {
+                return Ok(dir.to_path_buf());
+            }
+        }
+        let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+            .map_err(|e| {
+                format!("no initdb on PATH and no /usr/lib/postgresql ({e}): install postgresql")
+            })?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let version = e.file_name().to_str()?.parse::<u32>().ok()?;
+                let bin = e.path().join("bin");
+                bin.join("initdb").is_file().then_some((version, bin))
+            })
+            .collect();
+        versions.sort();
+        versions
+            .pop()
+            .map(|(_, bin)| bin)
+            .ok_or_else(|| "no initdb found: install postgresql".to_string())
+    }
+
+    /// The uid and gid of user `postgres`.
+    fn postgres_user() -> Result<(libc::uid_t, libc::gid_t), String> {
+        let name = c"postgres";
+        // SAFETY: getpwnam takes a NUL-terminated name; its result is read at once, before
+        // any other call could reuse its buffer (tests start clusters under a OnceLock or one
+        // at a time).
+        let entry = unsafe { libc::getpwnam(name.as_ptr()) };
+        if entry.is_null() {
+            return Err("running as root needs a postgres user (initdb refuses root)".into());
+        }
+        // SAFETY: non-null, points to a passwd record.
+        let entry = unsafe { &*entry };
+        Ok((entry.pw_uid, entry.pw_gid))
+    }
+
+    impl Cluster {
+        /// Starts a cluster of its own in a new temporary directory.
+        pub fn start() -> Result<Cluster, String> {
+            static N: AtomicU64 = AtomicU64::new(0);
+            let bin = find_bin()?;
+            // SAFETY: geteuid has no preconditions.
+            let as_postgres = unsafe { libc::geteuid() } == 0;
+            let dir = std::env::temp_dir().join(format!(
+                "image-replicator-pg-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::SeqCst)
+            ));
+            std::fs::create_dir(&dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            if as_postgres {
+                let (uid, gid) = postgres_user()?;
+                std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
+                    .map_err(|e| format!("cannot give {} to postgres: {e}", dir.display()))?;
+            }
+            let mut cluster = Cluster {
+                dir,
+                bin,
+                as_postgres,
+                watchdog: Mutex::new(None),
+            };
+            // First the watchdog: from here on the directory goes with this process.
+            let mut watchdog = cluster
+                .command(Path::new("/bin/sh"))
+                .args(["-c", WATCHDOG, "sh"])
+                .arg(cluster.bin.join("pg_ctl"))
+                .arg(cluster.data())
+                .arg(&cluster.dir)
+                .stdin(Stdio::piped())
+                .spawn()
+                .map_err(|e| format!("cannot start the watchdog: {e}"))?;
+            let stdin = watchdog.stdin.take().ok_or("the watchdog has no stdin")?;
+            cluster.watchdog = Mutex::new(Some((watchdog, stdin)));
+            let initdb = cluster
+                .command(&cluster.bin.join("initdb"))
+                .arg("-D")
+                .arg(cluster.data())
+                .args([
+                    "-U",
+                    "postgres",
+                    "-A",
+                    "trust",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "--no-sync",
+                ])
+                .output()
+                .map_err(|e| format!("cannot run initdb: {e}"))?;
+            if !initdb.status.success() {
+                return Err(format!(
+                    "initdb failed: {}",
+                    String::from_utf8_lossy(&initdb.stderr)
+                ));
+            }
+            let settings = format!(
+                "\nlisten_addresses = ''\nunix_socket_directories = '{}'\nmax_connections = 300\n\
+                 shared_buffers = 16MB\n",
+                cluster.dir.display()
+            );
+            let conf = cluster.data().join("postgresql.conf");
+            let mut text =
+                std::fs::read_to_string(&conf).map_err(|e| format!("postgresql.conf: {e}"))?;
+            text.push_str(&settings);
+            std::fs::write(&conf, text).map_err(|e| format!("postgresql.conf: {e}"))?;
+            cluster.start_again()?;
+            Ok(cluster)
+        }
+
+        fn data(&self) -> PathBuf {
+            self.dir.join("data")
+        }
+
+        /// `program`, as the postgres user when we are root, in the cluster's directory.
+        fn command(&self, program: &Path) -> Command {
+            let mut command = if self.as_postgres {
+                let mut c = Command::new("runuser");
+                c.args(["-u", "postgres", "--"]).arg(program);
+                c
+            } else {
+                Command::new(program)
+            };
+            command
+                .current_dir(&self.dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            command
+        }
+
+        fn pg_ctl(&self, args: &[&str]) -> Result<(), String> {
+            let status = self
+                .command(&self.bin.join("pg_ctl"))
+                .arg("-D")
+                .arg(self.data())
+                .arg("-l")
+                .arg(self.dir.join("log"))
+                .args(args)
+                .status()
+                .map_err(|e| format!("cannot run pg_ctl: {e}"))?;
+            if status.success() {
+                Ok(())
+            } else {
+                let log = std::fs::read_to_string(self.dir.join("log")).unwrap_or_default();
+                Err(format!("pg_ctl {args:?} failed: {log}"))
+            }
+        }
+
+        /// Starts the server (again, after [`Cluster::stop`]).
+        pub fn start_again(&self) -> Result<(), String> {
+            self.pg_ctl(&["-w", "-t", "60", "start"])
+        }
+
+        /// Stops the server (fast: open connections are ended).
+        pub fn stop(&self) -> Result<(), String> {
+            self.pg_ctl(&["-w", "-m", "fast", "stop"])
+        }
+
+        /// A new empty database; its URL.
+        pub fn new_database(&self) -> String {
+            let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+            let out = Command::new(self.bin.join("psql"))
+                .arg("-h")
+                .arg(&self.dir)
+                .args([
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "postgres",
+                    "-X",
+                    "-q",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                ])
+                .arg("-c")
+                .arg(format!("CREATE DATABASE {name}"))
+                .stdin(Stdio::null())
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run psql: {e}"));
+            assert!(
+                out.status.success(),
+                "CREATE DATABASE failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            self.url(&name)
+        }
+
+        /// Runs `sql` with psql in the database at `url` (of this cluster); what it printed.
+        pub fn psql(&self, url: &str, sql: &str) -> String {
+            let out = Command::new(self.bin.join("psql"))
+                .args([
+                    "-X",
+                    "-q",
+                    "-A",
+                    "-t",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-d",
+                    url,
+                    "-c",
+                    sql,
+                ])
+                .stdin(Stdio::null())
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run psql: {e}"));
+            assert!(
+                out.status.success(),
+                "psql failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+
+        /// The URL of database `name` of this cluster.
+        pub fn url(&self, name: &str) -> String {
+            format!(
+                "postgresql:///{name}?host={}&user=postgres",
+                self.dir.display()
+            )
+        }
+    }
+
+    impl Drop for Cluster {
+        fn drop(&mut self) {
+            let watchdog = self.watchdog.get_mut().ok().and_then(|w| w.take());
+            if let Some((mut child, stdin)) = watchdog {
+                drop(stdin);
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{cluster, Cluster};
+    use super::*;
+    use crate::model::{RegionKind, TenantKey};
+
+    const A: &str = "236ae314ef6944f4ab98fa7519e54325";
+    const B: &str = "91b5c7c09cbd45caa3c146fd67ae471e";
+
+    fn store(url: &str, node: &str) -> PgStore {
+        PgStore::connect(url, 4, node).expect("connect")
+    }
+
+    fn job(store: &PgStore) -> (TenantKey, Job) {
+        let wire = JobWire {
+            copy_progress: 0,
+            destination_image_id: None,
+            destination_region_id: "ot2".into(),
+            destination_tenant_id: B.into(),
+            job_id: Uuid::new_v4(),
+            source_image_id: Uuid::new_v4(),
+            source_image_name: "cirros".into(),
+            source_region_id: "ot1".into(),
+            source_tenant_id: A.into(),
+            status: JobStatus::ReplicateRequested,
+        };
+        let job = Job::new_queued(wire, store.next_seq().expect("seq"), 1, 10);
+        (TenantKey::parse(A).expect("key"), job)
+    }
+
+    fn region(id: &str) -> Region {
+        Region {
+            id: id.into(),
+            kind: RegionKind::Directory {
+                dir: format!("/srv/{id}").into(),
+            },
+            disk_formats: vec!["raw".into()],
+            created_at: 1,
+            pin: None,
+        }
+    }
+
+    #[test]
+    fn two_appliances_claim_every_queued_job_exactly_once() {
+        let url = cluster().new_database();
+        let stores = [Arc::new(store(&url, "a")), Arc::new(store(&url, "b"))];
+        let jobs: Vec<_> = (0..50).map(|_| job(&stores[0])).collect();
+        assert_eq!(stores[0].insert_jobs(&jobs).expect("insert"), 50);
+        let workers: Vec<_> = (0..6)
+            .map(|i| {
+                let store = Arc::clone(&stores[i % 2]);
+                std::thread::spawn(move || {
+                    let mut mine = Vec::new();
+                    while let Some(id) = store.claim_next(&HashSet::new()).expect("claim") {
+                        mine.push(id);
+                    }
+                    mine
+                })
+            })
+            .collect();
+        let mut claimed: Vec<Uuid> = workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("worker"))
+            .collect();
+        claimed.sort();
+        let mut want: Vec<Uuid> = jobs.iter().map(|(_, j)| j.wire.job_id).collect();
+        want.sort();
+        assert_eq!(claimed, want, "every job once, none twice");
+        let held: usize = stores
+            .iter()
+            .map(|s| s.renew_claims().expect("renew").len())
+            .sum();
+        assert_eq!(held, 50);
+    }
+
+    #[test]
+    fn a_claim_whose_lease_ran_out_is_taken_over_by_another_appliance() {
+        let url = cluster().new_database();
+        let a = store(&url, "a").with_lease(Duration::from_millis(1500));
+        let b = store(&url, "b");
+        let (owner, j) = job(&a);
+        let id = j.wire.job_id;
+        a.insert_jobs(&[(owner, j)]).expect("insert");
+        let none = HashSet::new();
+        assert_eq!(a.claim_next(&none).expect("claim"), Some(id));
+        assert_eq!(b.claim_next(&none).expect("held"), None);
+        assert_eq!(b.holder(id).expect("holder"), Some("a".into()));
+        // Renewed, it stays a's past its first lease.
+        std::thread::sleep(Duration::from_millis(800));
+        assert_eq!(a.renew_claims().expect("renew"), vec![(id, false)]);
+        std::thread::sleep(Duration::from_millis(900));
+        assert_eq!(b.claim_next(&none).expect("still held"), None);
+        // Not renewed, it runs out.
+        std::thread::sleep(Duration::from_millis(800));
+        assert_eq!(b.holder(id).expect("holder"), None);
+        assert_eq!(b.claim_next(&none).expect("takeover"), Some(id));
+        assert_eq!(a.holder(id).expect("holder"), Some("b".into()));
+        assert_eq!(a.renew_claims().expect("renew"), vec![], "a lost it");
+        assert_eq!(b.renew_claims().expect("renew"), vec![(id, false)]);
+        // a's release does not give back b's claim.
+        a.release(id);
+        assert_eq!(a.holder(id).expect("holder"), Some("b".into()));
+    }
+
+    #[test]
+    fn a_cancel_written_by_one_appliance_reaches_the_holder_and_versions_follow() {
+        let url = cluster().new_database();
+        let (a, b) = (store(&url, "a"), store(&url, "b"));
+        let (owner, j) = job(&a);
+        let id = j.wire.job_id;
+        let before = b.jobs_version();
+        a.insert_jobs(&[(owner, j)]).expect("insert");
+        let inserted = b.jobs_version();
+        assert_ne!(inserted, before, "b sees a's insert");
+        assert_eq!(a.claim_next(&HashSet::new()).expect("claim"), Some(id));
+        assert_eq!(inserted, b.jobs_version(), "a claim is no job write");
+        b.update_job(id, &|job| {
+            assert!(job.request_cancel(2));
+            Ok(ImageChange::None)
+        })
+        .expect("cancel")
+        .expect("job");
+        assert_ne!(a.jobs_version(), inserted, "a sees b's update");
+        assert_eq!(a.renew_claims().expect("renew"), vec![(id, true)]);
+        // The job's end takes it off the queue, and the claim with it.
+        let version = a.jobs_version();
+        b.update_job(id, &|job| {
+            job.begin_ending(None, 3);
+            job.end(3);
+            Ok(ImageChange::None)
+        })
+        .expect("end");
+        assert_ne!(a.jobs_version(), version);
+        assert_eq!(a.renew_claims().expect("renew"), vec![]);
+        assert_eq!(a.holder(id).expect("holder"), None);
+        assert!(a.queued().expect("queue").is_empty());
+    }
+
+    #[test]
+    fn a_database_that_goes_away_is_unavailable_until_it_is_back() {
+        let own = Cluster::start().expect("cluster");
+        let url = own.new_database();
+        let s = store(&url, "a");
+        assert!(s.insert_region(&region("ot1")).expect("region"));
+        let version = s.jobs_version();
+        own.stop().expect("stop");
+        assert!(matches!(s.writable(), Err(ServiceError::Unavailable(_))));
+        match s.region("ot1") {
+            Err(ServiceError::Unavailable(why)) => {
+                assert!(why.contains("does not answer"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            s.insert_region(&region("ot2")),
+            Err(ServiceError::Unavailable(_))
+        ));
+        let (down1, down2) = (s.jobs_version(), s.jobs_version());
+        assert_ne!(down1, down2, "nothing cached while it is down is trusted");
+        assert_ne!(down1, version);
+        own.start_again().expect("start");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while s.writable().is_err() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(s.writable(), Ok(()));
+        assert_eq!(s.region("ot1").expect("region"), Some(region("ot1")));
+        assert_eq!(s.jobs_version(), version);
+    }
+
+    #[test]
+    fn appliances_starting_together_create_the_schema_once() {
+        let url = cluster().new_database();
+        let starts: Vec<_> = (0..4)
+            .map(|i| {
+                let url = url.clone();
+                std::thread::spawn(move || PgStore::connect(&url, 2, &format!("n{i}")).map(drop))
+            })
+            .collect();
+        for start in starts {
+            start.join().expect("thread").expect("connect");
+        }
+        assert_eq!(
+            cluster()
+                .psql(&url, "SELECT count(*) FROM schema_version")
+                .trim(),
+            "1"
+        );
+    }
+
+    #[test]
+    fn a_schema_newer_than_the_binary_is_refused() {
+        let url = cluster().new_database();
+        drop(store(&url, "a"));
+        cluster().psql(&url, "UPDATE schema_version SET version = 99");
+        match PgStore::connect(&url, 2, "a") {
+            Err(OpenError::Other { reason, .. }) => assert!(reason.contains("newer"), "{reason}"),
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("opened a newer schema"),
+        }
+    }
+
+    #[test]
+    fn the_store_is_called_and_dropped_inside_another_runtime() {
+        let url = cluster().new_database();
+        let s = Arc::new(store(&url, "a"));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let before = s.jobs_version();
+            let (owner, j) = job(&s);
+            s.insert_jobs(&[(owner, j)]).expect("insert");
+            assert_ne!(s.jobs_version(), before);
+            drop(s);
+        });
+    }
+
+    #[test]
+    fn passwords_never_show() {
+        assert_eq!(
+            redacted("postgres://alice:s3cret@db.example:5432/ir"),
+            "postgres://alice:***@db.example:5432/ir"
+        );
+        assert_eq!(
+            redacted("postgres://alice@db.example/ir?sslmode=disable&password=s3cret"),
+            "postgres://alice@db.example/ir?sslmode=disable&password=***"
+        );
+        assert_eq!(
+            redacted("host=db user=alice password='s3 cret' dbname=ir"),
+            "host=db user=alice password=*** dbname=ir"
+        );
+        assert_eq!(redacted("host=db password=s3cret"), "host=db password=***");
+        assert_eq!(
+            redacted("postgresql:///ir?host=/run/pg"),
+            "postgresql:///ir?host=/run/pg"
+        );
+        let failed = PgStore::connect("postgres://alice:s3cret@127.0.0.1:1/ir", 1, "a");
+        let Err(e) = failed else {
+            panic!("connected to port 1")
+        };
+        let text = e.to_string();
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(text.contains("alice:***@127.0.0.1:1/ir"), "{text}");
+        assert!(text.contains("cannot connect"), "{text}");
+    }
+}
