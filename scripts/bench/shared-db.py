@@ -15,7 +15,7 @@ root the server runs as the `postgres` user) and removes it at the end. The sect
   each, at the same time), in a rotating order per rep. Every 202 must be a job in the
   store afterwards (counted in the database, and in sled's list).
 - S2: two appliances with workers on one database, a copy of a 32 MiB image capped at
-  8 MiB/s; once the copy holds a verified part, the appliance holding the job is killed with
+  8 MiB/s (2 MiB/s for an 8 MiB image with --quick); once the copy holds a verified part, the appliance holding the job is killed with
   SIGKILL; the other must take the job over (its holder becomes the survivor: that time is
   the takeover time) and finish it from the verified part. Then the killed one is started
   again and the next round goes the other way. Counted: acknowledged jobs lost, jobs
@@ -49,8 +49,10 @@ END = "<!-- scripts/bench.sh --only S: end -->"
 T1 = "1b0e5c9a2f3d4e6b8a7c0d1e2f3a4b5c"
 T2 = "2c1f6d0b3e4a5f7c9b8d1e2f3a4b5c6d"
 T3 = "3d2a7e1c4b5f6a8d0c9e2f3a4b5c6d7e"
-TOKEN = "bench" + "0" * 27
-TOKEN3 = "bench" + "3" * 27
+T4 = "4e3b8f2d5c6a7b9e1d0f3a4b5c6d7e8f"
+TOKEN = "bench" + "0" * 27  # T1: the creates of S1 and S2
+TOKEN3 = "bench" + "3" * 27  # T3: 100 jobs (P3)
+TOKEN4 = "bench" + "4" * 27  # T4: 10 jobs (P1)
 IMAGE_SMALL = "7c9e6679-7425-40de-944b-e07fc1f90ae7"
 IMAGE_BIG = "8d0f7780-8536-41ef-a55c-f18fd2fa1bf8"
 _http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -95,9 +97,13 @@ class Cluster:
                  "--no-sync", stdout=subprocess.DEVNULL)
         self.proc = None
         self.start()
+        self.url = self.database("ir")
+
+    def database(self, name):
+        """A new database's URL."""
         self.run(f"{self.bin}/psql", "-h", self.dir, "-U", "postgres", "-qc",
-                 "CREATE DATABASE ir", stdout=subprocess.DEVNULL)
-        self.url = f"postgres:///ir?host={self.dir}&user=postgres"
+                 f"CREATE DATABASE {name}", stdout=subprocess.DEVNULL)
+        return f"postgres:///{name}?host={self.dir}&user=postgres"
 
     def run(self, *cmd, **kw):
         subprocess.run(self.as_user + list(cmd), check=True, **kw)
@@ -186,15 +192,18 @@ def setup(app, work, name):
     app.cli("tenant", "add", T1, "--region", "ot1")
     app.cli("tenant", "add", T2, "--region", "ot2")
     app.cli("tenant", "add", T3, "--region", "ot1")
-    app.cli("user", "add", "bench", "--tenant", T1, "--tenant", T2, "--tenant", T3)
+    app.cli("tenant", "add", T4, "--region", "ot1")
+    app.cli("user", "add", "bench", "--tenant", T1, "--tenant", T2, "--tenant", T3,
+            "--tenant", T4)
     app.cli("token", "issue", "--user", "bench", "--tenant", T1, "--token", TOKEN)
     app.cli("token", "issue", "--user", "bench", "--tenant", T3, "--token", TOKEN3)
+    app.cli("token", "issue", "--user", "bench", "--tenant", T4, "--token", TOKEN4)
     small = os.path.join(work, "small.bin")
     big = os.path.join(work, "big.bin")
     app.cli("image", "import", small, "--tenant", T1, "--name", "small", "--id", IMAGE_SMALL)
     app.cli("image", "import", big, "--tenant", T1, "--name", "big", "--id", IMAGE_BIG)
     seed = os.path.join(work, f"seed-{name}.json")
-    jobs = [job_record(T1, i) for i in range(10)] + [job_record(T3, i) for i in range(100)]
+    jobs = [job_record(T4, i) for i in range(10)] + [job_record(T3, i) for i in range(100)]
     with open(seed, "w", encoding="utf-8") as f:
         json.dump(jobs, f)
     app.cli("job", "seed", seed)
@@ -268,7 +277,7 @@ def p1p3(args, sled, pg):
     for rep in range(args.reps):
         for name, app in ([("sled", sled), ("pg", pg)] if rep % 2 == 0 else [("pg", pg), ("sled", sled)]):
             log(f"P1/P3 rep {rep + 1}/{args.reps}: {name}")
-            r1 = wrk_result(wrk(app, JOBS, 32, args.duration))
+            r1 = wrk_result(wrk(app, JOBS, 32, args.duration, token=TOKEN4))
             r3 = wrk_result(wrk(app, JOBS, 1, args.duration, token=TOKEN3))
             rows.setdefault(("P1", name), []).append(ok_requests(r1) / (r1["duration_us"] / 1e6))
             rows.setdefault(("P3", name), []).append(r3["lat_p50_us"] / 1000)
@@ -317,6 +326,8 @@ def s2(args, apps, regions, big_sha):
             held = holder(first, job_id)
             if j and held and j["copy_progress"] >= 20:
                 break
+            if j and j["status"] in ("replicated", "error", "canceled"):
+                sys.exit(f"shared-db.py: job {job_id} ended {j['status']} before a kill")
             time.sleep(0.1)
         victim = next((a for a in apps if a.node == held), None)
         if victim is None:
@@ -396,7 +407,7 @@ def main():
                          os.path.join(work, "pg-a.log"))
         pg_b = Appliance(args, os.path.join(work, "pg-b"), cluster.url, "pg-b", ["--no-worker"],
                          os.path.join(work, "pg-b.log"))
-        regions = setup(pg_a, work, "pg")
+        setup(pg_a, work, "pg")
         apps = [sled, pg_a, pg_b]
         for a in apps:
             a.start()
@@ -404,10 +415,13 @@ def main():
         reads = p1p3(args, sled, pg_a)
         for a in apps:
             a.stop()
-        cap = "8M"
-        copiers = [Appliance(args, os.path.join(work, f"pg-{n}"), cluster.url, f"pg-{n}",
+        # S2 on a database of its own: S1's creates would queue ahead of its copies.
+        cap = "2M" if args.quick else "8M"  # about 4 s per copy either way
+        url = cluster.database("takeover")
+        copiers = [Appliance(args, os.path.join(work, f"copy-{n}"), url, f"pg-{n}",
                              ["--max-bandwidth", cap], os.path.join(work, f"copy-{n}.log"))
                    for n in ("a", "b")]
+        regions = setup(copiers[0], work, "takeover")
         apps = copiers
         taken = s2(args, copiers, regions, big_sha)
     finally:
@@ -457,7 +471,7 @@ def report(args, rows, audit, reads, taken, big_size):
     t = taken["takeovers"]
     finite = [x for x in t if x != float("inf")]
     lines.append(f"S2: {len(t)} kills of the appliance holding a {big_size >> 20} MiB copy "
-                 f"(8 MiB/s cap, killed at ≥ 20 %): {taken['lost']} acknowledged jobs lost, "
+                 f"({'2' if args.quick else '8'} MiB/s cap, killed at ≥ 20 %): {taken['lost']} acknowledged jobs lost, "
                  f"{taken['twice']} finished twice, {taken['differ']} copies whose bytes differ "
                  f"or that did not end replicated; takeover (kill to the survivor holding the "
                  f"job) median {med(finite) if finite else float('nan'):.1f} s, "

@@ -299,12 +299,14 @@ impl Service {
         let owner = TenantKey::parse(&image.owner).ok_or_else(|| {
             ServiceError::Internal(format!("image {image_id} has a malformed owner"))
         })?;
-        // From the checks of room and quotas to the insert, one request at a time.
-        let _admission = self
+        // The checks of room and quotas, one request at a time: the room is promised before
+        // the lock goes, so the next request counts it; quotas count stored jobs, so with a
+        // quota the lock is held until the job is stored too.
+        let admission = self
             .admission
             .lock()
             .map_err(|_| ServiceError::Internal("the admission lock is poisoned".into()))?;
-        let device = self.admit(owner, dst_key, &dst_tenant, &dst_region, Some(&image))?;
+        let admitted = self.admit(owner, dst_key, &dst_tenant, &dst_region, Some(&image))?;
         let wire = JobWire {
             copy_progress: 0,
             destination_image_id: None,
@@ -318,17 +320,32 @@ impl Service {
             status: JobStatus::ReplicateRequested,
         };
         let job = Job::new_queued(wire, self.store.next_seq()?, now(), image.size);
-        self.store.insert_jobs(&[(owner, job.clone())])?;
-        if let Some(device) = device {
-            self.space.promise(job.wire.job_id, device, job.bytes_total);
+        let id = job.wire.job_id;
+        if let Some(device) = admitted.device {
+            self.space.promise(id, device, job.bytes_total);
         }
-        drop(_admission);
+        let admission = admitted.quotas.then_some(admission);
+        if let Err(e) = self.store.insert_jobs(&[(owner, job.clone())]) {
+            self.space.release(id);
+            return Err(e);
+        }
+        drop(admission);
         self.flush()?;
         self.board.wake();
         tracing::info!(job = %job.wire.job_id, image = %image_uuid, to = %job.wire.destination_tenant_id, "replicate_requested");
         Ok(job)
     }
+}
 
+/// What [`Service::admit`] found.
+pub(super) struct Admitted {
+    /// The device whose room the job is to be promised.
+    pub device: Option<u64>,
+    /// Whether a quota applied (then the job must be stored before the next admission).
+    pub quotas: bool,
+}
+
+impl Service {
     /// The checks a new job passes, under the admission lock: the destination region takes
     /// the image's disk format, the store's own reserve, and, where the source's record is
     /// known, the quotas and the room at the destination. The device whose room the job is to
@@ -340,16 +357,22 @@ impl Service {
         dst_tenant: &Tenant,
         dst_region: &Region,
         image: Option<&Image>,
-    ) -> Result<Option<u64>> {
+    ) -> Result<Admitted> {
         if let Some(image) = image {
             super::check_accepts(dst_region, &image.disk_format)?;
         }
         self.check_store_room()?;
         let Some(image) = image else {
-            return Ok(None);
+            return Ok(Admitted {
+                device: None,
+                quotas: false,
+            });
         };
-        self.check_quotas(owner, dst_key, dst_tenant, image)?;
-        self.check_room(dst_region, image)
+        let quotas = self.check_quotas(owner, dst_key, dst_tenant, image)?;
+        Ok(Admitted {
+            device: self.check_room(dst_region, image)?,
+            quotas,
+        })
     }
 
     /// New jobs are refused (507) while the store's own file system is below its reserve: the
@@ -395,7 +418,7 @@ impl Service {
         destination: TenantKey,
         dst_tenant: &Tenant,
         image: &Image,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let src_tenant = if source == destination {
             Some(dst_tenant.clone())
         } else {
@@ -404,7 +427,7 @@ impl Service {
         let quota_jobs = src_tenant.as_ref().and_then(|t| t.quota_jobs);
         let quota_bytes = dst_tenant.quota_bytes;
         if quota_jobs.is_none() && quota_bytes.is_none() {
-            return Ok(());
+            return Ok(false);
         }
         let mut queued = Vec::new();
         for id in self.store.queued()? {
@@ -444,7 +467,7 @@ impl Service {
                 )));
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     pub(super) fn usable_region(&self, id: &str) -> Result<Region> {

@@ -357,10 +357,10 @@ pub fn a_queued_job_is_claimed_by_one_worker_at_a_time(s: &dyn Repo) {
     assert_eq!(s.claim_next(&none).expect("claim"), Some(id));
     assert_eq!(s.holder(id).expect("holder"), Some(s.node().to_string()));
     assert_eq!(s.claim_next(&none).expect("second claim"), None);
-    assert_eq!(s.renew_claims().expect("renew"), vec![(id, false)]);
+    assert_eq!(s.renew_claims(&[id]).expect("renew"), vec![(id, false)]);
     s.release(id);
     assert_eq!(s.holder(id).expect("holder"), None);
-    assert_eq!(s.renew_claims().expect("renew"), vec![]);
+    assert_eq!(s.renew_claims(&[id]).expect("renew"), vec![]);
     assert_eq!(
         s.claim_next(&[id].into_iter().collect()).expect("skipped"),
         None
@@ -394,7 +394,7 @@ pub fn claims_go_oldest_first_and_honour_pins(s: &dyn Repo) {
         Ok(ImageChange::None)
     })
     .expect("cancel");
-    let mut renewed = s.renew_claims().expect("renew");
+    let mut renewed = s.renew_claims(&ids).expect("renew");
     renewed.sort();
     let mut want = vec![(ids[1], false), (ids[2], true)];
     want.sort();

@@ -255,10 +255,12 @@ pub trait Jobs: Send + Sync {
     fn claim_next(&self, skip: &HashSet<Uuid>) -> Result<Option<Uuid>>;
     /// Gives a claimed job back.
     fn release(&self, id: Uuid);
-    /// Renews the leases of this appliance's claims for another [`LEASE`]: the jobs it still
-    /// holds, each with whether a cancel was asked for it (its status is `cancel_requested` or
-    /// `canceling`). A claim that ran out and was taken over is not among them.
-    fn renew_claims(&self) -> Result<Vec<(Uuid, bool)>>;
+    /// Renews this appliance's claims on the jobs `ids` (those its workers run) for another
+    /// [`LEASE`]: the ones it still holds, each with whether a cancel was asked for it (its
+    /// status is `cancel_requested` or `canceling`). A claim that ran out and was taken over
+    /// is not among them; nor is a claim of this node that no worker runs (left by a process
+    /// of the same name that died): it runs out and is taken over.
+    fn renew_claims(&self, ids: &[Uuid]) -> Result<Vec<(Uuid, bool)>>;
     /// The node holding job `id`'s live claim, if one does.
     fn holder(&self, id: Uuid) -> Result<Option<String>>;
     /// Removes the queue entry of a job whose record is gone (only after corruption).

@@ -400,6 +400,54 @@ impl Db {
         Ok(())
     }
 
+    /// Inserts `job` with `sql` (which takes the ten columns of [`INSERT_JOB`] and returns a
+    /// row when the job is new): whether it was new. An existing job of the same id is left
+    /// alone if identical in its wire fields, and a conflict otherwise.
+    async fn insert_job(
+        &self,
+        c: &impl GenericClient,
+        sql: &str,
+        tenant: &TenantKey,
+        job: &Job,
+    ) -> Result<bool> {
+        let id = job.wire.job_id;
+        let cols = JobColumns::of(job)?;
+        let new = self
+            .opt(
+                c,
+                sql,
+                &[
+                    &id,
+                    &cols.seq,
+                    &&tenant.0[..],
+                    &job.wire.destination_tenant_id,
+                    &cols.destination_key,
+                    &cols.status,
+                    &cols.queued,
+                    &job.wire.source_region_id,
+                    &job.wire.destination_region_id,
+                    &Json(job),
+                ],
+            )
+            .await?;
+        if new.is_some() {
+            return Ok(true);
+        }
+        let old: Option<JobWire> = match self
+            .opt(c, "SELECT record FROM jobs WHERE id = $1", &[&id])
+            .await?
+        {
+            Some(row) => Some(record(&row, 0)?),
+            None => None,
+        };
+        if old.as_ref() != Some(&job.wire) {
+            return Err(ServiceError::Conflict(format!(
+                "job {id} already exists with different content"
+            )));
+        }
+        Ok(false)
+    }
+
     fn lease_secs(&self) -> f64 {
         self.lease_ms.load(Ordering::Relaxed) as f64 / 1000.0
     }
@@ -442,6 +490,11 @@ impl JobColumns {
         })
     }
 }
+
+/// A job's row, new; no row back if its id exists.
+const INSERT_JOB: &str = "INSERT INTO jobs (id, seq, source_tenant, destination_tenant, \
+     destination_key, status, queued, source_region, destination_region, record) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (id) DO NOTHING RETURNING 1";
 
 /// What a blocking call hears from its task in a transaction that waits for the caller.
 enum Step<T> {
@@ -1235,48 +1288,20 @@ impl Jobs for PgStore {
         let jobs = jobs.to_vec();
         self.run(|db| async move {
             let mut c = db.client().await?;
+            if let [(tenant, job)] = jobs.as_slice() {
+                // One new job (a copy request): the insert and the version's bump are one
+                // statement, so one round trip and no transaction to open and commit.
+                let sql = format!(
+                    "WITH new AS ({INSERT_JOB}), bump AS (UPDATE jobs_version \
+                     SET version = version + 1 WHERE EXISTS (SELECT 1 FROM new)) \
+                     SELECT 1 FROM new"
+                );
+                return Ok(usize::from(db.insert_job(&c, &sql, tenant, job).await?));
+            }
             let tx = c.transaction().await.map_err(|e| db.error(e))?;
             let mut inserted = 0;
             for (tenant, job) in &jobs {
-                let id = job.wire.job_id;
-                let cols = JobColumns::of(job)?;
-                let n = db
-                    .exec(
-                        &tx,
-                        "INSERT INTO jobs (id, seq, source_tenant, destination_tenant, \
-                         destination_key, status, queued, source_region, destination_region, \
-                         record) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-                         ON CONFLICT (id) DO NOTHING",
-                        &[
-                            &id,
-                            &cols.seq,
-                            &&tenant.0[..],
-                            &job.wire.destination_tenant_id,
-                            &cols.destination_key,
-                            &cols.status,
-                            &cols.queued,
-                            &job.wire.source_region_id,
-                            &job.wire.destination_region_id,
-                            &Json(job),
-                        ],
-                    )
-                    .await?;
-                if n == 1 {
-                    inserted += 1;
-                    continue;
-                }
-                let old: Option<JobWire> = match db
-                    .opt(&tx, "SELECT record FROM jobs WHERE id = $1", &[&id])
-                    .await?
-                {
-                    Some(row) => Some(record(&row, 0)?),
-                    None => None,
-                };
-                if old.as_ref() != Some(&job.wire) {
-                    return Err(ServiceError::Conflict(format!(
-                        "job {id} already exists with different content"
-                    )));
-                }
+                inserted += usize::from(db.insert_job(&tx, INSERT_JOB, tenant, job).await?);
             }
             if inserted > 0 {
                 db.bump(&tx).await?;
@@ -1554,17 +1579,19 @@ impl Jobs for PgStore {
         }
     }
 
-    fn renew_claims(&self) -> Result<Vec<(Uuid, bool)>> {
+    fn renew_claims(&self, ids: &[Uuid]) -> Result<Vec<(Uuid, bool)>> {
+        let ids = ids.to_vec();
         self.run(|db| async move {
             let c = db.client().await?;
             let lease = db.lease_secs();
             let sql = format!(
                 "WITH renewed AS ( \
                    UPDATE jobs SET lease_until = now() + make_interval(secs => $2) \
-                   WHERE holder = $1 AND queued RETURNING id, seq, {CANCEL_ASKED} AS cancel) \
+                   WHERE holder = $1 AND queued AND id = ANY($3) \
+                   RETURNING id, seq, {CANCEL_ASKED} AS cancel) \
                  SELECT id, cancel FROM renewed ORDER BY seq"
             );
-            let rows = db.query(&c, &sql, &[&db.node, &lease]).await?;
+            let rows = db.query(&c, &sql, &[&db.node, &lease, &ids]).await?;
             rows.iter()
                 .map(|row| Ok((get::<Uuid>(row, 0)?, get::<bool>(row, 1)?)))
                 .collect()
@@ -1990,9 +2017,30 @@ mod tests {
         assert_eq!(claimed, want, "every job once, none twice");
         let held: usize = stores
             .iter()
-            .map(|s| s.renew_claims().expect("renew").len())
+            .map(|s| s.renew_claims(&want).expect("renew").len())
             .sum();
         assert_eq!(held, 50);
+    }
+
+    #[test]
+    fn a_claim_left_by_a_dead_process_of_the_same_node_is_not_renewed_and_runs_out() {
+        let url = cluster().new_database();
+        let lease = Duration::from_millis(1000);
+        let died = store(&url, "a").with_lease(lease);
+        let (owner, j) = job(&died);
+        let id = j.wire.job_id;
+        died.insert_jobs(&[(owner, j)]).expect("insert");
+        let none = HashSet::new();
+        assert_eq!(died.claim_next(&none).expect("claim"), Some(id));
+        drop(died);
+        // The next process of node a renews only what its workers run, not the dead one's.
+        let again = store(&url, "a").with_lease(lease);
+        assert_eq!(again.claim_next(&none).expect("still held"), None);
+        std::thread::sleep(lease / 2);
+        let running = [Uuid::new_v4()];
+        assert_eq!(again.renew_claims(&running).expect("renew"), vec![]);
+        std::thread::sleep(lease / 2 + Duration::from_millis(300));
+        assert_eq!(again.claim_next(&none).expect("taken over"), Some(id));
     }
 
     #[test]
@@ -2009,7 +2057,7 @@ mod tests {
         assert_eq!(b.holder(id).expect("holder"), Some("a".into()));
         // Renewed, it stays a's past its first lease.
         std::thread::sleep(Duration::from_millis(800));
-        assert_eq!(a.renew_claims().expect("renew"), vec![(id, false)]);
+        assert_eq!(a.renew_claims(&[id]).expect("renew"), vec![(id, false)]);
         std::thread::sleep(Duration::from_millis(900));
         assert_eq!(b.claim_next(&none).expect("still held"), None);
         // Not renewed, it runs out.
@@ -2017,8 +2065,8 @@ mod tests {
         assert_eq!(b.holder(id).expect("holder"), None);
         assert_eq!(b.claim_next(&none).expect("takeover"), Some(id));
         assert_eq!(a.holder(id).expect("holder"), Some("b".into()));
-        assert_eq!(a.renew_claims().expect("renew"), vec![], "a lost it");
-        assert_eq!(b.renew_claims().expect("renew"), vec![(id, false)]);
+        assert_eq!(a.renew_claims(&[id]).expect("renew"), vec![], "a lost it");
+        assert_eq!(b.renew_claims(&[id]).expect("renew"), vec![(id, false)]);
         // a's release does not give back b's claim.
         a.release(id);
         assert_eq!(a.holder(id).expect("holder"), Some("b".into()));
@@ -2043,7 +2091,7 @@ mod tests {
         .expect("cancel")
         .expect("job");
         assert_ne!(a.jobs_version(), inserted, "a sees b's update");
-        assert_eq!(a.renew_claims().expect("renew"), vec![(id, true)]);
+        assert_eq!(a.renew_claims(&[id]).expect("renew"), vec![(id, true)]);
         // The job's end takes it off the queue, and the claim with it.
         let version = a.jobs_version();
         b.update_job(id, &|job| {
@@ -2053,7 +2101,7 @@ mod tests {
         })
         .expect("end");
         assert_ne!(a.jobs_version(), version);
-        assert_eq!(a.renew_claims().expect("renew"), vec![]);
+        assert_eq!(a.renew_claims(&[id]).expect("renew"), vec![]);
         assert_eq!(a.holder(id).expect("holder"), None);
         assert!(a.queued().expect("queue").is_empty());
     }

@@ -1143,9 +1143,15 @@ impl Jobs for SledStore {
         }
     }
 
-    fn renew_claims(&self) -> Result<Vec<(Uuid, bool)>> {
+    fn renew_claims(&self, ids: &[Uuid]) -> Result<Vec<(Uuid, bool)>> {
         // Nobody else can take a claim over.
-        let held: Vec<Uuid> = self.claims()?.iter().copied().collect();
+        let claims = self.claims()?;
+        let held: Vec<Uuid> = ids
+            .iter()
+            .filter(|id| claims.contains(id))
+            .copied()
+            .collect();
+        drop(claims);
         let mut renewed = Vec::with_capacity(held.len());
         for id in held {
             if let Some(job) = self.job(id)? {

@@ -288,6 +288,9 @@ fn run(ctx: &Ctx) {
                 }
                 board.untrack(id);
                 ctx.parts.store.release(id);
+                if let Ok(mut lost) = ctx.lost.lock() {
+                    lost.remove(&id);
+                }
             }
             Ok(None) | Err(_) => board.wait(IDLE),
         }
@@ -325,7 +328,7 @@ fn renew_claims(ctx: &Ctx) {
     while !ctx.stopping() {
         let running = board.running();
         if !running.is_empty() {
-            match ctx.parts.store.renew_claims() {
+            match ctx.parts.store.renew_claims(&running) {
                 Ok(held) => {
                     renewed = Instant::now();
                     if std::mem::take(&mut failing) {
