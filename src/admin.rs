@@ -133,7 +133,7 @@ pub enum Request {
     Status,
 }
 
-/// What a running server reports about itself.
+/// `job show`'s answer: the job and who holds it.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct JobShown {
     #[serde(flatten)]
@@ -142,6 +142,7 @@ pub struct JobShown {
     pub holder: Option<String>,
 }
 
+/// What a running server reports about itself.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct ServerStatus {
     pub pid: u32,

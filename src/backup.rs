@@ -180,7 +180,12 @@ impl Service {
             if store.manifest(m.image)?.is_none() {
                 let bytes = base64::engine::general_purpose::STANDARD
                     .decode(&m.manifest)
-                    .map_err(|e| ServiceError::Internal(format!("manifest {}: {e}", m.image)))?;
+                    .map_err(|e| {
+                        ServiceError::BadRequest(format!(
+                            "the manifest of image {} is not base64: {e}",
+                            m.image
+                        ))
+                    })?;
                 store.put_manifest(m.image, &bytes)?;
                 added += 1;
             }

@@ -140,9 +140,8 @@ pub enum Command {
         file: PathBuf,
     },
     /// Copy the data directory's sled store into a PostgreSQL database, with the server
-    /// stopped; run again, it adds what is missing; it checks that every record is there. Then
-    /// serve with
-    /// --database-url URL (the image files stay where they are)
+    /// stopped (run again, it adds what is missing; either way it checks that every record is
+    /// there), then serve with --database-url URL; the image files stay where they are
     Migrate {
         /// The database: postgres://USER@HOST/DB (a password is better in PGPASSWORD or
         /// ~/.pgpass than in the URL)
