@@ -82,9 +82,9 @@ pub struct Principal {
     pub user: String,
     pub tenant_key: TenantKey,
     pub admin: bool,
-    /// For a Keystone token: the projects its user has roles on, which decide the
-    /// destination tenants it may use. `None`: a local user, whose tenants are in the store.
-    pub projects: Option<Vec<TenantKey>>,
+    /// The destination tenants it may use: a Keystone token's projects (those its user has
+    /// roles on), a local user's tenants as the store had them when the token was checked.
+    pub projects: Vec<TenantKey>,
 }
 
 /// Counters, shown by `image-replicator status`.
@@ -462,7 +462,7 @@ async fn keystone_principal(
         user: format!("keystone:{}", identity.user_name),
         tenant_key,
         admin: identity.roles.iter().any(|r| r == "admin"),
-        projects: Some(projects),
+        projects,
     }))
 }
 
@@ -490,6 +490,10 @@ fn principal(
         user: user.name,
         tenant_key,
         admin: user.admin,
-        projects: None,
+        projects: user
+            .tenants
+            .iter()
+            .filter_map(|t| TenantKey::parse(t))
+            .collect(),
     }))
 }

@@ -270,15 +270,7 @@ impl Service {
             .tenant(dst_key)?
             .ok_or_else(|| ServiceError::NotFound(format!("no tenant {tenant_dst}")))?;
         if !who.admin {
-            let member = match &who.projects {
-                Some(projects) => projects.contains(&dst_key),
-                None => self.store.user(&who.user)?.is_some_and(|u| {
-                    u.tenants
-                        .iter()
-                        .any(|t| TenantKey::parse(t) == Some(dst_key))
-                }),
-            };
-            if !member {
+            if !who.projects.contains(&dst_key) {
                 return Err(ServiceError::Unauthorized(format!(
                     "not a member of the destination tenant: user {} may not use tenant {tenant_dst}",
                     who.user
@@ -295,7 +287,11 @@ impl Service {
             Some(region) => region,
             None => self.usable_region(&image.region)?,
         };
-        let dst_region = self.usable_region(&dst_tenant.region)?;
+        let dst_region = if dst_tenant.region == src_region.id {
+            src_region.clone()
+        } else {
+            self.usable_region(&dst_tenant.region)?
+        };
         let owner = TenantKey::parse(&image.owner).ok_or_else(|| {
             ServiceError::Internal(format!("image {image_id} has a malformed owner"))
         })?;
