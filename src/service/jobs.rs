@@ -269,13 +269,11 @@ impl Service {
             .store
             .tenant(dst_key)?
             .ok_or_else(|| ServiceError::NotFound(format!("no tenant {tenant_dst}")))?;
-        if !who.admin {
-            if !who.projects.contains(&dst_key) {
-                return Err(ServiceError::Unauthorized(format!(
-                    "not a member of the destination tenant: user {} may not use tenant {tenant_dst}",
-                    who.user
-                )));
-            }
+        if !who.admin && !who.projects.contains(&dst_key) {
+            return Err(ServiceError::Unauthorized(format!(
+                "not a member of the destination tenant: user {} may not use tenant {tenant_dst}",
+                who.user
+            )));
         }
         if image.status != ImageStatus::Active {
             return Err(ServiceError::Conflict(format!(
