@@ -267,12 +267,9 @@ pub fn migrate(
         .map_err(|e| e.to_string())?;
     let to = crate::server::open_store(&absolute, target, wait).map_err(|e| e.to_string())?;
     let svc = Service::new(to, absolute);
-    let foreign = |there: &Backup| {
-        let ours = backup.ids();
-        there.ids().difference(&ours).next().cloned()
-    };
+    let ours = backup.ids();
     let before = svc.backup().map_err(|e| e.to_string())?;
-    if let Some(record) = foreign(&before) {
+    if let Some(record) = before.ids().difference(&ours).next() {
         return Err(format!(
             "the database holds records that are not in {shown} ({record}, of {}): migrate \
              into an empty database",
@@ -283,7 +280,7 @@ pub fn migrate(
         .add_missing(&backup)
         .map_err(|e| format!("cannot migrate: {e}"))?;
     let there = svc.backup().map_err(|e| e.to_string())?;
-    if there.ids() != backup.ids() {
+    if there.ids() != ours {
         return Err(format!(
             "the database does not hold what the store holds after the copy: {} in sled, {} \
              there",

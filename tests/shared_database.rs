@@ -45,7 +45,12 @@ fn replicated_lines(server: &Server, id: &str) -> usize {
 
 fn destination_sha512(lab: &Lab, job: &Value) -> String {
     let image = job["destination_image_id"].as_str().expect("destination");
-    let bytes = std::fs::read(lab.region_dir("ot2").join(image)).expect("destination file");
+    file_sha512(lab, "ot2", image)
+}
+
+/// The SHA-512 of image `image`'s file in `region` of `lab`.
+fn file_sha512(lab: &Lab, region: &str, image: &str) -> String {
+    let bytes = std::fs::read(lab.region_dir(region).join(image)).expect("image file");
     sha512_hex(&bytes)
 }
 
@@ -78,7 +83,7 @@ fn two_appliances_drain_one_queue_and_copy_no_job_twice() {
         assert_eq!(sa.job(&token, id), sb.job(&token, id));
     }
     assert!(on_a > 0 && on_b > 0, "a copied {on_a}, b {on_b}");
-    let want = sha512_hex(&std::fs::read(a.region_dir("ot1").join(&image)).expect("source"));
+    let want = file_sha512(&a, "ot1", &image);
     for id in &ids {
         assert_eq!(destination_sha512(&a, &sa.job(&token, id)), want);
     }
@@ -112,7 +117,7 @@ fn a_killed_appliance_s_copy_is_taken_over_and_finished_from_what_it_verified() 
         Duration::from_secs(60),
         status_is("replicated"),
     );
-    let want = sha512_hex(&std::fs::read(a.region_dir("ot1").join(&image)).expect("source"));
+    let want = file_sha512(&a, "ot1", &image);
     assert_eq!(destination_sha512(&a, &job), want);
     let record = shown(&b, &id);
     assert!(
@@ -333,7 +338,7 @@ fn the_database_restarted_under_load_loses_nothing_acknowledged() {
         Duration::from_secs(90),
         status_is("replicated"),
     );
-    let want = sha512_hex(&std::fs::read(lab.region_dir("ot1").join(&big)).expect("source"));
+    let want = file_sha512(&lab, "ot1", &big);
     assert_eq!(destination_sha512(&lab, &job), want);
     let log = server.log_text();
     assert!(

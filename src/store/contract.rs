@@ -20,14 +20,14 @@ pub trait Backend {
     fn open(dir: &std::path::Path) -> Arc<dyn Repo>;
 }
 
-const A: &str = "236ae314ef6944f4ab98fa7519e54325";
-const B: &str = "91b5c7c09cbd45caa3c146fd67ae471e";
+pub(super) const A: &str = "236ae314ef6944f4ab98fa7519e54325";
+pub(super) const B: &str = "91b5c7c09cbd45caa3c146fd67ae471e";
 
 fn key(id: &str) -> TenantKey {
     TenantKey::parse(id).expect("tenant id")
 }
 
-fn region(id: &str) -> Region {
+pub(super) fn region(id: &str) -> Region {
     Region {
         id: id.into(),
         kind: RegionKind::Directory {
@@ -85,7 +85,7 @@ fn token(user: &str, lookup: &[u8]) -> TokenRecord {
     }
 }
 
-fn job(store: &dyn Repo, source: &str, status: JobStatus) -> (TenantKey, Job) {
+pub(super) fn job(store: &dyn Repo, source: &str, status: JobStatus) -> (TenantKey, Job) {
     let wire = JobWire {
         copy_progress: 0,
         destination_image_id: None,

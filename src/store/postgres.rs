@@ -1969,44 +1969,18 @@ pub mod testing {
 
 #[cfg(test)]
 mod tests {
+    use super::super::contract::{region, A};
     use super::testing::{cluster, Cluster};
     use super::*;
-    use crate::model::{RegionKind, TenantKey};
-
-    const A: &str = "236ae314ef6944f4ab98fa7519e54325";
-    const B: &str = "91b5c7c09cbd45caa3c146fd67ae471e";
+    use crate::model::TenantKey;
 
     fn store(url: &str, node: &str) -> PgStore {
         PgStore::connect(url, 4, node).expect("connect")
     }
 
+    /// A queued job of tenant A, as the contract suite makes them.
     fn job(store: &PgStore) -> (TenantKey, Job) {
-        let wire = JobWire {
-            copy_progress: 0,
-            destination_image_id: None,
-            destination_region_id: "ot2".into(),
-            destination_tenant_id: B.into(),
-            job_id: Uuid::new_v4(),
-            source_image_id: Uuid::new_v4(),
-            source_image_name: "cirros".into(),
-            source_region_id: "ot1".into(),
-            source_tenant_id: A.into(),
-            status: JobStatus::ReplicateRequested,
-        };
-        let job = Job::new_queued(wire, store.next_seq().expect("seq"), 1, 10);
-        (TenantKey::parse(A).expect("key"), job)
-    }
-
-    fn region(id: &str) -> Region {
-        Region {
-            id: id.into(),
-            kind: RegionKind::Directory {
-                dir: format!("/srv/{id}").into(),
-            },
-            disk_formats: vec!["raw".into()],
-            created_at: 1,
-            pin: None,
-        }
+        super::super::contract::job(store, A, JobStatus::ReplicateRequested)
     }
 
     #[test]

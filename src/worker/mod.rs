@@ -288,9 +288,6 @@ fn run(ctx: &Ctx) {
                 }
                 board.untrack(id);
                 ctx.parts.store.release(id);
-                if let Ok(mut lost) = ctx.lost.lock() {
-                    lost.remove(&id);
-                }
             }
             Ok(None) | Err(_) => board.wait(IDLE),
         }
