@@ -207,7 +207,7 @@ impl Service {
         Ok(body)
     }
 
-    /// The `/metrics` exposition (a scan of every job when one has changed).
+    /// The `/metrics` exposition.
     pub fn metrics_text(&self) -> String {
         let job_counts = self
             .job_status_counts()
@@ -223,7 +223,8 @@ impl Service {
         crate::metrics::render(&self.metrics, &readings)
     }
 
-    /// How many jobs there are in each status (a scan of every job when one has changed).
+    /// How many jobs there are in each status: sled keeps them with every job write;
+    /// PostgreSQL counts its rows when a job has changed since the last call.
     pub fn job_status_counts(&self) -> Result<BTreeMap<JobStatus, u64>> {
         let version = self.store.jobs_version();
         if let Some(counts) = self.status_counts.get(&(), version) {

@@ -435,6 +435,16 @@ pub fn counts_and_tenant_references_follow_the_jobs(s: &dyn Repo) {
     assert_eq!(counts.get(&JobStatus::Error), Some(&2));
     assert_eq!(counts.get(&JobStatus::ReplicateRequested), Some(&1));
     assert_eq!(counts.values().sum::<u64>(), 3);
+    // A change of status moves the job from one count to the other.
+    s.update_job(jobs[0].1.wire.job_id, &|j| {
+        j.wire.status = JobStatus::Replicating;
+        Ok(ImageChange::None)
+    })
+    .expect("update");
+    let counts = s.job_status_counts().expect("counts");
+    assert_eq!(counts.get(&JobStatus::ReplicateRequested), None);
+    assert_eq!(counts.get(&JobStatus::Replicating), Some(&1));
+    assert_eq!(counts.values().sum::<u64>(), 3);
     // A is a source, B a destination (named by its id as stored), C neither.
     assert!(s.tenant_has_jobs(key(A), A).expect("A").is_some());
     assert!(s.tenant_has_jobs(key(B), B).expect("B").is_some());

@@ -16,6 +16,9 @@
 //!   `jobs_by_tenant`: source tenant key ‖ seq (u64 BE) → job id
 //! - `queue`: seq (u64 BE) → job id, for every job the replication worker still has to act on
 //!   (enqueued and not terminal); kept in step with the job in the same transaction
+//! - `job_counts`: status name → how many jobs have it (u64 BE), kept in the transaction of
+//!   every job write, so that `/metrics` reads a handful of keys instead of every job; the key
+//!   [`COUNTS_KEPT`] says they are kept (a store from before them is counted once, at open)
 //!
 //! The chunk index is written in batches of [`INDEX_BATCH`] entries outside any transaction,
 //! and made to count (or to stop counting) in the one transaction that writes the manifest:
@@ -93,6 +96,8 @@ struct Inner {
     jobs_by_seq: Tree,
     jobs_by_tenant: Tree,
     queue: Tree,
+    /// Status name → number of jobs in it.
+    job_counts: Tree,
     /// Images in Glance regions that a job created and could not delete yet: id → region id.
     orphans: Tree,
     durability: Durability,
@@ -364,6 +369,7 @@ impl Inner {
             jobs_by_seq: tree("jobs_by_seq")?,
             jobs_by_tenant: tree("jobs_by_tenant")?,
             queue: tree("queue")?,
+            job_counts: tree("job_counts")?,
             orphans: tree("orphans")?,
             db,
         })
@@ -390,6 +396,10 @@ impl SledStore {
         inner.sweep_all().map_err(|e| OpenError::Other {
             path: path.display().to_string(),
             reason: format!("cannot delete stale chunk index entries: {e}"),
+        })?;
+        inner.count_jobs_once().map_err(|e| OpenError::Other {
+            path: path.display().to_string(),
+            reason: format!("cannot count its jobs: {e}"),
         })?;
         Ok(SledStore {
             path,
@@ -1047,13 +1057,25 @@ impl Jobs for SledStore {
                     &s.chunks,
                     &s.chunks_indexed,
                     &s.chunks_stale,
+                    &s.job_counts,
                 )
                     .transaction(
-                        |(jobs, queue, images, by_tenant, manifests, chunks, indexed, stale)| {
+                        |(
+                            jobs,
+                            queue,
+                            images,
+                            by_tenant,
+                            manifests,
+                            chunks,
+                            indexed,
+                            stale,
+                            counts,
+                        )| {
                             let Some(old) = jobs.get(id.as_bytes())? else {
                                 return Ok((None, None));
                             };
                             let mut job: Job = decode(&old).map_err(abort)?;
+                            let was = job.wire.status;
                             let mut retired = None;
                             match change(&mut job).map_err(abort)? {
                                 ImageChange::None => {}
@@ -1079,6 +1101,10 @@ impl Jobs for SledStore {
                             }
                             jobs.insert(id.as_bytes(), tx_encode(&job)?)?;
                             sync_queue(queue, &job)?;
+                            if job.wire.status != was {
+                                count(counts, was, -1)?;
+                                count(counts, job.wire.status, 1)?;
+                            }
                             Ok((Some(job), retired))
                         },
                     ),
@@ -1180,8 +1206,14 @@ impl Jobs for SledStore {
     fn insert_jobs(&self, jobs: &[(TenantKey, Job)]) -> Result<usize> {
         self.with(|s| {
             let inserted = tx_result(
-                (&s.jobs, &s.jobs_by_seq, &s.jobs_by_tenant, &s.queue).transaction(
-                    |(tx_jobs, by_seq, by_tenant, queue)| {
+                (
+                    &s.jobs,
+                    &s.jobs_by_seq,
+                    &s.jobs_by_tenant,
+                    &s.queue,
+                    &s.job_counts,
+                )
+                    .transaction(|(tx_jobs, by_seq, by_tenant, queue, counts)| {
                         let mut inserted = 0;
                         for (tenant, job) in jobs {
                             let id = job.wire.job_id;
@@ -1199,11 +1231,11 @@ impl Jobs for SledStore {
                             by_seq.insert(&seq, id.as_bytes())?;
                             by_tenant.insert(cat(&[&tenant.0, &seq]), id.as_bytes())?;
                             sync_queue(queue, job)?;
+                            count(counts, job.wire.status, 1)?;
                             inserted += 1;
                         }
                         Ok(inserted)
-                    },
-                ),
+                    }),
             )?;
             if inserted > 0 {
                 self.jobs_changed();
@@ -1223,8 +1255,14 @@ impl Jobs for SledStore {
     fn remove_jobs(&self, ids: &[Uuid], only: &dyn Fn(&Job) -> bool) -> Result<Vec<Uuid>> {
         self.with(|s| {
             let removed = tx_result(
-                (&s.jobs, &s.jobs_by_seq, &s.jobs_by_tenant, &s.queue).transaction(
-                    |(tx_jobs, by_seq, by_tenant, queue)| {
+                (
+                    &s.jobs,
+                    &s.jobs_by_seq,
+                    &s.jobs_by_tenant,
+                    &s.queue,
+                    &s.job_counts,
+                )
+                    .transaction(|(tx_jobs, by_seq, by_tenant, queue, counts)| {
                         let mut removed = Vec::new();
                         for id in ids {
                             let Some(old) = tx_jobs.get(id.as_bytes())? else {
@@ -1241,11 +1279,11 @@ impl Jobs for SledStore {
                                 by_tenant.remove(cat(&[&tenant.0, &seq]))?;
                             }
                             queue.remove(&seq)?;
+                            count(counts, job.wire.status, -1)?;
                             removed.push(*id);
                         }
                         Ok(removed)
-                    },
-                ),
+                    }),
             )?;
             if !removed.is_empty() {
                 self.jobs_changed();
@@ -1256,14 +1294,15 @@ impl Jobs for SledStore {
 
     fn job_status_counts(&self) -> Result<std::collections::BTreeMap<JobStatus, u64>> {
         self.with(|s| {
-            #[derive(serde::Deserialize)]
-            struct StatusOnly {
-                status: JobStatus,
-            }
             let mut counts = std::collections::BTreeMap::new();
-            for value in s.jobs.iter().values() {
-                let job: StatusOnly = decode(&value?)?;
-                *counts.entry(job.status).or_default() += 1;
+            for status in JobStatus::ALL {
+                let n = s
+                    .job_counts
+                    .get(status.as_str())?
+                    .map_or(0, |n| read_count(&n));
+                if n > 0 {
+                    counts.insert(status, n);
+                }
             }
             Ok(counts)
         })
@@ -1294,6 +1333,22 @@ const CHUNK_PREFIX: usize = 16 + 32;
 const INDEX_BATCH: usize = 1024;
 
 type TxResult<T> = Result<T, ConflictableTransactionError<ServiceError>>;
+
+/// The `job_counts` key present once the counts are kept with every job write.
+const COUNTS_KEPT: &[u8] = b"*kept";
+
+fn read_count(bytes: &[u8]) -> u64 {
+    <[u8; 8]>::try_from(bytes).map_or(0, u64::from_be_bytes)
+}
+
+/// Adds `delta` to the number of jobs in `status`, in a job write's transaction (sled's
+/// transactions take a process-wide lock, so the one hot key costs no retries).
+fn count(counts: &TransactionalTree, status: JobStatus, delta: i64) -> TxResult<()> {
+    let key = status.as_str().as_bytes();
+    let now = counts.get(key)?.map_or(0, |v| read_count(&v));
+    counts.insert(key, &now.saturating_add_signed(delta).to_be_bytes())?;
+    Ok(())
+}
 
 fn chunk_key(owner: &[u8], hash: &Hash, generation: &[u8]) -> Vec<u8> {
     cat(&[owner, hash, generation])
@@ -1366,6 +1421,38 @@ impl Inner {
     }
 
     /// Start-up: deletes the stale entries a crash or a failed sweep left.
+    /// Counts the jobs of a store written before `job_counts` was kept (once: one scan).
+    fn count_jobs_once(&self) -> Result<()> {
+        if self.job_counts.contains_key(COUNTS_KEPT)? {
+            return Ok(());
+        }
+        #[derive(serde::Deserialize)]
+        struct StatusOnly {
+            status: JobStatus,
+        }
+        let started = Instant::now();
+        let mut counts = std::collections::BTreeMap::<JobStatus, u64>::new();
+        for value in self.jobs.iter().values() {
+            let job: StatusOnly = decode(&value?)?;
+            *counts.entry(job.status).or_default() += 1;
+        }
+        let mut batch = sled::Batch::default();
+        for status in JobStatus::ALL {
+            let n = counts.get(&status).copied().unwrap_or(0);
+            batch.insert(status.as_str().as_bytes(), &n.to_be_bytes());
+        }
+        batch.insert(COUNTS_KEPT, &[]);
+        self.job_counts.apply_batch(batch)?;
+        self.db.flush()?;
+        let jobs: u64 = counts.values().sum();
+        tracing::info!(
+            jobs,
+            took_ms = started.elapsed().as_millis() as u64,
+            "counted the jobs by status once (a store from before the counts were kept)"
+        );
+        Ok(())
+    }
+
     fn sweep_all(&self) -> Result<()> {
         for key in self.chunks_stale.iter().keys() {
             if let Ok(generation) = <[u8; 8]>::try_from(key?.as_ref()) {
@@ -1514,6 +1601,41 @@ pub(super) mod tests {
                 other => return other.expect("reopen"),
             }
         }
+    }
+
+    #[test]
+    fn a_store_from_before_the_counts_is_counted_once_at_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = reopen(dir.path());
+        let jobs = [
+            crate::store::contract::job(&store, OWNER, JobStatus::Replicated),
+            crate::store::contract::job(&store, OWNER, JobStatus::Replicated),
+            crate::store::contract::job(&store, OWNER, JobStatus::Error),
+        ];
+        store.insert_jobs(&jobs).expect("insert");
+        // What a binary from before the counts left: no job_counts at all.
+        store
+            .current()
+            .expect("open")
+            .job_counts
+            .clear()
+            .expect("clear");
+        drop(store);
+        let store = reopen(dir.path());
+        let counts = store.job_status_counts().expect("counts");
+        assert_eq!(counts.get(&JobStatus::Replicated), Some(&2));
+        assert_eq!(counts.get(&JobStatus::Error), Some(&1));
+        assert_eq!(counts.len(), 2, "{counts:?}");
+        // Kept from then on, without another scan.
+        store
+            .update_job(jobs[2].1.wire.job_id, &|j| {
+                j.wire.status = JobStatus::Replicated;
+                Ok(ImageChange::None)
+            })
+            .expect("update");
+        let counts = store.job_status_counts().expect("counts");
+        assert_eq!(counts.get(&JobStatus::Replicated), Some(&3));
+        assert_eq!(counts.get(&JobStatus::Error), None);
     }
 
     #[test]
