@@ -26,10 +26,13 @@
 //! held up every other store call for seconds. Stale entries are deleted after the manifest's
 //! transaction, and at start-up what a crash left.
 //!
-//! Values are a format version byte followed by JSON (manifests and the chunk index: bytes). A
+//! Values are a format version byte followed by JSON (jobs: JSON packed with zstd, see
+//! [`packed`]; manifests and the chunk index: bytes). A
 //! record and its index entries are always written in one transaction, so an index never points
 //! at nothing; the chunk index's entries are the exception (above), and count only through
 //! `chunks_indexed`, which is.
+
+mod packed;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -50,6 +53,8 @@ use crate::manifest::{Hash, Manifest};
 use crate::model::{Image, Job, JobStatus, JobWire, Region, Tenant, TenantKey, TokenRecord, User};
 
 const FORMAT_VERSION: u8 = 1;
+/// Jobs: the JSON packed with zstd against [`packed::JOBS`] (about a seventh of the bytes).
+const JOB_FORMAT_VERSION: u8 = 2;
 /// sled's page cache (its default is 1 GiB, far beyond what an appliance at the edge spares).
 const CACHE_BYTES: u64 = 16 << 20;
 
@@ -106,17 +111,19 @@ struct Inner {
 /// sled 0.34 makes its log stable with `sync_file_range`, which neither writes the file's
 /// metadata nor flushes the drive's write cache: enough for a process crash, not for a power
 /// cut. So after sled's flush the log file is also `fdatasync`ed. Concurrent callers share
-/// one sync: whoever holds the lock syncs for everyone who had finished writing before it.
+/// one flush and one sync (group commit): whoever holds the lock does both for everyone who
+/// had finished writing before it started, and those behind it find their writes covered.
 struct Durability {
     log: std::fs::File,
-    /// Callers that finished their sled flush so far.
+    /// Callers that finished writing so far.
     written: AtomicU64,
-    /// How many of those the last completed `fdatasync` covered.
+    /// How many of those the last completed flush and `fdatasync` covered.
     synced: std::sync::Mutex<u64>,
 }
 
 impl Durability {
-    fn sync(&self) -> Result<()> {
+    /// Makes every write this thread finished before the call durable.
+    fn sync(&self, db: &sled::Db) -> Result<()> {
         let mine = self.written.fetch_add(1, Ordering::SeqCst) + 1;
         let mut synced = self
             .synced
@@ -125,7 +132,10 @@ impl Durability {
         if *synced >= mine {
             return Ok(());
         }
+        // Every caller counted so far had written before counting itself: the flush below
+        // starts after all of them and covers their writes.
         let covered = self.written.load(Ordering::SeqCst);
+        db.flush()?;
         self.log.sync_data().map_err(|e| store_io_error(&e))?;
         *synced = covered;
         Ok(())
@@ -301,13 +311,26 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// A job record: packed (see [`packed`]); other records are few and stay plain JSON.
+fn encode_job(job: &Job) -> Result<Vec<u8>> {
+    let json = serde_json::to_vec(job).map_err(|e| ServiceError::internal("encode", e))?;
+    let mut out = vec![JOB_FORMAT_VERSION];
+    packed::pack(&json, &mut out)?;
+    Ok(out)
+}
+
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     match bytes.split_first() {
         Some((&FORMAT_VERSION, body)) => {
             serde_json::from_slice(body).map_err(|e| ServiceError::internal("corrupt record", e))
         }
+        Some((&JOB_FORMAT_VERSION, body)) => {
+            let json = packed::unpack(body)?;
+            serde_json::from_slice(&json).map_err(|e| ServiceError::internal("corrupt record", e))
+        }
         Some((version, _)) => Err(ServiceError::Internal(format!(
-            "record has format version {version}, this binary reads {FORMAT_VERSION}"
+            "record has format version {version}, this binary reads {FORMAT_VERSION} and \
+             {JOB_FORMAT_VERSION}"
         ))),
         None => Err(ServiceError::Internal("empty record".into())),
     }
@@ -327,6 +350,10 @@ fn tx_result<A>(r: std::result::Result<A, TransactionError<ServiceError>>) -> Re
 
 fn abort(e: ServiceError) -> ConflictableTransactionError<ServiceError> {
     ConflictableTransactionError::Abort(e)
+}
+
+fn tx_encode_job(job: &Job) -> Result<Vec<u8>, ConflictableTransactionError<ServiceError>> {
+    encode_job(job).map_err(abort)
 }
 
 fn tx_encode<T: Serialize>(
@@ -382,8 +409,7 @@ impl Inner {
             .map(|d| d.as_nanos())
             .unwrap_or(0);
         self.db.insert(PROBE_KEY, &now.to_be_bytes())?;
-        self.db.flush()?;
-        self.durability.sync()
+        self.durability.sync(&self.db)
     }
 }
 
@@ -624,10 +650,7 @@ impl Repo for SledStore {
     }
 
     fn flush(&self) -> Result<()> {
-        self.with(|s| {
-            s.db.flush()?;
-            s.durability.sync()
-        })
+        self.with(|s| s.durability.sync(&s.db))
     }
 
     fn node(&self) -> &str {
@@ -1099,7 +1122,7 @@ impl Jobs for SledStore {
                                     manifests.remove(image_id.as_bytes())?;
                                 }
                             }
-                            jobs.insert(id.as_bytes(), tx_encode(&job)?)?;
+                            jobs.insert(id.as_bytes(), tx_encode_job(&job)?)?;
                             sync_queue(queue, &job)?;
                             if job.wire.status != was {
                                 count(counts, was, -1)?;
@@ -1227,7 +1250,7 @@ impl Jobs for SledStore {
                                 ))));
                             }
                             let seq = job.seq.to_be_bytes();
-                            tx_jobs.insert(id.as_bytes(), tx_encode(job)?)?;
+                            tx_jobs.insert(id.as_bytes(), tx_encode_job(job)?)?;
                             by_seq.insert(&seq, id.as_bytes())?;
                             by_tenant.insert(cat(&[&tenant.0, &seq]), id.as_bytes())?;
                             sync_queue(queue, job)?;
