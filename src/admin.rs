@@ -106,6 +106,7 @@ pub enum Request {
     JobSeed {
         enqueue: bool,
         /// What messages call the file: its path, or standard input.
+        #[serde(default = "seed_file_name")]
         name: String,
     },
     JobList {
@@ -139,6 +140,10 @@ pub enum Request {
     Backup,
     /// The running server's own figures; only a server answers it.
     Status,
+}
+
+fn seed_file_name() -> String {
+    "the seed file".into()
 }
 
 /// `job show`'s answer: the job and who holds it.

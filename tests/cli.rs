@@ -1499,7 +1499,7 @@ fn token_issue_reads_its_value_from_a_file_or_standard_input_unseen_by_ps() {
 
 /// Jobs in one transaction of `job seed` (the service's batch): the large seeds below span
 /// several.
-const SEED_BATCH: usize = 5_000;
+const SEED_BATCH: usize = 500;
 
 /// The id of job `i` of a large seed file.
 fn many_id(i: usize) -> String {
@@ -1591,7 +1591,7 @@ fn a_seed_refused_after_several_batches_leaves_none_of_its_jobs() {
     let _server = lab.serve();
     let before = a_to_b_job(J1, "replicated");
     seed_stdin(&lab, std::slice::from_ref(&before));
-    let late = 3 * SEED_BATCH + 17;
+    let late = 7 * SEED_BATCH + 17;
     let n = late + 100;
 
     // A bad entry.
@@ -1607,6 +1607,14 @@ fn a_seed_refused_after_several_batches_leaves_none_of_its_jobs() {
         &[&number, "in the file", "\"status\" is missing"],
     );
     assert_eq!(job_count(&lab), 1, "a refused seed leaves none of its jobs");
+    // Refused at once, while the CLI still has most of the file to send.
+    let early = many_jobs(&lab, "early.json", n, "replicated", |i, job| {
+        if i == 1 {
+            job["copy_progress"] = json!(101);
+        }
+    });
+    refused(&lab, &["job", "seed", &early], &["job #2", "over 100"]);
+    assert_eq!(job_count(&lab), 1);
 
     // A conflict with the job there before.
     let conflict = many_jobs(&lab, "conflict.json", n, "replicated", |i, job| {
@@ -1832,7 +1840,9 @@ fn peak_kib(pid: u32) -> u64 {
 
 /// 300,000 jobs (`SEED_JOBS` sets another number) seeded with no server and through one: the
 /// CLI's peak memory stays under 64 MiB, and so does what the seed adds to the server's.
-/// Slow in a debug build (scripts/seed-memory.sh runs it on a release build).
+/// Slow in a debug build (scripts/seed-memory.sh runs it on a release build). Not met yet with
+/// no server: the CLI that opens sled itself peaks near 110 MB for 50,000 jobs in a debug build
+/// (sled's cache, 48 MB of it before any job); the CLI sending to a server stays near 19 MiB.
 #[test]
 #[ignore]
 fn a_seed_of_300_000_jobs_stays_in_bounded_memory() {
