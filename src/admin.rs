@@ -6,8 +6,10 @@
 //! itself. Either way the same service functions do the work.
 //!
 //! Wire format: one JSON request line from the client, one JSON reply line from the server.
+//! A `job_seed` request line is followed by the seed file's bytes, as many as there are, up to
+//! the client's shutdown of its sending half; the server reads them as they come.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,8 +24,12 @@ use crate::error::{Result, ServiceError};
 use crate::model::{Image, Job, JobStatus, Limit, Region, RegionKind, Tenant, TokenInfo, User};
 use crate::service::{ImportRequest, IssuedToken, PurgeRule, SeedOutcome, Service};
 
-/// Largest request line the server reads (a seed file of some hundred thousand jobs).
-const MAX_REQUEST: u64 = 256 << 20;
+/// Largest request line the server reads (a seed's file follows its line, and is not bounded).
+const MAX_REQUEST: u64 = 1 << 20;
+/// Bytes of a seed's file the server reads from the socket at a time, and how many such chunks
+/// wait for the seed at most.
+const SEED_CHUNK: usize = 64 * 1024;
+const SEED_CHUNKS_WAITING: usize = 8;
 
 pub fn socket_path(data_dir: &Path) -> PathBuf {
     data_dir.join("admin.sock")
@@ -96,9 +102,12 @@ pub enum Request {
     ImageDelete {
         id: String,
     },
+    /// The seed file's bytes follow the request line (they are the `input` of [`execute`]).
     JobSeed {
-        jobs: Vec<serde_json::Value>,
         enqueue: bool,
+        /// What messages call the file: its path, or standard input.
+        #[serde(default = "seed_file_name")]
+        name: String,
     },
     JobList {
         tenant: Option<String>,
@@ -131,6 +140,10 @@ pub enum Request {
     Backup,
     /// The running server's own figures; only a server answers it.
     Status,
+}
+
+fn seed_file_name() -> String {
+    "the seed file".into()
 }
 
 /// `job show`'s answer: the job and who holds it.
@@ -194,8 +207,14 @@ pub enum Reply {
     Backup(Box<Backup>),
 }
 
-/// Runs one admin request against the service (blocking).
-pub fn execute(svc: &Service, req: Request, status: Option<&ServerStatus>) -> Result<Reply> {
+/// Runs one admin request against the service (blocking). `input` is what follows the request:
+/// a seed's file, read as the seed goes; every other request ignores it.
+pub fn execute(
+    svc: &Service,
+    req: Request,
+    status: Option<&ServerStatus>,
+    input: &mut dyn Read,
+) -> Result<Reply> {
     Ok(match req {
         Request::RegionAdd {
             id,
@@ -252,7 +271,7 @@ pub fn execute(svc: &Service, req: Request, status: Option<&ServerStatus>) -> Re
         }
         Request::ImageShow { id } => Reply::Image(svc.image_show(&id)?),
         Request::ImageDelete { id } => Reply::Image(svc.image_delete(&id)?),
-        Request::JobSeed { jobs, enqueue } => Reply::Seeded(svc.job_seed(&jobs, enqueue)?),
+        Request::JobSeed { enqueue, name } => Reply::Seeded(svc.job_seed(input, &name, enqueue)?),
         Request::JobList { tenant, status } => {
             Reply::Jobs(svc.job_list(tenant.as_deref(), status)?)
         }
@@ -338,19 +357,24 @@ async fn handle(
         )))
     } else {
         let (read, _) = stream.split();
+        let mut read = TokioBufReader::with_capacity(SEED_CHUNK, read);
         let mut line = String::new();
-        TokioBufReader::new(read.take(MAX_REQUEST))
-            .read_line(&mut line)
-            .await?;
+        (&mut read).take(MAX_REQUEST).read_line(&mut line).await?;
         match serde_json::from_str::<Request>(&line) {
             Err(e) => Err(ServiceError::BadRequest(format!(
                 "malformed admin request: {e}"
             ))),
+            Ok(req @ Request::JobSeed { .. }) => {
+                tracing::info!(op = op_name(&req), "admin request");
+                seed(read, svc, req, status).await
+            }
             Ok(req) => {
                 tracing::info!(op = op_name(&req), "admin request");
-                tokio::task::spawn_blocking(move || execute(&svc, req, Some(&status)))
-                    .await
-                    .unwrap_or_else(|e| Err(ServiceError::internal("admin request failed", e)))
+                tokio::task::spawn_blocking(move || {
+                    execute(&svc, req, Some(&status), &mut std::io::empty())
+                })
+                .await
+                .unwrap_or_else(|e| Err(ServiceError::internal("admin request failed", e)))
             }
         }
     };
@@ -358,6 +382,79 @@ async fn handle(
     out.push(b'\n');
     stream.write_all(&out).await?;
     stream.shutdown().await
+}
+
+/// Runs a seed whose file is the rest of the connection (`read`, with what it has buffered
+/// already): the bytes go to the seed's thread through a short channel as they arrive, so the
+/// file is never held whole. A client that goes away mid-file leaves the seed a file that breaks
+/// off, which it refuses (and rolls back).
+async fn seed(
+    mut read: impl tokio::io::AsyncBufRead + Unpin,
+    svc: Arc<Service>,
+    req: Request,
+    status: Arc<ServerStatus>,
+) -> Result<Reply> {
+    let (chunks, waiting) = tokio::sync::mpsc::channel(SEED_CHUNKS_WAITING);
+    let mut seeding = tokio::task::spawn_blocking(move || {
+        execute(&svc, req, Some(&status), &mut ChannelReader::new(waiting))
+    });
+    let feed = async move {
+        loop {
+            let chunk = match read.fill_buf().await {
+                Ok([]) => return,
+                Ok(buffered) => Ok(buffered.to_vec()),
+                Err(e) => Err(e),
+            };
+            let failed = chunk.is_err();
+            if let Ok(bytes) = &chunk {
+                read.consume(bytes.len());
+            }
+            // The seed ended early (refused): it reads no more.
+            if chunks.send(chunk).await.is_err() || failed {
+                return;
+            }
+        }
+    };
+    let joined = tokio::select! {
+        joined = &mut seeding => joined,
+        () = feed => seeding.await,
+    };
+    joined.unwrap_or_else(|e| Err(ServiceError::internal("admin request failed", e)))
+}
+
+/// A blocking [`Read`] over chunks sent from the async side; its end is the channel's close.
+struct ChannelReader {
+    chunks: tokio::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    chunk: Vec<u8>,
+    at: usize,
+}
+
+impl ChannelReader {
+    fn new(chunks: tokio::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>) -> ChannelReader {
+        ChannelReader {
+            chunks,
+            chunk: Vec::new(),
+            at: 0,
+        }
+    }
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.chunk.len() {
+            match self.chunks.blocking_recv() {
+                None => return Ok(0),
+                Some(chunk) => {
+                    self.chunk = chunk?;
+                    self.at = 0;
+                }
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.at);
+        buf[..n].copy_from_slice(&self.chunk[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
 }
 
 /// The request's name for logs (never its arguments: a token value may be among them).
@@ -504,16 +601,42 @@ fn peer_uid(stream: &StdUnixStream) -> std::io::Result<u32> {
 }
 
 /// Sends one request to a running server and waits for its reply.
-pub fn send(
+pub fn send(stream: StdUnixStream, req: &Request) -> std::result::Result<Result<Reply>, String> {
+    send_with(stream, req, &mut std::io::empty())
+}
+
+/// [`send`], with `input` (a seed's file) streamed after the request line, a chunk at a time.
+pub fn send_with(
     mut stream: StdUnixStream,
     req: &Request,
+    input: &mut dyn Read,
 ) -> std::result::Result<Result<Reply>, String> {
     let broken = |e: std::io::Error| format!("the server's admin socket failed: {e}");
     let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
     line.push(b'\n');
-    // A server that refuses the peer answers at once and closes, so the write may fail while
-    // its reply already waits to be read: read it before reporting the write error.
-    let written = stream.write_all(&line);
+    // A server that refuses the peer (or the seed) answers at once and closes, so a write may
+    // fail while its reply already waits to be read: read it before reporting the write error.
+    let mut written = stream.write_all(&line);
+    let mut chunk = vec![0; 64 * 1024];
+    while written.is_ok() {
+        let n = match input.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                let name = match req {
+                    Request::JobSeed { name, .. } => name.as_str(),
+                    _ => "the input",
+                };
+                // Dropping the stream unfinished: the server sees a file that breaks off.
+                return Err(format!("cannot read {name}: {e}"));
+            }
+        };
+        written = stream.write_all(&chunk[..n]);
+    }
+    if written.is_ok() {
+        written = stream.shutdown(std::net::Shutdown::Write);
+    }
     let mut reply = String::new();
     let read = BufReader::new(stream).read_line(&mut reply);
     if reply.is_empty() {

@@ -283,9 +283,7 @@ fn build(svc: &Service) -> Result<()> {
         let _ = std::fs::remove_file(&file);
         imported?;
     }
-    let jobs: Vec<serde_json::Value> =
-        serde_json::from_str(REFERENCE_JOBS).map_err(|e| ServiceError::internal("demo jobs", e))?;
-    svc.job_seed(&jobs, false)?;
+    svc.job_seed(&mut REFERENCE_JOBS.as_bytes(), "the demo jobs", false)?;
     Ok(())
 }
 

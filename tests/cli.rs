@@ -4,6 +4,7 @@
 mod common;
 
 use std::fs;
+use std::time::Duration;
 
 use common::cli::*;
 use common::*;
@@ -1491,5 +1492,411 @@ fn token_issue_reads_its_value_from_a_file_or_standard_input_unseen_by_ps() {
     assert_eq!(
         ok_json(&lab, &["token", "list"]).as_array().map(Vec::len),
         Some(3)
+    );
+}
+
+// ----- seeds of any size -----
+
+/// Jobs in one transaction of `job seed` (the service's batch): the large seeds below span
+/// several.
+const SEED_BATCH: usize = 500;
+
+/// The id of job `i` of a large seed file.
+fn many_id(i: usize) -> String {
+    format!("5eed0000-0000-4000-8000-{i:012x}")
+}
+
+/// Writes a seed file of `n` jobs from tenant A in ot1 to tenant B in ot2 (every one
+/// `status`), each passed through `tweak` with its index first; returns its path. Written a job
+/// at a time, as a big file would be.
+fn many_jobs(
+    lab: &Lab,
+    name: &str,
+    n: usize,
+    status: &str,
+    tweak: impl Fn(usize, &mut Value),
+) -> String {
+    use std::io::Write;
+    let p = lab.dir.path().join(name);
+    let mut out = std::io::BufWriter::new(fs::File::create(&p).expect("seed file"));
+    out.write_all(b"[").expect("write");
+    for i in 0..n {
+        let mut job = seed_job(
+            &many_id(i),
+            OTHER_IMAGE,
+            (TENANT_A, "ot1"),
+            (TENANT_B, "ot2"),
+            status,
+        );
+        tweak(i, &mut job);
+        let sep = if i == 0 { "" } else { ",\n" };
+        write!(out, "{sep}{job}").expect("write");
+    }
+    out.write_all(b"]\n").expect("write");
+    out.flush().expect("flush");
+    path(&p).to_string()
+}
+
+fn job_count(lab: &Lab) -> usize {
+    ok_json(lab, &["job", "list"])
+        .as_array()
+        .map_or(0, Vec::len)
+}
+
+/// 30,000 jobs in one call: all there, in the file's order; a second run adds none.
+fn seed_thirty_thousand(lab: &Lab) {
+    let n = 30_000;
+    let file = many_jobs(lab, "many.json", n, "replicated", |_, _| {});
+    assert_eq!(
+        ok(lab, &["job", "seed", &file]),
+        format!("{n} job(s) seeded, 0 already present\n")
+    );
+    let list = ok_json(lab, &["job", "list"]);
+    let ids = ids(&list, "job_id");
+    assert_eq!(ids.len(), n);
+    assert!(
+        ids.iter().enumerate().all(|(i, id)| *id == many_id(i)),
+        "not all there in the file's order"
+    );
+    let last = ok_json(lab, &["job", "show", &many_id(n - 1)]);
+    assert_eq!(last["status"], "replicated");
+    assert_eq!(last["seeded"], true);
+    assert_eq!(
+        ok(lab, &["job", "seed", &file]),
+        format!("0 job(s) seeded, {n} already present\n")
+    );
+}
+
+#[test]
+fn a_seed_of_thirty_thousand_jobs_goes_in_whole_without_a_server() {
+    let lab = Lab::new();
+    lab.standard();
+    seed_thirty_thousand(&lab);
+}
+
+#[test]
+fn a_seed_of_thirty_thousand_jobs_goes_in_whole_through_a_running_server() {
+    let lab = Lab::new();
+    lab.standard();
+    let _server = lab.serve();
+    seed_thirty_thousand(&lab);
+}
+
+/// A seed refused late in its file (after several batches are in) leaves none of its jobs,
+/// whatever refused it; the one job there before stays.
+#[test]
+fn a_seed_refused_after_several_batches_leaves_none_of_its_jobs() {
+    let lab = Lab::new();
+    lab.standard();
+    let _server = lab.serve();
+    let before = a_to_b_job(J1, "replicated");
+    seed_stdin(&lab, std::slice::from_ref(&before));
+    let late = 7 * SEED_BATCH + 17;
+    let n = late + 100;
+
+    // A bad entry.
+    let bad = many_jobs(&lab, "bad.json", n, "replicated", |i, job| {
+        if i == late {
+            job.as_object_mut().expect("object").remove("status");
+        }
+    });
+    let number = format!("job #{}", late + 1);
+    refused(
+        &lab,
+        &["job", "seed", &bad],
+        &[&number, "in the file", "\"status\" is missing"],
+    );
+    assert_eq!(job_count(&lab), 1, "a refused seed leaves none of its jobs");
+    // Refused at once, while the CLI still has most of the file to send.
+    let early = many_jobs(&lab, "early.json", n, "replicated", |i, job| {
+        if i == 1 {
+            job["copy_progress"] = json!(101);
+        }
+    });
+    refused(&lab, &["job", "seed", &early], &["job #2", "over 100"]);
+    assert_eq!(job_count(&lab), 1);
+
+    // A conflict with the job there before.
+    let conflict = many_jobs(&lab, "conflict.json", n, "replicated", |i, job| {
+        if i == late {
+            *job = before.clone();
+            job["source_image_name"] = json!("another name");
+        }
+    });
+    refused(
+        &lab,
+        &["job", "seed", &conflict],
+        &[J1, "different content"],
+    );
+    assert_eq!(job_count(&lab), 1);
+
+    // An id twice, in batches apart: the same job again, and another job under its id.
+    let same = many_jobs(&lab, "same.json", n, "replicated", |i, job| {
+        if i == late {
+            job["job_id"] = json!(many_id(1));
+        }
+    });
+    refused(
+        &lab,
+        &["job", "seed", &same],
+        &[&many_id(1), "appears twice"],
+    );
+    assert_eq!(job_count(&lab), 1);
+    let other = many_jobs(&lab, "other.json", n, "replicated", |i, job| {
+        if i == late {
+            job["job_id"] = json!(many_id(1));
+            job["status"] = json!("error");
+        }
+    });
+    refused(
+        &lab,
+        &["job", "seed", &other],
+        &[&many_id(1), "appears twice"],
+    );
+    assert_eq!(job_count(&lab), 1);
+    let file = many_jobs(&lab, "truncated.json", n, "replicated", |_, _| {});
+    let text = fs::read_to_string(&file).expect("seed file");
+    refused_stdin(
+        &lab,
+        &["job", "seed", "-"],
+        Some(&text.as_bytes()[..text.len() - 100]),
+        &["standard input", "not valid JSON", "EOF"],
+    );
+    assert_eq!(job_count(&lab), 1);
+    assert_eq!(ids(&ok_json(&lab, &["job", "list"]), "job_id"), [J1]);
+}
+
+fn a_to_b_job(id: &str, status: &str) -> Value {
+    seed_job(
+        id,
+        OTHER_IMAGE,
+        (TENANT_A, "ot1"),
+        (TENANT_B, "ot2"),
+        status,
+    )
+}
+
+/// `--enqueue` hands the file's unfinished jobs to the worker once the whole file is in: a
+/// refused one never reaches it (its first job is not copied), an accepted one does.
+#[test]
+fn a_seed_enqueues_only_once_the_whole_file_is_in() {
+    let lab = Lab::new();
+    lab.standard();
+    let image = lab.image(TENANT_A, "seeded", 64 * 1024);
+    let server = lab.serve_with(&[]);
+    let n = 2 * SEED_BATCH + 10;
+    // The first and the last are copies to make; the others are done.
+    let copies = [0, n - 1];
+    let file = |name, refuse: bool| {
+        many_jobs(&lab, name, n, "replicated", |i, job| {
+            if copies.contains(&i) {
+                job["status"] = json!("replicate_requested");
+                job["source_image_id"] = json!(image);
+            }
+            if refuse && i == n - 2 {
+                job["copy_progress"] = json!(101);
+            }
+        })
+    };
+    let refused_file = file("refused.json", true);
+    refused(
+        &lab,
+        &["job", "seed", "--enqueue", &refused_file],
+        &[&format!("job #{}", n - 1), "copy_progress"],
+    );
+    assert_eq!(job_count(&lab), 0);
+    assert!(
+        lab.files_in("ot2").is_empty(),
+        "the worker copied a job of a refused seed"
+    );
+
+    let accepted = file("accepted.json", false);
+    assert_eq!(
+        ok(&lab, &["job", "seed", "--enqueue", &accepted]),
+        format!("{n} job(s) seeded, 0 already present\n")
+    );
+    let root = lab.token("root", TENANT_A);
+    for i in copies {
+        server.wait_job(&root, &many_id(i), Duration::from_secs(30), |j| {
+            j["status"] == "replicated"
+        });
+    }
+    let shown = ok_json(&lab, &["job", "show", &many_id(1)]);
+    assert_eq!(shown["enqueued"], true, "seeded with --enqueue");
+}
+
+/// Seeding without `--enqueue`, then the same file with it, enqueues the jobs the first run
+/// left: what completes a seed whose run was cut short.
+#[test]
+fn seeding_again_with_enqueue_enqueues_the_jobs_already_in() {
+    let lab = Lab::new();
+    lab.standard();
+    let image = lab.image(TENANT_A, "seeded", 64 * 1024);
+    let n = SEED_BATCH + 10;
+    let file = many_jobs(&lab, "seed.json", n, "replicated", |i, job| {
+        if i == n - 1 {
+            job["status"] = json!("replicate_requested");
+            job["source_image_id"] = json!(image);
+        }
+    });
+    ok(&lab, &["job", "seed", &file]);
+    assert_eq!(
+        ok_json(&lab, &["job", "show", &many_id(n - 1)])["enqueued"],
+        false
+    );
+    assert_eq!(
+        ok(&lab, &["job", "seed", "--enqueue", &file]),
+        format!("0 job(s) seeded, {n} already present\n")
+    );
+    assert_eq!(
+        ok_json(&lab, &["job", "show", &many_id(n - 1)])["enqueued"],
+        true
+    );
+}
+
+/// A client that goes away in the middle of its file (after batches are in) leaves none of its
+/// jobs.
+#[test]
+fn a_seed_client_gone_mid_file_leaves_none_of_its_jobs() {
+    use std::io::Write;
+    let lab = Lab::new();
+    lab.standard();
+    let server = lab.serve();
+    let n = 4 * SEED_BATCH;
+    let file = many_jobs(&lab, "seed.json", n, "replicated", |_, _| {});
+    let text = fs::read(&file).expect("seed file");
+    let mut socket =
+        std::os::unix::net::UnixStream::connect(lab.data_dir().join("admin.sock")).expect("socket");
+    socket
+        .write_all(b"{\"op\":\"job_seed\",\"enqueue\":false,\"name\":\"the socket\"}\n")
+        .expect("request line");
+    socket
+        .write_all(&text[..text.len() * 3 / 4])
+        .expect("three quarters of the file");
+    poll_every(
+        Duration::from_millis(100),
+        Duration::from_secs(60),
+        || (job_count(&lab) >= 2 * SEED_BATCH).then_some(()),
+        || {
+            format!(
+                "the seed's batches did not go in; log:\n{}",
+                server.log_text()
+            )
+        },
+    );
+    drop(socket);
+    poll_every(
+        Duration::from_millis(100),
+        Duration::from_secs(60),
+        || server.log_text().contains("job seed refused").then_some(()),
+        || format!("the seed was not refused; log:\n{}", server.log_text()),
+    );
+    assert_eq!(job_count(&lab), 0, "the cut-off seed left jobs");
+}
+
+/// The peak resident memory (KiB) of the CLI running `args` to its end, and its output.
+fn cli_peak_kib(lab: &Lab, args: &[&str]) -> (u64, std::process::Output) {
+    use std::process::{Command, Stdio};
+    let child = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(lab.data_dir())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the CLI");
+    let pid = child.id() as libc::pid_t;
+    // The outputs are a line each: the pipes do not fill before the end.
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our own child, not yet waited for; the pointers are valid for writes.
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(waited, pid, "wait4: {}", std::io::Error::last_os_error());
+    fn drain(pipe: Option<impl std::io::Read>) -> Vec<u8> {
+        let mut text = Vec::new();
+        std::io::Read::read_to_end(&mut pipe.expect("pipe"), &mut text).expect("read pipe");
+        text
+    }
+    let mut child = child;
+    let out = std::process::Output {
+        status: std::os::unix::process::ExitStatusExt::from_raw(status),
+        stdout: drain(child.stdout.take()),
+        stderr: drain(child.stderr.take()),
+    };
+    (usage.ru_maxrss as u64, out)
+}
+
+/// A process's peak resident memory so far (VmHWM), in KiB.
+fn peak_kib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+/// 300,000 jobs (`SEED_JOBS` sets another number) seeded with no server and through one: the
+/// CLI's peak memory stays under 64 MiB, and so does what the seed adds to the server's.
+/// Slow in a debug build (scripts/seed-memory.sh runs it on a release build). Not met yet with
+/// no server: the CLI that opens sled itself peaks near 110 MB for 50,000 jobs in a debug build
+/// (sled's cache, 48 MB of it before any job); the CLI sending to a server stays near 19 MiB.
+#[test]
+#[ignore]
+fn a_seed_of_300_000_jobs_stays_in_bounded_memory() {
+    let n: usize = std::env::var("SEED_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300_000);
+    let limit_kib = 64 * 1024;
+    let lab = Lab::new();
+    lab.standard();
+    let file = many_jobs(&lab, "huge.json", n, "replicated", |_, _| {});
+    let size = fs::metadata(&file).expect("seed file").len();
+    let seeded = format!("{n} job(s) seeded, 0 already present\n");
+
+    let started = std::time::Instant::now();
+    let (cli, out) = cli_peak_kib(&lab, &["job", "seed", &file]);
+    let alone = started.elapsed();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), seeded);
+    eprintln!(
+        "{n} jobs ({} MiB of JSON) with no server: {alone:.1?}, CLI peak {} MiB",
+        size >> 20,
+        cli / 1024
+    );
+    assert!(cli < limit_kib, "the CLI's peak is {cli} KiB");
+
+    let other = Lab::new();
+    other.standard();
+    let server = other.serve();
+    let before = peak_kib(server.child.id());
+    let started = std::time::Instant::now();
+    let (cli, out) = cli_peak_kib(&other, &["job", "seed", &file]);
+    let served = started.elapsed();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), seeded);
+    let after = peak_kib(server.child.id());
+    eprintln!(
+        "{n} jobs through a server: {served:.1?}, CLI peak {} MiB, server peak {} -> {} MiB",
+        cli / 1024,
+        before / 1024,
+        after / 1024
+    );
+    assert!(cli < limit_kib, "the CLI's peak is {cli} KiB");
+    assert!(
+        after - before < limit_kib,
+        "the server's peak grew by {} KiB",
+        after - before
     );
 }

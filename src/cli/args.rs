@@ -818,10 +818,18 @@ pub enum ImageCmd {
 #[derive(Subcommand, Debug)]
 pub enum JobCmd {
     /// Import jobs from a JSON array in the list-response format ("-" reads stdin)
+    ///
+    /// The file is read and written in batches as it streams, so it may be of any size. All or
+    /// nothing: a bad entry, an id twice in the file or one that exists with other content
+    /// removes every job the run inserted, and the message names the job. Seeding the same
+    /// file again adds nothing (its jobs count as already present). A run killed part way (or
+    /// a crash of the server) leaves some of the file's jobs in and none enqueued: run it
+    /// again to complete it.
     Seed {
         /// The JSON file ("-": standard input)
         file: PathBuf,
-        /// Let the replication worker run the seeded replicate_requested jobs
+        /// Let the replication worker run the file's seeded jobs that are not finished, once
+        /// the whole file is in (also those an earlier seed of them left unenqueued)
         #[arg(long)]
         enqueue: bool,
     },
@@ -892,8 +900,23 @@ pub(super) fn absolute(path: &Path) -> Result<PathBuf, String> {
     std::path::absolute(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// The admin request for a command, and the verb its text output uses.
-pub(super) fn request_for(command: Command) -> Result<(Request, &'static str), String> {
+/// What follows a request to the server: a seed's file.
+pub(super) type Input = Box<dyn Read>;
+
+/// The admin request for a command, the verb its text output uses, and the input that follows
+/// the request (`job seed`'s file, opened and not yet read).
+pub(super) fn request_for(
+    command: Command,
+) -> Result<(Request, &'static str, Option<Input>), String> {
+    let mut input = None;
+    let (request, verb) = request_and_input(command, &mut input)?;
+    Ok((request, verb, input))
+}
+
+fn request_and_input(
+    command: Command,
+    input: &mut Option<Input>,
+) -> Result<(Request, &'static str), String> {
     Ok(match command {
         Command::Serve(_)
         | Command::Completions { .. }
@@ -1056,13 +1079,11 @@ pub(super) fn request_for(command: Command) -> Result<(Request, &'static str), S
             ImageCmd::Delete { id } => (Request::ImageDelete { id }, "deleted"),
         },
         Command::Job(cmd) => match cmd {
-            JobCmd::Seed { file, enqueue } => (
-                Request::JobSeed {
-                    jobs: read_seed(&file)?,
-                    enqueue,
-                },
-                "",
-            ),
+            JobCmd::Seed { file, enqueue } => {
+                let (name, opened) = open_seed(&file)?;
+                *input = Some(opened);
+                (Request::JobSeed { enqueue, name }, "")
+            }
             JobCmd::List { tenant, status } => (Request::JobList { tenant, status }, ""),
             JobCmd::Show { job_id } => (Request::JobShow { id: job_id }, ""),
             JobCmd::Cancel { job_id } => (Request::JobCancel { id: job_id }, "cancel requested"),
@@ -1108,24 +1129,12 @@ fn read_token_file(file: &Path) -> Result<String, String> {
     Ok(value.to_string())
 }
 
-fn read_seed(file: &Path) -> Result<Vec<serde_json::Value>, String> {
-    let mut text = String::new();
-    let shown = if file == Path::new("-") {
-        std::io::stdin()
-            .read_to_string(&mut text)
-            .map_err(|e| format!("cannot read standard input: {e}"))?;
-        "standard input".to_string()
-    } else {
-        text = std::fs::read_to_string(file)
-            .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-        file.display().to_string()
-    };
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format!("{shown} is not valid JSON: {e}"))?;
-    match value {
-        serde_json::Value::Array(jobs) => Ok(jobs),
-        _ => Err(format!(
-            "{shown} must hold a JSON array of jobs, as GET /v2/extension/image_replicator/jobs returns"
-        )),
+/// A seed file (`-`: standard input), opened, with what messages call it.
+fn open_seed(file: &Path) -> Result<(String, Input), String> {
+    if file == Path::new("-") {
+        return Ok(("standard input".into(), Box::new(std::io::stdin())));
     }
+    let opened =
+        std::fs::File::open(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    Ok((file.display().to_string(), Box::new(opened)))
 }

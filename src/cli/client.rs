@@ -1,6 +1,7 @@
 //! How an admin command runs: through the running server's admin socket, or on the store
 //! itself when no server runs (the same service functions either way).
 
+use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
@@ -9,10 +10,16 @@ use crate::server;
 use crate::service::Service;
 use crate::store::{OpenError, StoreConfig};
 
-/// Sends the request to the running server, or runs it on the store when none runs.
-pub fn call(data_dir: &Path, config: &StoreConfig, request: Request) -> Result<Reply, String> {
+/// Sends the request to the running server, or runs it on the store when none runs. `input`
+/// follows the request (a seed's file, streamed: never read whole).
+pub fn call(
+    data_dir: &Path,
+    config: &StoreConfig,
+    request: Request,
+    input: &mut dyn Read,
+) -> Result<Reply, String> {
     if let Some(stream) = admin::connect(data_dir)? {
-        return admin::send(stream, &request)?.map_err(|e| e.to_string());
+        return admin::send_with(stream, &request, input)?.map_err(|e| e.to_string());
     }
     if matches!(request, Request::Status) {
         return Err(format!("no server is running on {}", data_dir.display()));
@@ -45,7 +52,7 @@ pub fn call(data_dir: &Path, config: &StoreConfig, request: Request) -> Result<R
             },
         })?;
     let svc = Service::new(store, super::args::absolute(data_dir)?);
-    admin::execute(&svc, request, None).map_err(|e| e.to_string())
+    admin::execute(&svc, request, None, input).map_err(|e| e.to_string())
 }
 
 /// Root administering the data directory of a stopped service that runs as another user acts

@@ -93,8 +93,9 @@ pub fn run(cli: Cli) -> Result<(), String> {
         Command::Token(TokenCmd::List { all }) => Some(*all),
         _ => None,
     };
-    let (request, verb) = args::request_for(command)?;
-    let mut reply = client::call(&data_dir, &store, request)?;
+    let (request, verb, input) = args::request_for(command)?;
+    let mut input = input.unwrap_or_else(|| Box::new(std::io::empty()));
+    let mut reply = client::call(&data_dir, &store, request, &mut input)?;
     if let (Some(all), Reply::Tokens(tokens)) = (token_list_all, &mut reply) {
         output::tokens_shown(tokens, all);
     }
@@ -129,8 +130,12 @@ fn backup(
     file: &std::path::Path,
     json: bool,
 ) -> Result<(), String> {
-    let crate::admin::Reply::Backup(backup) =
-        client::call(data_dir, store, crate::admin::Request::Backup)?
+    let crate::admin::Reply::Backup(backup) = client::call(
+        data_dir,
+        store,
+        crate::admin::Request::Backup,
+        &mut std::io::empty(),
+    )?
     else {
         return Err("the server answered the backup request with something else".into());
     };

@@ -2,6 +2,7 @@
 //! copy, cancel) with their room and quota checks.
 
 use std::collections::{BTreeMap, HashSet};
+use std::io::Read;
 
 use bytes::Bytes;
 use uuid::Uuid;
@@ -62,37 +63,61 @@ pub struct SeedOutcome {
 impl Service {
     // ----- jobs: admin -----
 
-    /// Imports jobs written in the list-response format. All are checked before any is written.
-    pub fn job_seed(&self, entries: &[serde_json::Value], enqueue: bool) -> Result<SeedOutcome> {
-        let mut jobs = Vec::with_capacity(entries.len());
-        let mut ids = HashSet::new();
-        for (i, entry) in entries.iter().enumerate() {
-            let (key, wire) = parse_seed_entry(entry).map_err(|why| {
-                ServiceError::BadRequest(format!("job #{} in the file: {why}", i + 1))
-            })?;
-            if !ids.insert(wire.job_id) {
-                return Err(ServiceError::BadRequest(format!(
-                    "job {} appears twice in the file",
-                    wire.job_id
-                )));
-            }
-            jobs.push((key, wire));
-        }
+    /// Imports the JSON array of jobs in the list-response format that `input` holds
+    /// (`source` names it in messages), reading it element by element: memory stays bounded
+    /// whatever its size. All or nothing: on a bad entry, a duplicate, a conflict, a store
+    /// failure or input that breaks off, every job this seed inserted is removed again. With
+    /// `enqueue` the worker gets the seeded jobs only once every one is in (and a crash before
+    /// that leaves them unenqueued: seeding the same file again enqueues them).
+    pub fn job_seed(
+        &self,
+        input: &mut dyn Read,
+        source: &str,
+        enqueue: bool,
+    ) -> Result<SeedOutcome> {
+        // One seed at a time in this process: the sequence numbers from its first to its last
+        // are then its own jobs' and the API's (never seeded).
+        let _one = self.seeding.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seed = Seed {
+            svc: self,
+            enqueue,
+            range: None,
+            batch: Vec::with_capacity(SEED_BATCH),
+            batch_ids: HashSet::with_capacity(SEED_BATCH),
+            outcome: SeedOutcome {
+                inserted: 0,
+                unchanged: 0,
+            },
+            present: Vec::new(),
+        };
         let created = now();
-        let mut records = Vec::with_capacity(jobs.len());
-        for (key, wire) in jobs {
-            let mut job = Job::new_queued(wire, self.store.next_seq()?, created, 0);
-            job.seeded = true;
-            job.enqueued = enqueue;
-            records.push((key, job));
+        let read = read_seed(input, source, &mut |number, entry| {
+            seed.add(number, &entry, created)
+        });
+        if let Err(e) = read.and_then(|()| seed.write_batch()) {
+            let undone = seed.roll_back();
+            if let Err(f) = self.flush() {
+                tracing::error!("job seed: flushing after the rollback failed: {f}");
+            }
+            return Err(match undone {
+                Ok(()) => e,
+                Err(undo) => {
+                    tracing::error!("job seed: the rollback of a refused seed failed: {undo}");
+                    ServiceError::internal(
+                        &format!("{e}; removing the jobs the seed had inserted failed too"),
+                        undo,
+                    )
+                }
+            });
         }
-        let inserted = self.store.insert_jobs(&records)?;
+        if enqueue {
+            seed.enqueue()?;
+        }
         self.flush()?;
-        self.board.wake();
-        Ok(SeedOutcome {
-            inserted,
-            unchanged: records.len() - inserted,
-        })
+        if enqueue {
+            self.board.wake();
+        }
+        Ok(seed.outcome)
     }
 
     pub fn job_list(&self, tenant: Option<&str>, status: Option<JobStatus>) -> Result<Vec<Job>> {
@@ -543,4 +568,221 @@ fn parse_seed_entry(
         ));
     }
     Ok((source, wire))
+}
+
+/// Jobs written to the store in one transaction by `job seed`. sled holds a transaction's
+/// writes several times over in memory (a batch of 5,000 jobs took some 80 MB more than one
+/// of 500, which seeds as fast).
+const SEED_BATCH: usize = 500;
+
+/// A `job seed` under way: the batch being filled and what is written so far.
+struct Seed<'a> {
+    svc: &'a Service,
+    enqueue: bool,
+    /// The first and the last sequence number this seed took.
+    range: Option<(u64, u64)>,
+    batch: Vec<(TenantKey, Job)>,
+    /// The ids in `batch`.
+    batch_ids: HashSet<Uuid>,
+    outcome: SeedOutcome,
+    /// Jobs of the file already present, seeded and not yet enqueued (left by a seed that
+    /// crashed or ran without `--enqueue`): `--enqueue` enqueues them with the new ones.
+    present: Vec<Uuid>,
+}
+
+impl Seed<'_> {
+    /// Job `number` (from 1) of the file.
+    fn add(&mut self, number: usize, entry: &serde_json::Value, created: u64) -> Result<()> {
+        let (key, wire) = parse_seed_entry(entry)
+            .map_err(|why| ServiceError::BadRequest(format!("job #{number} in the file: {why}")))?;
+        if !self.batch_ids.insert(wire.job_id) {
+            return Err(twice(wire.job_id));
+        }
+        let seq = self.svc.store.next_seq()?;
+        self.range = Some((self.range.map_or(seq, |(first, _)| first), seq));
+        let mut job = Job::new_queued(wire, seq, created, 0);
+        job.seeded = true;
+        // The worker gets nothing before the whole file is in (a rollback could remove what it
+        // started); a terminal job is never queued, so it is marked as it ends up at once.
+        job.enqueued = self.enqueue && job.wire.status.is_terminal();
+        self.batch.push((key, job));
+        if self.batch.len() >= SEED_BATCH {
+            self.write_batch()?;
+        }
+        Ok(())
+    }
+
+    /// Whether `job` (found in the store) was written by this seed.
+    fn wrote(&self, job: &Job) -> bool {
+        job.seeded
+            && self
+                .range
+                .is_some_and(|(first, last)| (first..=last).contains(&job.seq))
+    }
+
+    /// Inserts the batch in one transaction.
+    fn write_batch(&mut self) -> Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let inserted = match self.svc.store.insert_jobs(&self.batch) {
+            Ok(inserted) => inserted,
+            Err(ServiceError::Conflict(why)) => {
+                // None of the batch is in: an id with a job of this seed is a duplicate of an
+                // earlier batch's, which is what to say.
+                for (_, job) in &self.batch {
+                    if let Some(old) = self.svc.store.job(job.wire.job_id)? {
+                        if self.wrote(&old) {
+                            return Err(twice(job.wire.job_id));
+                        }
+                    }
+                }
+                return Err(ServiceError::Conflict(why));
+            }
+            Err(e) => return Err(e),
+        };
+        if inserted < self.batch.len() {
+            // Some were present already, identical: of an earlier seed, or of an earlier batch
+            // of this one (a duplicate in the file).
+            for (_, job) in &self.batch {
+                let Some(old) = self.svc.store.job(job.wire.job_id)? else {
+                    continue;
+                };
+                if old.seq == job.seq {
+                    continue;
+                }
+                if self.wrote(&old) {
+                    return Err(twice(job.wire.job_id));
+                }
+                if self.enqueue && old.seeded && !old.enqueued && !old.wire.status.is_terminal() {
+                    self.present.push(old.wire.job_id);
+                }
+            }
+        }
+        self.outcome.inserted += inserted;
+        self.outcome.unchanged += self.batch.len() - inserted;
+        self.batch.clear();
+        self.batch_ids.clear();
+        Ok(())
+    }
+
+    /// Pages through this seed's jobs that pass `keep`, handing each page to `each`.
+    fn pages(
+        &self,
+        keep: &dyn Fn(&Job) -> bool,
+        each: &mut dyn FnMut(Vec<Job>) -> Result<()>,
+    ) -> Result<()> {
+        let Some((first, _)) = self.range else {
+            return Ok(());
+        };
+        let mut after = first.checked_sub(1);
+        loop {
+            let query = JobQuery {
+                tenant: None,
+                after,
+                limit: SEED_BATCH,
+            };
+            // Past the last sequence number nothing is kept, so a page stops there short.
+            let page = self.svc.store.jobs(&query, &|j| self.wrote(j) && keep(j))?;
+            let full = page.len() >= SEED_BATCH;
+            after = page.last().map(|j| j.seq);
+            each(page)?;
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Removes every job this seed inserted.
+    fn roll_back(&self) -> Result<()> {
+        let mut removed = 0;
+        self.pages(&|_| true, &mut |page| {
+            let ids: Vec<Uuid> = page.iter().map(|j| j.wire.job_id).collect();
+            removed += self.svc.store.remove_jobs(&ids, &|j| self.wrote(j))?.len();
+            Ok(())
+        })?;
+        tracing::info!(removed, "job seed refused: its jobs are removed again");
+        Ok(())
+    }
+
+    /// Lets the worker take this seed's jobs that are not terminal (and those of the file
+    /// that a seed before left unenqueued).
+    fn enqueue(&self) -> Result<()> {
+        let waiting = |j: &Job| !j.enqueued && !j.wire.status.is_terminal();
+        let set = |id: Uuid| {
+            self.svc.store.update_job(id, &|j| {
+                j.enqueued = true;
+                Ok(ImageChange::None)
+            })
+        };
+        self.pages(&waiting, &mut |page| {
+            page.iter().try_for_each(|j| set(j.wire.job_id).map(drop))
+        })?;
+        self.present.iter().try_for_each(|id| set(*id).map(drop))
+    }
+}
+
+fn twice(id: Uuid) -> ServiceError {
+    ServiceError::BadRequest(format!("job {id} appears twice in the file"))
+}
+
+/// Reads the JSON array of a seed file element by element, handing each with its number in
+/// the file (from 1) to `each`; the first error `each` returns ends the reading.
+fn read_seed(
+    input: &mut dyn Read,
+    source: &str,
+    each: &mut dyn FnMut(usize, serde_json::Value) -> Result<()>,
+) -> Result<()> {
+    use serde::de::{Deserializer as _, SeqAccess, Visitor};
+
+    struct Elements<'a> {
+        each: &'a mut dyn FnMut(usize, serde_json::Value) -> Result<()>,
+        /// What `each` refused with (serde carries only a message).
+        refused: &'a mut Option<ServiceError>,
+    }
+
+    impl<'de> Visitor<'de> for Elements<'_> {
+        type Value = ();
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON array of jobs")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<(), A::Error> {
+            let mut number = 0;
+            while let Some(entry) = seq.next_element::<serde_json::Value>()? {
+                number += 1;
+                if let Err(e) = (self.each)(number, entry) {
+                    *self.refused = Some(e);
+                    return Err(serde::de::Error::custom("refused"));
+                }
+            }
+            Ok(())
+        }
+    }
+
+    let mut refused = None;
+    let mut de =
+        serde_json::Deserializer::from_reader(std::io::BufReader::with_capacity(64 * 1024, input));
+    let read = de
+        .deserialize_seq(Elements {
+            each,
+            refused: &mut refused,
+        })
+        .and_then(|()| de.end());
+    if let Some(e) = refused {
+        return Err(e);
+    }
+    match read {
+        Ok(()) => Ok(()),
+        Err(e) if e.is_io() => Err(ServiceError::BadRequest(format!(
+            "cannot read {source}: {e}"
+        ))),
+        Err(e) if e.is_data() => Err(ServiceError::BadRequest(format!(
+            "{source} must hold a JSON array of jobs, as GET /v2/extension/image_replicator/jobs returns"
+        ))),
+        Err(e) => Err(ServiceError::BadRequest(format!(
+            "{source} is not valid JSON: {e}"
+        ))),
+    }
 }

@@ -55,6 +55,9 @@ pub struct Service {
     /// Held from a new job's room and quota checks to its insert, so that concurrent requests
     /// cannot all pass the same check.
     admission: Mutex<()>,
+    /// Held by `job seed` from start to end: one seed at a time, so that the sequence numbers
+    /// it took are its own (what a rollback removes).
+    seeding: Mutex<()>,
     /// Encoded `GET /jobs` bodies and the counts by status, while no job changes.
     list_bodies: JobsCache<ListKey, Bytes>,
     status_counts: JobsCache<(), BTreeMap<JobStatus, u64>>,
@@ -123,6 +126,7 @@ impl Service {
             min_free: MinFree::default(),
             space: Arc::new(Ledger::default()),
             admission: Mutex::new(()),
+            seeding: Mutex::new(()),
             list_bodies: JobsCache::default(),
             status_counts: JobsCache::default(),
             peer: peer::PeerState::default(),
