@@ -373,8 +373,9 @@ def fsync_loop(directory, threads, seconds, busy=False):
     """write(512 bytes) + fdatasync, repeated, in `threads` threads (one file each, appended
     to) for `seconds`: the syscalls release the GIL, so the threads wait on the disk
     together. Returns the loop's rounds per second, all threads together. busy: with one
-    spinning shell per CPU at nice 19 beside it, so that no CPU goes idle (on this VM a
-    lone thread waiting on the disk waits much longer from an idle CPU)."""
+    spinning shell per CPU at nice 19 beside it, so that no CPU goes idle (on a quiet moment
+    of this VM a lone thread waiting on the disk waited several times longer from an idle
+    CPU)."""
     spinners = []
     if busy:
         spinners = [spawn(["nice", "-n", "19", "sh", "-c", "while :; do :; done"])
@@ -645,8 +646,8 @@ def report(args, meta, results):
         f"{top['db_apparent'] / top['jobs'] / wire:.1f}× (apparent) that at {top['jobs']:,} jobs. "
         f"Stopping the server took {top['stop_s'] * 1000:,.0f} ms (median) there. The server "
         "that seeds is a fresh process (the idle one of the size before), so its peak RSS "
-        "growth is what the step's seed calls cost; they run one after another, so it is the "
-        "biggest call's (the seed holds the whole request in memory).")
+        "growth is what the step's seed calls cost, all of them: they run one after another, "
+        "and what one call leaves behind the next one's peak adds to.")
     lines.append("")
     # Goals
     fresh = {c: [r for r in posts if r["store"] == "fresh" and r["connections"] == c]
@@ -704,9 +705,10 @@ def report(args, meta, results):
         f"beside a write+fdatasync loop on the same file system: 512 bytes appended to a file "
         "and `os.fdatasync`, repeated, in as many Python threads as wrk has connections (a file "
         "each; the two calls release the GIL, so the threads wait on the disk together), once "
-        "alone and once with the CPUs kept busy (a spinning shell per CPU at nice 19: on this "
-        "VM a lone thread that waits on the disk from an idle CPU waits several times longer; "
-        "the server's CPUs are busy under wrk). The three runs of a rep go back to back, "
+        "alone and once with the CPUs kept busy (a spinning shell per CPU at nice 19; the "
+        "server's CPUs are busy under wrk: on a quiet moment of this VM a lone thread's loop "
+        "ran at 256/s alone and at 1,487/s beside two spinners, as if a wake-up from an idle "
+        "CPU cost milliseconds). The three runs of a rep go back to back, "
         "their order rotating. "
         f"Server CPU: utime+stime of /proc/PID/stat over the wrk run ÷ the 2xx answers. POSTs "
         f"per fdatasync: one more run of {args.audit_duration} s per row under "
