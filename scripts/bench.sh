@@ -61,6 +61,18 @@
 # appliance holding a copy, 20 times: lost, finished twice, differing, takeover time) and P1/P3
 # on PostgreSQL beside sled, with its own PostgreSQL cluster (Debian's postgresql). It puts its
 # section into BENCHMARKS.md (printed only with --quick). About 8 minutes (30 s with --quick).
+#
+#   scripts/bench.sh --only G [--quick] [--reps N] [--duration S] [--tmpdir DIR] [--keep]
+#
+# Costs as the store grows (issue 18, scripts/bench/growth.py): one data directory seeded
+# step by step to 10k, 100k, 300k and 1M jobs (1k, 5k, 10k with --quick) through the running
+# server with `job seed`; per size idle RSS, start-up, the first and second `/metrics` after a
+# job change, bytes on disk per job, seed time and peak memory, `GET /jobs` p50/p99; then
+# POST /jobs at 1, 8, 32 and 128 connections on a fresh store, each beside a write+fdatasync
+# loop with as many threads on the same file system, with POSTs per fdatasync (perf, else
+# strace) and server CPU per POST. It puts its section into BENCHMARKS.md (a temp file, printed,
+# with --quick). About 10 minutes (under a minute with --quick). Environment:
+# BENCH_SEED_BATCH (jobs per `job seed` call, default 100000).
 
 set -euo pipefail
 
@@ -103,6 +115,9 @@ while (($#)); do
   esac
   shift
 done
+
+# As given (the defaults below are bench.sh's own; scripts/bench/growth.py has its own).
+REPS_GIVEN=$REPS DURATION_GIVEN=$DURATION
 
 PEER=0
 if [[ ,$ONLY, == *,D* ]]; then
@@ -229,7 +244,7 @@ B3SUM_ROOT=${HOME:+$HOME/.cache/image-replicator/b3sum}
 if [[ -z $B3SUM && -n $B3SUM_ROOT && -x $B3SUM_ROOT/bin/b3sum ]]; then
   B3SUM=$B3SUM_ROOT/bin/b3sum
 fi
-if [[ -z $B3SUM ]] && ((PEER == 0 && IMAGES == 0)); then
+if [[ -z $B3SUM ]] && ((PEER == 0 && IMAGES == 0)) && [[ ,$ONLY, != *,G* ]]; then
   if [[ -n $B3SUM_ROOT ]]; then
     log "installing b3sum: cargo install --locked b3sum --root $B3SUM_ROOT"
     mkdir -p "$B3SUM_ROOT"
@@ -265,6 +280,17 @@ if [[ ,$ONLY, == *,S* ]]; then
   [[ -n $DURATION ]] && shared+=(--duration "$DURATION")
   [[ -n $OUT ]] && shared+=(--out "$OUT")
   exec python3 "$ROOT/scripts/bench/shared-db.py" "${shared[@]}"
+fi
+if [[ ,$ONLY, == *,G* ]]; then
+  [[ -z $COMPARE && $PEER == 0 && $IMAGES == 0 ]] || die "the growth figures (G) run alone"
+  growth=(--bin "$BIN" --tmpdir "$TMP_PARENT" --command "$COMMAND_LINE")
+  [[ $MODE == quick ]] && growth+=(--quick)
+  ((KEEP)) && growth+=(--keep)
+  [[ -n $REPS_GIVEN ]] && growth+=(--reps "$REPS_GIVEN")
+  [[ -n $DURATION_GIVEN ]] && growth+=(--duration "$DURATION_GIVEN")
+  [[ -n $OUT ]] && growth+=(--out "$OUT")
+  [[ -n ${BENCH_SEED_BATCH:-} ]] && growth+=(--seed-batch "$BENCH_SEED_BATCH")
+  exec python3 "$ROOT/scripts/bench/growth.py" "${growth[@]}"
 fi
 [[ -z $COMPARE || -x $COMPARE ]] || die "the base binary $COMPARE is missing or not executable"
 
