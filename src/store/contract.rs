@@ -424,6 +424,77 @@ pub fn the_version_changes_with_every_committed_job_write_only(s: &dyn Repo) {
     assert_ne!(s.jobs_version(), inserted);
 }
 
+pub fn many_jobs_list_in_order_page_by_page_also_after_removals(s: &dyn Repo) {
+    // Enough of A's for several blocks of every kind, B's between them; one job of A seeded
+    // with a sequence number older than all (a restore's), in batches like a seed's.
+    let old = {
+        let (t, mut j) = job(s, A, JobStatus::Replicated);
+        j.seq = 0;
+        (t, j)
+    };
+    let all: Vec<(TenantKey, Job)> = (0..400)
+        .map(|i| job(s, if i % 4 == 3 { B } else { A }, JobStatus::Replicated))
+        .collect();
+    for batch in all.chunks(37) {
+        s.insert_jobs(batch).expect("insert");
+    }
+    s.insert_jobs(std::slice::from_ref(&old))
+        .expect("insert the old one");
+    let of_a = |jobs: &[(TenantKey, Job)]| -> Vec<Uuid> {
+        let mut a: Vec<&Job> = jobs
+            .iter()
+            .filter(|(t, _)| *t == key(A))
+            .map(|(_, j)| j)
+            .collect();
+        a.sort_by_key(|j| j.seq);
+        a.iter().map(|j| j.wire.job_id).collect()
+    };
+    let paged = |tenant: Option<TenantKey>| -> Vec<Uuid> {
+        let mut out: Vec<Job> = Vec::new();
+        loop {
+            let query = JobQuery {
+                tenant,
+                after: out.last().map(|j| j.seq),
+                limit: 23,
+            };
+            let page = s.jobs(&query, &|_| true).expect("page");
+            let done = page.len() < 23;
+            out.extend(page);
+            if done {
+                return ids(&out);
+            }
+        }
+    };
+    let mut expected: Vec<(TenantKey, Job)> = all.clone();
+    expected.push(old.clone());
+    assert_eq!(paged(Some(key(A))), of_a(&expected));
+    assert_eq!(paged(None).len(), 401);
+    assert_eq!(
+        paged(None)[0],
+        old.1.wire.job_id,
+        "the oldest sequence number first"
+    );
+    // Every fifth goes; the rest still list in order, page by page.
+    let gone: Vec<Uuid> = expected
+        .iter()
+        .step_by(5)
+        .map(|(_, j)| j.wire.job_id)
+        .collect();
+    assert_eq!(
+        s.remove_jobs(&gone, &|_| true).expect("remove").len(),
+        gone.len()
+    );
+    expected.retain(|(_, j)| !gone.contains(&j.wire.job_id));
+    assert_eq!(paged(Some(key(A))), of_a(&expected));
+    assert_eq!(paged(None).len(), expected.len());
+    for (_, j) in &expected {
+        assert_eq!(s.job(j.wire.job_id).expect("job").as_ref(), Some(j));
+    }
+    for id in &gone {
+        assert_eq!(s.job(*id).expect("job"), None);
+    }
+}
+
 pub fn counts_and_tenant_references_follow_the_jobs(s: &dyn Repo) {
     let jobs = [
         job(s, A, JobStatus::ReplicateRequested),
@@ -765,6 +836,7 @@ macro_rules! contract_suite {
                 claims_go_oldest_first_and_honour_pins,
                 the_version_changes_with_every_committed_job_write_only,
                 counts_and_tenant_references_follow_the_jobs,
+                many_jobs_list_in_order_page_by_page_also_after_removals,
                 removed_jobs_leave_the_listings_the_queue_the_counts_and_their_tenants,
                 users_are_updated_in_place_and_never_created_by_an_update,
                 orphans_are_remembered_until_removed,

@@ -12,8 +12,9 @@
 //!   owner key ‖ generation, the entries that count (an entry of another generation is
 //!   ignored); `chunks_stale`: generation → owner key ‖ image id ‖ manifest, entries still to
 //!   delete (of a replaced or removed manifest, or of one being indexed when a crash came)
-//! - `jobs`: job id; `jobs_by_seq`: seq (u64 BE) → job id;
-//!   `jobs_by_tenant`: source tenant key ‖ seq (u64 BE) → job id
+//! - jobs, many to a key: `job_blocks`, `job_ids`, `tenant_jobs` (see [`blocks`]); a store
+//!   from before them (`jobs`: job id → job, `jobs_by_seq`, `jobs_by_tenant`: one key per
+//!   job) is moved into them at open
 //! - `queue`: seq (u64 BE) → job id, for every job the replication worker still has to act on
 //!   (enqueued and not terminal); kept in step with the job in the same transaction
 //! - `job_counts`: status name → how many jobs have it (u64 BE), kept in the transaction of
@@ -32,6 +33,7 @@
 //! at nothing; the chunk index's entries are the exception (above), and count only through
 //! `chunks_indexed`, which is.
 
+mod blocks;
 mod packed;
 
 use std::collections::HashSet;
@@ -75,6 +77,10 @@ pub struct SledStore {
     jobs_version: AtomicU64,
     /// Queued jobs a worker of this process has taken.
     claims: Mutex<HashSet<Uuid>>,
+    /// Held by every job write: where a job goes in `tenant_jobs` is worked out before its
+    /// transaction (sled's transactions cannot read ranges), so no other job write may come
+    /// between.
+    job_writes: Mutex<()>,
     /// This appliance's name (the only one: sled's lock keeps other processes out).
     node: String,
 }
@@ -97,9 +103,10 @@ struct Inner {
     chunks_indexed: Tree,
     /// Generation → owner ‖ image id ‖ manifest: entries still to delete.
     chunks_stale: Tree,
-    jobs: Tree,
-    jobs_by_seq: Tree,
-    jobs_by_tenant: Tree,
+    /// Jobs, many to a key (see [`blocks`]).
+    job_blocks: Tree,
+    job_ids: Tree,
+    tenant_jobs: Tree,
     queue: Tree,
     /// Status name → number of jobs in it.
     job_counts: Tree,
@@ -392,9 +399,9 @@ impl Inner {
             chunks: tree("chunks")?,
             chunks_indexed: tree("chunks_indexed")?,
             chunks_stale: tree("chunks_stale")?,
-            jobs: tree("jobs")?,
-            jobs_by_seq: tree("jobs_by_seq")?,
-            jobs_by_tenant: tree("jobs_by_tenant")?,
+            job_blocks: tree("job_blocks")?,
+            job_ids: tree("job_ids")?,
+            tenant_jobs: tree("tenant_jobs")?,
             queue: tree("queue")?,
             job_counts: tree("job_counts")?,
             orphans: tree("orphans")?,
@@ -423,6 +430,13 @@ impl SledStore {
             path: path.display().to_string(),
             reason: format!("cannot delete stale chunk index entries: {e}"),
         })?;
+        let store_error = |what: &str, e: ServiceError| OpenError::Other {
+            path: path.display().to_string(),
+            reason: format!("{what}: {e}"),
+        };
+        inner
+            .move_jobs_into_blocks()
+            .map_err(|e| store_error("cannot move its jobs into blocks", e))?;
         inner.count_jobs_once().map_err(|e| OpenError::Other {
             path: path.display().to_string(),
             reason: format!("cannot count its jobs: {e}"),
@@ -435,6 +449,7 @@ impl SledStore {
             reopening: Mutex::new(None),
             jobs_version: Default::default(),
             claims: Default::default(),
+            job_writes: Default::default(),
             node: node.to_string(),
         })
     }
@@ -612,29 +627,67 @@ impl SledStore {
         } = *query;
         self.with(|s| {
             let start = after.map_or(0, |s| s.saturating_add(1));
-            if after == Some(u64::MAX) {
+            if after == Some(u64::MAX) || limit == 0 {
                 return Ok(Vec::new());
             }
-            let ids = match tenant {
-                Some(t) => s.jobs_by_tenant.range(
-                    cat(&[&t.0, &start.to_be_bytes()])..=cat(&[&t.0, &u64::MAX.to_be_bytes()]),
-                ),
-                None => s.jobs_by_seq.range(start.to_be_bytes()..),
-            };
             let mut out = Vec::new();
-            for entry in ids {
-                if out.len() >= limit {
-                    break;
-                }
-                let (_, id) = entry?;
-                if let Some(job) = Self::get::<T>(&s.jobs, &id)? {
+            let mut take = |seq: u64, record: &[u8]| -> Result<bool> {
+                if seq >= start {
+                    let job: T = decode(record)?;
                     if keep(&job) {
                         out.push(job);
+                    }
+                }
+                Ok(out.len() < limit)
+            };
+            match tenant {
+                None => {
+                    'blocks: for block in s.job_blocks.range(blocks::block_key(start)..) {
+                        let (_, block) = block?;
+                        for (seq, record) in blocks::entries(&block)? {
+                            if !take(seq, record)? {
+                                break 'blocks;
+                            }
+                        }
+                    }
+                }
+                Some(t) => {
+                    let last = cat(&[&t.0, &u64::MAX.to_be_bytes()]);
+                    let first = s
+                        .tenant_block_of(t, start)?
+                        .unwrap_or_else(|| cat(&[&t.0, &0u64.to_be_bytes()]));
+                    let mut block: Option<([u8; 8], sled::IVec)> = None;
+                    'tenant: for seqs in s.tenant_jobs.range(first..=last) {
+                        let (_, seqs) = seqs?;
+                        for seq in blocks::seqs(&seqs)? {
+                            if seq < start {
+                                continue;
+                            }
+                            let key = blocks::block_key(seq);
+                            if block.as_ref().is_none_or(|(k, _)| *k != key) {
+                                block = s.job_blocks.get(key)?.map(|b| (key, b));
+                            }
+                            let record = match &block {
+                                Some((_, b)) => blocks::find(b, seq)?,
+                                None => None,
+                            };
+                            if let Some(record) = record {
+                                if !take(seq, record)? {
+                                    break 'tenant;
+                                }
+                            }
+                        }
                     }
                 }
             }
             Ok(out)
         })
+    }
+
+    fn job_writes(&self) -> Result<std::sync::MutexGuard<'_, ()>> {
+        self.job_writes
+            .lock()
+            .map_err(|_| ServiceError::Internal("the job write lock is poisoned".into()))
     }
 }
 
@@ -1061,7 +1114,10 @@ impl Jobs for SledStore {
     }
 
     fn job(&self, id: Uuid) -> Result<Option<Job>> {
-        self.with(|s| Self::get(&s.jobs, id.as_bytes()))
+        self.with(|s| match s.seq_of(id)? {
+            Some(seq) => s.job_at(seq),
+            None => Ok(None),
+        })
     }
 
     fn update_job(
@@ -1069,10 +1125,15 @@ impl Jobs for SledStore {
         id: Uuid,
         change: &dyn Fn(&mut Job) -> Result<ImageChange>,
     ) -> Result<Option<Job>> {
+        let _writes = self.job_writes()?;
         self.with(|s| {
+            let Some(seq) = s.seq_of(id)? else {
+                return Ok(None);
+            };
+            let block_key = blocks::block_key(seq);
             let (job, retired) = tx_result(
                 (
-                    &s.jobs,
+                    &s.job_blocks,
                     &s.queue,
                     &s.images,
                     &s.images_by_tenant,
@@ -1084,7 +1145,7 @@ impl Jobs for SledStore {
                 )
                     .transaction(
                         |(
-                            jobs,
+                            job_blocks,
                             queue,
                             images,
                             by_tenant,
@@ -1094,10 +1155,13 @@ impl Jobs for SledStore {
                             stale,
                             counts,
                         )| {
-                            let Some(old) = jobs.get(id.as_bytes())? else {
+                            let Some(block) = job_blocks.get(block_key)? else {
                                 return Ok((None, None));
                             };
-                            let mut job: Job = decode(&old).map_err(abort)?;
+                            let Some(old) = blocks::find(&block, seq).map_err(abort)? else {
+                                return Ok((None, None));
+                            };
+                            let mut job: Job = decode(old).map_err(abort)?;
                             let was = job.wire.status;
                             let mut retired = None;
                             match change(&mut job).map_err(abort)? {
@@ -1122,7 +1186,9 @@ impl Jobs for SledStore {
                                     manifests.remove(image_id.as_bytes())?;
                                 }
                             }
-                            jobs.insert(id.as_bytes(), tx_encode_job(&job)?)?;
+                            let record = tx_encode_job(&job)?;
+                            let block = blocks::with(Some(&block), seq, &record).map_err(abort)?;
+                            job_blocks.insert(&block_key, block)?;
                             sync_queue(queue, &job)?;
                             if job.wire.status != was {
                                 count(counts, was, -1)?;
@@ -1227,44 +1293,12 @@ impl Jobs for SledStore {
     }
 
     fn insert_jobs(&self, jobs: &[(TenantKey, Job)]) -> Result<usize> {
-        self.with(|s| {
-            let inserted = tx_result(
-                (
-                    &s.jobs,
-                    &s.jobs_by_seq,
-                    &s.jobs_by_tenant,
-                    &s.queue,
-                    &s.job_counts,
-                )
-                    .transaction(|(tx_jobs, by_seq, by_tenant, queue, counts)| {
-                        let mut inserted = 0;
-                        for (tenant, job) in jobs {
-                            let id = job.wire.job_id;
-                            if let Some(old) = tx_jobs.get(id.as_bytes())? {
-                                let old: Job = decode(&old).map_err(abort)?;
-                                if old.wire == job.wire {
-                                    continue;
-                                }
-                                return Err(abort(ServiceError::Conflict(format!(
-                                    "job {id} already exists with different content"
-                                ))));
-                            }
-                            let seq = job.seq.to_be_bytes();
-                            tx_jobs.insert(id.as_bytes(), tx_encode_job(job)?)?;
-                            by_seq.insert(&seq, id.as_bytes())?;
-                            by_tenant.insert(cat(&[&tenant.0, &seq]), id.as_bytes())?;
-                            sync_queue(queue, job)?;
-                            count(counts, job.wire.status, 1)?;
-                            inserted += 1;
-                        }
-                        Ok(inserted)
-                    }),
-            )?;
-            if inserted > 0 {
-                self.jobs_changed();
-            }
-            Ok(inserted)
-        })
+        let _writes = self.job_writes()?;
+        let inserted = self.with(|s| s.insert_new_jobs(jobs))?;
+        if inserted > 0 {
+            self.jobs_changed();
+        }
+        Ok(inserted)
     }
 
     fn jobs(&self, query: &JobQuery, keep: &dyn Fn(&Job) -> bool) -> Result<Vec<Job>> {
@@ -1276,42 +1310,66 @@ impl Jobs for SledStore {
     }
 
     fn remove_jobs(&self, ids: &[Uuid], only: &dyn Fn(&Job) -> bool) -> Result<Vec<Uuid>> {
+        let _writes = self.job_writes()?;
         self.with(|s| {
-            let removed = tx_result(
+            // The jobs that go, and what that leaves in `tenant_jobs`: worked out first, under
+            // `job_writes`, so nothing changes them before the transaction.
+            let mut going: Vec<Job> = Vec::new();
+            let mut tenants = TenantBlocks::default();
+            for id in ids {
+                let Some(job) = s
+                    .seq_of(*id)?
+                    .map(|seq| s.job_at(seq))
+                    .transpose()?
+                    .flatten()
+                else {
+                    continue;
+                };
+                if !only(&job) || going.iter().any(|g| g.wire.job_id == *id) {
+                    continue;
+                }
+                if let Some(tenant) = TenantKey::parse(&job.wire.source_tenant_id) {
+                    tenants.remove(s, tenant, job.seq)?;
+                }
+                going.push(job);
+            }
+            if going.is_empty() {
+                return Ok(Vec::new());
+            }
+            tx_result(
                 (
-                    &s.jobs,
-                    &s.jobs_by_seq,
-                    &s.jobs_by_tenant,
+                    &s.job_blocks,
+                    &s.job_ids,
+                    &s.tenant_jobs,
                     &s.queue,
                     &s.job_counts,
                 )
-                    .transaction(|(tx_jobs, by_seq, by_tenant, queue, counts)| {
-                        let mut removed = Vec::new();
-                        for id in ids {
-                            let Some(old) = tx_jobs.get(id.as_bytes())? else {
-                                continue;
-                            };
-                            let job: Job = decode(&old).map_err(abort)?;
-                            if !only(&job) {
-                                continue;
+                    .transaction(
+                        |(job_blocks, job_ids, tenant_jobs, queue, counts)| {
+                            for job in &going {
+                                let key = blocks::block_key(job.seq);
+                                if let Some(block) = job_blocks.get(key)? {
+                                    match blocks::without(&block, job.seq).map_err(abort)? {
+                                        Some(block) => job_blocks.insert(&key, block)?,
+                                        None => job_blocks.remove(&key)?,
+                                    };
+                                }
+                                let bucket = blocks::bucket_key(&job.wire.job_id);
+                                if let Some(ids) = job_ids.get(bucket)? {
+                                    match blocks::bucket_without(&ids, &job.wire.job_id) {
+                                        Some(ids) => job_ids.insert(&bucket, ids)?,
+                                        None => job_ids.remove(&bucket)?,
+                                    };
+                                }
+                                queue.remove(&job.seq.to_be_bytes())?;
+                                count(counts, job.wire.status, -1)?;
                             }
-                            let seq = job.seq.to_be_bytes();
-                            tx_jobs.remove(id.as_bytes())?;
-                            by_seq.remove(&seq)?;
-                            if let Some(tenant) = TenantKey::parse(&job.wire.source_tenant_id) {
-                                by_tenant.remove(cat(&[&tenant.0, &seq]))?;
-                            }
-                            queue.remove(&seq)?;
-                            count(counts, job.wire.status, -1)?;
-                            removed.push(*id);
-                        }
-                        Ok(removed)
-                    }),
+                            tenants.write(tenant_jobs)
+                        },
+                    ),
             )?;
-            if !removed.is_empty() {
-                self.jobs_changed();
-            }
-            Ok(removed)
+            self.jobs_changed();
+            Ok(going.into_iter().map(|j| j.wire.job_id).collect())
         })
     }
 
@@ -1333,19 +1391,252 @@ impl Jobs for SledStore {
 
     fn tenant_has_jobs(&self, key: TenantKey, id_as_stored: &str) -> Result<Option<Uuid>> {
         self.with(|s| {
-            if let Some(entry) = s.jobs_by_tenant.scan_prefix(key.0).next() {
-                let (_, id) = entry?;
-                return Ok(Uuid::from_slice(&id).ok());
+            for seqs in s.tenant_jobs.scan_prefix(key.0) {
+                let (_, seqs) = seqs?;
+                if let Some(seq) = blocks::seqs(&seqs)?.first() {
+                    if let Some(job) = s.job_at::<Job>(*seq)? {
+                        return Ok(Some(job.wire.job_id));
+                    }
+                }
             }
-            for value in s.jobs.iter().values() {
-                let job: Job = decode(&value?)?;
-                let dst = &job.wire.destination_tenant_id;
-                if dst == id_as_stored || TenantKey::parse(dst) == Some(key) {
-                    return Ok(Some(job.wire.job_id));
+            #[derive(serde::Deserialize)]
+            struct Ends {
+                job_id: Uuid,
+                destination_tenant_id: String,
+            }
+            for block in s.job_blocks.iter().values() {
+                for (_, record) in blocks::entries(&block?)? {
+                    let job: Ends = decode(record)?;
+                    let dst = &job.destination_tenant_id;
+                    if dst == id_as_stored || TenantKey::parse(dst) == Some(key) {
+                        return Ok(Some(job.job_id));
+                    }
                 }
             }
             Ok(None)
         })
+    }
+}
+
+impl Inner {
+    fn seq_of(&self, id: Uuid) -> Result<Option<u64>> {
+        let bucket = self.job_ids.get(blocks::bucket_key(&id))?;
+        Ok(bucket.and_then(|b| blocks::bucket_find(&b, &id)))
+    }
+
+    /// The job with sequence number `seq` (`T`: [`Job`] or [`JobWire`]).
+    fn job_at<T: DeserializeOwned>(&self, seq: u64) -> Result<Option<T>> {
+        let Some(block) = self.job_blocks.get(blocks::block_key(seq))? else {
+            return Ok(None);
+        };
+        blocks::find(&block, seq)?.map(decode).transpose()
+    }
+
+    /// The key of `tenant`'s block of `tenant_jobs` that `seq` falls in (the last key up to
+    /// tenant ‖ seq), if it has one.
+    fn tenant_block_of(&self, tenant: TenantKey, seq: u64) -> Result<Option<Vec<u8>>> {
+        let first = cat(&[&tenant.0, &0u64.to_be_bytes()]);
+        let probe = cat(&[&tenant.0, &seq.to_be_bytes()]);
+        let last = self
+            .tenant_jobs
+            .range(first..=probe)
+            .next_back()
+            .transpose()?;
+        Ok(last.map(|(key, _)| key.to_vec()))
+    }
+
+    /// [`Jobs::insert_jobs`], under `job_writes`.
+    fn insert_new_jobs(&self, jobs: &[(TenantKey, Job)]) -> Result<usize> {
+        let s = self;
+        {
+            // Which are new (an identical job is left as it is, another one is a conflict),
+            // and where they go in `tenant_jobs`: worked out first, under `job_writes`.
+            let mut new: Vec<(&Job, [u8; 2])> = Vec::new();
+            let mut in_batch: std::collections::HashMap<Uuid, &Job> = Default::default();
+            let mut tenants = TenantBlocks::default();
+            for (tenant, job) in jobs {
+                let id = job.wire.job_id;
+                let old = match in_batch.get(&id) {
+                    Some(old) => Some((*old).clone()),
+                    None => match s.seq_of(id)? {
+                        Some(seq) => s.job_at(seq)?,
+                        None => None,
+                    },
+                };
+                if let Some(old) = old {
+                    if old.wire == job.wire {
+                        continue;
+                    }
+                    return Err(ServiceError::Conflict(format!(
+                        "job {id} already exists with different content"
+                    )));
+                }
+                in_batch.insert(id, job);
+                tenants.insert(s, *tenant, job.seq)?;
+                new.push((job, blocks::bucket_key(&id)));
+            }
+            if new.is_empty() {
+                return Ok(0);
+            }
+            tx_result(
+                (
+                    &s.job_blocks,
+                    &s.job_ids,
+                    &s.tenant_jobs,
+                    &s.queue,
+                    &s.job_counts,
+                )
+                    .transaction(
+                        |(job_blocks, job_ids, tenant_jobs, queue, counts)| {
+                            for (job, bucket) in &new {
+                                let key = blocks::block_key(job.seq);
+                                let record = tx_encode_job(job)?;
+                                let block = job_blocks.get(key)?;
+                                let block = blocks::with(block.as_deref(), job.seq, &record)
+                                    .map_err(abort)?;
+                                job_blocks.insert(&key, block)?;
+                                let ids = job_ids.get(bucket)?;
+                                let ids =
+                                    blocks::bucket_with(ids.as_deref(), &job.wire.job_id, job.seq);
+                                job_ids.insert(bucket, ids)?;
+                                sync_queue(queue, job)?;
+                                count(counts, job.wire.status, 1)?;
+                            }
+                            tenants.write(tenant_jobs)
+                        },
+                    ),
+            )?;
+            Ok(new.len())
+        }
+    }
+
+    /// Moves the jobs of a store from before the blocks (one key per job in `jobs`,
+    /// `jobs_by_seq` and `jobs_by_tenant`) into them, a thousand at a time, then drops the old
+    /// trees. A crash part way is taken up at the next open: a job moved already is left as it
+    /// is, and the counts are made again at the end.
+    fn move_jobs_into_blocks(&self) -> Result<()> {
+        if !self.db.tree_names().iter().any(|n| n.as_ref() == b"jobs") {
+            return Ok(());
+        }
+        let old = self.db.open_tree("jobs")?;
+        let started = Instant::now();
+        let mut moved = 0;
+        if !old.is_empty() {
+            self.job_counts.remove(COUNTS_KEPT)?;
+        }
+        loop {
+            let mut chunk = Vec::new();
+            let mut keys = Vec::new();
+            for entry in old.iter().take(1000) {
+                let (key, value) = entry?;
+                let job: Job = decode(&value)?;
+                let tenant = TenantKey::parse(&job.wire.source_tenant_id).ok_or_else(|| {
+                    ServiceError::Internal(format!(
+                        "job {} names a source tenant that is not a tenant id",
+                        job.wire.job_id
+                    ))
+                })?;
+                chunk.push((tenant, job));
+                keys.push(key);
+            }
+            if chunk.is_empty() {
+                break;
+            }
+            self.insert_new_jobs(&chunk)?;
+            let mut done = sled::Batch::default();
+            for key in keys {
+                done.remove(key);
+            }
+            old.apply_batch(done)?;
+            moved += chunk.len();
+        }
+        self.db.flush()?;
+        for name in ["jobs", "jobs_by_seq", "jobs_by_tenant"] {
+            self.db.drop_tree(name)?;
+        }
+        if moved > 0 {
+            tracing::info!(
+                jobs = moved,
+                took_ms = started.elapsed().as_millis() as u64,
+                "moved the jobs into blocks (a store from before them)"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Changes to `tenant_jobs` worked out before a job write's transaction, under `job_writes`:
+/// each block touched, with its sequence numbers as they will be (none: the block goes).
+#[derive(Default)]
+struct TenantBlocks {
+    blocks: std::collections::BTreeMap<Vec<u8>, Vec<u64>>,
+}
+
+impl TenantBlocks {
+    /// The key of the block `seq` of `tenant` falls in, as it will be; the block is then in
+    /// `self.blocks`.
+    fn block_of(&mut self, s: &Inner, tenant: TenantKey, seq: u64) -> Result<Option<Vec<u8>>> {
+        let first = cat(&[&tenant.0, &0u64.to_be_bytes()]);
+        let probe = cat(&[&tenant.0, &seq.to_be_bytes()]);
+        let pending = self.blocks.range(first..=probe).next_back();
+        let key = s
+            .tenant_block_of(tenant, seq)?
+            .max(pending.map(|(k, _)| k.clone()));
+        if let Some(key) = &key {
+            if !self.blocks.contains_key(key) {
+                let seqs = match s.tenant_jobs.get(key)? {
+                    Some(seqs) => blocks::seqs(&seqs)?,
+                    None => Vec::new(),
+                };
+                self.blocks.insert(key.clone(), seqs);
+            }
+        }
+        Ok(key)
+    }
+
+    fn insert(&mut self, s: &Inner, tenant: TenantKey, seq: u64) -> Result<()> {
+        let own_key = cat(&[&tenant.0, &seq.to_be_bytes()]);
+        let Some(key) = self.block_of(s, tenant, seq)? else {
+            self.blocks.insert(own_key, vec![seq]);
+            return Ok(());
+        };
+        let Some(seqs) = self.blocks.get_mut(&key) else {
+            return Err(ServiceError::Internal(
+                "a tenant job block went missing".into(),
+            ));
+        };
+        let Err(at) = seqs.binary_search(&seq) else {
+            return Ok(());
+        };
+        if seqs.len() < blocks::SEQS_PER_TENANT_BLOCK {
+            seqs.insert(at, seq);
+        } else {
+            // Full: `seq` starts a block of its own, with what comes after it.
+            let mut rest = seqs.split_off(at);
+            rest.insert(0, seq);
+            self.blocks.insert(own_key, rest);
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, s: &Inner, tenant: TenantKey, seq: u64) -> Result<()> {
+        if let Some(key) = self.block_of(s, tenant, seq)? {
+            if let Some(seqs) = self.blocks.get_mut(&key) {
+                seqs.retain(|&x| x != seq);
+            }
+        }
+        Ok(())
+    }
+
+    fn write(&self, tenant_jobs: &TransactionalTree) -> TxResult<()> {
+        for (key, seqs) in &self.blocks {
+            if seqs.is_empty() {
+                tenant_jobs.remove(key.as_slice())?;
+            } else {
+                tenant_jobs.insert(key.as_slice(), blocks::seqs_bytes(seqs))?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1455,9 +1746,11 @@ impl Inner {
         }
         let started = Instant::now();
         let mut counts = std::collections::BTreeMap::<JobStatus, u64>::new();
-        for value in self.jobs.iter().values() {
-            let job: StatusOnly = decode(&value?)?;
-            *counts.entry(job.status).or_default() += 1;
+        for block in self.job_blocks.iter().values() {
+            for (_, record) in blocks::entries(&block?)? {
+                let job: StatusOnly = decode(record)?;
+                *counts.entry(job.status).or_default() += 1;
+            }
         }
         let mut batch = sled::Batch::default();
         for status in JobStatus::ALL {
@@ -1624,6 +1917,67 @@ pub(super) mod tests {
                 other => return other.expect("reopen"),
             }
         }
+    }
+
+    #[test]
+    fn a_store_with_one_key_per_job_is_moved_into_blocks_at_open() {
+        use crate::store::contract::job;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = reopen(dir.path());
+        const OTHER: &str = "5d9a3f0e2b7c4c1e9f3a7e6b1d2c4a5f";
+        // 2,500 jobs (more than one chunk of the move) of two tenants, as the layout before
+        // the blocks kept them: one key per job in three trees, records in format 1.
+        let jobs: Vec<(TenantKey, Job)> = (0..2500)
+            .map(|i| {
+                let status = [JobStatus::Replicated, JobStatus::ReplicateRequested][i % 2];
+                job(&store, if i % 3 == 0 { OTHER } else { OWNER }, status)
+            })
+            .collect();
+        {
+            let inner = store.current().expect("open");
+            let tree = |name: &str| inner.db.open_tree(name).expect("tree");
+            let (old, by_seq, by_tenant) =
+                (tree("jobs"), tree("jobs_by_seq"), tree("jobs_by_tenant"));
+            for (tenant, j) in &jobs {
+                let id = j.wire.job_id;
+                old.insert(id.as_bytes(), encode(j).expect("encode"))
+                    .expect("insert");
+                by_seq
+                    .insert(j.seq.to_be_bytes(), id.as_bytes())
+                    .expect("insert");
+                by_tenant
+                    .insert(cat(&[&tenant.0, &j.seq.to_be_bytes()]), id.as_bytes())
+                    .expect("insert");
+                if j.wire.status == JobStatus::ReplicateRequested {
+                    inner
+                        .queue
+                        .insert(j.seq.to_be_bytes(), id.as_bytes())
+                        .expect("queue");
+                }
+            }
+            inner.job_counts.clear().expect("no counts yet");
+        }
+        drop(store);
+        let store = reopen(dir.path());
+        let all = store.jobs(&JobQuery::all(None), &|_| true).expect("all");
+        assert_eq!(all.len(), 2500);
+        assert!(all.windows(2).all(|w| w[0].seq < w[1].seq), "in order");
+        assert_eq!(all, jobs.iter().map(|(_, j)| j.clone()).collect::<Vec<_>>());
+        let other = store
+            .jobs(&JobQuery::all(TenantKey::parse(OTHER)), &|_| true)
+            .expect("other's");
+        assert_eq!(other.len(), 834);
+        let (_, one) = &jobs[1234];
+        assert_eq!(store.job(one.wire.job_id).expect("job").as_ref(), Some(one));
+        assert_eq!(store.queued().expect("queue").len(), 1250);
+        let counts = store.job_status_counts().expect("counts");
+        assert_eq!(counts.get(&JobStatus::Replicated), Some(&1250));
+        assert_eq!(counts.get(&JobStatus::ReplicateRequested), Some(&1250));
+        let names = store.current().expect("open").db.tree_names();
+        assert!(
+            !names.iter().any(|n| n.as_ref() == b"jobs"),
+            "the old trees go"
+        );
     }
 
     #[test]
