@@ -72,7 +72,7 @@
 # loop with as many threads on the same file system, with POSTs per fdatasync (perf, else
 # strace) and server CPU per POST. It puts its section into BENCHMARKS.md (a temp file, printed,
 # with --quick). About 10 minutes (under a minute with --quick). Environment:
-# BENCH_SEED_BATCH (jobs per `job seed` call, default 100000).
+# BENCH_SEED_BATCH (jobs per `job seed` call; default: one call per size).
 
 set -euo pipefail
 

@@ -585,12 +585,13 @@ def report(args, meta, results):
     posts = [r for r in results if r["kind"] == "post"]
     audits = {(r["store"], r["connections"]): r for r in results if r["kind"] == "sync-audit"}
     med = statistics.median
+    seed_calls = ("one call per size" if args.seed_batch >= max(r.get("seeded", 0) for r in results)
+                  else f"calls of at most {args.seed_batch:,} jobs")
     lines = [START, "## Costs as the store grows (issue 18)", ""]
     quick = " (--quick: tiny sizes, these figures only show that the script runs)" if args.quick else ""
     lines.append(
         f"Measured {meta['started']} to {meta['ended']} with `{meta['command']}`{quick} on commit "
-        f"`{meta['commit']}`, binary `{meta['bin']}`: the **before** figures of issue 18, "
-        "taken before the changes it asks for. Machine: "
+        f"`{meta['commit']}`, binary `{meta['bin']}`{args.label}. Machine: "
         f"{meta['cores']} cores, Linux {meta['kernel']}, the data on {meta['fstype']} "
         f"({meta['tmpdir']}); load average at start / end {' '.join(meta['load_start'])} / "
         f"{' '.join(meta['load_end'])} (the machine is shared with other builds and tests). "
@@ -598,8 +599,7 @@ def report(args, meta, results):
     lines.append("")
     lines.append(
         f"One data directory grows from size to size: `job seed FILE` through the running "
-        f"server (files of at most {args.seed_batch:,} jobs: the seed holds about 21 KB a job "
-        f"in memory and the admin socket takes at most 256 MiB a request), {len(TENANTS)} "
+        f"server ({seed_calls}), {len(TENANTS)} "
         f"tenants in {len(REGIONS)} regions (plus a probe tenant with {PROBE_JOBS} jobs at every "
         "size), 80 % replicated, 10 % error, 8 % canceled, 2 % replicate_requested (seeded "
         "without `--enqueue`, so the worker stays idle). At each size the server (worker on) "
@@ -766,8 +766,9 @@ def main():
     ap.add_argument("--out", help="the Markdown file (default BENCHMARKS.md; --quick: a temp file)")
     ap.add_argument("--reps", type=int)
     ap.add_argument("--duration", type=int, help="seconds of each POST run and fsync loop")
-    ap.add_argument("--seed-batch", type=int, default=100_000,
-                    help="jobs per `job seed` call (default 100000)")
+    ap.add_argument("--label", default="", help="words after the binary's name in the report")
+    ap.add_argument("--seed-batch", type=int, default=1_000_000_000,
+                    help="jobs per `job seed` call (default: one call per size)")
     ap.add_argument("--sizes", help="comma-separated store sizes")
     ap.add_argument("--command", help=argparse.SUPPRESS)  # as bench.sh was called
     args = ap.parse_args()

@@ -1114,10 +1114,7 @@ impl Jobs for SledStore {
     }
 
     fn job(&self, id: Uuid) -> Result<Option<Job>> {
-        self.with(|s| match s.seq_of(id)? {
-            Some(seq) => s.job_at(seq),
-            None => Ok(None),
-        })
+        self.with(|s| Ok(s.locate(id)?.map(|(_, job)| job)))
     }
 
     fn update_job(
@@ -1127,7 +1124,7 @@ impl Jobs for SledStore {
     ) -> Result<Option<Job>> {
         let _writes = self.job_writes()?;
         self.with(|s| {
-            let Some(seq) = s.seq_of(id)? else {
+            let Some((seq, _)) = s.locate(id)? else {
                 return Ok(None);
             };
             let block_key = blocks::block_key(seq);
@@ -1317,12 +1314,7 @@ impl Jobs for SledStore {
             let mut going: Vec<Job> = Vec::new();
             let mut tenants = TenantBlocks::default();
             for id in ids {
-                let Some(job) = s
-                    .seq_of(*id)?
-                    .map(|seq| s.job_at(seq))
-                    .transpose()?
-                    .flatten()
-                else {
+                let Some((_, job)) = s.locate(*id)? else {
                     continue;
                 };
                 if !only(&job) || going.iter().any(|g| g.wire.job_id == *id) {
@@ -1354,9 +1346,9 @@ impl Jobs for SledStore {
                                         None => job_blocks.remove(&key)?,
                                     };
                                 }
-                                let bucket = blocks::bucket_key(&job.wire.job_id);
+                                let (bucket, tag) = blocks::id_place(&job.wire.job_id);
                                 if let Some(ids) = job_ids.get(bucket)? {
-                                    match blocks::bucket_without(&ids, &job.wire.job_id) {
+                                    match blocks::bucket_without(&ids, tag, job.seq) {
                                         Some(ids) => job_ids.insert(&bucket, ids)?,
                                         None => job_ids.remove(&bucket)?,
                                     };
@@ -1419,9 +1411,20 @@ impl Jobs for SledStore {
 }
 
 impl Inner {
-    fn seq_of(&self, id: Uuid) -> Result<Option<u64>> {
-        let bucket = self.job_ids.get(blocks::bucket_key(&id))?;
-        Ok(bucket.and_then(|b| blocks::bucket_find(&b, &id)))
+    /// Job `id` and its sequence number.
+    fn locate(&self, id: Uuid) -> Result<Option<(u64, Job)>> {
+        let (bucket, tag) = blocks::id_place(&id);
+        let Some(bucket) = self.job_ids.get(bucket)? else {
+            return Ok(None);
+        };
+        for seq in blocks::bucket_find(&bucket, tag) {
+            if let Some(job) = self.job_at::<Job>(seq)? {
+                if job.wire.job_id == id {
+                    return Ok(Some((seq, job)));
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// The job with sequence number `seq` (`T`: [`Job`] or [`JobWire`]).
@@ -1451,17 +1454,14 @@ impl Inner {
         {
             // Which are new (an identical job is left as it is, another one is a conflict),
             // and where they go in `tenant_jobs`: worked out first, under `job_writes`.
-            let mut new: Vec<(&Job, [u8; 2])> = Vec::new();
+            let mut new: Vec<(&Job, blocks::IdPlace)> = Vec::new();
             let mut in_batch: std::collections::HashMap<Uuid, &Job> = Default::default();
             let mut tenants = TenantBlocks::default();
             for (tenant, job) in jobs {
                 let id = job.wire.job_id;
                 let old = match in_batch.get(&id) {
                     Some(old) => Some((*old).clone()),
-                    None => match s.seq_of(id)? {
-                        Some(seq) => s.job_at(seq)?,
-                        None => None,
-                    },
+                    None => s.locate(id)?.map(|(_, job)| job),
                 };
                 if let Some(old) = old {
                     if old.wire == job.wire {
@@ -1473,7 +1473,7 @@ impl Inner {
                 }
                 in_batch.insert(id, job);
                 tenants.insert(s, *tenant, job.seq)?;
-                new.push((job, blocks::bucket_key(&id)));
+                new.push((job, blocks::id_place(&id)));
             }
             if new.is_empty() {
                 return Ok(0);
@@ -1488,7 +1488,7 @@ impl Inner {
                 )
                     .transaction(
                         |(job_blocks, job_ids, tenant_jobs, queue, counts)| {
-                            for (job, bucket) in &new {
+                            for (job, (bucket, tag)) in &new {
                                 let key = blocks::block_key(job.seq);
                                 let record = tx_encode_job(job)?;
                                 let block = job_blocks.get(key)?;
@@ -1496,8 +1496,7 @@ impl Inner {
                                     .map_err(abort)?;
                                 job_blocks.insert(&key, block)?;
                                 let ids = job_ids.get(bucket)?;
-                                let ids =
-                                    blocks::bucket_with(ids.as_deref(), &job.wire.job_id, job.seq);
+                                let ids = blocks::bucket_with(ids.as_deref(), *tag, job.seq);
                                 job_ids.insert(bucket, ids)?;
                                 sync_queue(queue, job)?;
                                 count(counts, job.wire.status, 1)?;

@@ -6,7 +6,8 @@
 //! doing nothing and most of the start-up. So jobs are kept in blocks:
 //! - `job_blocks`: seq / [`JOBS_PER_BLOCK`] (u64 BE) → the block's jobs, each its sequence
 //!   number and its record (as `encode_job` wrote it), in sequence order;
-//! - `job_ids`: [`bucket_key`] of a job id (65,536 buckets) → id ‖ seq of each job there;
+//! - `job_ids`: the bucket of a job id (65,536 of them, see [`id_place`]) → tag ‖ seq of
+//!   each job there (12 bytes; the record at seq says whose it is);
 //! - `tenant_jobs`: source tenant key ‖ the block's first seq (u64 BE) → the sequence
 //!   numbers of that tenant's jobs from there, in order, at most [`SEQS_PER_TENANT_BLOCK`]
 //!   (a block's seqs lie between its key and the next block's).
@@ -27,9 +28,13 @@ pub fn block_key(seq: u64) -> [u8; 8] {
     (seq / JOBS_PER_BLOCK).to_be_bytes()
 }
 
-/// The bucket of `job_ids` that holds `id`: two bytes of a mix of all its bits, so that ids
-/// that are not random (a seed's, a time-ordered UUID's) spread as well.
-pub fn bucket_key(id: &Uuid) -> [u8; 2] {
+/// A job id's bucket in `job_ids` and its tag there.
+pub type IdPlace = ([u8; 2], [u8; 4]);
+
+/// Where `id` is kept in `job_ids`: its bucket and the tag that tells it from the others
+/// there, from a mix of all its bits, so that ids that are not random (a seed's, a
+/// time-ordered UUID's) spread as well. Two ids of one bucket share a tag once in 2^32.
+pub fn id_place(id: &Uuid) -> IdPlace {
     let (hi, lo) = id.as_u64_pair();
     let mut x = hi ^ lo.rotate_left(29);
     // splitmix64's finalizer
@@ -38,8 +43,8 @@ pub fn bucket_key(id: &Uuid) -> [u8; 2] {
     x ^= x >> 27;
     x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
     x ^= x >> 31;
-    let [a, b, ..] = x.to_be_bytes();
-    [a, b]
+    let [a, b, c, d, e, f, ..] = x.to_be_bytes();
+    ([a, b], [c, d, e, f])
 }
 
 fn corrupt(what: &str) -> ServiceError {
@@ -112,38 +117,40 @@ pub fn without(block: &[u8], seq: u64) -> Result<Option<Vec<u8>>> {
     Ok((!all.is_empty()).then(|| block_bytes(&all)))
 }
 
-/// The sequence number of job `id` in a `job_ids` bucket (id 16 bytes ‖ seq 8 bytes each).
-pub fn bucket_find(bucket: &[u8], id: &Uuid) -> Option<u64> {
+/// The sequence numbers in a `job_ids` bucket (tag 4 bytes ‖ seq 8 bytes each) of the jobs
+/// tagged `tag`: the one asked for is among them, if it is kept.
+pub fn bucket_find(bucket: &[u8], tag: [u8; 4]) -> Vec<u64> {
     bucket
-        .chunks_exact(24)
-        .find(|e| e[..16] == id.as_bytes()[..])
-        .and_then(|e| u64_at(e, 16))
+        .chunks_exact(12)
+        .filter(|e| e[..4] == tag)
+        .filter_map(|e| u64_at(e, 4))
+        .collect()
 }
 
-/// `bucket` (none yet: empty) with `id` at `seq`.
-pub fn bucket_with(bucket: Option<&[u8]>, id: &Uuid, seq: u64) -> Vec<u8> {
-    let mut out: Vec<u8> = match bucket {
-        Some(b) => b
-            .chunks_exact(24)
-            .filter(|e| e[..16] != id.as_bytes()[..])
-            .flatten()
-            .copied()
-            .collect(),
-        None => Vec::new(),
-    };
-    out.extend_from_slice(id.as_bytes());
-    out.extend_from_slice(&seq.to_be_bytes());
+fn bucket_entries<'a>(bucket: &'a [u8], but: &'a [u8; 12]) -> impl Iterator<Item = &'a u8> {
+    bucket.chunks_exact(12).filter(move |e| *e != but).flatten()
+}
+
+fn entry(tag: [u8; 4], seq: u64) -> [u8; 12] {
+    let mut e = [0; 12];
+    e[..4].copy_from_slice(&tag);
+    e[4..].copy_from_slice(&seq.to_be_bytes());
+    e
+}
+
+/// `bucket` (none yet: empty) with the job tagged `tag` at `seq`.
+pub fn bucket_with(bucket: Option<&[u8]>, tag: [u8; 4], seq: u64) -> Vec<u8> {
+    let new = entry(tag, seq);
+    let mut out: Vec<u8> = bucket_entries(bucket.unwrap_or_default(), &new)
+        .copied()
+        .collect();
+    out.extend_from_slice(&new);
     out
 }
 
-/// `bucket` without `id`; `None` when nothing is left.
-pub fn bucket_without(bucket: &[u8], id: &Uuid) -> Option<Vec<u8>> {
-    let out: Vec<u8> = bucket
-        .chunks_exact(24)
-        .filter(|e| e[..16] != id.as_bytes()[..])
-        .flatten()
-        .copied()
-        .collect();
+/// `bucket` without the job tagged `tag` at `seq`; `None` when nothing is left.
+pub fn bucket_without(bucket: &[u8], tag: [u8; 4], seq: u64) -> Option<Vec<u8>> {
+    let out: Vec<u8> = bucket_entries(bucket, &entry(tag, seq)).copied().collect();
     (!out.is_empty()).then_some(out)
 }
 
@@ -187,27 +194,30 @@ mod tests {
     }
 
     #[test]
-    fn a_bucket_finds_each_id_once() {
-        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-        let bucket = bucket_with(None, &a, 1);
-        let bucket = bucket_with(Some(&bucket), &b, 2);
-        let bucket = bucket_with(Some(&bucket), &a, 3);
-        assert_eq!(bucket.len(), 48);
-        assert_eq!(bucket_find(&bucket, &a), Some(3));
-        assert_eq!(bucket_find(&bucket, &b), Some(2));
-        let bucket = bucket_without(&bucket, &a).expect("b left");
-        assert_eq!(bucket_find(&bucket, &a), None);
-        assert_eq!(bucket_without(&bucket, &b), None);
+    fn a_bucket_finds_each_job_by_its_tag() {
+        let (a, b) = ([1, 2, 3, 4], [9, 9, 9, 9]);
+        let bucket = bucket_with(None, a, 1);
+        let bucket = bucket_with(Some(&bucket), b, 2);
+        let bucket = bucket_with(Some(&bucket), a, 3);
+        let bucket = bucket_with(Some(&bucket), a, 3);
+        assert_eq!(bucket.len(), 36);
+        assert_eq!(bucket_find(&bucket, a), vec![1, 3]);
+        assert_eq!(bucket_find(&bucket, b), vec![2]);
+        assert_eq!(bucket_find(&bucket, [0; 4]), Vec::<u64>::new());
+        let bucket = bucket_without(&bucket, a, 1).expect("left");
+        assert_eq!(bucket_find(&bucket, a), vec![3]);
+        let bucket = bucket_without(&bucket, a, 3).expect("b left");
+        assert_eq!(bucket_without(&bucket, b, 2), None);
     }
 
     #[test]
     fn ids_that_differ_in_one_place_spread_over_the_buckets() {
-        let mut buckets = std::collections::HashSet::new();
+        let mut places = std::collections::HashSet::new();
         for i in 0..1000u128 {
-            buckets.insert(bucket_key(&Uuid::from_u128(i)));
-            buckets.insert(bucket_key(&Uuid::from_u128(i << 100)));
+            places.insert(id_place(&Uuid::from_u128(i)).0);
+            places.insert(id_place(&Uuid::from_u128(i << 100)).0);
         }
-        assert!(buckets.len() > 1900, "{} buckets", buckets.len());
+        assert!(places.len() > 1900, "{} buckets", places.len());
     }
 
     #[test]
