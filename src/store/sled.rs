@@ -35,6 +35,7 @@
 
 mod blocks;
 mod packed;
+mod upgrade;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -371,8 +372,12 @@ fn tx_encode<T: Serialize>(
 
 impl Inner {
     fn open(path: &Path) -> std::result::Result<Inner, OpenError> {
+        Inner::with_db(path, open_db(path)?)
+    }
+
+    /// The trees of `db`, opened at `path`.
+    fn with_db(path: &Path, db: sled::Db) -> std::result::Result<Inner, OpenError> {
         let shown = path.display().to_string();
-        let db = open_db(path)?;
         restrict_tree(path).map_err(|e| OpenError::Other {
             path: shown.clone(),
             reason: format!("cannot make its files private: {e}"),
@@ -425,18 +430,17 @@ impl SledStore {
     pub fn open(dir: &Path, node: &str) -> std::result::Result<SledStore, OpenError> {
         secure_data_dir(dir)?;
         let path = dir.join("db");
-        let inner = Inner::open(&path)?;
+        upgrade::settle(&path)?;
+        let mut inner = Inner::open(&path)?;
+        if upgrade::needed(&inner.db) {
+            drop(inner);
+            upgrade::into_blocks(&path)?;
+            inner = Inner::with_db(&path, upgrade::open_again(&path)?)?;
+        }
         inner.sweep_all().map_err(|e| OpenError::Other {
             path: path.display().to_string(),
             reason: format!("cannot delete stale chunk index entries: {e}"),
         })?;
-        let store_error = |what: &str, e: ServiceError| OpenError::Other {
-            path: path.display().to_string(),
-            reason: format!("{what}: {e}"),
-        };
-        inner
-            .move_jobs_into_blocks()
-            .map_err(|e| store_error("cannot move its jobs into blocks", e))?;
         inner.count_jobs_once().map_err(|e| OpenError::Other {
             path: path.display().to_string(),
             reason: format!("cannot count its jobs: {e}"),
@@ -1508,60 +1512,6 @@ impl Inner {
             Ok(new.len())
         }
     }
-
-    /// Moves the jobs of a store from before the blocks (one key per job in `jobs`,
-    /// `jobs_by_seq` and `jobs_by_tenant`) into them, a thousand at a time, then drops the old
-    /// trees. A crash part way is taken up at the next open: a job moved already is left as it
-    /// is, and the counts are made again at the end.
-    fn move_jobs_into_blocks(&self) -> Result<()> {
-        if !self.db.tree_names().iter().any(|n| n.as_ref() == b"jobs") {
-            return Ok(());
-        }
-        let old = self.db.open_tree("jobs")?;
-        let started = Instant::now();
-        let mut moved = 0;
-        if !old.is_empty() {
-            self.job_counts.remove(COUNTS_KEPT)?;
-        }
-        loop {
-            let mut chunk = Vec::new();
-            let mut keys = Vec::new();
-            for entry in old.iter().take(1000) {
-                let (key, value) = entry?;
-                let job: Job = decode(&value)?;
-                let tenant = TenantKey::parse(&job.wire.source_tenant_id).ok_or_else(|| {
-                    ServiceError::Internal(format!(
-                        "job {} names a source tenant that is not a tenant id",
-                        job.wire.job_id
-                    ))
-                })?;
-                chunk.push((tenant, job));
-                keys.push(key);
-            }
-            if chunk.is_empty() {
-                break;
-            }
-            self.insert_new_jobs(&chunk)?;
-            let mut done = sled::Batch::default();
-            for key in keys {
-                done.remove(key);
-            }
-            old.apply_batch(done)?;
-            moved += chunk.len();
-        }
-        self.db.flush()?;
-        for name in ["jobs", "jobs_by_seq", "jobs_by_tenant"] {
-            self.db.drop_tree(name)?;
-        }
-        if moved > 0 {
-            tracing::info!(
-                jobs = moved,
-                took_ms = started.elapsed().as_millis() as u64,
-                "moved the jobs into blocks (a store from before them)"
-            );
-        }
-        Ok(())
-    }
 }
 
 /// Changes to `tenant_jobs` worked out before a job write's transaction, under `job_writes`:
@@ -1977,6 +1927,13 @@ pub(super) mod tests {
             !names.iter().any(|n| n.as_ref() == b"jobs"),
             "the old trees go"
         );
+        let last = jobs.iter().map(|(_, j)| j.seq).max().expect("jobs");
+        assert!(
+            store.next_seq().expect("seq") > last,
+            "new jobs come after the moved ones"
+        );
+        assert!(!dir.path().join("db.moving").exists());
+        assert!(!dir.path().join("db.before-blocks").exists());
     }
 
     #[test]
