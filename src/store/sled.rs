@@ -1455,62 +1455,66 @@ impl Inner {
     /// [`Jobs::insert_jobs`], under `job_writes`.
     fn insert_new_jobs(&self, jobs: &[(TenantKey, Job)]) -> Result<usize> {
         let s = self;
-        {
-            // Which are new (an identical job is left as it is, another one is a conflict),
-            // and where they go in `tenant_jobs`: worked out first, under `job_writes`.
-            let mut new: Vec<(&Job, blocks::IdPlace)> = Vec::new();
-            let mut in_batch: std::collections::HashMap<Uuid, &Job> = Default::default();
-            let mut tenants = TenantBlocks::default();
-            for (tenant, job) in jobs {
-                let id = job.wire.job_id;
-                let old = match in_batch.get(&id) {
-                    Some(old) => Some((*old).clone()),
-                    None => s.locate(id)?.map(|(_, job)| job),
-                };
-                if let Some(old) = old {
-                    if old.wire == job.wire {
-                        continue;
-                    }
-                    return Err(ServiceError::Conflict(format!(
-                        "job {id} already exists with different content"
-                    )));
+        // Which are new (an identical job is left as it is, another one is a conflict),
+        // and where they go in `tenant_jobs`: worked out first, under `job_writes`.
+        let mut new: Vec<(&Job, blocks::IdPlace)> = Vec::new();
+        let mut in_batch: std::collections::HashMap<Uuid, &Job> = Default::default();
+        let mut tenants = TenantBlocks::default();
+        for (tenant, job) in jobs {
+            let id = job.wire.job_id;
+            let old = match in_batch.get(&id) {
+                Some(old) => Some((*old).clone()),
+                None => s.locate(id)?.map(|(_, job)| job),
+            };
+            if let Some(old) = old {
+                if old.wire == job.wire {
+                    continue;
                 }
-                in_batch.insert(id, job);
-                tenants.insert(s, *tenant, job.seq)?;
-                new.push((job, blocks::id_place(&id)));
+                return Err(ServiceError::Conflict(format!(
+                    "job {id} already exists with different content"
+                )));
             }
-            if new.is_empty() {
-                return Ok(0);
-            }
-            tx_result(
-                (
-                    &s.job_blocks,
-                    &s.job_ids,
-                    &s.tenant_jobs,
-                    &s.queue,
-                    &s.job_counts,
-                )
-                    .transaction(
-                        |(job_blocks, job_ids, tenant_jobs, queue, counts)| {
-                            for (job, (bucket, tag)) in &new {
-                                let key = blocks::block_key(job.seq);
-                                let record = tx_encode_job(job)?;
-                                let block = job_blocks.get(key)?;
-                                let block = blocks::with(block.as_deref(), job.seq, &record)
-                                    .map_err(abort)?;
-                                job_blocks.insert(&key, block)?;
-                                let ids = job_ids.get(bucket)?;
-                                let ids = blocks::bucket_with(ids.as_deref(), *tag, job.seq);
-                                job_ids.insert(bucket, ids)?;
-                                sync_queue(queue, job)?;
-                                count(counts, job.wire.status, 1)?;
-                            }
-                            tenants.write(tenant_jobs)
-                        },
-                    ),
-            )?;
-            Ok(new.len())
+            in_batch.insert(id, job);
+            tenants.insert(s, *tenant, job.seq)?;
+            new.push((job, blocks::id_place(&id)));
         }
+        if new.is_empty() {
+            return Ok(0);
+        }
+        tx_result(
+            (
+                &s.job_blocks,
+                &s.job_ids,
+                &s.tenant_jobs,
+                &s.queue,
+                &s.job_counts,
+            )
+                .transaction(|(job_blocks, job_ids, tenant_jobs, queue, counts)| {
+                    for (job, (bucket, tag)) in &new {
+                        let key = blocks::block_key(job.seq);
+                        let record = tx_encode_job(job)?;
+                        let block = job_blocks.get(key)?;
+                        if let Some(taken) = &block {
+                            if blocks::find(taken, job.seq).map_err(abort)?.is_some() {
+                                return Err(abort(ServiceError::Conflict(format!(
+                                    "job {}: its sequence number {} is another job's",
+                                    job.wire.job_id, job.seq
+                                ))));
+                            }
+                        }
+                        let block =
+                            blocks::with(block.as_deref(), job.seq, &record).map_err(abort)?;
+                        job_blocks.insert(&key, block)?;
+                        let ids = job_ids.get(bucket)?;
+                        let ids = blocks::bucket_with(ids.as_deref(), *tag, job.seq);
+                        job_ids.insert(bucket, ids)?;
+                        sync_queue(queue, job)?;
+                        count(counts, job.wire.status, 1)?;
+                    }
+                    tenants.write(tenant_jobs)
+                }),
+        )?;
+        Ok(new.len())
     }
 }
 
