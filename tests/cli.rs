@@ -1840,9 +1840,8 @@ fn peak_kib(pid: u32) -> u64 {
 
 /// 300,000 jobs (`SEED_JOBS` sets another number) seeded with no server and through one: the
 /// CLI's peak memory stays under 64 MiB, and so does what the seed adds to the server's.
-/// Slow in a debug build (scripts/seed-memory.sh runs it on a release build). Not met yet with
-/// no server: the CLI that opens sled itself peaks near 110 MB for 50,000 jobs in a debug build
-/// (sled's cache, 48 MB of it before any job); the CLI sending to a server stays near 19 MiB.
+/// Slow in a debug build (scripts/seed-memory.sh runs it on a release build: 44 MiB for the
+/// CLI with no server, 6 MiB for the CLI and +30 MiB for the server through one).
 #[test]
 #[ignore]
 fn a_seed_of_300_000_jobs_stays_in_bounded_memory() {

@@ -33,8 +33,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 
 sys.dont_write_bytecode = True  # no __pycache__ in scripts/bench
@@ -59,7 +57,6 @@ NAMES = ["cirros-0.6.2", "ubuntu-24.04-server-cloudimg-amd64", "debian-12-generi
          "windows-server-2022-eval", "alpine-virt-3.20.1"]
 # Mostly terminal, a few waiting (seeded without --enqueue: the worker leaves them alone).
 STATUSES = [("replicated", 80), ("error", 10), ("canceled", 8), ("replicate_requested", 2)]
-_http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 PROCS = []  # every process started, stopped at exit
 
 
@@ -72,19 +69,7 @@ def die(msg):
 
 
 def call(method, url, token=None, body=None, timeout=60):
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method)
-    if token:
-        req.add_header("X-Auth-Token", token)
-    if data:
-        req.add_header("Content-Type", "application/json")
-    try:
-        with _http.open(req, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-    except (urllib.error.URLError, ConnectionError, OSError):
-        return None, b""
+    return helper.http(method, url, token, body, timeout, unreachable=(None, b""))
 
 
 def spawn(cmd, **kw):

@@ -116,7 +116,13 @@ def deltas(before, after):
     return out
 
 
-def http(method, url, token=None, body=None, timeout=30):
+# Loopback only: never through a proxy from the environment.
+_LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def http(method, url, token=None, body=None, timeout=30, unreachable=None):
+    """(status, body) of one request; a server that does not answer raises, or gives
+    `unreachable` when one is given."""
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method)
     if token:
@@ -124,10 +130,14 @@ def http(method, url, token=None, body=None, timeout=30):
     if data is not None:
         req.add_header("Content-Type", "application/json")
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with _LOOPBACK.open(req, timeout=timeout) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
+    except (urllib.error.URLError, ConnectionError, OSError):
+        if unreachable is None:
+            raise
+        return unreachable
 
 
 def metrics(port):

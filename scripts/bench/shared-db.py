@@ -36,8 +36,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 
 sys.dont_write_bytecode = True  # no __pycache__ in scripts/bench
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +53,6 @@ TOKEN3 = "bench" + "3" * 27  # T3: 100 jobs (P3)
 TOKEN4 = "bench" + "4" * 27  # T4: 10 jobs (P1)
 IMAGE_SMALL = "7c9e6679-7425-40de-944b-e07fc1f90ae7"
 IMAGE_BIG = "8d0f7780-8536-41ef-a55c-f18fd2fa1bf8"
-_http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def log(msg):
@@ -63,17 +60,7 @@ def log(msg):
 
 
 def call(method, url, token=None, body=None, timeout=30):
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method)
-    if token:
-        req.add_header("X-Auth-Token", token)
-    if data:
-        req.add_header("Content-Type", "application/json")
-    try:
-        with _http.open(req, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
+    return helper.http(method, url, token, body, timeout)
 
 
 class Cluster:
