@@ -1332,38 +1332,29 @@ impl Jobs for SledStore {
             if going.is_empty() {
                 return Ok(Vec::new());
             }
-            tx_result(
-                (
-                    &s.job_blocks,
-                    &s.job_ids,
-                    &s.tenant_jobs,
-                    &s.queue,
-                    &s.job_counts,
-                )
-                    .transaction(
-                        |(job_blocks, job_ids, tenant_jobs, queue, counts)| {
-                            for job in &going {
-                                let key = blocks::block_key(job.seq);
-                                if let Some(block) = job_blocks.get(key)? {
-                                    match blocks::without(&block, job.seq).map_err(abort)? {
-                                        Some(block) => job_blocks.insert(&key, block)?,
-                                        None => job_blocks.remove(&key)?,
-                                    };
-                                }
-                                let (bucket, tag) = blocks::id_place(&job.wire.job_id);
-                                if let Some(ids) = job_ids.get(bucket)? {
-                                    match blocks::bucket_without(&ids, tag, job.seq) {
-                                        Some(ids) => job_ids.insert(&bucket, ids)?,
-                                        None => job_ids.remove(&bucket)?,
-                                    };
-                                }
-                                queue.remove(&job.seq.to_be_bytes())?;
-                                count(counts, job.wire.status, -1)?;
-                            }
-                            tenants.write(tenant_jobs)
-                        },
-                    ),
-            )?;
+            tx_result(s.job_trees().transaction(
+                |(job_blocks, job_ids, tenant_jobs, queue, counts)| {
+                    for job in &going {
+                        let key = blocks::block_key(job.seq);
+                        if let Some(block) = job_blocks.get(key)? {
+                            match blocks::without(&block, job.seq).map_err(abort)? {
+                                Some(block) => job_blocks.insert(&key, block)?,
+                                None => job_blocks.remove(&key)?,
+                            };
+                        }
+                        let (bucket, tag) = blocks::id_place(&job.wire.job_id);
+                        if let Some(ids) = job_ids.get(bucket)? {
+                            match blocks::bucket_without(&ids, tag, job.seq) {
+                                Some(ids) => job_ids.insert(&bucket, ids)?,
+                                None => job_ids.remove(&bucket)?,
+                            };
+                        }
+                        queue.remove(&job.seq.to_be_bytes())?;
+                        count(counts, job.wire.status, -1)?;
+                    }
+                    tenants.write(tenant_jobs)
+                },
+            ))?;
             self.jobs_changed();
             Ok(going.into_iter().map(|j| j.wire.job_id).collect())
         })
@@ -1415,6 +1406,17 @@ impl Jobs for SledStore {
 }
 
 impl Inner {
+    /// The trees a job's insert or removal writes in one transaction.
+    fn job_trees(&self) -> (&Tree, &Tree, &Tree, &Tree, &Tree) {
+        (
+            &self.job_blocks,
+            &self.job_ids,
+            &self.tenant_jobs,
+            &self.queue,
+            &self.job_counts,
+        )
+    }
+
     /// Job `id` and its sequence number.
     fn locate(&self, id: Uuid) -> Result<Option<(u64, Job)>> {
         let (bucket, tag) = blocks::id_place(&id);
@@ -1481,39 +1483,31 @@ impl Inner {
         if new.is_empty() {
             return Ok(0);
         }
-        tx_result(
-            (
-                &s.job_blocks,
-                &s.job_ids,
-                &s.tenant_jobs,
-                &s.queue,
-                &s.job_counts,
-            )
-                .transaction(|(job_blocks, job_ids, tenant_jobs, queue, counts)| {
-                    for (job, (bucket, tag)) in &new {
-                        let key = blocks::block_key(job.seq);
-                        let record = tx_encode_job(job)?;
-                        let block = job_blocks.get(key)?;
-                        if let Some(taken) = &block {
-                            if blocks::find(taken, job.seq).map_err(abort)?.is_some() {
-                                return Err(abort(ServiceError::Conflict(format!(
-                                    "job {}: its sequence number {} is another job's",
-                                    job.wire.job_id, job.seq
-                                ))));
-                            }
+        tx_result(s.job_trees().transaction(
+            |(job_blocks, job_ids, tenant_jobs, queue, counts)| {
+                for (job, (bucket, tag)) in &new {
+                    let key = blocks::block_key(job.seq);
+                    let record = tx_encode_job(job)?;
+                    let block = job_blocks.get(key)?;
+                    if let Some(taken) = &block {
+                        if blocks::find(taken, job.seq).map_err(abort)?.is_some() {
+                            return Err(abort(ServiceError::Conflict(format!(
+                                "job {}: its sequence number {} is another job's",
+                                job.wire.job_id, job.seq
+                            ))));
                         }
-                        let block =
-                            blocks::with(block.as_deref(), job.seq, &record).map_err(abort)?;
-                        job_blocks.insert(&key, block)?;
-                        let ids = job_ids.get(bucket)?;
-                        let ids = blocks::bucket_with(ids.as_deref(), *tag, job.seq);
-                        job_ids.insert(bucket, ids)?;
-                        sync_queue(queue, job)?;
-                        count(counts, job.wire.status, 1)?;
                     }
-                    tenants.write(tenant_jobs)
-                }),
-        )?;
+                    let block = blocks::with(block.as_deref(), job.seq, &record).map_err(abort)?;
+                    job_blocks.insert(&key, block)?;
+                    let ids = job_ids.get(bucket)?;
+                    let ids = blocks::bucket_with(ids.as_deref(), *tag, job.seq);
+                    job_ids.insert(bucket, ids)?;
+                    sync_queue(queue, job)?;
+                    count(counts, job.wire.status, 1)?;
+                }
+                tenants.write(tenant_jobs)
+            },
+        ))?;
         Ok(new.len())
     }
 }
