@@ -176,6 +176,20 @@ fn open_db(path: &Path) -> std::result::Result<sled::Db, OpenError> {
     db.map_err(|e| open_error(&shown, e))
 }
 
+/// Opens sled at `path` once a handle just closed has let go of its lock (sled's flusher
+/// thread holds it a moment longer), waiting at most `wait`.
+fn open_db_when_free(path: &Path, wait: Duration) -> std::result::Result<sled::Db, OpenError> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match open_db(path) {
+            Err(OpenError::Locked(_)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 fn open_error(shown: &str, e: sled::Error) -> OpenError {
     let text = e.to_string();
     let locked = matches!(&e, sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock)
@@ -275,6 +289,8 @@ const REOPEN_EVERY: Duration = Duration::from_secs(1);
 const REOPEN_DRAIN: Duration = Duration::from_secs(3);
 /// Below this much free space a reopen is not tried: sled writes a snapshot as it opens.
 const REOPEN_MIN_FREE: u64 = 1 << 20;
+/// How long an open waits for the handles of the move into blocks to let go of sled's lock.
+const MOVE_DRAIN: Duration = Duration::from_secs(10);
 
 /// A storage failure as callers see it: a full disk is a 507, anything else a 500.
 fn store_io_error(e: &std::io::Error) -> ServiceError {
@@ -435,7 +451,7 @@ impl SledStore {
         if upgrade::needed(&inner.db) {
             drop(inner);
             upgrade::into_blocks(&path)?;
-            inner = Inner::with_db(&path, upgrade::open_again(&path)?)?;
+            inner = Inner::with_db(&path, open_db_when_free(&path, MOVE_DRAIN)?)?;
         }
         inner.sweep_all().map_err(|e| OpenError::Other {
             path: path.display().to_string(),
@@ -547,16 +563,9 @@ impl SledStore {
                 return;
             }
         }
-        let deadline = Instant::now() + REOPEN_DRAIN;
-        let inner = loop {
-            match Inner::open(&self.path) {
-                Err(OpenError::Locked(_)) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                other => break other,
-            }
-        };
-        let inner = match inner {
+        let inner = match open_db_when_free(&self.path, REOPEN_DRAIN)
+            .and_then(|db| Inner::with_db(&self.path, db))
+        {
             Ok(inner) => inner,
             Err(e) => {
                 tracing::warn!("the store does not reopen yet: {e}");
@@ -657,9 +666,10 @@ impl SledStore {
                 }
                 Some(t) => {
                     let last = cat(&[&t.0, &u64::MAX.to_be_bytes()]);
-                    let first = s
-                        .tenant_block_of(t, start)?
-                        .unwrap_or_else(|| cat(&[&t.0, &0u64.to_be_bytes()]));
+                    let first = match s.tenant_block_of(t, start)? {
+                        Some((key, _)) => key,
+                        None => tenant_span(t, 0).0,
+                    };
                     let mut block: Option<([u8; 8], sled::IVec)> = None;
                     'tenant: for seqs in s.tenant_jobs.range(first..=last) {
                         let (_, seqs) = seqs?;
@@ -1128,10 +1138,10 @@ impl Jobs for SledStore {
     ) -> Result<Option<Job>> {
         let _writes = self.job_writes()?;
         self.with(|s| {
-            let Some((seq, _)) = s.locate(id)? else {
+            let candidates = s.candidates(id)?;
+            if candidates.is_empty() {
                 return Ok(None);
-            };
-            let block_key = blocks::block_key(seq);
+            }
             let (job, retired) = tx_result(
                 (
                     &s.job_blocks,
@@ -1156,13 +1166,22 @@ impl Jobs for SledStore {
                             stale,
                             counts,
                         )| {
-                            let Some(block) = job_blocks.get(block_key)? else {
+                            let mut found = None;
+                            for &seq in &candidates {
+                                let Some(block) = job_blocks.get(blocks::block_key(seq))? else {
+                                    continue;
+                                };
+                                if let Some(old) = blocks::find(&block, seq).map_err(abort)? {
+                                    let job: Job = decode(old).map_err(abort)?;
+                                    if job.wire.job_id == id {
+                                        found = Some((seq, block, job));
+                                        break;
+                                    }
+                                }
+                            }
+                            let Some((seq, block, mut job)) = found else {
                                 return Ok((None, None));
                             };
-                            let Some(old) = blocks::find(&block, seq).map_err(abort)? else {
-                                return Ok((None, None));
-                            };
-                            let mut job: Job = decode(old).map_err(abort)?;
                             let was = job.wire.status;
                             let mut retired = None;
                             match change(&mut job).map_err(abort)? {
@@ -1189,7 +1208,7 @@ impl Jobs for SledStore {
                             }
                             let record = tx_encode_job(&job)?;
                             let block = blocks::with(Some(&block), seq, &record).map_err(abort)?;
-                            job_blocks.insert(&block_key, block)?;
+                            job_blocks.insert(&blocks::block_key(seq), block)?;
                             sync_queue(queue, &job)?;
                             if job.wire.status != was {
                                 count(counts, was, -1)?;
@@ -1417,13 +1436,19 @@ impl Inner {
         )
     }
 
+    /// The sequence numbers where job `id` may be (its bucket's entries with its tag: almost
+    /// always one, or none); the record there says whose it is.
+    fn candidates(&self, id: Uuid) -> Result<Vec<u64>> {
+        let (bucket, tag) = blocks::id_place(&id);
+        Ok(match self.job_ids.get(bucket)? {
+            Some(bucket) => blocks::bucket_find(&bucket, tag),
+            None => Vec::new(),
+        })
+    }
+
     /// Job `id` and its sequence number.
     fn locate(&self, id: Uuid) -> Result<Option<(u64, Job)>> {
-        let (bucket, tag) = blocks::id_place(&id);
-        let Some(bucket) = self.job_ids.get(bucket)? else {
-            return Ok(None);
-        };
-        for seq in blocks::bucket_find(&bucket, tag) {
+        for seq in self.candidates(id)? {
             if let Some(job) = self.job_at::<Job>(seq)? {
                 if job.wire.job_id == id {
                     return Ok(Some((seq, job)));
@@ -1443,15 +1468,15 @@ impl Inner {
 
     /// The key of `tenant`'s block of `tenant_jobs` that `seq` falls in (the last key up to
     /// tenant ‖ seq), if it has one.
-    fn tenant_block_of(&self, tenant: TenantKey, seq: u64) -> Result<Option<Vec<u8>>> {
-        let first = cat(&[&tenant.0, &0u64.to_be_bytes()]);
-        let probe = cat(&[&tenant.0, &seq.to_be_bytes()]);
+    fn tenant_block_of(&self, tenant: TenantKey, seq: u64) -> Result<Option<(Vec<u8>, Vec<u64>)>> {
+        let (first, probe) = tenant_span(tenant, seq);
         let last = self
             .tenant_jobs
             .range(first..=probe)
             .next_back()
             .transpose()?;
-        Ok(last.map(|(key, _)| key.to_vec()))
+        last.map(|(key, seqs)| Ok((key.to_vec(), blocks::seqs(&seqs)?)))
+            .transpose()
     }
 
     /// [`Jobs::insert_jobs`], under `job_writes`.
@@ -1464,12 +1489,12 @@ impl Inner {
         let mut tenants = TenantBlocks::default();
         for (tenant, job) in jobs {
             let id = job.wire.job_id;
-            let old = match in_batch.get(&id) {
-                Some(old) => Some((*old).clone()),
-                None => s.locate(id)?.map(|(_, job)| job),
+            let same = match in_batch.get(&id) {
+                Some(old) => Some(old.wire == job.wire),
+                None => s.locate(id)?.map(|(_, old)| old.wire == job.wire),
             };
-            if let Some(old) = old {
-                if old.wire == job.wire {
+            if let Some(same) = same {
+                if same {
                     continue;
                 }
                 return Err(ServiceError::Conflict(format!(
@@ -1512,6 +1537,14 @@ impl Inner {
     }
 }
 
+/// The keys of `tenant_jobs` from `tenant`'s first to where `seq` would go.
+fn tenant_span(tenant: TenantKey, seq: u64) -> (Vec<u8>, Vec<u8>) {
+    (
+        cat(&[&tenant.0, &0u64.to_be_bytes()]),
+        cat(&[&tenant.0, &seq.to_be_bytes()]),
+    )
+}
+
 /// Changes to `tenant_jobs` worked out before a job write's transaction, under `job_writes`:
 /// each block touched, with its sequence numbers as they will be (none: the block goes).
 #[derive(Default)]
@@ -1523,22 +1556,21 @@ impl TenantBlocks {
     /// The key of the block `seq` of `tenant` falls in, as it will be; the block is then in
     /// `self.blocks`.
     fn block_of(&mut self, s: &Inner, tenant: TenantKey, seq: u64) -> Result<Option<Vec<u8>>> {
-        let first = cat(&[&tenant.0, &0u64.to_be_bytes()]);
-        let probe = cat(&[&tenant.0, &seq.to_be_bytes()]);
-        let pending = self.blocks.range(first..=probe).next_back();
-        let key = s
-            .tenant_block_of(tenant, seq)?
-            .max(pending.map(|(k, _)| k.clone()));
-        if let Some(key) = &key {
-            if !self.blocks.contains_key(key) {
-                let seqs = match s.tenant_jobs.get(key)? {
-                    Some(seqs) => blocks::seqs(&seqs)?,
-                    None => Vec::new(),
-                };
-                self.blocks.insert(key.clone(), seqs);
+        let (first, probe) = tenant_span(tenant, seq);
+        let pending = self
+            .blocks
+            .range(first..=probe)
+            .next_back()
+            .map(|(k, _)| k.clone());
+        let stored = s.tenant_block_of(tenant, seq)?;
+        // A block changed already is taken as it will be, not as it is stored.
+        Ok(match (stored, pending) {
+            (Some((key, seqs)), pending) if pending.as_ref().is_none_or(|p| *p < key) => {
+                self.blocks.entry(key.clone()).or_insert(seqs);
+                Some(key)
             }
-        }
-        Ok(key)
+            (_, pending) => pending,
+        })
     }
 
     fn insert(&mut self, s: &Inner, tenant: TenantKey, seq: u64) -> Result<()> {

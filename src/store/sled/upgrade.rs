@@ -9,9 +9,9 @@
 //! of it removed, and the old one kept.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use super::{decode, open_db, Inner, OpenError};
+use super::{decode, open_db_when_free, Inner, OpenError, COUNTS_KEPT, MOVE_DRAIN};
 use crate::error::ServiceError;
 use crate::model::{Job, TenantKey};
 
@@ -91,7 +91,7 @@ pub(super) fn into_blocks(path: &Path) -> Result<(), OpenError> {
     let moving = beside(path, "moving");
     let store = |what: &'static str| move |e: ServiceError| failed(path, what, e);
     let sled_error = |what: &'static str| move |e: sled::Error| failed(path, what, e);
-    let old = open_again(path)?;
+    let old = open_db_when_free(path, MOVE_DRAIN)?;
     let moved = {
         let new = Inner::open(&moving)?;
         for name in old.tree_names() {
@@ -161,6 +161,10 @@ pub(super) fn into_blocks(path: &Path) -> Result<(), OpenError> {
                 .generate_id()
                 .map_err(sled_error("sequence numbers"))?;
         }
+        // The moved jobs were counted as they went in.
+        new.job_counts
+            .insert(COUNTS_KEPT, &[])
+            .map_err(sled_error("counting jobs"))?;
         new.durability
             .sync(&new.db)
             .map_err(store("flushing the new database"))?;
@@ -178,19 +182,6 @@ pub(super) fn into_blocks(path: &Path) -> Result<(), OpenError> {
         "moved the jobs into blocks (a store from before them), in a new database"
     );
     Ok(())
-}
-
-/// Opens sled at `path` once the handle closed just before has let go of its lock.
-pub(super) fn open_again(path: &Path) -> Result<sled::Db, OpenError> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match open_db(path) {
-            Err(OpenError::Locked(_)) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            other => return other,
-        }
-    }
 }
 
 #[cfg(test)]
