@@ -1740,6 +1740,9 @@ impl Inner {
         self.job_counts.apply_batch(batch)?;
         self.db.flush()?;
         let jobs: u64 = counts.values().sum();
+        if jobs == 0 {
+            return Ok(());
+        }
         tracing::info!(
             jobs,
             took_ms = started.elapsed().as_millis() as u64,
