@@ -25,8 +25,8 @@ use uuid::Uuid;
 use crate::cache::Bounded;
 use crate::error::{Result, ServiceError};
 use crate::keystone::{Validation, Validator};
-use crate::model::{to_hex, TenantKey, TokenRecord, LOOKUP_LEN};
-use crate::store::Repo;
+use crate::model::{to_hex, TenantKey, LOOKUP_LEN};
+use crate::store::{Repo, TokenHolder};
 
 /// Beyond this many remembered tokens the cache starts afresh (it is only a shortcut).
 const CACHE_CAPACITY: usize = 65_536;
@@ -115,7 +115,7 @@ pub const KEYSTONE_REFUSED: Refusal = "unknown token (Keystone does not accept i
 pub const KEYSTONE_PROJECT: Refusal =
     "the Keystone token's project is not a tenant of this appliance";
 
-/// The refusal of a record that [`TokenRecord::unusable_at`] says is unusable for `why`.
+/// The refusal of a record that [`TokenRecord::unusable_at`](crate::model::TokenRecord::unusable_at) says is unusable for `why`.
 fn refusal(why: &str) -> Refusal {
     if why == "revoked" {
         REVOKED
@@ -260,18 +260,11 @@ impl Authenticator {
         let now = crate::model::now();
         if let Some(id) = self.cached(&digest) {
             self.hits.fetch_add(1, Ordering::Relaxed);
-            let record = store.token(id)?;
-            let refused = match &record {
-                Some(r) => r.unusable_at(now).map(refusal),
-                None => Some(UNKNOWN),
-            };
-            return match (record, refused) {
-                (Some(record), None) => principal(&**store, &record),
-                (_, why) => {
-                    self.forget(&digest);
-                    Ok(Err(why.unwrap_or(UNKNOWN)))
-                }
-            };
+            let found = principal(&**store, id, now)?;
+            if matches!(found, Err(why) if [UNKNOWN, EXPIRED, REVOKED].contains(&why)) {
+                self.forget(&digest);
+            }
+            return Ok(found);
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
         if let Some(why) = self.dead.get(&digest) {
@@ -279,15 +272,7 @@ impl Authenticator {
         }
         if !self.rejected.contains(&digest) {
             match self.registry(store, token, digest, now).await? {
-                Found::Token(id) => {
-                    return match store.token(id)? {
-                        Some(record) => match record.unusable_at(now) {
-                            None => principal(&**store, &record),
-                            Some(why) => Ok(Err(refusal(why))),
-                        },
-                        None => Ok(Err(UNKNOWN)),
-                    }
-                }
+                Found::Token(id) => return principal(&**store, id, now),
                 Found::Dead(why) => return Ok(Err(why)),
                 Found::NotRegistry => {}
             }
@@ -466,14 +451,28 @@ async fn keystone_principal(
     }))
 }
 
+/// Who token `id` acts as, or why not (read with one store call: PostgreSQL answers it in
+/// one query).
 fn principal(
     store: &dyn Repo,
-    record: &TokenRecord,
+    id: Uuid,
+    now: u64,
 ) -> Result<std::result::Result<Principal, Refusal>> {
-    let Some(user) = store.user(&record.info.user)? else {
+    let Some(TokenHolder {
+        token,
+        user,
+        tenant_exists,
+    }) = store.token_holder(id)?
+    else {
+        return Ok(Err(UNKNOWN));
+    };
+    if let Some(why) = token.unusable_at(now) {
+        return Ok(Err(refusal(why)));
+    }
+    let Some(user) = user else {
         return Ok(Err(USER_GONE));
     };
-    let Some(tenant_key) = TenantKey::parse(&record.info.tenant) else {
+    let Some(tenant_key) = TenantKey::parse(&token.info.tenant) else {
         return Ok(Err(TENANT_GONE));
     };
     let member = user
@@ -483,7 +482,7 @@ fn principal(
     if !member {
         return Ok(Err(NOT_MEMBER_OF_TOKEN_TENANT));
     }
-    if store.tenant(tenant_key)?.is_none() {
+    if !tenant_exists {
         return Ok(Err(TENANT_GONE));
     }
     Ok(Ok(Principal {

@@ -276,7 +276,8 @@ impl Service {
         })?;
         let no_image = || ServiceError::NotFound(format!("no image {image_id}"));
         // A Glance source's region has just answered: it needs no probe of its own below.
-        let (image, answered) = match self.store.image(image_uuid)? {
+        let inputs = self.store.copy_inputs(image_uuid, dst_key)?;
+        let (image, answered) = match inputs.image {
             Some(image) => {
                 let owner = TenantKey::parse(&image.owner);
                 if image.status == ImageStatus::Deleted
@@ -291,9 +292,8 @@ impl Service {
                 (image, Some(region))
             }
         };
-        let dst_tenant = self
-            .store
-            .tenant(dst_key)?
+        let dst_tenant = inputs
+            .tenant
             .ok_or_else(|| ServiceError::NotFound(format!("no tenant {tenant_dst}")))?;
         if !who.admin && !who.projects.contains(&dst_key) {
             return Err(ServiceError::Unauthorized(format!(
@@ -307,14 +307,15 @@ impl Service {
                 image.status
             )));
         }
+        let known = |id: &str| inputs.regions.iter().find(|r| r.id == id).cloned();
         let src_region = match answered {
             Some(region) => region,
-            None => self.usable_region(&image.region)?,
+            None => self.usable(&image.region, known(&image.region))?,
         };
         let dst_region = if dst_tenant.region == src_region.id {
             src_region.clone()
         } else {
-            self.usable_region(&dst_tenant.region)?
+            self.usable(&dst_tenant.region, known(&dst_tenant.region))?
         };
         let owner = TenantKey::parse(&image.owner).ok_or_else(|| {
             ServiceError::Internal(format!("image {image_id} has a malformed owner"))
@@ -339,7 +340,7 @@ impl Service {
             source_tenant_id: image.owner,
             status: JobStatus::ReplicateRequested,
         };
-        let job = Job::new_queued(wire, self.store.next_seq()?, now(), image.size);
+        let job = Job::new_queued(wire, inputs.seq, now(), image.size);
         let id = job.wire.job_id;
         if let Some(device) = admitted.device {
             self.space.promise(id, device, job.bytes_total);
@@ -491,9 +492,12 @@ impl Service {
     }
 
     pub(super) fn usable_region(&self, id: &str) -> Result<Region> {
-        let region = self
-            .store
-            .region(id)?
+        self.usable(id, self.store.region(id)?)
+    }
+
+    /// Region `id` as read (`None`: it is gone), if its store is usable.
+    fn usable(&self, id: &str, region: Option<Region>) -> Result<Region> {
+        let region = region
             .ok_or_else(|| ServiceError::Conflict(format!("region {id} no longer exists")))?;
         self.check_region(&region).map_err(|why| {
             tracing::warn!(region = id, "region store unusable: {why}");

@@ -69,6 +69,15 @@ fn image(owner: &str, status: ImageStatus) -> Image {
     }
 }
 
+fn user(name: &str) -> User {
+    User {
+        name: name.into(),
+        tenants: vec![A.into()],
+        admin: false,
+        created_at: 1,
+    }
+}
+
 /// A token record whose lookup key is `lookup` (as `auth` makes them: hex in the record).
 fn token(user: &str, lookup: &[u8]) -> TokenRecord {
     TokenRecord {
@@ -166,6 +175,38 @@ pub fn tokens_are_found_by_lookup_and_go_with_their_user(s: &dyn Repo) {
     assert_eq!(s.tokens().expect("list"), vec![other]);
 }
 
+pub fn a_token_holder_is_its_token_its_user_and_whether_its_tenant_exists(s: &dyn Repo) {
+    let look = [3u8; 32];
+    let mine = token("alice", &look);
+    s.insert_token(&mine, &look).expect("insert");
+    assert!(s.insert_user(&user("alice")).expect("user"));
+    let holder = |id| s.token_holder(id).expect("holder");
+    let found = holder(mine.info.id).expect("found");
+    assert_eq!(found.token, mine);
+    assert_eq!(found.user, Some(user("alice")));
+    assert!(!found.tenant_exists);
+    assert!(s.insert_tenant(key(A), &tenant(A)).expect("tenant"));
+    assert!(holder(mine.info.id).expect("found").tenant_exists);
+    // The tenant id as a hyphenated UUID, in capitals, names the same tenant.
+    let mut spelled = token("alice", &[4u8; 32]);
+    spelled.info.tenant = Uuid::parse_str(A)
+        .expect("uuid")
+        .hyphenated()
+        .to_string()
+        .to_uppercase();
+    s.insert_token(&spelled, &[4u8; 32]).expect("insert");
+    assert!(holder(spelled.info.id).expect("found").tenant_exists);
+    // A tenant id that is no key, and a user that is not there.
+    let mut odd = token("carol", &[5u8; 32]);
+    odd.info.tenant = format!("{A}0");
+    s.insert_token(&odd, &[5u8; 32]).expect("insert");
+    let found = holder(odd.info.id).expect("found");
+    assert_eq!((found.user, found.tenant_exists), (None, false));
+    s.remove_tenant(key(A)).expect("remove tenant");
+    assert!(!holder(mine.info.id).expect("found").tenant_exists);
+    assert_eq!(holder(Uuid::new_v4()), None);
+}
+
 pub fn a_legacy_lookup_finds_its_token_by_prefix_until_it_is_migrated(s: &dyn Repo) {
     let full = [7u8; 32];
     let legacy = &full[..crate::model::LEGACY_LOOKUP_LEN];
@@ -216,6 +257,42 @@ pub fn sequence_numbers_strictly_increase(s: &dyn Repo) {
         assert!(next > last, "{next} after {last}");
         last = next;
     }
+}
+
+pub fn copy_inputs_are_the_image_the_tenant_their_regions_and_a_new_sequence_number(s: &dyn Repo) {
+    let img = image(A, ImageStatus::Active);
+    let mut dst = tenant(B);
+    dst.region = "ot2".into();
+    let seq = s.next_seq().expect("seq");
+    let empty = s.copy_inputs(img.id, key(B)).expect("nothing there");
+    assert_eq!(
+        (empty.image, empty.tenant, empty.regions),
+        (None, None, vec![])
+    );
+    assert!(empty.seq > seq);
+    s.insert_image(key(A), &img).expect("image");
+    assert!(s.insert_tenant(key(B), &dst).expect("tenant"));
+    assert!(s.insert_region(&region("ot1")).expect("ot1"));
+    let one = s.copy_inputs(img.id, key(B)).expect("ot2 missing");
+    assert_eq!(one.image.as_ref(), Some(&img));
+    assert_eq!(one.tenant.as_ref(), Some(&dst));
+    assert_eq!(one.regions, vec![region("ot1")]);
+    assert!(one.seq > empty.seq);
+    assert!(s.insert_region(&region("ot2")).expect("ot2"));
+    assert!(s.insert_region(&region("ot3")).expect("ot3"));
+    let mut both = s.copy_inputs(img.id, key(B)).expect("both").regions;
+    both.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(both, vec![region("ot1"), region("ot2")]);
+    // The image's region named once when the tenant lives there too.
+    let home = s.copy_inputs(img.id, key(A)).expect("no tenant A");
+    assert_eq!((home.tenant, home.regions), (None, vec![region("ot1")]));
+    let mut same = tenant(A);
+    same.region = "ot1".into();
+    assert!(s.insert_tenant(key(A), &same).expect("tenant A"));
+    assert_eq!(
+        s.copy_inputs(img.id, key(A)).expect("A").regions,
+        vec![region("ot1")]
+    );
 }
 
 pub fn inserting_jobs_is_all_or_nothing_and_idempotent(s: &dyn Repo) {
@@ -825,9 +902,11 @@ macro_rules! contract_suite {
             contract_suite!(@each
                 regions_tenants_and_users_insert_once,
                 tokens_are_found_by_lookup_and_go_with_their_user,
+                a_token_holder_is_its_token_its_user_and_whether_its_tenant_exists,
                 a_legacy_lookup_finds_its_token_by_prefix_until_it_is_migrated,
                 images_are_scoped_by_owner_and_ids_are_unique,
                 sequence_numbers_strictly_increase,
+                copy_inputs_are_the_image_the_tenant_their_regions_and_a_new_sequence_number,
                 inserting_jobs_is_all_or_nothing_and_idempotent,
                 listings_are_in_creation_order_per_tenant_with_paging,
                 an_update_writes_the_job_and_its_image_together_or_nothing,

@@ -104,6 +104,49 @@ pub trait Repo: Registry + Jobs {
     fn shared(&self) -> bool {
         false
     }
+    /// What a copy request reads before its job is made, with the job's sequence number: one
+    /// round trip on PostgreSQL instead of four.
+    fn copy_inputs(&self, image: Uuid, tenant: TenantKey) -> Result<CopyInputs> {
+        let image = self.image(image)?;
+        let tenant = self.tenant(tenant)?;
+        let mut regions = Vec::new();
+        for id in image
+            .iter()
+            .map(|i| &i.region)
+            .chain(tenant.iter().map(|t| &t.region))
+        {
+            if !regions.iter().any(|r: &Region| &r.id == id) {
+                regions.extend(self.region(id)?);
+            }
+        }
+        Ok(CopyInputs {
+            image,
+            tenant,
+            regions,
+            seq: self.next_seq()?,
+        })
+    }
+}
+
+/// What [`Repo::copy_inputs`] reads.
+#[derive(Debug, PartialEq)]
+pub struct CopyInputs {
+    pub image: Option<Image>,
+    pub tenant: Option<Tenant>,
+    /// Those of the image's and the tenant's regions that exist.
+    pub regions: Vec<Region>,
+    /// From [`Jobs::next_seq`].
+    pub seq: u64,
+}
+
+/// What [`Registry::token_holder`] reads.
+#[derive(Debug, PartialEq)]
+pub struct TokenHolder {
+    pub token: TokenRecord,
+    /// `None`: the token's user is gone.
+    pub user: Option<User>,
+    /// Whether the token's tenant names a registered tenant.
+    pub tenant_exists: bool,
 }
 
 /// Regions, tenants, users, tokens and the image records of the regions whose records the
@@ -135,6 +178,23 @@ pub trait Registry: Send + Sync {
     fn remove_user(&self, name: &str) -> Result<usize>;
 
     fn token(&self, id: Uuid) -> Result<Option<TokenRecord>>;
+    /// Token `id` with its user and whether the tenant it is for exists: what authentication
+    /// reads for every request, which PostgreSQL answers in one query instead of three.
+    fn token_holder(&self, id: Uuid) -> Result<Option<TokenHolder>> {
+        let Some(token) = self.token(id)? else {
+            return Ok(None);
+        };
+        let user = self.user(&token.info.user)?;
+        let tenant_exists = match TenantKey::parse(&token.info.tenant) {
+            Some(key) => self.tenant(key)?.is_some(),
+            None => false,
+        };
+        Ok(Some(TokenHolder {
+            token,
+            user,
+            tenant_exists,
+        }))
+    }
     fn tokens(&self) -> Result<Vec<TokenRecord>>;
     /// The tokens that `lookup` (a token's SHA-256) finds (usually none or one): the record
     /// with that lookup, and records whose lookup is the 4-byte prefix of earlier versions.
@@ -228,7 +288,7 @@ pub trait Jobs: Send + Sync {
     fn update_job(
         &self,
         id: Uuid,
-        change: &dyn Fn(&mut Job) -> Result<ImageChange>,
+        change: &(dyn Fn(&mut Job) -> Result<ImageChange> + Sync),
     ) -> Result<Option<Job>>;
     /// The jobs of `query` that pass `keep`.
     fn jobs(&self, query: &JobQuery, keep: &dyn Fn(&Job) -> bool) -> Result<Vec<Job>>;
@@ -237,7 +297,7 @@ pub trait Jobs: Send + Sync {
     /// Removes the jobs of `ids` that pass `only` (checked again in the same transaction),
     /// each with its index entries and queue entry, all in one transaction; the ids removed.
     /// An id with no job is left out. What is derived from jobs changes with them.
-    fn remove_jobs(&self, ids: &[Uuid], only: &dyn Fn(&Job) -> bool) -> Result<Vec<Uuid>>;
+    fn remove_jobs(&self, ids: &[Uuid], only: &(dyn Fn(&Job) -> bool + Sync)) -> Result<Vec<Uuid>>;
     /// How many jobs there are in each status.
     fn job_status_counts(&self) -> Result<BTreeMap<JobStatus, u64>>;
     /// A job that names `key` as its source or destination tenant (`id_as_stored` is the

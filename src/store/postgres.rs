@@ -22,15 +22,19 @@
 //! - `job_seq`: the sequence of [`Jobs::next_seq`]; `jobs_changes`: a sequence moved after
 //!   each committed job write (see [`Jobs::jobs_version`] below).
 //!
-//! Every call blocks: the store owns a small tokio runtime (threads `pg`) that runs the client
-//! and its pool, and a call sends its work there and waits on a channel, so it may be called
-//! from any thread, an async one of another runtime included.
+//! Every call blocks, and runs on the calling thread: the store keeps `--database-pool` lanes,
+//! each a connection and a single-thread tokio runtime that drives it, and a call takes a free
+//! lane and runs its statements there, waiting on the socket itself. No other thread is woken
+//! for a statement (handing each to a runtime of the store's own cost 3 wake-ups per round
+//! trip, a third of the appliance's CPU at 32 clients). A call from a task of a multi-thread
+//! runtime is moved off its worker with `block_in_place`; one from a current-thread runtime's
+//! task runs on a thread of its own.
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod};
 use serde::de::DeserializeOwned;
@@ -38,7 +42,9 @@ use tokio_postgres::types::{Json, ToSql};
 use tokio_postgres::{NoTls, Row};
 use uuid::Uuid;
 
-use super::{ImageChange, JobQuery, Jobs, OpenError, Registry, Repo, LEASE};
+use super::{
+    CopyInputs, ImageChange, JobQuery, Jobs, OpenError, Registry, Repo, TokenHolder, LEASE,
+};
 use crate::error::{Result, ServiceError, STORE_ERROR};
 use crate::manifest::{Hash, Manifest};
 use crate::model::{Image, Job, JobStatus, JobWire, Region, Tenant, TenantKey, TokenRecord, User};
@@ -196,17 +202,19 @@ fn find_password_key(text: &str) -> Option<usize> {
     None
 }
 
-/// What the runtime's tasks share: the pool and who this appliance is.
+/// What a call's statements run with: its lane's connection (a pool of one, which connects
+/// again when the connection is lost) and who this appliance is. The atomics are the store's,
+/// shared by every lane.
 struct Db {
     pool: Pool,
     node: String,
     /// How long a claim lasts, in milliseconds ([`LEASE`]; shorter in tests).
-    lease_ms: AtomicU64,
+    lease_ms: Arc<AtomicU64>,
     /// The database URL as shown ([`redacted`]).
     shown: String,
     /// A job write's move of `jobs_changes` failed after its commit: the next call that
     /// reaches the database makes it.
-    pending_bump: std::sync::atomic::AtomicBool,
+    pending_bump: Arc<AtomicBool>,
 }
 
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
@@ -500,28 +508,54 @@ const INSERT_JOB: &str = "INSERT INTO jobs (id, seq, source_tenant, destination_
      destination_key, status, queued, source_region, destination_region, record) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (id) DO NOTHING RETURNING 1";
 
-/// What a blocking call hears from its task in a transaction that waits for the caller.
-enum Step<T> {
-    /// The rows locked, for the caller to decide on.
-    Locked(T),
-    /// Committed (or nothing to do).
-    Done,
-}
-
-pub struct PgStore {
+/// A connection and the single-thread runtime that drives it, used by one call at a time.
+/// Between calls nothing polls the connection: a call first lets the runtime take in what the
+/// socket got meanwhile (see [`PgStore::run_raw`]).
+struct Lane {
     /// `None` only while dropping.
     runtime: Option<tokio::runtime::Runtime>,
-    handle: tokio::runtime::Handle,
     db: Arc<Db>,
-    /// [`Jobs::jobs_version`] while the database does not answer.
-    fallback: AtomicU64,
 }
 
-impl Drop for PgStore {
+impl Drop for Lane {
     fn drop(&mut self) {
         // Dropping a runtime blocks, which panics inside another runtime's task.
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
+        }
+    }
+}
+
+pub struct PgStore {
+    /// The lanes not in use.
+    lanes: Mutex<Vec<Lane>>,
+    /// Signalled when a lane is put back.
+    lane_back: Condvar,
+    node: String,
+    shown: String,
+    lease_ms: Arc<AtomicU64>,
+    pending_bump: Arc<AtomicBool>,
+    /// [`Jobs::jobs_version`] while the database does not answer.
+    fallback: AtomicU64,
+}
+
+/// A lane taken by a call; put back when dropped.
+struct Taken<'a> {
+    store: &'a PgStore,
+    lane: Option<Lane>,
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        if let Some(lane) = self.lane.take() {
+            let mut lanes = self
+                .store
+                .lanes
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            lanes.push(lane);
+            drop(lanes);
+            self.store.lane_back.notify_one();
         }
     }
 }
@@ -567,38 +601,49 @@ impl PgStore {
         if config.get_application_name().is_none() {
             config.application_name("image-replicator");
         }
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("pg")
-            .enable_all()
-            .build()
-            .map_err(|e| fail(format!("cannot start its runtime: {e}")))?;
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(pool.max(1))
-            .runtime(deadpool_postgres::Runtime::Tokio1)
-            .wait_timeout(Some(POOL_WAIT))
-            .create_timeout(Some(POOL_WAIT))
-            .recycle_timeout(Some(POOL_WAIT))
-            .build()
-            .map_err(|e| fail(format!("cannot make its connection pool: {e}")))?;
-        let db = Arc::new(Db {
-            pool,
-            node: node.to_string(),
-            lease_ms: AtomicU64::new(LEASE.as_millis() as u64),
-            shown: shown.clone(),
-            pending_bump: Default::default(),
-        });
+        let lease_ms = Arc::new(AtomicU64::new(LEASE.as_millis() as u64));
+        let pending_bump = Arc::new(AtomicBool::new(false));
+        let lanes = (0..pool.max(1))
+            .map(|_| {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| fail(format!("cannot start a runtime: {e}")))?;
+                let manager = Manager::from_config(
+                    config.clone(),
+                    NoTls,
+                    ManagerConfig {
+                        recycling_method: RecyclingMethod::Fast,
+                    },
+                );
+                let pool = Pool::builder(manager)
+                    .max_size(1)
+                    .runtime(deadpool_postgres::Runtime::Tokio1)
+                    .wait_timeout(Some(POOL_WAIT))
+                    .create_timeout(Some(POOL_WAIT))
+                    .recycle_timeout(Some(POOL_WAIT))
+                    .build()
+                    .map_err(|e| fail(format!("cannot make its connection pool: {e}")))?;
+                let db = Arc::new(Db {
+                    pool,
+                    node: node.to_string(),
+                    lease_ms: Arc::clone(&lease_ms),
+                    shown: shown.clone(),
+                    pending_bump: Arc::clone(&pending_bump),
+                });
+                Ok(Lane {
+                    runtime: Some(runtime),
+                    db,
+                })
+            })
+            .collect::<std::result::Result<Vec<_>, OpenError>>()?;
         let store = PgStore {
-            handle: runtime.handle().clone(),
-            runtime: Some(runtime),
-            db,
+            lanes: Mutex::new(lanes),
+            lane_back: Condvar::new(),
+            node: node.to_string(),
+            shown: shown.clone(),
+            lease_ms,
+            pending_bump,
             fallback: AtomicU64::new(0),
         };
         let migrated = store.run_raw(|db| async move { migrate(&db).await });
@@ -612,34 +657,81 @@ impl PgStore {
     /// The same store with claims that last `lease` instead of [`LEASE`] (tests of takeovers).
     #[doc(hidden)]
     pub fn with_lease(self, lease: Duration) -> PgStore {
-        self.db
-            .lease_ms
+        self.lease_ms
             .store(lease.as_millis() as u64, Ordering::Relaxed);
         self
     }
 
-    /// Runs `work` on the store's runtime and waits for its result.
+    /// A free lane, waiting up to [`POOL_WAIT`] for one to be put back.
+    fn take_lane(&self) -> Result<Taken<'_>> {
+        let deadline = Instant::now() + POOL_WAIT;
+        let mut lanes = self.lanes.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(lane) = lanes.pop() {
+                return Ok(Taken {
+                    store: self,
+                    lane: Some(lane),
+                });
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ServiceError::Unavailable(format!(
+                    "the database at {} does not answer (no connection within {} s); requests \
+                     succeed again once it is back",
+                    self.shown,
+                    POOL_WAIT.as_secs()
+                )));
+            }
+            lanes = self
+                .lane_back
+                .wait_timeout(lanes, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Runs `work` on a free lane, on this thread (or, called from a current-thread runtime's
+    /// task, on a thread of its own), and waits for its result.
     fn run_raw<T, F, Fut>(&self, work: F) -> Result<T>
     where
-        F: FnOnce(Arc<Db>) -> Fut,
-        Fut: Future<Output = T> + Send + 'static,
-        T: Send + 'static,
+        F: FnOnce(Arc<Db>) -> Fut + Send,
+        Fut: Future<Output = T>,
+        T: Send,
     {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let future = work(Arc::clone(&self.db));
-        self.handle.spawn(async move {
-            let _ = tx.send(future.await);
-        });
-        rx.recv().map_err(|_| {
-            ServiceError::Internal(format!("{STORE_ERROR}: the PostgreSQL task stopped"))
-        })
+        let on_lane = move || -> Result<T> {
+            let taken = self.take_lane()?;
+            let lane = taken.lane.as_ref().ok_or_else(task_stopped)?;
+            let runtime = lane.runtime.as_ref().ok_or_else(task_stopped)?;
+            let db = Arc::clone(&lane.db);
+            Ok(runtime.block_on(async move {
+                // Nothing polled the connection since the last call: the first yield lets the
+                // runtime read what its socket got meanwhile (a server that closed it), the
+                // second lets the connection's task act on it, so that the pool replaces a
+                // dead connection instead of handing it out.
+                tokio::task::yield_now().await;
+                tokio::task::yield_now().await;
+                work(db).await
+            }))
+        };
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Err(_) => on_lane(),
+            Ok(tokio::runtime::RuntimeFlavor::CurrentThread) => std::thread::scope(|scope| {
+                scope
+                    .spawn(on_lane)
+                    .join()
+                    .unwrap_or_else(|_| Err(task_stopped()))
+            }),
+            // A worker's other tasks move to another thread meanwhile; on a thread of
+            // `spawn_blocking` this only calls `on_lane`.
+            Ok(_) => tokio::task::block_in_place(on_lane),
+        }
     }
 
     fn run<T, F, Fut>(&self, work: F) -> Result<T>
     where
-        F: FnOnce(Arc<Db>) -> Fut,
-        Fut: Future<Output = Result<T>> + Send + 'static,
-        T: Send + 'static,
+        F: FnOnce(Arc<Db>) -> Fut + Send,
+        Fut: Future<Output = Result<T>>,
+        T: Send,
     {
         self.run_raw(work)?
     }
@@ -793,11 +885,41 @@ impl Repo for PgStore {
     }
 
     fn node(&self) -> &str {
-        &self.db.node
+        &self.node
     }
 
     fn shared(&self) -> bool {
         true
+    }
+
+    fn copy_inputs(&self, image: Uuid, tenant: TenantKey) -> Result<CopyInputs> {
+        self.run(move |db| async move {
+            let c = db.client().await?;
+            let row = db
+                .opt(
+                    &c,
+                    "SELECT i.record, t.record, (SELECT json_agg(r.record) FROM regions r \
+                     WHERE r.id = i.record->>'region' OR r.id = t.record->>'region'), \
+                     nextval('job_seq') \
+                     FROM (SELECT 1) one \
+                     LEFT JOIN images i ON i.id = $1 \
+                     LEFT JOIN tenants t ON t.key = $2",
+                    &[&image, &&tenant.0[..]],
+                )
+                .await?
+                .ok_or_else(|| ServiceError::Internal("no row of copy inputs".into()))?;
+            let image: Option<Json<Image>> = get(&row, 0)?;
+            let tenant: Option<Json<Tenant>> = get(&row, 1)?;
+            let regions: Option<Json<Vec<Region>>> = get(&row, 2)?;
+            let seq: i64 = get(&row, 3)?;
+            Ok(CopyInputs {
+                image: image.map(|json| json.0),
+                tenant: tenant.map(|json| json.0),
+                regions: regions.map(|json| json.0).unwrap_or_default(),
+                seq: u64::try_from(seq)
+                    .map_err(|_| ServiceError::Internal("negative sequence number".into()))?,
+            })
+        })
     }
 }
 
@@ -977,6 +1099,35 @@ impl Registry for PgStore {
         self.run(move |db| async move {
             db.one_record("SELECT record FROM tokens WHERE id = $1", &[&id])
                 .await
+        })
+    }
+
+    fn token_holder(&self, id: Uuid) -> Result<Option<TokenHolder>> {
+        self.run(move |db| async move {
+            let c = db.client().await?;
+            // The tenant's key from the token's tenant id, as `TenantKey::parse` reads it (32
+            // hex digits, or a hyphenated UUID), and no key otherwise.
+            let row = db
+                .opt(
+                    &c,
+                    "SELECT t.record, u.record, te.key IS NOT NULL FROM tokens t \
+                     LEFT JOIN users u ON u.name = t.record->>'user' \
+                     LEFT JOIN tenants te ON te.key = CASE WHEN t.record->>'tenant' ~ \
+                     '^([0-9a-fA-F]{32}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$' \
+                     THEN decode(replace(t.record->>'tenant', '-', ''), 'hex') END \
+                     WHERE t.id = $1",
+                    &[&id],
+                )
+                .await?;
+            let Some(row) = row else {
+                return Ok(None);
+            };
+            let user: Option<Json<User>> = get(&row, 1)?;
+            Ok(Some(TokenHolder {
+                token: record(&row, 0)?,
+                user: user.map(|json| json.0),
+                tenant_exists: get(&row, 2)?,
+            }))
         })
     }
 
@@ -1317,76 +1468,49 @@ impl Jobs for PgStore {
     fn update_job(
         &self,
         id: Uuid,
-        change: &dyn Fn(&mut Job) -> Result<ImageChange>,
+        change: &(dyn Fn(&mut Job) -> Result<ImageChange> + Sync),
     ) -> Result<Option<Job>> {
-        // The row is locked in a transaction on the runtime, the closure runs here (it is not
-        // `Send`), and what it made is written and committed there.
-        let (to_caller, from_task) = std::sync::mpsc::sync_channel::<Result<Step<Option<Job>>>>(2);
-        let (decision, decided) = tokio::sync::oneshot::channel::<(Job, ImageChange)>();
-        let db = Arc::clone(&self.db);
-        self.handle.spawn(async move {
-            let result = async {
-                let mut c = db.client().await?;
-                let tx = c.transaction().await.map_err(|e| db.error(e))?;
-                let row = db
-                    .opt(
-                        &tx,
-                        "SELECT record FROM jobs WHERE id = $1 FOR UPDATE",
-                        &[&id],
-                    )
-                    .await?;
-                let job: Option<Job> = row.map(|row| record(&row, 0)).transpose()?;
-                let found = job.is_some();
-                if to_caller.send(Ok(Step::Locked(job))).is_err() || !found {
-                    return Ok(());
-                }
-                // The caller refused (or is gone): the transaction rolls back as it drops.
-                let Ok((job, change)) = decided.await else {
-                    return Ok(());
-                };
-                let cols = JobColumns::of(&job)?;
-                db.exec(
+        self.run(|db| async move {
+            let mut c = db.client().await?;
+            let tx = c.transaction().await.map_err(|e| db.error(e))?;
+            let row = db
+                .opt(
                     &tx,
-                    "UPDATE jobs SET record = $2, status = $3, queued = $4, \
-                     destination_tenant = $5, destination_key = $6, source_region = $7, \
-                     destination_region = $8, \
-                     holder = CASE WHEN $4 THEN holder END, \
-                     lease_until = CASE WHEN $4 THEN lease_until END \
-                     WHERE id = $1",
-                    &[
-                        &id,
-                        &Json(&job),
-                        &cols.status,
-                        &cols.queued,
-                        &job.wire.destination_tenant_id,
-                        &cols.destination_key,
-                        &job.wire.source_region_id,
-                        &job.wire.destination_region_id,
-                    ],
+                    "SELECT record FROM jobs WHERE id = $1 FOR UPDATE",
+                    &[&id],
                 )
                 .await?;
-                apply_image_change(&db, &tx, change).await?;
-                db.commit(tx).await?;
-                db.bump(&c).await;
-                Ok(())
-            }
-            .await;
-            let _ = to_caller.send(result.map(|()| Step::Done));
-        });
-        let mut job = match from_task.recv().map_err(|_| task_stopped())?? {
-            Step::Locked(Some(job)) => job,
-            Step::Locked(None) => return Ok(None),
-            Step::Done => return Err(task_stopped()),
-        };
-        // An error (or a panic) drops `decision`: nothing is written.
-        let image = change(&mut job)?;
-        decision
-            .send((job.clone(), image))
-            .map_err(|_| task_stopped())?;
-        match from_task.recv().map_err(|_| task_stopped())?? {
-            Step::Done => Ok(Some(job)),
-            Step::Locked(_) => Err(task_stopped()),
-        }
+            let Some(mut job) = row.map(|row| record::<Job>(&row, 0)).transpose()? else {
+                return Ok(None);
+            };
+            // A refusal (or a panic) drops the transaction: nothing is written.
+            let image = change(&mut job)?;
+            let cols = JobColumns::of(&job)?;
+            db.exec(
+                &tx,
+                "UPDATE jobs SET record = $2, status = $3, queued = $4, \
+                 destination_tenant = $5, destination_key = $6, source_region = $7, \
+                 destination_region = $8, \
+                 holder = CASE WHEN $4 THEN holder END, \
+                 lease_until = CASE WHEN $4 THEN lease_until END \
+                 WHERE id = $1",
+                &[
+                    &id,
+                    &Json(&job),
+                    &cols.status,
+                    &cols.queued,
+                    &job.wire.destination_tenant_id,
+                    &cols.destination_key,
+                    &job.wire.source_region_id,
+                    &job.wire.destination_region_id,
+                ],
+            )
+            .await?;
+            apply_image_change(&db, &tx, image).await?;
+            db.commit(tx).await?;
+            db.bump(&c).await;
+            Ok(Some(job))
+        })
     }
 
     fn jobs(&self, query: &JobQuery, keep: &dyn Fn(&Job) -> bool) -> Result<Vec<Job>> {
@@ -1397,68 +1521,40 @@ impl Jobs for PgStore {
         self.select(query, keep)
     }
 
-    fn remove_jobs(&self, ids: &[Uuid], only: &dyn Fn(&Job) -> bool) -> Result<Vec<Uuid>> {
+    fn remove_jobs(&self, ids: &[Uuid], only: &(dyn Fn(&Job) -> bool + Sync)) -> Result<Vec<Uuid>> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let wanted = ids.to_vec();
-        let (to_caller, from_task) =
-            std::sync::mpsc::sync_channel::<Result<Step<Vec<(Uuid, Job)>>>>(2);
-        let (decision, decided) = tokio::sync::oneshot::channel::<Vec<Uuid>>();
-        let db = Arc::clone(&self.db);
-        self.handle.spawn(async move {
-            let result = async {
-                let mut c = db.client().await?;
-                let tx = c.transaction().await.map_err(|e| db.error(e))?;
-                let rows = db
-                    .query(
-                        &tx,
-                        "SELECT id, record FROM jobs WHERE id = ANY($1) ORDER BY seq FOR UPDATE",
-                        &[&wanted],
-                    )
-                    .await?;
-                let jobs = rows
-                    .iter()
-                    .map(|row| Ok((get::<Uuid>(row, 0)?, record::<Job>(row, 1)?)))
-                    .collect::<Result<Vec<_>>>()?;
-                if to_caller.send(Ok(Step::Locked(jobs))).is_err() {
-                    return Ok(());
+        self.run(|db| async move {
+            let mut c = db.client().await?;
+            let tx = c.transaction().await.map_err(|e| db.error(e))?;
+            let rows = db
+                .query(
+                    &tx,
+                    "SELECT id, record FROM jobs WHERE id = ANY($1) ORDER BY seq FOR UPDATE",
+                    &[&ids],
+                )
+                .await?;
+            let found = rows
+                .iter()
+                .map(|row| Ok((get::<Uuid>(row, 0)?, record::<Job>(row, 1)?)))
+                .collect::<Result<BTreeMap<Uuid, Job>>>()?;
+            let mut removed = Vec::new();
+            for id in ids {
+                if !removed.contains(id) && found.get(id).is_some_and(only) {
+                    removed.push(*id);
                 }
-                let Ok(doomed) = decided.await else {
-                    return Ok(());
-                };
-                db.exec(&tx, "DELETE FROM jobs WHERE id = ANY($1)", &[&doomed])
-                    .await?;
-                db.commit(tx).await?;
-                db.bump(&c).await;
-                Ok(())
             }
-            .await;
-            let _ = to_caller.send(result.map(|()| Step::Done));
-        });
-        let jobs = match from_task.recv().map_err(|_| task_stopped())?? {
-            Step::Locked(jobs) => jobs,
-            Step::Done => return Err(task_stopped()),
-        };
-        let found: BTreeMap<Uuid, Job> = jobs.into_iter().collect();
-        let mut removed = Vec::new();
-        for id in ids {
-            if removed.contains(id) {
-                continue;
+            if removed.is_empty() {
+                // Dropping the transaction rolls it back.
+                return Ok(removed);
             }
-            if found.get(id).is_some_and(only) {
-                removed.push(*id);
-            }
-        }
-        if removed.is_empty() {
-            // Dropping `decision` rolls the transaction back.
-            return Ok(removed);
-        }
-        decision.send(removed.clone()).map_err(|_| task_stopped())?;
-        match from_task.recv().map_err(|_| task_stopped())?? {
-            Step::Done => Ok(removed),
-            Step::Locked(_) => Err(task_stopped()),
-        }
+            db.exec(&tx, "DELETE FROM jobs WHERE id = ANY($1)", &[&removed])
+                .await?;
+            db.commit(tx).await?;
+            db.bump(&c).await;
+            Ok(removed)
+        })
     }
 
     fn job_status_counts(&self) -> Result<BTreeMap<JobStatus, u64>> {
@@ -1540,7 +1636,7 @@ impl Jobs for PgStore {
         match read {
             Ok(version) => version as u64 & !(1 << 63),
             Err(_) => {
-                self.db.pending_bump.store(true, Ordering::SeqCst);
+                self.pending_bump.store(true, Ordering::SeqCst);
                 (1 << 63) | self.fallback.fetch_add(1, Ordering::SeqCst)
             }
         }

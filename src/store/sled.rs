@@ -1134,7 +1134,7 @@ impl Jobs for SledStore {
     fn update_job(
         &self,
         id: Uuid,
-        change: &dyn Fn(&mut Job) -> Result<ImageChange>,
+        change: &(dyn Fn(&mut Job) -> Result<ImageChange> + Sync),
     ) -> Result<Option<Job>> {
         let _writes = self.job_writes()?;
         self.with(|s| {
@@ -1329,7 +1329,7 @@ impl Jobs for SledStore {
         self.select(query, keep)
     }
 
-    fn remove_jobs(&self, ids: &[Uuid], only: &dyn Fn(&Job) -> bool) -> Result<Vec<Uuid>> {
+    fn remove_jobs(&self, ids: &[Uuid], only: &(dyn Fn(&Job) -> bool + Sync)) -> Result<Vec<Uuid>> {
         let _writes = self.job_writes()?;
         self.with(|s| {
             // The jobs that go, and what that leaves in `tenant_jobs`: worked out first, under
