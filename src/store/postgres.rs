@@ -19,8 +19,9 @@
 //!   stored and as a key, status, source and destination region), the queue (`queued`: enqueued
 //!   and not terminal) and the claim (`holder`, `lease_until`, the database's clock), and the
 //!   record.
-//! - `job_seq`: the sequence of [`Jobs::next_seq`]; `jobs_changes`: a sequence moved after
-//!   each committed job write (see [`Jobs::jobs_version`] below).
+//! - `job_seq`: the sequence of [`Jobs::next_seq`]; `jobs_changes_shards`: 64 counters, one
+//!   of which every job write moves in its transaction (see [`Jobs::jobs_version`] below);
+//!   `jobs_changes`, the sequence that version 1 moved after each commit, is still read.
 //!
 //! Every call blocks, and runs on the calling thread: the store keeps `--database-pool` lanes,
 //! each a connection and a single-thread tokio runtime that drives it, and a call takes a free
@@ -50,7 +51,9 @@ use crate::manifest::{Hash, Manifest};
 use crate::model::{Image, Job, JobStatus, JobWire, Region, Tenant, TenantKey, TokenRecord, User};
 
 /// The schema this binary writes; a database with a newer one is refused.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
+/// Rows of `jobs_changes_shards` (see [`Jobs::jobs_version`]).
+const CHANGE_SHARDS: i16 = 64;
 /// The advisory lock that start-ups take while they create or migrate the schema.
 const MIGRATION_LOCK: i64 = 0x696d_6167_652d_7265; // "image-re"
 /// How long a call waits for a connection of the pool (or for a new one to connect).
@@ -126,6 +129,15 @@ CREATE TABLE orphans (
 CREATE SEQUENCE job_seq;
 CREATE SEQUENCE jobs_changes;
 SELECT setval('jobs_changes', 1);
+"#;
+
+/// Version 2: job writes are counted inside their transactions, in one of 64 rows.
+const SCHEMA_V2: &str = r#"
+CREATE TABLE jobs_changes_shards (
+    shard smallint PRIMARY KEY,
+    n bigint NOT NULL
+);
+INSERT INTO jobs_changes_shards SELECT s, 0 FROM generate_series(0, 63) AS s;
 "#;
 
 /// `url` with its password replaced by `***`, the only way a database URL is ever shown
@@ -212,9 +224,9 @@ struct Db {
     lease_ms: Arc<AtomicU64>,
     /// The database URL as shown ([`redacted`]).
     shown: String,
-    /// A job write's move of `jobs_changes` failed after its commit: the next call that
-    /// reaches the database makes it.
-    pending_bump: Arc<AtomicBool>,
+    /// The row of `jobs_changes_shards` this lane's job writes move: lanes of one appliance
+    /// never wait for each other there.
+    shard: i16,
 }
 
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
@@ -301,12 +313,9 @@ impl Db {
         tx.commit().await.map_err(|e| self.error(e))
     }
 
-    /// Counts a job write, after its commit ([`Jobs::jobs_version`]). The write stands if
-    /// this fails: the count is then moved by the next call that reaches the database.
-    async fn bump(&self, c: &impl GenericClient) {
-        if self.exec(c, BUMP, &[]).await.is_err() {
-            self.pending_bump.store(true, Ordering::SeqCst);
-        }
+    /// Counts a job write in its transaction ([`Jobs::jobs_version`]).
+    async fn bump(&self, tx: &impl GenericClient) -> Result<()> {
+        self.exec(tx, BUMP, &[&self.shard]).await.map(drop)
     }
 
     /// The records of `sql`'s first column.
@@ -409,35 +418,39 @@ impl Db {
         Ok(())
     }
 
-    /// Inserts `job` with `sql` (which takes the ten columns of [`INSERT_JOB`] and returns a
-    /// row when the job is new): whether it was new. An existing job of the same id is left
+    /// Inserts `job`, and if `counted` counts the write in the same statement (else the
+    /// caller's transaction does): whether it was new. An existing job of the same id is left
     /// alone if identical in its wire fields, and a conflict otherwise.
     async fn insert_job(
         &self,
         c: &impl GenericClient,
-        sql: &str,
+        counted: bool,
         tenant: &TenantKey,
         job: &Job,
     ) -> Result<bool> {
         let id = job.wire.job_id;
         let cols = JobColumns::of(job)?;
+        let sql = if counted {
+            INSERT_JOB_COUNTED
+        } else {
+            INSERT_JOB
+        };
+        let params: [&(dyn ToSql + Sync); 11] = [
+            &id,
+            &cols.seq,
+            &&tenant.0[..],
+            &job.wire.destination_tenant_id,
+            &cols.destination_key,
+            &cols.status,
+            &cols.queued,
+            &job.wire.source_region_id,
+            &job.wire.destination_region_id,
+            &Json(job),
+            // Only the counted statement has an eleventh parameter.
+            &self.shard,
+        ];
         let new = self
-            .opt(
-                c,
-                sql,
-                &[
-                    &id,
-                    &cols.seq,
-                    &&tenant.0[..],
-                    &job.wire.destination_tenant_id,
-                    &cols.destination_key,
-                    &cols.status,
-                    &cols.queued,
-                    &job.wire.source_region_id,
-                    &job.wire.destination_region_id,
-                    &Json(job),
-                ],
-            )
+            .opt(c, sql, &params[..10 + usize::from(counted)])
             .await?;
         if new.is_some() {
             return Ok(true);
@@ -500,13 +513,20 @@ impl JobColumns {
     }
 }
 
-/// Moves `jobs_changes` ([`Jobs::jobs_version`]).
-const BUMP: &str = "SELECT nextval('jobs_changes')";
+/// Counts a job write in shard `$1` ([`Jobs::jobs_version`]).
+const BUMP: &str = "UPDATE jobs_changes_shards SET n = n + 1 WHERE shard = $1";
 
 /// A job's row, new; no row back if its id exists.
 const INSERT_JOB: &str = "INSERT INTO jobs (id, seq, source_tenant, destination_tenant, \
      destination_key, status, queued, source_region, destination_region, record) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (id) DO NOTHING RETURNING 1";
+
+/// [`INSERT_JOB`] that counts the write in shard `$11` if the job is new: one statement.
+const INSERT_JOB_COUNTED: &str = "WITH new AS (INSERT INTO jobs (id, seq, source_tenant, \
+     destination_tenant, destination_key, status, queued, source_region, destination_region, \
+     record) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (id) DO NOTHING \
+     RETURNING 1), counted AS (UPDATE jobs_changes_shards SET n = n + 1 \
+     WHERE shard = $11 AND EXISTS (SELECT 1 FROM new)) SELECT 1 FROM new";
 
 /// A connection and the single-thread runtime that drives it, used by one call at a time.
 /// Between calls nothing polls the connection: a call first lets the runtime take in what the
@@ -534,9 +554,10 @@ pub struct PgStore {
     node: String,
     shown: String,
     lease_ms: Arc<AtomicU64>,
-    pending_bump: Arc<AtomicBool>,
     /// [`Jobs::jobs_version`] while the database does not answer.
     fallback: AtomicU64,
+    /// [`Jobs::jobs_version`] found the database not answering.
+    outage: AtomicBool,
 }
 
 /// A lane taken by a call; put back when dropped.
@@ -602,9 +623,13 @@ impl PgStore {
             config.application_name("image-replicator");
         }
         let lease_ms = Arc::new(AtomicU64::new(LEASE.as_millis() as u64));
-        let pending_bump = Arc::new(AtomicBool::new(false));
+        // Where this appliance's lanes start in `jobs_changes_shards`, so that two appliances
+        // rarely share rows.
+        let first_shard = node
+            .bytes()
+            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
         let lanes = (0..pool.max(1))
-            .map(|_| {
+            .map(|lane| {
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -629,7 +654,7 @@ impl PgStore {
                     node: node.to_string(),
                     lease_ms: Arc::clone(&lease_ms),
                     shown: shown.clone(),
-                    pending_bump: Arc::clone(&pending_bump),
+                    shard: ((first_shard as usize + lane) % CHANGE_SHARDS as usize) as i16,
                 });
                 Ok(Lane {
                     runtime: Some(runtime),
@@ -643,8 +668,8 @@ impl PgStore {
             node: node.to_string(),
             shown: shown.clone(),
             lease_ms,
-            pending_bump,
             fallback: AtomicU64::new(0),
+            outage: AtomicBool::new(false),
         };
         let migrated = store.run_raw(|db| async move { migrate(&db).await });
         match migrated {
@@ -757,12 +782,19 @@ async fn migrate(db: &Db) -> std::result::Result<(), String> {
     match version {
         None => {
             tx.batch_execute(SCHEMA_V1).await.map_err(step)?;
+            tx.batch_execute(SCHEMA_V2).await.map_err(step)?;
             tx.execute(
                 "INSERT INTO schema_version (version) VALUES ($1)",
                 &[&SCHEMA_VERSION],
             )
             .await
             .map_err(step)?;
+        }
+        Some(1) => {
+            tx.batch_execute(SCHEMA_V2).await.map_err(step)?;
+            tx.execute("UPDATE schema_version SET version = $1", &[&SCHEMA_VERSION])
+                .await
+                .map_err(step)?;
         }
         Some(v) if v > SCHEMA_VERSION => {
             return Err(format!(
@@ -1445,22 +1477,19 @@ impl Jobs for PgStore {
         self.run(|db| async move {
             let mut c = db.client().await?;
             if let [(tenant, job)] = jobs.as_slice() {
-                // One new job (a copy request): one statement, no transaction to open.
-                let new = db.insert_job(&c, INSERT_JOB, tenant, job).await?;
-                if new {
-                    db.bump(&c).await;
-                }
+                // One new job (a copy request): one statement, counted in it.
+                let new = db.insert_job(&c, true, tenant, job).await?;
                 return Ok(usize::from(new));
             }
             let tx = c.transaction().await.map_err(|e| db.error(e))?;
             let mut inserted = 0;
             for (tenant, job) in &jobs {
-                inserted += usize::from(db.insert_job(&tx, INSERT_JOB, tenant, job).await?);
+                inserted += usize::from(db.insert_job(&tx, false, tenant, job).await?);
+            }
+            if inserted > 0 {
+                db.bump(&tx).await?;
             }
             db.commit(tx).await?;
-            if inserted > 0 {
-                db.bump(&c).await;
-            }
             Ok(inserted)
         })
     }
@@ -1507,8 +1536,8 @@ impl Jobs for PgStore {
             )
             .await?;
             apply_image_change(&db, &tx, image).await?;
+            db.bump(&tx).await?;
             db.commit(tx).await?;
-            db.bump(&c).await;
             Ok(Some(job))
         })
     }
@@ -1551,8 +1580,8 @@ impl Jobs for PgStore {
             }
             db.exec(&tx, "DELETE FROM jobs WHERE id = ANY($1)", &[&removed])
                 .await?;
+            db.bump(&tx).await?;
             db.commit(tx).await?;
-            db.bump(&c).await;
             Ok(removed)
         })
     }
@@ -1605,38 +1634,43 @@ impl Jobs for PgStore {
         })
     }
 
-    /// The sequence `jobs_changes`, moved after every committed job write (by any appliance).
-    /// A reader that read the old value and then records from before the write caches them
-    /// under the old value, which the move after the commit makes stale; one that reads the
-    /// old value after the commit caches new records. No lock is held across commits (a row
-    /// updated inside each write's transaction made every commit wait for the one before:
-    /// 1,500 writes a second where PostgreSQL commits 13,600 unhindered). A sequence never
-    /// goes back, crashes included. Left: a writer that dies between its commit and the move
-    /// leaves the others' caches of that moment stale until the next job write. While the
-    /// database does not answer, a number that matches no earlier answer (top bit set,
-    /// counting up), so that nothing cached is trusted; once it answers again, the sequence is
-    /// moved first, so that nothing cached before is trusted either.
+    /// The sum of `jobs_changes_shards`, one of which every job write moves inside its
+    /// transaction, by any appliance: the sum changes exactly when a write commits, and never
+    /// goes back. A reader that reads it and then the records may see a write that committed
+    /// in between, and caches it under the older sum, which no later read returns. Each lane
+    /// moves a row of its own, so that writers do not wait for each other's commits (one row
+    /// for all made every commit wait for the one before: 1,500 writes a second where
+    /// PostgreSQL commits 13,600 unhindered). Added to it: the last value of `jobs_changes`,
+    /// which appliances of schema version 1 move after their commits, so that one of them
+    /// still running during an upgrade is not missed. While the database does not answer, a
+    /// number that matches no earlier answer (top bit set, counting up), so that nothing
+    /// cached is trusted; once it answers again, a row is moved first, so that nothing cached
+    /// before is trusted either (the database may have come back from a backup).
     fn jobs_version(&self) -> u64 {
+        let outage = &self.outage;
         let read = self.run(|db| async move {
             let c = db.client().await?;
-            if db.pending_bump.swap(false, Ordering::SeqCst) {
-                if let Err(e) = db.exec(&c, BUMP, &[]).await {
-                    db.pending_bump.store(true, Ordering::SeqCst);
-                    return Err(e);
-                }
+            if outage.load(Ordering::SeqCst) {
+                db.bump(&c).await?;
+                outage.store(false, Ordering::SeqCst);
             }
             let row = db
-                .opt(&c, "SELECT last_value FROM jobs_changes", &[])
+                .opt(
+                    &c,
+                    "SELECT (SELECT sum(n) FROM jobs_changes_shards)::bigint \
+                     + (SELECT last_value FROM jobs_changes)",
+                    &[],
+                )
                 .await?;
             match row {
                 Some(row) => get::<i64>(&row, 0),
-                None => Err(ServiceError::Internal("no jobs_changes sequence".into())),
+                None => Err(ServiceError::Internal("no job version".into())),
             }
         });
         match read {
             Ok(version) => version as u64 & !(1 << 63),
             Err(_) => {
-                self.pending_bump.store(true, Ordering::SeqCst);
+                self.outage.store(true, Ordering::SeqCst);
                 (1 << 63) | self.fallback.fetch_add(1, Ordering::SeqCst)
             }
         }
@@ -2263,6 +2297,37 @@ mod tests {
             Err(other) => panic!("{other}"),
             Ok(_) => panic!("opened a newer schema"),
         }
+    }
+
+    #[test]
+    fn a_version_1_schema_is_migrated_and_its_appliances_writes_still_move_the_version() {
+        let url = cluster().new_database();
+        cluster().psql(
+            &url,
+            &format!(
+                "CREATE TABLE schema_version (version integer NOT NULL); \
+                 INSERT INTO schema_version VALUES (1); {SCHEMA_V1}"
+            ),
+        );
+        let s = store(&url, "a");
+        assert_eq!(
+            cluster()
+                .psql(&url, "SELECT version FROM schema_version")
+                .trim(),
+            "2"
+        );
+        let before = s.jobs_version();
+        let (owner, j) = job(&s);
+        s.insert_jobs(&[(owner, j)]).expect("insert");
+        let inserted = s.jobs_version();
+        assert_ne!(inserted, before);
+        // What an appliance of version 1 does after each commit.
+        cluster().psql(&url, "SELECT nextval('jobs_changes')");
+        assert_ne!(s.jobs_version(), inserted);
+        drop(s);
+        // Opened again: nothing more to migrate.
+        let again = store(&url, "a");
+        assert!(again.jobs_version() > inserted);
     }
 
     #[test]
