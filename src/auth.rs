@@ -260,7 +260,7 @@ impl Authenticator {
         let now = crate::model::now();
         if let Some(id) = self.cached(&digest) {
             self.hits.fetch_add(1, Ordering::Relaxed);
-            let found = principal(&**store, id, now)?;
+            let found = principal(&**store, id, now).await?;
             if matches!(found, Err(why) if [UNKNOWN, EXPIRED, REVOKED].contains(&why)) {
                 self.forget(&digest);
             }
@@ -272,7 +272,7 @@ impl Authenticator {
         }
         if !self.rejected.contains(&digest) {
             match self.registry(store, token, digest, now).await? {
-                Found::Token(id) => return principal(&**store, id, now),
+                Found::Token(id) => return principal(&**store, id, now).await,
                 Found::Dead(why) => return Ok(Err(why)),
                 Found::NotRegistry => {}
             }
@@ -452,8 +452,8 @@ async fn keystone_principal(
 }
 
 /// Who token `id` acts as, or why not (read with one store call: PostgreSQL answers it in
-/// one query).
-fn principal(
+/// one query, without blocking the runtime).
+async fn principal(
     store: &dyn Repo,
     id: Uuid,
     now: u64,
@@ -462,7 +462,7 @@ fn principal(
         token,
         user,
         tenant_exists,
-    }) = store.token_holder(id)?
+    }) = store.token_holder_async(id).await?
     else {
         return Ok(Err(UNKNOWN));
     };

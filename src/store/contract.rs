@@ -205,6 +205,18 @@ pub fn a_token_holder_is_its_token_its_user_and_whether_its_tenant_exists(s: &dy
     s.remove_tenant(key(A)).expect("remove tenant");
     assert!(!holder(mine.info.id).expect("found").tenant_exists);
     assert_eq!(holder(Uuid::new_v4()), None);
+    // The same from a task of an async runtime, twice (the second on the kept connection).
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    for _ in 0..2 {
+        let read = runtime.block_on(s.token_holder_async(mine.info.id));
+        assert_eq!(read.expect("async"), holder(mine.info.id));
+    }
+    assert_eq!(
+        runtime
+            .block_on(s.token_holder_async(Uuid::new_v4()))
+            .expect("async"),
+        None
+    );
 }
 
 pub fn a_legacy_lookup_finds_its_token_by_prefix_until_it_is_migrated(s: &dyn Repo) {

@@ -19,6 +19,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use uuid::Uuid;
 
 use crate::error::{Result, ServiceError};
@@ -194,6 +195,11 @@ pub trait Registry: Send + Sync {
             user,
             tenant_exists,
         }))
+    }
+    /// [`Registry::token_holder`] for a task of an async runtime: a store whose reads wait
+    /// on the network answers without blocking the runtime's worker.
+    fn token_holder_async(&self, id: Uuid) -> BoxFuture<'_, Result<Option<TokenHolder>>> {
+        Box::pin(std::future::ready(self.token_holder(id)))
     }
     fn tokens(&self) -> Result<Vec<TokenRecord>>;
     /// The tokens that `lookup` (a token's SHA-256) finds (usually none or one): the record

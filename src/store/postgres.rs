@@ -29,7 +29,9 @@
 //! for a statement (handing each to a runtime of the store's own cost 3 wake-ups per round
 //! trip, a third of the appliance's CPU at 32 clients). A call from a task of a multi-thread
 //! runtime is moved off its worker with `block_in_place`; one from a current-thread runtime's
-//! task runs on a thread of its own.
+//! task runs on a thread of its own. Authentication, which runs on the HTTP runtime's tasks
+//! for every request, has connections of its own there instead (a quarter of the pool) and
+//! does not block its worker at all ([`Registry::token_holder_async`]).
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
@@ -38,6 +40,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod};
+use futures_util::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use tokio_postgres::types::{Json, ToSql};
 use tokio_postgres::{NoTls, Row};
@@ -470,6 +473,34 @@ impl Db {
         Ok(false)
     }
 
+    /// [`Registry::token_holder`]'s one query.
+    async fn token_holder(&self, id: Uuid) -> Result<Option<TokenHolder>> {
+        let c = self.client().await?;
+        // The tenant's key from the token's tenant id, as `TenantKey::parse` reads it (32 hex
+        // digits, or a hyphenated UUID), and no key otherwise.
+        let row = self
+            .opt(
+                &c,
+                "SELECT t.record, u.record, te.key IS NOT NULL FROM tokens t \
+                 LEFT JOIN users u ON u.name = t.record->>'user' \
+                 LEFT JOIN tenants te ON te.key = CASE WHEN t.record->>'tenant' ~ \
+                 '^([0-9a-fA-F]{32}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$' \
+                 THEN decode(replace(t.record->>'tenant', '-', ''), 'hex') END \
+                 WHERE t.id = $1",
+                &[&id],
+            )
+            .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let user: Option<Json<User>> = get(&row, 1)?;
+        Ok(Some(TokenHolder {
+            token: record(&row, 0)?,
+            user: user.map(|json| json.0),
+            tenant_exists: get(&row, 2)?,
+        }))
+    }
+
     fn lease_secs(&self) -> f64 {
         self.lease_ms.load(Ordering::Relaxed) as f64 / 1000.0
     }
@@ -549,6 +580,9 @@ impl Drop for Lane {
 pub struct PgStore {
     /// The lanes not in use.
     lanes: Mutex<Vec<Lane>>,
+    /// Connections for the reads that tasks of an async runtime make without blocking its
+    /// worker (authentication): they live on the runtime that first asked.
+    on_tasks: Option<Arc<Db>>,
     /// Signalled when a lane is put back.
     lane_back: Condvar,
     node: String,
@@ -628,42 +662,52 @@ impl PgStore {
         let first_shard = node
             .bytes()
             .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
-        let lanes = (0..pool.max(1))
+        let db = |size: usize, shard: usize| -> std::result::Result<Arc<Db>, OpenError> {
+            let manager = Manager::from_config(
+                config.clone(),
+                NoTls,
+                ManagerConfig {
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            );
+            let pool = Pool::builder(manager)
+                .max_size(size)
+                .runtime(deadpool_postgres::Runtime::Tokio1)
+                .wait_timeout(Some(POOL_WAIT))
+                .create_timeout(Some(POOL_WAIT))
+                .recycle_timeout(Some(POOL_WAIT))
+                .build()
+                .map_err(|e| fail(format!("cannot make its connection pool: {e}")))?;
+            Ok(Arc::new(Db {
+                pool,
+                node: node.to_string(),
+                lease_ms: Arc::clone(&lease_ms),
+                shown: shown.clone(),
+                shard: ((first_shard as usize + shard) % CHANGE_SHARDS as usize) as i16,
+            }))
+        };
+        // Of `pool` connections, a quarter for async tasks (none below 4), the rest lanes.
+        let pool = pool.max(1);
+        let on_tasks = pool / 4;
+        let lanes = (0..pool - on_tasks)
             .map(|lane| {
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
                     .map_err(|e| fail(format!("cannot start a runtime: {e}")))?;
-                let manager = Manager::from_config(
-                    config.clone(),
-                    NoTls,
-                    ManagerConfig {
-                        recycling_method: RecyclingMethod::Fast,
-                    },
-                );
-                let pool = Pool::builder(manager)
-                    .max_size(1)
-                    .runtime(deadpool_postgres::Runtime::Tokio1)
-                    .wait_timeout(Some(POOL_WAIT))
-                    .create_timeout(Some(POOL_WAIT))
-                    .recycle_timeout(Some(POOL_WAIT))
-                    .build()
-                    .map_err(|e| fail(format!("cannot make its connection pool: {e}")))?;
-                let db = Arc::new(Db {
-                    pool,
-                    node: node.to_string(),
-                    lease_ms: Arc::clone(&lease_ms),
-                    shown: shown.clone(),
-                    shard: ((first_shard as usize + lane) % CHANGE_SHARDS as usize) as i16,
-                });
                 Ok(Lane {
                     runtime: Some(runtime),
-                    db,
+                    db: db(1, lane)?,
                 })
             })
             .collect::<std::result::Result<Vec<_>, OpenError>>()?;
+        let on_tasks = match on_tasks {
+            0 => None,
+            n => Some(db(n, pool - n)?),
+        };
         let store = PgStore {
             lanes: Mutex::new(lanes),
+            on_tasks,
             lane_back: Condvar::new(),
             node: node.to_string(),
             shown: shown.clone(),
@@ -1135,32 +1179,16 @@ impl Registry for PgStore {
     }
 
     fn token_holder(&self, id: Uuid) -> Result<Option<TokenHolder>> {
-        self.run(move |db| async move {
-            let c = db.client().await?;
-            // The tenant's key from the token's tenant id, as `TenantKey::parse` reads it (32
-            // hex digits, or a hyphenated UUID), and no key otherwise.
-            let row = db
-                .opt(
-                    &c,
-                    "SELECT t.record, u.record, te.key IS NOT NULL FROM tokens t \
-                     LEFT JOIN users u ON u.name = t.record->>'user' \
-                     LEFT JOIN tenants te ON te.key = CASE WHEN t.record->>'tenant' ~ \
-                     '^([0-9a-fA-F]{32}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$' \
-                     THEN decode(replace(t.record->>'tenant', '-', ''), 'hex') END \
-                     WHERE t.id = $1",
-                    &[&id],
-                )
-                .await?;
-            let Some(row) = row else {
-                return Ok(None);
-            };
-            let user: Option<Json<User>> = get(&row, 1)?;
-            Ok(Some(TokenHolder {
-                token: record(&row, 0)?,
-                user: user.map(|json| json.0),
-                tenant_exists: get(&row, 2)?,
-            }))
-        })
+        self.run(move |db| async move { db.token_holder(id).await })
+    }
+
+    /// On the caller's runtime, with the connections kept for its tasks (if the pool has
+    /// room for them: see [`PgStore::connect`]).
+    fn token_holder_async(&self, id: Uuid) -> BoxFuture<'_, Result<Option<TokenHolder>>> {
+        match &self.on_tasks {
+            Some(db) => Box::pin(db.token_holder(id)),
+            None => Box::pin(std::future::ready(self.token_holder(id))),
+        }
     }
 
     fn tokens(&self) -> Result<Vec<TokenRecord>> {
