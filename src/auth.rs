@@ -115,7 +115,8 @@ pub const KEYSTONE_REFUSED: Refusal = "unknown token (Keystone does not accept i
 pub const KEYSTONE_PROJECT: Refusal =
     "the Keystone token's project is not a tenant of this appliance";
 
-/// The refusal of a record that [`TokenRecord::unusable_at`](crate::model::TokenRecord::unusable_at) says is unusable for `why`.
+/// The refusal of a record that [`unusable_at`](crate::model::TokenRecord::unusable_at) says
+/// is unusable for `why`.
 fn refusal(why: &str) -> Refusal {
     if why == "revoked" {
         REVOKED

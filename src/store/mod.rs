@@ -290,7 +290,8 @@ pub trait Jobs: Send + Sync {
     fn insert_jobs(&self, jobs: &[(TenantKey, Job)]) -> Result<usize>;
     /// Applies `change` to a job and the image change it returns, together, keeping the queue
     /// in step. `change` may refuse with an error: then nothing is written. It may run more
-    /// than once. `None` if there is no such job.
+    /// than once, and on another thread (PostgreSQL runs it in the call's transaction).
+    /// `None` if there is no such job.
     fn update_job(
         &self,
         id: Uuid,
