@@ -102,6 +102,9 @@ pub struct Progress {
     pub read: u64,
 }
 
+/// What a copy tells its caller at a checkpoint ([`Control::checkpoint`]).
+pub type Checkpoint<'a> = &'a mut dyn FnMut(&[Entry], u64);
+
 /// What a copy asks of its caller while it runs.
 pub struct Control<'a> {
     /// Polled once per chunk (and while throttled): `Some` stops the copy.
@@ -113,7 +116,7 @@ pub struct Control<'a> {
     /// read from the source. `None`: nothing resumes from a checkpoint (an upload, an
     /// import), so the copy makes nothing durable before its end (the sink's finish does):
     /// an fdatasync a second stalled the reading thread while the hashers ran dry.
-    pub checkpoint: Option<&'a mut dyn FnMut(&[Entry], u64)>,
+    pub checkpoint: Option<Checkpoint<'a>>,
     pub limiter: Option<&'a RateLimiter>,
 }
 
@@ -531,9 +534,7 @@ pub fn copy(
         let sha = hashes
             .sha512
             .then(|| scope.spawn(move || sha512_thread(sha_rx)));
-        let md5 = hashes
-            .md5
-            .then(|| scope.spawn(move || md5_thread(md5_rx)));
+        let md5 = hashes.md5.then(|| scope.spawn(move || md5_thread(md5_rx)));
         let mut flight = InFlight {
             pending: VecDeque::new(),
             results,
