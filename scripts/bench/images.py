@@ -318,11 +318,12 @@ def cmd_report(args):
                     f"- {fig} against {other_name}: the goal needs {goal * other_rate:,.0f} MiB/s. "
                     "An upload must compute the image's MD5 (Glance's `checksum`) and SHA-512 "
                     "(`os_hash_value`) besides its chunks' BLAKE3. Alone, on one core each, "
-                    f"`md5sum` takes {md5:.2f} s for this image ({mbs(size, md5):,.0f} MiB/s) and "
-                    f"`sha512sum` {sha:.2f} s: MD5 cannot be split across cores, so no upload "
-                    f"here can beat {mbs(size, md5):,.0f} MiB/s, and on {os.cpu_count()} CPUs "
-                    "shared with curl the two digests alone take "
-                    f"{(md5 + sha) / os.cpu_count():.2f} s of the whole machine. The appliance's "
+                    f"coreutils' `md5sum` takes {md5:.2f} s for this image "
+                    f"({mbs(size, md5):,.0f} MiB/s) and `sha512sum` {sha:.2f} s "
+                    f"({(md5 + sha) / os.cpu_count():.2f} s of the whole machine's "
+                    f"{os.cpu_count()} CPUs, shared with curl); the appliance's own (md-5's "
+                    "assembly, ring's SHA-512) are of the same order. MD5 cannot be split "
+                    "across cores: one core's MD5 rate bounds any upload. The appliance's "
                     f"upload took {app_s:.2f} s and {app_cpu:.2f} s of its CPU (medians).")
             elif not met and op == "download":
                 def rate(system, kind):

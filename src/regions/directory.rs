@@ -600,7 +600,7 @@ mod tests {
             &mut Control {
                 stop,
                 progress,
-                checkpoint: &mut |_, _| {},
+                checkpoint: None,
                 limiter: None,
             },
             &|_| Ok(()),
@@ -879,7 +879,7 @@ mod tests {
             &mut Control {
                 stop: &never,
                 progress: &mut |_| {},
-                checkpoint: &mut |_, _| {},
+                checkpoint: None,
                 limiter: None,
             },
             &|_| Err(StoreError::Fatal("no".into())),

@@ -297,7 +297,7 @@ pub fn make_manifest(
     let mut control = Control {
         stop,
         progress: &mut |_| {},
-        checkpoint: &mut |_, _| {},
+        checkpoint: None,
         limiter: None,
     };
     let hashes = Hashes {

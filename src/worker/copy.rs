@@ -609,7 +609,7 @@ impl Copy<'_> {
         let mut control = Control {
             stop: &stop,
             progress: &mut progress,
-            checkpoint: &mut checkpoint,
+            checkpoint: Some(&mut checkpoint),
             limiter: ctx.limiter.as_ref(),
         };
         Ok(transfer(input, sink, plan, &mut control, &|recorded| {

@@ -149,7 +149,7 @@ impl Service {
         let mut control = Control {
             stop: &|| None,
             progress: &mut |_| {},
-            checkpoint: &mut |_, _| {},
+            checkpoint: None,
             limiter: None,
         };
         let written = images
