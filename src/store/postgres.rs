@@ -23,9 +23,9 @@
 //!   of which every job write moves in its transaction (see [`Jobs::jobs_version`] below);
 //!   `jobs_changes`, the sequence that version 1 moved after each commit, is still read.
 //!
-//! Every call blocks, and runs on the calling thread: the store keeps `--database-pool` lanes,
-//! each a connection and a single-thread tokio runtime that drives it, and a call takes a free
-//! lane and runs its statements there, waiting on the socket itself. No other thread is woken
+//! Every call blocks, and runs on the calling thread: the store keeps lanes (three quarters of
+//! `--database-pool`), each a connection and a single-thread tokio runtime that drives it, and a
+//! call takes a free lane and runs its statements there, waiting on the socket itself. No other thread is woken
 //! for a statement (handing each to a runtime of the store's own cost 3 wake-ups per round
 //! trip, a third of the appliance's CPU at 32 clients). A call from a task of a multi-thread
 //! runtime is moved off its worker with `block_in_place`; one from a current-thread runtime's
@@ -217,9 +217,8 @@ fn find_password_key(text: &str) -> Option<usize> {
     None
 }
 
-/// What a call's statements run with: its lane's connection (a pool of one, which connects
-/// again when the connection is lost) and who this appliance is. The atomics are the store's,
-/// shared by every lane.
+/// What a call's statements run with: its connections (a lane's pool of one, which connects
+/// again when the connection is lost, or the pool of async tasks) and who this appliance is.
 struct Db {
     pool: Pool,
     node: String,
