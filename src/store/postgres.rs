@@ -233,12 +233,24 @@ struct Db {
 
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
+/// The database at `shown` is out of reach (a 503).
+fn unavailable(shown: &str, why: impl std::fmt::Display) -> ServiceError {
+    ServiceError::Unavailable(format!(
+        "the database at {shown} does not answer ({why}); requests succeed again once it is back"
+    ))
+}
+
+/// No connection came free (or connected) within [`POOL_WAIT`].
+fn no_connection(shown: &str) -> ServiceError {
+    unavailable(
+        shown,
+        format_args!("no connection within {} s", POOL_WAIT.as_secs()),
+    )
+}
+
 impl Db {
     fn unavailable(&self, why: impl std::fmt::Display) -> ServiceError {
-        ServiceError::Unavailable(format!(
-            "the database at {} does not answer ({why}); requests succeed again once it is back",
-            self.shown
-        ))
+        unavailable(&self.shown, why)
     }
 
     /// A database error as callers see it: the database unreachable is a 503, a unique key
@@ -269,10 +281,7 @@ impl Db {
     fn pool_error(&self, e: PoolError) -> ServiceError {
         match e {
             PoolError::Backend(e) => self.error(e),
-            PoolError::Timeout(_) => self.unavailable(format_args!(
-                "no connection within {} s",
-                POOL_WAIT.as_secs()
-            )),
+            PoolError::Timeout(_) => no_connection(&self.shown),
             PoolError::Closed => self.unavailable("the pool is closed"),
             other => ServiceError::internal(STORE_ERROR, other),
         }
@@ -743,12 +752,7 @@ impl PgStore {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(ServiceError::Unavailable(format!(
-                    "the database at {} does not answer (no connection within {} s); requests \
-                     succeed again once it is back",
-                    self.shown,
-                    POOL_WAIT.as_secs()
-                )));
+                return Err(no_connection(&self.shown));
             }
             lanes = self
                 .lane_back
@@ -864,7 +868,7 @@ async fn migrate(db: &Db) -> std::result::Result<(), String> {
 }
 
 fn task_stopped() -> ServiceError {
-    ServiceError::Internal(format!("{STORE_ERROR}: the PostgreSQL task stopped"))
+    ServiceError::Internal(format!("{STORE_ERROR}: a PostgreSQL call stopped"))
 }
 
 impl PgStore {
