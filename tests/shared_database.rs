@@ -346,3 +346,58 @@ fn the_database_restarted_under_load_loses_nothing_acknowledged() {
         "no URL with a password in the log"
     );
 }
+
+#[test]
+fn an_appliance_reaches_its_database_over_verified_tls() {
+    use image_replicator::store::postgres::testing::Cluster;
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
+    let cluster =
+        Cluster::start_tls(&cert.cert.pem(), &cert.signing_key.serialize_pem()).expect("cluster");
+    let db = cluster.new_database();
+    let url = cluster.tcp_url(&db, "localhost").expect("a port") + "?sslmode=require";
+    let mut lab = Lab::on_database(&url);
+    let ca = lab.dir.path().join("database-ca.pem");
+    std::fs::write(&ca, cert.cert.pem()).expect("ca file");
+    // The server's certificate is no system root's: refused, saying what to give.
+    let refused = lab.fails(&["region", "add", "spare"]);
+    assert!(
+        refused.contains("UnknownIssuer") && refused.contains("--database-ca-file"),
+        "{refused}"
+    );
+    let ca_arg = ca.display().to_string();
+    let by_flag = lab.fails(&[
+        "--database-ca-file",
+        "/nonexistent/ca.pem",
+        "region",
+        "add",
+        "spare",
+    ]);
+    assert!(by_flag.contains("cannot read the CA file"), "{by_flag}");
+    lab.ok(&["--database-ca-file", &ca_arg, "region", "add", "spare"]);
+    lab.env
+        .push(("IMAGE_REPLICATOR_DATABASE_CA_FILE".into(), ca_arg.clone()));
+    // Everything through TLS: the set-up, a server, a copy.
+    let token = lab.copier();
+    let image = lab.image(TENANT_A, "cirros", 64 * 1024);
+    let server = serve(&lab, "tls", &[]);
+    let id = server.copy_ok(&token, &image, TENANT_B);
+    let job = server.wait_job(
+        &token,
+        &id,
+        Duration::from_secs(60),
+        status_is("replicated"),
+    );
+    assert_eq!(
+        destination_sha512(&lab, &job),
+        file_sha512(&lab, "ot1", &image)
+    );
+    let plain = cluster.psql(
+        &db,
+        "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE a.application_name = 'image-replicator' AND NOT s.ssl",
+    );
+    assert_eq!(plain.trim(), "0", "no plain connection of the appliance");
+    // The flag needs a database.
+    let alone = Lab::new().fails(&["--database-ca-file", &ca_arg, "region", "list"]);
+    assert!(alone.contains("--database-url"), "{alone}");
+}

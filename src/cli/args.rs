@@ -61,6 +61,13 @@ pub struct Cli {
           env = "IMAGE_REPLICATOR_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
+    /// PEM file of the certificates the database's TLS certificate chains to, besides the
+    /// system's roots; turns TLS on, as sslmode=require in the URL does (TLS is always verified:
+    /// the certificate must also name the URL's host)
+    #[arg(long, global = true, help_heading = GLOBAL, value_name = "FILE",
+          env = "IMAGE_REPLICATOR_DATABASE_CA_FILE", requires = "database_url")]
+    pub database_ca_file: Option<PathBuf>,
+
     /// Connections to PostgreSQL that this process keeps open at most
     #[arg(long, global = true, help_heading = GLOBAL, value_name = "N",
           env = "IMAGE_REPLICATOR_DATABASE_POOL", default_value_t = 16,
@@ -76,6 +83,7 @@ impl Cli {
     pub fn store_config(&self) -> crate::store::StoreConfig {
         crate::store::StoreConfig {
             database_url: self.database_url.clone(),
+            database_ca_file: self.database_ca_file.clone(),
             pool: usize::from(self.database_pool),
             node: crate::store::host_name(),
         }

@@ -991,7 +991,7 @@ impl Backend for Postgres {
                 url
             }
         };
-        Arc::new(super::postgres::PgStore::connect(&url, 4, "test-node").expect("connect"))
+        Arc::new(super::postgres::PgStore::connect(&url, 4, "test-node", None).expect("connect"))
     }
 }
 

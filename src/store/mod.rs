@@ -15,7 +15,7 @@ pub mod sled;
 mod contract;
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,6 +42,9 @@ pub struct StoreConfig {
     /// `postgres://…`: the records are in that PostgreSQL database, which several
     /// appliances may share. `None`: in sled, in the data directory.
     pub database_url: Option<String>,
+    /// PEM certificates the database's TLS certificate may chain to, besides the system's
+    /// roots (`--database-ca-file`; it turns TLS on).
+    pub database_ca_file: Option<PathBuf>,
     /// Connections to PostgreSQL.
     pub pool: usize,
     /// This appliance's name, the holder of its claims.
@@ -53,6 +56,7 @@ impl StoreConfig {
     pub fn embedded() -> StoreConfig {
         StoreConfig {
             database_url: None,
+            database_ca_file: None,
             pool: DEFAULT_POOL,
             node: host_name(),
         }
@@ -82,6 +86,7 @@ pub fn open(dir: &Path, config: &StoreConfig) -> std::result::Result<Arc<dyn Rep
             url,
             config.pool,
             &config.node,
+            config.database_ca_file.as_deref(),
         )?)),
     }
 }

@@ -35,15 +35,20 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod};
 use futures_util::future::BoxFuture;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
 use serde::de::DeserializeOwned;
+use tokio_postgres::config::SslMode;
 use tokio_postgres::types::{Json, ToSql};
 use tokio_postgres::{NoTls, Row};
+use tokio_postgres_rustls::MakeRustlsConnect;
 use uuid::Uuid;
 
 use super::{
@@ -632,8 +637,79 @@ fn connect_reason(e: &tokio_postgres::Error) -> String {
             "42501" => format!("permission denied: {}", db.message()),
             _ => format!("{}: {}", db.code().code(), db.message()),
         },
-        None => format!("cannot connect: {e}"),
+        None => {
+            let mut text = e.to_string();
+            let mut cause = std::error::Error::source(e);
+            while let Some(c) = cause {
+                let more = c.to_string();
+                if !text.contains(&more) {
+                    text = format!("{text}: {more}");
+                }
+                cause = c.source();
+            }
+            if text.starts_with("error performing TLS handshake") {
+                text.push_str(" (the server's certificate must chain to the system's roots or to --database-ca-file, and name the URL's host)");
+            }
+            format!("cannot connect: {text}")
+        }
     }
+}
+
+/// How the pool's connections are encrypted. `sslmode=require` or `--database-ca-file`: TLS, the server's certificate verified against the system's roots
+/// (Mozilla's, as `webpki-roots` carries them) and the certificates of `ca_file`, its name
+/// against the URL's host; a certificate that does not verify ends the connection. Else
+/// (`disable`, and `prefer`, the URL's default): plain, as before TLS was supported.
+fn tls(
+    config: &mut tokio_postgres::Config,
+    ca_file: Option<&Path>,
+) -> std::result::Result<Option<MakeRustlsConnect>, String> {
+    match (config.get_ssl_mode(), ca_file) {
+        (SslMode::Disable, Some(_)) => {
+            return Err("--database-ca-file is for TLS, and the URL says sslmode=disable".into())
+        }
+        (_, Some(_)) => {
+            config.ssl_mode(SslMode::Require);
+        }
+        (SslMode::Require, None) => {}
+        (_, None) => {
+            config.ssl_mode(SslMode::Disable);
+            return Ok(None);
+        }
+    }
+    if config
+        .get_hosts()
+        .iter()
+        .any(|h| matches!(h, tokio_postgres::config::Host::Unix(_)))
+    {
+        return Err(
+            "TLS (sslmode=require, --database-ca-file) needs the server's host name in the URL: a Unix socket is not encrypted".into(),
+        );
+    }
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca_file {
+        let shown = path.display();
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("cannot read the CA file {shown}: {e}"))?
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| format!("the CA file {shown} is not PEM: {e}"))?;
+        if certs.is_empty() {
+            return Err(format!("the CA file {shown} holds no certificate"));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| {
+                format!("the CA file {shown} holds a certificate rustls refuses: {e}")
+            })?;
+        }
+    }
+    let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("cannot set up TLS: {e}"))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Some(MakeRustlsConnect::new(config)))
 }
 
 fn connect_pool_reason(e: PoolError) -> String {
@@ -649,7 +725,12 @@ fn connect_pool_reason(e: PoolError) -> String {
 impl PgStore {
     /// Connects to the database at `url` with at most `pool` connections, as appliance `node`,
     /// creating or migrating the schema.
-    pub fn connect(url: &str, pool: usize, node: &str) -> std::result::Result<PgStore, OpenError> {
+    pub fn connect(
+        url: &str,
+        pool: usize,
+        node: &str,
+        ca_file: Option<&Path>,
+    ) -> std::result::Result<PgStore, OpenError> {
         let shown = redacted(url);
         let fail = |reason: String| OpenError::Other {
             path: shown.clone(),
@@ -658,6 +739,7 @@ impl PgStore {
         let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| fail(format!("not a PostgreSQL connection URL: {e}")))?;
+        let tls = tls(&mut config, ca_file).map_err(fail)?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(POOL_WAIT);
         }
@@ -671,13 +753,13 @@ impl PgStore {
             .bytes()
             .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
         let db = |size: usize, shard: usize| -> std::result::Result<Arc<Db>, OpenError> {
-            let manager = Manager::from_config(
-                config.clone(),
-                NoTls,
-                ManagerConfig {
-                    recycling_method: RecyclingMethod::Fast,
-                },
-            );
+            let recycling = || ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            };
+            let manager = match &tls {
+                Some(tls) => Manager::from_config(config.clone(), tls.clone(), recycling()),
+                None => Manager::from_config(config.clone(), NoTls, recycling()),
+            };
             let pool = Pool::builder(manager)
                 .max_size(size)
                 .runtime(deadpool_postgres::Runtime::Tokio1)
@@ -1867,6 +1949,8 @@ pub mod testing {
         bin: PathBuf,
         /// Run the programs as `postgres` (we are root).
         as_postgres: bool,
+        /// The loopback port of a TLS cluster (its socket's name too).
+        port: Option<u16>,
         watchdog: Mutex<Option<(Child, ChildStdin)>>,
     }
 
@@ -1916,6 +2000,16 @@ pub mod testing {
             .ok_or_else(|| "no initdb found: install postgresql".to_string())
     }
 
+    /// A loopback port nothing listens on now (bound and let go: the server binds it next).
+    fn free_port() -> Result<u16, String> {
+        let socket = std::net::TcpListener::bind("127.0.0.1:0")
+            .map_err(|e| format!("cannot find a free port: {e}"))?;
+        socket
+            .local_addr()
+            .map(|a| a.port())
+            .map_err(|e| format!("cannot find a free port: {e}"))
+    }
+
     /// The uid and gid of user `postgres`.
     fn postgres_user() -> Result<(libc::uid_t, libc::gid_t), String> {
         let name = c"postgres";
@@ -1934,6 +2028,16 @@ pub mod testing {
     impl Cluster {
         /// Starts a cluster of its own in a new temporary directory.
         pub fn start() -> Result<Cluster, String> {
+            Cluster::start_with(None)
+        }
+
+        /// Starts a cluster that also listens on a free loopback port, with TLS (`ssl = on`)
+        /// and this certificate and key (PEM); [`Cluster::tcp_url`] reaches it there.
+        pub fn start_tls(cert_pem: &str, key_pem: &str) -> Result<Cluster, String> {
+            Cluster::start_with(Some((cert_pem, key_pem)))
+        }
+
+        fn start_with(tls: Option<(&str, &str)>) -> Result<Cluster, String> {
             static N: AtomicU64 = AtomicU64::new(0);
             let bin = find_bin()?;
             // SAFETY: geteuid has no preconditions.
@@ -1950,10 +2054,15 @@ pub mod testing {
                 std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
                     .map_err(|e| format!("cannot give {} to postgres: {e}", dir.display()))?;
             }
+            let port = match tls {
+                None => None,
+                Some(_) => Some(free_port()?),
+            };
             let mut cluster = Cluster {
                 dir,
                 bin,
                 as_postgres,
+                port,
                 watchdog: Mutex::new(None),
             };
             // First the watchdog: from here on the directory goes with this process.
@@ -1990,11 +2099,20 @@ pub mod testing {
                     String::from_utf8_lossy(&initdb.stderr)
                 ));
             }
-            let settings = format!(
-                "\nlisten_addresses = ''\nunix_socket_directories = '{}'\nmax_connections = 300\n\
-                 shared_buffers = 16MB\n",
+            let mut settings = format!(
+                "\nunix_socket_directories = '{}'\nmax_connections = 300\nshared_buffers = 16MB\n",
                 cluster.dir.display()
             );
+            match (tls, port) {
+                (Some((cert, key)), Some(port)) => {
+                    cluster.own_file("server.crt", cert)?;
+                    cluster.own_file("server.key", key)?;
+                    settings.push_str(&format!(
+                        "listen_addresses = '127.0.0.1'\nport = {port}\nssl = on\n"
+                    ));
+                }
+                _ => settings.push_str("listen_addresses = ''\n"),
+            }
             let conf = cluster.data().join("postgresql.conf");
             let mut text =
                 std::fs::read_to_string(&conf).map_err(|e| format!("postgresql.conf: {e}"))?;
@@ -2006,6 +2124,22 @@ pub mod testing {
 
         fn data(&self) -> PathBuf {
             self.dir.join("data")
+        }
+
+        /// Writes `name` into the data directory, readable by the server only (as PostgreSQL
+        /// wants its key).
+        fn own_file(&self, name: &str, text: &str) -> Result<(), String> {
+            use std::os::unix::fs::PermissionsExt;
+            let path = self.data().join(name);
+            let fail = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
+            std::fs::write(&path, text).map_err(fail)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(fail)?;
+            if self.as_postgres {
+                let (uid, gid) = postgres_user()?;
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid)).map_err(fail)?;
+            }
+            Ok(())
         }
 
         /// `program`, as the postgres user when we are root, in the cluster's directory.
@@ -2057,18 +2191,8 @@ pub mod testing {
         pub fn new_database(&self) -> String {
             let name = format!("t_{}", uuid::Uuid::new_v4().simple());
             let out = Command::new(self.bin.join("psql"))
-                .arg("-h")
-                .arg(&self.dir)
-                .args([
-                    "-U",
-                    "postgres",
-                    "-d",
-                    "postgres",
-                    "-X",
-                    "-q",
-                    "-v",
-                    "ON_ERROR_STOP=1",
-                ])
+                .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
+                .arg(self.url("postgres"))
                 .arg("-c")
                 .arg(format!("CREATE DATABASE {name}"))
                 .stdin(Stdio::null())
@@ -2108,12 +2232,21 @@ pub mod testing {
             String::from_utf8_lossy(&out.stdout).into_owned()
         }
 
-        /// The URL of database `name` of this cluster.
+        /// The URL of database `name` of this cluster (on its Unix socket).
         pub fn url(&self, name: &str) -> String {
+            let port = self.port.map(|p| format!("&port={p}")).unwrap_or_default();
             format!(
-                "postgresql:///{name}?host={}&user=postgres",
+                "postgresql:///{name}?host={}&user=postgres{port}",
                 self.dir.display()
             )
+        }
+
+        /// The database of `url` (from [`Cluster::new_database`]) on the loopback port of a
+        /// [`Cluster::start_tls`] cluster, by the host name `host`.
+        pub fn tcp_url(&self, url: &str, host: &str) -> Option<String> {
+            let name = url.strip_prefix("postgresql:///")?.split('?').next()?;
+            let port = self.port?;
+            Some(format!("postgresql://postgres@{host}:{port}/{name}"))
         }
     }
 
@@ -2136,12 +2269,88 @@ mod tests {
     use crate::model::TenantKey;
 
     fn store(url: &str, node: &str) -> PgStore {
-        PgStore::connect(url, 4, node).expect("connect")
+        PgStore::connect(url, 4, node, None).expect("connect")
     }
 
     /// A queued job of tenant A, as the contract suite makes them.
     fn job(store: &PgStore) -> (TenantKey, Job) {
         super::super::contract::job(store, A, JobStatus::ReplicateRequested)
+    }
+
+    #[test]
+    fn tls_to_the_database_is_verified_and_plain_stays_the_default() {
+        let server =
+            rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+        let other =
+            rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+        let cluster = Cluster::start_tls(&server.cert.pem(), &server.signing_key.serialize_pem())
+            .expect("a TLS cluster");
+        let files = std::env::temp_dir().join(format!("ir-pg-tls-{}", Uuid::new_v4()));
+        std::fs::create_dir(&files).expect("temp dir");
+        let ca = files.join("ca.pem");
+        std::fs::write(&ca, server.cert.pem()).expect("ca");
+        let wrong_ca = files.join("other.pem");
+        std::fs::write(&wrong_ca, other.cert.pem()).expect("ca");
+        let garbage = files.join("garbage.pem");
+        std::fs::write(&garbage, "not a certificate").expect("garbage");
+        let db = cluster.new_database();
+        let tcp = cluster.tcp_url(&db, "localhost").expect("a port");
+        // Whether this appliance's connections (all of them) are encrypted.
+        let encrypted = |want: bool| {
+            let sql = format!(
+                "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+                 WHERE a.application_name = 'image-replicator' AND s.ssl = {want}"
+            );
+            cluster
+                .psql(&db, &sql)
+                .trim()
+                .parse::<u32>()
+                .expect("a count")
+        };
+        let connect = |url: &str, ca: Option<&Path>| PgStore::connect(url, 4, "a", ca);
+        let refused = |url: &str, ca: Option<&Path>| match connect(url, ca) {
+            Ok(_) => panic!("{url} with {ca:?} connected"),
+            Err(e) => e.to_string(),
+        };
+
+        for (url, ca) in [
+            (format!("{tcp}?sslmode=require"), Some(ca.as_path())),
+            (tcp.clone(), Some(ca.as_path())),
+        ] {
+            let store = connect(&url, ca).expect("TLS with the server's certificate");
+            let (owner, j) = job(&store);
+            assert_eq!(store.insert_jobs(&[(owner, j)]).expect("a write"), 1);
+            assert!(encrypted(true) >= 1, "{url}: encrypted connections");
+            assert_eq!(encrypted(false), 0, "{url}: no plain connection");
+        }
+        // The URL's default (prefer) stays plain, though the server offers TLS with a
+        // certificate the system's roots do not know.
+        let plain = connect(&tcp, None).expect("plain");
+        assert!(encrypted(false) >= 1, "plain connections");
+        drop(plain);
+
+        let unknown = refused(&format!("{tcp}?sslmode=require"), None);
+        assert!(
+            unknown.contains("TLS handshake") && unknown.contains("--database-ca-file"),
+            "{unknown}"
+        );
+        let wrong = refused(&tcp, Some(&wrong_ca));
+        assert!(wrong.contains("TLS handshake"), "{wrong}");
+        let by_address = cluster.tcp_url(&db, "127.0.0.1").expect("a port");
+        let misnamed = refused(&by_address, Some(&ca));
+        assert!(misnamed.contains("not valid for name"), "{misnamed}");
+        let disabled = refused(&format!("{tcp}?sslmode=disable"), Some(&ca));
+        assert!(disabled.contains("sslmode=disable"), "{disabled}");
+        let socket = refused(&format!("{db}&sslmode=require"), None);
+        assert!(
+            socket.contains("a Unix socket is not encrypted"),
+            "{socket}"
+        );
+        let missing = refused(&tcp, Some(&files.join("absent.pem")));
+        assert!(missing.contains("cannot read the CA file"), "{missing}");
+        let not_pem = refused(&tcp, Some(&garbage));
+        assert!(not_pem.contains("holds no certificate"), "{not_pem}");
+        std::fs::remove_dir_all(&files).expect("clean up");
     }
 
     #[test]
@@ -2304,7 +2513,9 @@ mod tests {
         let starts: Vec<_> = (0..4)
             .map(|i| {
                 let url = url.clone();
-                std::thread::spawn(move || PgStore::connect(&url, 2, &format!("n{i}")).map(drop))
+                std::thread::spawn(move || {
+                    PgStore::connect(&url, 2, &format!("n{i}"), None).map(drop)
+                })
             })
             .collect();
         for start in starts {
@@ -2323,7 +2534,7 @@ mod tests {
         let url = cluster().new_database();
         drop(store(&url, "a"));
         cluster().psql(&url, "UPDATE schema_version SET version = 99");
-        match PgStore::connect(&url, 2, "a") {
+        match PgStore::connect(&url, 2, "a", None) {
             Err(OpenError::Other { reason, .. }) => assert!(reason.contains("newer"), "{reason}"),
             Err(other) => panic!("{other}"),
             Ok(_) => panic!("opened a newer schema"),
@@ -2396,7 +2607,7 @@ mod tests {
             redacted("postgresql:///ir?host=/run/pg"),
             "postgresql:///ir?host=/run/pg"
         );
-        let failed = PgStore::connect("postgres://alice:s3cret@127.0.0.1:1/ir", 1, "a");
+        let failed = PgStore::connect("postgres://alice:s3cret@127.0.0.1:1/ir", 1, "a", None);
         let Err(e) = failed else {
             panic!("connected to port 1")
         };
