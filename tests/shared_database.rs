@@ -401,3 +401,64 @@ fn an_appliance_reaches_its_database_over_verified_tls() {
     let alone = Lab::new().fails(&["--database-ca-file", &ca_arg, "region", "list"]);
     assert!(alone.contains("--database-url"), "{alone}");
 }
+
+#[test]
+fn a_password_comes_from_pgpassword_or_a_private_password_file() {
+    use image_replicator::store::postgres::testing::{Cluster, PASSWORD_ROLE};
+    use std::os::unix::fs::PermissionsExt;
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
+    let cluster =
+        Cluster::start_tls(&cert.cert.pem(), &cert.signing_key.serialize_pem()).expect("cluster");
+    let db = cluster.new_database();
+    let name = db
+        .split('?')
+        .next()
+        .and_then(|u| u.rsplit('/').next())
+        .expect("name");
+    cluster.psql(
+        &db,
+        &format!(
+            "CREATE ROLE {PASSWORD_ROLE} LOGIN PASSWORD 's3:cr\\et'; \
+             ALTER DATABASE {name} OWNER TO {PASSWORD_ROLE}"
+        ),
+    );
+    let url = cluster
+        .tcp_url_as(&db, "localhost", PASSWORD_ROLE)
+        .expect("a port");
+    let mut lab = Lab::on_database(&url);
+    let ca = lab.dir.path().join("ca.pem");
+    std::fs::write(&ca, cert.cert.pem()).expect("ca");
+    lab.env.push((
+        "IMAGE_REPLICATOR_DATABASE_CA_FILE".into(),
+        ca.display().to_string(),
+    ));
+    let home = lab.dir.path().join("home");
+    std::fs::create_dir(&home).expect("home");
+    lab.env.push(("HOME".into(), home.display().to_string()));
+    // No password anywhere: PostgreSQL asks for one and the command says so.
+    let asked = lab.fails(&["region", "add", "one"]);
+    assert!(asked.contains("password"), "{asked}");
+    assert!(!asked.contains("s3:cr"), "{asked}");
+    // ~/.pgpass, private: used (its line escapes the colon and the backslash).
+    let port = url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.split('/').next())
+        .expect("port");
+    let line = format!("localhost:{port}:{name}:{PASSWORD_ROLE}:s3\\:cr\\\\et\n");
+    let pgpass = home.join(".pgpass");
+    std::fs::write(&pgpass, format!("*:*:other:*:wrong\n{line}")).expect("pgpass");
+    let private = std::fs::Permissions::from_mode(0o600);
+    std::fs::set_permissions(&pgpass, private).expect("chmod");
+    lab.ok(&["region", "add", "one"]);
+    // Readable by others: ignored, with a warning.
+    std::fs::set_permissions(&pgpass, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let ignored = lab.fails(&["region", "add", "two"]);
+    assert!(ignored.contains("may be read by others"), "{ignored}");
+    // PGPASSWORD comes first; then a server runs on it.
+    lab.env.push(("PGPASSWORD".into(), "s3:cr\\et".into()));
+    lab.ok(&["region", "add", "two"]);
+    let token = lab.copier();
+    let server = serve(&lab, "pw", &["--no-worker"]);
+    assert_eq!(server.get(JOBS, Some(&token)).status(), 200);
+}

@@ -655,6 +655,88 @@ fn connect_reason(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// The password of a URL that has none, as libpq finds it: `PGPASSWORD`, else the line of the
+/// password file (`PGPASSFILE`, else `~/.pgpass`) for the URL's first host, port, database and
+/// user. A password file that others may read is ignored with a warning, as libpq does.
+fn password_from_env(config: &mut tokio_postgres::Config) {
+    if config.get_password().is_some() {
+        return;
+    }
+    if let Some(pw) = std::env::var_os("PGPASSWORD").filter(|v| !v.is_empty()) {
+        config.password(pw.as_encoded_bytes());
+        return;
+    }
+    let Some(user) = config.get_user().map(str::to_string) else {
+        return;
+    };
+    let path = match (std::env::var_os("PGPASSFILE"), std::env::var_os("HOME")) {
+        (Some(file), _) => std::path::PathBuf::from(file),
+        (None, Some(home)) => Path::new(&home).join(".pgpass"),
+        (None, None) => return,
+    };
+    let Ok(meta) = std::fs::metadata(&path) else {
+        return;
+    };
+    if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o077 != 0 {
+        tracing::warn!(
+            file = %path.display(),
+            "the password file may be read by others and is ignored: make it u=rw (0600) or less"
+        );
+        return;
+    }
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return;
+    };
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(name)) => name.clone(),
+        Some(tokio_postgres::config::Host::Unix(dir)) => dir.display().to_string(),
+        None => "localhost".to_string(),
+    };
+    let port = config
+        .get_ports()
+        .first()
+        .copied()
+        .unwrap_or(5432)
+        .to_string();
+    let db = config.get_dbname().unwrap_or(&user).to_string();
+    if let Some(pw) = pgpass_lookup(&text, &host, &port, &db, &user) {
+        config.password(pw);
+    }
+}
+
+/// The password of the first line of a password file (`host:port:db:user:password`, `*`
+/// matching anything, `\:` and `\\` escaped) that matches. A Unix socket's directory also
+/// matches `localhost`.
+fn pgpass_lookup(text: &str, host: &str, port: &str, db: &str, user: &str) -> Option<String> {
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let mut fields = vec![String::new()];
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some(next) = chars.next() {
+                        fields.last_mut()?.push(next);
+                    }
+                }
+                ':' if fields.len() < 5 => fields.push(String::new()),
+                _ => fields.last_mut()?.push(c),
+            }
+        }
+        let Ok([h, p, d, u, password]) = <[String; 5]>::try_from(fields) else {
+            continue;
+        };
+        let fits = |field: &str, value: &str| field == "*" || field == value;
+        let host_fits = fits(&h, host) || (host.starts_with('/') && h == "localhost");
+        if host_fits && fits(&p, port) && fits(&d, db) && fits(&u, user) {
+            return Some(password);
+        }
+    }
+    None
+}
+
 /// How the pool's connections are encrypted. `sslmode=require` or `--database-ca-file`: TLS, the server's certificate verified against the system's roots
 /// (Mozilla's, as `webpki-roots` carries them) and the certificates of `ca_file`, its name
 /// against the URL's host; a certificate that does not verify ends the connection. Else
@@ -740,6 +822,7 @@ impl PgStore {
             .parse()
             .map_err(|e| fail(format!("not a PostgreSQL connection URL: {e}")))?;
         let tls = tls(&mut config, ca_file).map_err(fail)?;
+        password_from_env(&mut config);
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(POOL_WAIT);
         }
@@ -2000,6 +2083,9 @@ pub mod testing {
             .ok_or_else(|| "no initdb found: install postgresql".to_string())
     }
 
+    /// The role that a [`Cluster::start_tls`] cluster asks for a password on its port.
+    pub const PASSWORD_ROLE: &str = "password_user";
+
     /// A loopback port nothing listens on now (bound and let go: the server binds it next).
     fn free_port() -> Result<u16, String> {
         let socket = std::net::TcpListener::bind("127.0.0.1:0")
@@ -2032,7 +2118,8 @@ pub mod testing {
         }
 
         /// Starts a cluster that also listens on a free loopback port, with TLS (`ssl = on`)
-        /// and this certificate and key (PEM); [`Cluster::tcp_url`] reaches it there.
+        /// and this certificate and key (PEM); [`Cluster::tcp_url`] reaches it there. There
+        /// role [`PASSWORD_ROLE`] (once created) must give its password; others are trusted.
         pub fn start_tls(cert_pem: &str, key_pem: &str) -> Result<Cluster, String> {
             Cluster::start_with(Some((cert_pem, key_pem)))
         }
@@ -2110,6 +2197,13 @@ pub mod testing {
                     settings.push_str(&format!(
                         "listen_addresses = '127.0.0.1'\nport = {port}\nssl = on\n"
                     ));
+                    // Before initdb's `trust` lines, which would match first.
+                    let hba = cluster.data().join("pg_hba.conf");
+                    let rules =
+                        std::fs::read_to_string(&hba).map_err(|e| format!("pg_hba.conf: {e}"))?;
+                    let first = format!("host all {PASSWORD_ROLE} 127.0.0.1/32 scram-sha-256\n");
+                    std::fs::write(&hba, first + &rules)
+                        .map_err(|e| format!("pg_hba.conf: {e}"))?;
                 }
                 _ => settings.push_str("listen_addresses = ''\n"),
             }
@@ -2242,11 +2336,16 @@ pub mod testing {
         }
 
         /// The database of `url` (from [`Cluster::new_database`]) on the loopback port of a
-        /// [`Cluster::start_tls`] cluster, by the host name `host`.
+        /// [`Cluster::start_tls`] cluster, by the host name `host`, as `postgres`.
         pub fn tcp_url(&self, url: &str, host: &str) -> Option<String> {
+            self.tcp_url_as(url, host, "postgres")
+        }
+
+        /// [`Cluster::tcp_url`] as role `user`.
+        pub fn tcp_url_as(&self, url: &str, host: &str, user: &str) -> Option<String> {
             let name = url.strip_prefix("postgresql:///")?.split('?').next()?;
             let port = self.port?;
-            Some(format!("postgresql://postgres@{host}:{port}/{name}"))
+            Some(format!("postgresql://{user}@{host}:{port}/{name}"))
         }
     }
 
@@ -2275,6 +2374,38 @@ mod tests {
     /// A queued job of tenant A, as the contract suite makes them.
     fn job(store: &PgStore) -> (TenantKey, Job) {
         super::super::contract::job(store, A, JobStatus::ReplicateRequested)
+    }
+
+    #[test]
+    fn a_password_file_line_matches_like_libpqs() {
+        let file = "# comment\n\
+                    db.example:5432:other:alice:wrong\n\
+                    short:line\n\
+                    db.example:*:ir:alice:s\\:e\\\\cret\n\
+                    db.example:5432:ir:alice:second\n\
+                    localhost:5432:*:bob:socket\n\
+                    *:*:*:*:any:colons:kept\n";
+        let find = |host, port, db, user| pgpass_lookup(file, host, port, db, user);
+        assert_eq!(
+            find("db.example", "5433", "ir", "alice").as_deref(),
+            Some("s:e\\cret")
+        );
+        assert_eq!(
+            find("/run/postgresql", "5432", "x", "bob").as_deref(),
+            Some("socket")
+        );
+        assert_eq!(
+            find("db.example", "5432", "other", "alice").as_deref(),
+            Some("wrong")
+        );
+        assert_eq!(
+            find("elsewhere", "1", "d", "carol").as_deref(),
+            Some("any:colons:kept")
+        );
+        assert_eq!(
+            pgpass_lookup("db:5432:ir:alice:pw\n", "db", "5432", "ir", "bob"),
+            None
+        );
     }
 
     #[test]
