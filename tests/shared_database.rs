@@ -462,3 +462,32 @@ fn a_password_comes_from_pgpassword_or_a_private_password_file() {
     let server = serve(&lab, "pw", &["--no-worker"]);
     assert_eq!(server.get(JOBS, Some(&token)).status(), 200);
 }
+
+/// A quota holds across appliances: creates racing on two of them are checked one at a time
+/// under the database's lock, so together they accept exactly the quota.
+#[test]
+fn two_appliances_accepting_at_once_stay_within_a_quota() {
+    let (a, b, token) = two_labs();
+    let image = a.image(TENANT_A, "cirros", 4096);
+    a.ok(&["tenant", "update", TENANT_A, "--quota-jobs", "5"]);
+    let servers = [
+        serve(&a, "a", &["--no-worker"]),
+        serve(&b, "b", &["--no-worker"]),
+    ];
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let calls: Vec<_> = (0..60)
+            .map(|i| {
+                let (server, token, image) = (&servers[i % 2], &token, &image);
+                scope.spawn(move || server.copy(token, image, TENANT_B).status().as_u16())
+            })
+            .collect();
+        calls
+            .into_iter()
+            .map(|c| c.join().expect("a request"))
+            .collect()
+    });
+    let accepted = statuses.iter().filter(|s| **s == 202).count();
+    let over = statuses.iter().filter(|s| **s == 413).count();
+    assert_eq!((accepted, over), (5, 55), "{statuses:?}");
+    assert_eq!(jobs(servers[1].get(JOBS, Some(&token))).len(), 5);
+}

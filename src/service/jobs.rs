@@ -14,7 +14,7 @@ use crate::model::{
     now, size_text, Image, ImageStatus, Job, JobStatus, JobWire, Region, Step, Tenant, TenantKey,
     JOB_KEYS,
 };
-use crate::store::{ImageChange, JobQuery};
+use crate::store::{ImageChange, JobQuery, QuotaHold};
 use crate::worker::space::room_for;
 
 /// Who asked for a job list (a tenant, or an admin: `None`) and with what query.
@@ -322,7 +322,8 @@ impl Service {
         })?;
         // The checks of room and quotas, one request at a time: the room is promised before
         // the lock goes, so the next request counts it; quotas count stored jobs, so with a
-        // quota the lock is held until the job is stored too.
+        // quota the lock, and the store's quota lock that orders every appliance's requests,
+        // are held until the job is stored too.
         let admission = self
             .admission
             .lock()
@@ -345,11 +346,12 @@ impl Service {
         if let Some(device) = admitted.device {
             self.space.promise(id, device, job.bytes_total);
         }
-        let admission = admitted.quotas.then_some(admission);
+        let admission = admitted.quotas.is_some().then_some(admission);
         if let Err(e) = self.store.insert_jobs(&[(owner, job.clone())]) {
             self.space.release(id);
             return Err(e);
         }
+        drop(admitted.quotas);
         drop(admission);
         self.flush()?;
         self.board.wake();
@@ -359,11 +361,12 @@ impl Service {
 }
 
 /// What [`Service::admit`] found.
-pub(super) struct Admitted {
+pub(super) struct Admitted<'a> {
     /// The device whose room the job is to be promised.
     pub device: Option<u64>,
-    /// Whether a quota applied (then the job must be stored before the next admission).
-    pub quotas: bool,
+    /// Held if a quota applied: then the job must be stored before the next admission, on
+    /// any appliance of the store.
+    pub quotas: Option<QuotaHold<'a>>,
 }
 
 impl Service {
@@ -378,7 +381,7 @@ impl Service {
         dst_tenant: &Tenant,
         dst_region: &Region,
         image: Option<&Image>,
-    ) -> Result<Admitted> {
+    ) -> Result<Admitted<'_>> {
         if let Some(image) = image {
             super::check_accepts(dst_region, &image.disk_format)?;
         }
@@ -386,7 +389,7 @@ impl Service {
         let Some(image) = image else {
             return Ok(Admitted {
                 device: None,
-                quotas: false,
+                quotas: None,
             });
         };
         let quotas = self.check_quotas(owner, dst_key, dst_tenant, image)?;
@@ -432,14 +435,15 @@ impl Service {
 
     /// The quotas a new job must stay within (413 if not): active jobs of its source tenant
     /// (the tenant that sees, lists and cancels it), bytes stored by its destination tenant
-    /// (whose region receives the copy).
+    /// (whose region receives the copy). If a quota applies, the store's quota lock, taken
+    /// before counting: the caller keeps it until the job is stored.
     pub(super) fn check_quotas(
         &self,
         source: TenantKey,
         destination: TenantKey,
         dst_tenant: &Tenant,
         image: &Image,
-    ) -> Result<bool> {
+    ) -> Result<Option<QuotaHold<'_>>> {
         let src_tenant = if source == destination {
             Some(dst_tenant.clone())
         } else {
@@ -448,8 +452,9 @@ impl Service {
         let quota_jobs = src_tenant.as_ref().and_then(|t| t.quota_jobs);
         let quota_bytes = dst_tenant.quota_bytes;
         if quota_jobs.is_none() && quota_bytes.is_none() {
-            return Ok(false);
+            return Ok(None);
         }
+        let hold = self.store.quota_lock()?;
         let mut queued = Vec::new();
         for id in self.store.queued()? {
             queued.extend(self.store.job(id)?);
@@ -488,7 +493,7 @@ impl Service {
                 )));
             }
         }
-        Ok(true)
+        Ok(Some(hold))
     }
 
     pub(super) fn usable_region(&self, id: &str) -> Result<Region> {

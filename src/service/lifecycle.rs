@@ -108,9 +108,9 @@ impl Service {
             }
         }
         let dst_region = self.usable_region(&dst_tenant.region)?;
-        let device = self
-            .admit(owner, dst_key, &dst_tenant, &dst_region, image.as_ref())?
-            .device;
+        // Kept to the end: a quota's hold must outlast the insert.
+        let admitted = self.admit(owner, dst_key, &dst_tenant, &dst_region, image.as_ref())?;
+        let device = admitted.device;
         let wire = JobWire {
             copy_progress: 0,
             destination_image_id: None,

@@ -110,6 +110,12 @@ pub trait Repo: Registry + Jobs {
     fn shared(&self) -> bool {
         false
     }
+    /// Takes the lock under which a new job is checked against the quotas and stored, held
+    /// until the guard goes: the process's admission lock orders one appliance's requests, this
+    /// one those of every appliance sharing the store (PostgreSQL). sled: nothing to take.
+    fn quota_lock(&self) -> Result<QuotaHold<'_>> {
+        Ok(QuotaHold::none())
+    }
     /// What a copy request reads before its job is made, with the job's sequence number: one
     /// round trip on PostgreSQL instead of four.
     fn copy_inputs(&self, image: Uuid, tenant: TenantKey) -> Result<CopyInputs> {
@@ -135,6 +141,29 @@ pub trait Repo: Registry + Jobs {
 }
 
 /// What [`Repo::copy_inputs`] reads.
+/// A lock held until dropped ([`Repo::quota_lock`]); dropping it releases it.
+#[must_use = "the lock goes when the guard does"]
+pub struct QuotaHold<'a>(Option<Box<dyn FnOnce() + Send + 'a>>);
+
+impl<'a> QuotaHold<'a> {
+    pub fn none() -> QuotaHold<'a> {
+        QuotaHold(None)
+    }
+
+    /// A hold that `release` ends.
+    pub fn releasing(release: impl FnOnce() + Send + 'a) -> QuotaHold<'a> {
+        QuotaHold(Some(Box::new(release)))
+    }
+}
+
+impl Drop for QuotaHold<'_> {
+    fn drop(&mut self) {
+        if let Some(release) = self.0.take() {
+            release();
+        }
+    }
+}
+
 #[derive(Debug, PartialEq)]
 pub struct CopyInputs {
     pub image: Option<Image>,

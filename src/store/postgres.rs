@@ -52,7 +52,8 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use uuid::Uuid;
 
 use super::{
-    CopyInputs, ImageChange, JobQuery, Jobs, OpenError, Registry, Repo, TokenHolder, LEASE,
+    CopyInputs, ImageChange, JobQuery, Jobs, OpenError, QuotaHold, Registry, Repo, TokenHolder,
+    LEASE,
 };
 use crate::error::{Result, ServiceError, STORE_ERROR};
 use crate::manifest::{Hash, Manifest};
@@ -64,6 +65,9 @@ pub const SCHEMA_VERSION: i32 = 2;
 const CHANGE_SHARDS: i16 = 64;
 /// The advisory lock that start-ups take while they create or migrate the schema.
 const MIGRATION_LOCK: i64 = 0x696d_6167_652d_7265; // "image-re"
+/// The advisory lock (of a session) held while a job is checked against quotas and stored
+/// ([`Repo::quota_lock`]).
+const QUOTA_LOCK: i64 = 0x7175_6f74_612d_6c6b; // "quota-lk"
 /// How long a call waits for a connection of the pool (or for a new one to connect).
 const POOL_WAIT: Duration = Duration::from_secs(5);
 /// Chunk index rows per insert statement.
@@ -935,33 +939,10 @@ impl PgStore {
         Fut: Future<Output = T>,
         T: Send,
     {
-        let on_lane = move || -> Result<T> {
+        blocking(move || {
             let taken = self.take_lane()?;
-            let lane = taken.lane.as_ref().ok_or_else(task_stopped)?;
-            let runtime = lane.runtime.as_ref().ok_or_else(task_stopped)?;
-            let db = Arc::clone(&lane.db);
-            Ok(runtime.block_on(async move {
-                // Nothing polled the connection since the last call: the first yield lets the
-                // runtime read what its socket got meanwhile (a server that closed it), the
-                // second lets the connection's task act on it, so that the pool replaces a
-                // dead connection instead of handing it out.
-                tokio::task::yield_now().await;
-                tokio::task::yield_now().await;
-                work(db).await
-            }))
-        };
-        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-            Err(_) => on_lane(),
-            Ok(tokio::runtime::RuntimeFlavor::CurrentThread) => std::thread::scope(|scope| {
-                scope
-                    .spawn(on_lane)
-                    .join()
-                    .unwrap_or_else(|_| Err(task_stopped()))
-            }),
-            // A worker's other tasks move to another thread meanwhile; on a thread of
-            // `spawn_blocking` this only calls `on_lane`.
-            Ok(_) => tokio::task::block_in_place(on_lane),
-        }
+            drive(&taken, work)
+        })
     }
 
     fn run<T, F, Fut>(&self, work: F) -> Result<T>
@@ -1030,6 +1011,43 @@ async fn migrate(db: &Db) -> std::result::Result<(), String> {
         );
     }
     Ok(())
+}
+
+/// Runs `work`, which blocks, on this thread, or, called from a current-thread runtime's task,
+/// on a thread of its own.
+fn blocking<T: Send>(work: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Err(_) => work(),
+        Ok(tokio::runtime::RuntimeFlavor::CurrentThread) => std::thread::scope(|scope| {
+            scope
+                .spawn(work)
+                .join()
+                .unwrap_or_else(|_| Err(task_stopped()))
+        }),
+        // A worker's other tasks move to another thread meanwhile; on a thread of
+        // `spawn_blocking` this only calls `work`.
+        Ok(_) => tokio::task::block_in_place(work),
+    }
+}
+
+/// Runs `work` on the lane `taken`, driving its runtime on this thread (see [`blocking`]).
+fn drive<T, F, Fut>(taken: &Taken<'_>, work: F) -> Result<T>
+where
+    F: FnOnce(Arc<Db>) -> Fut,
+    Fut: Future<Output = T>,
+{
+    let lane = taken.lane.as_ref().ok_or_else(task_stopped)?;
+    let runtime = lane.runtime.as_ref().ok_or_else(task_stopped)?;
+    let db = Arc::clone(&lane.db);
+    Ok(runtime.block_on(async move {
+        // Nothing polled the connection since the last call: the first yield lets the
+        // runtime read what its socket got meanwhile (a server that closed it), the second
+        // lets the connection's task act on it, so that the pool replaces a dead connection
+        // instead of handing it out.
+        tokio::task::yield_now().await;
+        tokio::task::yield_now().await;
+        work(db).await
+    }))
 }
 
 fn task_stopped() -> ServiceError {
@@ -1134,6 +1152,58 @@ impl Repo for PgStore {
 
     fn shared(&self) -> bool {
         true
+    }
+
+    /// The session lock [`QUOTA_LOCK`], on a lane kept out of use until the hold goes (the
+    /// checks and the insert run on other lanes: the lock orders them whatever the connection).
+    /// It waits up to [`POOL_WAIT`] for another appliance's hold, asking every millisecond or
+    /// so (a blocked `pg_advisory_lock` could not be given up without losing the connection).
+    /// An appliance that dies holding it loses it with its connection.
+    fn quota_lock(&self) -> Result<QuotaHold<'_>> {
+        let mut taken = blocking(|| {
+            let taken = self.take_lane()?;
+            drive(&taken, |db| async move {
+                let deadline = tokio::time::Instant::now() + POOL_WAIT;
+                let c = db.client().await?;
+                loop {
+                    let row = db
+                        .opt(&c, "SELECT pg_try_advisory_lock($1)", &[&QUOTA_LOCK])
+                        .await?;
+                    if row.map(|r| get::<bool>(&r, 0)).transpose()? == Some(true) {
+                        return Ok(());
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(ServiceError::Unavailable(format!(
+                            "another appliance has been checking a job against the quotas for {} s; try again",
+                            POOL_WAIT.as_secs()
+                        )));
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })??;
+            Ok(taken)
+        })?;
+        let lane = taken.lane.take();
+        Ok(QuotaHold::releasing(move || {
+            let taken = Taken { store: self, lane };
+            let released = blocking(|| {
+                drive(&taken, |db| async move {
+                    let c = db.client().await?;
+                    let unlocked = db
+                        .exec(&c, "SELECT pg_advisory_unlock($1)", &[&QUOTA_LOCK])
+                        .await;
+                    if unlocked.is_err() {
+                        // Not knowing whether it holds the lock, the connection goes, and the
+                        // lock with it.
+                        drop(deadpool_postgres::Object::take(c));
+                    }
+                    unlocked
+                })?
+            });
+            if let Err(e) = released {
+                tracing::warn!("the quota lock went with its connection: {e}");
+            }
+        }))
     }
 
     fn copy_inputs(&self, image: Uuid, tenant: TenantKey) -> Result<CopyInputs> {
@@ -2482,6 +2552,31 @@ mod tests {
         let not_pem = refused(&tcp, Some(&garbage));
         assert!(not_pem.contains("holds no certificate"), "{not_pem}");
         std::fs::remove_dir_all(&files).expect("clean up");
+    }
+
+    #[test]
+    fn the_quota_lock_is_held_by_one_appliance_at_a_time() {
+        let url = cluster().new_database();
+        let (a, b) = (store(&url, "a"), store(&url, "b"));
+        let released = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let held = a.quota_lock().expect("a's hold");
+            let waiter = scope.spawn(|| {
+                let hold = b.quota_lock().expect("b's hold, once a's went");
+                let after = released.load(Ordering::SeqCst);
+                drop(hold);
+                after
+            });
+            std::thread::sleep(Duration::from_millis(300));
+            // a still works meanwhile, on its other lanes.
+            assert!(a.next_seq().expect("a call") > 0);
+            released.store(true, Ordering::SeqCst);
+            drop(held);
+            assert!(waiter.join().expect("b"), "b held the lock while a did");
+        });
+        // Released for good: either takes it again at once.
+        drop(a.quota_lock().expect("again"));
+        drop(b.quota_lock().expect("again"));
     }
 
     #[test]
