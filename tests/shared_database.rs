@@ -7,6 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use image_replicator::store::postgres::testing::Cluster;
 use serde_json::Value;
 
 /// A fresh, empty database of this process's cluster.
@@ -347,17 +348,23 @@ fn the_database_restarted_under_load_loses_nothing_acknowledged() {
     );
 }
 
+/// A cluster of its own with TLS on a loopback port, its certificate (self-signed, for
+/// `localhost`) as PEM: the CA file that verifies it.
+fn tls_cluster() -> (Cluster, String) {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
+    let pem = cert.cert.pem();
+    let cluster = Cluster::start_tls(&pem, &cert.signing_key.serialize_pem()).expect("cluster");
+    (cluster, pem)
+}
+
 #[test]
 fn an_appliance_reaches_its_database_over_verified_tls() {
-    use image_replicator::store::postgres::testing::Cluster;
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
-    let cluster =
-        Cluster::start_tls(&cert.cert.pem(), &cert.signing_key.serialize_pem()).expect("cluster");
+    let (cluster, ca_pem) = tls_cluster();
     let db = cluster.new_database();
     let url = cluster.tcp_url(&db, "localhost").expect("a port") + "?sslmode=require";
     let mut lab = Lab::on_database(&url);
     let ca = lab.dir.path().join("database-ca.pem");
-    std::fs::write(&ca, cert.cert.pem()).expect("ca file");
+    std::fs::write(&ca, &ca_pem).expect("ca file");
     // The server's certificate is no system root's: refused, saying what to give.
     let refused = lab.fails(&["region", "add", "spare"]);
     assert!(
@@ -404,11 +411,9 @@ fn an_appliance_reaches_its_database_over_verified_tls() {
 
 #[test]
 fn a_password_comes_from_pgpassword_or_a_private_password_file() {
-    use image_replicator::store::postgres::testing::{Cluster, PASSWORD_ROLE};
+    use image_replicator::store::postgres::testing::PASSWORD_ROLE;
     use std::os::unix::fs::PermissionsExt;
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
-    let cluster =
-        Cluster::start_tls(&cert.cert.pem(), &cert.signing_key.serialize_pem()).expect("cluster");
+    let (cluster, ca_pem) = tls_cluster();
     let db = cluster.new_database();
     let name = db
         .split('?')
@@ -427,7 +432,7 @@ fn a_password_comes_from_pgpassword_or_a_private_password_file() {
         .expect("a port");
     let mut lab = Lab::on_database(&url);
     let ca = lab.dir.path().join("ca.pem");
-    std::fs::write(&ca, cert.cert.pem()).expect("ca");
+    std::fs::write(&ca, &ca_pem).expect("ca");
     lab.env.push((
         "IMAGE_REPLICATOR_DATABASE_CA_FILE".into(),
         ca.display().to_string(),

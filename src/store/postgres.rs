@@ -2455,27 +2455,17 @@ mod tests {
                     db.example:5432:ir:alice:second\n\
                     localhost:5432:*:bob:socket\n\
                     *:*:*:*:any:colons:kept\n";
-        let find = |host, port, db, user| pgpass_lookup(file, host, port, db, user);
-        assert_eq!(
-            find("db.example", "5433", "ir", "alice").as_deref(),
-            Some("s:e\\cret")
-        );
-        assert_eq!(
-            find("/run/postgresql", "5432", "x", "bob").as_deref(),
-            Some("socket")
-        );
-        assert_eq!(
-            find("db.example", "5432", "other", "alice").as_deref(),
-            Some("wrong")
-        );
-        assert_eq!(
-            find("elsewhere", "1", "d", "carol").as_deref(),
-            Some("any:colons:kept")
-        );
-        assert_eq!(
-            pgpass_lookup("db:5432:ir:alice:pw\n", "db", "5432", "ir", "bob"),
-            None
-        );
+        for (host, port, db, user, want) in [
+            ("db.example", "5433", "ir", "alice", Some("s:e\\cret")),
+            ("/run/postgresql", "5432", "x", "bob", Some("socket")),
+            ("db.example", "5432", "other", "alice", Some("wrong")),
+            ("elsewhere", "1", "d", "carol", Some("any:colons:kept")),
+        ] {
+            let found = pgpass_lookup(file, host, port, db, user);
+            assert_eq!(found.as_deref(), want, "{host}:{port}:{db}:{user}");
+        }
+        let other_user = pgpass_lookup("db:5432:ir:alice:pw\n", "db", "5432", "ir", "bob");
+        assert_eq!(other_user, None);
     }
 
     #[test]
