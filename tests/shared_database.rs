@@ -442,7 +442,10 @@ fn a_password_comes_from_pgpassword_or_a_private_password_file() {
     lab.env.push(("HOME".into(), home.display().to_string()));
     // No password anywhere: PostgreSQL asks for one and the command says so.
     let asked = lab.fails(&["region", "add", "one"]);
-    assert!(asked.contains("password"), "{asked}");
+    assert!(
+        asked.contains("password missing (give it in PGPASSWORD"),
+        "{asked}"
+    );
     assert!(!asked.contains("s3:cr"), "{asked}");
     // ~/.pgpass, private: used (its line escapes the colon and the backslash).
     let port = url

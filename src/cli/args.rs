@@ -68,10 +68,10 @@ pub struct Cli {
           env = "IMAGE_REPLICATOR_DATABASE_CA_FILE", requires = "database_url")]
     pub database_ca_file: Option<PathBuf>,
 
-    /// Connections to PostgreSQL that this process keeps open at most
+    /// Connections to PostgreSQL that this process keeps open at most (2 to 1000)
     #[arg(long, global = true, help_heading = GLOBAL, value_name = "N",
           env = "IMAGE_REPLICATOR_DATABASE_POOL", default_value_t = 16,
-          value_parser = clap::value_parser!(u16).range(1..=1000))]
+          value_parser = clap::value_parser!(u16).range(2..=1000))]
     pub database_pool: u16,
 
     #[command(subcommand)]

@@ -651,6 +651,9 @@ fn connect_reason(e: &tokio_postgres::Error) -> String {
                 }
                 cause = c.source();
             }
+            if text.ends_with("password missing") {
+                text.push_str(" (give it in PGPASSWORD or a line of ~/.pgpass)");
+            }
             if text.starts_with("error performing TLS handshake") {
                 text.push_str(" (the server's certificate must chain to the system's roots or to --database-ca-file, and name the URL's host)");
             }
@@ -741,10 +744,11 @@ fn pgpass_lookup(text: &str, host: &str, port: &str, db: &str, user: &str) -> Op
     None
 }
 
-/// How the pool's connections are encrypted. `sslmode=require` or `--database-ca-file`: TLS, the server's certificate verified against the system's roots
-/// (Mozilla's, as `webpki-roots` carries them) and the certificates of `ca_file`, its name
-/// against the URL's host; a certificate that does not verify ends the connection. Else
-/// (`disable`, and `prefer`, the URL's default): plain, as before TLS was supported.
+/// How the pool's connections are encrypted. `sslmode=require` or `--database-ca-file`: TLS,
+/// the server's certificate verified against the system's roots (Mozilla's, as `webpki-roots`
+/// carries them) and the certificates of `ca_file`, its name against the URL's host; a
+/// certificate that does not verify ends the connection. Else (`disable`, and `prefer`, the
+/// URL's default): plain, as before TLS was supported.
 fn tls(
     config: &mut tokio_postgres::Config,
     ca_file: Option<&Path>,
@@ -863,8 +867,9 @@ impl PgStore {
                 shard: ((first_shard as usize + shard) % CHANGE_SHARDS as usize) as i16,
             }))
         };
-        // Of `pool` connections, a quarter for async tasks (none below 4), the rest lanes.
-        let pool = pool.max(1);
+        // Of `pool` connections, a quarter for async tasks (none below 4), the rest lanes: at
+        // least two, as a quota check holds one while others count.
+        let pool = pool.max(2);
         let on_tasks = pool / 4;
         let lanes = (0..pool - on_tasks)
             .map(|lane| {
@@ -2281,8 +2286,21 @@ pub mod testing {
             let mut text =
                 std::fs::read_to_string(&conf).map_err(|e| format!("postgresql.conf: {e}"))?;
             text.push_str(&settings);
-            std::fs::write(&conf, text).map_err(|e| format!("postgresql.conf: {e}"))?;
-            cluster.start_again()?;
+            std::fs::write(&conf, &text).map_err(|e| format!("postgresql.conf: {e}"))?;
+            let mut started = cluster.start_again();
+            // The free port taken by another process meanwhile: another one (the last
+            // setting of a name counts).
+            for _ in 0..4 {
+                if started.is_ok() || cluster.port.is_none() {
+                    break;
+                }
+                let port = free_port()?;
+                text.push_str(&format!("port = {port}\n"));
+                std::fs::write(&conf, &text).map_err(|e| format!("postgresql.conf: {e}"))?;
+                cluster.port = Some(port);
+                started = cluster.start_again();
+            }
+            started?;
             Ok(cluster)
         }
 
