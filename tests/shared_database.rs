@@ -499,3 +499,53 @@ fn two_appliances_accepting_at_once_stay_within_a_quota() {
     assert_eq!((accepted, over), (5, 55), "{statuses:?}");
     assert_eq!(jobs(servers[1].get(JOBS, Some(&token))).len(), 5);
 }
+
+/// One `job seed` at a time on a database: while another session holds the seed lock, a seed
+/// waits and is then refused with a sentence, leaving nothing; once it goes, the seed runs.
+#[test]
+fn a_seed_waits_for_another_appliances_seed_and_is_refused_after_a_while() {
+    use image_replicator::store::postgres::testing::{cluster, SEED_LOCK_KEY};
+    use std::io::Write;
+    let (a, _b, _token) = two_labs();
+    let url = a.env[0].1.clone();
+    let job = serde_json::json!({
+        "copy_progress": 100, "destination_image_id": null, "destination_region_id": "ot2",
+        "destination_tenant_id": TENANT_B, "job_id": "3f2b8d4e-1c6a-4e9b-8f7d-2a5c6e8b9d01",
+        "source_image_id": "5b1e0c9a-3d7f-4a2b-9c8e-1f6d4b2a7e30",
+        "source_image_name": "seeded", "source_region_id": "ot1",
+        "source_tenant_id": TENANT_A, "status": "replicated",
+    });
+    let file = a.dir.path().join("seed.json");
+    std::fs::write(&file, serde_json::Value::Array(vec![job]).to_string()).expect("seed file");
+    let file = file.display().to_string();
+    // Another appliance's seed, as far as the database can tell: a session holding the lock.
+    let mut psql = cluster()
+        .psql_command(&url)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("psql");
+    let mut input = psql.stdin.take().expect("psql's stdin");
+    writeln!(input, "SELECT pg_advisory_lock({SEED_LOCK_KEY});").expect("to psql");
+    let locks = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cluster().psql(&url, locks).trim() != "1" {
+        assert!(Instant::now() < deadline, "psql never took the lock");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let refused = a.fails(&["job", "seed", &file]);
+    assert!(
+        refused.contains("another appliance of this database has been seeding jobs"),
+        "{refused}"
+    );
+    assert_eq!(
+        cluster().psql(&url, "SELECT count(*) FROM jobs").trim(),
+        "0"
+    );
+    drop(input);
+    psql.wait().expect("psql ends");
+    assert_eq!(
+        a.ok(&["job", "seed", &file]),
+        "1 job(s) seeded, 0 already present\n"
+    );
+}

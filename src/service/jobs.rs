@@ -14,7 +14,7 @@ use crate::model::{
     now, size_text, Image, ImageStatus, Job, JobStatus, JobWire, Region, Step, Tenant, TenantKey,
     JOB_KEYS,
 };
-use crate::store::{ImageChange, JobQuery, QuotaHold};
+use crate::store::{Exclusive, ImageChange, JobQuery, StoreLock};
 use crate::worker::space::room_for;
 
 /// Who asked for a job list (a tenant, or an admin: `None`) and with what query.
@@ -75,9 +75,11 @@ impl Service {
         source: &str,
         enqueue: bool,
     ) -> Result<SeedOutcome> {
-        // One seed at a time in this process: the sequence numbers from its first to its last
-        // are then its own jobs' and the API's (never seeded).
+        // One seed at a time in this process, and on the store (several appliances on one
+        // database): the sequence numbers from its first to its last are then its own jobs'
+        // and the API's (never seeded).
         let _one = self.seeding.lock().unwrap_or_else(|e| e.into_inner());
+        let _everywhere = self.store.lock(Exclusive::Seed)?;
         let mut seed = Seed {
             svc: self,
             enqueue,
@@ -366,7 +368,7 @@ pub(super) struct Admitted<'a> {
     pub device: Option<u64>,
     /// Held if a quota applied: then the job must be stored before the next admission, on
     /// any appliance of the store.
-    pub quotas: Option<QuotaHold<'a>>,
+    pub quotas: Option<StoreLock<'a>>,
 }
 
 impl Service {
@@ -443,7 +445,7 @@ impl Service {
         destination: TenantKey,
         dst_tenant: &Tenant,
         image: &Image,
-    ) -> Result<Option<QuotaHold<'_>>> {
+    ) -> Result<Option<StoreLock<'_>>> {
         let src_tenant = if source == destination {
             Some(dst_tenant.clone())
         } else {
@@ -454,7 +456,7 @@ impl Service {
         if quota_jobs.is_none() && quota_bytes.is_none() {
             return Ok(None);
         }
-        let hold = self.store.quota_lock()?;
+        let hold = self.store.lock(Exclusive::Quotas)?;
         let mut queued = Vec::new();
         for id in self.store.queued()? {
             queued.extend(self.store.job(id)?);

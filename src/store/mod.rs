@@ -110,11 +110,11 @@ pub trait Repo: Registry + Jobs {
     fn shared(&self) -> bool {
         false
     }
-    /// Takes the lock under which a new job is checked against the quotas and stored, held
-    /// until the guard goes: the process's admission lock orders one appliance's requests, this
-    /// one those of every appliance sharing the store (PostgreSQL). sled: nothing to take.
-    fn quota_lock(&self) -> Result<QuotaHold<'_>> {
-        Ok(QuotaHold::none())
+    /// Takes lock `what`, held until the guard goes: a process's own lock orders its work,
+    /// this one that of every appliance sharing the store (PostgreSQL). sled: nothing to take.
+    fn lock(&self, what: Exclusive) -> Result<StoreLock<'_>> {
+        let _ = what;
+        Ok(StoreLock::none())
     }
     /// What a copy request reads before its job is made, with the job's sequence number: one
     /// round trip on PostgreSQL instead of four.
@@ -141,22 +141,32 @@ pub trait Repo: Registry + Jobs {
 }
 
 /// What [`Repo::copy_inputs`] reads.
-/// A lock held until dropped ([`Repo::quota_lock`]); dropping it releases it.
-#[must_use = "the lock goes when the guard does"]
-pub struct QuotaHold<'a>(Option<Box<dyn FnOnce() + Send + 'a>>);
+/// What [`Repo::lock`] orders across the appliances of one store.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Exclusive {
+    /// A new job checked against its tenants' quotas and stored.
+    Quotas,
+    /// A `job seed`, from its first insert to its end (its rollback tells its jobs by their
+    /// sequence numbers, which another seed's must not interleave).
+    Seed,
+}
 
-impl<'a> QuotaHold<'a> {
-    pub fn none() -> QuotaHold<'a> {
-        QuotaHold(None)
+/// A lock held until dropped ([`Repo::lock`]); dropping it releases it.
+#[must_use = "the lock goes when the guard does"]
+pub struct StoreLock<'a>(Option<Box<dyn FnOnce() + Send + 'a>>);
+
+impl<'a> StoreLock<'a> {
+    pub fn none() -> StoreLock<'a> {
+        StoreLock(None)
     }
 
-    /// A hold that `release` ends.
-    pub fn releasing(release: impl FnOnce() + Send + 'a) -> QuotaHold<'a> {
-        QuotaHold(Some(Box::new(release)))
+    /// A lock that `release` ends.
+    pub fn releasing(release: impl FnOnce() + Send + 'a) -> StoreLock<'a> {
+        StoreLock(Some(Box::new(release)))
     }
 }
 
-impl Drop for QuotaHold<'_> {
+impl Drop for StoreLock<'_> {
     fn drop(&mut self) {
         if let Some(release) = self.0.take() {
             release();

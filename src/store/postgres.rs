@@ -52,8 +52,8 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use uuid::Uuid;
 
 use super::{
-    CopyInputs, ImageChange, JobQuery, Jobs, OpenError, QuotaHold, Registry, Repo, TokenHolder,
-    LEASE,
+    CopyInputs, Exclusive, ImageChange, JobQuery, Jobs, OpenError, Registry, Repo, StoreLock,
+    TokenHolder, LEASE,
 };
 use crate::error::{Result, ServiceError, STORE_ERROR};
 use crate::manifest::{Hash, Manifest};
@@ -65,9 +65,9 @@ pub const SCHEMA_VERSION: i32 = 2;
 const CHANGE_SHARDS: i16 = 64;
 /// The advisory lock that start-ups take while they create or migrate the schema.
 const MIGRATION_LOCK: i64 = 0x696d_6167_652d_7265; // "image-re"
-/// The advisory lock (of a session) held while a job is checked against quotas and stored
-/// ([`Repo::quota_lock`]).
+/// The advisory locks (of a session) of [`Repo::lock`].
 const QUOTA_LOCK: i64 = 0x7175_6f74_612d_6c6b; // "quota-lk"
+const SEED_LOCK: i64 = 0x7365_6564_2d6c_6f63; // "seed-loc"
 /// How long a call waits for a connection of the pool (or for a new one to connect).
 const POOL_WAIT: Duration = Duration::from_secs(5);
 /// Chunk index rows per insert statement.
@@ -1159,12 +1159,16 @@ impl Repo for PgStore {
         true
     }
 
-    /// The session lock [`QUOTA_LOCK`], on a lane kept out of use until the hold goes (the
-    /// checks and the insert run on other lanes: the lock orders them whatever the connection).
-    /// It waits up to [`POOL_WAIT`] for another appliance's hold, asking every millisecond or
-    /// so (a blocked `pg_advisory_lock` could not be given up without losing the connection).
-    /// An appliance that dies holding it loses it with its connection.
-    fn quota_lock(&self) -> Result<QuotaHold<'_>> {
+    /// A session advisory lock, on a lane kept out of use until the guard goes (the work it
+    /// orders runs on other lanes: the lock orders it whatever the connection). It waits up to
+    /// [`POOL_WAIT`] for another appliance's hold, asking every millisecond or so (a blocked
+    /// `pg_advisory_lock` could not be given up without losing the connection). An appliance
+    /// that dies holding it loses it with its connection.
+    fn lock(&self, what: Exclusive) -> Result<StoreLock<'_>> {
+        let (key, busy) = match what {
+            Exclusive::Quotas => (QUOTA_LOCK, "checking a job against the quotas"),
+            Exclusive::Seed => (SEED_LOCK, "seeding jobs (one job seed at a time)"),
+        };
         let mut taken = blocking(|| {
             let taken = self.take_lane()?;
             drive(&taken, |db| async move {
@@ -1172,14 +1176,14 @@ impl Repo for PgStore {
                 let c = db.client().await?;
                 loop {
                     let row = db
-                        .opt(&c, "SELECT pg_try_advisory_lock($1)", &[&QUOTA_LOCK])
+                        .opt(&c, "SELECT pg_try_advisory_lock($1)", &[&key])
                         .await?;
                     if row.map(|r| get::<bool>(&r, 0)).transpose()? == Some(true) {
                         return Ok(());
                     }
                     if tokio::time::Instant::now() >= deadline {
                         return Err(ServiceError::Unavailable(format!(
-                            "another appliance has been checking a job against the quotas for {} s; try again",
+                            "another appliance of this database has been {busy} for {} s; try again once it is done",
                             POOL_WAIT.as_secs()
                         )));
                     }
@@ -1189,14 +1193,12 @@ impl Repo for PgStore {
             Ok(taken)
         })?;
         let lane = taken.lane.take();
-        Ok(QuotaHold::releasing(move || {
+        Ok(StoreLock::releasing(move || {
             let taken = Taken { store: self, lane };
             let released = blocking(|| {
                 drive(&taken, |db| async move {
                     let c = db.client().await?;
-                    let unlocked = db
-                        .exec(&c, "SELECT pg_advisory_unlock($1)", &[&QUOTA_LOCK])
-                        .await;
+                    let unlocked = db.exec(&c, "SELECT pg_advisory_unlock($1)", &[&key]).await;
                     if unlocked.is_err() {
                         // Not knowing whether it holds the lock, the connection goes, and the
                         // lock with it.
@@ -1206,7 +1208,7 @@ impl Repo for PgStore {
                 })?
             });
             if let Err(e) = released {
-                tracing::warn!("the quota lock went with its connection: {e}");
+                tracing::warn!(lock = ?what, "the lock went with its connection: {e}");
             }
         }))
     }
@@ -2158,6 +2160,9 @@ pub mod testing {
             .ok_or_else(|| "no initdb found: install postgresql".to_string())
     }
 
+    /// The key of the advisory lock that a `job seed` holds (a test holds it from psql).
+    pub const SEED_LOCK_KEY: i64 = super::SEED_LOCK;
+
     /// The role that a [`Cluster::start_tls`] cluster asks for a password on its port.
     pub const PASSWORD_ROLE: &str = "password_user";
 
@@ -2388,21 +2393,19 @@ pub mod testing {
             self.url(&name)
         }
 
+        /// psql on the database at `url` (of this cluster), quiet and unaligned; without `-c`
+        /// it reads its statements from standard input.
+        pub fn psql_command(&self, url: &str) -> Command {
+            let mut command = Command::new(self.bin.join("psql"));
+            command.args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", url]);
+            command
+        }
+
         /// Runs `sql` with psql in the database at `url` (of this cluster); what it printed.
         pub fn psql(&self, url: &str, sql: &str) -> String {
-            let out = Command::new(self.bin.join("psql"))
-                .args([
-                    "-X",
-                    "-q",
-                    "-A",
-                    "-t",
-                    "-v",
-                    "ON_ERROR_STOP=1",
-                    "-d",
-                    url,
-                    "-c",
-                    sql,
-                ])
+            let out = self
+                .psql_command(url)
+                .args(["-c", sql])
                 .stdin(Stdio::null())
                 .output()
                 .unwrap_or_else(|e| panic!("cannot run psql: {e}"));
@@ -2563,28 +2566,34 @@ mod tests {
     }
 
     #[test]
-    fn the_quota_lock_is_held_by_one_appliance_at_a_time() {
+    fn a_store_lock_is_held_by_one_appliance_at_a_time() {
         let url = cluster().new_database();
         let (a, b) = (store(&url, "a"), store(&url, "b"));
-        let released = AtomicBool::new(false);
-        std::thread::scope(|scope| {
-            let held = a.quota_lock().expect("a's hold");
-            let waiter = scope.spawn(|| {
-                let hold = b.quota_lock().expect("b's hold, once a's went");
-                let after = released.load(Ordering::SeqCst);
-                drop(hold);
-                after
+        for (what, other) in [
+            (Exclusive::Quotas, Exclusive::Seed),
+            (Exclusive::Seed, Exclusive::Quotas),
+        ] {
+            let released = AtomicBool::new(false);
+            std::thread::scope(|scope| {
+                let held = a.lock(what).expect("a's hold");
+                let waiter = scope.spawn(|| {
+                    let hold = b.lock(what).expect("b's hold, once a's went");
+                    let after = released.load(Ordering::SeqCst);
+                    drop(hold);
+                    after
+                });
+                std::thread::sleep(Duration::from_millis(300));
+                // a still works meanwhile, on its other lanes; the other lock is free.
+                assert!(a.next_seq().expect("a call") > 0);
+                drop(b.lock(other).expect("the other lock"));
+                released.store(true, Ordering::SeqCst);
+                drop(held);
+                assert!(waiter.join().expect("b"), "b held {what:?} while a did");
             });
-            std::thread::sleep(Duration::from_millis(300));
-            // a still works meanwhile, on its other lanes.
-            assert!(a.next_seq().expect("a call") > 0);
-            released.store(true, Ordering::SeqCst);
-            drop(held);
-            assert!(waiter.join().expect("b"), "b held the lock while a did");
-        });
-        // Released for good: either takes it again at once.
-        drop(a.quota_lock().expect("again"));
-        drop(b.quota_lock().expect("again"));
+            // Released for good: either takes it again at once.
+            drop(a.lock(what).expect("again"));
+            drop(b.lock(what).expect("again"));
+        }
     }
 
     #[test]
