@@ -43,15 +43,22 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request line plus header section (hyper's own cap is about 400 KB).
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
+/// The certificates of a PEM file, at least one; `what` names the file in errors.
+pub fn pem_certificates(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let shown = path.display();
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read {what} {shown}: {e}"))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("cannot parse {what} {shown}: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("{what} {shown} holds no certificate in PEM form"));
+    }
+    Ok(certs)
+}
+
 /// Loads a PEM certificate chain and private key into a TLS acceptor.
 pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| format!("cannot read the certificate {}: {e}", cert.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("cannot parse the certificate {}: {e}", cert.display()))?;
-    if chain.is_empty() {
-        return Err(format!("{} holds no PEM certificate", cert.display()));
-    }
+    let chain = pem_certificates(cert, "the certificate file")?;
     let key = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| format!("cannot read the private key {}: {e}", key.display()))?;
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());

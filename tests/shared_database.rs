@@ -415,11 +415,7 @@ fn a_password_comes_from_pgpassword_or_a_private_password_file() {
     use std::os::unix::fs::PermissionsExt;
     let (cluster, ca_pem) = tls_cluster();
     let db = cluster.new_database();
-    let name = db
-        .split('?')
-        .next()
-        .and_then(|u| u.rsplit('/').next())
-        .expect("name");
+    let name = Cluster::database_name(&db).expect("name");
     cluster.psql(
         &db,
         &format!(
@@ -448,11 +444,7 @@ fn a_password_comes_from_pgpassword_or_a_private_password_file() {
     );
     assert!(!asked.contains("s3:cr"), "{asked}");
     // ~/.pgpass, private: used (its line escapes the colon and the backslash).
-    let port = url
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.split('/').next())
-        .expect("port");
+    let port = cluster.port().expect("port");
     let line = format!("localhost:{port}:{name}:{PASSWORD_ROLE}:s3\\:cr\\\\et\n");
     let pgpass = home.join(".pgpass");
     std::fs::write(&pgpass, format!("*:*:other:*:wrong\n{line}")).expect("pgpass");

@@ -42,8 +42,6 @@ use std::time::{Duration, Instant};
 
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod};
 use futures_util::future::BoxFuture;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::CertificateDer;
 use serde::de::DeserializeOwned;
 use tokio_postgres::config::SslMode;
 use tokio_postgres::types::{Json, ToSql};
@@ -778,17 +776,12 @@ fn tls(
     let mut roots = tokio_rustls::rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca_file {
-        let shown = path.display();
-        let certs = CertificateDer::pem_file_iter(path)
-            .map_err(|e| format!("cannot read the CA file {shown}: {e}"))?
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| format!("the CA file {shown} is not PEM: {e}"))?;
-        if certs.is_empty() {
-            return Err(format!("the CA file {shown} holds no certificate"));
-        }
-        for cert in certs {
+        for cert in crate::net::pem_certificates(path, "the CA file")? {
             roots.add(cert).map_err(|e| {
-                format!("the CA file {shown} holds a certificate rustls refuses: {e}")
+                format!(
+                    "the CA file {} holds a certificate rustls refuses: {e}",
+                    path.display()
+                )
             })?;
         }
     }
@@ -1169,7 +1162,7 @@ impl Repo for PgStore {
             Exclusive::Quotas => (QUOTA_LOCK, "checking a job against the quotas"),
             Exclusive::Seed => (SEED_LOCK, "seeding jobs (one job seed at a time)"),
         };
-        let mut taken = blocking(|| {
+        let taken = blocking(|| {
             let taken = self.take_lane()?;
             drive(&taken, |db| async move {
                 let deadline = tokio::time::Instant::now() + POOL_WAIT;
@@ -1192,9 +1185,8 @@ impl Repo for PgStore {
             })??;
             Ok(taken)
         })?;
-        let lane = taken.lane.take();
+        // The lane goes back to the others when the release (which owns it) ends.
         Ok(StoreLock::releasing(move || {
-            let taken = Taken { store: self, lane };
             let released = blocking(|| {
                 drive(&taken, |db| async move {
                     let c = db.client().await?;
@@ -2434,9 +2426,19 @@ pub mod testing {
 
         /// [`Cluster::tcp_url`] as role `user`.
         pub fn tcp_url_as(&self, url: &str, host: &str, user: &str) -> Option<String> {
-            let name = url.strip_prefix("postgresql:///")?.split('?').next()?;
+            let name = Cluster::database_name(url)?;
             let port = self.port?;
             Some(format!("postgresql://{user}@{host}:{port}/{name}"))
+        }
+
+        /// The loopback port of a [`Cluster::start_tls`] cluster.
+        pub fn port(&self) -> Option<u16> {
+            self.port
+        }
+
+        /// The database of a URL from [`Cluster::new_database`].
+        pub fn database_name(url: &str) -> Option<&str> {
+            url.strip_prefix("postgresql:///")?.split('?').next()
         }
     }
 
