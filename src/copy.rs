@@ -15,13 +15,13 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::unix::fs::FileExt;
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use md5::{Digest, Md5};
 
+use crate::direct;
 use crate::manifest::{is_zero, Entry, Manifest, CHUNK_SIZE};
 
 /// A chunk of an image, shared by the writer and the hashing threads.
@@ -261,8 +261,13 @@ fn write_zeros(
     Ok(())
 }
 
-/// Writes `chunk` at `offset`, skipping whole zero blocks.
-pub fn write_sparse(out: &File, chunk: &[u8], offset: u64) -> io::Result<()> {
+/// Writes `chunk` at `offset`, skipping whole zero blocks, through `direct` where it can.
+pub fn write_sparse(
+    out: &File,
+    direct: &mut Option<direct::Writer>,
+    chunk: &[u8],
+    offset: u64,
+) -> io::Result<()> {
     let mut start: Option<usize> = None;
     let mut pos = 0;
     while pos < chunk.len() {
@@ -271,7 +276,7 @@ pub fn write_sparse(out: &File, chunk: &[u8], offset: u64) -> io::Result<()> {
         match (zero, start) {
             (false, None) => start = Some(pos),
             (true, Some(s)) => {
-                out.write_all_at(&chunk[s..pos], offset + s as u64)?;
+                direct::write_at(out, direct, &chunk[s..pos], offset + s as u64)?;
                 start = None;
             }
             _ => {}
@@ -279,7 +284,7 @@ pub fn write_sparse(out: &File, chunk: &[u8], offset: u64) -> io::Result<()> {
         pos = end;
     }
     if let Some(s) = start {
-        out.write_all_at(&chunk[s..], offset + s as u64)?;
+        direct::write_at(out, direct, &chunk[s..], offset + s as u64)?;
     }
     Ok(())
 }

@@ -8,6 +8,7 @@ pub mod cache;
 pub mod cli;
 pub mod copy;
 pub mod demo;
+pub mod direct;
 pub mod disk;
 pub mod error;
 pub mod formats;

@@ -3,14 +3,15 @@
 (download) of one image through the appliance's images API, through a real Glance 33 (file
 store) and with cp, in the same run. Standard library only (python3 >= 3.9).
 
-    images.py run --results R --file IMAGE --work DIR --reps N --port P --token T --pid PID
-                  --venv VENV --setup-log F [--perf DIR]
+    images.py run --results R --file IMAGE --work DIR --store DIR --reps N --port P --token T
+                  --pid PID --venv VENV --setup-log F [--perf DIR]
     images.py report --results R --setup-log F --out BENCHMARKS.md
 
 `run` starts Glance with tests/openstack/lab.py (--auth none, one Glance) from VENV and, per
 rep, in an order that rotates, times each upload (curl -T into PUT .../file of a fresh image
-record; cp + sync of the file) and each download (curl -o a file from GET .../file; cp of the
-file, no sync), with the CPU of the appliance and of Glance meanwhile; one JSON line per step
+record; cp + sync of the file), a download of each stored copy from the disk (to /dev/null,
+after posix_fadvise DONTNEED), and each download from the page cache (curl -o a file from
+GET .../file; cp of the file, no sync), with the CPU of the appliance, of Glance and of curl; one JSON line per step
 (kind "images") into the results. `report` turns them into the section "Images API" of
 BENCHMARKS.md (replaced between its markers, the rest of the file kept).
 """
@@ -132,11 +133,16 @@ def cmd_run(args):
         # another's writeback (3 GiB of dirty pages per rep otherwise).
         os.sync()
         before = {k: f() for k, f in cpus.items()}
+        client = os.times()
         took, stdout = timed(cmd)
         after = {k: f() for k, f in cpus.items()}
+        ended = os.times()
         rec = {"kind": "images", "rep": rep, "order": order, "system": system, "op": op,
                "seconds": took, "bytes": size,
-               "cpu": {k: after[k] - before[k] for k in cpus}}
+               "cpu": {k: after[k] - before[k] for k in cpus},
+               # curl's own (or cp's): what the client side of the transfer took.
+               "client_cpu": (ended.children_user + ended.children_system
+                              - client.children_user - client.children_system)}
         if stdout.strip():
             rec["http"] = stdout.strip()
         if image:
@@ -178,14 +184,26 @@ def cmd_run(args):
             sys.exit(f"images.py: the download from {system} differs from the image")
         os.remove(out)
 
-    def stream(rep, order, system, image):
+    def stream(rep, order, system, image, op="stream"):
         base, token, _ = systems[system]
-        rec = step(rep, order, system, "stream",
+        rec = step(rep, order, system, op,
                    ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
                     *(["-H", f"X-Auth-Token: {token}"] if token else []),
                     f"{base}/v2/images/{image}/file"])
         if rec.get("http") != "200":
             sys.exit(f"images.py: the download from {system} answered {rec.get('http')}")
+
+    def stored(system, image, advice):
+        """Drops the stored copy of `image` from the page cache (`advice`), or reads it in."""
+        path = os.path.join(args.store if system == "appliance" else lab.info["glance"][0]
+                            ["store_dir"], image)
+        with open(path, "rb") as f:
+            if advice is None:
+                while f.read(1 << 20):
+                    pass
+            else:
+                os.sync()
+                os.posix_fadvise(f.fileno(), 0, 0, advice)
 
     try:
         # What the hashes an upload must compute cost alone here, on one core each.
@@ -199,6 +217,15 @@ def cmd_run(args):
             images = {}
             for i, system in enumerate(order, 1):
                 images[system] = upload(rep, i, system).get("image")
+            # Downloads from the disk, to /dev/null, beside I2 (not part of it): each stored
+            # copy is dropped from the page cache first (the appliance's is not in it: it
+            # writes images with O_DIRECT). Then both are read into the page cache, untimed,
+            # so that the timed downloads compare the services, not the disk.
+            for i, system in enumerate(o for o in order if o != "cp"):
+                stored(system, images[system], os.POSIX_FADV_DONTNEED)
+                stream(rep, i + 1, system, images[system], "cold")
+            for system in ("appliance", "glance"):
+                stored(system, images[system], None)
             # The first file written after the uploads is written slowly, whoever writes it
             # (2.5-3.9 s instead of 0.4-1.2 s for 1 GiB, in every rep here): an untimed copy
             # takes that turn, so that the timed downloads compare the services.
@@ -329,15 +356,21 @@ def cmd_report(args):
                 def rate(system, kind):
                     return statistics.median(mbs(size, t[(r, system, kind)]["seconds"])
                                              for r in reps)
+                def busy(system):
+                    # Share of the download's wall time that curl spent on a CPU.
+                    return statistics.median(t[(r, system, op)].get("client_cpu", 0)
+                                             / t[(r, system, op)]["seconds"] for r in reps)
                 whys.append(
                     f"- {fig} against {other_name} (to a file): the goal needs "
                     f"{goal * other_rate:,.0f} MiB/s. curl writing the file bounds both "
                     f"services: to a file the appliance runs at {rate('appliance', op):,.0f} "
                     f"and Glance at {rate('glance', op):,.0f} MiB/s, to /dev/null at "
                     f"{rate('appliance', 'stream'):,.0f} and {rate('glance', 'stream'):,.0f} "
-                    "MiB/s (medians). curl writes what it receives in pieces of at most 16 KiB; "
-                    "`cp` copies inside the kernel (`copy_file_range`), which no HTTP client "
-                    "can.")
+                    "MiB/s (medians). curl was on a CPU for "
+                    f"{busy('appliance'):.0%} of the appliance's download to a file and "
+                    f"{busy('glance'):.0%} of Glance's: one core receiving and writing every "
+                    "byte into the page cache, while `cp` copies inside the kernel "
+                    "(`copy_file_range`), which no HTTP client can.")
             elif not met:
                 # The services alone: both copy every byte through user space.
                 app_cpu = statistics.median(t[(r, "appliance", op)]["cpu"]["appliance"]
@@ -347,18 +380,33 @@ def cmd_report(args):
                             f"{app_s:.2f} s, in which it uses {app_cpu:.2f} s of CPU "
                             f"(medians; {os.cpu_count()} CPUs).")
     out.append("")
+    if any(r["op"] == "cold" for r in rows):
+        def cold_rate(system):
+            return statistics.median(mbs(size, t[(r, system, "cold")]["seconds"]) for r in reps)
+        def cold_cpu(system):
+            return statistics.median(t[(r, system, "cold")]["cpu"][system] for r in reps)
+        out += [f"Not a figure, beside I2: downloads from the disk, to /dev/null (each stored "
+                "copy dropped from the page cache first; the appliance reads with O_DIRECT what "
+                f"the cache does not hold): the appliance {cold_rate('appliance'):,.0f} MiB/s "
+                f"with {cold_cpu('appliance'):.2f} s of its CPU, Glance "
+                f"{cold_rate('glance'):,.0f} MiB/s with {cold_cpu('glance'):.2f} s (medians): "
+                f"{statistics.median(t[(r, 'glance', 'cold')]['seconds'] / t[(r, 'appliance', 'cold')]['seconds'] for r in reps):.2f} "
+                "of Glance's rate. The I2 downloads that follow find both copies in the page "
+                "cache.", ""]
     if whys:
         out += ["### Where the misses come from", ""] + whys + [""]
     out += ["### Every transfer", "",
-            "Seconds of each curl or cp (wall), and the CPU (user + system, /proc) of the "
-            "appliance and of Glance's process group meanwhile.", "",
-            "| rep | order | system | op | seconds | MiB/s | appliance CPU | Glance CPU |",
-            "|---|---|---|---|---|---|---|---|"]
-    ops = ("upload", "download", "stream")
+            "Seconds of each curl or cp (wall), the CPU (user + system, /proc) of the "
+            "appliance and of Glance's process group meanwhile, and curl's (or cp's) own. "
+            "`cold`: a download from the disk, to /dev/null.", "",
+            "| rep | order | system | op | seconds | MiB/s | appliance CPU | Glance CPU | client CPU |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    ops = ("upload", "cold", "download", "stream")
     for r in sorted(rows, key=lambda r: (ops.index(r["op"]), r["rep"], r["order"])):
         out.append(f"| {r['rep']} | {r['order']} | {r['system']} | {r['op']} | "
                    f"{r['seconds']:.3f} | {mbs(r['bytes'], r['seconds']):,.0f} | "
-                   f"{r['cpu']['appliance']:.2f} s | {r['cpu']['glance']:.2f} s |")
+                   f"{r['cpu']['appliance']:.2f} s | {r['cpu']['glance']:.2f} s | "
+                   f"{r.get('client_cpu', 0):.2f} s |")
     out += ["", "### Method and how to reproduce", "",
             "`scripts/bench.sh --only I` from the repository's root (`--quick`: a 64 MiB image, "
             "one rep; `BENCH_IMAGES_MIB` another size; `BENCH_IMAGES_PERF=DIR` one more upload "
@@ -367,7 +415,10 @@ def cmd_report(args):
             "The data stay in the page cache (nothing is dropped): the figures compare the "
             "services' own costs, not the disk's. Uploads make a fresh image record first "
             "(`POST /v2/images`, not timed); every image is deleted at the end of its rep; the "
-            "first rep compares each download with the image byte for byte.", "",
+            "first rep compares each download with the image byte for byte. The appliance writes "
+            "images with O_DIRECT (past the page cache), Glance through the cache: the `cold` "
+            "downloads come after `posix_fadvise(POSIX_FADV_DONTNEED)` on each stored copy, and "
+            "the I2 downloads after both copies were read once into the cache (untimed).", "",
             "```sh"] + [l.rstrip("\n") for l in open(args.setup_log, encoding="utf-8")] + [
             "POST http://127.0.0.1:$PORT_APPLIANCE/v2/images {\"name\": \"bench\", \"disk_format\": \"raw\", \"container_format\": \"bare\"} with $TOKEN   # and to $GLANCE_URL with an owner",
             "curl -sS -X PUT -H 'Expect:' -H 'Content-Type: application/octet-stream' -H \"X-Auth-Token: $TOKEN\" -T $TMP/image.raw http://127.0.0.1:$PORT_APPLIANCE/v2/images/$ID/file   # I1; the same to $GLANCE_URL",
@@ -390,6 +441,7 @@ def main():
         s.add_argument("--" + name.replace("_", "-"), required=True)
     for name in ("reps", "port", "pid"):
         s.add_argument("--" + name, type=int, required=True)
+    s.add_argument("--store", required=True, help="the appliance's region directory")
     s.add_argument("--perf")
     s.set_defaults(func=cmd_run)
     s = sub.add_parser("report")

@@ -41,7 +41,7 @@ ir APPLIANCE "$AD" token issue --user bench --tenant "$TI" --token "$TOKI" >/dev
 start_server appliance "$AD"
 
 python3 "$IMAGES_PY" run --results "$RESULTS" --file "$TMP/image.raw" --work "$TMP" \
-  --reps "$REPS" --port "${SRV_PORT[appliance]}" --token "$TOKI" --pid "${SRV_PID[appliance]}" \
+  --store "$AD/regions/ot1" --reps "$REPS" --port "${SRV_PORT[appliance]}" --token "$TOKI" --pid "${SRV_PID[appliance]}" \
   --venv "$VENV" --setup-log "$SETUP_LOG" ${BENCH_IMAGES_PERF:+--perf "$BENCH_IMAGES_PERF"} ||
   die "scripts/bench/images.py run failed"
 drain_log appliance "I1/I2"

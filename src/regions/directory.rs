@@ -20,6 +20,7 @@ use uuid::Uuid;
 
 use super::{ImageStore, Part, Recorded, Sink, StoreError};
 use crate::copy::{is_hole, write_sparse, Chunk, Digests, Hashes, Output, Source};
+use crate::direct;
 use crate::disk::Space;
 use crate::error::ServiceError;
 use crate::manifest::{Entry, Manifest, CHUNK_SIZE};
@@ -176,7 +177,7 @@ impl ImageStore for Directory {
             ))
         })?;
         let path = self.image_path(image.id);
-        let mut file = File::open(&path).map_err(|e| {
+        let file = File::open(&path).map_err(|e| {
             if e.kind() == io::ErrorKind::NotFound {
                 StoreError::Fatal(format!(
                     "the data of source image {} is missing ({})",
@@ -187,11 +188,11 @@ impl ImageStore for Directory {
                 StoreError::io("cannot open the source image", e)
             }
         })?;
-        if offset > 0 {
-            file.skip_to(offset)
-                .map_err(|e| StoreError::io("cannot read the source image", e))?;
-        }
-        Ok(Box::new(file))
+        let mut source = direct::Reader::new(file);
+        source
+            .skip_to(offset)
+            .map_err(|e| StoreError::io("cannot read the source image", e))?;
+        Ok(Box::new(source))
     }
 
     fn create<'a>(
@@ -214,6 +215,7 @@ impl ImageStore for Directory {
             store: self,
             id: image.id,
             temp,
+            direct: direct::Writer::open(&out),
             out,
             unchecked,
             reflinks: Arc::new(Reflinks::default()),
@@ -318,7 +320,7 @@ struct DirectoryPart {
 impl Part for DirectoryPart {
     fn write_at(&self, bytes: &[u8], offset: u64) -> io::Result<()> {
         if is_hole(&self.file, offset, bytes.len() as u64) {
-            write_sparse(&self.file, bytes, offset)
+            write_sparse(&self.file, &mut None, bytes, offset)
         } else {
             // Skipping zero blocks would leave what the file held there.
             self.file.write_all_at(bytes, offset)
@@ -350,6 +352,8 @@ struct DirectorySink<'a> {
     id: Uuid,
     temp: PathBuf,
     out: File,
+    /// `out` again, for direct writes, where the file system takes them.
+    direct: Option<direct::Writer>,
     /// The file is as an interrupted copy left it: nothing in it is trusted until
     /// [`Sink::resume`] checks it, and a copy that does not resume empties it first (zero
     /// blocks are not written, so old bytes would stay where the image has zeros).
@@ -433,6 +437,7 @@ impl Output for DirectorySink<'_> {
                     let end = i * CHUNK_SIZE;
                     write_sparse(
                         &self.out,
+                        &mut self.direct,
                         &chunk[start * CHUNK_SIZE..end],
                         offset + (start * CHUNK_SIZE) as u64,
                     )?;
@@ -444,11 +449,14 @@ impl Output for DirectorySink<'_> {
         if let Some(start) = run {
             write_sparse(
                 &self.out,
+                &mut self.direct,
                 &chunk[start * CHUNK_SIZE..],
                 offset + (start * CHUNK_SIZE) as u64,
             )?;
         }
-        start_writeback(&self.out, offset, chunk.len());
+        if self.direct.is_none() {
+            start_writeback(&self.out, offset, chunk.len());
+        }
         Ok(())
     }
 
@@ -671,6 +679,61 @@ mod tests {
         );
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         assert!(!store.temp_path(id).exists());
+    }
+
+    /// Whether the page at `offset` of `file` is in the page cache (a read that may not wait
+    /// for the disk finds it).
+    fn cached(file: &File, offset: u64) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut byte = [0u8; 1];
+        let iov = libc::iovec {
+            iov_base: byte.as_mut_ptr().cast(),
+            iov_len: 1,
+        };
+        // SAFETY: preadv2 into one byte that outlives the call, on an open descriptor.
+        let n =
+            unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, offset as i64, libc::RWF_NOWAIT) };
+        n == 1
+    }
+
+    #[test]
+    fn a_copy_writes_past_the_page_cache_where_the_file_system_takes_direct_writes() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let probe = File::create(dir.path().join("probe")).expect("probe file");
+        if direct::Writer::open(&probe).is_none() {
+            eprintln!(
+                "{} takes no O_DIRECT: only the bytes are checked",
+                dir.path().display()
+            );
+        }
+        let direct = direct::Writer::open(&probe).is_some();
+        let store = Directory::new(dir.path());
+        // Whole blocks, and a tail of 12,345 bytes that is not one (written through the cache).
+        let data = sample(40);
+        let id = Uuid::new_v4();
+        copy_into(
+            &store,
+            id,
+            &data,
+            |s| Plan::whole(s.hashes()),
+            &never,
+            &mut |_| {},
+        )
+        .expect("copy");
+        let file = File::open(dir.path().join(id.to_string())).expect("copy's file");
+        if direct {
+            for offset in [0, 5 * CHUNK as u64 + 4096, 39 * CHUNK as u64] {
+                assert!(
+                    !cached(&file, offset),
+                    "byte {offset} went through the page cache"
+                );
+            }
+        }
+        assert_eq!(
+            fs::read(dir.path().join(id.to_string())).expect("read"),
+            data
+        );
+        assert!(cached(&file, 0), "the probe cannot tell a cached page");
     }
 
     #[test]
