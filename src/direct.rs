@@ -133,6 +133,37 @@ pub fn write_at(
     out.write_all_at(&bytes[done..], offset + done as u64)
 }
 
+/// Whether every page of the `len` bytes of `file` at `offset` (a multiple of [`ALIGN`]) that
+/// the file holds is in the page cache; `false` if that cannot be told.
+pub fn resident(file: &File, offset: u64, len: usize) -> bool {
+    let (Ok(at), true) = (libc::off_t::try_from(offset), len > 0) else {
+        return false;
+    };
+    let mut pages = vec![0u8; len.div_ceil(ALIGN)];
+    // SAFETY: a read-only shared mapping of an open file that is never touched: mincore
+    // only writes its pages' residency into `pages` (one byte per page of the mapping), and
+    // it is unmapped at once. Pages past the end of the file are not resident.
+    let rc = unsafe {
+        let map = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            at,
+        );
+        if map == libc::MAP_FAILED {
+            return false;
+        }
+        let rc = libc::mincore(map, len, pages.as_mut_ptr());
+        libc::munmap(map, len);
+        rc
+    };
+    let size = file.metadata().map_or(0, |m| m.len());
+    let in_file = size.saturating_sub(offset).div_ceil(ALIGN as u64) as usize;
+    rc == 0 && pages[..in_file.min(pages.len())].iter().all(|p| p & 1 == 1)
+}
+
 /// Reads an image file: what the page cache holds from there, the rest with `O_DIRECT` (a
 /// megabyte at a time, kept for the reads that follow).
 pub struct Reader {
@@ -170,36 +201,6 @@ impl Reader {
         self.pos += n as u64;
         n
     }
-
-    /// Whether every page of the window at `offset` (aligned) is in the page cache: the
-    /// cache serves it then. `false` if that cannot be told.
-    fn cached(&self, offset: u64) -> bool {
-        let Ok(at) = libc::off_t::try_from(offset) else {
-            return false;
-        };
-        // SAFETY: a read-only shared mapping of an open file, never touched: only mincore
-        // reads its pages' residency, into a vector of one byte per page, and it is unmapped
-        // before returning. Pages past the end of the file are reported as not resident.
-        unsafe {
-            let map = libc::mmap(
-                std::ptr::null_mut(),
-                MOST,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                self.file.as_raw_fd(),
-                at,
-            );
-            if map == libc::MAP_FAILED {
-                return false;
-            }
-            let mut pages = [0u8; MOST / ALIGN];
-            let rc = libc::mincore(map, MOST, pages.as_mut_ptr());
-            libc::munmap(map, MOST);
-            let size = self.file.metadata().map_or(0, |m| m.len());
-            let in_file = (size.saturating_sub(offset)).div_ceil(ALIGN as u64) as usize;
-            rc == 0 && pages[..in_file.min(pages.len())].iter().all(|p| p & 1 == 1)
-        }
-    }
 }
 
 impl Read for Reader {
@@ -212,7 +213,11 @@ impl Read for Reader {
             return Ok(n);
         }
         let at = self.pos / ALIGN as u64 * ALIGN as u64;
-        if let Some(direct) = self.direct.as_ref().filter(|_| !self.cached(at)) {
+        if let Some(direct) = self
+            .direct
+            .as_ref()
+            .filter(|_| !resident(&self.file, at, MOST))
+        {
             match direct.read_at(self.staging.window(MOST), at) {
                 Ok(got) => {
                     self.held_at = at;
@@ -300,7 +305,7 @@ mod tests {
                 dir.path().display()
             );
         }
-        if direct && (probe.cached(0) || probe.cached(2 * MOST as u64)) {
+        if direct && (resident(&file, 0, MOST) || resident(&file, 2 * MOST as u64, MOST)) {
             eprintln!("the page cache kept the file: only the bytes are checked");
             return;
         }
@@ -322,7 +327,7 @@ mod tests {
         if direct {
             for offset in [0, MOST as u64, 3 * MOST as u64] {
                 assert!(
-                    !probe.cached(offset),
+                    !resident(&file, offset, MOST),
                     "reading filled the page cache at {offset}"
                 );
             }
@@ -330,7 +335,7 @@ mod tests {
         // Once cached (a plain read), the cache serves the reads.
         let all = std::fs::read(dir.path().join("image")).expect("read");
         assert!(
-            probe.cached(MOST as u64),
+            resident(&file, MOST as u64, MOST),
             "the probe cannot tell a cached window"
         );
         let mut reader = Reader::new(file);
