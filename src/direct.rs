@@ -23,7 +23,7 @@ const MOST: usize = 1 << 20;
 
 /// File systems that take direct transfers as the disk does (ext2/3/4, XFS, Btrfs). Elsewhere
 /// the cache is used: on NFS or SMB each direct transfer would be a round trip to the server,
-/// FUSE file systems may not honour it, tmpfs refuses it, and ZFS before 2.3 ignores it.
+/// FUSE file systems may not honour it, tmpfs is memory already, and ZFS before 2.3 ignores it.
 const LOCAL_DISKS: [i64; 3] = [0xEF53, 0x5846_5342, 0x9123_683E];
 
 /// Whether `file` is on one of the [`LOCAL_DISKS`].

@@ -489,6 +489,10 @@ impl Sink for DirectorySink<'_> {
         Some(Arc::clone(&self.reflinks))
     }
 
+    fn reads_a_local_file(&mut self) {
+        self.direct = None;
+    }
+
     fn resume(&mut self, reference: &Manifest) -> Result<(usize, u64), StoreError> {
         let failed = |e| StoreError::io("cannot check the partial copy", e);
         let held = self.out.metadata().map_err(failed)?.len();
@@ -722,6 +726,33 @@ mod tests {
             direct::resident(&file, 0, 4096),
             "the probe cannot tell a cached page"
         );
+    }
+
+    #[test]
+    fn a_copy_from_a_local_file_writes_through_the_page_cache() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Directory::new(dir.path());
+        let data = sample(40);
+        fs::write(dir.path().join("source"), &data).expect("source");
+        let mut source = direct::Reader::new(File::open(dir.path().join("source")).expect("open"));
+        let new = image(Uuid::new_v4());
+        let sink = store.create(&new, &new, &|| false).expect("sink");
+        let plan = Plan::whole(sink.hashes());
+        let mut control = Control {
+            stop: &never,
+            progress: &mut |_| {},
+            checkpoint: None,
+            limiter: None,
+        };
+        transfer(&mut source, sink, plan, &mut control, &|_| Ok(())).expect("copy");
+        let file = File::open(dir.path().join(new.id.to_string())).expect("copy's file");
+        for offset in [0, 5 * CHUNK as u64 + 4096, 39 * CHUNK as u64] {
+            assert!(
+                direct::resident(&file, offset, 4096),
+                "byte {offset} of a local copy went past the page cache"
+            );
+        }
+        assert!(fs::read(dir.path().join(new.id.to_string())).expect("read") == data);
     }
 
     #[test]

@@ -242,6 +242,10 @@ pub trait Sink: Output {
     fn reflinks(&self) -> Option<Arc<Reflinks>> {
         None
     }
+    /// The copy reads a local file: a sink that writes past the page cache writes through it
+    /// instead. Such a copy is bound by the disk, not the CPU, and the kernel's writeback
+    /// moves more than direct writes do (BENCHMARKS.md, the P5 side by side).
+    fn reads_a_local_file(&mut self) {}
     /// Leaves the image after a failure or a stop (what resumes keeps its partial file; the
     /// job's ending removes it); the destination's own failure, if it had one (it explains
     /// the stream's).
@@ -264,6 +268,9 @@ pub fn transfer(
     ctl: &mut Control,
     verify: &dyn Fn(&Recorded) -> Result<(), StoreError>,
 ) -> Result<(Recorded, Copied), TransferError> {
+    if source.as_file().is_some() {
+        sink.reads_a_local_file();
+    }
     match copy(source, &mut *sink, plan, ctl) {
         Ok(copied) => sink
             .finish(&copied.digests, verify)
