@@ -602,11 +602,23 @@ mod tests {
         stop: &dyn Fn() -> Option<Stop>,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<(Recorded, crate::copy::Copied), TransferError> {
+        let source = &mut Cursor::new(data.to_vec());
+        copy_from(store, id, source, plan, stop, progress)
+    }
+
+    fn copy_from(
+        store: &Directory,
+        id: Uuid,
+        source: &mut dyn Source,
+        plan: impl FnOnce(&mut dyn Sink) -> Plan<'static>,
+        stop: &dyn Fn() -> Option<Stop>,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<(Recorded, crate::copy::Copied), TransferError> {
         let new = image(id);
         let mut sink = store.create(&new, &new, &|| false).expect("sink");
         let plan = plan(&mut *sink);
         transfer(
-            &mut Cursor::new(data.to_vec()),
+            source,
             sink,
             plan,
             &mut Control {
@@ -735,24 +747,24 @@ mod tests {
         let data = sample(40);
         fs::write(dir.path().join("source"), &data).expect("source");
         let mut source = direct::Reader::new(File::open(dir.path().join("source")).expect("open"));
-        let new = image(Uuid::new_v4());
-        let sink = store.create(&new, &new, &|| false).expect("sink");
-        let plan = Plan::whole(sink.hashes());
-        let mut control = Control {
-            stop: &never,
-            progress: &mut |_| {},
-            checkpoint: None,
-            limiter: None,
-        };
-        transfer(&mut source, sink, plan, &mut control, &|_| Ok(())).expect("copy");
-        let file = File::open(dir.path().join(new.id.to_string())).expect("copy's file");
+        let id = Uuid::new_v4();
+        copy_from(
+            &store,
+            id,
+            &mut source,
+            |s| Plan::whole(s.hashes()),
+            &never,
+            &mut |_| {},
+        )
+        .expect("copy");
+        let file = File::open(dir.path().join(id.to_string())).expect("copy's file");
         for offset in [0, 5 * CHUNK as u64 + 4096, 39 * CHUNK as u64] {
             assert!(
                 direct::resident(&file, offset, 4096),
                 "byte {offset} of a local copy went past the page cache"
             );
         }
-        assert!(fs::read(dir.path().join(new.id.to_string())).expect("read") == data);
+        assert!(fs::read(dir.path().join(id.to_string())).expect("read") == data);
     }
 
     #[test]
