@@ -136,6 +136,12 @@ pub fn write_at(
 /// Whether every page of the `len` bytes of `file` at `offset` (a multiple of [`ALIGN`]) that
 /// the file holds is in the page cache; `false` if that cannot be told.
 pub fn resident(file: &File, offset: u64, len: usize) -> bool {
+    let size = file.metadata().map_or(0, |m| m.len());
+    resident_in(file, size, offset, len)
+}
+
+/// [`resident`] of a file of `size` bytes.
+fn resident_in(file: &File, size: u64, offset: u64, len: usize) -> bool {
     let (Ok(at), true) = (libc::off_t::try_from(offset), len > 0) else {
         return false;
     };
@@ -159,7 +165,6 @@ pub fn resident(file: &File, offset: u64, len: usize) -> bool {
         libc::munmap(map, len);
         rc
     };
-    let size = file.metadata().map_or(0, |m| m.len());
     let in_file = size.saturating_sub(offset).div_ceil(ALIGN as u64) as usize;
     rc == 0 && pages[..in_file.min(pages.len())].iter().all(|p| p & 1 == 1)
 }
@@ -168,6 +173,8 @@ pub fn resident(file: &File, offset: u64, len: usize) -> bool {
 /// megabyte at a time, kept for the reads that follow).
 pub struct Reader {
     file: File,
+    /// The file's size when it was opened (an image file does not change).
+    size: u64,
     direct: Option<File>,
     staging: Staging,
     /// The file's bytes in the staging window: from `held_at`, `held` of them.
@@ -180,6 +187,7 @@ impl Reader {
     pub fn new(file: File) -> Reader {
         Reader {
             direct: reopen(&file, false),
+            size: file.metadata().map_or(0, |m| m.len()),
             file,
             staging: Staging::new(),
             held_at: 0,
@@ -216,7 +224,7 @@ impl Read for Reader {
         if let Some(direct) = self
             .direct
             .as_ref()
-            .filter(|_| !resident(&self.file, at, MOST))
+            .filter(|_| !resident_in(&self.file, self.size, at, MOST))
         {
             match direct.read_at(self.staging.window(MOST), at) {
                 Ok(got) => {

@@ -112,8 +112,7 @@ pub trait Repo: Registry + Jobs {
     }
     /// Takes lock `what`, held until the guard goes: a process's own lock orders its work,
     /// this one that of every appliance sharing the store (PostgreSQL). sled: nothing to take.
-    fn lock(&self, what: Exclusive) -> Result<StoreLock<'_>> {
-        let _ = what;
+    fn lock(&self, _what: Exclusive) -> Result<StoreLock<'_>> {
         Ok(StoreLock::none())
     }
     /// What a copy request reads before its job is made, with the job's sequence number: one
@@ -140,7 +139,6 @@ pub trait Repo: Registry + Jobs {
     }
 }
 
-/// What [`Repo::copy_inputs`] reads.
 /// What [`Repo::lock`] orders across the appliances of one store.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Exclusive {
@@ -174,6 +172,7 @@ impl Drop for StoreLock<'_> {
     }
 }
 
+/// What [`Repo::copy_inputs`] reads.
 #[derive(Debug, PartialEq)]
 pub struct CopyInputs {
     pub image: Option<Image>,

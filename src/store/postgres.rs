@@ -2499,8 +2499,8 @@ mod tests {
             rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
         let cluster = Cluster::start_tls(&server.cert.pem(), &server.signing_key.serialize_pem())
             .expect("a TLS cluster");
-        let files = std::env::temp_dir().join(format!("ir-pg-tls-{}", Uuid::new_v4()));
-        std::fs::create_dir(&files).expect("temp dir");
+        let temp = tempfile::tempdir().expect("temp dir");
+        let files = temp.path();
         let ca = files.join("ca.pem");
         std::fs::write(&ca, server.cert.pem()).expect("ca");
         let wrong_ca = files.join("other.pem");
@@ -2564,7 +2564,6 @@ mod tests {
         assert!(missing.contains("cannot read the CA file"), "{missing}");
         let not_pem = refused(&tcp, Some(&garbage));
         assert!(not_pem.contains("holds no certificate"), "{not_pem}");
-        std::fs::remove_dir_all(&files).expect("clean up");
     }
 
     #[test]
