@@ -2,6 +2,8 @@
 # The whole test suite on a fresh machine: installs what the tests need that the machine lacks,
 # then runs `cargo test --locked` (extra arguments go to cargo test).
 #
+# - pkg-config and OpenSSL's headers (Debian's pkg-config, libssl-dev): the openssl crate links
+#   the system's libcrypto for the images' MD5 and SHA-512.
 # - qemu-img (Debian's qemu-utils): tests/glance.rs makes qcow2 files with it.
 # - mkfs.xfs (Debian's xfsprogs): the reflink test of tests/peer.rs mounts an XFS image (as
 #   root; as another user that test says so and does nothing).
@@ -15,6 +17,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
+command -v pkg-config >/dev/null || missing+=(pkg-config)
+[[ -f /usr/include/openssl/evp.h ]] || missing+=(libssl-dev)
 command -v qemu-img >/dev/null || missing+=(qemu-utils)
 PATH=$PATH:/sbin:/usr/sbin command -v mkfs.xfs >/dev/null || missing+=(xfsprogs)
 [[ -x /usr/lib/chromium/chromium ]] || command -v chromium >/dev/null || missing+=(chromium)

@@ -348,8 +348,8 @@ def cmd_report(args):
                     f"coreutils' `md5sum` takes {md5:.2f} s for this image "
                     f"({mbs(size, md5):,.0f} MiB/s) and `sha512sum` {sha:.2f} s "
                     f"({(md5 + sha) / os.cpu_count():.2f} s of the whole machine's "
-                    f"{os.cpu_count()} CPUs, shared with curl); the appliance's own (md-5's "
-                    "assembly, ring's SHA-512) are of the same order. MD5 cannot be split "
+                    f"{os.cpu_count()} CPUs, shared with curl); the appliance's own (OpenSSL's "
+                    "libcrypto) are faster, but of the same order. MD5 cannot be split "
                     "across cores: one core's MD5 rate bounds any upload. The appliance's "
                     f"upload took {app_s:.2f} s and {app_cpu:.2f} s of its CPU (medians).")
             elif not met and op == "download":

@@ -17,12 +17,11 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::sync::{Arc, Mutex, RwLock};
 
-use sha2::{Digest, Sha512};
 use uuid::Uuid;
 
 use super::{check_format, Service};
 use crate::auth::Principal;
-use crate::copy::Source;
+use crate::copy::{Source, WholeHash};
 use crate::error::{Result, ServiceError};
 use crate::manifest::{self, Entry, Manifest, CHUNK_SIZE};
 use crate::model::{
@@ -280,12 +279,12 @@ fn assemble(
     let zeros: Arc<Vec<u8>> = Arc::new(vec![0; CHUNK_SIZE]);
     let (tx, rx) = std::sync::mpsc::sync_channel::<(Arc<Vec<u8>>, usize)>(16);
     // The SHA-512 on a thread of its own: it is slower than the reads and BLAKE3 together.
+    let mut sha = WholeHash::sha512().map_err(|e| ServiceError::internal("cannot hash", e))?;
     let hasher = std::thread::spawn(move || {
-        let mut sha = Sha512::new();
         for (bytes, len) in rx {
-            sha.update(&bytes[..len]);
+            sha.update(&bytes[..len])?;
         }
-        crate::model::to_hex(&sha.finalize())
+        sha.hex()
     });
     let mut lacking = Vec::new();
     let mut buf = Vec::new();
@@ -320,7 +319,8 @@ fn assemble(
     drop(tx);
     let sha512 = hasher
         .join()
-        .map_err(|_| ServiceError::Internal("the hashing thread failed".into()))?;
+        .map_err(|_| ServiceError::Internal("the hashing thread failed".into()))?
+        .map_err(|e| ServiceError::internal("cannot hash", e))?;
     Ok(if lacking.is_empty() {
         Ok(sha512)
     } else {
@@ -733,6 +733,7 @@ mod tests {
     use super::*;
     use crate::regions::directory::Directory;
     use crate::regions::ImageStore;
+    use sha2::{Digest, Sha512};
 
     /// Chunks the appliance "holds" elsewhere, as the chunk index would name them.
     struct Held(HashMap<crate::manifest::Hash, Vec<u8>>);
